@@ -1,0 +1,222 @@
+//! Client authentication: SCRAM-SHA-256 over the wire against a verifier it is given.
+//!
+//! `scram` is the pure exchange (no I/O); [`authenticate`] drives it over a client stream with
+//! AuthenticationSASL / SASLContinue / SASLFinal. Unknown tenants and users get a mock secret
+//! and the same exchange, so every failure ends in the same 28P01. This module must not query
+//! the registry: the caller hands it the verifier.
+//!
+//! pgwire's SCRAM handler is bound to its own connection loop and sink types and wants the
+//! stream from byte zero; we read the startup packet ourselves (to route and to pool), so the
+//! exchange is driven here with the `hmac`/`sha2` crates postgres-protocol already uses.
+
+pub mod scram;
+
+use bytes::BytesMut;
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
+
+use crate::error::{ClientFacing, ErrorKind};
+use crate::protocol::frame::{self, ReadError, take_cstr};
+use crate::protocol::{SqlState, messages};
+
+pub use scram::{ScramError, ScramSecret};
+
+/// Largest SASL message accepted from a client.
+const MAX_SASL_MESSAGE_BYTES: usize = 8 * 1024;
+
+#[derive(Debug, thiserror::Error)]
+pub enum AuthError {
+    #[error("password authentication failed for user {user:?}")]
+    Failed { user: String },
+    #[error("SCRAM exchange with the client failed")]
+    Scram(#[source] ScramError),
+    #[error("client sent message {0:?} during authentication")]
+    UnexpectedMessage(char),
+    #[error("malformed SASL message")]
+    Malformed,
+    #[error("client left during authentication")]
+    ClientLeft,
+    #[error("client I/O failed during authentication")]
+    Io(#[source] std::io::Error),
+}
+
+impl From<ReadError> for AuthError {
+    fn from(e: ReadError) -> Self {
+        match e {
+            ReadError::Frame(_) => AuthError::Malformed,
+            ReadError::Eof => AuthError::ClientLeft,
+            ReadError::Io(io) => AuthError::Io(io),
+        }
+    }
+}
+
+impl ClientFacing for AuthError {
+    fn sqlstate(&self) -> SqlState {
+        match self {
+            AuthError::Failed { .. } => SqlState::INVALID_PASSWORD,
+            AuthError::Scram(_)
+            | AuthError::UnexpectedMessage(_)
+            | AuthError::Malformed
+            | AuthError::ClientLeft
+            | AuthError::Io(_) => SqlState::PROTOCOL_VIOLATION,
+        }
+    }
+
+    fn client_message(&self) -> String {
+        match self {
+            AuthError::Failed { user } => {
+                format!("password authentication failed for user \"{user}\"")
+            }
+            AuthError::Scram(ScramError::ChannelBindingUnsupported) => {
+                "channel binding is not supported by this server yet".to_owned()
+            }
+            AuthError::Scram(ScramError::WrongMechanism) => {
+                "only SCRAM-SHA-256 authentication is supported".to_owned()
+            }
+            AuthError::Scram(_) | AuthError::Malformed => {
+                "malformed SCRAM message from the client".to_owned()
+            }
+            AuthError::UnexpectedMessage(tag) => {
+                format!("expected a SASL response, got message type '{tag}'")
+            }
+            AuthError::ClientLeft | AuthError::Io(_) => {
+                "connection lost during authentication".to_owned()
+            }
+        }
+    }
+
+    fn kind(&self) -> ErrorKind {
+        ErrorKind::Client
+    }
+}
+
+/// The secret to check a login against.
+pub struct Credential {
+    pub secret: ScramSecret,
+    /// True for unknown tenants/users: the exchange runs and always fails.
+    pub is_mock: bool,
+}
+
+/// Runs SCRAM-SHA-256 with the client and, on success, sends AuthenticationOk.
+pub async fn authenticate<S: AsyncRead + AsyncWrite + Unpin>(
+    stream: &mut S,
+    user: &str,
+    credential: Credential,
+) -> Result<(), AuthError> {
+    let mut out = BytesMut::with_capacity(256);
+    messages::authentication_sasl(&mut out, &[scram::MECHANISM]);
+    send(stream, &mut out).await?;
+
+    let mut exchange = scram::ScramExchange::new(credential.secret, credential.is_mock);
+    let initial = read_sasl(stream).await?;
+    let (mechanism, rest) = take_cstr(&initial).ok_or(AuthError::Malformed)?;
+    let (len, data) = rest.split_first_chunk::<4>().ok_or(AuthError::Malformed)?;
+    let data = match usize::try_from(i32::from_be_bytes(*len)) {
+        Ok(n) => data.get(..n).ok_or(AuthError::Malformed)?,
+        Err(_) => &[][..],
+    };
+    let server_first = exchange
+        .client_first(mechanism, data)
+        .map_err(|e| scram_error(e, user))?;
+    messages::authentication_sasl_continue(&mut out, &server_first);
+    send(stream, &mut out).await?;
+
+    let response = read_sasl(stream).await?;
+    let server_final = exchange
+        .client_final(&response)
+        .map_err(|e| scram_error(e, user))?;
+    messages::authentication_sasl_final(&mut out, &server_final);
+    messages::authentication_ok(&mut out);
+    send(stream, &mut out).await
+}
+
+fn scram_error(e: ScramError, user: &str) -> AuthError {
+    match e {
+        // A proof that does not verify, or a nonce that does not match, is a wrong password
+        // as far as anyone outside can tell.
+        ScramError::AuthenticationFailed | ScramError::NonceMismatch => AuthError::Failed {
+            user: user.to_owned(),
+        },
+        other => AuthError::Scram(other),
+    }
+}
+
+async fn read_sasl<S: AsyncRead + Unpin>(stream: &mut S) -> Result<BytesMut, AuthError> {
+    let msg = frame::read_message(stream, MAX_SASL_MESSAGE_BYTES).await?;
+    if msg.tag != b'p' {
+        return Err(AuthError::UnexpectedMessage(char::from(msg.tag)));
+    }
+    Ok(msg.body)
+}
+
+async fn send<S: AsyncWrite + Unpin>(stream: &mut S, out: &mut BytesMut) -> Result<(), AuthError> {
+    stream.write_all(out).await.map_err(AuthError::Io)?;
+    stream.flush().await.map_err(AuthError::Io)?;
+    out.clear();
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use postgres_protocol::authentication::sasl::{ChannelBinding, ScramSha256};
+    use postgres_protocol::message::frontend;
+    use tokio::io::AsyncReadExt;
+
+    use super::*;
+
+    /// Plays libpq's side of the exchange over a duplex pipe.
+    async fn client_side(mut s: tokio::io::DuplexStream, password: &str) -> Vec<u8> {
+        let mut buf = vec![0u8; 4096];
+        let n = s.read(&mut buf).await.unwrap();
+        assert_eq!(buf[0], b'R');
+        assert!(n > 9);
+        let mut scram = ScramSha256::new(password.as_bytes(), ChannelBinding::unsupported());
+        let mut out = BytesMut::new();
+        frontend::sasl_initial_response("SCRAM-SHA-256", scram.message(), &mut out).unwrap();
+        s.write_all(&out).await.unwrap();
+        let msg = frame::read_message(&mut s, 4096).await.unwrap();
+        if msg.tag == b'E' {
+            return msg.body.to_vec();
+        }
+        scram.update(&msg.body[4..]).unwrap();
+        out.clear();
+        frontend::sasl_response(scram.message(), &mut out).unwrap();
+        s.write_all(&out).await.unwrap();
+        let mut rest = Vec::new();
+        s.read_to_end(&mut rest).await.unwrap();
+        rest
+    }
+
+    #[tokio::test]
+    async fn right_password_gets_authentication_ok() {
+        let verifier = postgres_protocol::password::scram_sha_256(b"pw");
+        let (mut server, client) = tokio::io::duplex(8192);
+        let c = tokio::spawn(client_side(client, "pw"));
+        let cred = Credential {
+            secret: ScramSecret::parse(&verifier).unwrap(),
+            is_mock: false,
+        };
+        authenticate(&mut server, "alice", cred).await.unwrap();
+        drop(server);
+        let tail = c.await.unwrap();
+        // SASLFinal then AuthenticationOk.
+        assert_eq!(&tail[tail.len() - 9..], b"R\0\0\0\x08\0\0\0\0");
+    }
+
+    #[tokio::test]
+    async fn wrong_password_and_mock_both_fail_with_28p01() {
+        let verifier = postgres_protocol::password::scram_sha_256(b"pw");
+        for (secret, is_mock) in [
+            (ScramSecret::parse(&verifier).unwrap(), false),
+            (ScramSecret::mock(&[7; 32], "ghost"), true),
+        ] {
+            let (mut server, client) = tokio::io::duplex(8192);
+            let c = tokio::spawn(client_side(client, "wrong"));
+            let err = authenticate(&mut server, "alice", Credential { secret, is_mock })
+                .await
+                .unwrap_err();
+            assert_eq!(err.sqlstate(), SqlState::INVALID_PASSWORD);
+            drop(server);
+            drop(c.await);
+        }
+    }
+}

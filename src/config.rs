@@ -1,0 +1,208 @@
+//! The configuration file: TOML types gathered from their subjects, defaults, validation,
+//! environment overrides for secrets.
+//!
+//! Each section's type lives with the module it configures (`server::ProxyConfig`,
+//! `pool::PoolConfig`, ...); this file only gathers them, loads the file and validates across
+//! sections. A broken config is one line naming the key, and exit code 2 (see `main`).
+//! It must not touch sockets.
+
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+
+use crate::crypto::SecretsConfig;
+use crate::pool::{PoolConfig, ServerConfig};
+use crate::provision::ProvisionConfig;
+use crate::registry::RegistryConfig;
+use crate::server::ProxyConfig;
+
+/// The whole configuration file.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    #[serde(default)]
+    pub proxy: ProxyConfig,
+    pub registry: RegistryConfig,
+    #[serde(default)]
+    pub secrets: SecretsConfig,
+    #[serde(default)]
+    pub pool: PoolConfig,
+    #[serde(default)]
+    pub provision: ProvisionConfig,
+    /// Backend PostgreSQL servers that hold tenant databases.
+    #[serde(default, rename = "server")]
+    pub servers: Vec<ServerConfig>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("{path}: cannot read: {source}")]
+    Read {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("{path}: line {line}: {message}")]
+    Parse {
+        path: String,
+        line: usize,
+        message: String,
+    },
+    #[error("{path}: {key}: {message}")]
+    Invalid {
+        path: String,
+        key: String,
+        message: String,
+    },
+}
+
+impl Config {
+    /// Reads, parses, applies environment overrides and validates a config file.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let shown = path.display().to_string();
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: shown.clone(),
+            source,
+        })?;
+        let mut config = Config::parse(&text, &shown)?;
+        config.apply_env();
+        config.resolve_paths(path.parent().unwrap_or(Path::new(".")));
+        config
+            .validate()
+            .map_err(|(key, message)| ConfigError::Invalid {
+                path: shown,
+                key,
+                message,
+            })?;
+        Ok(config)
+    }
+
+    /// Parses TOML text; errors name the line and the key, on one line.
+    pub fn parse(text: &str, shown: &str) -> Result<Config, ConfigError> {
+        toml::from_str(text).map_err(|e| {
+            let line = e.span().map_or(0, |s| {
+                text.get(..s.start)
+                    .map_or(0, |t| t.bytes().filter(|b| *b == b'\n').count() + 1)
+            });
+            ConfigError::Parse {
+                path: shown.to_owned(),
+                line: line.max(1),
+                message: e.message().replace('\n', " "),
+            }
+        })
+    }
+
+    /// Environment variables override secrets, so none need be in the file.
+    fn apply_env(&mut self) {
+        if let Ok(url) = std::env::var("TENANTGATE_REGISTRY_URL") {
+            self.registry.url = url;
+        }
+        for server in &mut self.servers {
+            if let Some(var) = &server.admin_password_env {
+                if let Ok(pw) = std::env::var(var) {
+                    server.admin_password = Some(pw.into());
+                }
+            }
+        }
+    }
+
+    /// Relative file paths in the config are relative to the config file.
+    fn resolve_paths(&mut self, base: &Path) {
+        if let Some(file) = &self.secrets.master_key_file {
+            if file.is_relative() {
+                self.secrets.master_key_file = Some(base.join(file));
+            }
+        }
+    }
+
+    fn validate(&self) -> Result<(), (String, String)> {
+        let bad = |key: &str, msg: &str| Err((key.to_owned(), msg.to_owned()));
+        if self.registry.url.trim().is_empty() {
+            return bad(
+                "registry.url",
+                "must be set (or TENANTGATE_REGISTRY_URL in the environment)",
+            );
+        }
+        self.proxy.validate()?;
+        self.pool.validate()?;
+        self.provision.validate()?;
+        if self.servers.is_empty() {
+            return bad(
+                "server",
+                "at least one [[server]] section is required (the backend PostgreSQL that holds tenant databases)",
+            );
+        }
+        for (i, s) in self.servers.iter().enumerate() {
+            if s.name.is_empty() {
+                return bad(&format!("server[{i}].name"), "must not be empty");
+            }
+            if self.servers.iter().filter(|o| o.name == s.name).count() > 1 {
+                return bad(
+                    &format!("server[{i}].name"),
+                    &format!("duplicate server name {:?}", s.name),
+                );
+            }
+            if s.port == 0 {
+                return bad(&format!("server[{i}].port"), "must be between 1 and 65535");
+            }
+        }
+        Ok(())
+    }
+
+    /// The server a new tenant goes to when none is named: the first one.
+    pub fn default_server(&self) -> Option<&ServerConfig> {
+        self.servers.first()
+    }
+
+    pub fn server(&self, name: &str) -> Option<&ServerConfig> {
+        self.servers.iter().find(|s| s.name == name)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MINIMAL: &str = r#"
+[registry]
+url = "host=127.0.0.1 dbname=registry"
+
+[[server]]
+name = "main"
+host = "127.0.0.1"
+port = 5432
+admin_user = "postgres"
+"#;
+
+    #[test]
+    fn minimal_config_gets_defaults() {
+        let c = Config::parse(MINIMAL, "t").unwrap();
+        c.validate().unwrap();
+        assert_eq!(c.proxy.listen.port(), 6432);
+        assert_eq!(c.pool.min_idle, 0);
+        assert_eq!(c.provision.database_pattern, "tenant_{slug}");
+    }
+
+    #[test]
+    fn unknown_key_names_key_and_line() {
+        let text = format!("{MINIMAL}\n[pool]\npool_sise = 3\n");
+        let err = Config::parse(&text, "t").unwrap_err().to_string();
+        assert!(err.contains("pool_sise"), "{err}");
+        assert!(err.contains("line 12"), "{err}");
+        assert!(!err.contains('\n'), "{err}");
+    }
+
+    #[test]
+    fn bad_value_is_refused() {
+        let text = format!("{MINIMAL}\n[pool]\npool_size = 0\n");
+        let c = Config::parse(&text, "t").unwrap();
+        let (key, _) = c.validate().unwrap_err();
+        assert_eq!(key, "pool.pool_size");
+    }
+
+    #[test]
+    fn example_config_is_valid() {
+        let text = include_str!("../config/tenantgate.toml");
+        let c = Config::parse(text, "config/tenantgate.toml").unwrap();
+        c.validate().unwrap();
+    }
+}

@@ -1,0 +1,23 @@
+//! tenantgate: a PostgreSQL wire-protocol proxy for SaaS products that give every tenant its own
+//! database. Clients connect with the tenant's slug as the database name; tenantgate
+//! authenticates them against its registry and relays them to a pooled connection to that
+//! tenant's database.
+//!
+//! Follow one connection: `server` (listener, startup, client task) → `auth` (SCRAM) →
+//! `registry` (tenant record, cached) → `pool` (tenant pool, backend connection) → `session`
+//! (settings, relay, release). `provision` manages tenants, `crypto` keeps secrets, `config`
+//! gathers the configuration, `protocol` owns the bytes, `localpg` starts private PostgreSQL
+//! servers for the quickstart, tests and benchmarks.
+
+pub mod auth;
+pub mod config;
+pub mod crypto;
+pub mod error;
+pub mod localpg;
+pub mod pool;
+pub mod protocol;
+pub mod provision;
+pub mod quickstart;
+pub mod registry;
+pub mod server;
+pub mod session;

@@ -1,0 +1,422 @@
+//! One backend connection: the proxy's own connection to a tenant's database, opened as the
+//! tenant's backend role. It owns the socket, the backend's key for cancels, and the current
+//! ParameterStatus values, and it runs the setup queries (client parameters, reset) outside the
+//! relay.
+//!
+//! Backend auth answers SCRAM-SHA-256 (postgres-protocol's client; PBKDF2 runs on the blocking
+//! pool, off the reactor), md5 or cleartext, whichever the server asks for. The password is a
+//! [`Secret`] and is never logged.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use bytes::BytesMut;
+use postgres_protocol::authentication::md5_hash;
+use postgres_protocol::authentication::sasl::{ChannelBinding, ScramSha256};
+use postgres_protocol::message::frontend;
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpStream;
+
+use crate::crypto::Secret;
+use crate::error::{ClientFacing, ErrorKind};
+use crate::protocol::SqlState;
+use crate::protocol::frame::{self, Message, ReadError, take_cstr};
+
+/// Largest message accepted from a backend during setup phases.
+const MAX_SETUP_MESSAGE_BYTES: usize = 1 << 20;
+
+/// Where and as whom to connect for one tenant.
+#[derive(Clone, PartialEq, Eq)]
+pub struct BackendTarget {
+    pub server: String,
+    pub host: String,
+    pub port: u16,
+    pub database: String,
+    pub role: String,
+    pub password: Secret,
+}
+
+impl std::fmt::Debug for BackendTarget {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{}:{}/{} as {} (server {})",
+            self.host, self.port, self.database, self.role, self.server
+        )
+    }
+}
+
+/// An ErrorResponse a backend sent, kept whole so it can be forwarded as it is.
+#[derive(Debug, Clone)]
+pub struct ServerError {
+    pub code: String,
+    pub message: String,
+    /// The whole message, tag and length included.
+    pub raw: BytesMut,
+}
+
+impl ServerError {
+    fn parse(body: &[u8]) -> ServerError {
+        let mut code = String::new();
+        let mut message = String::new();
+        let mut rest = body;
+        while let Some((field, after)) = rest.split_first() {
+            if *field == 0 {
+                break;
+            }
+            let Some((value, after)) = take_cstr(after) else {
+                break;
+            };
+            match field {
+                b'C' => value.clone_into(&mut code),
+                b'M' => value.clone_into(&mut message),
+                _ => {}
+            }
+            rest = after;
+        }
+        let mut raw = BytesMut::with_capacity(body.len() + 5);
+        raw.extend_from_slice(b"E");
+        raw.extend_from_slice(
+            &u32::try_from(body.len() + 4)
+                .unwrap_or(u32::MAX)
+                .to_be_bytes(),
+        );
+        raw.extend_from_slice(body);
+        ServerError { code, message, raw }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum BackendError {
+    #[error("connecting to {addr} timed out")]
+    ConnectTimeout { addr: String },
+    #[error("connecting to {addr} failed")]
+    Connect {
+        addr: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("backend I/O failed")]
+    Io(#[from] std::io::Error),
+    #[error("backend closed the connection")]
+    Closed,
+    #[error("backend sent a malformed message: {0}")]
+    Protocol(String),
+    #[error("backend refused: {} {}", .0.code, .0.message)]
+    Refused(ServerError),
+    #[error("backend asked for an unsupported authentication method {0}")]
+    UnsupportedAuth(i32),
+    #[error("backend SCRAM exchange failed")]
+    Scram(#[source] std::io::Error),
+    #[error("backend did not answer within {0:?}")]
+    Timeout(Duration),
+}
+
+impl From<ReadError> for BackendError {
+    fn from(e: ReadError) -> Self {
+        match e {
+            ReadError::Frame(f) => BackendError::Protocol(f.to_string()),
+            ReadError::Eof => BackendError::Closed,
+            ReadError::Io(io) => BackendError::Io(io),
+        }
+    }
+}
+
+impl ClientFacing for BackendError {
+    fn sqlstate(&self) -> SqlState {
+        match self {
+            BackendError::Refused(e) if e.code == SqlState::TOO_MANY_CONNECTIONS.code() => {
+                SqlState::TOO_MANY_CONNECTIONS
+            }
+            BackendError::Refused(_)
+            | BackendError::ConnectTimeout { .. }
+            | BackendError::Connect { .. }
+            | BackendError::Io(_)
+            | BackendError::Closed
+            | BackendError::Protocol(_)
+            | BackendError::UnsupportedAuth(_)
+            | BackendError::Scram(_)
+            | BackendError::Timeout(_) => SqlState::CONNECTION_FAILURE,
+        }
+    }
+
+    fn client_message(&self) -> String {
+        match self {
+            BackendError::Refused(e) => format!(
+                "the tenant's database server refused the connection: {}",
+                e.message
+            ),
+            BackendError::ConnectTimeout { .. }
+            | BackendError::Connect { .. }
+            | BackendError::Timeout(_) => {
+                "could not connect to the tenant's database server".to_owned()
+            }
+            BackendError::Io(_) | BackendError::Closed | BackendError::Protocol(_) => {
+                "the connection to the tenant's database server was lost".to_owned()
+            }
+            BackendError::UnsupportedAuth(_) | BackendError::Scram(_) => {
+                "tenantgate could not log in to the tenant's database server".to_owned()
+            }
+        }
+    }
+
+    fn kind(&self) -> ErrorKind {
+        ErrorKind::Backend
+    }
+}
+
+/// A live, authenticated backend connection.
+pub struct BackendConn {
+    pub(crate) stream: TcpStream,
+    /// The backend's process id (clients see this one in BackendKeyData).
+    pub pid: i32,
+    /// The backend's own cancel secret; clients never see it.
+    pub secret: i32,
+    /// Where cancels for this backend go.
+    pub addr: SocketAddr,
+    /// ParameterStatus values as the backend last reported them, in arrival order.
+    pub params: Vec<(String, String)>,
+    /// Set when the connection must not go back to the pool.
+    pub broken: bool,
+}
+
+impl std::fmt::Debug for BackendConn {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "BackendConn(pid {} at {})", self.pid, self.addr)
+    }
+}
+
+impl Drop for BackendConn {
+    /// Says goodbye politely when the pool drops us; a full socket buffer just closes.
+    fn drop(&mut self) {
+        if !self.broken {
+            drop(self.stream.try_write(b"X\0\0\0\x04"));
+        }
+    }
+}
+
+/// Outcome of a setup query.
+pub enum SetupOutcome {
+    Done,
+    /// The backend answered with an error; the connection is still in sync (ReadyForQuery seen).
+    Failed(ServerError),
+}
+
+impl BackendConn {
+    /// Opens and authenticates a connection with only `user` and `database` as startup
+    /// parameters, so DISCARD ALL returns it to exactly this state.
+    pub async fn connect(
+        target: &BackendTarget,
+        timeout: Duration,
+    ) -> Result<BackendConn, BackendError> {
+        let addr_text = format!("{}:{}", target.host, target.port);
+        let stream = tokio::time::timeout(
+            timeout,
+            TcpStream::connect((target.host.as_str(), target.port)),
+        )
+        .await
+        .map_err(|_| BackendError::ConnectTimeout {
+            addr: addr_text.clone(),
+        })?
+        .map_err(|source| BackendError::Connect {
+            addr: addr_text,
+            source,
+        })?;
+        stream.set_nodelay(true)?;
+        let addr = stream.peer_addr()?;
+        let mut conn = BackendConn {
+            stream,
+            pid: 0,
+            secret: 0,
+            addr,
+            params: Vec::new(),
+            broken: true,
+        };
+        tokio::time::timeout(timeout, conn.startup(target))
+            .await
+            .map_err(|_| BackendError::Timeout(timeout))??;
+        conn.broken = false;
+        Ok(conn)
+    }
+
+    async fn startup(&mut self, target: &BackendTarget) -> Result<(), BackendError> {
+        let mut buf = BytesMut::new();
+        frontend::startup_message(
+            [
+                ("user", target.role.as_str()),
+                ("database", target.database.as_str()),
+            ],
+            &mut buf,
+        )?;
+        self.stream.write_all(&buf).await?;
+        let mut scram: Option<ScramSha256> = None;
+        loop {
+            let msg = self.read().await?;
+            match msg.tag {
+                b'R' => self.answer_auth(&msg, target, &mut scram).await?,
+                b'S' => self.record_parameter(&msg.body),
+                b'K' => {
+                    let (pid, secret) = msg
+                        .body
+                        .split_first_chunk::<4>()
+                        .and_then(|(p, rest)| Some((p, rest.first_chunk::<4>()?)))
+                        .ok_or_else(|| BackendError::Protocol("short BackendKeyData".into()))?;
+                    self.pid = i32::from_be_bytes(*pid);
+                    self.secret = i32::from_be_bytes(*secret);
+                }
+                b'E' => return Err(BackendError::Refused(ServerError::parse(&msg.body))),
+                b'Z' => return Ok(()),
+                // NoticeResponse, NegotiateProtocolVersion: nothing to do.
+                _ => {}
+            }
+        }
+    }
+
+    async fn answer_auth(
+        &mut self,
+        msg: &Message,
+        target: &BackendTarget,
+        scram: &mut Option<ScramSha256>,
+    ) -> Result<(), BackendError> {
+        let (code, data) = msg
+            .body
+            .split_first_chunk::<4>()
+            .ok_or_else(|| BackendError::Protocol("short Authentication message".into()))?;
+        let password = target.password.expose().as_bytes();
+        let mut out = BytesMut::new();
+        match i32::from_be_bytes(*code) {
+            0 => return Ok(()),
+            3 => frontend::password_message(password, &mut out)?,
+            5 => {
+                let salt = data
+                    .first_chunk::<4>()
+                    .ok_or_else(|| BackendError::Protocol("short md5 salt".into()))?;
+                let hash = md5_hash(target.role.as_bytes(), password, *salt);
+                frontend::password_message(hash.as_bytes(), &mut out)?;
+            }
+            10 => {
+                let offered = data.split(|b| *b == 0).any(|m| m == b"SCRAM-SHA-256");
+                if !offered {
+                    return Err(BackendError::UnsupportedAuth(10));
+                }
+                let client = ScramSha256::new(password, ChannelBinding::unsupported());
+                frontend::sasl_initial_response("SCRAM-SHA-256", client.message(), &mut out)?;
+                *scram = Some(client);
+            }
+            11 => {
+                let mut client = scram
+                    .take()
+                    .ok_or_else(|| BackendError::Protocol("SASLContinue before SASL".into()))?;
+                let data = data.to_vec();
+                // PBKDF2 with thousands of iterations: keep it off the reactor.
+                let client =
+                    tokio::task::spawn_blocking(move || client.update(&data).map(|()| client))
+                        .await
+                        .map_err(|e| BackendError::Protocol(format!("SCRAM task failed: {e}")))?
+                        .map_err(BackendError::Scram)?;
+                frontend::sasl_response(client.message(), &mut out)?;
+                *scram = Some(client);
+            }
+            12 => {
+                let client = scram
+                    .as_mut()
+                    .ok_or_else(|| BackendError::Protocol("SASLFinal before SASL".into()))?;
+                client.finish(data).map_err(BackendError::Scram)?;
+                return Ok(());
+            }
+            other => return Err(BackendError::UnsupportedAuth(other)),
+        }
+        self.stream.write_all(&out).await?;
+        Ok(())
+    }
+
+    async fn read(&mut self) -> Result<Message, BackendError> {
+        Ok(frame::read_message(&mut self.stream, MAX_SETUP_MESSAGE_BYTES).await?)
+    }
+
+    fn record_parameter(&mut self, body: &[u8]) {
+        let Some((name, rest)) = take_cstr(body) else {
+            return;
+        };
+        let Some((value, _)) = take_cstr(rest) else {
+            return;
+        };
+        if let Some(slot) = self.params.iter_mut().find(|(n, _)| n == name) {
+            value.clone_into(&mut slot.1);
+        } else {
+            self.params.push((name.to_owned(), value.to_owned()));
+        }
+    }
+
+    /// Runs a simple query outside the relay and waits for ReadyForQuery, recording any
+    /// ParameterStatus it causes. Rows and notices are dropped.
+    pub async fn run_setup_query(
+        &mut self,
+        sql: &str,
+        timeout: Duration,
+    ) -> Result<SetupOutcome, BackendError> {
+        let result = tokio::time::timeout(timeout, self.setup_query(sql)).await;
+        match result {
+            Ok(Ok(outcome)) => Ok(outcome),
+            Ok(Err(e)) => {
+                self.broken = true;
+                Err(e)
+            }
+            Err(_) => {
+                self.broken = true;
+                Err(BackendError::Timeout(timeout))
+            }
+        }
+    }
+
+    async fn setup_query(&mut self, sql: &str) -> Result<SetupOutcome, BackendError> {
+        let mut buf = BytesMut::new();
+        frontend::query(sql, &mut buf)?;
+        self.stream.write_all(&buf).await?;
+        let mut failure = None;
+        loop {
+            let msg = self.read().await?;
+            match msg.tag {
+                b'S' => self.record_parameter(&msg.body),
+                b'E' => failure = Some(ServerError::parse(&msg.body)),
+                b'Z' => {
+                    if msg.body.first() != Some(&b'I') {
+                        return Err(BackendError::Protocol(
+                            "setup query left a transaction open".into(),
+                        ));
+                    }
+                    return Ok(failure.map_or(SetupOutcome::Done, SetupOutcome::Failed));
+                }
+                _ => {}
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn server_error_fields_and_raw_bytes() {
+        let body = b"SFATAL\0C57P01\0Mterminating\0\0";
+        let e = ServerError::parse(body);
+        assert_eq!(e.code, "57P01");
+        assert_eq!(e.message, "terminating");
+        assert_eq!(e.raw.first(), Some(&b'E'));
+        assert_eq!(e.raw.len(), body.len() + 5);
+    }
+
+    #[test]
+    fn target_debug_hides_password() {
+        let t = BackendTarget {
+            server: "main".into(),
+            host: "h".into(),
+            port: 1,
+            database: "d".into(),
+            role: "r".into(),
+            password: Secret::new("pw-secret"),
+        };
+        assert!(!format!("{t:?}").contains("pw-secret"));
+    }
+}

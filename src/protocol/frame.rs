@@ -1,0 +1,321 @@
+//! Message framing after startup: a 1-byte tag and a 4-byte big-endian length that counts itself.
+//!
+//! Two tools live here. [`FrameScanner`] finds frame boundaries in a byte stream for the relay
+//! without copying or decoding bodies: it looks at headers only (and at ReadyForQuery's status
+//! byte) and tells the caller how many bytes are safe to forward. [`read_message`] reads one
+//! whole message for the setup phases (auth, parameter sync, reset), bounded in size.
+
+use bytes::BytesMut;
+use tokio::io::{AsyncRead, AsyncReadExt};
+
+/// Bytes of a frame header: tag + length.
+pub const HEADER_BYTES: usize = 5;
+
+/// A frame header the scanner saw.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FrameHead {
+    pub tag: u8,
+    /// Length of the body, excluding tag and length word.
+    pub body_len: usize,
+    /// ReadyForQuery's transaction status byte (`I`, `T` or `E`); 0 for other frames.
+    pub status: u8,
+}
+
+/// What the caller wants after seeing a header.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Scan {
+    /// Forward this frame and keep scanning.
+    Continue,
+    /// Stop before this frame: it is not forwarded.
+    StopBefore,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum FrameError {
+    #[error("invalid message length {0}")]
+    BadLength(u32),
+    #[error("message of {0} bytes exceeds the limit")]
+    TooLarge(usize),
+}
+
+/// Finds frame boundaries across reads. Holds only a count of body bytes still to pass.
+#[derive(Debug, Clone)]
+pub struct FrameScanner {
+    /// Body bytes of the current frame not yet seen.
+    skip: usize,
+    max_body_bytes: usize,
+}
+
+/// The result of scanning one run of bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Scanned {
+    /// Bytes from the start of the run that may be forwarded now. The rest is an incomplete
+    /// header, to be scanned again once more bytes arrive (or a frame the caller stopped before).
+    pub forward: usize,
+    /// The caller asked to stop before a frame at `forward`.
+    pub stopped: bool,
+}
+
+impl FrameScanner {
+    pub fn new(max_body_bytes: usize) -> Self {
+        FrameScanner {
+            skip: 0,
+            max_body_bytes,
+        }
+    }
+
+    /// True between frames: no body bytes are owed.
+    pub fn at_boundary(&self) -> bool {
+        self.skip == 0
+    }
+
+    /// Scans `run`, calling `on_frame` for each header that is complete in it.
+    pub fn scan(
+        &mut self,
+        run: &[u8],
+        mut on_frame: impl FnMut(FrameHead) -> Scan,
+    ) -> Result<Scanned, FrameError> {
+        let mut at = 0;
+        loop {
+            let left = run.len() - at;
+            if self.skip > 0 {
+                let step = self.skip.min(left);
+                at += step;
+                self.skip -= step;
+                if self.skip > 0 {
+                    return Ok(Scanned {
+                        forward: at,
+                        stopped: false,
+                    });
+                }
+                continue;
+            }
+            let Some(head) = run.get(at..at + HEADER_BYTES) else {
+                return Ok(Scanned {
+                    forward: at,
+                    stopped: false,
+                });
+            };
+            let (tag, len) = split_header(head);
+            if len < 4 {
+                return Err(FrameError::BadLength(len));
+            }
+            let body_len = usize::try_from(len - 4).map_err(|_| FrameError::BadLength(len))?;
+            if body_len > self.max_body_bytes {
+                return Err(FrameError::TooLarge(body_len));
+            }
+            let mut status = 0;
+            if tag == b'Z' {
+                // The status byte decides pooling; wait until it is here.
+                match run.get(at + HEADER_BYTES) {
+                    Some(s) if body_len >= 1 => status = *s,
+                    Some(_) => {}
+                    None => {
+                        return Ok(Scanned {
+                            forward: at,
+                            stopped: false,
+                        });
+                    }
+                }
+            }
+            let frame = FrameHead {
+                tag,
+                body_len,
+                status,
+            };
+            if on_frame(frame) == Scan::StopBefore {
+                return Ok(Scanned {
+                    forward: at,
+                    stopped: true,
+                });
+            }
+            at += HEADER_BYTES;
+            self.skip = body_len;
+        }
+    }
+}
+
+fn split_header(head: &[u8]) -> (u8, u32) {
+    let mut len = [0u8; 4];
+    let mut tag = 0;
+    if let Some((t, rest)) = head.split_first() {
+        tag = *t;
+        if let Some(l) = rest.first_chunk::<4>() {
+            len = *l;
+        }
+    }
+    (tag, u32::from_be_bytes(len))
+}
+
+/// One whole message read during a setup phase.
+#[derive(Debug)]
+pub struct Message {
+    pub tag: u8,
+    pub body: BytesMut,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ReadError {
+    #[error(transparent)]
+    Frame(#[from] FrameError),
+    #[error("peer closed the connection")]
+    Eof,
+    #[error("read failed")]
+    Io(#[source] std::io::Error),
+}
+
+/// Reads one message, refusing bodies above `max_body_bytes`.
+pub async fn read_message<S: AsyncRead + Unpin>(
+    stream: &mut S,
+    max_body_bytes: usize,
+) -> Result<Message, ReadError> {
+    let mut head = [0u8; HEADER_BYTES];
+    stream.read_exact(&mut head).await.map_err(eof_or_io)?;
+    let (tag, len) = split_header(&head);
+    if len < 4 {
+        return Err(FrameError::BadLength(len).into());
+    }
+    let body_len = usize::try_from(len - 4).map_err(|_| FrameError::BadLength(len))?;
+    if body_len > max_body_bytes {
+        return Err(FrameError::TooLarge(body_len).into());
+    }
+    let mut body = BytesMut::zeroed(body_len);
+    stream.read_exact(&mut body).await.map_err(eof_or_io)?;
+    Ok(Message { tag, body })
+}
+
+fn eof_or_io(e: std::io::Error) -> ReadError {
+    if e.kind() == std::io::ErrorKind::UnexpectedEof {
+        ReadError::Eof
+    } else {
+        ReadError::Io(e)
+    }
+}
+
+/// Splits a NUL-terminated string off the front of `bytes`.
+pub fn take_cstr(bytes: &[u8]) -> Option<(&str, &[u8])> {
+    let nul = bytes.iter().position(|b| *b == 0)?;
+    let (s, rest) = bytes.split_at(nul);
+    Some((
+        std::str::from_utf8(s).ok()?,
+        rest.get(1..).unwrap_or_default(),
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn frame(tag: u8, body: &[u8]) -> Vec<u8> {
+        let mut v = vec![tag];
+        v.extend_from_slice(&u32::try_from(body.len() + 4).unwrap().to_be_bytes());
+        v.extend_from_slice(body);
+        v
+    }
+
+    fn stream() -> Vec<u8> {
+        let mut s = Vec::new();
+        s.extend(frame(b'T', b"rowdesc"));
+        for i in 0..50u8 {
+            s.extend(frame(b'D', &[i; 37]));
+        }
+        s.extend(frame(b'C', b"SELECT 50\0"));
+        s.extend(frame(b'Z', b"I"));
+        s
+    }
+
+    /// Feeds `bytes` in chunks of `chunk`, as a relay would, and returns the tags seen.
+    fn scan_chunked(bytes: &[u8], chunk: usize) -> (Vec<u8>, Vec<u8>, usize) {
+        let mut sc = FrameScanner::new(1 << 20);
+        let mut tags = Vec::new();
+        let mut statuses = Vec::new();
+        let mut pending: Vec<u8> = Vec::new();
+        let mut forwarded = 0;
+        for piece in bytes.chunks(chunk) {
+            pending.extend_from_slice(piece);
+            let r = sc
+                .scan(&pending, |h| {
+                    tags.push(h.tag);
+                    if h.tag == b'Z' {
+                        statuses.push(h.status);
+                    }
+                    Scan::Continue
+                })
+                .unwrap();
+            forwarded += r.forward;
+            pending.drain(..r.forward);
+        }
+        (tags, statuses, forwarded)
+    }
+
+    #[test]
+    fn finds_every_frame_whatever_the_chunking() {
+        let s = stream();
+        for chunk in [1, 2, 3, 5, 6, 7, 64, 4096] {
+            let (tags, statuses, forwarded) = scan_chunked(&s, chunk);
+            assert_eq!(tags.len(), 53, "chunk {chunk}");
+            assert_eq!(tags.first(), Some(&b'T'));
+            assert_eq!(tags.last(), Some(&b'Z'));
+            assert_eq!(statuses, vec![b'I']);
+            assert_eq!(forwarded, s.len());
+        }
+    }
+
+    #[test]
+    fn stop_before_leaves_frame_unforwarded() {
+        let mut s = frame(b'Q', b"select 1\0");
+        let q_len = s.len();
+        s.extend(frame(b'X', b""));
+        let mut sc = FrameScanner::new(1024);
+        let r = sc
+            .scan(&s, |h| {
+                if h.tag == b'X' {
+                    Scan::StopBefore
+                } else {
+                    Scan::Continue
+                }
+            })
+            .unwrap();
+        assert_eq!(
+            r,
+            Scanned {
+                forward: q_len,
+                stopped: true
+            }
+        );
+    }
+
+    #[test]
+    fn bad_and_oversized_lengths_are_errors() {
+        let mut sc = FrameScanner::new(100);
+        assert_eq!(
+            sc.scan(b"Q\0\0\0\x02", |_| Scan::Continue),
+            Err(FrameError::BadLength(2))
+        );
+        let mut sc = FrameScanner::new(100);
+        assert_eq!(
+            sc.scan(b"Q\x40\0\0\0", |_| Scan::Continue),
+            Err(FrameError::TooLarge(0x4000_0000 - 4))
+        );
+    }
+
+    #[test]
+    fn random_bytes_never_panic() {
+        let mut seed = 0x9e37_79b9_7f4a_7c15u64;
+        for _ in 0..5_000 {
+            let mut sc = FrameScanner::new(1 << 16);
+            let mut buf = Vec::new();
+            for _ in 0..(seed % 200) {
+                seed ^= seed << 13;
+                seed ^= seed >> 7;
+                seed ^= seed << 17;
+                buf.push(seed.to_le_bytes()[0]);
+            }
+            for chunk in buf.chunks(usize::try_from(seed % 9 + 1).unwrap()) {
+                if sc.scan(chunk, |_| Scan::Continue).is_err() {
+                    break;
+                }
+            }
+        }
+    }
+}

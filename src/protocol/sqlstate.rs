@@ -1,0 +1,25 @@
+//! The SQLSTATE codes tenantgate itself sends, by name (PostgreSQL appendix A).
+
+/// A five-character SQLSTATE code.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SqlState(&'static str);
+
+impl SqlState {
+    pub const INVALID_AUTHORIZATION: SqlState = SqlState("28000");
+    pub const INVALID_PASSWORD: SqlState = SqlState("28P01");
+    pub const CANNOT_CONNECT_NOW: SqlState = SqlState("57P03");
+    pub const TOO_MANY_CONNECTIONS: SqlState = SqlState("53300");
+    pub const PROTOCOL_VIOLATION: SqlState = SqlState("08P01");
+    pub const CONNECTION_FAILURE: SqlState = SqlState("08006");
+    pub const CONNECTION_EXCEPTION: SqlState = SqlState("08000");
+    pub const QUERY_CANCELED: SqlState = SqlState("57014");
+    pub const FEATURE_NOT_SUPPORTED: SqlState = SqlState("0A000");
+    pub const INVALID_PARAMETER_VALUE: SqlState = SqlState("22023");
+    pub const ADMIN_SHUTDOWN: SqlState = SqlState("57P01");
+    pub const INTERNAL_ERROR: SqlState = SqlState("XX000");
+
+    /// The code as PostgreSQL writes it.
+    pub fn code(self) -> &'static str {
+        self.0
+    }
+}

@@ -1,0 +1,254 @@
+//! The first packet of a connection: SSLRequest, GSSENCRequest, CancelRequest or StartupMessage.
+//!
+//! Startup packets have no tag: a 4-byte length that counts itself, then a 4-byte code. The length
+//! is bounded before anything is allocated. Parsing is a pure function over bytes so it can be
+//! property-tested; `read_first_packet` only adds the reading.
+
+use tokio::io::{AsyncRead, AsyncReadExt};
+
+use crate::error::{ClientFacing, ErrorKind};
+
+use super::SqlState;
+
+pub const SSL_REQUEST_CODE: i32 = 80_877_103;
+pub const GSSENC_REQUEST_CODE: i32 = 80_877_104;
+pub const CANCEL_REQUEST_CODE: i32 = 80_877_102;
+/// Protocol 3.0 as a StartupMessage version number.
+pub const PROTOCOL_3_0: i32 = 196_608;
+
+/// What a connection opened with.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum FirstPacket {
+    SslRequest,
+    GssEncRequest,
+    Cancel { pid: i32, secret: i32 },
+    Startup(StartupMessage),
+}
+
+/// A protocol 3.x StartupMessage.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StartupMessage {
+    /// The minor version the client asked for (3.x).
+    pub minor_version: i32,
+    /// Parameters in the order sent, `_pq_.` protocol options included.
+    pub params: Vec<(String, String)>,
+}
+
+impl StartupMessage {
+    pub fn get(&self, name: &str) -> Option<&str> {
+        self.params
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.as_str())
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StartupError {
+    #[error("startup packet length {0} is out of bounds")]
+    BadLength(i64),
+    #[error("startup packet is malformed: {0}")]
+    Malformed(&'static str),
+    #[error("unsupported frontend protocol {major}.{minor}")]
+    UnsupportedProtocol { major: i32, minor: i32 },
+    #[error("client closed the connection during startup")]
+    Eof,
+    #[error("reading the startup packet failed")]
+    Io(#[source] std::io::Error),
+}
+
+impl ClientFacing for StartupError {
+    fn sqlstate(&self) -> SqlState {
+        match self {
+            StartupError::BadLength(_)
+            | StartupError::Malformed(_)
+            | StartupError::Eof
+            | StartupError::Io(_) => SqlState::PROTOCOL_VIOLATION,
+            StartupError::UnsupportedProtocol { .. } => SqlState::FEATURE_NOT_SUPPORTED,
+        }
+    }
+
+    fn client_message(&self) -> String {
+        match self {
+            StartupError::BadLength(_) => "invalid length of startup packet".to_owned(),
+            StartupError::Malformed(what) => format!("invalid startup packet: {what}"),
+            StartupError::UnsupportedProtocol { major, minor } => {
+                format!("unsupported frontend protocol {major}.{minor}: server supports 3.0 to 3.0")
+            }
+            StartupError::Eof | StartupError::Io(_) => "incomplete startup packet".to_owned(),
+        }
+    }
+
+    fn kind(&self) -> ErrorKind {
+        ErrorKind::Client
+    }
+}
+
+/// Reads one startup-phase packet, refusing lengths outside `8..=max_bytes`.
+pub async fn read_first_packet<S: AsyncRead + Unpin>(
+    stream: &mut S,
+    max_bytes: usize,
+) -> Result<FirstPacket, StartupError> {
+    let mut len_bytes = [0u8; 4];
+    stream.read_exact(&mut len_bytes).await.map_err(eof_or_io)?;
+    let len = i32::from_be_bytes(len_bytes);
+    let total = usize::try_from(len)
+        .ok()
+        .filter(|l| (8..=max_bytes).contains(l))
+        .ok_or(StartupError::BadLength(i64::from(len)))?;
+    let mut body = vec![0u8; total - 4];
+    stream.read_exact(&mut body).await.map_err(eof_or_io)?;
+    parse_first_packet(&body)
+}
+
+fn eof_or_io(e: std::io::Error) -> StartupError {
+    if e.kind() == std::io::ErrorKind::UnexpectedEof {
+        StartupError::Eof
+    } else {
+        StartupError::Io(e)
+    }
+}
+
+/// Parses a startup packet's body (everything after the length word).
+pub fn parse_first_packet(body: &[u8]) -> Result<FirstPacket, StartupError> {
+    let (code, rest) = split_i32(body).ok_or(StartupError::Malformed("missing code"))?;
+    match code {
+        SSL_REQUEST_CODE => Ok(FirstPacket::SslRequest),
+        GSSENC_REQUEST_CODE => Ok(FirstPacket::GssEncRequest),
+        CANCEL_REQUEST_CODE => {
+            let (pid, rest) = split_i32(rest).ok_or(StartupError::Malformed("short cancel"))?;
+            let (secret, _) = split_i32(rest).ok_or(StartupError::Malformed("short cancel"))?;
+            Ok(FirstPacket::Cancel { pid, secret })
+        }
+        version => {
+            let (major, minor) = (version >> 16, version & 0xffff);
+            if major != 3 {
+                return Err(StartupError::UnsupportedProtocol { major, minor });
+            }
+            let params = parse_params(rest)?;
+            Ok(FirstPacket::Startup(StartupMessage {
+                minor_version: minor,
+                params,
+            }))
+        }
+    }
+}
+
+fn split_i32(bytes: &[u8]) -> Option<(i32, &[u8])> {
+    let (head, rest) = bytes.split_first_chunk::<4>()?;
+    Some((i32::from_be_bytes(*head), rest))
+}
+
+/// name\0value\0 ... \0
+fn parse_params(mut rest: &[u8]) -> Result<Vec<(String, String)>, StartupError> {
+    let mut params = Vec::new();
+    loop {
+        let (name, after) = split_cstr(rest)?;
+        if name.is_empty() {
+            if !after.is_empty() {
+                return Err(StartupError::Malformed("bytes after the final terminator"));
+            }
+            return Ok(params);
+        }
+        let (value, after) = split_cstr(after)?;
+        params.push((name.to_owned(), value.to_owned()));
+        rest = after;
+    }
+}
+
+fn split_cstr(bytes: &[u8]) -> Result<(&str, &[u8]), StartupError> {
+    let nul = bytes
+        .iter()
+        .position(|b| *b == 0)
+        .ok_or(StartupError::Malformed("missing terminator"))?;
+    let (s, rest) = bytes.split_at(nul);
+    let s = std::str::from_utf8(s).map_err(|_| StartupError::Malformed("invalid UTF-8"))?;
+    Ok((s, rest.get(1..).unwrap_or_default()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn startup_body(params: &[(&str, &str)]) -> Vec<u8> {
+        let mut b = PROTOCOL_3_0.to_be_bytes().to_vec();
+        for (k, v) in params {
+            b.extend_from_slice(k.as_bytes());
+            b.push(0);
+            b.extend_from_slice(v.as_bytes());
+            b.push(0);
+        }
+        b.push(0);
+        b
+    }
+
+    #[test]
+    fn parses_startup() {
+        let body = startup_body(&[("user", "alice"), ("database", "acme")]);
+        let FirstPacket::Startup(msg) = parse_first_packet(&body).unwrap() else {
+            panic!("not startup")
+        };
+        assert_eq!(msg.get("user"), Some("alice"));
+        assert_eq!(msg.get("database"), Some("acme"));
+        assert_eq!(msg.minor_version, 0);
+    }
+
+    #[test]
+    fn parses_special_codes() {
+        assert_eq!(
+            parse_first_packet(&SSL_REQUEST_CODE.to_be_bytes()).unwrap(),
+            FirstPacket::SslRequest
+        );
+        let mut cancel = CANCEL_REQUEST_CODE.to_be_bytes().to_vec();
+        cancel.extend_from_slice(&7i32.to_be_bytes());
+        cancel.extend_from_slice(&9i32.to_be_bytes());
+        assert_eq!(
+            parse_first_packet(&cancel).unwrap(),
+            FirstPacket::Cancel { pid: 7, secret: 9 }
+        );
+    }
+
+    #[test]
+    fn rejects_protocol_2() {
+        let body = 0x0002_0000i32.to_be_bytes();
+        assert!(matches!(
+            parse_first_packet(&body),
+            Err(StartupError::UnsupportedProtocol { major: 2, .. })
+        ));
+    }
+
+    #[test]
+    fn rejects_garbage_without_panicking() {
+        // A cheap property test: every prefix and every single-byte corruption of a valid packet.
+        let body = startup_body(&[("user", "u"), ("database", "d"), ("options", "-c a=b")]);
+        for cut in 0..body.len() {
+            drop(parse_first_packet(&body[..cut]));
+        }
+        for i in 0..body.len() {
+            for v in [0u8, 1, 0x7f, 0xff] {
+                let mut b = body.clone();
+                b[i] = v;
+                drop(parse_first_packet(&b));
+            }
+        }
+        let mut seed = 0x2545_f491_4f6c_dd1du64;
+        for _ in 0..20_000 {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            let n = usize::try_from(seed % 64).unwrap();
+            let bytes: Vec<u8> = (0..n)
+                .map(|i| (seed >> (i % 56)).to_le_bytes()[0])
+                .collect();
+            drop(parse_first_packet(&bytes));
+        }
+    }
+
+    #[tokio::test]
+    async fn oversized_length_is_refused_before_allocating() {
+        let mut input: &[u8] = &[0x40, 0, 0, 0, 0, 3, 0, 0];
+        let err = read_first_packet(&mut input, 10_000).await.unwrap_err();
+        assert!(matches!(err, StartupError::BadLength(_)));
+        assert_eq!(err.sqlstate(), SqlState::PROTOCOL_VIOLATION);
+    }
+}

@@ -1,0 +1,303 @@
+//! `tenantgate quickstart`: a private PostgreSQL, a registry, two demo tenants and a running
+//! proxy, from nothing, in one command.
+//!
+//! First run: creates DIR (default `./.tenantgate`), a master key file, a PostgreSQL cluster on
+//! a free loopback port, the registry database, and `DIR/tenantgate.toml` describing all of it;
+//! then provisions `acme` and `globex`, each with a user and a small table. Later runs reuse DIR
+//! and load `DIR/tenantgate.toml` as it is, so edits to it are honoured. Ctrl-C or SIGTERM stops
+//! the proxy and the private PostgreSQL. Not for production: the cluster runs with fsync off.
+
+use std::io::Write as _;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+use std::time::Duration;
+
+use anyhow::{Context as _, bail};
+use postgres_protocol::escape::escape_identifier;
+use tokio_postgres::NoTls;
+
+use crate::config::Config;
+use crate::crypto::{MasterKey, Secret, generate_password};
+use crate::localpg::{LocalPg, LocalPgOptions, free_port};
+use crate::provision::{self, CreateTenant};
+use crate::registry::{Registry, TenantSlug};
+use crate::server::Proxy;
+
+const CONFIG_FILE: &str = "tenantgate.toml";
+const CREDENTIALS_FILE: &str = "demo-users.txt";
+const REGISTRY_DATABASE: &str = "tenantgate_registry";
+const DEMO_USER: &str = "app";
+
+/// The demo tenants and their rows.
+const DEMO_TENANTS: &[(&str, &str, &[&str])] = &[
+    (
+        "acme",
+        "Acme Corp",
+        &["anvil", "rocket skates", "giant magnet"],
+    ),
+    (
+        "globex",
+        "Globex Corporation",
+        &["hammock", "doomsday device"],
+    ),
+];
+
+/// Quickstart options from the command line.
+#[derive(Debug, Clone)]
+pub struct Options {
+    pub dir: PathBuf,
+    /// Overrides the config file's `proxy.listen` when given.
+    pub listen: Option<SocketAddr>,
+}
+
+/// Runs the quickstart until Ctrl-C or SIGTERM.
+pub async fn run(options: Options) -> anyhow::Result<()> {
+    let dir = absolute(&options.dir)?;
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    let config_path = dir.join(CONFIG_FILE);
+    if !config_path.exists() {
+        write_first_config(&dir, &config_path)?;
+    }
+    let mut config = Config::load(&config_path)?;
+    if let Some(listen) = options.listen {
+        config.proxy.listen = listen;
+    }
+
+    let server = config
+        .default_server()
+        .context("the quickstart config has no [[server]]")?
+        .clone();
+    let pg_options = LocalPgOptions {
+        port: Some(server.port),
+        superuser: server.admin_user.clone(),
+        password: server
+            .admin_password
+            .as_ref()
+            .map(|p| p.expose().to_owned())
+            .context("the quickstart config's server has no admin_password")?,
+        ..LocalPgOptions::new(dir.join("pgdata"))
+    };
+    let mut pg = tokio::task::spawn_blocking(move || LocalPg::start(pg_options))
+        .await
+        .context("starting PostgreSQL")??;
+    let outcome = serve(&dir, config, &pg).await;
+    let stopped = tokio::task::spawn_blocking(move || pg.stop()).await;
+    outcome?;
+    stopped.context("stopping PostgreSQL")??;
+    Ok(())
+}
+
+async fn serve(dir: &Path, config: Config, pg: &LocalPg) -> anyhow::Result<()> {
+    ensure_registry_database(pg).await?;
+    let key = MasterKey::load(&config.secrets)?;
+    let registry = Registry::connect(&config.registry).await?;
+    registry.migrate().await?;
+    let credentials = ensure_demo_tenants(dir, &config, &registry, &key).await?;
+    let proxy = Proxy::start(config.clone()).await?;
+    let addr = proxy.local_addr();
+
+    let mut out = std::io::stdout().lock();
+    for (slug, password) in &credentials {
+        writeln!(
+            out,
+            "postgresql://{DEMO_USER}:{password}@{}:{}/{slug}",
+            addr.ip(),
+            addr.port()
+        )?;
+    }
+    writeln!(
+        out,
+        "tenantgate is ready on {addr} (config {}); press Ctrl-C to stop",
+        dir.join(CONFIG_FILE).display()
+    )?;
+    out.flush()?;
+    drop(out);
+
+    wait_for_signal().await?;
+    tracing::info!("stopping");
+    proxy
+        .shutdown(Duration::from_secs(config.proxy.shutdown_grace_seconds))
+        .await;
+    Ok(())
+}
+
+async fn wait_for_signal() -> anyhow::Result<()> {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    tokio::select! {
+        r = tokio::signal::ctrl_c() => r?,
+        _ = term.recv() => {}
+    }
+    Ok(())
+}
+
+fn absolute(path: &Path) -> anyhow::Result<PathBuf> {
+    if path.is_absolute() {
+        Ok(path.to_path_buf())
+    } else {
+        Ok(std::env::current_dir()?.join(path))
+    }
+}
+
+/// Writes a new master key and config for a fresh DIR.
+fn write_first_config(dir: &Path, config_path: &Path) -> anyhow::Result<()> {
+    let key_path = dir.join("master.key");
+    write_private(&key_path, &MasterKey::generate_encoded())?;
+    let port = free_port()?;
+    let password = generate_password(24);
+    let text = format!(
+        r#"# Written by `tenantgate quickstart` for its private PostgreSQL. Edit freely: the next
+# quickstart run in this directory loads this file as it is. Every option is documented in
+# config/tenantgate.toml in the tenantgate repository.
+
+[proxy]
+listen = "127.0.0.1:6432"
+shutdown_grace_seconds = 2
+
+[registry]
+url = "host=127.0.0.1 port={port} user=postgres password={password} dbname={REGISTRY_DATABASE}"
+
+[secrets]
+master_key_file = "master.key"
+
+[pool]
+pool_size = 10
+
+[[server]]
+name = "local"
+host = "127.0.0.1"
+port = {port}
+admin_user = "postgres"
+admin_password = "{password}"
+"#,
+        password = password.expose()
+    );
+    write_private(config_path, &text)
+}
+
+fn write_private(path: &Path, text: &str) -> anyhow::Result<()> {
+    use std::os::unix::fs::OpenOptionsExt as _;
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .with_context(|| format!("creating {}", path.display()))?;
+    file.write_all(text.as_bytes())?;
+    Ok(())
+}
+
+async fn ensure_registry_database(pg: &LocalPg) -> anyhow::Result<()> {
+    let client = connect(&pg.connection_string("postgres")).await?;
+    let exists = client
+        .query_opt(
+            "SELECT 1 FROM pg_database WHERE datname = $1",
+            &[&REGISTRY_DATABASE],
+        )
+        .await?
+        .is_some();
+    if !exists {
+        client
+            .batch_execute(&format!(
+                "CREATE DATABASE {}",
+                escape_identifier(REGISTRY_DATABASE)
+            ))
+            .await?;
+    }
+    Ok(())
+}
+
+async fn connect(conn_str: &str) -> anyhow::Result<tokio_postgres::Client> {
+    let (client, connection) = tokio_postgres::Config::from_str(conn_str)?
+        .connect(NoTls)
+        .await?;
+    tokio::spawn(async move {
+        if let Err(e) = connection.await {
+            tracing::debug!(error = %e, "quickstart connection ended");
+        }
+    });
+    Ok(client)
+}
+
+/// Provisions the demo tenants that are missing; returns (slug, password) for each.
+async fn ensure_demo_tenants(
+    dir: &Path,
+    config: &Config,
+    registry: &Registry,
+    key: &MasterKey,
+) -> anyhow::Result<Vec<(String, String)>> {
+    let credentials_path = dir.join(CREDENTIALS_FILE);
+    let mut known = read_credentials(&credentials_path);
+    for (slug, name, rows) in DEMO_TENANTS {
+        let parsed = TenantSlug::parse(slug).context("demo slug")?;
+        if registry.tenant(&parsed).await?.is_some() && known.iter().any(|(s, _)| s == slug) {
+            continue;
+        }
+        if registry.tenant(&parsed).await?.is_none() {
+            let record = provision::create_tenant(
+                config,
+                registry,
+                key,
+                slug,
+                &CreateTenant {
+                    display_name: Some((*name).to_owned()),
+                    ..CreateTenant::default()
+                },
+            )
+            .await?;
+            seed(config, key, &record, rows).await?;
+        }
+        let password = generate_password(20);
+        provision::add_user(registry, slug, DEMO_USER, &password).await?;
+        known.retain(|(s, _)| s != slug);
+        known.push(((*slug).to_owned(), password.expose().to_owned()));
+    }
+    let text: String = known
+        .iter()
+        .fold(String::new(), |acc, (s, p)| acc + s + " " + p + "\n");
+    std::fs::write(&credentials_path, text)?;
+    known.sort();
+    Ok(known)
+}
+
+fn read_credentials(path: &Path) -> Vec<(String, String)> {
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| l.split_once(' '))
+        .map(|(s, p)| (s.to_owned(), p.to_owned()))
+        .collect()
+}
+
+/// Creates the demo table in a tenant's database, as the tenant's own role.
+async fn seed(
+    config: &Config,
+    key: &MasterKey,
+    record: &crate::registry::TenantRecord,
+    rows: &[&str],
+) -> anyhow::Result<()> {
+    let Some(server) = config.server(&record.server) else {
+        bail!("server {} is not in the config", record.server);
+    };
+    let password: Secret = key.decrypt(&record.backend_password_enc)?;
+    let mut pg = tokio_postgres::Config::new();
+    pg.host(&server.host)
+        .port(server.port)
+        .user(&record.backend_role)
+        .password(password.expose())
+        .dbname(&record.database);
+    let (client, connection) = pg.connect(NoTls).await?;
+    tokio::spawn(connection);
+    client
+        .batch_execute(
+            "CREATE TABLE products (id serial PRIMARY KEY, name text NOT NULL, \
+             created_at timestamptz NOT NULL DEFAULT now())",
+        )
+        .await?;
+    for row in rows {
+        client
+            .execute("INSERT INTO products (name) VALUES ($1)", &[row])
+            .await?;
+    }
+    Ok(())
+}

@@ -1,0 +1,213 @@
+//! The tenant directory: moka caches in front of the registry for tenant records and user
+//! verifiers, a short negative cache for unknown slugs, and the background loop that LISTENs for
+//! registry changes and invalidates what changed.
+//!
+//! Background loops: `spawn_change_listener` (one task; reconnects with a back-off while the
+//! registry is away, and drops the whole cache after each reconnect because NOTIFYs may have been
+//! missed). The cache TTL is only the safety net.
+
+use std::str::FromStr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use moka::future::Cache;
+use tokio_postgres::{AsyncMessage, NoTls};
+use tokio_util::sync::CancellationToken;
+
+use super::{Registry, RegistryConfig, RegistryError, TenantRecord, TenantSlug};
+
+/// The channel the registry triggers notify on; the payload is the slug.
+pub const CHANGES_CHANNEL: &str = "tenantgate_changes";
+
+type UserKey = (TenantSlug, String);
+
+/// Cached view of the registry for the connection path.
+#[derive(Clone)]
+pub struct TenantDirectory {
+    registry: Registry,
+    records: Cache<TenantSlug, Arc<TenantRecord>>,
+    unknown: Cache<TenantSlug, ()>,
+    verifiers: Cache<UserKey, Option<Arc<str>>>,
+}
+
+impl TenantDirectory {
+    pub fn new(registry: Registry, config: &RegistryConfig) -> TenantDirectory {
+        let ttl = Duration::from_secs(config.cache_ttl_seconds.max(1));
+        TenantDirectory {
+            registry,
+            records: Cache::builder()
+                .max_capacity(config.cache_capacity)
+                .time_to_live(ttl)
+                .build(),
+            unknown: Cache::builder()
+                .max_capacity(config.cache_capacity)
+                .time_to_live(Duration::from_secs(
+                    config.negative_cache_ttl_seconds.max(1),
+                ))
+                .build(),
+            verifiers: Cache::builder()
+                .max_capacity(config.cache_capacity)
+                .time_to_live(ttl)
+                .support_invalidation_closures()
+                .build(),
+        }
+    }
+
+    pub fn registry(&self) -> &Registry {
+        &self.registry
+    }
+
+    /// The tenant's record, from the cache or the registry; `None` if there is no such tenant.
+    pub async fn tenant(
+        &self,
+        slug: &TenantSlug,
+    ) -> Result<Option<Arc<TenantRecord>>, RegistryError> {
+        if let Some(hit) = self.records.get(slug).await {
+            return Ok(Some(hit));
+        }
+        if self.unknown.contains_key(slug) {
+            return Ok(None);
+        }
+        let registry = &self.registry;
+        let found = self
+            .records
+            .try_get_with_by_ref(slug, async {
+                match registry.tenant(slug).await {
+                    Ok(Some(record)) => Ok(Arc::new(record)),
+                    Ok(None) => Err(RegistryError::NoSuchTenant),
+                    Err(e) => Err(e),
+                }
+            })
+            .await;
+        match found {
+            Ok(record) => Ok(Some(record)),
+            Err(e) if matches!(*e, RegistryError::NoSuchTenant) => {
+                self.unknown.insert(slug.clone(), ()).await;
+                Ok(None)
+            }
+            Err(e) => Err(RegistryError::Shared(e)),
+        }
+    }
+
+    /// The SCRAM verifier of (tenant, user), from the cache or the registry.
+    pub async fn verifier(
+        &self,
+        slug: &TenantSlug,
+        user: &str,
+    ) -> Result<Option<Arc<str>>, RegistryError> {
+        let key = (slug.clone(), user.to_owned());
+        let registry = &self.registry;
+        self.verifiers
+            .try_get_with(key, async {
+                registry
+                    .user_verifier(slug, user)
+                    .await
+                    .map(|v| v.map(Arc::from))
+            })
+            .await
+            .map_err(RegistryError::Shared)
+    }
+
+    /// Forgets everything cached about one tenant.
+    pub async fn invalidate(&self, slug: &TenantSlug) {
+        self.records.invalidate(slug).await;
+        self.unknown.invalidate(slug).await;
+        let slug = slug.clone();
+        // Only fails when closures are not enabled, which `new` does.
+        drop(
+            self.verifiers
+                .invalidate_entries_if(move |(s, _), _| *s == slug),
+        );
+    }
+
+    /// Forgets everything.
+    pub fn invalidate_all(&self) {
+        self.records.invalidate_all();
+        self.unknown.invalidate_all();
+        self.verifiers.invalidate_all();
+    }
+
+    /// Number of cached tenant records (after pending maintenance).
+    pub async fn cached_records(&self) -> u64 {
+        self.records.run_pending_tasks().await;
+        self.records.entry_count()
+    }
+
+    /// Puts a record in the cache directly (benchmarks and tests of the hot path).
+    pub async fn prime(&self, record: TenantRecord) {
+        self.records
+            .insert(record.slug.clone(), Arc::new(record))
+            .await;
+    }
+}
+
+/// Starts the LISTEN loop. It runs until `shutdown` is cancelled.
+pub fn spawn_change_listener(
+    url: String,
+    directory: TenantDirectory,
+    shutdown: CancellationToken,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let mut backoff = Duration::from_millis(200);
+        loop {
+            tokio::select! {
+                () = shutdown.cancelled() => return,
+                result = listen_once(&url, &directory) => {
+                    match result {
+                        Ok(()) => backoff = Duration::from_millis(200),
+                        Err(e) => {
+                            tracing::warn!(error = %e, "registry change listener lost its connection; retrying");
+                        }
+                    }
+                }
+            }
+            tokio::select! {
+                () = shutdown.cancelled() => return,
+                () = tokio::time::sleep(backoff) => {}
+            }
+            backoff = (backoff * 2).min(Duration::from_secs(5));
+        }
+    })
+}
+
+/// One LISTEN session: returns when the connection ends.
+async fn listen_once(url: &str, directory: &TenantDirectory) -> Result<(), tokio_postgres::Error> {
+    let mut config = tokio_postgres::Config::from_str(url)?;
+    config.connect_timeout(Duration::from_secs(5));
+    config.application_name("tenantgate-listener");
+    let (client, mut connection) = config.connect(NoTls).await?;
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let driver = tokio::spawn(async move {
+        let mut messages = futures_util::stream::poll_fn(move |cx| connection.poll_message(cx));
+        while let Some(message) = messages.next().await {
+            match message {
+                Ok(AsyncMessage::Notification(n)) => {
+                    if tx.send(n.payload().to_owned()).is_err() {
+                        break;
+                    }
+                }
+                Ok(_) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
+    });
+    client
+        .batch_execute(&format!("LISTEN {CHANGES_CHANNEL}"))
+        .await?;
+    // We may have missed changes while disconnected.
+    directory.invalidate_all();
+    tracing::debug!("listening for registry changes");
+    while let Some(payload) = rx.recv().await {
+        if let Some(slug) = TenantSlug::parse(&payload) {
+            tracing::debug!(tenant = %slug, "registry changed; cache entry dropped");
+            directory.invalidate(&slug).await;
+        }
+    }
+    drop(client);
+    match driver.await {
+        Ok(result) => result,
+        Err(_) => Ok(()),
+    }
+}

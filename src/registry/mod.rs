@@ -1,0 +1,330 @@
+//! The registry: the PostgreSQL database that holds tenants, their users' SCRAM verifiers, state,
+//! plan and encrypted backend credentials.
+//!
+//! Moving parts: [`Registry`] (a small bb8 pool of tokio-postgres connections and the queries),
+//! `migrate` (our own schema, applied at start-up), `directory` (the moka cache in front of it, and
+//! the background LISTEN loop that invalidates it when the registry changes).
+//! It must not forward client traffic.
+
+mod directory;
+pub mod migrate;
+mod types;
+
+use std::str::FromStr;
+use std::time::Duration;
+
+use bb8_postgres::PostgresConnectionManager;
+use serde::{Deserialize, Serialize};
+use tokio_postgres::NoTls;
+
+pub use directory::{CHANGES_CHANNEL, TenantDirectory, spawn_change_listener};
+pub use types::{TenantRecord, TenantSlug, TenantState};
+
+use crate::error::{ClientFacing, ErrorKind};
+use crate::protocol::SqlState;
+
+/// `[registry]`: where the registry lives and how its records are cached.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RegistryConfig {
+    /// Connection string of the registry database (URI or `key=value` form). The environment
+    /// variable `TENANTGATE_REGISTRY_URL` overrides it. Required. Restart to change.
+    pub url: String,
+    /// Connections tenantgate keeps to the registry. Default 4.
+    #[serde(default = "default_pool_size")]
+    pub pool_size: u32,
+    /// Give up on a registry query after this many milliseconds. Default 5000.
+    #[serde(default = "default_timeout_ms")]
+    pub timeout_ms: u64,
+    /// How long a tenant record stays cached, in seconds. Changes are also pushed by
+    /// LISTEN/NOTIFY, so this is only the safety net. Default 60.
+    #[serde(default = "default_cache_ttl")]
+    pub cache_ttl_seconds: u64,
+    /// How long an unknown slug is remembered as unknown, in seconds. Default 2.
+    #[serde(default = "default_negative_ttl")]
+    pub negative_cache_ttl_seconds: u64,
+    /// Most tenant records kept in the cache. Default 100000.
+    #[serde(default = "default_cache_capacity")]
+    pub cache_capacity: u64,
+}
+
+fn default_pool_size() -> u32 {
+    4
+}
+fn default_timeout_ms() -> u64 {
+    5000
+}
+fn default_cache_ttl() -> u64 {
+    60
+}
+fn default_negative_ttl() -> u64 {
+    2
+}
+fn default_cache_capacity() -> u64 {
+    100_000
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum RegistryError {
+    #[error("registry connection string is invalid")]
+    BadUrl(#[source] tokio_postgres::Error),
+    #[error("registry query failed")]
+    Query(#[from] tokio_postgres::Error),
+    #[error("registry unavailable")]
+    Unavailable(#[source] bb8::RunError<tokio_postgres::Error>),
+    #[error("registry row for tenant {slug} is invalid: {what}")]
+    BadRow { slug: String, what: String },
+    #[error("registry migration {version} ({name}) was changed after it was applied")]
+    MigrationChanged { version: i32, name: String },
+    /// Internal to the cache: the slug is not in the registry. Never shown to a client.
+    #[error("no such tenant")]
+    NoSuchTenant,
+    /// A lookup error shared by every caller that waited on the same cache load.
+    #[error(transparent)]
+    Shared(std::sync::Arc<RegistryError>),
+}
+
+impl ClientFacing for RegistryError {
+    fn sqlstate(&self) -> SqlState {
+        match self {
+            RegistryError::BadUrl(_)
+            | RegistryError::Query(_)
+            | RegistryError::Unavailable(_)
+            | RegistryError::BadRow { .. }
+            | RegistryError::MigrationChanged { .. }
+            | RegistryError::NoSuchTenant
+            | RegistryError::Shared(_) => SqlState::CANNOT_CONNECT_NOW,
+        }
+    }
+
+    fn client_message(&self) -> String {
+        match self {
+            RegistryError::BadUrl(_)
+            | RegistryError::Query(_)
+            | RegistryError::Unavailable(_)
+            | RegistryError::BadRow { .. }
+            | RegistryError::MigrationChanged { .. }
+            | RegistryError::NoSuchTenant
+            | RegistryError::Shared(_) => {
+                "the tenant registry is not available; try again shortly".to_owned()
+            }
+        }
+    }
+
+    fn kind(&self) -> ErrorKind {
+        ErrorKind::Registry
+    }
+}
+
+impl From<bb8::RunError<tokio_postgres::Error>> for RegistryError {
+    fn from(e: bb8::RunError<tokio_postgres::Error>) -> Self {
+        RegistryError::Unavailable(e)
+    }
+}
+
+/// A new tenant row.
+#[derive(Debug, Clone)]
+pub struct NewTenant<'a> {
+    pub slug: &'a TenantSlug,
+    pub display_name: Option<&'a str>,
+    pub state: TenantState,
+    pub plan: &'a str,
+    pub server: &'a str,
+    pub database: &'a str,
+    pub backend_role: &'a str,
+    pub backend_password_enc: &'a [u8],
+}
+
+/// Handle to the registry database.
+#[derive(Clone)]
+pub struct Registry {
+    pool: bb8::Pool<PostgresConnectionManager<NoTls>>,
+}
+
+const TENANT_COLUMNS: &str = "slug, display_name, state, plan, server, database_name, \
+     backend_role, backend_password_enc, error_message";
+
+impl Registry {
+    /// Connects (lazily) to the registry.
+    pub async fn connect(config: &RegistryConfig) -> Result<Registry, RegistryError> {
+        let mut pg =
+            tokio_postgres::Config::from_str(&config.url).map_err(RegistryError::BadUrl)?;
+        let timeout = Duration::from_millis(config.timeout_ms);
+        pg.connect_timeout(timeout);
+        if pg.get_application_name().is_none() {
+            pg.application_name("tenantgate");
+        }
+        let manager = PostgresConnectionManager::new(pg, NoTls);
+        let pool = bb8::Pool::builder()
+            .max_size(config.pool_size.max(1))
+            .min_idle(Some(0))
+            .connection_timeout(timeout)
+            .retry_connection(false)
+            .build(manager)
+            .await?;
+        Ok(Registry { pool })
+    }
+
+    /// Applies pending registry migrations.
+    pub async fn migrate(&self) -> Result<migrate::Applied, RegistryError> {
+        let mut conn = self.pool.get().await?;
+        migrate::apply(&mut conn).await
+    }
+
+    /// One tenant by slug.
+    pub async fn tenant(&self, slug: &TenantSlug) -> Result<Option<TenantRecord>, RegistryError> {
+        let conn = self.pool.get().await?;
+        let sql = format!("SELECT {TENANT_COLUMNS} FROM tenants WHERE slug = $1");
+        let row = conn.query_opt(&sql, &[&slug.as_str()]).await?;
+        row.map(|r| tenant_from_row(&r)).transpose()
+    }
+
+    /// All tenants, by slug.
+    pub async fn tenants(&self) -> Result<Vec<TenantRecord>, RegistryError> {
+        let conn = self.pool.get().await?;
+        let sql = format!("SELECT {TENANT_COLUMNS} FROM tenants ORDER BY slug");
+        let rows = conn.query(&sql, &[]).await?;
+        rows.iter().map(tenant_from_row).collect()
+    }
+
+    /// The stored SCRAM verifier of a tenant's user.
+    pub async fn user_verifier(
+        &self,
+        slug: &TenantSlug,
+        user: &str,
+    ) -> Result<Option<String>, RegistryError> {
+        let conn = self.pool.get().await?;
+        let row = conn
+            .query_opt(
+                "SELECT scram_verifier FROM tenant_users WHERE tenant_slug = $1 AND username = $2",
+                &[&slug.as_str(), &user],
+            )
+            .await?;
+        Ok(row.map(|r| r.get(0)))
+    }
+
+    /// Inserts a tenant, or replaces one in state `failed`.
+    pub async fn insert_tenant(&self, t: &NewTenant<'_>) -> Result<(), RegistryError> {
+        let conn = self.pool.get().await?;
+        conn.execute(
+            "INSERT INTO tenants (slug, display_name, state, plan, server, database_name, \
+             backend_role, backend_password_enc) VALUES ($1, $2, $3, $4, $5, $6, $7, $8) \
+             ON CONFLICT (slug) DO UPDATE SET display_name = EXCLUDED.display_name, \
+             state = EXCLUDED.state, plan = EXCLUDED.plan, server = EXCLUDED.server, \
+             database_name = EXCLUDED.database_name, backend_role = EXCLUDED.backend_role, \
+             backend_password_enc = EXCLUDED.backend_password_enc, error_message = NULL, \
+             updated_at = now() WHERE tenants.state = 'failed'",
+            &[
+                &t.slug.as_str(),
+                &t.display_name,
+                &t.state.as_str(),
+                &t.plan,
+                &t.server,
+                &t.database,
+                &t.backend_role,
+                &t.backend_password_enc,
+            ],
+        )
+        .await?;
+        Ok(())
+    }
+
+    /// Sets a tenant's state (and error message). Returns false if there is no such tenant.
+    pub async fn set_state(
+        &self,
+        slug: &TenantSlug,
+        state: TenantState,
+        error: Option<&str>,
+    ) -> Result<bool, RegistryError> {
+        let conn = self.pool.get().await?;
+        let n = conn
+            .execute(
+                "UPDATE tenants SET state = $2, error_message = $3, updated_at = now() \
+                 WHERE slug = $1",
+                &[&slug.as_str(), &state.as_str(), &error],
+            )
+            .await?;
+        Ok(n > 0)
+    }
+
+    /// Points a tenant at a database (and backend role and password).
+    pub async fn set_target(
+        &self,
+        slug: &TenantSlug,
+        database: &str,
+        backend_role: &str,
+        backend_password_enc: &[u8],
+    ) -> Result<bool, RegistryError> {
+        let conn = self.pool.get().await?;
+        let n = conn
+            .execute(
+                "UPDATE tenants SET database_name = $2, backend_role = $3, \
+                 backend_password_enc = $4, updated_at = now() WHERE slug = $1",
+                &[
+                    &slug.as_str(),
+                    &database,
+                    &backend_role,
+                    &backend_password_enc,
+                ],
+            )
+            .await?;
+        Ok(n > 0)
+    }
+
+    /// Creates or replaces a tenant user's verifier.
+    pub async fn set_user(
+        &self,
+        slug: &TenantSlug,
+        user: &str,
+        verifier: &str,
+    ) -> Result<(), RegistryError> {
+        let conn = self.pool.get().await?;
+        conn.execute(
+            "INSERT INTO tenant_users (tenant_slug, username, scram_verifier) VALUES ($1, $2, $3) \
+             ON CONFLICT (tenant_slug, username) DO UPDATE \
+             SET scram_verifier = EXCLUDED.scram_verifier, updated_at = now()",
+            &[&slug.as_str(), &user, &verifier],
+        )
+        .await?;
+        Ok(())
+    }
+
+    /// Appends to the activity log.
+    pub async fn log_activity(
+        &self,
+        slug: Option<&TenantSlug>,
+        actor: &str,
+        action: &str,
+        detail: Option<&str>,
+    ) -> Result<(), RegistryError> {
+        let conn = self.pool.get().await?;
+        conn.execute(
+            "INSERT INTO activity_log (tenant_slug, actor, action, detail) VALUES ($1, $2, $3, $4)",
+            &[&slug.map(TenantSlug::as_str), &actor, &action, &detail],
+        )
+        .await?;
+        Ok(())
+    }
+}
+
+fn tenant_from_row(row: &tokio_postgres::Row) -> Result<TenantRecord, RegistryError> {
+    let slug_text: String = row.try_get(0)?;
+    let bad = |what: &str| RegistryError::BadRow {
+        slug: slug_text.clone(),
+        what: what.to_owned(),
+    };
+    let slug = TenantSlug::parse(&slug_text).ok_or_else(|| bad("slug"))?;
+    let state_text: String = row.try_get(2)?;
+    let state = TenantState::parse(&state_text).ok_or_else(|| bad("state"))?;
+    Ok(TenantRecord {
+        slug,
+        display_name: row.try_get(1)?,
+        state,
+        plan: row.try_get(3)?,
+        server: row.try_get(4)?,
+        database: row.try_get(5)?,
+        backend_role: row.try_get(6)?,
+        backend_password_enc: row.try_get(7)?,
+        error_message: row.try_get(8)?,
+    })
+}

@@ -1,0 +1,87 @@
+//! The accept loop: one task per client, a global client limit that answers instead of
+//! stalling, and accept errors (EMFILE) logged and backed off, never fatal.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use bytes::BytesMut;
+use socket2::{SockRef, TcpKeepalive};
+use tokio::io::AsyncWriteExt;
+use tokio::net::{TcpListener, TcpStream};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::Instrument as _;
+
+use super::State;
+use super::client::serve_client;
+use crate::protocol::{SqlState, messages};
+
+pub(super) async fn run(
+    listener: TcpListener,
+    state: Arc<State>,
+    stop_accepting: CancellationToken,
+    stop_sessions: CancellationToken,
+    tasks: TaskTracker,
+) {
+    loop {
+        let accepted = tokio::select! {
+            () = stop_accepting.cancelled() => return,
+            accepted = listener.accept() => accepted,
+        };
+        let (stream, peer) = match accepted {
+            Ok(pair) => pair,
+            Err(e) => {
+                tracing::warn!(error = %e, "accept failed; backing off");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        tune_socket(&stream);
+        let id = state.next_client_id.fetch_add(1, Ordering::Relaxed);
+        let span = tracing::info_span!(
+            "client",
+            id,
+            %peer,
+            tenant = tracing::field::Empty,
+            user = tracing::field::Empty
+        );
+        let Ok(permit) = Arc::clone(&state.client_slots).try_acquire_owned() else {
+            tasks.spawn(refuse_too_many(stream).instrument(span));
+            continue;
+        };
+        let state = Arc::clone(&state);
+        let stop = stop_sessions.clone();
+        tasks.spawn(
+            async move {
+                let reason = serve_client(&state, stream, &stop).await;
+                reason.log();
+                drop(permit);
+            }
+            .instrument(span),
+        );
+    }
+}
+
+fn tune_socket(stream: &TcpStream) {
+    if let Err(e) = stream.set_nodelay(true) {
+        tracing::debug!(error = %e, "TCP_NODELAY not set");
+    }
+    let keepalive = TcpKeepalive::new().with_time(Duration::from_secs(60));
+    if let Err(e) = SockRef::from(stream).set_tcp_keepalive(&keepalive) {
+        tracing::debug!(error = %e, "TCP keepalive not set");
+    }
+}
+
+async fn refuse_too_many(mut stream: TcpStream) {
+    tracing::info!("refused: max_client_connections reached");
+    let mut out = BytesMut::new();
+    messages::error_response(
+        &mut out,
+        messages::Severity::Fatal,
+        SqlState::TOO_MANY_CONNECTIONS,
+        "sorry, too many clients already",
+        None,
+    );
+    drop(tokio::time::timeout(Duration::from_secs(1), stream.write_all(&out)).await);
+}

@@ -1,0 +1,230 @@
+//! The front door: listener, startup, and the per-client task that takes a connection from
+//! its first byte to a relaying session.
+//!
+//! Moving parts: [`Proxy`] (start-up: registry migrations, shared [`State`], background tasks,
+//! graceful shutdown), `listener` (accept loop, client limit), `client` (one client's path:
+//! startup → auth → tenant → pool → session). Background loops started here: the accept loop,
+//! the registry change listener. This module holds no business rules.
+
+mod client;
+mod listener;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::AtomicU64;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use serde::{Deserialize, Serialize};
+use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+pub use client::{CloseReason, LoginError};
+
+use crate::config::Config;
+use crate::crypto::MasterKey;
+use crate::pool::PoolMap;
+use crate::registry::{Registry, TenantDirectory, spawn_change_listener};
+use crate::session::CancelMap;
+
+/// `[proxy]`: the client-facing side.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProxyConfig {
+    /// Address clients connect to. Default "127.0.0.1:6432". Restart to change.
+    #[serde(default = "default_listen")]
+    pub listen: SocketAddr,
+    /// Most client connections at once; past it a client gets 53300. Default 10000.
+    #[serde(default = "default_max_clients")]
+    pub max_client_connections: u32,
+    /// A client must finish startup and authentication within this many milliseconds.
+    /// Default 10000.
+    #[serde(default = "default_login_timeout_ms")]
+    pub login_timeout_ms: u64,
+    /// Largest startup packet accepted, in bytes (PostgreSQL uses 10000). Default 10000.
+    #[serde(default = "default_max_startup_packet_bytes")]
+    pub max_startup_packet_bytes: usize,
+    /// Largest single message a client may send after startup, in bytes. Default 1073741824
+    /// (1 GiB, PostgreSQL's own limit). The relay never buffers a whole message.
+    #[serde(default = "default_max_message_bytes")]
+    pub max_message_bytes: usize,
+    /// On shutdown, sessions get this many seconds to finish before they are closed.
+    /// Default 10.
+    #[serde(default = "default_shutdown_grace_seconds")]
+    pub shutdown_grace_seconds: u64,
+    /// Log filter (`error`, `warn`, `info`, `debug`, `trace`, or a tracing filter such as
+    /// `tenantgate=debug`). `RUST_LOG` overrides it. Default "info".
+    #[serde(default = "default_log_level")]
+    pub log_level: String,
+}
+
+fn default_listen() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 6432))
+}
+fn default_max_clients() -> u32 {
+    10_000
+}
+fn default_login_timeout_ms() -> u64 {
+    10_000
+}
+fn default_max_startup_packet_bytes() -> usize {
+    10_000
+}
+fn default_max_message_bytes() -> usize {
+    1 << 30
+}
+fn default_shutdown_grace_seconds() -> u64 {
+    10
+}
+fn default_log_level() -> String {
+    "info".to_owned()
+}
+
+impl Default for ProxyConfig {
+    fn default() -> Self {
+        ProxyConfig {
+            listen: default_listen(),
+            max_client_connections: default_max_clients(),
+            login_timeout_ms: default_login_timeout_ms(),
+            max_startup_packet_bytes: default_max_startup_packet_bytes(),
+            max_message_bytes: default_max_message_bytes(),
+            shutdown_grace_seconds: default_shutdown_grace_seconds(),
+            log_level: default_log_level(),
+        }
+    }
+}
+
+impl ProxyConfig {
+    pub(crate) fn validate(&self) -> Result<(), (String, String)> {
+        let bad = |k: &str, m: &str| Err((k.to_owned(), m.to_owned()));
+        if self.max_client_connections == 0 {
+            return bad("proxy.max_client_connections", "must be greater than 0");
+        }
+        if self.login_timeout_ms == 0 {
+            return bad("proxy.login_timeout_ms", "must be greater than 0");
+        }
+        if !(64..=1 << 20).contains(&self.max_startup_packet_bytes) {
+            return bad(
+                "proxy.max_startup_packet_bytes",
+                "must be between 64 and 1048576",
+            );
+        }
+        if self.max_message_bytes < 1024 {
+            return bad("proxy.max_message_bytes", "must be at least 1024");
+        }
+        if tracing_subscriber::EnvFilter::try_new(&self.log_level).is_err() {
+            return bad("proxy.log_level", "is not a valid log filter");
+        }
+        Ok(())
+    }
+}
+
+/// Everything a client task needs, built once at start-up and shared.
+pub struct State {
+    pub config: Arc<Config>,
+    pub directory: TenantDirectory,
+    pub pools: PoolMap,
+    pub cancels: CancelMap,
+    client_slots: Arc<Semaphore>,
+    /// Key for mock SCRAM secrets of unknown tenants/users; random per process.
+    mock_key: [u8; 32],
+    next_client_id: AtomicU64,
+}
+
+/// A running proxy.
+pub struct Proxy {
+    local_addr: SocketAddr,
+    state: Arc<State>,
+    stop_accepting: CancellationToken,
+    stop_sessions: CancellationToken,
+    tasks: TaskTracker,
+}
+
+impl Proxy {
+    /// Connects to the registry (applying its migrations), binds the listener and starts
+    /// serving.
+    pub async fn start(config: Config) -> anyhow::Result<Proxy> {
+        let key = MasterKey::load(&config.secrets)?;
+        let registry = Registry::connect(&config.registry)
+            .await
+            .context("connecting to the registry")?;
+        let applied = registry
+            .migrate()
+            .await
+            .context("applying registry migrations")?;
+        if !applied.versions.is_empty() {
+            tracing::info!(versions = ?applied.versions, "registry migrations applied");
+        }
+        let listener = TcpListener::bind(config.proxy.listen)
+            .await
+            .with_context(|| format!("listening on {}", config.proxy.listen))?;
+        let local_addr = listener.local_addr()?;
+
+        let directory = TenantDirectory::new(registry, &config.registry);
+        let pools = PoolMap::new(&config.pool, &config.servers, key);
+        let mut mock_key = [0u8; 32];
+        rand::fill(&mut mock_key);
+        let state = Arc::new(State {
+            client_slots: Arc::new(Semaphore::new(
+                usize::try_from(config.proxy.max_client_connections).unwrap_or(usize::MAX),
+            )),
+            config: Arc::new(config),
+            directory,
+            pools,
+            cancels: CancelMap::default(),
+            mock_key,
+            next_client_id: AtomicU64::new(1),
+        });
+
+        let stop_accepting = CancellationToken::new();
+        let stop_sessions = CancellationToken::new();
+        let tasks = TaskTracker::new();
+        spawn_change_listener(
+            state.config.registry.url.clone(),
+            state.directory.clone(),
+            stop_sessions.clone(),
+        );
+        tokio::spawn(listener::run(
+            listener,
+            Arc::clone(&state),
+            stop_accepting.clone(),
+            stop_sessions.clone(),
+            tasks.clone(),
+        ));
+        tracing::info!(%local_addr, "tenantgate is accepting connections");
+        Ok(Proxy {
+            local_addr,
+            state,
+            stop_accepting,
+            stop_sessions,
+            tasks,
+        })
+    }
+
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    pub fn state(&self) -> &Arc<State> {
+        &self.state
+    }
+
+    /// Stops accepting, gives sessions `grace` to finish, then closes the rest.
+    pub async fn shutdown(self, grace: Duration) {
+        self.stop_accepting.cancel();
+        self.tasks.close();
+        if tokio::time::timeout(grace, self.tasks.wait())
+            .await
+            .is_err()
+        {
+            tracing::info!(
+                remaining = self.tasks.len(),
+                "closing sessions still open after the grace period"
+            );
+        }
+        self.stop_sessions.cancel();
+        drop(tokio::time::timeout(Duration::from_secs(5), self.tasks.wait()).await);
+    }
+}

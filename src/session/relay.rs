@@ -1,0 +1,358 @@
+//! The relay loop: moves bytes between a client and its backend in both directions at once,
+//! looking only at frame headers.
+//!
+//! Each direction owns one fixed buffer for the life of the session, reads as much as the socket
+//! has, finds frame boundaries with [`FrameScanner`] and writes whole runs in one call: no
+//! per-message allocation, no copy of row data, no lock. Both directions are polled in the same
+//! task so a client that streams COPY data while the backend streams NOTICEs cannot deadlock us.
+//! The relay inspects only: client `X` (Terminate, swallowed), `Q`/`S`/`F` (answered by a
+//! ReadyForQuery), extended-protocol messages without a Sync yet; backend `Z` and its status.
+
+use std::future::poll_fn;
+use std::pin::Pin;
+use std::task::{Context, Poll, ready};
+
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+
+use crate::protocol::frame::{FrameError, FrameHead, FrameScanner, Scan};
+
+/// Bytes of each direction's buffer.
+pub const RELAY_BUFFER_BYTES: usize = 16 * 1024;
+
+/// What the backend still owes, as seen from the messages that crossed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TxTracker {
+    /// Queries, Syncs and function calls sent and not yet answered by ReadyForQuery.
+    pub pending: u32,
+    /// Extended-protocol messages were sent after the last Sync.
+    pub extended_open: bool,
+    /// The last ReadyForQuery status (`I`, `T` or `E`).
+    pub status: u8,
+}
+
+impl Default for TxTracker {
+    fn default() -> Self {
+        TxTracker {
+            pending: 0,
+            extended_open: false,
+            status: b'I',
+        }
+    }
+}
+
+impl TxTracker {
+    /// True when the backend is idle, outside a transaction, owing nothing.
+    pub fn is_clean(&self) -> bool {
+        self.pending == 0 && !self.extended_open && self.status == b'I'
+    }
+
+    fn client_frame(&mut self, head: FrameHead) -> Scan {
+        match head.tag {
+            b'X' => return Scan::StopBefore,
+            b'Q' | b'F' => self.pending = self.pending.saturating_add(1),
+            b'S' => {
+                self.pending = self.pending.saturating_add(1);
+                self.extended_open = false;
+            }
+            b'P' | b'B' | b'E' | b'D' | b'C' | b'H' => self.extended_open = true,
+            _ => {}
+        }
+        Scan::Continue
+    }
+
+    fn backend_frame(&mut self, head: FrameHead) -> Scan {
+        if head.tag == b'Z' {
+            self.pending = self.pending.saturating_sub(1);
+            self.status = head.status;
+        }
+        Scan::Continue
+    }
+}
+
+/// Why the relay stopped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RelayEnd {
+    /// The client sent Terminate (not forwarded).
+    ClientTerminated,
+    /// The client closed its socket.
+    ClientClosed,
+    /// The backend closed its socket (after its last bytes reached the client).
+    BackendClosed,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum RelayError {
+    #[error("client connection failed")]
+    Client(#[source] std::io::Error),
+    #[error("backend connection failed")]
+    Backend(#[source] std::io::Error),
+    #[error("client sent an invalid message")]
+    ClientProtocol(#[source] FrameError),
+    #[error("backend sent an invalid message")]
+    BackendProtocol(#[source] FrameError),
+}
+
+/// One direction's buffer: bytes `[written, scanned)` are ready to go, `[scanned, filled)` are
+/// an incomplete header waiting for more.
+struct Half {
+    buf: Box<[u8]>,
+    filled: usize,
+    scanned: usize,
+    written: usize,
+    scanner: FrameScanner,
+    needs_flush: bool,
+    stopped: bool,
+    eof: bool,
+}
+
+enum HalfEnd {
+    Stopped,
+    Eof,
+}
+
+enum HalfError {
+    Read(std::io::Error),
+    Write(std::io::Error),
+    Frame(FrameError),
+}
+
+impl Half {
+    fn new(max_body_bytes: usize) -> Half {
+        Half {
+            buf: vec![0u8; RELAY_BUFFER_BYTES].into_boxed_slice(),
+            filled: 0,
+            scanned: 0,
+            written: 0,
+            scanner: FrameScanner::new(max_body_bytes),
+            needs_flush: false,
+            stopped: false,
+            eof: false,
+        }
+    }
+
+    /// Moves bytes from `reader` to `writer` until one side is not ready.
+    fn poll<R, W>(
+        &mut self,
+        cx: &mut Context<'_>,
+        reader: &mut R,
+        writer: &mut W,
+        mut inspect: impl FnMut(FrameHead) -> Scan,
+    ) -> Poll<Result<HalfEnd, HalfError>>
+    where
+        R: AsyncRead + Unpin,
+        W: AsyncWrite + Unpin,
+    {
+        loop {
+            if self.written < self.scanned {
+                let out = self.buf.get(self.written..self.scanned).unwrap_or_default();
+                let n =
+                    ready!(Pin::new(&mut *writer).poll_write(cx, out)).map_err(HalfError::Write)?;
+                if n == 0 {
+                    return Poll::Ready(Err(HalfError::Write(
+                        std::io::ErrorKind::WriteZero.into(),
+                    )));
+                }
+                self.written += n;
+                self.needs_flush = true;
+                continue;
+            }
+            if self.needs_flush {
+                ready!(Pin::new(&mut *writer).poll_flush(cx)).map_err(HalfError::Write)?;
+                self.needs_flush = false;
+            }
+            if self.stopped {
+                return Poll::Ready(Ok(HalfEnd::Stopped));
+            }
+            if self.eof {
+                return Poll::Ready(Ok(HalfEnd::Eof));
+            }
+            if self.written > 0 {
+                // Keep an incomplete header at the front; everything before it is sent.
+                self.buf.copy_within(self.written..self.filled, 0);
+                self.filled -= self.written;
+                self.scanned -= self.written;
+                self.written = 0;
+            }
+            let space = self.buf.get_mut(self.filled..).unwrap_or_default();
+            let mut read_buf = ReadBuf::new(space);
+            ready!(Pin::new(&mut *reader).poll_read(cx, &mut read_buf)).map_err(HalfError::Read)?;
+            let n = read_buf.filled().len();
+            if n == 0 {
+                self.eof = true;
+                continue;
+            }
+            self.filled += n;
+            let fresh = self.buf.get(self.scanned..self.filled).unwrap_or_default();
+            let scanned = self
+                .scanner
+                .scan(fresh, &mut inspect)
+                .map_err(HalfError::Frame)?;
+            self.scanned += scanned.forward;
+            self.stopped = scanned.stopped;
+        }
+    }
+}
+
+/// Buffers for one session's relay, reused across its lifetime.
+pub struct RelayBuffers {
+    to_backend: Half,
+    to_client: Half,
+}
+
+impl RelayBuffers {
+    /// `max_client_message_bytes` bounds any one message a client may send.
+    pub fn new(max_client_message_bytes: usize) -> RelayBuffers {
+        RelayBuffers {
+            to_backend: Half::new(max_client_message_bytes),
+            to_client: Half::new(usize::MAX),
+        }
+    }
+}
+
+/// Relays until either side ends. Backend bytes are polled first so a backend's last words
+/// (a FATAL before it closes) reach the client before we notice anything else.
+pub async fn relay<C, B>(
+    client: &mut C,
+    backend: &mut B,
+    buffers: &mut RelayBuffers,
+    tracker: &mut TxTracker,
+) -> Result<RelayEnd, RelayError>
+where
+    C: AsyncRead + AsyncWrite + Unpin,
+    B: AsyncRead + AsyncWrite + Unpin,
+{
+    poll_fn(|cx| {
+        let from_backend = buffers
+            .to_client
+            .poll(cx, backend, client, |h| tracker.backend_frame(h));
+        if let Poll::Ready(end) = from_backend {
+            return Poll::Ready(match end {
+                Ok(_) => Ok(RelayEnd::BackendClosed),
+                Err(HalfError::Read(e)) => Err(RelayError::Backend(e)),
+                Err(HalfError::Write(e)) => Err(RelayError::Client(e)),
+                Err(HalfError::Frame(e)) => Err(RelayError::BackendProtocol(e)),
+            });
+        }
+        let from_client = buffers
+            .to_backend
+            .poll(cx, client, backend, |h| tracker.client_frame(h));
+        match from_client {
+            Poll::Pending => Poll::Pending,
+            Poll::Ready(Ok(HalfEnd::Stopped)) => Poll::Ready(Ok(RelayEnd::ClientTerminated)),
+            Poll::Ready(Ok(HalfEnd::Eof)) => Poll::Ready(Ok(RelayEnd::ClientClosed)),
+            Poll::Ready(Err(HalfError::Read(e))) => Poll::Ready(Err(RelayError::Client(e))),
+            Poll::Ready(Err(HalfError::Write(e))) => Poll::Ready(Err(RelayError::Backend(e))),
+            Poll::Ready(Err(HalfError::Frame(e))) => {
+                Poll::Ready(Err(RelayError::ClientProtocol(e)))
+            }
+        }
+    })
+    .await
+}
+
+#[cfg(test)]
+mod tests {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt, duplex};
+
+    use super::*;
+
+    fn frame(tag: u8, body: &[u8]) -> Vec<u8> {
+        let mut v = vec![tag];
+        v.extend_from_slice(&u32::try_from(body.len() + 4).unwrap().to_be_bytes());
+        v.extend_from_slice(body);
+        v
+    }
+
+    #[tokio::test]
+    async fn forwards_both_ways_and_swallows_terminate() {
+        let (mut client_far, mut client_near) = duplex(64 * 1024);
+        let (mut backend_near, mut backend_far) = duplex(64 * 1024);
+        let task = tokio::spawn(async move {
+            let mut bufs = RelayBuffers::new(1 << 20);
+            let mut tracker = TxTracker::default();
+            let end = relay(&mut client_near, &mut backend_near, &mut bufs, &mut tracker).await;
+            (end.unwrap(), tracker)
+        });
+        let query = frame(b'Q', b"select 1\0");
+        client_far.write_all(&query).await.unwrap();
+        let mut got = vec![0u8; query.len()];
+        backend_far.read_exact(&mut got).await.unwrap();
+        assert_eq!(got, query);
+
+        // A large row split over many writes, then ReadyForQuery.
+        let mut answer = frame(b'D', &vec![7u8; 100_000]);
+        answer.extend(frame(b'Z', b"I"));
+        for piece in answer.chunks(999) {
+            backend_far.write_all(piece).await.unwrap();
+        }
+        let mut echoed = vec![0u8; answer.len()];
+        client_far.read_exact(&mut echoed).await.unwrap();
+        assert_eq!(echoed, answer);
+
+        client_far.write_all(&frame(b'X', b"")).await.unwrap();
+        let (end, tracker) = task.await.unwrap();
+        assert_eq!(end, RelayEnd::ClientTerminated);
+        assert!(tracker.is_clean());
+        // Terminate never reached the backend.
+        drop(client_far);
+        let mut rest = Vec::new();
+        drop(backend_far.write_all(b"").await);
+        tokio::time::timeout(
+            std::time::Duration::from_millis(50),
+            backend_far.read_to_end(&mut rest),
+        )
+        .await
+        .ok();
+        assert!(rest.is_empty());
+    }
+
+    #[tokio::test]
+    async fn tracks_transaction_state() {
+        let (mut client_far, mut client_near) = duplex(4096);
+        let (mut backend_near, mut backend_far) = duplex(4096);
+        let task = tokio::spawn(async move {
+            let mut bufs = RelayBuffers::new(1 << 20);
+            let mut tracker = TxTracker::default();
+            let end = relay(&mut client_near, &mut backend_near, &mut bufs, &mut tracker).await;
+            (end.unwrap(), tracker)
+        });
+        client_far
+            .write_all(&frame(b'Q', b"begin\0"))
+            .await
+            .unwrap();
+        let mut sink = vec![0u8; 10];
+        backend_far.read_exact(&mut sink).await.unwrap();
+        backend_far.write_all(&frame(b'Z', b"T")).await.unwrap();
+        let mut z = [0u8; 6];
+        client_far.read_exact(&mut z).await.unwrap();
+        // Parse without Sync, then leave.
+        client_far
+            .write_all(&frame(b'P', b"\0select 1\0\0\0"))
+            .await
+            .unwrap();
+        let mut p = vec![0u8; 17];
+        backend_far.read_exact(&mut p).await.unwrap();
+        drop(client_far);
+        let (end, tracker) = task.await.unwrap();
+        assert_eq!(end, RelayEnd::ClientClosed);
+        assert_eq!(tracker.status, b'T');
+        assert!(tracker.extended_open);
+        assert!(!tracker.is_clean());
+    }
+
+    #[tokio::test]
+    async fn oversized_client_message_is_a_protocol_error() {
+        let (mut client_far, mut client_near) = duplex(4096);
+        let (mut backend_near, _backend_far) = duplex(4096);
+        let task = tokio::spawn(async move {
+            let mut bufs = RelayBuffers::new(1024);
+            let mut tracker = TxTracker::default();
+            relay(&mut client_near, &mut backend_near, &mut bufs, &mut tracker).await
+        });
+        client_far.write_all(b"Q\x40\0\0\0").await.unwrap();
+        assert!(matches!(
+            task.await.unwrap(),
+            Err(RelayError::ClientProtocol(_))
+        ));
+    }
+}
