@@ -161,7 +161,7 @@ url = "host=127.0.0.1 port={port} user=postgres password={password} dbname={REGI
 master_key_file = "master.key"
 
 [pool]
-pool_size = 10
+pool_size = 20
 
 [[server]]
 name = "local"

@@ -31,7 +31,7 @@ pub struct PoolConfig {
     /// leaves. Default "session".
     #[serde(default)]
     pub mode: PoolMode,
-    /// Most backend connections one tenant's pool opens. Default 10.
+    /// Most backend connections one tenant's pool opens. Default 20.
     #[serde(default = "default_pool_size")]
     pub pool_size: u32,
     /// Idle backend connections a tenant pool keeps open. Default 0 (thousands of tenants
@@ -39,7 +39,7 @@ pub struct PoolConfig {
     #[serde(default)]
     pub min_idle: u32,
     /// How long a client waits for a backend connection before failing with 53300, in
-    /// milliseconds. Default 5000.
+    /// milliseconds. Default 30000.
     #[serde(default = "default_checkout_timeout_ms")]
     pub checkout_timeout_ms: u64,
     /// Timeout for opening and authenticating one backend connection, in milliseconds.
@@ -75,10 +75,10 @@ pub enum PoolMode {
 }
 
 fn default_pool_size() -> u32 {
-    10
+    20
 }
 fn default_checkout_timeout_ms() -> u64 {
-    5000
+    30_000
 }
 fn default_connect_timeout_ms() -> u64 {
     5000

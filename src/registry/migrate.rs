@@ -37,6 +37,9 @@ pub async fn apply(client: &mut tokio_postgres::Client) -> Result<Applied, Regis
     let tx = client.transaction().await?;
     tx.execute("SELECT pg_advisory_xact_lock($1)", &[&LOCK_KEY])
         .await?;
+    // IF NOT EXISTS would log a NOTICE on every start.
+    tx.batch_execute("SET LOCAL client_min_messages = warning")
+        .await?;
     tx.batch_execute(
         "CREATE TABLE IF NOT EXISTS tenantgate_schema_migrations (
             version integer PRIMARY KEY,

@@ -1,0 +1,278 @@
+//! Test harness: one private PostgreSQL cluster per test binary (started on first use, stopped
+//! by its watchdog when the binary exits), and per test a fresh registry database and a fresh
+//! proxy on a free port. Helpers create tenants and users through the same provisioning code
+//! the CLI uses, and connect through the proxy with tokio-postgres.
+
+#![allow(
+    dead_code,
+    reason = "each test binary uses a different part of the harness"
+)]
+
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+use std::sync::OnceLock;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::Duration;
+
+use tenantgate::config::Config;
+use tenantgate::crypto::{MasterKey, Secret};
+use tenantgate::localpg::{LocalPg, LocalPgOptions};
+use tenantgate::provision::{self, CreateTenant};
+use tenantgate::registry::{Registry, TenantRecord};
+use tenantgate::server::Proxy;
+use tokio_postgres::NoTls;
+
+static CLUSTER: OnceLock<LocalPg> = OnceLock::new();
+static COUNTER: AtomicU32 = AtomicU32::new(0);
+
+/// The shared cluster of this test binary.
+pub fn cluster() -> &'static LocalPg {
+    CLUSTER.get_or_init(|| {
+        let base = std::env::temp_dir();
+        remove_stale_dirs(&base);
+        let dir = base.join(format!(
+            "tenantgate-test-{}-{}",
+            std::process::id(),
+            rand::random::<u32>()
+        ));
+        let mut options = LocalPgOptions::new(dir.join("pgdata"));
+        options.max_connections = 400;
+        LocalPg::start(options).expect("start the test PostgreSQL cluster")
+    })
+}
+
+/// Removes data directories left by earlier test runs whose process is gone.
+fn remove_stale_dirs(base: &Path) {
+    let Ok(entries) = std::fs::read_dir(base) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let Some(rest) = name.strip_prefix("tenantgate-test-") else {
+            continue;
+        };
+        let pid = rest.split('-').next().unwrap_or_default();
+        if !Path::new("/proc").join(pid).exists() {
+            drop(std::fs::remove_dir_all(entry.path()));
+        }
+    }
+}
+
+/// A unique name for this process: `prefix` plus a counter.
+pub fn unique(prefix: &str) -> String {
+    format!("{prefix}{}", COUNTER.fetch_add(1, Ordering::Relaxed))
+}
+
+/// Connects directly to the cluster as the superuser.
+pub async fn admin_client(dbname: &str) -> tokio_postgres::Client {
+    connect_str(&cluster().connection_string(dbname))
+        .await
+        .expect("admin connection")
+}
+
+pub async fn connect_str(conn: &str) -> Result<tokio_postgres::Client, tokio_postgres::Error> {
+    let (client, connection) = tokio_postgres::Config::from_str(conn)?
+        .connect(NoTls)
+        .await?;
+    tokio::spawn(async move {
+        drop(connection.await);
+    });
+    Ok(client)
+}
+
+/// One test's world: its own registry database, master key, config and running proxy.
+pub struct TestEnv {
+    pub config: Config,
+    pub registry: Registry,
+    pub key: MasterKey,
+    pub proxy: Option<Proxy>,
+    pub dir: PathBuf,
+}
+
+impl TestEnv {
+    /// A proxy with default settings.
+    pub async fn start() -> TestEnv {
+        TestEnv::start_with(|_| {}).await
+    }
+
+    /// A proxy whose config `tweak` may change before start.
+    pub async fn start_with(tweak: impl FnOnce(&mut Config)) -> TestEnv {
+        let pg = cluster();
+        let registry_db = unique("registry_");
+        admin_client("postgres")
+            .await
+            .batch_execute(&format!("CREATE DATABASE {registry_db}"))
+            .await
+            .expect("create registry database");
+        let dir = pg
+            .data_dir()
+            .parent()
+            .expect("cluster dir")
+            .join(unique("env-"));
+        std::fs::create_dir_all(&dir).expect("env dir");
+        std::fs::write(dir.join("master.key"), MasterKey::generate_encoded()).expect("key file");
+        let text = format!(
+            r#"
+[proxy]
+listen = "127.0.0.1:0"
+shutdown_grace_seconds = 1
+log_level = "warn"
+
+[registry]
+url = "{registry}"
+
+[secrets]
+master_key_env = "TENANTGATE_TEST_KEY_IS_IN_THE_FILE"
+master_key_file = "{dir}/master.key"
+
+[pool]
+pool_size = 10
+
+[[server]]
+name = "local"
+host = "127.0.0.1"
+port = {port}
+admin_user = "{user}"
+admin_password = "{password}"
+"#,
+            registry = pg.connection_string(&registry_db),
+            dir = dir.display(),
+            port = pg.port(),
+            user = pg.superuser(),
+            password = pg.password(),
+        );
+        let mut config = Config::parse(&text, "test").expect("test config");
+        tweak(&mut config);
+        let key = MasterKey::load(&config.secrets).expect("master key");
+        let proxy = Proxy::start(config.clone()).await.expect("start proxy");
+        let registry = Registry::connect(&config.registry).await.expect("registry");
+        TestEnv {
+            config,
+            registry,
+            key,
+            proxy: Some(proxy),
+            dir,
+        }
+    }
+
+    pub fn port(&self) -> u16 {
+        self.proxy
+            .as_ref()
+            .expect("proxy running")
+            .local_addr()
+            .port()
+    }
+
+    /// Provisions a tenant with a unique slug starting with `prefix`.
+    pub async fn tenant(&self, prefix: &str) -> TenantRecord {
+        let slug = unique(prefix);
+        provision::create_tenant(
+            &self.config,
+            &self.registry,
+            &self.key,
+            &slug,
+            &CreateTenant::default(),
+        )
+        .await
+        .expect("create tenant")
+    }
+
+    /// A tenant with one user `app` / `secret`.
+    pub async fn tenant_with_user(&self, prefix: &str) -> TenantRecord {
+        let t = self.tenant(prefix).await;
+        self.add_user(t.slug.as_str(), "app", "secret").await;
+        t
+    }
+
+    pub async fn add_user(&self, slug: &str, user: &str, password: &str) {
+        provision::add_user(&self.registry, slug, user, &Secret::new(password))
+            .await
+            .expect("add user");
+    }
+
+    /// tokio-postgres config for a client of `slug` through the proxy.
+    pub fn client_config(&self, slug: &str, user: &str, password: &str) -> tokio_postgres::Config {
+        let mut c = tokio_postgres::Config::new();
+        c.host("127.0.0.1")
+            .port(self.port())
+            .user(user)
+            .password(password)
+            .dbname(slug)
+            .connect_timeout(Duration::from_secs(10));
+        c
+    }
+
+    /// A URI for psql/pgbench.
+    pub fn uri(&self, slug: &str, user: &str, password: &str) -> String {
+        format!(
+            "postgresql://{user}:{password}@127.0.0.1:{}/{slug}",
+            self.port()
+        )
+    }
+
+    pub async fn connect(
+        &self,
+        slug: &str,
+        user: &str,
+        password: &str,
+    ) -> Result<tokio_postgres::Client, tokio_postgres::Error> {
+        let (client, connection) = self
+            .client_config(slug, user, password)
+            .connect(NoTls)
+            .await?;
+        tokio::spawn(async move {
+            drop(connection.await);
+        });
+        Ok(client)
+    }
+
+    /// Connects as `app`/`secret`.
+    pub async fn app(&self, slug: &str) -> tokio_postgres::Client {
+        self.connect(slug, "app", "secret")
+            .await
+            .expect("connect through the proxy")
+    }
+
+    /// Stops the proxy.
+    pub async fn stop(&mut self) {
+        if let Some(proxy) = self.proxy.take() {
+            proxy.shutdown(Duration::from_secs(1)).await;
+        }
+    }
+}
+
+/// Backend connections the cluster has open to a database (as pg_stat_activity sees them).
+pub async fn backend_count(database: &str) -> i64 {
+    admin_client("postgres")
+        .await
+        .query_one(
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = $1",
+            &[&database],
+        )
+        .await
+        .expect("pg_stat_activity")
+        .get(0)
+}
+
+/// The SQLSTATE of an error from tokio-postgres, if the server sent one.
+pub fn sqlstate(e: &tokio_postgres::Error) -> Option<String> {
+    e.code().map(|c| c.code().to_owned())
+}
+
+/// Polls `check` until it returns true or `timeout` passes.
+pub async fn eventually<F, Fut>(timeout: Duration, mut check: F) -> bool
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        if check().await {
+            return true;
+        }
+        if tokio::time::Instant::now() > deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
