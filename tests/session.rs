@@ -152,7 +152,11 @@ async fn startup_parameters_take_effect_and_do_not_leak_to_the_next_client() {
         .get(0);
     assert_eq!(temp, 0);
     let prepared: i64 = c2
-        .query_one("SELECT count(*) FROM pg_prepared_statements", &[])
+        // tokio-postgres prepares this very query under its own name: look for ours only.
+        .query_one(
+            "SELECT count(*) FROM pg_prepared_statements WHERE name = 'p'",
+            &[],
+        )
         .await
         .unwrap()
         .get(0);
