@@ -1,0 +1,279 @@
+//! The `tenantgate` binary as a user runs it: quickstart from nothing, the tenant and user
+//! commands, and broken configs.
+#![allow(clippy::unwrap_used, clippy::expect_used, reason = "tests")]
+
+mod common;
+
+use std::io::{BufRead, BufReader, Write};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+const BIN: &str = env!("CARGO_BIN_EXE_tenantgate");
+
+fn temp_dir(name: &str) -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!(
+        "tenantgate-test-{}-{}-{name}",
+        std::process::id(),
+        rand::random::<u32>()
+    ));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+/// Starts the quickstart and returns it with the lines it printed up to "ready".
+fn start_quickstart(dir: &Path) -> (Child, Vec<String>) {
+    let mut child = Command::new(BIN)
+        .args(["quickstart", "--dir"])
+        .arg(dir)
+        .args(["--listen", "127.0.0.1:0"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines() {
+            let Ok(line) = line else { break };
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let mut lines = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(90);
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let line = rx.recv_timeout(left).expect("quickstart printed its ready line");
+        let ready = line.contains("is ready");
+        lines.push(line);
+        if ready {
+            return (child, lines);
+        }
+    }
+}
+
+fn stop(mut child: Child) {
+    Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            assert!(status.success(), "quickstart exited with {status}");
+            return;
+        }
+        assert!(Instant::now() < deadline, "quickstart did not stop on SIGTERM");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn psql(uri: &str, sql: &str) -> String {
+    let psql = common::cluster().bindir().join("psql");
+    let out = Command::new(psql)
+        .args([uri, "-XAtc", sql])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "psql {uri}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).trim().to_owned()
+}
+
+#[test]
+fn quickstart_from_nothing_then_again_on_the_same_directory() {
+    let dir = temp_dir("quickstart");
+    let (child, lines) = start_quickstart(&dir);
+    let uris: Vec<&String> = lines.iter().filter(|l| l.starts_with("postgresql://")).collect();
+    assert_eq!(uris.len(), 2, "{lines:?}");
+    assert!(uris[0].ends_with("/acme") && uris[1].ends_with("/globex"), "{uris:?}");
+    let acme = psql(uris[0], "SELECT string_agg(name, ',' ORDER BY id) FROM products");
+    let globex = psql(uris[1], "SELECT string_agg(name, ',' ORDER BY id) FROM products");
+    assert_eq!(acme, "anvil,rocket skates,giant magnet");
+    assert_eq!(globex, "hammock,doomsday device");
+    let first_uris: Vec<String> = uris.iter().map(|u| u.split('@').next().unwrap().to_owned()).collect();
+    stop(child);
+    // The private PostgreSQL stopped with it.
+    assert!(!dir.join("pgdata/postmaster.pid").exists());
+
+    // Again, on the same directory: same credentials, same data, and edits to the config count.
+    let config = dir.join("tenantgate.toml");
+    let text = std::fs::read_to_string(&config).unwrap();
+    std::fs::write(&config, text.replace("pool_size = 20", "pool_size = 3")).unwrap();
+    let (child, lines) = start_quickstart(&dir);
+    let uris: Vec<&String> = lines.iter().filter(|l| l.starts_with("postgresql://")).collect();
+    let again: Vec<String> = uris.iter().map(|u| u.split('@').next().unwrap().to_owned()).collect();
+    assert_eq!(again, first_uris);
+    assert_eq!(psql(uris[0], "SELECT count(*) FROM products"), "3");
+    stop(child);
+    drop(std::fs::remove_dir_all(&dir));
+}
+
+#[test]
+fn a_broken_config_is_one_line_naming_the_key_and_exit_code_2() {
+    let dir = temp_dir("badconfig");
+    let path = dir.join("bad.toml");
+    std::fs::write(
+        &path,
+        "[registry]\nurl = \"host=x\"\n\n[pool]\npool_sise = 3\n",
+    )
+    .unwrap();
+    let out = Command::new(BIN).arg("--config").arg(&path).arg("serve").output().unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
+    assert!(err.contains("pool_sise") && err.contains("line 5"), "{err}");
+
+    std::fs::write(&path, "[registry]\nurl = \"host=x\"\n\n[pool]\npool_size = 0\n").unwrap();
+    let out = Command::new(BIN).arg("--config").arg(&path).arg("serve").output().unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("pool.pool_size"), "{err}");
+
+    let out = Command::new(BIN)
+        .arg("--config")
+        .arg(dir.join("missing.toml"))
+        .arg("serve")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    drop(std::fs::remove_dir_all(&dir));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tenant_and_user_commands_manage_the_registry() {
+    let env = common::TestEnv::start().await;
+    let config_path = env.dir.join("cli.toml");
+    let pg = common::cluster();
+    let registry_url = env.config.registry.url.clone();
+    std::fs::write(
+        &config_path,
+        format!(
+            "[registry]\nurl = \"{registry_url}\"\n\n[secrets]\nmaster_key_env = \"TENANTGATE_TEST_KEY_IS_IN_THE_FILE\"\nmaster_key_file = \"master.key\"\n\n[[server]]\nname = \"local\"\nhost = \"127.0.0.1\"\nport = {}\nadmin_user = \"{}\"\nadmin_password_env = \"TG_TEST_ADMIN_PW\"\n",
+            pg.port(),
+            pg.superuser()
+        ),
+    )
+    .unwrap();
+    let cli = move |args: &[&str], stdin: Option<&str>| {
+        let mut child = Command::new(BIN)
+            .arg("--config")
+            .arg(&config_path)
+            .args(args)
+            .env("TG_TEST_ADMIN_PW", pg.password())
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut input = child.stdin.take().unwrap();
+        if let Some(text) = stdin {
+            input.write_all(text.as_bytes()).unwrap();
+        }
+        drop(input);
+        let out = child.wait_with_output().unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let slug = common::unique("cli-");
+    let (code, out, err) = tokio::task::spawn_blocking({
+        let cli = cli.clone();
+        let slug = slug.clone();
+        move || cli(&["tenant", "create", &slug, "--name", "CLI Co"], None)
+    })
+    .await
+    .unwrap();
+    assert_eq!(code, Some(0), "{out}{err}");
+    let (code, _, err) = tokio::task::spawn_blocking({
+        let cli = cli.clone();
+        let slug = slug.clone();
+        move || cli(&["user", "add", &slug, "bob"], Some("hunter2\n"))
+    })
+    .await
+    .unwrap();
+    assert_eq!(code, Some(0), "{err}");
+    let c = env.connect(&slug, "bob", "hunter2").await.unwrap();
+    c.simple_query("SELECT 1").await.unwrap();
+
+    let (code, out, _) = tokio::task::spawn_blocking({
+        let cli = cli.clone();
+        move || cli(&["tenant", "list"], None)
+    })
+    .await
+    .unwrap();
+    assert_eq!(code, Some(0));
+    assert!(out.lines().any(|l| l.starts_with(&format!("{slug}\tactive"))), "{out}");
+
+    // Bad slugs and duplicates are refused with a clear message.
+    let (code, _, err) = tokio::task::spawn_blocking({
+        let cli = cli.clone();
+        move || cli(&["tenant", "create", "Bad_Slug"], None)
+    })
+    .await
+    .unwrap();
+    assert_eq!(code, Some(1));
+    assert!(err.contains("not a valid tenant slug"), "{err}");
+    let (code, _, err) = tokio::task::spawn_blocking({
+        let cli = cli.clone();
+        let slug = slug.clone();
+        move || cli(&["tenant", "create", &slug], None)
+    })
+    .await
+    .unwrap();
+    assert_eq!(code, Some(1));
+    assert!(err.contains("already exists"), "{err}");
+
+    // Suspend through the CLI: the running proxy refuses new clients with 57P03.
+    let (code, _, _) = tokio::task::spawn_blocking({
+        let cli = cli.clone();
+        let slug = slug.clone();
+        move || cli(&["tenant", "suspend", &slug], None)
+    })
+    .await
+    .unwrap();
+    assert_eq!(code, Some(0));
+    let refused = common::eventually(Duration::from_secs(5), || async {
+        matches!(env.connect(&slug, "bob", "hunter2").await,
+            Err(e) if common::sqlstate(&e).as_deref() == Some("57P03"))
+    })
+    .await;
+    assert!(refused);
+
+    // Register an existing database under a new slug.
+    let admin = common::admin_client("postgres").await;
+    let db = common::unique("existing_");
+    admin
+        .batch_execute(&format!("CREATE ROLE {db} LOGIN PASSWORD 'legacy-pw'"))
+        .await
+        .unwrap();
+    admin
+        .batch_execute(&format!("CREATE DATABASE {db} OWNER {db}"))
+        .await
+        .unwrap();
+    let legacy = common::unique("legacy-");
+    let (code, out, err) = tokio::task::spawn_blocking({
+        let cli = cli.clone();
+        let legacy = legacy.clone();
+        let db = db.clone();
+        move || {
+            cli(
+                &["tenant", "register", &legacy, "--database", &db, "--role", &db],
+                Some("legacy-pw\n"),
+            )
+        }
+    })
+    .await
+    .unwrap();
+    assert_eq!(code, Some(0), "{out}{err}");
+    env.add_user(&legacy, "app", "secret").await;
+    let c = env.app(&legacy).await;
+    let name: String = c.query_one("SELECT current_database()", &[]).await.unwrap().get(0);
+    assert_eq!(name, db);
+}
