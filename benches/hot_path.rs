@@ -11,15 +11,9 @@
 //! The registry URL points at a closed port: its pool is lazy and is never used on a cache hit
 //! (a miss would fail and panic the bench). Backend pools are built unchecked and open nothing.
 
-#![allow(
-    clippy::unwrap_used,
-    clippy::expect_used,
-    clippy::missing_asserts_for_indexing,
-    reason = "benchmark setup"
-)]
+#![allow(clippy::unwrap_used, clippy::expect_used, reason = "benchmark setup")]
 
 use std::hint::black_box;
-use std::sync::Arc;
 use std::time::Duration;
 
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
@@ -133,21 +127,17 @@ fn route(c: &mut Criterion) {
             order,
         } = &setup;
 
-        group.bench_with_input(
-            BenchmarkId::new("cache_hit", tenants),
-            &tenants,
-            |b, _| {
-                let mut i = 0_usize;
-                b.to_async(&rt).iter(|| {
-                    let slug = &order[i & (ORDER_LEN - 1)];
-                    i = i.wrapping_add(1);
-                    async move {
-                        let record = directory.tenant(black_box(slug)).await.unwrap().unwrap();
-                        pools.pool_for(&record).await.unwrap()
-                    }
-                });
-            },
-        );
+        group.bench_with_input(BenchmarkId::new("cache_hit", tenants), &tenants, |b, _| {
+            let mut i = 0_usize;
+            b.to_async(&rt).iter(|| {
+                let slug = &order[i & (ORDER_LEN - 1)];
+                i = i.wrapping_add(1);
+                async move {
+                    let record = directory.tenant(black_box(slug)).await.unwrap().unwrap();
+                    pools.pool_for(&record).await.unwrap()
+                }
+            });
+        });
 
         group.bench_with_input(
             BenchmarkId::new("record_only", tenants),
@@ -271,7 +261,7 @@ fn relay_scan(stream: &[u8], buf: &mut [u8]) -> (usize, u8) {
         buf[filled..filled + n].copy_from_slice(read);
         rest = after;
         filled += n;
-        let scanned = scanner
+        let run = scanner
             .scan(&buf[..filled], |head| {
                 frames += 1;
                 if head.tag == b'Z' {
@@ -281,8 +271,8 @@ fn relay_scan(stream: &[u8], buf: &mut [u8]) -> (usize, u8) {
             })
             .unwrap();
         // Everything up to `forward` is written out; the tail waits for the next read.
-        buf.copy_within(scanned.forward..filled, 0);
-        filled -= scanned.forward;
+        buf.copy_within(run.forward..filled, 0);
+        filled -= run.forward;
     }
     assert_eq!(filled, 0);
     assert!(scanner.at_boundary());
