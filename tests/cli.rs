@@ -22,6 +22,7 @@ fn temp_dir(name: &str) -> std::path::PathBuf {
 }
 
 /// Starts the quickstart and returns it with the lines it printed up to "ready".
+#[allow(clippy::zombie_processes, reason = "the caller waits for it in stop()")]
 fn start_quickstart(dir: &Path) -> (Child, Vec<String>) {
     let mut child = Command::new(BIN)
         .args(["quickstart", "--dir"])
@@ -45,7 +46,9 @@ fn start_quickstart(dir: &Path) -> (Child, Vec<String>) {
     let deadline = Instant::now() + Duration::from_secs(90);
     loop {
         let left = deadline.saturating_duration_since(Instant::now());
-        let line = rx.recv_timeout(left).expect("quickstart printed its ready line");
+        let line = rx
+            .recv_timeout(left)
+            .expect("quickstart printed its ready line");
         let ready = line.contains("is ready");
         lines.push(line);
         if ready {
@@ -65,7 +68,10 @@ fn stop(mut child: Child) {
             assert!(status.success(), "quickstart exited with {status}");
             return;
         }
-        assert!(Instant::now() < deadline, "quickstart did not stop on SIGTERM");
+        assert!(
+            Instant::now() < deadline,
+            "quickstart did not stop on SIGTERM"
+        );
         std::thread::sleep(Duration::from_millis(100));
     }
 }
@@ -88,14 +94,29 @@ fn psql(uri: &str, sql: &str) -> String {
 fn quickstart_from_nothing_then_again_on_the_same_directory() {
     let dir = temp_dir("quickstart");
     let (child, lines) = start_quickstart(&dir);
-    let uris: Vec<&String> = lines.iter().filter(|l| l.starts_with("postgresql://")).collect();
+    let uris: Vec<&String> = lines
+        .iter()
+        .filter(|l| l.starts_with("postgresql://"))
+        .collect();
     assert_eq!(uris.len(), 2, "{lines:?}");
-    assert!(uris[0].ends_with("/acme") && uris[1].ends_with("/globex"), "{uris:?}");
-    let acme = psql(uris[0], "SELECT string_agg(name, ',' ORDER BY id) FROM products");
-    let globex = psql(uris[1], "SELECT string_agg(name, ',' ORDER BY id) FROM products");
+    assert!(
+        uris[0].ends_with("/acme") && uris[1].ends_with("/globex"),
+        "{uris:?}"
+    );
+    let acme = psql(
+        uris[0],
+        "SELECT string_agg(name, ',' ORDER BY id) FROM products",
+    );
+    let globex = psql(
+        uris[1],
+        "SELECT string_agg(name, ',' ORDER BY id) FROM products",
+    );
     assert_eq!(acme, "anvil,rocket skates,giant magnet");
     assert_eq!(globex, "hammock,doomsday device");
-    let first_uris: Vec<String> = uris.iter().map(|u| u.split('@').next().unwrap().to_owned()).collect();
+    let first_uris: Vec<String> = uris
+        .iter()
+        .map(|u| u.split('@').next().unwrap().to_owned())
+        .collect();
     stop(child);
     // The private PostgreSQL stopped with it.
     assert!(!dir.join("pgdata/postmaster.pid").exists());
@@ -105,8 +126,14 @@ fn quickstart_from_nothing_then_again_on_the_same_directory() {
     let text = std::fs::read_to_string(&config).unwrap();
     std::fs::write(&config, text.replace("pool_size = 20", "pool_size = 3")).unwrap();
     let (child, lines) = start_quickstart(&dir);
-    let uris: Vec<&String> = lines.iter().filter(|l| l.starts_with("postgresql://")).collect();
-    let again: Vec<String> = uris.iter().map(|u| u.split('@').next().unwrap().to_owned()).collect();
+    let uris: Vec<&String> = lines
+        .iter()
+        .filter(|l| l.starts_with("postgresql://"))
+        .collect();
+    let again: Vec<String> = uris
+        .iter()
+        .map(|u| u.split('@').next().unwrap().to_owned())
+        .collect();
     assert_eq!(again, first_uris);
     assert_eq!(psql(uris[0], "SELECT count(*) FROM products"), "3");
     stop(child);
@@ -122,14 +149,28 @@ fn a_broken_config_is_one_line_naming_the_key_and_exit_code_2() {
         "[registry]\nurl = \"host=x\"\n\n[pool]\npool_sise = 3\n",
     )
     .unwrap();
-    let out = Command::new(BIN).arg("--config").arg(&path).arg("serve").output().unwrap();
+    let out = Command::new(BIN)
+        .arg("--config")
+        .arg(&path)
+        .arg("serve")
+        .output()
+        .unwrap();
     assert_eq!(out.status.code(), Some(2));
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(err.trim().lines().count(), 1, "{err}");
     assert!(err.contains("pool_sise") && err.contains("line 5"), "{err}");
 
-    std::fs::write(&path, "[registry]\nurl = \"host=x\"\n\n[pool]\npool_size = 0\n").unwrap();
-    let out = Command::new(BIN).arg("--config").arg(&path).arg("serve").output().unwrap();
+    std::fs::write(
+        &path,
+        "[registry]\nurl = \"host=x\"\n\n[pool]\npool_size = 0\n",
+    )
+    .unwrap();
+    let out = Command::new(BIN)
+        .arg("--config")
+        .arg(&path)
+        .arg("serve")
+        .output()
+        .unwrap();
     assert_eq!(out.status.code(), Some(2));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("pool.pool_size"), "{err}");
@@ -145,6 +186,10 @@ fn a_broken_config_is_one_line_naming_the_key_and_exit_code_2() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[allow(
+    clippy::too_many_lines,
+    reason = "one operator's session, step by step"
+)]
 async fn tenant_and_user_commands_manage_the_registry() {
     let env = common::TestEnv::start().await;
     let config_path = env.dir.join("cli.toml");
@@ -209,7 +254,11 @@ async fn tenant_and_user_commands_manage_the_registry() {
     .await
     .unwrap();
     assert_eq!(code, Some(0));
-    assert!(out.lines().any(|l| l.starts_with(&format!("{slug}\tactive"))), "{out}");
+    assert!(
+        out.lines()
+            .any(|l| l.starts_with(&format!("{slug}\tactive"))),
+        "{out}"
+    );
 
     // Bad slugs and duplicates are refused with a clear message.
     let (code, _, err) = tokio::task::spawn_blocking({
@@ -264,7 +313,15 @@ async fn tenant_and_user_commands_manage_the_registry() {
         let db = db.clone();
         move || {
             cli(
-                &["tenant", "register", &legacy, "--database", &db, "--role", &db],
+                &[
+                    "tenant",
+                    "register",
+                    &legacy,
+                    "--database",
+                    &db,
+                    "--role",
+                    &db,
+                ],
                 Some("legacy-pw\n"),
             )
         }
@@ -274,6 +331,10 @@ async fn tenant_and_user_commands_manage_the_registry() {
     assert_eq!(code, Some(0), "{out}{err}");
     env.add_user(&legacy, "app", "secret").await;
     let c = env.app(&legacy).await;
-    let name: String = c.query_one("SELECT current_database()", &[]).await.unwrap().get(0);
+    let name: String = c
+        .query_one("SELECT current_database()", &[])
+        .await
+        .unwrap()
+        .get(0);
     assert_eq!(name, db);
 }

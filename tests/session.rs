@@ -4,6 +4,7 @@
 
 mod common;
 
+use std::fmt::Write as _;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -352,7 +353,7 @@ async fn pipelined_extended_queries_copy_in_and_copy_out() {
     futures_util::pin_mut!(sink);
     let mut data = String::new();
     for i in 0..5000 {
-        data.push_str(&format!("{i},row {i}\n"));
+        writeln!(data, "{i},row {i}").unwrap();
     }
     for chunk in data.as_bytes().chunks(1000) {
         sink.send(Bytes::copy_from_slice(chunk)).await.unwrap();

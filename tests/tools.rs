@@ -101,6 +101,9 @@ async fn pgbench_select_only_with_twenty_clients_has_no_failed_transactions() {
             .find_map(|l| l.strip_prefix("number of transactions actually processed: "))
             .and_then(|n| n.split('/').next()?.trim().parse::<u64>().ok())
             .unwrap_or(0);
-        assert!(processed > 100, "pgbench -M {mode} did almost nothing: {out}");
+        assert!(
+            processed > 100,
+            "pgbench -M {mode} did almost nothing: {out}"
+        );
     }
 }

@@ -200,7 +200,7 @@ pub enum PoolError {
     Backend {
         slug: TenantSlug,
         #[source]
-        source: BackendError,
+        source: Arc<BackendError>,
     },
 }
 
@@ -264,10 +264,29 @@ impl bb8::ManageConnection for BackendManager {
     }
 }
 
+/// bb8 never returns a connect error from `get` (it logs it and lets the caller wait out the
+/// checkout timeout); this sink hands each one to the clients waiting on that pool, so they
+/// fail at once with the backend's reason instead of a timeout.
+#[derive(Debug, Clone)]
+struct ConnectErrors(tokio::sync::broadcast::Sender<Arc<BackendError>>);
+
+impl bb8::ErrorSink<BackendError> for ConnectErrors {
+    fn sink(&self, error: BackendError) {
+        tracing::warn!(error = %error, "backend connection failed");
+        // No receiver means nobody is waiting: nothing to tell.
+        drop(self.0.send(Arc::new(error)));
+    }
+
+    fn boxed_clone(&self) -> Box<dyn bb8::ErrorSink<BackendError>> {
+        Box::new(self.clone())
+    }
+}
+
 /// One tenant's pool and the target it connects to.
 pub struct TenantPool {
     target: BackendTarget,
     pool: bb8::Pool<BackendManager>,
+    connect_errors: ConnectErrors,
 }
 
 impl TenantPool {
@@ -375,7 +394,10 @@ impl PoolMap {
             target: target.clone(),
             connect_timeout: Duration::from_millis(self.config.connect_timeout_ms),
         };
+        let (errors, _) = tokio::sync::broadcast::channel(4);
+        let connect_errors = ConnectErrors(errors);
         let pool = bb8::Pool::builder()
+            .error_sink(Box::new(connect_errors.clone()))
             .max_size(self.config.pool_size)
             .min_idle(Some(self.config.min_idle))
             .test_on_check_out(false)
@@ -388,13 +410,26 @@ impl PoolMap {
                 self.config.server_lifetime_seconds,
             )))
             .build_unchecked(manager);
-        TenantPool { target, pool }
+        TenantPool {
+            target,
+            pool,
+            connect_errors,
+        }
     }
 
     /// Checks out a backend connection for the tenant.
     pub async fn checkout(&self, tenant: &TenantRecord) -> Result<Lease, PoolError> {
         let pool = self.pool_for(tenant).await?;
-        match pool.pool.get_owned().await {
+        // Subscribe before asking, so a failure of the connect our request starts is seen.
+        let mut errors = pool.connect_errors.0.subscribe();
+        let checkout = tokio::select! {
+            biased;
+            checkout = pool.pool.get_owned() => checkout,
+            Ok(source) = errors.recv() => {
+                return Err(PoolError::Backend { slug: tenant.slug.clone(), source });
+            }
+        };
+        match checkout {
             Ok(conn) => Ok(Lease { conn }),
             Err(bb8::RunError::TimedOut) => Err(PoolError::CheckoutTimeout {
                 slug: tenant.slug.clone(),
@@ -402,7 +437,7 @@ impl PoolMap {
             }),
             Err(bb8::RunError::User(source)) => Err(PoolError::Backend {
                 slug: tenant.slug.clone(),
-                source,
+                source: Arc::new(source),
             }),
         }
     }

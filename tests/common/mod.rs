@@ -5,6 +5,7 @@
 
 #![allow(
     dead_code,
+    unreachable_pub,
     reason = "each test binary uses a different part of the harness"
 )]
 

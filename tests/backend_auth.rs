@@ -1,0 +1,123 @@
+//! Backend authentication: tenantgate answers whatever the tenant's server asks for (SCRAM,
+//! md5, cleartext), and a backend that refuses gives the client a clear error.
+#![allow(clippy::unwrap_used, clippy::expect_used, reason = "tests")]
+
+mod common;
+
+use common::{TestEnv, admin_client, sqlstate, unique};
+use tenantgate::crypto::Secret;
+use tenantgate::provision::{self, RegisterTenant};
+
+/// Puts `lines` first in the cluster's pg_hba.conf and reloads it.
+async fn prepend_hba(lines: &str) {
+    let path = common::cluster().data_dir().join("pg_hba.conf");
+    let old = std::fs::read_to_string(&path).unwrap();
+    std::fs::write(&path, format!("{lines}\n{old}")).unwrap();
+    admin_client("postgres")
+        .await
+        .query_one("SELECT pg_reload_conf()", &[])
+        .await
+        .unwrap();
+}
+
+async fn legacy_database(role: &str, password: &str, md5_stored: bool) {
+    let admin = admin_client("postgres").await;
+    if md5_stored {
+        admin
+            .batch_execute("SET password_encryption = 'md5'")
+            .await
+            .unwrap();
+    }
+    admin
+        .batch_execute(&format!("CREATE ROLE {role} LOGIN PASSWORD '{password}'"))
+        .await
+        .unwrap();
+    admin
+        .batch_execute(&format!("CREATE DATABASE {role} OWNER {role}"))
+        .await
+        .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn md5_and_cleartext_backends_are_answered() {
+    let env = TestEnv::start().await;
+    let md5_role = unique("md5_role_");
+    let clear_role = unique("clear_role_");
+    prepend_hba(&format!(
+        "host all {md5_role} 127.0.0.1/32 md5\nhost all {clear_role} 127.0.0.1/32 password"
+    ))
+    .await;
+    legacy_database(&md5_role, "md5-pw", true).await;
+    legacy_database(&clear_role, "clear-pw", false).await;
+
+    for (role, password) in [(&md5_role, "md5-pw"), (&clear_role, "clear-pw")] {
+        let slug = unique("legacy-");
+        let secret = Secret::new(password);
+        provision::register_tenant(
+            &env.config,
+            &env.registry,
+            &env.key,
+            &RegisterTenant {
+                slug: &slug,
+                server: None,
+                database: role,
+                role,
+                password: &secret,
+            },
+        )
+        .await
+        .unwrap();
+        env.add_user(&slug, "app", "secret").await;
+        let c = env.app(&slug).await;
+        let who: String = c
+            .query_one("SELECT current_user", &[])
+            .await
+            .unwrap()
+            .get(0);
+        assert_eq!(&who, role);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backend_that_refuses_gives_the_client_a_clear_error() {
+    let env = TestEnv::start().await;
+    let t = env.tenant_with_user("gone").await;
+    // The database disappears behind tenantgate's back.
+    admin_client("postgres")
+        .await
+        .batch_execute(&format!("DROP DATABASE {}", t.database))
+        .await
+        .unwrap();
+    let err = env
+        .connect(t.slug.as_str(), "app", "secret")
+        .await
+        .unwrap_err();
+    assert_eq!(sqlstate(&err).as_deref(), Some("08006"), "{err}");
+    let message = err.as_db_error().unwrap().message().to_owned();
+    assert!(message.contains("refused"), "{message}");
+    // The proxy is fine.
+    let other = env.tenant_with_user("still-here").await;
+    env.app(other.slug.as_str())
+        .await
+        .simple_query("SELECT 1")
+        .await
+        .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn past_max_client_connections_a_client_gets_53300() {
+    let env = TestEnv::start_with(|c| c.proxy.max_client_connections = 2).await;
+    let t = env.tenant_with_user("limit").await;
+    let slug = t.slug.as_str();
+    let a = env.app(slug).await;
+    let b = env.app(slug).await;
+    let err = env.connect(slug, "app", "secret").await.unwrap_err();
+    assert_eq!(sqlstate(&err).as_deref(), Some("53300"), "{err}");
+    drop(a);
+    let back = common::eventually(std::time::Duration::from_secs(5), || async {
+        env.connect(slug, "app", "secret").await.is_ok()
+    })
+    .await;
+    assert!(back);
+    drop(b);
+}
