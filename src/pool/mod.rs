@@ -196,6 +196,9 @@ pub enum PoolError {
     },
     #[error("no backend connection for tenant {slug} within {waited:?}")]
     CheckoutTimeout { slug: TenantSlug, waited: Duration },
+    /// A pool-building error shared by every client that waited on the same build.
+    #[error(transparent)]
+    Shared(Arc<PoolError>),
     #[error("backend connection for tenant {slug} failed")]
     Backend {
         slug: TenantSlug,
@@ -212,6 +215,7 @@ impl ClientFacing for PoolError {
             }
             PoolError::CheckoutTimeout { .. } => SqlState::TOO_MANY_CONNECTIONS,
             PoolError::Backend { source, .. } => source.sqlstate(),
+            PoolError::Shared(inner) => inner.sqlstate(),
         }
     }
 
@@ -225,6 +229,7 @@ impl ClientFacing for PoolError {
                 waited.as_millis()
             ),
             PoolError::Backend { source, .. } => source.client_message(),
+            PoolError::Shared(inner) => inner.client_message(),
         }
     }
 
@@ -233,6 +238,7 @@ impl ClientFacing for PoolError {
             PoolError::UnknownServer { .. } | PoolError::Secret { .. } => ErrorKind::Internal,
             PoolError::CheckoutTimeout { .. } => ErrorKind::Limit,
             PoolError::Backend { .. } => ErrorKind::Backend,
+            PoolError::Shared(inner) => inner.kind(),
         }
     }
 }
@@ -282,8 +288,37 @@ impl bb8::ErrorSink<BackendError> for ConnectErrors {
     }
 }
 
+/// What a pool was built from, as the registry record says it: compared on every checkout
+/// without decrypting anything.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct PoolSource {
+    server: String,
+    database: String,
+    role: String,
+    password_enc: Vec<u8>,
+}
+
+impl PoolSource {
+    fn of(tenant: &TenantRecord) -> PoolSource {
+        PoolSource {
+            server: tenant.server.clone(),
+            database: tenant.database.clone(),
+            role: tenant.backend_role.clone(),
+            password_enc: tenant.backend_password_enc.clone(),
+        }
+    }
+
+    fn matches(&self, tenant: &TenantRecord) -> bool {
+        self.server == tenant.server
+            && self.database == tenant.database
+            && self.role == tenant.backend_role
+            && self.password_enc == tenant.backend_password_enc
+    }
+}
+
 /// One tenant's pool and the target it connects to.
 pub struct TenantPool {
+    source: PoolSource,
     target: BackendTarget,
     pool: bb8::Pool<BackendManager>,
     connect_errors: ConnectErrors,
@@ -371,25 +406,29 @@ impl PoolMap {
     /// elsewhere (database, role, password, server), a new pool replaces the old one; the
     /// old one closes as its leases come back.
     pub async fn pool_for(&self, tenant: &TenantRecord) -> Result<Arc<TenantPool>, PoolError> {
-        let target = self.target_for(tenant)?;
-        let existing = self
-            .pools
-            .get_with_by_ref(&tenant.slug, async {
-                Arc::new(self.build_pool(target.clone()))
-            })
-            .await;
-        if existing.target == target {
-            return Ok(existing);
+        if let Some(existing) = self.pools.get(&tenant.slug).await {
+            if existing.source.matches(tenant) {
+                return Ok(existing);
+            }
+            tracing::info!(tenant = %tenant.slug, "tenant target changed; replacing its pool");
+            let fresh = Arc::new(self.build_pool(tenant)?);
+            self.pools
+                .insert(tenant.slug.clone(), Arc::clone(&fresh))
+                .await;
+            return Ok(fresh);
         }
-        tracing::info!(tenant = %tenant.slug, "tenant target changed; replacing its pool");
-        let fresh = Arc::new(self.build_pool(target));
+        // A burst of clients for a cold tenant builds one pool.
         self.pools
-            .insert(tenant.slug.clone(), Arc::clone(&fresh))
-            .await;
-        Ok(fresh)
+            .try_get_with_by_ref(&tenant.slug, async {
+                self.build_pool(tenant).map(Arc::new)
+            })
+            .await
+            .map_err(PoolError::Shared)
     }
 
-    fn build_pool(&self, target: BackendTarget) -> TenantPool {
+    fn build_pool(&self, tenant: &TenantRecord) -> Result<TenantPool, PoolError> {
+        let target = self.target_for(tenant)?;
+        let source = PoolSource::of(tenant);
         let manager = BackendManager {
             target: target.clone(),
             connect_timeout: Duration::from_millis(self.config.connect_timeout_ms),
@@ -410,11 +449,12 @@ impl PoolMap {
                 self.config.server_lifetime_seconds,
             )))
             .build_unchecked(manager);
-        TenantPool {
+        Ok(TenantPool {
+            source,
             target,
             pool,
             connect_errors,
-        }
+        })
     }
 
     /// Checks out a backend connection for the tenant.
