@@ -2,7 +2,7 @@
 //!
 //! - `route/cache_hit/{N}`: slug → tenant record (`TenantDirectory::tenant` on a primed cache) →
 //!   tenant pool (`PoolMap::pool_for` on an existing pool), for N tenants and pseudo-random slugs.
-//!   `pool_for` decrypts the backend password on every call to compare targets; that is measured.
+//!   `pool_for` compares the record with the pool's source (no decryption on a hit).
 //! - `route/record_only/{N}`: the directory lookup alone, to show the split.
 //! - `frame_scan/result_set`: `FrameScanner` over a 10,000-row result set fed in 16 KiB reads the
 //!   way the relay feeds it (unforwarded tail kept at the front of one reused buffer).
