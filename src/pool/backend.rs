@@ -178,6 +178,13 @@ pub struct BackendConn {
     pub params: Vec<(String, String)>,
     /// Set when the connection must not go back to the pool.
     pub broken: bool,
+    /// Transaction pooling: the client this connection last served (0: none since reset).
+    pub owner: u64,
+    /// Client settings applied on top of the connection's reset state.
+    pub applied: Vec<(String, String)>,
+    /// A client left session state here (SET, PREPARE, LISTEN, temp tables...): reset it
+    /// before another client uses it.
+    pub needs_reset: bool,
 }
 
 impl std::fmt::Debug for BackendConn {
@@ -231,6 +238,9 @@ impl BackendConn {
             addr,
             params: Vec::new(),
             broken: true,
+            owner: 0,
+            applied: Vec::new(),
+            needs_reset: false,
         };
         tokio::time::timeout(timeout, conn.startup(target))
             .await

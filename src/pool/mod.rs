@@ -27,8 +27,9 @@ use crate::registry::{TenantRecord, TenantSlug};
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct PoolConfig {
-    /// Pooling mode. Only `"session"` exists so far: a client keeps its backend until it
-    /// leaves. Default "session".
+    /// Pooling mode: `"session"` (a client keeps its backend until it leaves) or
+    /// `"transaction"` (a client holds a backend only while a transaction is open). Default
+    /// "session".
     #[serde(default)]
     pub mode: PoolMode,
     /// Most backend connections one tenant's pool opens. Default 20.
@@ -72,6 +73,9 @@ pub enum PoolMode {
     /// The client keeps its backend until it disconnects.
     #[default]
     Session,
+    /// The client holds a backend from the start of a transaction to the ReadyForQuery that
+    /// reports it idle with nothing owed.
+    Transaction,
 }
 
 fn default_pool_size() -> u32 {

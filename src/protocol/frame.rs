@@ -13,12 +13,15 @@ pub const HEADER_BYTES: usize = 5;
 
 /// A frame header the scanner saw.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct FrameHead {
+pub struct FrameHead<'a> {
     pub tag: u8,
     /// Length of the body, excluding tag and length word.
     pub body_len: usize,
     /// ReadyForQuery's transaction status byte (`I`, `T` or `E`); 0 for other frames.
     pub status: u8,
+    /// The part of the body that is in this run: all of it, or a prefix when the frame
+    /// continues in a later read. Never copied.
+    pub body: &'a [u8],
 }
 
 /// What the caller wants after seeing a header.
@@ -28,6 +31,8 @@ pub enum Scan {
     Continue,
     /// Stop before this frame: it is not forwarded.
     StopBefore,
+    /// Forward this frame, then stop at its end.
+    StopAfter,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
@@ -43,6 +48,8 @@ pub enum FrameError {
 pub struct FrameScanner {
     /// Body bytes of the current frame not yet seen.
     skip: usize,
+    /// Stop once the current frame's body has passed (`Scan::StopAfter` on a split frame).
+    stop_at_end: bool,
     max_body_bytes: usize,
 }
 
@@ -60,6 +67,7 @@ impl FrameScanner {
     pub fn new(max_body_bytes: usize) -> Self {
         FrameScanner {
             skip: 0,
+            stop_at_end: false,
             max_body_bytes,
         }
     }
@@ -73,7 +81,7 @@ impl FrameScanner {
     pub fn scan(
         &mut self,
         run: &[u8],
-        mut on_frame: impl FnMut(FrameHead) -> Scan,
+        mut on_frame: impl FnMut(FrameHead<'_>) -> Scan,
     ) -> Result<Scanned, FrameError> {
         let mut at = 0;
         loop {
@@ -88,7 +96,13 @@ impl FrameScanner {
                         stopped: false,
                     });
                 }
-                continue;
+            }
+            if self.stop_at_end {
+                self.stop_at_end = false;
+                return Ok(Scanned {
+                    forward: at,
+                    stopped: true,
+                });
             }
             let Some(head) = run.get(at..at + HEADER_BYTES) else {
                 return Ok(Scanned {
@@ -118,18 +132,25 @@ impl FrameScanner {
                     }
                 }
             }
+            let body_start = at + HEADER_BYTES;
+            let body_end = body_start.saturating_add(body_len).min(run.len());
             let frame = FrameHead {
                 tag,
                 body_len,
                 status,
+                body: run.get(body_start..body_end).unwrap_or_default(),
             };
-            if on_frame(frame) == Scan::StopBefore {
-                return Ok(Scanned {
-                    forward: at,
-                    stopped: true,
-                });
+            match on_frame(frame) {
+                Scan::StopBefore => {
+                    return Ok(Scanned {
+                        forward: at,
+                        stopped: true,
+                    });
+                }
+                Scan::StopAfter => self.stop_at_end = true,
+                Scan::Continue => {}
             }
-            at += HEADER_BYTES;
+            at = body_start;
             self.skip = body_len;
         }
     }
@@ -283,6 +304,45 @@ mod tests {
                 stopped: true
             }
         );
+    }
+
+    #[test]
+    fn stop_after_includes_the_frame_even_when_split() {
+        let mut s = frame(b'C', b"SELECT 1\0");
+        s.extend(frame(b'Z', b"I"));
+        let end = s.len();
+        s.extend(frame(b'A', b"notify"));
+        for cut in [3, 7, 14, end - 1, end, end + 2] {
+            let mut sc = FrameScanner::new(1024);
+            let stop = |h: FrameHead<'_>| {
+                if h.tag == b'Z' {
+                    Scan::StopAfter
+                } else {
+                    Scan::Continue
+                }
+            };
+            let first = sc.scan(&s[..cut.min(s.len())], stop).unwrap();
+            let rest = &s[first.forward..];
+            let total = if first.stopped {
+                first.forward
+            } else {
+                first.forward + sc.scan(rest, stop).unwrap().forward
+            };
+            assert_eq!(total, end, "cut {cut}");
+        }
+    }
+
+    #[test]
+    fn body_prefix_is_visible() {
+        let s = frame(b'C', b"SET\0");
+        let mut sc = FrameScanner::new(1024);
+        let mut seen = Vec::new();
+        sc.scan(&s[..7], |h| {
+            seen.extend_from_slice(h.body);
+            Scan::Continue
+        })
+        .unwrap();
+        assert_eq!(seen, b"SE");
     }
 
     #[test]

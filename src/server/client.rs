@@ -14,7 +14,6 @@ use tokio_util::sync::CancellationToken;
 use super::State;
 use crate::auth::{self, AuthError, Credential, ScramSecret};
 use crate::error::{ClientFacing, ErrorKind, log_error};
-use crate::pool::PoolError;
 use crate::protocol::startup::{self, FirstPacket, StartupError, StartupMessage};
 use crate::protocol::{SqlState, messages};
 use crate::registry::{RegistryError, TenantRecord, TenantSlug, TenantState};
@@ -56,6 +55,7 @@ impl fmt::Display for CloseReason {
             CloseReason::Session(RelayEnd::ClientTerminated) => f.write_str("client terminated"),
             CloseReason::Session(RelayEnd::ClientClosed) => f.write_str("client closed socket"),
             CloseReason::Session(RelayEnd::BackendClosed) => f.write_str("backend closed"),
+            CloseReason::Session(RelayEnd::Idle) => f.write_str("idle"),
             CloseReason::Shutdown => f.write_str("shutdown"),
             CloseReason::LoginTimeout => f.write_str("login timeout"),
             CloseReason::LeftDuringLogin => f.write_str("client left during login"),
@@ -82,8 +82,6 @@ pub enum LoginError {
         slug: TenantSlug,
         state: TenantState,
     },
-    #[error(transparent)]
-    Pool(#[from] PoolError),
     #[error("login did not finish within {0:?}")]
     Timeout(Duration),
 }
@@ -98,7 +96,6 @@ impl ClientFacing for LoginError {
             LoginError::Auth(e) => e.sqlstate(),
             LoginError::Registry(e) => e.sqlstate(),
             LoginError::TenantNotActive { .. } => SqlState::CANNOT_CONNECT_NOW,
-            LoginError::Pool(e) => e.sqlstate(),
         }
     }
 
@@ -112,7 +109,6 @@ impl ClientFacing for LoginError {
             LoginError::TenantNotActive { slug, state } => {
                 format!("tenant \"{slug}\" is {state} and does not accept connections")
             }
-            LoginError::Pool(e) => e.client_message(),
             LoginError::Timeout(_) => "canceling authentication due to timeout".to_owned(),
         }
     }
@@ -126,7 +122,6 @@ impl ClientFacing for LoginError {
             LoginError::Auth(e) => e.kind(),
             LoginError::Registry(e) => e.kind(),
             LoginError::TenantNotActive { .. } => ErrorKind::Limit,
-            LoginError::Pool(e) => e.kind(),
         }
     }
 }
@@ -145,6 +140,7 @@ enum Login {
 /// Serves one client connection to its end.
 pub(super) async fn serve_client(
     state: &State,
+    client_id: u64,
     mut stream: TcpStream,
     shutdown: &CancellationToken,
 ) -> CloseReason {
@@ -162,17 +158,17 @@ pub(super) async fn serve_client(
         Login::Tenant { record, settings } => (record, settings),
     };
     tracing::Span::current().record("tenant", record.slug.as_str());
-    let lease = match state.pools.checkout(&record).await {
-        Ok(lease) => lease,
-        Err(e) => return fail(&mut stream, &LoginError::Pool(e)).await,
-    };
     let ctx = SessionContext {
+        tenant: &record,
+        pools: &state.pools,
+        mode: state.pools.config().mode,
+        client_id,
         cancels: &state.cancels,
         reset_timeout: Duration::from_millis(state.pools.config().reset_timeout_ms),
         max_client_message_bytes: state.config.proxy.max_message_bytes,
         shutdown,
     };
-    match session::run(&mut stream, lease, &settings, &ctx).await {
+    match session::run(&mut stream, &settings, &ctx).await {
         Ok(SessionEnd::Relay(end)) => CloseReason::Session(end),
         Ok(SessionEnd::Shutdown) => CloseReason::Shutdown,
         Err(e) => fail_session(&mut stream, &e).await,

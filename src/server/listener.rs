@@ -54,7 +54,7 @@ pub(super) async fn run(
         let stop = stop_sessions.clone();
         tasks.spawn(
             async move {
-                let reason = serve_client(&state, stream, &stop).await;
+                let reason = serve_client(&state, id, stream, &stop).await;
                 reason.log();
                 drop(permit);
             }

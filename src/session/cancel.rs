@@ -26,10 +26,13 @@ pub struct CancelTarget {
     pub backend_secret: i32,
 }
 
+/// (pid, secret) → the backend serving that client now (none between transactions).
+type Keys = HashMap<(i32, i32), Option<CancelTarget>>;
+
 /// Proxy-issued cancel keys → backends.
 #[derive(Debug, Clone, Default)]
 pub struct CancelMap {
-    inner: Arc<Mutex<HashMap<(i32, i32), CancelTarget>>>,
+    inner: Arc<Mutex<Keys>>,
 }
 
 impl CancelMap {
@@ -40,7 +43,7 @@ impl CancelMap {
             let secret: i32 = rand::random();
             let key = (target.backend_pid, secret);
             if let std::collections::hash_map::Entry::Vacant(slot) = map.entry(key) {
-                slot.insert(target);
+                slot.insert(Some(target));
                 return CancelGuard {
                     map: self.clone(),
                     key,
@@ -51,7 +54,14 @@ impl CancelMap {
 
     fn lookup(&self, pid: i32, secret: i32) -> Option<CancelTarget> {
         let map = self.inner.lock().unwrap_or_else(PoisonError::into_inner);
-        map.get(&(pid, secret)).copied()
+        map.get(&(pid, secret)).copied().flatten()
+    }
+
+    fn retarget(&self, key: (i32, i32), target: Option<CancelTarget>) {
+        let mut map = self.inner.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(slot) = map.get_mut(&key) {
+            *slot = target;
+        }
     }
 
     fn remove(&self, key: (i32, i32)) {
@@ -113,6 +123,12 @@ impl CancelGuard {
     /// (pid, secret) for the client's BackendKeyData.
     pub fn key(&self) -> (i32, i32) {
         self.key
+    }
+
+    /// Transaction pooling: points the key at the backend now serving the client, or at
+    /// nothing between transactions (a cancel then has nothing to cancel and is dropped).
+    pub fn retarget(&self, target: Option<CancelTarget>) {
+        self.map.retarget(self.key, target);
     }
 }
 

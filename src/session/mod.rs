@@ -1,10 +1,19 @@
-//! A client's session on one backend: apply its settings, greet it, relay, then release the
-//! backend clean or not at all.
+//! A client's life after login: take backends from its tenant's pool, apply its settings,
+//! greet it, relay, and give backends back clean or not at all.
 //!
 //! Moving parts: `settings` (startup parameters → backend settings), `relay` (the byte pump),
-//! `cancel` (the cancel map). In session mode a backend goes back to its pool only when the last
-//! ReadyForQuery said idle, nothing is owed and the reset (advisory unlock, DISCARD ALL)
-//! succeeded; anything else closes it. This module must not decode row data.
+//! `cancel` (the cancel map). Two pooling modes:
+//! - session: the client keeps one backend until it leaves; the backend goes back only when the
+//!   last ReadyForQuery said idle, nothing is owed and the reset (advisory unlock, DISCARD ALL)
+//!   succeeded; anything else closes it.
+//! - transaction: the client holds a backend from its first message of a transaction to the
+//!   ReadyForQuery that leaves it idle with nothing owed. A backend serving a new client first
+//!   loses the previous client's session state (DISCARD ALL, when one was left) and takes this
+//!   client's settings, so no client sees another's. A client that prepares a named statement
+//!   or LISTENs is pinned to its backend until it leaves (statements are not yet re-prepared
+//!   across backends).
+//!
+//! This module must not decode row data.
 
 pub mod cancel;
 pub mod relay;
@@ -17,14 +26,22 @@ use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio_util::sync::CancellationToken;
 
 use crate::error::{ClientFacing, ErrorKind};
-use crate::pool::{BackendError, Lease, ServerError, SetupOutcome};
+use crate::pool::{
+    BackendConn, BackendError, Lease, PoolError, PoolMap, PoolMode, ServerError, SetupOutcome,
+};
 use crate::protocol::{SqlState, messages};
+use crate::registry::TenantRecord;
 
-pub use cancel::{CancelMap, CancelTarget};
+pub use cancel::{CancelGuard, CancelMap, CancelTarget};
 pub use relay::{RelayBuffers, RelayEnd, RelayError, TxTracker};
 
-/// What a session needs besides its sockets.
+/// What a session needs besides its socket.
 pub struct SessionContext<'a> {
+    pub tenant: &'a TenantRecord,
+    pub pools: &'a PoolMap,
+    pub mode: PoolMode,
+    /// Unique per client connection; marks which client a backend last served.
+    pub client_id: u64,
     pub cancels: &'a CancelMap,
     pub reset_timeout: Duration,
     pub max_client_message_bytes: usize,
@@ -46,6 +63,8 @@ pub enum SessionError {
     Backend(#[from] BackendError),
     #[error("relay failed")]
     Relay(#[from] RelayError),
+    #[error(transparent)]
+    Pool(#[from] PoolError),
     #[error("writing to the client failed")]
     ClientIo(#[source] std::io::Error),
 }
@@ -55,6 +74,7 @@ impl ClientFacing for SessionError {
         match self {
             SessionError::SettingRejected(_) => SqlState::INVALID_PARAMETER_VALUE,
             SessionError::Backend(e) => e.sqlstate(),
+            SessionError::Pool(e) => e.sqlstate(),
             SessionError::Relay(RelayError::ClientProtocol(_)) => SqlState::PROTOCOL_VIOLATION,
             SessionError::Relay(
                 RelayError::Backend(_) | RelayError::BackendProtocol(_) | RelayError::Client(_),
@@ -67,6 +87,7 @@ impl ClientFacing for SessionError {
         match self {
             SessionError::SettingRejected(e) => e.message.clone(),
             SessionError::Backend(e) => e.client_message(),
+            SessionError::Pool(e) => e.client_message(),
             SessionError::Relay(RelayError::ClientProtocol(e)) => {
                 format!("invalid message from the client: {e}")
             }
@@ -90,40 +111,33 @@ impl ClientFacing for SessionError {
             | SessionError::Relay(RelayError::Backend(_) | RelayError::BackendProtocol(_)) => {
                 ErrorKind::Backend
             }
+            SessionError::Pool(e) => e.kind(),
         }
     }
 }
 
-/// Runs a whole session-mode session on `lease` and releases the backend.
+/// Serves a logged-in client until it leaves.
 pub async fn run<C>(
     client: &mut C,
-    mut lease: Lease,
     settings: &[(String, String)],
     ctx: &SessionContext<'_>,
 ) -> Result<SessionEnd, SessionError>
 where
     C: AsyncRead + AsyncWrite + Unpin,
 {
-    let cancel_guard = greet(client, &mut lease, settings, ctx).await?;
+    let mut lease = ctx.pools.checkout(ctx.tenant).await?;
+    prepare(lease.conn(), ctx.client_id, settings, ctx.reset_timeout).await?;
+    let cancel = greet(client, lease.conn(), ctx).await?;
     let mut buffers = RelayBuffers::new(ctx.max_client_message_bytes);
-    let mut tracker = TxTracker::default();
-    let backend = lease.conn();
-    let outcome = tokio::select! {
-        end = relay::relay(client, &mut backend.stream, &mut buffers, &mut tracker) => end.map(SessionEnd::Relay),
-        () = ctx.shutdown.cancelled() => Ok(SessionEnd::Shutdown),
+    let outcome = match ctx.mode {
+        PoolMode::Session => session_mode(client, lease, &mut buffers, &cancel, ctx).await,
+        PoolMode::Transaction => {
+            cancel.retarget(None);
+            drop(lease);
+            transaction_mode(client, settings, &mut buffers, &cancel, ctx).await
+        }
     };
-    drop(cancel_guard);
-    let client_left_cleanly = matches!(
-        outcome,
-        Ok(SessionEnd::Relay(
-            RelayEnd::ClientTerminated | RelayEnd::ClientClosed
-        ))
-    );
-    if client_left_cleanly && tracker.is_clean() {
-        release_clean(&mut lease, ctx.reset_timeout).await;
-    } else {
-        lease.conn().broken = true;
-    }
+    drop(cancel);
     if outcome
         .as_ref()
         .is_ok_and(|end| *end == SessionEnd::Shutdown)
@@ -138,33 +152,167 @@ where
         );
         drop(client.write_all(&out).await);
     }
+    outcome
+}
+
+/// Session pooling: one backend for the client's whole life.
+async fn session_mode<C>(
+    client: &mut C,
+    mut lease: Lease,
+    buffers: &mut RelayBuffers,
+    cancel: &CancelGuard,
+    ctx: &SessionContext<'_>,
+) -> Result<SessionEnd, SessionError>
+where
+    C: AsyncRead + AsyncWrite + Unpin,
+{
+    let mut tracker = TxTracker::default();
+    let backend = lease.conn();
+    let outcome = tokio::select! {
+        end = relay::relay(client, &mut backend.stream, buffers, &mut tracker) => end.map(SessionEnd::Relay),
+        () = ctx.shutdown.cancelled() => Ok(SessionEnd::Shutdown),
+    };
+    cancel.retarget(None);
+    let client_left_cleanly = matches!(
+        outcome,
+        Ok(SessionEnd::Relay(
+            RelayEnd::ClientTerminated | RelayEnd::ClientClosed
+        ))
+    );
+    if client_left_cleanly && tracker.is_clean() {
+        release_clean(&mut lease, ctx.reset_timeout).await;
+    } else {
+        lease.conn().broken = true;
+    }
     Ok(outcome?)
 }
 
-/// Applies the client's settings to the backend and sends the client what PostgreSQL sends
-/// after AuthenticationOk: every ParameterStatus, BackendKeyData and ReadyForQuery.
-async fn greet<C>(
+/// Transaction pooling: a backend per transaction, none in between.
+async fn transaction_mode<C>(
     client: &mut C,
-    lease: &mut Lease,
     settings: &[(String, String)],
+    buffers: &mut RelayBuffers,
+    cancel: &CancelGuard,
     ctx: &SessionContext<'_>,
-) -> Result<cancel::CancelGuard, SessionError>
+) -> Result<SessionEnd, SessionError>
 where
-    C: AsyncWrite + Unpin,
+    C: AsyncRead + AsyncWrite + Unpin,
 {
-    let backend = lease.conn();
-    if let Some(sql) = settings::settings_query(settings) {
-        if let SetupOutcome::Failed(err) = backend.run_setup_query(&sql, ctx.reset_timeout).await? {
-            // The backend may now carry part of the settings: never reuse it.
-            backend.broken = true;
-            return Err(SessionError::SettingRejected(err));
+    let mut tracker = TxTracker {
+        release_at_idle: true,
+        ..TxTracker::default()
+    };
+    loop {
+        let waited = tokio::select! {
+            waited = buffers.wait_for_client(client, &mut tracker) => waited?,
+            () = ctx.shutdown.cancelled() => return Ok(SessionEnd::Shutdown),
+        };
+        if let Some(end) = waited {
+            return Ok(SessionEnd::Relay(end));
+        }
+        let mut lease = ctx.pools.checkout(ctx.tenant).await?;
+        let backend = lease.conn();
+        prepare(backend, ctx.client_id, settings, ctx.reset_timeout).await?;
+        cancel.retarget(Some(cancel_target(backend)));
+        tracker.session_state = false;
+        let outcome = tokio::select! {
+            end = relay::relay(client, &mut backend.stream, buffers, &mut tracker) => end.map(SessionEnd::Relay),
+            () = ctx.shutdown.cancelled() => Ok(SessionEnd::Shutdown),
+        };
+        cancel.retarget(None);
+        backend.needs_reset |= tracker.session_state;
+        match outcome {
+            Ok(SessionEnd::Relay(RelayEnd::Idle)) => {}
+            Ok(SessionEnd::Relay(end @ (RelayEnd::ClientTerminated | RelayEnd::ClientClosed)))
+                if tracker.is_clean() =>
+            {
+                if tracker.pinned {
+                    // Named statements, LISTEN: a pinned backend is reset like a session's.
+                    release_clean(&mut lease, ctx.reset_timeout).await;
+                }
+                return Ok(SessionEnd::Relay(end));
+            }
+            other => {
+                // Left mid-transaction, backend gone, shutdown or error: never reuse it.
+                backend.broken = true;
+                return Ok(other?);
+            }
         }
     }
-    let guard = ctx.cancels.register(CancelTarget {
+}
+
+fn cancel_target(backend: &BackendConn) -> CancelTarget {
+    CancelTarget {
         addr: backend.addr,
         backend_pid: backend.pid,
         backend_secret: backend.secret,
-    });
+    }
+}
+
+/// Makes `backend` ready for `client_id`: nothing if it served this client last; otherwise
+/// the previous client's session state goes (DISCARD ALL) and this client's settings come.
+/// ParameterStatus messages these cause are recorded on the backend, not sent: the client
+/// already has the values that match its own settings.
+async fn prepare(
+    backend: &mut BackendConn,
+    client_id: u64,
+    settings: &[(String, String)],
+    timeout: Duration,
+) -> Result<(), SessionError> {
+    if backend.owner == client_id {
+        return Ok(());
+    }
+    if backend.needs_reset {
+        expect_done(backend, "DISCARD ALL", timeout).await?;
+        backend.applied.clear();
+        backend.needs_reset = false;
+    }
+    if backend.applied != settings {
+        let mut sql = String::new();
+        if !backend.applied.is_empty() {
+            sql.push_str("RESET ALL; ");
+        }
+        if let Some(set) = settings::settings_query(settings) {
+            sql.push_str(&set);
+        }
+        if !sql.is_empty() {
+            if let SetupOutcome::Failed(err) = backend.run_setup_query(&sql, timeout).await? {
+                // The backend may now carry part of the settings: never reuse it.
+                backend.broken = true;
+                return Err(SessionError::SettingRejected(err));
+            }
+        }
+        backend.applied = settings.to_vec();
+    }
+    backend.owner = client_id;
+    Ok(())
+}
+
+async fn expect_done(
+    backend: &mut BackendConn,
+    sql: &str,
+    timeout: Duration,
+) -> Result<(), SessionError> {
+    match backend.run_setup_query(sql, timeout).await? {
+        SetupOutcome::Done => Ok(()),
+        SetupOutcome::Failed(e) => {
+            backend.broken = true;
+            Err(SessionError::Backend(BackendError::Refused(e)))
+        }
+    }
+}
+
+/// Sends the client what PostgreSQL sends after AuthenticationOk: every ParameterStatus,
+/// BackendKeyData and ReadyForQuery.
+async fn greet<C>(
+    client: &mut C,
+    backend: &BackendConn,
+    ctx: &SessionContext<'_>,
+) -> Result<CancelGuard, SessionError>
+where
+    C: AsyncWrite + Unpin,
+{
+    let guard = ctx.cancels.register(cancel_target(backend));
     let (pid, secret) = guard.key();
     let mut out = BytesMut::with_capacity(512);
     for (name, value) in &backend.params {
@@ -183,6 +331,9 @@ where
 /// Resets a backend the client left idle; on any failure it is closed instead.
 async fn release_clean(lease: &mut Lease, timeout: Duration) {
     let backend = lease.conn();
+    backend.owner = 0;
+    backend.applied.clear();
+    backend.needs_reset = false;
     for sql in ["SELECT pg_catalog.pg_advisory_unlock_all()", "DISCARD ALL"] {
         match backend.run_setup_query(sql, timeout).await {
             Ok(SetupOutcome::Done) => {}

@@ -19,8 +19,13 @@ use crate::protocol::frame::{FrameError, FrameHead, FrameScanner, Scan};
 /// Bytes of each direction's buffer.
 pub const RELAY_BUFFER_BYTES: usize = 16 * 1024;
 
-/// What the backend still owes, as seen from the messages that crossed.
+/// What the backend still owes, as seen from the messages that crossed, and what the client
+/// left behind on it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[allow(
+    clippy::struct_excessive_bools,
+    reason = "independent facts about the protocol state, each read on its own"
+)]
 pub struct TxTracker {
     /// Queries, Syncs and function calls sent and not yet answered by ReadyForQuery.
     pub pending: u32,
@@ -28,6 +33,14 @@ pub struct TxTracker {
     pub extended_open: bool,
     /// The last ReadyForQuery status (`I`, `T` or `E`).
     pub status: u8,
+    /// A command that leaves session state behind completed (SET, PREPARE, LISTEN, DECLARE,
+    /// CREATE, ...): the backend must be reset before another client uses it.
+    pub session_state: bool,
+    /// Transaction pooling: stop the relay at the ReadyForQuery that leaves the backend idle.
+    pub release_at_idle: bool,
+    /// Transaction pooling: the client needs this backend beyond the transaction (it prepared
+    /// a named statement, or LISTENs), so it keeps it until it leaves.
+    pub pinned: bool,
 }
 
 impl Default for TxTracker {
@@ -36,9 +49,18 @@ impl Default for TxTracker {
             pending: 0,
             extended_open: false,
             status: b'I',
+            session_state: false,
+            release_at_idle: false,
+            pinned: false,
         }
     }
 }
+
+/// CommandComplete tags of commands whose effect outlives the transaction on the backend.
+/// CREATE covers temporary tables; the rest are session-level by nature.
+const SESSION_STATE_TAGS: &[&[u8]] = &[
+    b"SET", b"RESET", b"PREPARE", b"LISTEN", b"DECLARE", b"CREATE", b"LOAD", b"DISCARD",
+];
 
 impl TxTracker {
     /// True when the backend is idle, outside a transaction, owing nothing.
@@ -46,7 +68,7 @@ impl TxTracker {
         self.pending == 0 && !self.extended_open && self.status == b'I'
     }
 
-    fn client_frame(&mut self, head: FrameHead) -> Scan {
+    fn client_frame(&mut self, head: FrameHead<'_>) -> Scan {
         match head.tag {
             b'X' => return Scan::StopBefore,
             b'Q' | b'F' => self.pending = self.pending.saturating_add(1),
@@ -54,16 +76,44 @@ impl TxTracker {
                 self.pending = self.pending.saturating_add(1);
                 self.extended_open = false;
             }
-            b'P' | b'B' | b'E' | b'D' | b'C' | b'H' => self.extended_open = true,
+            b'P' => {
+                self.extended_open = true;
+                // A named statement lives on this backend only. A name not yet in view
+                // counts as named.
+                if head.body.first() != Some(&0) {
+                    self.pinned = true;
+                }
+            }
+            b'B' | b'E' | b'D' | b'C' | b'H' => self.extended_open = true,
             _ => {}
         }
         Scan::Continue
     }
 
-    fn backend_frame(&mut self, head: FrameHead) -> Scan {
-        if head.tag == b'Z' {
-            self.pending = self.pending.saturating_sub(1);
-            self.status = head.status;
+    fn backend_frame(&mut self, head: FrameHead<'_>) -> Scan {
+        match head.tag {
+            b'Z' => {
+                self.pending = self.pending.saturating_sub(1);
+                self.status = head.status;
+                if self.release_at_idle && !self.pinned && self.is_clean() {
+                    return Scan::StopAfter;
+                }
+            }
+            b'C' => {
+                let whole = head.body.len() == head.body_len;
+                let leaves_state = SESSION_STATE_TAGS
+                    .iter()
+                    .any(|tag| head.body.starts_with(tag));
+                // A tag split across reads is counted as state: a needless reset is cheap.
+                if leaves_state || !whole {
+                    self.session_state = true;
+                }
+                // Notifications go to the backend that LISTENs: stay with it.
+                if head.body.starts_with(b"LISTEN") {
+                    self.pinned = true;
+                }
+            }
+            _ => {}
         }
         Scan::Continue
     }
@@ -78,6 +128,8 @@ pub enum RelayEnd {
     ClientClosed,
     /// The backend closed its socket (after its last bytes reached the client).
     BackendClosed,
+    /// Transaction pooling: the backend is idle and owes nothing; it can be released.
+    Idle,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -93,7 +145,7 @@ pub enum RelayError {
 }
 
 /// One direction's buffer: bytes `[written, scanned)` are ready to go, `[scanned, filled)` are
-/// an incomplete header waiting for more.
+/// an incomplete header (or bytes after a stop) waiting to be scanned again.
 struct Half {
     buf: Box<[u8]>,
     filled: usize,
@@ -130,70 +182,107 @@ impl Half {
         }
     }
 
-    /// Moves bytes from `reader` to `writer` until one side is not ready.
+    /// Bytes waiting to be forwarded (scanned or not).
+    fn has_data(&self) -> bool {
+        self.written < self.filled
+    }
+
+    /// Moves bytes from `reader` to `writer` until one side is not ready or a stop.
     fn poll<R, W>(
         &mut self,
         cx: &mut Context<'_>,
         reader: &mut R,
         writer: &mut W,
-        mut inspect: impl FnMut(FrameHead) -> Scan,
+        mut inspect: impl FnMut(FrameHead<'_>) -> Scan,
     ) -> Poll<Result<HalfEnd, HalfError>>
     where
         R: AsyncRead + Unpin,
         W: AsyncWrite + Unpin,
     {
         loop {
-            if self.written < self.scanned {
-                let out = self.buf.get(self.written..self.scanned).unwrap_or_default();
-                let n =
-                    ready!(Pin::new(&mut *writer).poll_write(cx, out)).map_err(HalfError::Write)?;
-                if n == 0 {
-                    return Poll::Ready(Err(HalfError::Write(
-                        std::io::ErrorKind::WriteZero.into(),
-                    )));
-                }
-                self.written += n;
-                self.needs_flush = true;
-                continue;
-            }
-            if self.needs_flush {
-                ready!(Pin::new(&mut *writer).poll_flush(cx)).map_err(HalfError::Write)?;
-                self.needs_flush = false;
-            }
+            ready!(self.poll_drain(cx, writer))?;
             if self.stopped {
+                self.stopped = false;
                 return Poll::Ready(Ok(HalfEnd::Stopped));
             }
             if self.eof {
                 return Poll::Ready(Ok(HalfEnd::Eof));
             }
-            if self.written > 0 {
-                // Keep an incomplete header at the front; everything before it is sent.
-                self.buf.copy_within(self.written..self.filled, 0);
-                self.filled -= self.written;
-                self.scanned -= self.written;
-                self.written = 0;
+            if self.scanned < self.filled {
+                // Bytes left from before a stop: scan them before reading more.
+                if self.scan_more(&mut inspect)? {
+                    continue;
+                }
             }
-            let space = self.buf.get_mut(self.filled..).unwrap_or_default();
-            let mut read_buf = ReadBuf::new(space);
-            ready!(Pin::new(&mut *reader).poll_read(cx, &mut read_buf)).map_err(HalfError::Read)?;
-            let n = read_buf.filled().len();
-            if n == 0 {
-                self.eof = true;
-                continue;
-            }
-            self.filled += n;
-            let fresh = self.buf.get(self.scanned..self.filled).unwrap_or_default();
-            let scanned = self
-                .scanner
-                .scan(fresh, &mut inspect)
-                .map_err(HalfError::Frame)?;
-            self.scanned += scanned.forward;
-            self.stopped = scanned.stopped;
+            ready!(self.poll_fill(cx, reader))?;
+            self.scan_more(&mut inspect)?;
         }
+    }
+
+    /// Writes `[written, scanned)` and flushes.
+    fn poll_drain<W: AsyncWrite + Unpin>(
+        &mut self,
+        cx: &mut Context<'_>,
+        writer: &mut W,
+    ) -> Poll<Result<(), HalfError>> {
+        while self.written < self.scanned {
+            let out = self.buf.get(self.written..self.scanned).unwrap_or_default();
+            let n = ready!(Pin::new(&mut *writer).poll_write(cx, out)).map_err(HalfError::Write)?;
+            if n == 0 {
+                return Poll::Ready(Err(HalfError::Write(std::io::ErrorKind::WriteZero.into())));
+            }
+            self.written += n;
+            self.needs_flush = true;
+        }
+        if self.needs_flush {
+            ready!(Pin::new(&mut *writer).poll_flush(cx)).map_err(HalfError::Write)?;
+            self.needs_flush = false;
+        }
+        Poll::Ready(Ok(()))
+    }
+
+    /// Reads more bytes after what is buffered; sets `eof` on end of stream.
+    fn poll_fill<R: AsyncRead + Unpin>(
+        &mut self,
+        cx: &mut Context<'_>,
+        reader: &mut R,
+    ) -> Poll<Result<(), HalfError>> {
+        if self.written > 0 {
+            // Keep what is not sent yet at the front; everything before it is gone.
+            self.buf.copy_within(self.written..self.filled, 0);
+            self.filled -= self.written;
+            self.scanned -= self.written;
+            self.written = 0;
+        }
+        let space = self.buf.get_mut(self.filled..).unwrap_or_default();
+        let mut read_buf = ReadBuf::new(space);
+        ready!(Pin::new(&mut *reader).poll_read(cx, &mut read_buf)).map_err(HalfError::Read)?;
+        let n = read_buf.filled().len();
+        if n == 0 {
+            self.eof = true;
+        }
+        self.filled += n;
+        Poll::Ready(Ok(()))
+    }
+
+    /// Scans `[scanned, filled)`; returns whether anything became forwardable or a stop.
+    fn scan_more(
+        &mut self,
+        inspect: &mut impl FnMut(FrameHead<'_>) -> Scan,
+    ) -> Result<bool, HalfError> {
+        let fresh = self.buf.get(self.scanned..self.filled).unwrap_or_default();
+        let scanned = self
+            .scanner
+            .scan(fresh, inspect)
+            .map_err(HalfError::Frame)?;
+        self.scanned += scanned.forward;
+        self.stopped = scanned.stopped;
+        Ok(scanned.forward > 0 || scanned.stopped)
     }
 }
 
-/// Buffers for one session's relay, reused across its lifetime.
+/// Buffers for one client's relay, kept for its whole life (across backends in transaction
+/// pooling, so bytes a client sent early wait here for the next backend).
 pub struct RelayBuffers {
     to_backend: Half,
     to_client: Half,
@@ -207,10 +296,52 @@ impl RelayBuffers {
             to_client: Half::new(usize::MAX),
         }
     }
+
+    /// Transaction pooling, between transactions: waits until the client sends something.
+    /// Returns `Ok(None)` when there is work for a backend, or how the client left.
+    pub async fn wait_for_client<C: AsyncRead + Unpin>(
+        &mut self,
+        client: &mut C,
+        tracker: &mut TxTracker,
+    ) -> Result<Option<RelayEnd>, RelayError> {
+        let half = &mut self.to_backend;
+        poll_fn(|cx| {
+            loop {
+                if half.has_data() && half.written < half.scanned {
+                    return Poll::Ready(Ok(None));
+                }
+                if half.stopped {
+                    return Poll::Ready(Ok(Some(RelayEnd::ClientTerminated)));
+                }
+                if half.eof {
+                    return Poll::Ready(Ok(Some(RelayEnd::ClientClosed)));
+                }
+                if half.scanned < half.filled
+                    && half
+                        .scan_more(&mut |h| tracker.client_frame(h))
+                        .map_err(client_error)?
+                {
+                    continue;
+                }
+                ready!(half.poll_fill(cx, client)).map_err(client_error)?;
+                half.scan_more(&mut |h| tracker.client_frame(h))
+                    .map_err(client_error)?;
+            }
+        })
+        .await
+    }
 }
 
-/// Relays until either side ends. Backend bytes are polled first so a backend's last words
-/// (a FATAL before it closes) reach the client before we notice anything else.
+fn client_error(e: HalfError) -> RelayError {
+    match e {
+        HalfError::Read(e) | HalfError::Write(e) => RelayError::Client(e),
+        HalfError::Frame(e) => RelayError::ClientProtocol(e),
+    }
+}
+
+/// Relays until either side ends, or (with `tracker.release_at_idle`) until the backend is
+/// idle. Backend bytes are polled first so a backend's last words (a FATAL before it closes)
+/// reach the client before we notice anything else.
 pub async fn relay<C, B>(
     client: &mut C,
     backend: &mut B,
@@ -227,7 +358,8 @@ where
             .poll(cx, backend, client, |h| tracker.backend_frame(h));
         if let Poll::Ready(end) = from_backend {
             return Poll::Ready(match end {
-                Ok(_) => Ok(RelayEnd::BackendClosed),
+                Ok(HalfEnd::Stopped) => Ok(RelayEnd::Idle),
+                Ok(HalfEnd::Eof) => Ok(RelayEnd::BackendClosed),
                 Err(HalfError::Read(e)) => Err(RelayError::Backend(e)),
                 Err(HalfError::Write(e)) => Err(RelayError::Client(e)),
                 Err(HalfError::Frame(e)) => Err(RelayError::BackendProtocol(e)),

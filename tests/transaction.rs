@@ -1,0 +1,264 @@
+//! Transaction pooling (first slice): clients hold a backend only while a transaction is open,
+//! never see another client's session state or settings, and a client that prepares a named
+//! statement or LISTENs keeps its backend.
+#![allow(clippy::unwrap_used, clippy::expect_used, reason = "tests")]
+
+mod common;
+
+use std::process::Command;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::time::Duration;
+
+use common::{TestEnv, backend_count};
+use tenantgate::pool::PoolMode;
+use tokio_postgres::{NoTls, SimpleQueryMessage};
+
+async fn transaction_env(pool_size: u32) -> TestEnv {
+    TestEnv::start_with(|c| {
+        c.pool.mode = PoolMode::Transaction;
+        c.pool.pool_size = pool_size;
+    })
+    .await
+}
+
+fn first_value(messages: &[SimpleQueryMessage]) -> String {
+    messages
+        .iter()
+        .find_map(|m| match m {
+            SimpleQueryMessage::Row(r) => r.get(0).map(str::to_owned),
+            _ => None,
+        })
+        .expect("a row")
+}
+
+/// Samples the backend count of `database` until dropped; returns the peak.
+fn watch_backends(database: String) -> (Arc<AtomicI64>, tokio::task::JoinHandle<()>) {
+    let peak = Arc::new(AtomicI64::new(0));
+    let p = peak.clone();
+    let handle = tokio::spawn(async move {
+        loop {
+            p.fetch_max(backend_count(&database).await, Ordering::Relaxed);
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    });
+    (peak, handle)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fifty_clients_share_three_backends_between_transactions() {
+    let env = Arc::new(transaction_env(3).await);
+    let t = env.tenant_with_user("tx-many").await;
+    let slug = t.slug.as_str().to_owned();
+    env.app(&slug)
+        .await
+        .batch_execute("CREATE TABLE counters (client int, n int)")
+        .await
+        .unwrap();
+    let (peak, watcher) = watch_backends(t.database.clone());
+    let mut tasks = Vec::new();
+    for client in 0..50i32 {
+        let env = env.clone();
+        let slug = slug.clone();
+        tasks.push(tokio::spawn(async move {
+            // All fifty stay connected at once: only transactions take backends.
+            let c = env.connect(&slug, "app", "secret").await.unwrap();
+            for n in 0..5 {
+                c.batch_execute(&format!(
+                    "BEGIN; INSERT INTO counters VALUES ({client}, {n}); COMMIT"
+                ))
+                .await
+                .unwrap();
+                let rows = c
+                    .simple_query(&format!(
+                        "SELECT count(*) FROM counters WHERE client = {client}"
+                    ))
+                    .await
+                    .unwrap();
+                assert_eq!(first_value(&rows), (n + 1).to_string());
+            }
+            c
+        }));
+    }
+    let mut clients = Vec::new();
+    for task in tasks {
+        clients.push(task.await.unwrap());
+    }
+    watcher.abort();
+    let peak = peak.load(Ordering::Relaxed);
+    assert!(peak <= 3, "backend connections peaked at {peak}");
+    let total = first_value(
+        &clients[0]
+            .simple_query("SELECT count(*) FROM counters")
+            .await
+            .unwrap(),
+    );
+    assert_eq!(total, "250");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn session_state_and_settings_never_reach_another_client() {
+    let env = transaction_env(1).await;
+    let t = env.tenant_with_user("tx-dirty").await;
+    let slug = t.slug.as_str();
+
+    let mut cfg = env.client_config(slug, "app", "secret");
+    cfg.application_name("client-a")
+        .options("-c statement_timeout=1111");
+    let (a, conn) = cfg.connect(NoTls).await.unwrap();
+    tokio::spawn(conn);
+    let mut cfg = env.client_config(slug, "app", "secret");
+    cfg.application_name("client-b");
+    let (b, conn) = cfg.connect(NoTls).await.unwrap();
+    tokio::spawn(conn);
+
+    // Interleave: one backend serves both, each sees its own settings every time.
+    for _ in 0..3 {
+        let app_a = first_value(&a.simple_query("SHOW application_name").await.unwrap());
+        let app_b = first_value(&b.simple_query("SHOW application_name").await.unwrap());
+        let st_a = first_value(&a.simple_query("SHOW statement_timeout").await.unwrap());
+        let st_b = first_value(&b.simple_query("SHOW statement_timeout").await.unwrap());
+        assert_eq!((app_a.as_str(), app_b.as_str()), ("client-a", "client-b"));
+        assert_eq!((st_a.as_str(), st_b.as_str()), ("1111ms", "0"));
+    }
+    let pid_a = first_value(&a.simple_query("SELECT pg_backend_pid()").await.unwrap());
+    let pid_b = first_value(&b.simple_query("SELECT pg_backend_pid()").await.unwrap());
+    assert_eq!(pid_a, pid_b, "one backend served both");
+
+    // Session state left by A is gone when B gets the backend.
+    a.batch_execute("SET work_mem = '7MB'; CREATE TEMP TABLE scratch (x int)")
+        .await
+        .unwrap();
+    let work_mem = first_value(&b.simple_query("SHOW work_mem").await.unwrap());
+    assert_eq!(work_mem, "4MB");
+    let temp = first_value(
+        &b.simple_query("SELECT count(*) FROM pg_class WHERE relname = 'scratch'")
+            .await
+            .unwrap(),
+    );
+    assert_eq!(temp, "0");
+
+    // A failed transaction stays A's until it rolls back; B waits, then sees a clean backend.
+    a.batch_execute("BEGIN").await.unwrap();
+    assert!(a.batch_execute("SELECT 1/0").await.is_err());
+    let b_task = tokio::spawn(async move {
+        let status = b.simple_query("SELECT 'ok'").await;
+        (b, status)
+    });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(
+        !b_task.is_finished(),
+        "B must wait while A holds the only backend"
+    );
+    a.batch_execute("ROLLBACK").await.unwrap();
+    let (b, status) = tokio::time::timeout(Duration::from_secs(10), b_task)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(first_value(&status.unwrap()), "ok");
+
+    // A leaves mid-transaction: its backend is closed, B gets a fresh one outside any transaction.
+    a.batch_execute("BEGIN; CREATE TABLE half_done (x int)")
+        .await
+        .unwrap();
+    drop(a);
+    let in_tx = tokio::time::timeout(
+        Duration::from_secs(10),
+        b.simple_query("SELECT count(*) FROM pg_class WHERE relname = 'half_done'"),
+    )
+    .await
+    .unwrap()
+    .unwrap();
+    assert_eq!(first_value(&in_tx), "0");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn named_prepared_statements_pin_the_client_to_its_backend() {
+    let env = transaction_env(4).await;
+    let t = env.tenant_with_user("tx-prep").await;
+    let slug = t.slug.as_str();
+    let mut clients = Vec::new();
+    for _ in 0..3 {
+        clients.push(env.app(slug).await);
+    }
+    for round in 0..5i32 {
+        for c in &clients {
+            // tokio-postgres prepares every query as a named statement.
+            let stmt = c.prepare("SELECT $1::int + 1").await.unwrap();
+            let v: i32 = c.query_one(&stmt, &[&round]).await.unwrap().get(0);
+            assert_eq!(v, round + 1);
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancel_reaches_a_query_in_transaction_mode() {
+    let env = transaction_env(2).await;
+    let t = env.tenant_with_user("tx-cancel").await;
+    let client = env.app(t.slug.as_str()).await;
+    let token = client.cancel_token();
+    let sleeper = tokio::spawn(async move {
+        let r = client.batch_execute("SELECT pg_sleep(30)").await;
+        (client, r)
+    });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    token.cancel_query(NoTls).await.unwrap();
+    let (client, result) = tokio::time::timeout(Duration::from_secs(10), sleeper)
+        .await
+        .expect("cancel must stop the query")
+        .unwrap();
+    assert_eq!(
+        common::sqlstate(&result.unwrap_err()).as_deref(),
+        Some("57014")
+    );
+    client.batch_execute("SELECT 1").await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pgbench_simple_and_extended_over_a_small_pool() {
+    let env = transaction_env(3).await;
+    let t = env.tenant_with_user("tx-bench").await;
+    let uri = env.uri(t.slug.as_str(), "app", "secret");
+    let pgbench = common::cluster().bindir().join("pgbench");
+    let init = {
+        let (pgbench, uri) = (pgbench.clone(), uri.clone());
+        tokio::task::spawn_blocking(move || {
+            Command::new(pgbench)
+                .args(["-i", "-s", "1", "-q", &uri])
+                .output()
+                .unwrap()
+        })
+    }
+    .await
+    .unwrap();
+    assert!(
+        init.status.success(),
+        "{}",
+        String::from_utf8_lossy(&init.stderr)
+    );
+    let (peak, watcher) = watch_backends(t.database.clone());
+    for mode in ["simple", "extended"] {
+        let (pgbench, uri) = (pgbench.clone(), uri.clone());
+        let out = tokio::task::spawn_blocking(move || {
+            Command::new(pgbench)
+                .args(["-c", "20", "-j", "2", "-T", "3", "-M", mode, "-n", &uri])
+                .output()
+                .unwrap()
+        })
+        .await
+        .unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success(),
+            "pgbench -M {mode}: {}{stdout}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(
+            stdout.contains("number of failed transactions: 0"),
+            "{stdout}"
+        );
+    }
+    watcher.abort();
+    let peak = peak.load(Ordering::Relaxed);
+    assert!(peak <= 3, "backend connections peaked at {peak}");
+}
