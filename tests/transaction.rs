@@ -262,3 +262,56 @@ async fn pgbench_simple_and_extended_over_a_small_pool() {
     let peak = peak.load(Ordering::Relaxed);
     assert!(peak <= 3, "backend connections peaked at {peak}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cancel_never_hits_the_next_client_on_the_same_backend() {
+    // One backend shared by A and B; cancels for A keep arriving while A's transactions end
+    // and B's begin on that same backend.
+    let env = transaction_env(1).await;
+    let t = env.tenant_with_user("tx-race").await;
+    let slug = t.slug.as_str();
+    let a = env.app(slug).await;
+    let b = env.app(slug).await;
+    let token = a.cancel_token();
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+
+    let canceller = {
+        let stop = stop.clone();
+        tokio::spawn(async move {
+            let mut sent = 0u32;
+            while !stop.load(Ordering::Relaxed) {
+                drop(token.cancel_query(NoTls).await);
+                sent += 1;
+                tokio::time::sleep(Duration::from_millis(3)).await;
+            }
+            sent
+        })
+    };
+    let a_loop = {
+        let stop = stop.clone();
+        tokio::spawn(async move {
+            let mut canceled = 0u32;
+            while !stop.load(Ordering::Relaxed) {
+                if let Err(e) = a.batch_execute("SELECT pg_sleep(0.002)").await {
+                    assert_eq!(common::sqlstate(&e).as_deref(), Some("57014"), "{e}");
+                    canceled += 1;
+                }
+            }
+            canceled
+        })
+    };
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(3);
+    let mut b_queries = 0u32;
+    while tokio::time::Instant::now() < deadline {
+        b.batch_execute("SELECT pg_sleep(0.01)")
+            .await
+            .expect("B's query must never be canceled on A's behalf");
+        b_queries += 1;
+    }
+    stop.store(true, Ordering::Relaxed);
+    let sent = canceller.await.unwrap();
+    let a_canceled = a_loop.await.unwrap();
+    assert!(sent > 10 && b_queries > 5, "sent {sent}, b ran {b_queries}");
+    // The race was really exercised: some of A's own queries were canceled.
+    assert!(a_canceled > 0, "no cancel reached A ({sent} sent)");
+}

@@ -325,6 +325,10 @@ pub struct TenantPool {
     source: PoolSource,
     target: BackendTarget,
     pool: bb8::Pool<BackendManager>,
+    /// One permit per connection the pool may open. tokio's semaphore serves waiters in
+    /// order; bb8 alone lets a client that just gave a connection back take it again ahead of
+    /// clients that were waiting, and in transaction pooling that starves them.
+    queue: Arc<tokio::sync::Semaphore>,
     connect_errors: ConnectErrors,
 }
 
@@ -341,9 +345,11 @@ impl TenantPool {
 }
 
 /// A checked-out backend connection. Dropping it returns the connection to its pool, or
-/// closes it if it is marked broken.
+/// closes it if it is marked broken, then lets the next waiting client in.
 pub struct Lease {
+    // Field order is drop order: the connection goes back before the permit.
     conn: bb8::PooledConnection<'static, BackendManager>,
+    _turn: tokio::sync::OwnedSemaphorePermit,
 }
 
 impl Lease {
@@ -457,6 +463,9 @@ impl PoolMap {
             source,
             target,
             pool,
+            queue: Arc::new(tokio::sync::Semaphore::new(
+                usize::try_from(self.config.pool_size).unwrap_or(usize::MAX),
+            )),
             connect_errors,
         })
     }
@@ -464,6 +473,16 @@ impl PoolMap {
     /// Checks out a backend connection for the tenant.
     pub async fn checkout(&self, tenant: &TenantRecord) -> Result<Lease, PoolError> {
         let pool = self.pool_for(tenant).await?;
+        let waited = Duration::from_millis(self.config.checkout_timeout_ms);
+        let timed_out = || PoolError::CheckoutTimeout {
+            slug: tenant.slug.clone(),
+            waited,
+        };
+        let turn = tokio::time::timeout(waited, Arc::clone(&pool.queue).acquire_owned())
+            .await
+            .map_err(|_| timed_out())?
+            // The semaphore is never closed.
+            .map_err(|_| timed_out())?;
         // Subscribe before asking, so a failure of the connect our request starts is seen.
         let mut errors = pool.connect_errors.0.subscribe();
         let checkout = tokio::select! {
@@ -474,7 +493,7 @@ impl PoolMap {
             }
         };
         match checkout {
-            Ok(conn) => Ok(Lease { conn }),
+            Ok(conn) => Ok(Lease { conn, _turn: turn }),
             Err(bb8::RunError::TimedOut) => Err(PoolError::CheckoutTimeout {
                 slug: tenant.slug.clone(),
                 waited: Duration::from_millis(self.config.checkout_timeout_ms),

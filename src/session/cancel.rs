@@ -15,7 +15,7 @@ use std::time::Duration;
 
 use bytes::BytesMut;
 use postgres_protocol::message::frontend;
-use tokio::io::AsyncWriteExt;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 /// The backend a cancel key points at.
@@ -26,8 +26,26 @@ pub struct CancelTarget {
     pub backend_secret: i32,
 }
 
-/// (pid, secret) → the backend serving that client now (none between transactions).
-type Keys = HashMap<(i32, i32), Option<CancelTarget>>;
+/// One client's key: the backend serving it now, and a lock held while a cancel for it is
+/// on its way, so the backend is not given to another client until the cancel has landed.
+#[derive(Debug, Default)]
+struct Slot {
+    target: Mutex<Option<CancelTarget>>,
+    in_flight: tokio::sync::Mutex<()>,
+}
+
+impl Slot {
+    fn target(&self) -> Option<CancelTarget> {
+        *self.target.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn set(&self, target: Option<CancelTarget>) {
+        *self.target.lock().unwrap_or_else(PoisonError::into_inner) = target;
+    }
+}
+
+/// (pid, secret) → the client's slot.
+type Keys = HashMap<(i32, i32), Arc<Slot>>;
 
 /// Proxy-issued cancel keys → backends.
 #[derive(Debug, Clone, Default)]
@@ -42,26 +60,22 @@ impl CancelMap {
         loop {
             let secret: i32 = rand::random();
             let key = (target.backend_pid, secret);
-            if let std::collections::hash_map::Entry::Vacant(slot) = map.entry(key) {
-                slot.insert(Some(target));
+            if let std::collections::hash_map::Entry::Vacant(entry) = map.entry(key) {
+                let slot = Arc::new(Slot::default());
+                slot.set(Some(target));
+                entry.insert(Arc::clone(&slot));
                 return CancelGuard {
                     map: self.clone(),
                     key,
+                    slot,
                 };
             }
         }
     }
 
-    fn lookup(&self, pid: i32, secret: i32) -> Option<CancelTarget> {
+    fn slot(&self, pid: i32, secret: i32) -> Option<Arc<Slot>> {
         let map = self.inner.lock().unwrap_or_else(PoisonError::into_inner);
-        map.get(&(pid, secret)).copied().flatten()
-    }
-
-    fn retarget(&self, key: (i32, i32), target: Option<CancelTarget>) {
-        let mut map = self.inner.lock().unwrap_or_else(PoisonError::into_inner);
-        if let Some(slot) = map.get_mut(&key) {
-            *slot = target;
-        }
+        map.get(&(pid, secret)).cloned()
     }
 
     fn remove(&self, key: (i32, i32)) {
@@ -80,11 +94,19 @@ impl CancelMap {
         self.len() == 0
     }
 
-    /// Forwards a client's CancelRequest. Unknown keys are dropped silently, as PostgreSQL
-    /// does. Returns whether a cancel was sent.
+    /// Forwards a client's CancelRequest to the backend serving that client now, and waits
+    /// until the server has taken it (it closes the connection once the backend is signalled).
+    /// Unknown keys, and clients between transactions, are dropped silently, as PostgreSQL
+    /// does. Returns whether a cancel was delivered.
     pub async fn cancel(&self, pid: i32, secret: i32, timeout: Duration) -> bool {
-        let Some(target) = self.lookup(pid, secret) else {
+        let Some(slot) = self.slot(pid, secret) else {
             tracing::debug!(pid, "cancel request with an unknown key dropped");
+            return false;
+        };
+        // While we hold this, the client's backend stays with the client.
+        let _in_flight = slot.in_flight.lock().await;
+        let Some(target) = slot.target() else {
+            tracing::debug!(pid, "cancel request between transactions dropped");
             return false;
         };
         let mut buf = BytesMut::with_capacity(16);
@@ -92,7 +114,10 @@ impl CancelMap {
         let sent = tokio::time::timeout(timeout, async {
             let mut stream = TcpStream::connect(target.addr).await?;
             stream.write_all(&buf).await?;
-            stream.shutdown().await
+            // The server closes the connection after signalling the backend.
+            let mut sink = [0u8; 64];
+            while stream.read(&mut sink).await? > 0 {}
+            Ok::<_, std::io::Error>(())
         })
         .await;
         match sent {
@@ -112,11 +137,12 @@ impl CancelMap {
     }
 }
 
-/// Keeps a cancel key valid while its client holds the backend.
+/// Keeps a cancel key valid while its client is connected.
 #[derive(Debug)]
 pub struct CancelGuard {
     map: CancelMap,
     key: (i32, i32),
+    slot: Arc<Slot>,
 }
 
 impl CancelGuard {
@@ -125,10 +151,16 @@ impl CancelGuard {
         self.key
     }
 
-    /// Transaction pooling: points the key at the backend now serving the client, or at
-    /// nothing between transactions (a cancel then has nothing to cancel and is dropped).
-    pub fn retarget(&self, target: Option<CancelTarget>) {
-        self.map.retarget(self.key, target);
+    /// Points the key at the backend that now serves the client.
+    pub fn attach(&self, target: CancelTarget) {
+        self.slot.set(Some(target));
+    }
+
+    /// Detaches the key from its backend before the backend leaves the client, after any
+    /// cancel already on its way has landed: a cancel must never hit the next client's query.
+    pub async fn detach(&self) {
+        let _in_flight = self.slot.in_flight.lock().await;
+        self.slot.set(None);
     }
 }
 
@@ -153,10 +185,10 @@ mod tests {
         let guard = map.register(target);
         let (pid, secret) = guard.key();
         assert_eq!(pid, 42);
-        assert_eq!(map.lookup(pid, secret), Some(target));
-        assert_eq!(map.lookup(pid, secret.wrapping_add(1)), None);
+        assert_eq!(map.slot(pid, secret).unwrap().target(), Some(target));
+        assert!(map.slot(pid, secret.wrapping_add(1)).is_none());
         drop(guard);
-        assert_eq!(map.lookup(pid, secret), None);
+        assert!(map.slot(pid, secret).is_none());
         assert!(map.is_empty());
     }
 }

@@ -132,7 +132,7 @@ where
     let outcome = match ctx.mode {
         PoolMode::Session => session_mode(client, lease, &mut buffers, &cancel, ctx).await,
         PoolMode::Transaction => {
-            cancel.retarget(None);
+            cancel.detach().await;
             drop(lease);
             transaction_mode(client, settings, &mut buffers, &cancel, ctx).await
         }
@@ -172,7 +172,7 @@ where
         end = relay::relay(client, &mut backend.stream, buffers, &mut tracker) => end.map(SessionEnd::Relay),
         () = ctx.shutdown.cancelled() => Ok(SessionEnd::Shutdown),
     };
-    cancel.retarget(None);
+    cancel.detach().await;
     let client_left_cleanly = matches!(
         outcome,
         Ok(SessionEnd::Relay(
@@ -213,13 +213,13 @@ where
         let mut lease = ctx.pools.checkout(ctx.tenant).await?;
         let backend = lease.conn();
         prepare(backend, ctx.client_id, settings, ctx.reset_timeout).await?;
-        cancel.retarget(Some(cancel_target(backend)));
+        cancel.attach(cancel_target(backend));
         tracker.session_state = false;
         let outcome = tokio::select! {
             end = relay::relay(client, &mut backend.stream, buffers, &mut tracker) => end.map(SessionEnd::Relay),
             () = ctx.shutdown.cancelled() => Ok(SessionEnd::Shutdown),
         };
-        cancel.retarget(None);
+        cancel.detach().await;
         backend.needs_reset |= tracker.session_state;
         match outcome {
             Ok(SessionEnd::Relay(RelayEnd::Idle)) => {}

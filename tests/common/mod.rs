@@ -98,6 +98,15 @@ impl TestEnv {
 
     /// A proxy whose config `tweak` may change before start.
     pub async fn start_with(tweak: impl FnOnce(&mut Config)) -> TestEnv {
+        // TEST_LOG=tenantgate=debug shows the proxy's log for a failing test.
+        if let Ok(filter) = std::env::var("TEST_LOG") {
+            drop(
+                tracing_subscriber::fmt()
+                    .with_env_filter(filter)
+                    .with_test_writer()
+                    .try_init(),
+            );
+        }
         let pg = cluster();
         let registry_db = unique("registry_");
         admin_client("postgres")
