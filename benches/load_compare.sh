@@ -1,0 +1,133 @@
+#!/usr/bin/env bash
+# Load comparison: the same pgbench workloads against direct PostgreSQL (the limit), tenantgate
+# and PgBouncer (the peer, when installed: Debian package `pgbouncer`), interleaved in one run,
+# both poolers in transaction mode with the same pool size. Prints tps, mean latency and the
+# ratios tenantgate/PgBouncer and tenantgate/direct. A benchmark, not a test: numbers on a shared
+# 2-core machine move; compare ratios from one run.
+#
+#   bash benches/load_compare.sh            # defaults: 5 s per run, pool size 20
+#   DURATION=10 POOL_SIZE=20 CLIENTS="10 50 150" bash benches/load_compare.sh
+#
+# Everything runs on loopback and stops by itself; the working directory is removed at exit.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+DURATION=${DURATION:-5}
+POOL_SIZE=${POOL_SIZE:-20}
+CLIENTS=${CLIENTS:-"10 50 150"}
+MODES=${MODES:-"simple extended prepared"}
+TG_PORT=${TG_PORT:-6532}
+PGB_PORT=${PGB_PORT:-6533}
+
+cargo build --release --quiet
+BIN=target/release/tenantgate
+WORK=$(mktemp -d /tmp/tenantgate-load.XXXXXX)
+chmod 755 "$WORK"
+PIDS=()
+cleanup() {
+    for pid in "${PIDS[@]}"; do kill -TERM "$pid" 2>/dev/null || true; done
+    wait 2>/dev/null || true
+    rm -rf "$WORK"
+}
+trap cleanup EXIT
+
+bindir() {
+    if command -v pgbench >/dev/null; then dirname "$(command -v pgbench)"; return; fi
+    ls -d /usr/lib/postgresql/*/bin | sort -V | tail -1
+}
+PGBENCH="$(bindir)/pgbench"
+
+start_quickstart() {
+    "$BIN" quickstart --dir "$WORK/tg" --listen "127.0.0.1:$TG_PORT" > "$WORK/qs.out" 2> "$WORK/qs.err" &
+    QS_PID=$!
+    for _ in $(seq 1 300); do
+        grep -q "is ready" "$WORK/qs.out" 2>/dev/null && return 0
+        kill -0 "$QS_PID" 2>/dev/null || { cat "$WORK/qs.err" >&2; exit 1; }
+        sleep 0.2
+    done
+    echo "quickstart did not become ready" >&2; exit 1
+}
+
+# First run creates the private PostgreSQL, the registry and the demo tenants; then switch the
+# config to transaction pooling and start again.
+start_quickstart
+kill -TERM "$QS_PID"; wait "$QS_PID" || true
+sed -i "s/^pool_size = .*/pool_size = $POOL_SIZE\nmode = \"transaction\"\ncheckout_timeout_ms = 10000/" "$WORK/tg/tenantgate.toml"
+start_quickstart
+PIDS+=("$QS_PID")
+
+TG_URI=$(grep '/acme$' "$WORK/qs.out")
+PG_PORT=$(sed -n 's/^port = \([0-9]*\)$/\1/p' "$WORK/tg/tenantgate.toml" | head -1)
+PG_PASSWORD=$(sed -n 's/^admin_password = "\(.*\)"$/\1/p' "$WORK/tg/tenantgate.toml")
+DIRECT_URI="postgresql://postgres:$PG_PASSWORD@127.0.0.1:$PG_PORT/tenant_acme"
+"$PGBENCH" -i -s 10 -q "$TG_URI" > /dev/null 2>&1
+
+PGB_URI=""
+if command -v pgbouncer >/dev/null 2>&1; then
+    mkdir -p "$WORK/pgb"
+    cat > "$WORK/pgb/pgbouncer.ini" <<INI
+[databases]
+tenant_acme = host=127.0.0.1 port=$PG_PORT dbname=tenant_acme
+[pgbouncer]
+listen_addr = 127.0.0.1
+listen_port = $PGB_PORT
+unix_socket_dir =
+auth_type = scram-sha-256
+auth_file = $WORK/pgb/userlist.txt
+pool_mode = transaction
+default_pool_size = $POOL_SIZE
+max_client_conn = 2000
+logfile = $WORK/pgb/pgbouncer.log
+INI
+    echo "\"postgres\" \"$PG_PASSWORD\"" > "$WORK/pgb/userlist.txt"
+    chmod -R a+rX "$WORK/pgb"; chmod a+w "$WORK/pgb"
+    if [ "$(id -u)" = 0 ]; then
+        pgbouncer -u postgres "$WORK/pgb/pgbouncer.ini" > /dev/null 2>&1 &
+    else
+        pgbouncer "$WORK/pgb/pgbouncer.ini" > /dev/null 2>&1 &
+    fi
+    PIDS+=($!)
+    sleep 1
+    PGB_URI="postgresql://postgres:$PG_PASSWORD@127.0.0.1:$PGB_PORT/tenant_acme"
+fi
+
+# run URI ARGS... -> "tps latency_ms failed" (or "fail")
+run() {
+    local uri=$1; shift
+    local out
+    if ! out=$(timeout $((DURATION + 60)) "$PGBENCH" -n -T "$DURATION" "$@" "$uri" 2>&1); then
+        echo "fail - -"; return
+    fi
+    local tps lat failed
+    tps=$(sed -n 's/^tps = \([0-9.]*\) (without initial connection time)/\1/p; s/^tps = \([0-9.]*\) (including reconnection times)/\1/p' <<<"$out" | head -1)
+    lat=$(sed -n 's/^latency average = \([0-9.]*\) ms/\1/p' <<<"$out" | head -1)
+    failed=$(sed -n 's/^number of failed transactions: \([0-9]*\).*/\1/p' <<<"$out" | head -1)
+    if [ -z "$tps" ]; then echo "fail - -"; else echo "$tps $lat ${failed:-0}"; fi
+}
+
+ratio() { awk -v a="$1" -v b="$2" 'BEGIN { if (a+0 > 0 && b+0 > 0) printf "%.2f", a / b; else printf "-" }'; }
+
+printf '%-28s %10s %8s %10s %8s %10s %8s %8s %8s\n' workload direct_tps ms tg_tps ms pgb_tps ms tg/pgb tg/direct
+report() {
+    local name=$1 d=$2 t=$3 p=$4
+    read -r dt dl _ <<<"$d"; read -r tt tl tf <<<"$t"; read -r pt pl _ <<<"$p"
+    [ "${tf:-0}" != "0" ] && [ "$tf" != "-" ] && tt="$tt(${tf}err)"
+    printf '%-28s %10s %8s %10s %8s %10s %8s %8s %8s\n' "$name" "$dt" "$dl" "$tt" "$tl" "$pt" "$pl" \
+        "$(ratio "${tt%%(*}" "$pt")" "$(ratio "${tt%%(*}" "$dt")"
+}
+
+for mode in $MODES; do
+    for c in $CLIENTS; do
+        args=(-S -M "$mode" -c "$c" -j 2)
+        d=$(run "$DIRECT_URI" "${args[@]}")
+        t=$(run "$TG_URI" "${args[@]}")
+        p="- - -"; [ -n "$PGB_URI" ] && p=$(run "$PGB_URI" "${args[@]}")
+        report "-S -M $mode -c $c" "$d" "$t" "$p"
+    done
+done
+args=(-S -C -c 10 -j 2)
+d=$(run "$DIRECT_URI" "${args[@]}")
+t=$(run "$TG_URI" "${args[@]}")
+p="- - -"; [ -n "$PGB_URI" ] && p=$(run "$PGB_URI" "${args[@]}")
+report "-S -C -c 10 (connect/tx)" "$d" "$t" "$p"
+echo "pool size $POOL_SIZE, $DURATION s per run, pgbench scale 10; 'fail' = pgbench exited with an error"
