@@ -74,6 +74,7 @@ async fn routing(tenants: usize) -> Routing {
         admin_password: None,
         admin_password_env: None,
         admin_database: "postgres".to_owned(),
+        max_connections: 80,
     };
     let pool_config = PoolConfig {
         max_pools: 100_000,

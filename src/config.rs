@@ -144,6 +144,12 @@ impl Config {
             if s.port == 0 {
                 return bad(&format!("server[{i}].port"), "must be between 1 and 65535");
             }
+            if s.max_connections == 0 {
+                return bad(
+                    &format!("server[{i}].max_connections"),
+                    "must be greater than 0",
+                );
+            }
         }
         Ok(())
     }

@@ -110,6 +110,8 @@ pub enum BackendError {
     Scram(#[source] std::io::Error),
     #[error("backend did not answer within {0:?}")]
     Timeout(Duration),
+    #[error("server {server} is at its connection budget of {max}")]
+    BudgetExhausted { server: String, max: u32 },
 }
 
 impl From<ReadError> for BackendError {
@@ -128,6 +130,7 @@ impl ClientFacing for BackendError {
             BackendError::Refused(e) if e.code == SqlState::TOO_MANY_CONNECTIONS.code() => {
                 SqlState::TOO_MANY_CONNECTIONS
             }
+            BackendError::BudgetExhausted { .. } => SqlState::TOO_MANY_CONNECTIONS,
             BackendError::Refused(_)
             | BackendError::ConnectTimeout { .. }
             | BackendError::Connect { .. }
@@ -157,11 +160,25 @@ impl ClientFacing for BackendError {
             BackendError::UnsupportedAuth(_) | BackendError::Scram(_) => {
                 "tenantgate could not log in to the tenant's database server".to_owned()
             }
+            BackendError::BudgetExhausted { server, max } => format!(
+                "all {max} connections tenantgate may open to server \"{server}\" are busy; try again"
+            ),
         }
     }
 
     fn kind(&self) -> ErrorKind {
-        ErrorKind::Backend
+        match self {
+            BackendError::BudgetExhausted { .. } => ErrorKind::Limit,
+            BackendError::ConnectTimeout { .. }
+            | BackendError::Connect { .. }
+            | BackendError::Io(_)
+            | BackendError::Closed
+            | BackendError::Protocol(_)
+            | BackendError::Refused(_)
+            | BackendError::UnsupportedAuth(_)
+            | BackendError::Scram(_)
+            | BackendError::Timeout(_) => ErrorKind::Backend,
+        }
     }
 }
 
@@ -185,6 +202,8 @@ pub struct BackendConn {
     /// A client left session state here (SET, PREPARE, LISTEN, temp tables...): reset it
     /// before another client uses it.
     pub needs_reset: bool,
+    /// This connection's share of its server's budget, given back when it closes.
+    pub(crate) budget_permit: Option<tokio::sync::OwnedSemaphorePermit>,
 }
 
 impl std::fmt::Debug for BackendConn {
@@ -197,7 +216,7 @@ impl Drop for BackendConn {
     /// Says goodbye politely when the pool drops us; a full socket buffer just closes.
     fn drop(&mut self) {
         if !self.broken {
-            drop(self.stream.try_write(b"X\0\0\0\x04"));
+            self.terminate();
         }
     }
 }
@@ -210,6 +229,11 @@ pub enum SetupOutcome {
 }
 
 impl BackendConn {
+    /// Sends Terminate if the socket takes it now; the connection closes when dropped.
+    pub fn terminate(&mut self) {
+        drop(self.stream.try_write(b"X\0\0\0\x04"));
+    }
+
     /// Opens and authenticates a connection with only `user` and `database` as startup
     /// parameters, so DISCARD ALL returns it to exactly this state.
     pub async fn connect(
@@ -241,6 +265,7 @@ impl BackendConn {
             owner: 0,
             applied: Vec::new(),
             needs_reset: false,
+            budget_permit: None,
         };
         tokio::time::timeout(timeout, conn.startup(target))
             .await

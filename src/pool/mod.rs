@@ -8,185 +8,25 @@
 //! This module must not parse SQL.
 
 mod backend;
+mod budget;
+mod config;
 
+use std::collections::HashMap;
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use moka::future::Cache;
 use moka::policy::EvictionPolicy;
-use serde::{Deserialize, Serialize};
 
 pub use backend::{BackendConn, BackendError, BackendTarget, ServerError, SetupOutcome};
+pub use budget::ServerBudget;
+pub use config::{PoolConfig, PoolMode, ServerConfig};
 
-use crate::crypto::{CryptoError, MasterKey, Secret};
+use crate::crypto::{CryptoError, MasterKey};
 use crate::error::{ClientFacing, ErrorKind};
 use crate::protocol::SqlState;
 use crate::registry::{TenantRecord, TenantSlug};
-
-/// `[pool]`: defaults for every tenant pool.
-#[derive(Debug, Clone, Deserialize, Serialize)]
-#[serde(deny_unknown_fields)]
-pub struct PoolConfig {
-    /// Pooling mode: `"session"` (a client keeps its backend until it leaves) or
-    /// `"transaction"` (a client holds a backend only while a transaction is open). Default
-    /// "session".
-    #[serde(default)]
-    pub mode: PoolMode,
-    /// Most backend connections one tenant's pool opens. Default 20.
-    #[serde(default = "default_pool_size")]
-    pub pool_size: u32,
-    /// Idle backend connections a tenant pool keeps open. Default 0 (thousands of tenants
-    /// must not each hold connections).
-    #[serde(default)]
-    pub min_idle: u32,
-    /// How long a client waits for a backend connection before failing with 53300, in
-    /// milliseconds. Default 30000.
-    #[serde(default = "default_checkout_timeout_ms")]
-    pub checkout_timeout_ms: u64,
-    /// Timeout for opening and authenticating one backend connection, in milliseconds.
-    /// Default 5000.
-    #[serde(default = "default_connect_timeout_ms")]
-    pub connect_timeout_ms: u64,
-    /// Timeout for resetting a backend (DISCARD ALL) or applying a client's startup
-    /// parameters, in milliseconds. Default 5000.
-    #[serde(default = "default_reset_timeout_ms")]
-    pub reset_timeout_ms: u64,
-    /// An idle backend connection is closed after this many seconds. Default 600.
-    #[serde(default = "default_server_idle_timeout")]
-    pub server_idle_timeout_seconds: u64,
-    /// A backend connection is closed (when idle) after this many seconds. Default 3600.
-    #[serde(default = "default_server_lifetime")]
-    pub server_lifetime_seconds: u64,
-    /// A tenant pool unused for this many seconds is dropped with its connections.
-    /// Default 1800.
-    #[serde(default = "default_pool_idle_timeout")]
-    pub pool_idle_timeout_seconds: u64,
-    /// Most tenant pools kept at once; the least recently used goes first. Default 10000.
-    #[serde(default = "default_max_pools")]
-    pub max_pools: u64,
-}
-
-/// How long a client holds a backend.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum PoolMode {
-    /// The client keeps its backend until it disconnects.
-    #[default]
-    Session,
-    /// The client holds a backend from the start of a transaction to the ReadyForQuery that
-    /// reports it idle with nothing owed.
-    Transaction,
-}
-
-fn default_pool_size() -> u32 {
-    20
-}
-fn default_checkout_timeout_ms() -> u64 {
-    30_000
-}
-fn default_connect_timeout_ms() -> u64 {
-    5000
-}
-fn default_reset_timeout_ms() -> u64 {
-    5000
-}
-fn default_server_idle_timeout() -> u64 {
-    600
-}
-fn default_server_lifetime() -> u64 {
-    3600
-}
-fn default_pool_idle_timeout() -> u64 {
-    1800
-}
-fn default_max_pools() -> u64 {
-    10_000
-}
-
-impl Default for PoolConfig {
-    fn default() -> Self {
-        PoolConfig {
-            mode: PoolMode::Session,
-            pool_size: default_pool_size(),
-            min_idle: 0,
-            checkout_timeout_ms: default_checkout_timeout_ms(),
-            connect_timeout_ms: default_connect_timeout_ms(),
-            reset_timeout_ms: default_reset_timeout_ms(),
-            server_idle_timeout_seconds: default_server_idle_timeout(),
-            server_lifetime_seconds: default_server_lifetime(),
-            pool_idle_timeout_seconds: default_pool_idle_timeout(),
-            max_pools: default_max_pools(),
-        }
-    }
-}
-
-impl PoolConfig {
-    pub(crate) fn validate(&self) -> Result<(), (String, String)> {
-        let positive = [
-            ("pool.pool_size", u64::from(self.pool_size)),
-            ("pool.checkout_timeout_ms", self.checkout_timeout_ms),
-            ("pool.connect_timeout_ms", self.connect_timeout_ms),
-            ("pool.reset_timeout_ms", self.reset_timeout_ms),
-            (
-                "pool.server_idle_timeout_seconds",
-                self.server_idle_timeout_seconds,
-            ),
-            ("pool.server_lifetime_seconds", self.server_lifetime_seconds),
-            (
-                "pool.pool_idle_timeout_seconds",
-                self.pool_idle_timeout_seconds,
-            ),
-            ("pool.max_pools", self.max_pools),
-        ];
-        for (key, value) in positive {
-            if value == 0 {
-                return Err((key.to_owned(), "must be greater than 0".to_owned()));
-            }
-        }
-        if self.min_idle > self.pool_size {
-            return Err((
-                "pool.min_idle".to_owned(),
-                "must not exceed pool.pool_size".to_owned(),
-            ));
-        }
-        Ok(())
-    }
-}
-
-/// `[[server]]`: a backend PostgreSQL server that holds tenant databases.
-#[derive(Debug, Clone, Deserialize, Serialize)]
-#[serde(deny_unknown_fields)]
-pub struct ServerConfig {
-    /// Name tenants refer to in the registry. Required, unique.
-    pub name: String,
-    /// Host name or address. Required.
-    pub host: String,
-    /// TCP port. Default 5432.
-    #[serde(default = "default_port")]
-    pub port: u16,
-    /// Role used to provision tenants (needs CREATEDB and CREATEROLE). Default "postgres".
-    #[serde(default = "default_admin_user")]
-    pub admin_user: String,
-    /// Password of `admin_user`. Prefer `admin_password_env`. Default: none.
-    #[serde(default)]
-    pub admin_password: Option<Secret>,
-    /// Environment variable that holds `admin_user`'s password; overrides `admin_password`.
-    #[serde(default)]
-    pub admin_password_env: Option<String>,
-    /// Database `admin_user` connects to for provisioning. Default "postgres".
-    #[serde(default = "default_admin_database")]
-    pub admin_database: String,
-}
-
-fn default_port() -> u16 {
-    5432
-}
-fn default_admin_user() -> String {
-    "postgres".to_owned()
-}
-fn default_admin_database() -> String {
-    "postgres".to_owned()
-}
 
 #[derive(Debug, thiserror::Error)]
 pub enum PoolError {
@@ -247,10 +87,77 @@ impl ClientFacing for PoolError {
     }
 }
 
-/// bb8's factory for one tenant's backend connections.
+/// bb8's factory for one tenant's backend connections. Each connection first takes a permit
+/// of its server's budget.
 pub struct BackendManager {
+    slug: TenantSlug,
     target: BackendTarget,
     connect_timeout: Duration,
+    budget: Arc<ServerBudget>,
+    budget_wait: Duration,
+    /// The pool map, to close other tenants' idle connections when the budget is spent. Weak:
+    /// the map owns this manager.
+    pools: std::sync::Weak<PoolCache>,
+}
+
+type PoolCache = Cache<TenantSlug, Arc<TenantPool>>;
+
+impl BackendManager {
+    /// A permit of the server's budget: free ones first; when none is free, close an idle
+    /// connection of the least recently used other pool on the server and wait in line,
+    /// until `budget_wait` has passed.
+    async fn budget_permit(&self) -> Result<tokio::sync::OwnedSemaphorePermit, BackendError> {
+        let deadline = tokio::time::Instant::now() + self.budget_wait;
+        loop {
+            if let Some(permit) = self.budget.try_acquire() {
+                return Ok(permit);
+            }
+            if let Some(pools) = self.pools.upgrade() {
+                reclaim_idle(&pools, &self.target.server, &self.slug).await;
+            }
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            if let Some(permit) = self
+                .budget
+                .acquire(left.min(Duration::from_millis(50)))
+                .await
+            {
+                return Ok(permit);
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return Err(BackendError::BudgetExhausted {
+                    server: self.budget.server().to_owned(),
+                    max: self.budget.max_connections(),
+                });
+            }
+        }
+    }
+}
+
+/// Closes one idle connection of the least recently used pool on `server` other than
+/// `except`'s. Best effort: returns whether one was closed.
+async fn reclaim_idle(pools: &PoolCache, server: &str, except: &TenantSlug) -> bool {
+    let mut candidates: Vec<(u64, Arc<TenantPool>)> = pools
+        .iter()
+        .filter(|(slug, p)| **slug != *except && p.target.server == server && p.state().1 > 0)
+        .map(|(_, p)| (p.last_used_ms.load(Ordering::Relaxed), p))
+        .collect();
+    candidates.sort_by_key(|(used, _)| *used);
+    for (_, pool) in candidates {
+        // An idle connection comes back at once; a pool that has none left by now would try
+        // to open one, which the short timeout abandons.
+        if let Ok(Ok(mut conn)) =
+            tokio::time::timeout(Duration::from_millis(20), pool.pool.get()).await
+        {
+            conn.terminate();
+            conn.broken = true;
+            tracing::debug!(
+                server,
+                "closed an idle backend of another tenant to make room"
+            );
+            return true;
+        }
+    }
+    false
 }
 
 impl bb8::ManageConnection for BackendManager {
@@ -258,7 +165,9 @@ impl bb8::ManageConnection for BackendManager {
     type Error = BackendError;
 
     async fn connect(&self) -> Result<BackendConn, BackendError> {
-        let conn = BackendConn::connect(&self.target, self.connect_timeout).await?;
+        let permit = self.budget_permit().await?;
+        let mut conn = BackendConn::connect(&self.target, self.connect_timeout).await?;
+        conn.budget_permit = Some(permit);
         tracing::debug!(backend_pid = conn.pid, target = ?self.target, "backend connected");
         Ok(conn)
     }
@@ -330,6 +239,9 @@ pub struct TenantPool {
     /// clients that were waiting, and in transaction pooling that starves them.
     queue: Arc<tokio::sync::Semaphore>,
     connect_errors: ConnectErrors,
+    /// Milliseconds since the pool map started, at the last checkout: reclaim takes idle
+    /// connections from the least recently used pools first.
+    last_used_ms: std::sync::atomic::AtomicU64,
 }
 
 impl TenantPool {
@@ -361,10 +273,12 @@ impl Lease {
 /// slug → tenant pool.
 #[derive(Clone)]
 pub struct PoolMap {
-    pools: Cache<TenantSlug, Arc<TenantPool>>,
+    pools: Arc<PoolCache>,
     config: PoolConfig,
     servers: Arc<Vec<ServerConfig>>,
+    budgets: Arc<HashMap<String, Arc<ServerBudget>>>,
     key: MasterKey,
+    started: tokio::time::Instant,
 }
 
 impl PoolMap {
@@ -377,11 +291,22 @@ impl PoolMap {
                 tracing::debug!(tenant = %slug, ?cause, "tenant pool dropped");
             })
             .build();
+        let budgets = servers
+            .iter()
+            .map(|s| {
+                (
+                    s.name.clone(),
+                    Arc::new(ServerBudget::new(&s.name, s.max_connections)),
+                )
+            })
+            .collect();
         PoolMap {
-            pools,
+            pools: Arc::new(pools),
             config: config.clone(),
             servers: Arc::new(servers.to_vec()),
+            budgets: Arc::new(budgets),
             key,
+            started: tokio::time::Instant::now(),
         }
     }
 
@@ -439,9 +364,21 @@ impl PoolMap {
     fn build_pool(&self, tenant: &TenantRecord) -> Result<TenantPool, PoolError> {
         let target = self.target_for(tenant)?;
         let source = PoolSource::of(tenant);
+        let budget =
+            self.budgets
+                .get(&target.server)
+                .cloned()
+                .ok_or_else(|| PoolError::UnknownServer {
+                    slug: tenant.slug.clone(),
+                    server: target.server.clone(),
+                })?;
         let manager = BackendManager {
+            slug: tenant.slug.clone(),
+            pools: Arc::downgrade(&self.pools),
             target: target.clone(),
             connect_timeout: Duration::from_millis(self.config.connect_timeout_ms),
+            budget,
+            budget_wait: Duration::from_millis(self.config.checkout_timeout_ms),
         };
         let (errors, _) = tokio::sync::broadcast::channel(4);
         let connect_errors = ConnectErrors(errors);
@@ -467,6 +404,7 @@ impl PoolMap {
                 usize::try_from(self.config.pool_size).unwrap_or(usize::MAX),
             )),
             connect_errors,
+            last_used_ms: std::sync::atomic::AtomicU64::new(self.now_ms()),
         })
     }
 
@@ -483,6 +421,7 @@ impl PoolMap {
             .map_err(|_| timed_out())?
             // The semaphore is never closed.
             .map_err(|_| timed_out())?;
+        pool.last_used_ms.store(self.now_ms(), Ordering::Relaxed);
         // Subscribe before asking, so a failure of the connect our request starts is seen.
         let mut errors = pool.connect_errors.0.subscribe();
         let checkout = tokio::select! {
@@ -503,6 +442,15 @@ impl PoolMap {
                 source: Arc::new(source),
             }),
         }
+    }
+
+    fn now_ms(&self) -> u64 {
+        u64::try_from(self.started.elapsed().as_millis()).unwrap_or(u64::MAX)
+    }
+
+    /// The budget of a server.
+    pub fn budget(&self, server: &str) -> Option<&Arc<ServerBudget>> {
+        self.budgets.get(server)
     }
 
     /// The pool of one tenant, if it exists.

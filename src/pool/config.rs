@@ -1,0 +1,180 @@
+//! Pool configuration: `[pool]` (defaults for every tenant pool) and `[[server]]` (the backend
+//! servers tenant databases live on, each with its connection budget).
+
+use serde::{Deserialize, Serialize};
+
+use crate::crypto::Secret;
+
+/// `[pool]`: defaults for every tenant pool.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct PoolConfig {
+    /// Pooling mode: `"session"` (a client keeps its backend until it leaves) or
+    /// `"transaction"` (a client holds a backend only while a transaction is open). Default
+    /// "session".
+    #[serde(default)]
+    pub mode: PoolMode,
+    /// Most backend connections one tenant's pool opens. Default 20.
+    #[serde(default = "default_pool_size")]
+    pub pool_size: u32,
+    /// Idle backend connections a tenant pool keeps open. Default 0 (thousands of tenants
+    /// must not each hold connections).
+    #[serde(default)]
+    pub min_idle: u32,
+    /// How long a client waits for a backend connection before failing with 53300, in
+    /// milliseconds. Default 30000.
+    #[serde(default = "default_checkout_timeout_ms")]
+    pub checkout_timeout_ms: u64,
+    /// Timeout for opening and authenticating one backend connection, in milliseconds.
+    /// Default 5000.
+    #[serde(default = "default_connect_timeout_ms")]
+    pub connect_timeout_ms: u64,
+    /// Timeout for resetting a backend (DISCARD ALL) or applying a client's startup
+    /// parameters, in milliseconds. Default 5000.
+    #[serde(default = "default_reset_timeout_ms")]
+    pub reset_timeout_ms: u64,
+    /// An idle backend connection is closed after this many seconds. Default 600.
+    #[serde(default = "default_server_idle_timeout")]
+    pub server_idle_timeout_seconds: u64,
+    /// A backend connection is closed (when idle) after this many seconds. Default 3600.
+    #[serde(default = "default_server_lifetime")]
+    pub server_lifetime_seconds: u64,
+    /// A tenant pool unused for this many seconds is dropped with its connections.
+    /// Default 1800.
+    #[serde(default = "default_pool_idle_timeout")]
+    pub pool_idle_timeout_seconds: u64,
+    /// Most tenant pools kept at once; the least recently used goes first. Default 10000.
+    #[serde(default = "default_max_pools")]
+    pub max_pools: u64,
+}
+
+/// How long a client holds a backend.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PoolMode {
+    /// The client keeps its backend until it disconnects.
+    #[default]
+    Session,
+    /// The client holds a backend from the start of a transaction to the ReadyForQuery that
+    /// reports it idle with nothing owed.
+    Transaction,
+}
+
+fn default_pool_size() -> u32 {
+    20
+}
+fn default_checkout_timeout_ms() -> u64 {
+    30_000
+}
+fn default_connect_timeout_ms() -> u64 {
+    5000
+}
+fn default_reset_timeout_ms() -> u64 {
+    5000
+}
+fn default_server_idle_timeout() -> u64 {
+    600
+}
+fn default_server_lifetime() -> u64 {
+    3600
+}
+fn default_pool_idle_timeout() -> u64 {
+    1800
+}
+fn default_max_pools() -> u64 {
+    10_000
+}
+
+impl Default for PoolConfig {
+    fn default() -> Self {
+        PoolConfig {
+            mode: PoolMode::Session,
+            pool_size: default_pool_size(),
+            min_idle: 0,
+            checkout_timeout_ms: default_checkout_timeout_ms(),
+            connect_timeout_ms: default_connect_timeout_ms(),
+            reset_timeout_ms: default_reset_timeout_ms(),
+            server_idle_timeout_seconds: default_server_idle_timeout(),
+            server_lifetime_seconds: default_server_lifetime(),
+            pool_idle_timeout_seconds: default_pool_idle_timeout(),
+            max_pools: default_max_pools(),
+        }
+    }
+}
+
+impl PoolConfig {
+    pub(crate) fn validate(&self) -> Result<(), (String, String)> {
+        let positive = [
+            ("pool.pool_size", u64::from(self.pool_size)),
+            ("pool.checkout_timeout_ms", self.checkout_timeout_ms),
+            ("pool.connect_timeout_ms", self.connect_timeout_ms),
+            ("pool.reset_timeout_ms", self.reset_timeout_ms),
+            (
+                "pool.server_idle_timeout_seconds",
+                self.server_idle_timeout_seconds,
+            ),
+            ("pool.server_lifetime_seconds", self.server_lifetime_seconds),
+            (
+                "pool.pool_idle_timeout_seconds",
+                self.pool_idle_timeout_seconds,
+            ),
+            ("pool.max_pools", self.max_pools),
+        ];
+        for (key, value) in positive {
+            if value == 0 {
+                return Err((key.to_owned(), "must be greater than 0".to_owned()));
+            }
+        }
+        if self.min_idle > self.pool_size {
+            return Err((
+                "pool.min_idle".to_owned(),
+                "must not exceed pool.pool_size".to_owned(),
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// `[[server]]`: a backend PostgreSQL server that holds tenant databases.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServerConfig {
+    /// Name tenants refer to in the registry. Required, unique.
+    pub name: String,
+    /// Host name or address. Required.
+    pub host: String,
+    /// TCP port. Default 5432.
+    #[serde(default = "default_port")]
+    pub port: u16,
+    /// Role used to provision tenants (needs CREATEDB and CREATEROLE). Default "postgres".
+    #[serde(default = "default_admin_user")]
+    pub admin_user: String,
+    /// Password of `admin_user`. Prefer `admin_password_env`. Default: none.
+    #[serde(default)]
+    pub admin_password: Option<Secret>,
+    /// Environment variable that holds `admin_user`'s password; overrides `admin_password`.
+    #[serde(default)]
+    pub admin_password_env: Option<String>,
+    /// Database `admin_user` connects to for provisioning. Default "postgres".
+    #[serde(default = "default_admin_database")]
+    pub admin_database: String,
+    /// The server's connection budget: most backend connections tenantgate opens to it, over
+    /// all tenant pools together. Keep it below the server's `max_connections`, leaving room
+    /// for provisioning and maintenance. Default 80.
+    #[serde(default = "default_max_server_connections")]
+    pub max_connections: u32,
+}
+
+fn default_max_server_connections() -> u32 {
+    80
+}
+
+fn default_port() -> u16 {
+    5432
+}
+fn default_admin_user() -> String {
+    "postgres".to_owned()
+}
+fn default_admin_database() -> String {
+    "postgres".to_owned()
+}
