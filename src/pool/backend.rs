@@ -8,6 +8,7 @@
 //! [`Secret`] and is never logged.
 
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::BytesMut;
@@ -193,6 +194,8 @@ pub struct BackendConn {
     pub addr: SocketAddr,
     /// ParameterStatus values as the backend last reported them, in arrival order.
     pub params: Vec<(String, String)>,
+    /// ParameterStatus values right after login, before any client setting.
+    pub base_params: Arc<Vec<(String, String)>>,
     /// Set when the connection must not go back to the pool.
     pub broken: bool,
     /// Transaction pooling: the client this connection last served (0: none since reset).
@@ -202,6 +205,8 @@ pub struct BackendConn {
     /// A client left session state here (SET, PREPARE, LISTEN, temp tables...): reset it
     /// before another client uses it.
     pub needs_reset: bool,
+    /// Named statements tenantgate prepared here (transaction pooling), by server name.
+    pub statements: crate::session::statements::BackendStatements,
     /// This connection's share of its server's budget, given back when it closes.
     pub(crate) budget_permit: Option<tokio::sync::OwnedSemaphorePermit>,
 }
@@ -261,15 +266,18 @@ impl BackendConn {
             secret: 0,
             addr,
             params: Vec::new(),
+            base_params: Arc::default(),
             broken: true,
             owner: 0,
             applied: Vec::new(),
             needs_reset: false,
+            statements: crate::session::statements::BackendStatements::default(),
             budget_permit: None,
         };
         tokio::time::timeout(timeout, conn.startup(target))
             .await
             .map_err(|_| BackendError::Timeout(timeout))??;
+        conn.base_params = Arc::new(conn.params.clone());
         conn.broken = false;
         Ok(conn)
     }

@@ -229,6 +229,9 @@ impl PoolSource {
     }
 }
 
+/// ParameterStatus name/value pairs, shared.
+pub type Params = Arc<Vec<(String, String)>>;
+
 /// One tenant's pool and the target it connects to.
 pub struct TenantPool {
     source: PoolSource,
@@ -242,6 +245,9 @@ pub struct TenantPool {
     /// Milliseconds since the pool map started, at the last checkout: reclaim takes idle
     /// connections from the least recently used pools first.
     last_used_ms: std::sync::atomic::AtomicU64,
+    /// ParameterStatus values of a freshly logged-in backend, once one has been seen: enough to
+    /// greet a transaction-pooling client without taking a backend.
+    base_params: std::sync::Mutex<Option<Params>>,
 }
 
 impl TenantPool {
@@ -253,6 +259,24 @@ impl TenantPool {
     pub fn state(&self) -> (u32, u32) {
         let s = self.pool.state();
         (s.connections, s.idle_connections)
+    }
+
+    /// The parameters a fresh backend of this pool reports, if one has been seen.
+    pub fn base_params(&self) -> Option<Params> {
+        self.base_params
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+
+    fn remember_params(&self, conn: &BackendConn) {
+        let mut slot = self
+            .base_params
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if slot.is_none() {
+            *slot = Some(Arc::clone(&conn.base_params));
+        }
     }
 }
 
@@ -405,6 +429,7 @@ impl PoolMap {
             )),
             connect_errors,
             last_used_ms: std::sync::atomic::AtomicU64::new(self.now_ms()),
+            base_params: std::sync::Mutex::new(None),
         })
     }
 
@@ -432,7 +457,10 @@ impl PoolMap {
             }
         };
         match checkout {
-            Ok(conn) => Ok(Lease { conn, _turn: turn }),
+            Ok(conn) => {
+                pool.remember_params(&conn);
+                Ok(Lease { conn, _turn: turn })
+            }
             Err(bb8::RunError::TimedOut) => Err(PoolError::CheckoutTimeout {
                 slug: tenant.slug.clone(),
                 waited: Duration::from_millis(self.config.checkout_timeout_ms),

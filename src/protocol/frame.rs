@@ -33,6 +33,22 @@ pub enum Scan {
     StopBefore,
     /// Forward this frame, then stop at its end.
     StopAfter,
+    /// Not enough of this frame is here to decide: stop before it and scan it again when more
+    /// bytes have arrived.
+    Hold,
+    /// Replace the first `consume` bytes of this frame (from its tag) with bytes the caller
+    /// prepared, then forward the rest of the frame as usual. `consume` bytes must be in the
+    /// run. `consume == 0` inserts before the frame; the whole frame length drops it.
+    Splice { consume: usize },
+}
+
+/// A splice the caller must perform at `Scanned::forward`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SpliceAt {
+    /// Bytes of the frame to drop from the stream (they are in the run).
+    pub consume: usize,
+    /// Bytes of the frame after those, still to forward.
+    pub rest: usize,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
@@ -61,6 +77,8 @@ pub struct Scanned {
     pub forward: usize,
     /// The caller asked to stop before a frame at `forward`.
     pub stopped: bool,
+    /// The caller asked to splice the frame at `forward`.
+    pub splice: Option<SpliceAt>,
 }
 
 impl FrameScanner {
@@ -75,6 +93,11 @@ impl FrameScanner {
     /// True between frames: no body bytes are owed.
     pub fn at_boundary(&self) -> bool {
         self.skip == 0
+    }
+
+    /// After a splice: the next `rest` bytes are the remainder of the spliced frame.
+    pub fn resume_after_splice(&mut self, rest: usize) {
+        self.skip = rest;
     }
 
     /// Scans `run`, calling `on_frame` for each header that is complete in it.
@@ -94,6 +117,7 @@ impl FrameScanner {
                     return Ok(Scanned {
                         forward: at,
                         stopped: false,
+                        splice: None,
                     });
                 }
             }
@@ -102,12 +126,14 @@ impl FrameScanner {
                 return Ok(Scanned {
                     forward: at,
                     stopped: true,
+                    splice: None,
                 });
             }
             let Some(head) = run.get(at..at + HEADER_BYTES) else {
                 return Ok(Scanned {
                     forward: at,
                     stopped: false,
+                    splice: None,
                 });
             };
             let (tag, len) = split_header(head);
@@ -128,6 +154,7 @@ impl FrameScanner {
                         return Ok(Scanned {
                             forward: at,
                             stopped: false,
+                            splice: None,
                         });
                     }
                 }
@@ -145,6 +172,26 @@ impl FrameScanner {
                     return Ok(Scanned {
                         forward: at,
                         stopped: true,
+                        splice: None,
+                    });
+                }
+                Scan::Hold => {
+                    return Ok(Scanned {
+                        forward: at,
+                        stopped: false,
+                        splice: None,
+                    });
+                }
+                Scan::Splice { consume } => {
+                    let total = HEADER_BYTES.saturating_add(body_len);
+                    let consume = consume.min(total);
+                    return Ok(Scanned {
+                        forward: at,
+                        stopped: false,
+                        splice: Some(SpliceAt {
+                            consume,
+                            rest: total - consume,
+                        }),
                     });
                 }
                 Scan::StopAfter => self.stop_at_end = true,
@@ -301,7 +348,8 @@ mod tests {
             r,
             Scanned {
                 forward: q_len,
-                stopped: true
+                stopped: true,
+                splice: None,
             }
         );
     }

@@ -56,13 +56,23 @@ pub struct CancelMap {
 impl CancelMap {
     /// Issues a key for a client now served by `target`. The key goes away with the guard.
     pub fn register(&self, target: CancelTarget) -> CancelGuard {
+        self.register_with(target.backend_pid, Some(target))
+    }
+
+    /// Issues a key for a client no backend serves yet (transaction pooling): the pid is
+    /// made up, since no backend's would be right for long.
+    pub fn register_detached(&self) -> CancelGuard {
+        self.register_with(rand::random::<i32>() & 0x3fff_ffff, None)
+    }
+
+    fn register_with(&self, pid: i32, target: Option<CancelTarget>) -> CancelGuard {
         let mut map = self.inner.lock().unwrap_or_else(PoisonError::into_inner);
         loop {
             let secret: i32 = rand::random();
-            let key = (target.backend_pid, secret);
+            let key = (pid, secret);
             if let std::collections::hash_map::Entry::Vacant(entry) = map.entry(key) {
                 let slot = Arc::new(Slot::default());
-                slot.set(Some(target));
+                slot.set(target);
                 entry.insert(Arc::clone(&slot));
                 return CancelGuard {
                     map: self.clone(),

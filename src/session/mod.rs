@@ -9,15 +9,16 @@
 //! - transaction: the client holds a backend from its first message of a transaction to the
 //!   ReadyForQuery that leaves it idle with nothing owed. A backend serving a new client first
 //!   loses the previous client's session state (DISCARD ALL, when one was left) and takes this
-//!   client's settings, so no client sees another's. A client that prepares a named statement
-//!   or LISTENs is pinned to its backend until it leaves (statements are not yet re-prepared
-//!   across backends).
+//!   client's settings, so no client sees another's. Named prepared statements follow the
+//!   client from backend to backend (`statements`). A client that LISTENs is pinned to its
+//!   backend until it leaves.
 //!
 //! This module must not decode row data.
 
 pub mod cancel;
 pub mod relay;
 pub mod settings;
+pub mod statements;
 
 use std::time::Duration;
 
@@ -34,6 +35,11 @@ use crate::registry::TenantRecord;
 
 pub use cancel::{CancelGuard, CancelMap, CancelTarget};
 pub use relay::{RelayBuffers, RelayEnd, RelayError, TxTracker};
+use statements::{ClientStatements, Responses, StatementContext};
+
+/// Statements kept prepared on one backend before it is cleared (on its next change of
+/// client). Past this, a pool of many different queries re-prepares rather than growing.
+const MAX_STATEMENTS_PER_BACKEND: usize = 1000;
 
 /// What a session needs besides its socket.
 pub struct SessionContext<'a> {
@@ -125,19 +131,35 @@ pub async fn run<C>(
 where
     C: AsyncRead + AsyncWrite + Unpin,
 {
-    let mut lease = ctx.pools.checkout(ctx.tenant).await?;
-    prepare(lease.conn(), ctx.client_id, settings, ctx.reset_timeout).await?;
-    let cancel = greet(client, lease.conn(), ctx).await?;
     let mut buffers = RelayBuffers::new(ctx.max_client_message_bytes);
     let outcome = match ctx.mode {
-        PoolMode::Session => session_mode(client, lease, &mut buffers, &cancel, ctx).await,
+        PoolMode::Session => {
+            let mut lease = ctx.pools.checkout(ctx.tenant).await?;
+            prepare(lease.conn(), ctx.client_id, settings, ctx.reset_timeout).await?;
+            let cancel = ctx.cancels.register(cancel_target(lease.conn()));
+            greet(client, &lease.conn().params, cancel.key()).await?;
+            session_mode(client, lease, &mut buffers, &cancel, ctx).await
+        }
         PoolMode::Transaction => {
-            cancel.detach().await;
-            drop(lease);
+            // Greet without holding a backend when the pool already knows what a backend
+            // reports: a client must be able to log in while every backend is busy (pgbench
+            // connects its clients from the thread that drives the others' transactions).
+            let cancel = ctx.cancels.register_detached();
+            let known = match ctx.pools.get(&ctx.tenant.slug).await {
+                Some(pool) => pool.base_params(),
+                None => None,
+            };
+            let params = if let Some(base) = known {
+                with_settings(&base, settings)
+            } else {
+                let mut lease = ctx.pools.checkout(ctx.tenant).await?;
+                prepare(lease.conn(), ctx.client_id, settings, ctx.reset_timeout).await?;
+                lease.conn().params.clone()
+            };
+            greet(client, &params, cancel.key()).await?;
             transaction_mode(client, settings, &mut buffers, &cancel, ctx).await
         }
     };
-    drop(cancel);
     if outcome
         .as_ref()
         .is_ok_and(|end| *end == SessionEnd::Shutdown)
@@ -169,7 +191,7 @@ where
     let mut tracker = TxTracker::default();
     let backend = lease.conn();
     let outcome = tokio::select! {
-        end = relay::relay(client, &mut backend.stream, buffers, &mut tracker) => end.map(SessionEnd::Relay),
+        end = relay::relay(client, &mut backend.stream, buffers, &mut tracker, None) => end.map(SessionEnd::Relay),
         () = ctx.shutdown.cancelled() => Ok(SessionEnd::Shutdown),
     };
     cancel.detach().await;
@@ -202,9 +224,10 @@ where
         release_at_idle: true,
         ..TxTracker::default()
     };
+    let mut client_statements = ClientStatements::default();
     loop {
         let waited = tokio::select! {
-            waited = buffers.wait_for_client(client, &mut tracker) => waited?,
+            waited = buffers.wait_for_client(client) => waited?,
             () = ctx.shutdown.cancelled() => return Ok(SessionEnd::Shutdown),
         };
         if let Some(end) = waited {
@@ -215,11 +238,18 @@ where
         prepare(backend, ctx.client_id, settings, ctx.reset_timeout).await?;
         cancel.attach(cancel_target(backend));
         tracker.session_state = false;
+        let mut responses = Responses::default();
+        let statements = StatementContext {
+            client: &mut client_statements,
+            backend: &mut backend.statements,
+            responses: &mut responses,
+        };
         let outcome = tokio::select! {
-            end = relay::relay(client, &mut backend.stream, buffers, &mut tracker) => end.map(SessionEnd::Relay),
+            end = relay::relay(client, &mut backend.stream, buffers, &mut tracker, Some(statements)) => end.map(SessionEnd::Relay),
             () = ctx.shutdown.cancelled() => Ok(SessionEnd::Shutdown),
         };
         cancel.detach().await;
+        tracing::trace!(?outcome, ?tracker, "transaction relay ended");
         backend.needs_reset |= tracker.session_state;
         match outcome {
             Ok(SessionEnd::Relay(RelayEnd::Idle)) => {}
@@ -262,9 +292,11 @@ async fn prepare(
     if backend.owner == client_id {
         return Ok(());
     }
-    if backend.needs_reset {
+    if backend.needs_reset || backend.statements.len() > MAX_STATEMENTS_PER_BACKEND {
+        // DISCARD ALL also drops every prepared statement: they are prepared again on use.
         expect_done(backend, "DISCARD ALL", timeout).await?;
         backend.applied.clear();
+        backend.statements.clear();
         backend.needs_reset = false;
     }
     if backend.applied != settings {
@@ -302,20 +334,36 @@ async fn expect_done(
     }
 }
 
+/// A fresh backend's parameters as this client's settings change them: reported parameters
+/// the client set take its values.
+fn with_settings(
+    base: &[(String, String)],
+    settings: &[(String, String)],
+) -> Vec<(String, String)> {
+    base.iter()
+        .map(|(name, value)| {
+            let set = settings
+                .iter()
+                .rev()
+                .find(|(n, _)| n.eq_ignore_ascii_case(name))
+                .map_or(value, |(_, v)| v);
+            (name.clone(), set.clone())
+        })
+        .collect()
+}
+
 /// Sends the client what PostgreSQL sends after AuthenticationOk: every ParameterStatus,
 /// BackendKeyData and ReadyForQuery.
 async fn greet<C>(
     client: &mut C,
-    backend: &BackendConn,
-    ctx: &SessionContext<'_>,
-) -> Result<CancelGuard, SessionError>
+    params: &[(String, String)],
+    (pid, secret): (i32, i32),
+) -> Result<(), SessionError>
 where
     C: AsyncWrite + Unpin,
 {
-    let guard = ctx.cancels.register(cancel_target(backend));
-    let (pid, secret) = guard.key();
     let mut out = BytesMut::with_capacity(512);
-    for (name, value) in &backend.params {
+    for (name, value) in params {
         messages::parameter_status(&mut out, name, value);
     }
     messages::backend_key_data(&mut out, pid, secret);
@@ -325,7 +373,7 @@ where
         .await
         .map_err(SessionError::ClientIo)?;
     client.flush().await.map_err(SessionError::ClientIo)?;
-    Ok(guard)
+    Ok(())
 }
 
 /// Resets a backend the client left idle; on any failure it is closed instead.
@@ -333,6 +381,7 @@ async fn release_clean(lease: &mut Lease, timeout: Duration) {
     let backend = lease.conn();
     backend.owner = 0;
     backend.applied.clear();
+    backend.statements.clear();
     backend.needs_reset = false;
     for sql in ["SELECT pg_catalog.pg_advisory_unlock_all()", "DISCARD ALL"] {
         match backend.run_setup_query(sql, timeout).await {

@@ -14,7 +14,10 @@ use std::task::{Context, Poll, ready};
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
-use crate::protocol::frame::{FrameError, FrameHead, FrameScanner, Scan};
+use bytes::BytesMut;
+
+use super::statements::{self, StatementContext};
+use crate::protocol::frame::{FrameError, FrameHead, FrameScanner, HEADER_BYTES, Scan, SpliceAt};
 
 /// Bytes of each direction's buffer.
 pub const RELAY_BUFFER_BYTES: usize = 16 * 1024;
@@ -68,7 +71,8 @@ impl TxTracker {
         self.pending == 0 && !self.extended_open && self.status == b'I'
     }
 
-    fn client_frame(&mut self, head: FrameHead<'_>) -> Scan {
+    /// `pin_named`: a named Parse pins the client (statements are not being rewritten).
+    fn client_frame(&mut self, head: FrameHead<'_>, pin_named: bool) -> Scan {
         match head.tag {
             b'X' => return Scan::StopBefore,
             b'Q' | b'F' => self.pending = self.pending.saturating_add(1),
@@ -80,7 +84,7 @@ impl TxTracker {
                 self.extended_open = true;
                 // A named statement lives on this backend only. A name not yet in view
                 // counts as named.
-                if head.body.first() != Some(&0) {
+                if pin_named && head.body.first() != Some(&0) {
                     self.pinned = true;
                 }
             }
@@ -144,14 +148,30 @@ pub enum RelayError {
     BackendProtocol(#[source] FrameError),
 }
 
+/// What one direction looks at, and what it adds.
+trait Inspector {
+    /// Decides about one frame whose header is complete; may fill `splice` (see `Scan`).
+    fn frame(&mut self, head: FrameHead<'_>, splice: &mut BytesMut) -> Scan;
+    /// Bytes due to the peer now, before the next frame (made-up responses).
+    fn pending(&mut self, _out: &mut BytesMut) {}
+    /// True when `pending` has something.
+    fn has_pending(&self) -> bool {
+        false
+    }
+}
+
 /// One direction's buffer: bytes `[written, scanned)` are ready to go, `[scanned, filled)` are
-/// an incomplete header (or bytes after a stop) waiting to be scanned again.
+/// an incomplete header (or bytes after a stop) waiting to be scanned again. A splice replaces
+/// bytes at `scanned` with `splice_out`.
 struct Half {
     buf: Box<[u8]>,
     filled: usize,
     scanned: usize,
     written: usize,
     scanner: FrameScanner,
+    splice: Option<SpliceAt>,
+    splice_out: BytesMut,
+    splice_written: usize,
     needs_flush: bool,
     stopped: bool,
     eof: bool,
@@ -176,15 +196,13 @@ impl Half {
             scanned: 0,
             written: 0,
             scanner: FrameScanner::new(max_body_bytes),
+            splice: None,
+            splice_out: BytesMut::new(),
+            splice_written: 0,
             needs_flush: false,
             stopped: false,
             eof: false,
         }
-    }
-
-    /// Bytes waiting to be forwarded (scanned or not).
-    fn has_data(&self) -> bool {
-        self.written < self.filled
     }
 
     /// Moves bytes from `reader` to `writer` until one side is not ready or a stop.
@@ -193,7 +211,7 @@ impl Half {
         cx: &mut Context<'_>,
         reader: &mut R,
         writer: &mut W,
-        mut inspect: impl FnMut(FrameHead<'_>) -> Scan,
+        inspector: &mut impl Inspector,
     ) -> Poll<Result<HalfEnd, HalfError>>
     where
         R: AsyncRead + Unpin,
@@ -201,6 +219,18 @@ impl Half {
     {
         loop {
             ready!(self.poll_drain(cx, writer))?;
+            if self.splice.is_some() {
+                ready!(self.poll_splice(cx, writer))?;
+                continue;
+            }
+            inspector.pending(&mut self.splice_out);
+            if !self.splice_out.is_empty() {
+                self.splice = Some(SpliceAt {
+                    consume: 0,
+                    rest: 0,
+                });
+                continue;
+            }
             if self.stopped {
                 self.stopped = false;
                 return Poll::Ready(Ok(HalfEnd::Stopped));
@@ -209,13 +239,13 @@ impl Half {
                 return Poll::Ready(Ok(HalfEnd::Eof));
             }
             if self.scanned < self.filled {
-                // Bytes left from before a stop: scan them before reading more.
-                if self.scan_more(&mut inspect)? {
+                // Bytes left from before a stop or a hold: scan them before reading more.
+                if self.scan_more(inspector)? || inspector.has_pending() {
                     continue;
                 }
             }
             ready!(self.poll_fill(cx, reader))?;
-            self.scan_more(&mut inspect)?;
+            self.scan_more(inspector)?;
         }
     }
 
@@ -238,6 +268,35 @@ impl Half {
             ready!(Pin::new(&mut *writer).poll_flush(cx)).map_err(HalfError::Write)?;
             self.needs_flush = false;
         }
+        Poll::Ready(Ok(()))
+    }
+
+    /// Writes the splice bytes, then drops the consumed bytes of the frame and lets the
+    /// scanner forward the rest of it.
+    fn poll_splice<W: AsyncWrite + Unpin>(
+        &mut self,
+        cx: &mut Context<'_>,
+        writer: &mut W,
+    ) -> Poll<Result<(), HalfError>> {
+        while self.splice_written < self.splice_out.len() {
+            let out = self
+                .splice_out
+                .get(self.splice_written..)
+                .unwrap_or_default();
+            let n = ready!(Pin::new(&mut *writer).poll_write(cx, out)).map_err(HalfError::Write)?;
+            if n == 0 {
+                return Poll::Ready(Err(HalfError::Write(std::io::ErrorKind::WriteZero.into())));
+            }
+            self.splice_written += n;
+            self.needs_flush = true;
+        }
+        if let Some(splice) = self.splice.take() {
+            self.written += splice.consume;
+            self.scanned += splice.consume;
+            self.scanner.resume_after_splice(splice.rest);
+        }
+        self.splice_out.clear();
+        self.splice_written = 0;
         Poll::Ready(Ok(()))
     }
 
@@ -265,19 +324,19 @@ impl Half {
         Poll::Ready(Ok(()))
     }
 
-    /// Scans `[scanned, filled)`; returns whether anything became forwardable or a stop.
-    fn scan_more(
-        &mut self,
-        inspect: &mut impl FnMut(FrameHead<'_>) -> Scan,
-    ) -> Result<bool, HalfError> {
+    /// Scans `[scanned, filled)`; returns whether anything became forwardable, a stop or a
+    /// splice.
+    fn scan_more(&mut self, inspector: &mut impl Inspector) -> Result<bool, HalfError> {
         let fresh = self.buf.get(self.scanned..self.filled).unwrap_or_default();
+        let splice_out = &mut self.splice_out;
         let scanned = self
             .scanner
-            .scan(fresh, inspect)
+            .scan(fresh, |head| inspector.frame(head, splice_out))
             .map_err(HalfError::Frame)?;
         self.scanned += scanned.forward;
         self.stopped = scanned.stopped;
-        Ok(scanned.forward > 0 || scanned.stopped)
+        self.splice = scanned.splice;
+        Ok(scanned.forward > 0 || scanned.stopped || scanned.splice.is_some())
     }
 }
 
@@ -298,34 +357,34 @@ impl RelayBuffers {
     }
 
     /// Transaction pooling, between transactions: waits until the client sends something.
-    /// Returns `Ok(None)` when there is work for a backend, or how the client left.
+    /// Returns `Ok(None)` when there is work for a backend, or how the client left. Nothing
+    /// is scanned here: what the messages mean depends on the backend that will get them.
     pub async fn wait_for_client<C: AsyncRead + Unpin>(
         &mut self,
         client: &mut C,
-        tracker: &mut TxTracker,
     ) -> Result<Option<RelayEnd>, RelayError> {
         let half = &mut self.to_backend;
         poll_fn(|cx| {
             loop {
-                if half.has_data() && half.written < half.scanned {
+                if half.written < half.scanned {
                     return Poll::Ready(Ok(None));
                 }
-                if half.stopped {
-                    return Poll::Ready(Ok(Some(RelayEnd::ClientTerminated)));
+                let unscanned = half.buf.get(half.scanned..half.filled).unwrap_or_default();
+                if let Some(tag) = unscanned.first() {
+                    if !half.scanner.at_boundary() {
+                        return Poll::Ready(Ok(None));
+                    }
+                    if *tag == b'X' {
+                        return Poll::Ready(Ok(Some(RelayEnd::ClientTerminated)));
+                    }
+                    if unscanned.len() >= HEADER_BYTES {
+                        return Poll::Ready(Ok(None));
+                    }
                 }
                 if half.eof {
                     return Poll::Ready(Ok(Some(RelayEnd::ClientClosed)));
                 }
-                if half.scanned < half.filled
-                    && half
-                        .scan_more(&mut |h| tracker.client_frame(h))
-                        .map_err(client_error)?
-                {
-                    continue;
-                }
                 ready!(half.poll_fill(cx, client)).map_err(client_error)?;
-                half.scan_more(&mut |h| tracker.client_frame(h))
-                    .map_err(client_error)?;
             }
         })
         .await
@@ -339,6 +398,68 @@ fn client_error(e: HalfError) -> RelayError {
     }
 }
 
+/// Named statements to rewrite (transaction pooling), or `None` to pass them through.
+pub type Statements<'a> = Option<StatementContext<'a>>;
+
+struct ClientSide<'t, 's> {
+    tracker: &'t mut TxTracker,
+    statements: &'t mut Statements<'s>,
+}
+
+impl Inspector for ClientSide<'_, '_> {
+    fn frame(&mut self, head: FrameHead<'_>, splice: &mut BytesMut) -> Scan {
+        match self.statements {
+            Some(ctx) => {
+                let decided = statements::on_client_frame(ctx, &head, splice);
+                if decided == Scan::Hold {
+                    return decided;
+                }
+                let tracked = self.tracker.client_frame(head, false);
+                if decided == Scan::Continue {
+                    tracked
+                } else {
+                    decided
+                }
+            }
+            None => self.tracker.client_frame(head, true),
+        }
+    }
+}
+
+struct BackendSide<'t, 's> {
+    tracker: &'t mut TxTracker,
+    statements: &'t mut Statements<'s>,
+}
+
+impl Inspector for BackendSide<'_, '_> {
+    fn frame(&mut self, head: FrameHead<'_>, _splice: &mut BytesMut) -> Scan {
+        if let Some(ctx) = self.statements.as_mut() {
+            if ctx.responses.injection_due() {
+                // Our made-up responses go out before this frame: `pending` sends them.
+                return Scan::Hold;
+            }
+            if ctx.responses.on_backend_frame(head.tag, ctx.backend) {
+                return Scan::Splice {
+                    consume: HEADER_BYTES + head.body_len,
+                };
+            }
+        }
+        self.tracker.backend_frame(head)
+    }
+
+    fn pending(&mut self, out: &mut BytesMut) {
+        if let Some(ctx) = self.statements.as_mut() {
+            ctx.responses.take_injections(out);
+        }
+    }
+
+    fn has_pending(&self) -> bool {
+        self.statements
+            .as_ref()
+            .is_some_and(|ctx| ctx.responses.injection_due())
+    }
+}
+
 /// Relays until either side ends, or (with `tracker.release_at_idle`) until the backend is
 /// idle. Backend bytes are polled first so a backend's last words (a FATAL before it closes)
 /// reach the client before we notice anything else.
@@ -347,15 +468,22 @@ pub async fn relay<C, B>(
     backend: &mut B,
     buffers: &mut RelayBuffers,
     tracker: &mut TxTracker,
+    mut statements: Statements<'_>,
 ) -> Result<RelayEnd, RelayError>
 where
     C: AsyncRead + AsyncWrite + Unpin,
     B: AsyncRead + AsyncWrite + Unpin,
 {
     poll_fn(|cx| {
-        let from_backend = buffers
-            .to_client
-            .poll(cx, backend, client, |h| tracker.backend_frame(h));
+        let from_backend = buffers.to_client.poll(
+            cx,
+            backend,
+            client,
+            &mut BackendSide {
+                tracker,
+                statements: &mut statements,
+            },
+        );
         if let Poll::Ready(end) = from_backend {
             return Poll::Ready(match end {
                 Ok(HalfEnd::Stopped) => Ok(RelayEnd::Idle),
@@ -365,9 +493,15 @@ where
                 Err(HalfError::Frame(e)) => Err(RelayError::BackendProtocol(e)),
             });
         }
-        let from_client = buffers
-            .to_backend
-            .poll(cx, client, backend, |h| tracker.client_frame(h));
+        let from_client = buffers.to_backend.poll(
+            cx,
+            client,
+            backend,
+            &mut ClientSide {
+                tracker,
+                statements: &mut statements,
+            },
+        );
         match from_client {
             Poll::Pending => Poll::Pending,
             Poll::Ready(Ok(HalfEnd::Stopped)) => Poll::Ready(Ok(RelayEnd::ClientTerminated)),
@@ -402,7 +536,14 @@ mod tests {
         let task = tokio::spawn(async move {
             let mut bufs = RelayBuffers::new(1 << 20);
             let mut tracker = TxTracker::default();
-            let end = relay(&mut client_near, &mut backend_near, &mut bufs, &mut tracker).await;
+            let end = relay(
+                &mut client_near,
+                &mut backend_near,
+                &mut bufs,
+                &mut tracker,
+                None,
+            )
+            .await;
             (end.unwrap(), tracker)
         });
         let query = frame(b'Q', b"select 1\0");
@@ -445,7 +586,14 @@ mod tests {
         let task = tokio::spawn(async move {
             let mut bufs = RelayBuffers::new(1 << 20);
             let mut tracker = TxTracker::default();
-            let end = relay(&mut client_near, &mut backend_near, &mut bufs, &mut tracker).await;
+            let end = relay(
+                &mut client_near,
+                &mut backend_near,
+                &mut bufs,
+                &mut tracker,
+                None,
+            )
+            .await;
             (end.unwrap(), tracker)
         });
         client_far
@@ -479,7 +627,14 @@ mod tests {
         let task = tokio::spawn(async move {
             let mut bufs = RelayBuffers::new(1024);
             let mut tracker = TxTracker::default();
-            relay(&mut client_near, &mut backend_near, &mut bufs, &mut tracker).await
+            relay(
+                &mut client_near,
+                &mut backend_near,
+                &mut bufs,
+                &mut tracker,
+                None,
+            )
+            .await
         });
         client_far.write_all(b"Q\x40\0\0\0").await.unwrap();
         assert!(matches!(

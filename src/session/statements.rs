@@ -1,0 +1,469 @@
+//! Named prepared statements under transaction pooling.
+//!
+//! A client's statements outlive its transactions, but each transaction may run on another
+//! backend. So tenantgate remembers each client's named statements (name → query and parameter
+//! types), gives each distinct statement one backend-side name (`tg_` + a SHA-256 prefix of its
+//! text, so clients that prepare the same query share it), prepares it lazily on whichever
+//! backend serves the next Bind or Describe, and rewrites the names in Parse, Bind, Describe and
+//! Close. What the client did not ask for is hidden from it: a ParseComplete for a Parse we
+//! added is swallowed, and one for a Parse we skipped (already prepared there) is made up, in
+//! order. For that, [`Responses`] follows which response answers which request.
+//!
+//! This module decides; the relay moves the bytes (forward, swallow, splice). It must not
+//! decode row data: it reads only statement names, and Parse bodies whole.
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::sync::Arc;
+
+use bytes::{BufMut, Bytes, BytesMut};
+use sha2::{Digest, Sha256};
+
+use crate::protocol::frame::{FrameHead, HEADER_BYTES, Scan};
+
+/// One statement as the client prepared it.
+#[derive(Debug)]
+pub struct Statement {
+    /// Name on every backend.
+    pub server_name: Arc<str>,
+    /// The Parse body after the statement name: query, parameter count, parameter types.
+    pub parse_rest: Bytes,
+}
+
+/// The statements one client has prepared, by the client's names.
+#[derive(Debug, Default)]
+pub struct ClientStatements {
+    by_name: HashMap<String, Arc<Statement>>,
+}
+
+/// The statements prepared on one backend, by server name.
+pub type BackendStatements = HashSet<Arc<str>>;
+
+/// What a response will be, in request order.
+#[derive(Debug)]
+enum Expect {
+    /// Answer to a Parse we forwarded (`swallow`: one we added).
+    ParseComplete {
+        name: Option<Arc<str>>,
+        swallow: bool,
+    },
+    BindComplete,
+    CloseComplete,
+    /// ParameterDescription, then RowDescription or NoData.
+    DescribeStatement,
+    /// RowDescription or NoData.
+    DescribePortal,
+    /// Rows, then CommandComplete, EmptyQueryResponse or PortalSuspended.
+    Execute,
+    Sync,
+    /// A simple Query or FunctionCall: everything up to ReadyForQuery.
+    Query,
+    /// A response we make up for a request we did not forward.
+    Inject(u8),
+}
+
+/// Requests in flight and what their responses need.
+#[derive(Debug, Default)]
+pub struct Responses {
+    queue: VecDeque<Expect>,
+}
+
+fn cstr(bytes: &[u8]) -> Option<(&[u8], &[u8])> {
+    let nul = bytes.iter().position(|b| *b == 0)?;
+    let (s, rest) = bytes.split_at(nul);
+    Some((s, rest.get(1..).unwrap_or_default()))
+}
+
+fn server_name(parse_rest: &[u8]) -> Arc<str> {
+    let digest = Sha256::digest(parse_rest);
+    let mut name = String::with_capacity(3 + 32);
+    name.push_str("tg_");
+    for b in digest.iter().take(16) {
+        const HEX: &[u8; 16] = b"0123456789abcdef";
+        name.push(char::from(HEX[usize::from(b >> 4)]));
+        name.push(char::from(HEX[usize::from(b & 0xf)]));
+    }
+    Arc::from(name)
+}
+
+fn put_len_message(out: &mut BytesMut, tag: u8, body_len: usize) {
+    out.put_u8(tag);
+    out.put_u32(u32::try_from(body_len + 4).unwrap_or(u32::MAX));
+}
+
+fn put_parse(out: &mut BytesMut, statement: &Statement) {
+    put_len_message(
+        out,
+        b'P',
+        statement.server_name.len() + 1 + statement.parse_rest.len(),
+    );
+    out.put_slice(statement.server_name.as_bytes());
+    out.put_u8(0);
+    out.put_slice(&statement.parse_rest);
+}
+
+/// The per-client, per-backend view the relay hands to [`on_client_frame`].
+pub struct StatementContext<'a> {
+    pub client: &'a mut ClientStatements,
+    pub backend: &'a mut BackendStatements,
+    pub responses: &'a mut Responses,
+}
+
+/// Decides what to do with one client message. Fills `splice` when it returns
+/// `Scan::Splice`.
+pub fn on_client_frame(
+    ctx: &mut StatementContext<'_>,
+    head: &FrameHead<'_>,
+    splice: &mut BytesMut,
+) -> Scan {
+    match head.tag {
+        b'P' => on_parse(ctx, head, splice),
+        b'B' => on_bind(ctx, head, splice),
+        b'D' | b'C' => on_describe_or_close(ctx, head, splice),
+        b'E' => {
+            ctx.responses.queue.push_back(Expect::Execute);
+            Scan::Continue
+        }
+        b'S' => {
+            ctx.responses.queue.push_back(Expect::Sync);
+            Scan::Continue
+        }
+        b'Q' | b'F' => {
+            ctx.responses.queue.push_back(Expect::Query);
+            Scan::Continue
+        }
+        _ => Scan::Continue,
+    }
+}
+
+/// Parse: remember a named statement; send it under its server name, or not at all when
+/// this backend has it already (and answer it ourselves).
+fn on_parse(ctx: &mut StatementContext<'_>, head: &FrameHead<'_>, splice: &mut BytesMut) -> Scan {
+    let Some((name, rest)) = cstr(head.body) else {
+        return hold(head);
+    };
+    if name.is_empty() {
+        ctx.responses.queue.push_back(Expect::ParseComplete {
+            name: None,
+            swallow: false,
+        });
+        return Scan::Continue;
+    }
+    if head.body.len() != head.body_len {
+        return hold(head);
+    }
+    let Ok(name) = std::str::from_utf8(name) else {
+        return Scan::Continue;
+    };
+    let statement = Arc::new(Statement {
+        server_name: server_name(rest),
+        parse_rest: Bytes::copy_from_slice(rest),
+    });
+    ctx.client
+        .by_name
+        .insert(name.to_owned(), Arc::clone(&statement));
+    if ctx.backend.contains(&statement.server_name) {
+        ctx.responses.queue.push_back(Expect::Inject(b'1'));
+    } else {
+        put_parse(splice, &statement);
+        ctx.backend.insert(Arc::clone(&statement.server_name));
+        ctx.responses.queue.push_back(Expect::ParseComplete {
+            name: Some(Arc::clone(&statement.server_name)),
+            swallow: false,
+        });
+    }
+    Scan::Splice {
+        consume: HEADER_BYTES + head.body_len,
+    }
+}
+
+/// Bind: prepare the statement here first if needed, and use its server name.
+fn on_bind(ctx: &mut StatementContext<'_>, head: &FrameHead<'_>, splice: &mut BytesMut) -> Scan {
+    let Some((portal, rest)) = cstr(head.body) else {
+        return hold(head);
+    };
+    let Some((name, _)) = cstr(rest) else {
+        return hold(head);
+    };
+    let Some(statement) = lookup(ctx.client, name) else {
+        ctx.responses.queue.push_back(Expect::BindComplete);
+        return Scan::Continue;
+    };
+    // The Parse we may add goes first on the wire, so its answer comes first.
+    ensure_prepared(ctx, &statement, splice);
+    ctx.responses.queue.push_back(Expect::BindComplete);
+    let old_prefix = portal.len() + 1 + name.len() + 1;
+    let new_prefix = portal.len() + 1 + statement.server_name.len() + 1;
+    let body_len = head.body_len - old_prefix + new_prefix;
+    put_len_message(splice, b'B', body_len);
+    splice.put_slice(portal);
+    splice.put_u8(0);
+    splice.put_slice(statement.server_name.as_bytes());
+    splice.put_u8(0);
+    Scan::Splice {
+        consume: HEADER_BYTES + old_prefix,
+    }
+}
+
+/// Describe and Close of a named statement: Describe uses the server name (preparing it
+/// first if needed); Close only forgets the client's name, since the backend statement may
+/// serve other clients, and is answered by us.
+fn on_describe_or_close(
+    ctx: &mut StatementContext<'_>,
+    head: &FrameHead<'_>,
+    splice: &mut BytesMut,
+) -> Scan {
+    let Some((kind, rest)) = head.body.split_first() else {
+        return hold(head);
+    };
+    let Some((name, _)) = cstr(rest) else {
+        return hold(head);
+    };
+    let is_statement = *kind == b'S';
+    let plain = if head.tag == b'C' {
+        Expect::CloseComplete
+    } else if is_statement {
+        Expect::DescribeStatement
+    } else {
+        Expect::DescribePortal
+    };
+    if !is_statement || name.is_empty() {
+        ctx.responses.queue.push_back(plain);
+        return Scan::Continue;
+    }
+    if head.tag == b'C' {
+        if let Ok(name) = std::str::from_utf8(name) {
+            ctx.client.by_name.remove(name);
+        }
+        ctx.responses.queue.push_back(Expect::Inject(b'3'));
+        return Scan::Splice {
+            consume: HEADER_BYTES + head.body_len,
+        };
+    }
+    let Some(statement) = lookup(ctx.client, name) else {
+        ctx.responses.queue.push_back(plain);
+        return Scan::Continue;
+    };
+    ensure_prepared(ctx, &statement, splice);
+    ctx.responses.queue.push_back(plain);
+    put_len_message(splice, b'D', 1 + statement.server_name.len() + 1);
+    splice.put_u8(b'S');
+    splice.put_slice(statement.server_name.as_bytes());
+    splice.put_u8(0);
+    Scan::Splice {
+        consume: HEADER_BYTES + head.body_len,
+    }
+}
+
+/// Waits for more of a frame whose names are not all here yet; a frame too large to wait
+/// for is forwarded untouched.
+fn hold(head: &FrameHead<'_>) -> Scan {
+    if head.body_len + HEADER_BYTES > crate::session::relay::RELAY_BUFFER_BYTES {
+        Scan::Continue
+    } else {
+        Scan::Hold
+    }
+}
+
+fn lookup(client: &ClientStatements, name: &[u8]) -> Option<Arc<Statement>> {
+    if name.is_empty() {
+        return None;
+    }
+    let name = std::str::from_utf8(name).ok()?;
+    client.by_name.get(name).cloned()
+}
+
+/// Adds a Parse for `statement` to `splice` if the backend does not have it yet.
+fn ensure_prepared(ctx: &mut StatementContext<'_>, statement: &Statement, splice: &mut BytesMut) {
+    if ctx.backend.contains(&statement.server_name) {
+        return;
+    }
+    put_parse(splice, statement);
+    ctx.backend.insert(Arc::clone(&statement.server_name));
+    ctx.responses.queue.push_back(Expect::ParseComplete {
+        name: Some(Arc::clone(&statement.server_name)),
+        swallow: true,
+    });
+}
+
+impl Responses {
+    /// Made-up responses whose turn has come, appended to `out`.
+    pub fn take_injections(&mut self, out: &mut BytesMut) {
+        while let Some(Expect::Inject(tag)) = self.queue.front() {
+            put_len_message(out, *tag, 0);
+            self.queue.pop_front();
+        }
+    }
+
+    /// True when a made-up response is due before the next backend message.
+    pub fn injection_due(&self) -> bool {
+        matches!(self.queue.front(), Some(Expect::Inject(_)))
+    }
+
+    /// Follows one backend message. Returns whether to swallow it.
+    pub fn on_backend_frame(&mut self, tag: u8, backend: &mut BackendStatements) -> bool {
+        match tag {
+            b'1' => {
+                if let Some(Expect::ParseComplete { swallow, .. }) = self.queue.front() {
+                    let swallow = *swallow;
+                    self.queue.pop_front();
+                    return swallow;
+                }
+            }
+            b'2' => self.pop_if(|e| matches!(e, Expect::BindComplete)),
+            b'3' => self.pop_if(|e| matches!(e, Expect::CloseComplete)),
+            b'T' | b'n' => {
+                self.pop_if(|e| matches!(e, Expect::DescribeStatement | Expect::DescribePortal));
+            }
+            b'C' | b'I' | b's' => self.pop_if(|e| matches!(e, Expect::Execute)),
+            b'E' => {
+                if matches!(self.queue.front(), Some(Expect::Query)) {
+                    return false;
+                }
+                // The backend skips everything up to the next Sync: those requests get no
+                // answer, and Parses among them did not happen.
+                while let Some(front) = self.queue.front() {
+                    if matches!(front, Expect::Sync) {
+                        break;
+                    }
+                    if let Some(Expect::ParseComplete {
+                        name: Some(name), ..
+                    }) = self.queue.pop_front()
+                    {
+                        backend.remove(&name);
+                    }
+                }
+            }
+            b'Z' => {
+                while let Some(front) = self.queue.pop_front() {
+                    if matches!(front, Expect::Sync | Expect::Query) {
+                        break;
+                    }
+                }
+            }
+            _ => {}
+        }
+        false
+    }
+
+    fn pop_if(&mut self, is: impl Fn(&Expect) -> bool) {
+        if self.queue.front().is_some_and(is) {
+            self.queue.pop_front();
+        }
+    }
+
+    /// Nothing in flight.
+    pub fn is_empty(&self) -> bool {
+        self.queue.is_empty()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn head(tag: u8, body: &[u8]) -> FrameHead<'_> {
+        FrameHead {
+            tag,
+            body_len: body.len(),
+            status: 0,
+            body,
+        }
+    }
+
+    #[test]
+    fn parse_is_renamed_then_skipped_on_a_backend_that_has_it() {
+        let mut client = ClientStatements::default();
+        let mut backend = BackendStatements::default();
+        let mut responses = Responses::default();
+        let mut splice = BytesMut::new();
+        let body = b"s0\0SELECT 1\0\0\0";
+        let mut ctx = StatementContext {
+            client: &mut client,
+            backend: &mut backend,
+            responses: &mut responses,
+        };
+        let scan = on_client_frame(&mut ctx, &head(b'P', body), &mut splice);
+        assert_eq!(
+            scan,
+            Scan::Splice {
+                consume: 5 + body.len()
+            }
+        );
+        assert!(splice.starts_with(b"P"));
+        assert!(splice.windows(3).any(|w| w == b"tg_"));
+        assert_eq!(backend.len(), 1);
+
+        // A second client preparing the same text on this backend: no Parse reaches it.
+        let mut other = ClientStatements::default();
+        splice.clear();
+        let mut ctx = StatementContext {
+            client: &mut other,
+            backend: &mut backend,
+            responses: &mut responses,
+        };
+        let body = b"other\0SELECT 1\0\0\0";
+        on_client_frame(&mut ctx, &head(b'P', body), &mut splice);
+        assert!(splice.is_empty());
+        // First response: the real ParseComplete; then the made-up one is due.
+        assert!(!responses.on_backend_frame(b'1', &mut backend));
+        assert!(responses.injection_due());
+        let mut out = BytesMut::new();
+        responses.take_injections(&mut out);
+        assert_eq!(&out[..], b"1\0\0\0\x04");
+    }
+
+    #[test]
+    fn bind_on_a_fresh_backend_prepares_first_and_hides_the_parse_complete() {
+        let mut client = ClientStatements::default();
+        let mut first = BackendStatements::default();
+        let mut responses = Responses::default();
+        let mut splice = BytesMut::new();
+        let mut ctx = StatementContext {
+            client: &mut client,
+            backend: &mut first,
+            responses: &mut responses,
+        };
+        on_client_frame(
+            &mut ctx,
+            &head(b'P', b"s0\0SELECT $1\0\0\x01\0\0\0\x17"),
+            &mut splice,
+        );
+        responses.on_backend_frame(b'1', &mut first);
+
+        let mut second = BackendStatements::default();
+        splice.clear();
+        let bind = b"\0s0\0\0\0\0\x01\0\0\0\x011\0\0";
+        let mut ctx = StatementContext {
+            client: &mut client,
+            backend: &mut second,
+            responses: &mut responses,
+        };
+        let scan = on_client_frame(&mut ctx, &head(b'B', bind), &mut splice);
+        assert_eq!(scan, Scan::Splice { consume: 5 + 4 });
+        assert!(splice.starts_with(b"P"));
+        assert!(second.len() == 1);
+        // Its ParseComplete is swallowed, the BindComplete passes.
+        assert!(responses.on_backend_frame(b'1', &mut second));
+        assert!(!responses.on_backend_frame(b'2', &mut second));
+    }
+
+    #[test]
+    fn an_error_forgets_parses_that_did_not_happen() {
+        let mut client = ClientStatements::default();
+        let mut backend = BackendStatements::default();
+        let mut responses = Responses::default();
+        let mut splice = BytesMut::new();
+        let mut ctx = StatementContext {
+            client: &mut client,
+            backend: &mut backend,
+            responses: &mut responses,
+        };
+        on_client_frame(&mut ctx, &head(b'P', b"bad\0SELEC oops\0\0\0"), &mut splice);
+        on_client_frame(&mut ctx, &head(b'S', b""), &mut splice);
+        assert_eq!(backend.len(), 1);
+        responses.on_backend_frame(b'E', &mut backend);
+        assert!(backend.is_empty());
+        responses.on_backend_frame(b'Z', &mut backend);
+        assert!(responses.is_empty());
+    }
+}
