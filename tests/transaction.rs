@@ -385,3 +385,49 @@ async fn a_cancel_never_hits_the_next_client_on_the_same_backend() {
     // The race was really exercised: some of A's own queries were canceled.
     assert!(a_canceled > 0, "no cancel reached A ({sent} sent)");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pipelines_with_several_syncs_in_flight_share_one_backend() {
+    let env = Arc::new(transaction_env(1).await);
+    let t = env.tenant_with_user("tx-pipe").await;
+    let slug = t.slug.as_str().to_owned();
+    let mut tasks = Vec::new();
+    for client in 0..4i32 {
+        let env = env.clone();
+        let slug = slug.clone();
+        tasks.push(tokio::spawn(async move {
+            let c = env.connect(&slug, "app", "secret").await.unwrap();
+            // Per-client text, so the backend holds several clients' statements at once.
+            let double = c
+                .prepare(&format!("SELECT $1::int * 2 + {client} - {client}"))
+                .await
+                .unwrap();
+            let square = c.prepare("SELECT $1::int * $1::int").await.unwrap();
+            for round in 0..10i32 {
+                // tokio-postgres pipelines these: Bind/Execute/Sync × 40 in flight, on named
+                // statements that may not be prepared on the backend this round gets.
+                let queries = (0..20i32).flat_map(|i| {
+                    let n = client * 1000 + round * 20 + i;
+                    let (c, double, square) = (&c, &double, &square);
+                    [
+                        futures_util::future::Either::Left(async move {
+                            let v: i32 = c.query_one(double, &[&n]).await.unwrap().get(0);
+                            assert_eq!(v, n * 2);
+                        }),
+                        futures_util::future::Either::Right(async move {
+                            let v: i32 = c.query_one(square, &[&(n % 1000)]).await.unwrap().get(0);
+                            assert_eq!(v, (n % 1000) * (n % 1000));
+                        }),
+                    ]
+                });
+                futures_util::future::join_all(queries).await;
+            }
+        }));
+    }
+    for task in tasks {
+        tokio::time::timeout(Duration::from_secs(60), task)
+            .await
+            .expect("pipelines finish")
+            .unwrap();
+    }
+}
