@@ -113,3 +113,52 @@ async fn three_hundred_tenants_never_exceed_a_budget_of_ten() {
         "pools were created for many tenants"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_pool_is_evicted_after_its_ttl_but_never_while_a_client_uses_it() {
+    let env = TestEnv::start_with(|c| {
+        c.pool.pool_size = 1;
+        c.pool.pool_idle_timeout_seconds = 1;
+    })
+    .await;
+    let t = env.tenant_with_user("ttl").await;
+    let slug = t.slug.as_str().to_owned();
+    let pools = env.proxy.as_ref().unwrap().state().pools.clone();
+
+    // A holds the only backend and sits idle past the pool's TTL.
+    let a = env.app(&slug).await;
+    a.simple_query("SELECT 1").await.unwrap();
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    pools.pool_count().await;
+
+    // B must queue on the same pool (pool_size 1), not get a second pool and backend.
+    let env = Arc::new(env);
+    let b = {
+        let (env, slug) = (env.clone(), slug.clone());
+        tokio::spawn(async move { env.connect(&slug, "app", "secret").await.map(|_| ()) })
+    };
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert!(
+        !b.is_finished(),
+        "B got a backend while A holds the only one"
+    );
+    assert_eq!(common::backend_count(&t.database).await, 1);
+    drop(a);
+    tokio::time::timeout(Duration::from_secs(10), b)
+        .await
+        .expect("B gets the backend once A leaves")
+        .unwrap()
+        .unwrap();
+
+    // Nobody uses it now: after the TTL the pool goes, with its connection.
+    let evicted = common::eventually(Duration::from_secs(10), || async {
+        pools.pool_count().await == 0
+    })
+    .await;
+    assert!(evicted, "the idle pool was not evicted");
+    let closed = common::eventually(Duration::from_secs(10), || async {
+        common::backend_count(&t.database).await == 0
+    })
+    .await;
+    assert!(closed, "the evicted pool's backend stayed open");
+}

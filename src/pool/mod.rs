@@ -12,8 +12,8 @@ mod budget;
 mod config;
 
 use std::collections::HashMap;
-use std::sync::Arc;
 use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex, PoisonError, Weak};
 use std::time::Duration;
 
 use moka::future::Cache;
@@ -248,6 +248,8 @@ pub struct TenantPool {
     /// ParameterStatus values of a freshly logged-in backend, once one has been seen: enough to
     /// greet a transaction-pooling client without taking a backend.
     base_params: std::sync::Mutex<Option<Params>>,
+    /// Clients attached to this pool now (see `PoolMap::attach`).
+    users: std::sync::atomic::AtomicUsize,
 }
 
 impl TenantPool {
@@ -259,6 +261,12 @@ impl TenantPool {
     pub fn state(&self) -> (u32, u32) {
         let s = self.pool.state();
         (s.connections, s.idle_connections)
+    }
+
+    /// True while a client is attached or a backend is checked out.
+    pub fn in_use(&self) -> bool {
+        let (open, idle) = self.state();
+        self.users.load(Ordering::Relaxed) > 0 || open > idle
     }
 
     /// The parameters a fresh backend of this pool reports, if one has been seen.
@@ -294,10 +302,23 @@ impl Lease {
     }
 }
 
+/// A client's hold on its tenant's pool; see `PoolMap::attach`.
+pub struct PoolUse {
+    pool: Arc<TenantPool>,
+}
+
+impl Drop for PoolUse {
+    fn drop(&mut self) {
+        self.pool.users.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
 /// slug → tenant pool.
 #[derive(Clone)]
 pub struct PoolMap {
     pools: Arc<PoolCache>,
+    /// Pools evicted while clients still used them, until those clients come back or leave.
+    parked: Arc<Mutex<HashMap<TenantSlug, Weak<TenantPool>>>>,
     config: PoolConfig,
     servers: Arc<Vec<ServerConfig>>,
     budgets: Arc<HashMap<String, Arc<ServerBudget>>>,
@@ -307,12 +328,25 @@ pub struct PoolMap {
 
 impl PoolMap {
     pub fn new(config: &PoolConfig, servers: &[ServerConfig], key: MasterKey) -> PoolMap {
+        let parked: Arc<Mutex<HashMap<TenantSlug, Weak<TenantPool>>>> = Arc::default();
         let pools = Cache::builder()
             .max_capacity(config.max_pools)
             .eviction_policy(EvictionPolicy::lru())
             .time_to_idle(Duration::from_secs(config.pool_idle_timeout_seconds))
-            .eviction_listener(|slug: Arc<TenantSlug>, _pool, cause| {
-                tracing::debug!(tenant = %slug, ?cause, "tenant pool dropped");
+            .eviction_listener({
+                let parked = Arc::clone(&parked);
+                move |slug: Arc<TenantSlug>, pool: Arc<TenantPool>, cause| {
+                    if pool.in_use() {
+                        // Evicted while clients use it: park it, so the next client of this
+                        // tenant finds the same pool (and its limits) instead of a second one.
+                        let mut parked = parked.lock().unwrap_or_else(PoisonError::into_inner);
+                        parked.retain(|_, p: &mut Weak<TenantPool>| p.strong_count() > 0);
+                        parked.insert((*slug).clone(), Arc::downgrade(&pool));
+                        tracing::debug!(tenant = %slug, ?cause, "tenant pool in use; parked");
+                    } else {
+                        tracing::debug!(tenant = %slug, ?cause, "tenant pool dropped");
+                    }
+                }
             })
             .build();
         let budgets = servers
@@ -326,6 +360,7 @@ impl PoolMap {
             .collect();
         PoolMap {
             pools: Arc::new(pools),
+            parked,
             config: config.clone(),
             servers: Arc::new(servers.to_vec()),
             budgets: Arc::new(budgets),
@@ -375,6 +410,19 @@ impl PoolMap {
                 .insert(tenant.slug.clone(), Arc::clone(&fresh))
                 .await;
             return Ok(fresh);
+        }
+        // Not cached: maybe evicted while in use. Let pending evictions run (they park busy
+        // pools), then take a parked pool back.
+        self.pools.run_pending_tasks().await;
+        let parked = {
+            let mut parked = self.parked.lock().unwrap_or_else(PoisonError::into_inner);
+            parked.remove(&tenant.slug).and_then(|p| p.upgrade())
+        };
+        if let Some(pool) = parked.filter(|p| p.source.matches(tenant)) {
+            self.pools
+                .insert(tenant.slug.clone(), Arc::clone(&pool))
+                .await;
+            return Ok(pool);
         }
         // A burst of clients for a cold tenant builds one pool.
         self.pools
@@ -430,6 +478,7 @@ impl PoolMap {
             connect_errors,
             last_used_ms: std::sync::atomic::AtomicU64::new(self.now_ms()),
             base_params: std::sync::Mutex::new(None),
+            users: std::sync::atomic::AtomicUsize::new(0),
         })
     }
 
@@ -490,6 +539,14 @@ impl PoolMap {
     pub async fn pool_count(&self) -> u64 {
         self.pools.run_pending_tasks().await;
         self.pools.entry_count()
+    }
+
+    /// Marks a client as using the tenant's pool for as long as the guard lives: the pool is
+    /// then never evicted away from it.
+    pub async fn attach(&self, tenant: &TenantRecord) -> Result<PoolUse, PoolError> {
+        let pool = self.pool_for(tenant).await?;
+        pool.users.fetch_add(1, Ordering::Relaxed);
+        Ok(PoolUse { pool })
     }
 
     pub fn config(&self) -> &PoolConfig {

@@ -131,6 +131,8 @@ pub async fn run<C>(
 where
     C: AsyncRead + AsyncWrite + Unpin,
 {
+    // Keeps the tenant's pool (and so its limits) in place while this client is connected.
+    let _attached = ctx.pools.attach(ctx.tenant).await?;
     let mut buffers = RelayBuffers::new(ctx.max_client_message_bytes);
     let outcome = match ctx.mode {
         PoolMode::Session => {
