@@ -76,3 +76,46 @@ async fn a_changed_backend_password_and_a_moved_database_take_effect_without_res
     .await;
     assert!(moved, "new clients did not land on the new database");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn suspending_a_tenant_disconnects_its_clients_after_the_grace_period() {
+    for mode in [
+        tenantgate::pool::PoolMode::Session,
+        tenantgate::pool::PoolMode::Transaction,
+    ] {
+        let env = TestEnv::start_with(|c| {
+            c.pool.mode = mode;
+            c.proxy.suspend_grace_seconds = 1;
+        })
+        .await;
+        let t = env.tenant_with_user("susp-live").await;
+        let bystander = env.tenant_with_user("bystander").await;
+        let slug = t.slug.as_str();
+        let c = env.app(slug).await;
+        let other = env.app(bystander.slug.as_str()).await;
+        c.simple_query("SELECT 1").await.unwrap();
+
+        tenantgate::provision::set_state(
+            &env.registry,
+            slug,
+            tenantgate::registry::TenantState::Suspended,
+        )
+        .await
+        .unwrap();
+        // Within the grace period the client still works...
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        if mode == tenantgate::pool::PoolMode::Session {
+            c.simple_query("SELECT 1").await.unwrap();
+        }
+        // ...then it is disconnected with 57P03.
+        let gone = eventually(Duration::from_secs(5), || async { c.is_closed() }).await;
+        assert!(
+            gone,
+            "{mode:?}: the suspended tenant's client stayed connected"
+        );
+        let err = c.simple_query("SELECT 1").await.unwrap_err();
+        assert!(err.is_closed() || common::sqlstate(&err).as_deref() == Some("57P03"));
+        // Other tenants are untouched.
+        other.simple_query("SELECT 1").await.unwrap();
+    }
+}

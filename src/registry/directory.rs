@@ -29,6 +29,8 @@ pub struct TenantDirectory {
     records: Cache<TenantSlug, Arc<TenantRecord>>,
     unknown: Cache<TenantSlug, ()>,
     verifiers: Cache<UserKey, Option<Arc<str>>>,
+    /// Slugs whose registry rows changed, for sessions that must react (suspension).
+    changes: tokio::sync::broadcast::Sender<TenantSlug>,
 }
 
 impl TenantDirectory {
@@ -51,7 +53,14 @@ impl TenantDirectory {
                 .time_to_live(ttl)
                 .support_invalidation_closures()
                 .build(),
+            changes: tokio::sync::broadcast::channel(1024).0,
         }
+    }
+
+    /// Slugs as their registry rows change. A receiver that lags past 1024 changes gets
+    /// `Lagged` and should re-check its tenant.
+    pub fn subscribe(&self) -> tokio::sync::broadcast::Receiver<TenantSlug> {
+        self.changes.subscribe()
     }
 
     pub fn registry(&self) -> &Registry {
@@ -111,6 +120,7 @@ impl TenantDirectory {
 
     /// Forgets everything cached about one tenant.
     pub async fn invalidate(&self, slug: &TenantSlug) {
+        let slug_for_sessions = slug.clone();
         self.records.invalidate(slug).await;
         self.unknown.invalidate(slug).await;
         let slug = slug.clone();
@@ -119,6 +129,8 @@ impl TenantDirectory {
             self.verifiers
                 .invalidate_entries_if(move |(s, _), _| *s == slug),
         );
+        // Nobody listening is fine.
+        drop(self.changes.send(slug_for_sessions));
     }
 
     /// Forgets everything.

@@ -160,6 +160,8 @@ pub(super) async fn serve_client(
     tracing::Span::current().record("tenant", record.slug.as_str());
     let ctx = SessionContext {
         tenant: &record,
+        directory: &state.directory,
+        suspend_grace: Duration::from_secs(state.config.proxy.suspend_grace_seconds),
         pools: &state.pools,
         mode: state.pools.config().mode,
         client_id,
@@ -171,6 +173,7 @@ pub(super) async fn serve_client(
     match session::run(&mut stream, &settings, &ctx).await {
         Ok(SessionEnd::Relay(end)) => CloseReason::Session(end),
         Ok(SessionEnd::Shutdown) => CloseReason::Shutdown,
+        Ok(SessionEnd::TenantNotActive(_)) => CloseReason::Error(SqlState::CANNOT_CONNECT_NOW),
         Err(e) => fail_session(&mut stream, &e).await,
     }
 }

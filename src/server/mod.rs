@@ -54,6 +54,11 @@ pub struct ProxyConfig {
     /// Default 10.
     #[serde(default = "default_shutdown_grace_seconds")]
     pub shutdown_grace_seconds: u64,
+    /// When a tenant leaves `active` (suspended, deleted...), its connected clients get this
+    /// many seconds before they are disconnected with 57P03; transaction-pooling clients start
+    /// no new transaction meanwhile. Default 10.
+    #[serde(default = "default_shutdown_grace_seconds")]
+    pub suspend_grace_seconds: u64,
     /// Log filter (`error`, `warn`, `info`, `debug`, `trace`, or a tracing filter such as
     /// `tenantgate=debug`). `RUST_LOG` overrides it. Default "info".
     #[serde(default = "default_log_level")]
@@ -91,6 +96,7 @@ impl Default for ProxyConfig {
             max_startup_packet_bytes: default_max_startup_packet_bytes(),
             max_message_bytes: default_max_message_bytes(),
             shutdown_grace_seconds: default_shutdown_grace_seconds(),
+            suspend_grace_seconds: default_shutdown_grace_seconds(),
             log_level: default_log_level(),
         }
     }

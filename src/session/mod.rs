@@ -31,11 +31,71 @@ use crate::pool::{
     BackendConn, BackendError, Lease, PoolError, PoolMap, PoolMode, ServerError, SetupOutcome,
 };
 use crate::protocol::{SqlState, messages};
-use crate::registry::TenantRecord;
+use crate::registry::{TenantDirectory, TenantRecord, TenantSlug, TenantState};
 
 pub use cancel::{CancelGuard, CancelMap, CancelTarget};
 pub use relay::{RelayBuffers, RelayEnd, RelayError, TxTracker};
 use statements::{ClientStatements, Responses, StatementContext};
+
+/// Watches the registry for this client's tenant leaving `active`.
+struct Watch<'a> {
+    changes: tokio::sync::broadcast::Receiver<TenantSlug>,
+    ctx: &'a SessionContext<'a>,
+    /// A change was seen and not yet checked (kept across cancellation of `must_go`).
+    unchecked: bool,
+    /// The state the tenant left `active` for, and when the client must be gone.
+    leaving: Option<(TenantState, tokio::time::Instant)>,
+}
+
+impl<'a> Watch<'a> {
+    fn new(ctx: &'a SessionContext<'a>) -> Watch<'a> {
+        Watch {
+            changes: ctx.directory.subscribe(),
+            ctx,
+            unchecked: false,
+            leaving: None,
+        }
+    }
+
+    /// Known to have left `active`.
+    fn left_active(&self) -> Option<TenantState> {
+        self.leaving.map(|(state, _)| state)
+    }
+
+    /// Resolves when the client must go: the tenant left `active` and the grace period
+    /// passed. Cancel-safe: progress is kept in `self`.
+    async fn must_go(&mut self) -> TenantState {
+        loop {
+            if let Some((state, deadline)) = self.leaving {
+                tokio::time::sleep_until(deadline).await;
+                return state;
+            }
+            if !self.unchecked {
+                match self.changes.recv().await {
+                    Ok(slug) if slug == self.ctx.tenant.slug => self.unchecked = true,
+                    Ok(_) => continue,
+                    Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {
+                        self.unchecked = true;
+                    }
+                    Err(tokio::sync::broadcast::error::RecvError::Closed) => {
+                        std::future::pending::<()>().await;
+                    }
+                }
+            }
+            let state = match self.ctx.directory.tenant(&self.ctx.tenant.slug).await {
+                Ok(Some(record)) => record.state,
+                Ok(None) => TenantState::Deleted,
+                // The registry is away: keep serving; the next change checks again.
+                Err(_) => TenantState::Active,
+            };
+            self.unchecked = false;
+            if state != TenantState::Active {
+                tracing::info!(tenant = %self.ctx.tenant.slug, %state, "tenant left active; closing its clients after the grace period");
+                self.leaving = Some((state, tokio::time::Instant::now() + self.ctx.suspend_grace));
+            }
+        }
+    }
+}
 
 /// Statements kept prepared on one backend before it is cleared (on its next change of
 /// client). Past this, a pool of many different queries re-prepares rather than growing.
@@ -44,6 +104,10 @@ const MAX_STATEMENTS_PER_BACKEND: usize = 1000;
 /// What a session needs besides its socket.
 pub struct SessionContext<'a> {
     pub tenant: &'a TenantRecord,
+    /// To learn when the tenant leaves `active`.
+    pub directory: &'a TenantDirectory,
+    /// How long a client of a suspended tenant may go on before it is disconnected.
+    pub suspend_grace: Duration,
     pub pools: &'a PoolMap,
     pub mode: PoolMode,
     /// Unique per client connection; marks which client a backend last served.
@@ -59,6 +123,8 @@ pub struct SessionContext<'a> {
 pub enum SessionEnd {
     Relay(RelayEnd),
     Shutdown,
+    /// The tenant left `active` in the registry and the grace period passed.
+    TenantNotActive(TenantState),
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -162,18 +228,23 @@ where
             transaction_mode(client, settings, &mut buffers, &cancel, ctx).await
         }
     };
-    if outcome
-        .as_ref()
-        .is_ok_and(|end| *end == SessionEnd::Shutdown)
-    {
-        let mut out = BytesMut::new();
-        messages::error_response(
-            &mut out,
-            messages::Severity::Fatal,
+    let farewell = match &outcome {
+        Ok(SessionEnd::Shutdown) => Some((
             SqlState::ADMIN_SHUTDOWN,
-            "terminating connection because tenantgate is shutting down",
-            None,
-        );
+            "terminating connection because tenantgate is shutting down".to_owned(),
+        )),
+        Ok(SessionEnd::TenantNotActive(state)) => Some((
+            SqlState::CANNOT_CONNECT_NOW,
+            format!(
+                "terminating connection: tenant \"{}\" is {state}",
+                ctx.tenant.slug
+            ),
+        )),
+        _ => None,
+    };
+    if let Some((code, text)) = farewell {
+        let mut out = BytesMut::new();
+        messages::error_response(&mut out, messages::Severity::Fatal, code, &text, None);
         drop(client.write_all(&out).await);
     }
     outcome
@@ -192,9 +263,11 @@ where
 {
     let mut tracker = TxTracker::default();
     let backend = lease.conn();
+    let mut watch = Watch::new(ctx);
     let outcome = tokio::select! {
         end = relay::relay(client, &mut backend.stream, buffers, &mut tracker, None) => end.map(SessionEnd::Relay),
         () = ctx.shutdown.cancelled() => Ok(SessionEnd::Shutdown),
+        state = watch.must_go() => Ok(SessionEnd::TenantNotActive(state)),
     };
     cancel.detach().await;
     let client_left_cleanly = matches!(
@@ -227,13 +300,19 @@ where
         ..TxTracker::default()
     };
     let mut client_statements = ClientStatements::default();
+    let mut watch = Watch::new(ctx);
     loop {
         let waited = tokio::select! {
             waited = buffers.wait_for_client(client) => waited?,
             () = ctx.shutdown.cancelled() => return Ok(SessionEnd::Shutdown),
+            state = watch.must_go() => return Ok(SessionEnd::TenantNotActive(state)),
         };
         if let Some(end) = waited {
             return Ok(SessionEnd::Relay(end));
+        }
+        if let Some(state) = watch.left_active() {
+            // No new transactions for a tenant that is no longer active.
+            return Ok(SessionEnd::TenantNotActive(state));
         }
         let mut lease = ctx.pools.checkout(ctx.tenant).await?;
         let backend = lease.conn();
@@ -249,6 +328,7 @@ where
         let outcome = tokio::select! {
             end = relay::relay(client, &mut backend.stream, buffers, &mut tracker, Some(statements)) => end.map(SessionEnd::Relay),
             () = ctx.shutdown.cancelled() => Ok(SessionEnd::Shutdown),
+            state = watch.must_go() => Ok(SessionEnd::TenantNotActive(state)),
         };
         cancel.detach().await;
         tracing::trace!(?outcome, ?tracker, "transaction relay ended");
