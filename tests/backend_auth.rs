@@ -121,3 +121,32 @@ async fn past_max_client_connections_a_client_gets_53300() {
     assert!(back);
     drop(b);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn past_a_tenants_own_client_limit_its_clients_get_53300_and_others_do_not() {
+    let env = TestEnv::start_with(|c| c.pool.max_clients_per_tenant = 2).await;
+    let busy = env.tenant_with_user("busy").await;
+    let calm = env.tenant_with_user("calm").await;
+    let a = env.app(busy.slug.as_str()).await;
+    let b = env.app(busy.slug.as_str()).await;
+    let err = env
+        .connect(busy.slug.as_str(), "app", "secret")
+        .await
+        .unwrap_err();
+    assert_eq!(sqlstate(&err).as_deref(), Some("53300"), "{err}");
+    // Another tenant is not affected.
+    env.app(calm.slug.as_str())
+        .await
+        .simple_query("SELECT 1")
+        .await
+        .unwrap();
+    drop(a);
+    let back = common::eventually(std::time::Duration::from_secs(5), || async {
+        env.connect(busy.slug.as_str(), "app", "secret")
+            .await
+            .is_ok()
+    })
+    .await;
+    assert!(back);
+    drop(b);
+}

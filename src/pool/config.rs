@@ -46,6 +46,10 @@ pub struct PoolConfig {
     /// Most tenant pools kept at once; the least recently used goes first. Default 10000.
     #[serde(default = "default_max_pools")]
     pub max_pools: u64,
+    /// Most client connections one tenant may have open at once; past it a client gets
+    /// 53300. 0 means no per-tenant limit (only `proxy.max_client_connections`). Default 0.
+    #[serde(default)]
+    pub max_clients_per_tenant: u32,
 }
 
 /// How long a client holds a backend.
@@ -98,6 +102,7 @@ impl Default for PoolConfig {
             server_lifetime_seconds: default_server_lifetime(),
             pool_idle_timeout_seconds: default_pool_idle_timeout(),
             max_pools: default_max_pools(),
+            max_clients_per_tenant: 0,
         }
     }
 }

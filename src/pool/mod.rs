@@ -40,6 +40,8 @@ pub enum PoolError {
     },
     #[error("no backend connection for tenant {slug} within {waited:?}")]
     CheckoutTimeout { slug: TenantSlug, waited: Duration },
+    #[error("tenant {slug} has its {limit} client connections already")]
+    TooManyClients { slug: TenantSlug, limit: u32 },
     /// A pool-building error shared by every client that waited on the same build.
     #[error(transparent)]
     Shared(Arc<PoolError>),
@@ -57,7 +59,9 @@ impl ClientFacing for PoolError {
             PoolError::UnknownServer { .. } | PoolError::Secret { .. } => {
                 SqlState::CANNOT_CONNECT_NOW
             }
-            PoolError::CheckoutTimeout { .. } => SqlState::TOO_MANY_CONNECTIONS,
+            PoolError::CheckoutTimeout { .. } | PoolError::TooManyClients { .. } => {
+                SqlState::TOO_MANY_CONNECTIONS
+            }
             PoolError::Backend { source, .. } => source.sqlstate(),
             PoolError::Shared(inner) => inner.sqlstate(),
         }
@@ -72,6 +76,9 @@ impl ClientFacing for PoolError {
                 "no backend connection for tenant \"{slug}\" became free within {} ms (pool is full)",
                 waited.as_millis()
             ),
+            PoolError::TooManyClients { slug, limit } => {
+                format!("sorry, too many clients already for tenant \"{slug}\" (limit {limit})")
+            }
             PoolError::Backend { source, .. } => source.client_message(),
             PoolError::Shared(inner) => inner.client_message(),
         }
@@ -80,7 +87,9 @@ impl ClientFacing for PoolError {
     fn kind(&self) -> ErrorKind {
         match self {
             PoolError::UnknownServer { .. } | PoolError::Secret { .. } => ErrorKind::Internal,
-            PoolError::CheckoutTimeout { .. } => ErrorKind::Limit,
+            PoolError::CheckoutTimeout { .. } | PoolError::TooManyClients { .. } => {
+                ErrorKind::Limit
+            }
             PoolError::Backend { .. } => ErrorKind::Backend,
             PoolError::Shared(inner) => inner.kind(),
         }
@@ -545,8 +554,16 @@ impl PoolMap {
     /// then never evicted away from it.
     pub async fn attach(&self, tenant: &TenantRecord) -> Result<PoolUse, PoolError> {
         let pool = self.pool_for(tenant).await?;
-        pool.users.fetch_add(1, Ordering::Relaxed);
-        Ok(PoolUse { pool })
+        let previous = pool.users.fetch_add(1, Ordering::Relaxed);
+        let guard = PoolUse { pool };
+        let limit = self.config.max_clients_per_tenant;
+        if limit > 0 && previous >= usize::try_from(limit).unwrap_or(usize::MAX) {
+            return Err(PoolError::TooManyClients {
+                slug: tenant.slug.clone(),
+                limit,
+            });
+        }
+        Ok(guard)
     }
 
     pub fn config(&self) -> &PoolConfig {
