@@ -59,6 +59,7 @@ async fn routing(tenants: usize) -> Routing {
         pool_size: 1,
         timeout_ms: 1000,
         cache_ttl_seconds: 3600,
+        stale_ttl_seconds: 3600,
         negative_cache_ttl_seconds: 2,
         cache_capacity: 100_000,
     };

@@ -119,3 +119,65 @@ async fn suspending_a_tenant_disconnects_its_clients_after_the_grace_period() {
         other.simple_query("SELECT 1").await.unwrap();
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cached_tenants_keep_working_while_the_registry_is_down_and_it_recovers_by_itself() {
+    let env = TestEnv::start_with(|c| c.registry.cache_ttl_seconds = 1).await;
+    let warm = env.tenant_with_user("warm").await;
+    let cold = env.tenant_with_user("cold").await;
+    env.app(warm.slug.as_str())
+        .await
+        .simple_query("SELECT 1")
+        .await
+        .unwrap();
+
+    // Take the registry away: no new connections, existing ones terminated.
+    let registry_db = env
+        .config
+        .registry
+        .url
+        .split_whitespace()
+        .find_map(|kv| kv.strip_prefix("dbname="))
+        .unwrap()
+        .to_owned();
+    let admin = admin_client("postgres").await;
+    admin
+        .batch_execute(&format!(
+            "ALTER DATABASE {registry_db} ALLOW_CONNECTIONS false; \
+             SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = '{registry_db}'"
+        ))
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+
+    // The warm tenant's records are stale now and cannot be refreshed: they keep serving.
+    for _ in 0..3 {
+        let c = env.app(warm.slug.as_str()).await;
+        c.simple_query("SELECT 1").await.unwrap();
+    }
+    // A tenant never seen gets a clear error.
+    let err = env
+        .connect(cold.slug.as_str(), "app", "secret")
+        .await
+        .unwrap_err();
+    assert_eq!(common::sqlstate(&err).as_deref(), Some("57P03"), "{err}");
+    assert!(err.as_db_error().unwrap().message().contains("registry"));
+
+    // The registry comes back: tenantgate recovers without help.
+    admin
+        .batch_execute(&format!(
+            "ALTER DATABASE {registry_db} ALLOW_CONNECTIONS true"
+        ))
+        .await
+        .unwrap();
+    let back = eventually(Duration::from_secs(10), || async {
+        env.connect(cold.slug.as_str(), "app", "secret")
+            .await
+            .is_ok()
+    })
+    .await;
+    assert!(
+        back,
+        "the cold tenant is still refused after the registry came back"
+    );
+}

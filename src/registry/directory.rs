@@ -8,7 +8,7 @@
 
 use std::str::FromStr;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use futures_util::StreamExt;
 use moka::future::Cache;
@@ -26,21 +26,26 @@ type UserKey = (TenantSlug, String);
 #[derive(Clone)]
 pub struct TenantDirectory {
     registry: Registry,
-    records: Cache<TenantSlug, Arc<TenantRecord>>,
+    /// How long an entry is used without asking the registry again.
+    fresh: Duration,
+    records: Cache<TenantSlug, (Arc<TenantRecord>, Instant)>,
     unknown: Cache<TenantSlug, ()>,
-    verifiers: Cache<UserKey, Option<Arc<str>>>,
+    verifiers: Cache<UserKey, (Option<Arc<str>>, Instant)>,
     /// Slugs whose registry rows changed, for sessions that must react (suspension).
     changes: tokio::sync::broadcast::Sender<TenantSlug>,
 }
 
 impl TenantDirectory {
     pub fn new(registry: Registry, config: &RegistryConfig) -> TenantDirectory {
-        let ttl = Duration::from_secs(config.cache_ttl_seconds.max(1));
+        let fresh = Duration::from_secs(config.cache_ttl_seconds.max(1));
+        // Entries are kept past their freshness so they can serve while the registry is away.
+        let kept = Duration::from_secs(config.stale_ttl_seconds).max(fresh);
         TenantDirectory {
             registry,
+            fresh,
             records: Cache::builder()
                 .max_capacity(config.cache_capacity)
-                .time_to_live(ttl)
+                .time_to_live(kept)
                 .build(),
             unknown: Cache::builder()
                 .max_capacity(config.cache_capacity)
@@ -50,7 +55,7 @@ impl TenantDirectory {
                 .build(),
             verifiers: Cache::builder()
                 .max_capacity(config.cache_capacity)
-                .time_to_live(ttl)
+                .time_to_live(kept)
                 .support_invalidation_closures()
                 .build(),
             changes: tokio::sync::broadcast::channel(1024).0,
@@ -68,12 +73,34 @@ impl TenantDirectory {
     }
 
     /// The tenant's record, from the cache or the registry; `None` if there is no such tenant.
+    /// A cached record past its freshness is refreshed; if the registry cannot answer, the
+    /// cached record keeps serving (cached tenants stay up while the registry is down).
     pub async fn tenant(
         &self,
         slug: &TenantSlug,
     ) -> Result<Option<Arc<TenantRecord>>, RegistryError> {
-        if let Some(hit) = self.records.get(slug).await {
-            return Ok(Some(hit));
+        if let Some((record, fetched)) = self.records.get(slug).await {
+            if fetched.elapsed() < self.fresh {
+                return Ok(Some(record));
+            }
+            return match self.registry.tenant(slug).await {
+                Ok(Some(fresh)) => {
+                    let fresh = Arc::new(fresh);
+                    self.records
+                        .insert(slug.clone(), (Arc::clone(&fresh), Instant::now()))
+                        .await;
+                    Ok(Some(fresh))
+                }
+                Ok(None) => {
+                    self.records.invalidate(slug).await;
+                    self.unknown.insert(slug.clone(), ()).await;
+                    Ok(None)
+                }
+                Err(e) => {
+                    tracing::warn!(tenant = %slug, error = %e, "registry unavailable; serving the cached tenant record");
+                    Ok(Some(record))
+                }
+            };
         }
         if self.unknown.contains_key(slug) {
             return Ok(None);
@@ -83,14 +110,14 @@ impl TenantDirectory {
             .records
             .try_get_with_by_ref(slug, async {
                 match registry.tenant(slug).await {
-                    Ok(Some(record)) => Ok(Arc::new(record)),
+                    Ok(Some(record)) => Ok((Arc::new(record), Instant::now())),
                     Ok(None) => Err(RegistryError::NoSuchTenant),
                     Err(e) => Err(e),
                 }
             })
             .await;
         match found {
-            Ok(record) => Ok(Some(record)),
+            Ok((record, _)) => Ok(Some(record)),
             Err(e) if matches!(*e, RegistryError::NoSuchTenant) => {
                 self.unknown.insert(slug.clone(), ()).await;
                 Ok(None)
@@ -99,22 +126,42 @@ impl TenantDirectory {
         }
     }
 
-    /// The SCRAM verifier of (tenant, user), from the cache or the registry.
+    /// The SCRAM verifier of (tenant, user), from the cache or the registry; like `tenant`,
+    /// a stale verifier serves while the registry is away.
     pub async fn verifier(
         &self,
         slug: &TenantSlug,
         user: &str,
     ) -> Result<Option<Arc<str>>, RegistryError> {
         let key = (slug.clone(), user.to_owned());
+        if let Some((verifier, fetched)) = self.verifiers.get(&key).await {
+            if fetched.elapsed() < self.fresh {
+                return Ok(verifier);
+            }
+            return match self.registry.user_verifier(slug, user).await {
+                Ok(fresh) => {
+                    let fresh: Option<Arc<str>> = fresh.map(Arc::from);
+                    self.verifiers
+                        .insert(key, (fresh.clone(), Instant::now()))
+                        .await;
+                    Ok(fresh)
+                }
+                Err(e) => {
+                    tracing::warn!(tenant = %slug, error = %e, "registry unavailable; serving the cached verifier");
+                    Ok(verifier)
+                }
+            };
+        }
         let registry = &self.registry;
         self.verifiers
             .try_get_with(key, async {
                 registry
                     .user_verifier(slug, user)
                     .await
-                    .map(|v| v.map(Arc::from))
+                    .map(|v| (v.map(Arc::from), Instant::now()))
             })
             .await
+            .map(|(verifier, _)| verifier)
             .map_err(RegistryError::Shared)
     }
 
@@ -149,7 +196,7 @@ impl TenantDirectory {
     /// Puts a record in the cache directly (benchmarks and tests of the hot path).
     pub async fn prime(&self, record: TenantRecord) {
         self.records
-            .insert(record.slug.clone(), Arc::new(record))
+            .insert(record.slug.clone(), (Arc::new(record), Instant::now()))
             .await;
     }
 }

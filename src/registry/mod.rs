@@ -40,6 +40,11 @@ pub struct RegistryConfig {
     /// LISTEN/NOTIFY, so this is only the safety net. Default 60.
     #[serde(default = "default_cache_ttl")]
     pub cache_ttl_seconds: u64,
+    /// How long a cached tenant record or verifier may keep serving, in seconds, when the
+    /// registry cannot be reached to refresh it; cached tenants stay up through a registry
+    /// outage this long. Default 3600.
+    #[serde(default = "default_stale_ttl")]
+    pub stale_ttl_seconds: u64,
     /// How long an unknown slug is remembered as unknown, in seconds. Default 2.
     #[serde(default = "default_negative_ttl")]
     pub negative_cache_ttl_seconds: u64,
@@ -57,6 +62,9 @@ fn default_timeout_ms() -> u64 {
 fn default_cache_ttl() -> u64 {
     60
 }
+fn default_stale_ttl() -> u64 {
+    3600
+}
 fn default_negative_ttl() -> u64 {
     2
 }
@@ -72,6 +80,8 @@ pub enum RegistryError {
     Query(#[from] tokio_postgres::Error),
     #[error("registry unavailable")]
     Unavailable(#[source] bb8::RunError<tokio_postgres::Error>),
+    #[error("connecting to the registry failed")]
+    ConnectFailed(#[source] std::sync::Arc<tokio_postgres::Error>),
     #[error("registry row for tenant {slug} is invalid: {what}")]
     BadRow { slug: String, what: String },
     #[error("registry migration {version} ({name}) was changed after it was applied")]
@@ -90,6 +100,7 @@ impl ClientFacing for RegistryError {
             RegistryError::BadUrl(_)
             | RegistryError::Query(_)
             | RegistryError::Unavailable(_)
+            | RegistryError::ConnectFailed(_)
             | RegistryError::BadRow { .. }
             | RegistryError::MigrationChanged { .. }
             | RegistryError::NoSuchTenant
@@ -102,6 +113,7 @@ impl ClientFacing for RegistryError {
             RegistryError::BadUrl(_)
             | RegistryError::Query(_)
             | RegistryError::Unavailable(_)
+            | RegistryError::ConnectFailed(_)
             | RegistryError::BadRow { .. }
             | RegistryError::MigrationChanged { .. }
             | RegistryError::NoSuchTenant
@@ -139,6 +151,25 @@ pub struct NewTenant<'a> {
 #[derive(Clone)]
 pub struct Registry {
     pool: bb8::Pool<PostgresConnectionManager<NoTls>>,
+    connect_errors: ConnectErrors,
+}
+
+type RegistryConn<'a> = bb8::PooledConnection<'a, PostgresConnectionManager<NoTls>>;
+
+/// bb8 keeps connect errors from `get` (the caller waits out the whole timeout); this sink
+/// hands them to the callers waiting, so a registry that is down fails lookups at once.
+#[derive(Debug, Clone)]
+struct ConnectErrors(tokio::sync::broadcast::Sender<std::sync::Arc<tokio_postgres::Error>>);
+
+impl bb8::ErrorSink<tokio_postgres::Error> for ConnectErrors {
+    fn sink(&self, error: tokio_postgres::Error) {
+        tracing::warn!(error = %error, "registry connection failed");
+        drop(self.0.send(std::sync::Arc::new(error)));
+    }
+
+    fn boxed_clone(&self) -> Box<dyn bb8::ErrorSink<tokio_postgres::Error>> {
+        Box::new(self.clone())
+    }
 }
 
 const TENANT_COLUMNS: &str = "slug, display_name, state, plan, server, database_name, \
@@ -155,25 +186,40 @@ impl Registry {
             pg.application_name("tenantgate");
         }
         let manager = PostgresConnectionManager::new(pg, NoTls);
+        let connect_errors = ConnectErrors(tokio::sync::broadcast::channel(4).0);
         let pool = bb8::Pool::builder()
+            .error_sink(Box::new(connect_errors.clone()))
             .max_size(config.pool_size.max(1))
             .min_idle(Some(0))
             .connection_timeout(timeout)
             .retry_connection(false)
             .build(manager)
             .await?;
-        Ok(Registry { pool })
+        Ok(Registry {
+            pool,
+            connect_errors,
+        })
+    }
+
+    /// A registry connection, or the reason none can be opened.
+    async fn conn(&self) -> Result<RegistryConn<'_>, RegistryError> {
+        let mut errors = self.connect_errors.0.subscribe();
+        tokio::select! {
+            biased;
+            conn = self.pool.get() => Ok(conn?),
+            Ok(e) = errors.recv() => Err(RegistryError::ConnectFailed(e)),
+        }
     }
 
     /// Applies pending registry migrations.
     pub async fn migrate(&self) -> Result<migrate::Applied, RegistryError> {
-        let mut conn = self.pool.get().await?;
+        let mut conn = self.conn().await?;
         migrate::apply(&mut conn).await
     }
 
     /// One tenant by slug.
     pub async fn tenant(&self, slug: &TenantSlug) -> Result<Option<TenantRecord>, RegistryError> {
-        let conn = self.pool.get().await?;
+        let conn = self.conn().await?;
         let sql = format!("SELECT {TENANT_COLUMNS} FROM tenants WHERE slug = $1");
         let row = conn.query_opt(&sql, &[&slug.as_str()]).await?;
         row.map(|r| tenant_from_row(&r)).transpose()
@@ -181,7 +227,7 @@ impl Registry {
 
     /// All tenants, by slug.
     pub async fn tenants(&self) -> Result<Vec<TenantRecord>, RegistryError> {
-        let conn = self.pool.get().await?;
+        let conn = self.conn().await?;
         let sql = format!("SELECT {TENANT_COLUMNS} FROM tenants ORDER BY slug");
         let rows = conn.query(&sql, &[]).await?;
         rows.iter().map(tenant_from_row).collect()
@@ -193,7 +239,7 @@ impl Registry {
         slug: &TenantSlug,
         user: &str,
     ) -> Result<Option<String>, RegistryError> {
-        let conn = self.pool.get().await?;
+        let conn = self.conn().await?;
         let row = conn
             .query_opt(
                 "SELECT scram_verifier FROM tenant_users WHERE tenant_slug = $1 AND username = $2",
@@ -205,7 +251,7 @@ impl Registry {
 
     /// Inserts a tenant, or replaces one in state `failed`.
     pub async fn insert_tenant(&self, t: &NewTenant<'_>) -> Result<(), RegistryError> {
-        let conn = self.pool.get().await?;
+        let conn = self.conn().await?;
         conn.execute(
             "INSERT INTO tenants (slug, display_name, state, plan, server, database_name, \
              backend_role, backend_password_enc) VALUES ($1, $2, $3, $4, $5, $6, $7, $8) \
@@ -236,7 +282,7 @@ impl Registry {
         state: TenantState,
         error: Option<&str>,
     ) -> Result<bool, RegistryError> {
-        let conn = self.pool.get().await?;
+        let conn = self.conn().await?;
         let n = conn
             .execute(
                 "UPDATE tenants SET state = $2, error_message = $3, updated_at = now() \
@@ -255,7 +301,7 @@ impl Registry {
         backend_role: &str,
         backend_password_enc: &[u8],
     ) -> Result<bool, RegistryError> {
-        let conn = self.pool.get().await?;
+        let conn = self.conn().await?;
         let n = conn
             .execute(
                 "UPDATE tenants SET database_name = $2, backend_role = $3, \
@@ -278,7 +324,7 @@ impl Registry {
         user: &str,
         verifier: &str,
     ) -> Result<(), RegistryError> {
-        let conn = self.pool.get().await?;
+        let conn = self.conn().await?;
         conn.execute(
             "INSERT INTO tenant_users (tenant_slug, username, scram_verifier) VALUES ($1, $2, $3) \
              ON CONFLICT (tenant_slug, username) DO UPDATE \
@@ -297,7 +343,7 @@ impl Registry {
         action: &str,
         detail: Option<&str>,
     ) -> Result<(), RegistryError> {
-        let conn = self.pool.get().await?;
+        let conn = self.conn().await?;
         conn.execute(
             "INSERT INTO activity_log (tenant_slug, actor, action, detail) VALUES ($1, $2, $3, $4)",
             &[&slug.map(TenantSlug::as_str), &actor, &action, &detail],
