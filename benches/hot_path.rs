@@ -81,7 +81,12 @@ async fn routing(tenants: usize) -> Routing {
         max_pools: 100_000,
         ..PoolConfig::default()
     };
-    let pools = PoolMap::new(&pool_config, &[server], key.clone());
+    let pools = PoolMap::new(
+        &pool_config,
+        &[server],
+        &std::collections::BTreeMap::new(),
+        key.clone(),
+    );
 
     let mut slugs = Vec::with_capacity(tenants);
     for i in 0..tenants {
@@ -96,6 +101,7 @@ async fn routing(tenants: usize) -> Routing {
             backend_role: format!("tenant_t{i}_owner"),
             backend_password_enc: key.encrypt(&Secret::new(format!("pw-{i}-0123456789abcdef"))),
             error_message: None,
+            overrides: "{}".to_owned(),
         };
         directory.prime(record.clone()).await;
         pools.pool_for(&record).await.unwrap();

@@ -11,7 +11,7 @@ use std::path::Path;
 use serde::{Deserialize, Serialize};
 
 use crate::crypto::SecretsConfig;
-use crate::pool::{PoolConfig, ServerConfig};
+use crate::pool::{PlanConfig, PoolConfig, ServerConfig};
 use crate::provision::ProvisionConfig;
 use crate::registry::RegistryConfig;
 use crate::server::ProxyConfig;
@@ -32,6 +32,9 @@ pub struct Config {
     /// Backend PostgreSQL servers that hold tenant databases.
     #[serde(default, rename = "server")]
     pub servers: Vec<ServerConfig>,
+    /// Named plans, `[plans.NAME]`.
+    #[serde(default)]
+    pub plans: std::collections::BTreeMap<String, PlanConfig>,
 }
 
 #[derive(Debug, thiserror::Error)]

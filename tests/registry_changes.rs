@@ -181,3 +181,64 @@ async fn cached_tenants_keep_working_while_the_registry_is_down_and_it_recovers_
         "the cold tenant is still refused after the registry came back"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tenants_plan_and_overrides_apply_and_a_plan_change_needs_no_restart() {
+    let env = TestEnv::start_with(|c| {
+        c.plans.insert(
+            "tiny".to_owned(),
+            tenantgate::pool::PlanConfig {
+                pool_size: Some(1),
+                checkout_timeout_ms: Some(300),
+                statement_timeout_ms: Some(2500),
+                ..Default::default()
+            },
+        );
+        c.plans.insert(
+            "big".to_owned(),
+            tenantgate::pool::PlanConfig {
+                pool_size: Some(5),
+                ..Default::default()
+            },
+        );
+    })
+    .await;
+    let t = env.tenant_with_user("planned").await;
+    let slug = t.slug.as_str();
+    env.registry.set_plan(&t.slug, "tiny", "{}").await.unwrap();
+    let first = eventually(Duration::from_secs(5), || async {
+        let Ok(c) = env.connect(slug, "app", "secret").await else {
+            return false;
+        };
+        show_statement_timeout(&c).await == "2500ms"
+    })
+    .await;
+    assert!(first, "the plan's statement_timeout did not apply");
+
+    // Pool of 1 in session mode: a second client waits 300 ms, then 53300.
+    let holder = env.app(slug).await;
+    let err = env.connect(slug, "app", "secret").await.unwrap_err();
+    assert_eq!(common::sqlstate(&err).as_deref(), Some("53300"), "{err}");
+
+    // Move to the big plan with an override: new clients get the new pool at once.
+    env.registry
+        .set_plan(&t.slug, "big", r#"{"statement_timeout_ms": 4321}"#)
+        .await
+        .unwrap();
+    let upgraded = eventually(Duration::from_secs(5), || async {
+        let Ok(c) = env.connect(slug, "app", "secret").await else {
+            return false;
+        };
+        show_statement_timeout(&c).await == "4321ms"
+    })
+    .await;
+    assert!(upgraded, "the plan change did not take effect");
+    drop(holder);
+}
+
+async fn show_statement_timeout(c: &tokio_postgres::Client) -> String {
+    c.query_one("SHOW statement_timeout", &[])
+        .await
+        .unwrap()
+        .get(0)
+}

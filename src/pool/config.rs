@@ -183,3 +183,64 @@ fn default_admin_user() -> String {
 fn default_admin_database() -> String {
     "postgres".to_owned()
 }
+
+/// `[plans.NAME]`: a named plan. Every field is optional and falls back to `[pool]`; a tenant's
+/// registry row names its plan and may override single fields (`overrides`, a JSON object with
+/// the same keys). Changes to a tenant's plan or overrides take effect for its new clients
+/// without a restart.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct PlanConfig {
+    /// Most backend connections of one tenant's pool.
+    pub pool_size: Option<u32>,
+    /// Most client connections of one tenant (0: no per-tenant limit).
+    pub max_clients: Option<u32>,
+    /// Pooling mode.
+    pub mode: Option<PoolMode>,
+    /// statement_timeout applied to the tenant's clients unless they set their own, in
+    /// milliseconds.
+    pub statement_timeout_ms: Option<u64>,
+    /// How long a client waits for a backend connection, in milliseconds.
+    pub checkout_timeout_ms: Option<u64>,
+}
+
+/// What one tenant gets: `[pool]`, then its plan, then its overrides.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TenantLimits {
+    pub pool_size: u32,
+    pub max_clients: u32,
+    pub mode: PoolMode,
+    pub statement_timeout_ms: Option<u64>,
+    pub checkout_timeout_ms: u64,
+}
+
+impl TenantLimits {
+    pub fn from_defaults(pool: &PoolConfig) -> TenantLimits {
+        TenantLimits {
+            pool_size: pool.pool_size,
+            max_clients: pool.max_clients_per_tenant,
+            mode: pool.mode,
+            statement_timeout_ms: None,
+            checkout_timeout_ms: pool.checkout_timeout_ms,
+        }
+    }
+
+    /// Applies the fields a plan (or an override) sets. Zero sizes and timeouts are ignored.
+    pub fn apply(&mut self, plan: &PlanConfig) {
+        if let Some(n) = plan.pool_size.filter(|n| *n > 0) {
+            self.pool_size = n;
+        }
+        if let Some(n) = plan.max_clients {
+            self.max_clients = n;
+        }
+        if let Some(mode) = plan.mode {
+            self.mode = mode;
+        }
+        if let Some(ms) = plan.statement_timeout_ms {
+            self.statement_timeout_ms = Some(ms);
+        }
+        if let Some(ms) = plan.checkout_timeout_ms.filter(|ms| *ms > 0) {
+            self.checkout_timeout_ms = ms;
+        }
+    }
+}

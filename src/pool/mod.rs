@@ -21,7 +21,7 @@ use moka::policy::EvictionPolicy;
 
 pub use backend::{BackendConn, BackendError, BackendTarget, ServerError, SetupOutcome};
 pub use budget::ServerBudget;
-pub use config::{PoolConfig, PoolMode, ServerConfig};
+pub use config::{PlanConfig, PoolConfig, PoolMode, ServerConfig, TenantLimits};
 
 use crate::crypto::{CryptoError, MasterKey};
 use crate::error::{ClientFacing, ErrorKind};
@@ -218,6 +218,8 @@ struct PoolSource {
     database: String,
     role: String,
     password_enc: Vec<u8>,
+    plan: String,
+    overrides: String,
 }
 
 impl PoolSource {
@@ -227,6 +229,8 @@ impl PoolSource {
             database: tenant.database.clone(),
             role: tenant.backend_role.clone(),
             password_enc: tenant.backend_password_enc.clone(),
+            plan: tenant.plan.clone(),
+            overrides: tenant.overrides.clone(),
         }
     }
 
@@ -235,6 +239,8 @@ impl PoolSource {
             && self.database == tenant.database
             && self.role == tenant.backend_role
             && self.password_enc == tenant.backend_password_enc
+            && self.plan == tenant.plan
+            && self.overrides == tenant.overrides
     }
 }
 
@@ -245,6 +251,7 @@ pub type Params = Arc<Vec<(String, String)>>;
 pub struct TenantPool {
     source: PoolSource,
     target: BackendTarget,
+    limits: TenantLimits,
     pool: bb8::Pool<BackendManager>,
     /// One permit per connection the pool may open. tokio's semaphore serves waiters in
     /// order; bb8 alone lets a client that just gave a connection back take it again ahead of
@@ -270,6 +277,11 @@ impl TenantPool {
     pub fn state(&self) -> (u32, u32) {
         let s = self.pool.state();
         (s.connections, s.idle_connections)
+    }
+
+    /// What this tenant gets (pool size, mode, ...), from its plan and overrides.
+    pub fn limits(&self) -> &TenantLimits {
+        &self.limits
     }
 
     /// True while a client is attached or a backend is checked out.
@@ -326,6 +338,7 @@ impl Drop for PoolUse {
 #[derive(Clone)]
 pub struct PoolMap {
     pools: Arc<PoolCache>,
+    plans: Arc<std::collections::BTreeMap<String, PlanConfig>>,
     /// Pools evicted while clients still used them, until those clients come back or leave.
     parked: Arc<Mutex<HashMap<TenantSlug, Weak<TenantPool>>>>,
     config: PoolConfig,
@@ -336,7 +349,12 @@ pub struct PoolMap {
 }
 
 impl PoolMap {
-    pub fn new(config: &PoolConfig, servers: &[ServerConfig], key: MasterKey) -> PoolMap {
+    pub fn new(
+        config: &PoolConfig,
+        servers: &[ServerConfig],
+        plans: &std::collections::BTreeMap<String, PlanConfig>,
+        key: MasterKey,
+    ) -> PoolMap {
         let parked: Arc<Mutex<HashMap<TenantSlug, Weak<TenantPool>>>> = Arc::default();
         let pools = Cache::builder()
             .max_capacity(config.max_pools)
@@ -369,6 +387,7 @@ impl PoolMap {
             .collect();
         PoolMap {
             pools: Arc::new(pools),
+            plans: Arc::new(plans.clone()),
             parked,
             config: config.clone(),
             servers: Arc::new(servers.to_vec()),
@@ -442,8 +461,29 @@ impl PoolMap {
             .map_err(PoolError::Shared)
     }
 
+    /// What a tenant gets: `[pool]`, then its plan, then its overrides. An unknown plan or
+    /// malformed overrides are logged and skipped, never fatal for the tenant.
+    pub fn limits_for(&self, tenant: &TenantRecord) -> TenantLimits {
+        let mut limits = TenantLimits::from_defaults(&self.config);
+        match self.plans.get(&tenant.plan) {
+            Some(plan) => limits.apply(plan),
+            None if self.plans.is_empty() || tenant.plan == "default" => {}
+            None => {
+                tracing::warn!(tenant = %tenant.slug, plan = %tenant.plan, "tenant names a plan that is not in the config; using [pool] defaults")
+            }
+        }
+        match serde_json::from_str::<PlanConfig>(&tenant.overrides) {
+            Ok(overrides) => limits.apply(&overrides),
+            Err(e) => {
+                tracing::warn!(tenant = %tenant.slug, error = %e, "tenant overrides are not valid; ignored")
+            }
+        }
+        limits
+    }
+
     fn build_pool(&self, tenant: &TenantRecord) -> Result<TenantPool, PoolError> {
         let target = self.target_for(tenant)?;
+        let limits = self.limits_for(tenant);
         let source = PoolSource::of(tenant);
         let budget =
             self.budgets
@@ -459,17 +499,17 @@ impl PoolMap {
             target: target.clone(),
             connect_timeout: Duration::from_millis(self.config.connect_timeout_ms),
             budget,
-            budget_wait: Duration::from_millis(self.config.checkout_timeout_ms),
+            budget_wait: Duration::from_millis(limits.checkout_timeout_ms),
         };
         let (errors, _) = tokio::sync::broadcast::channel(4);
         let connect_errors = ConnectErrors(errors);
         let pool = bb8::Pool::builder()
             .error_sink(Box::new(connect_errors.clone()))
-            .max_size(self.config.pool_size)
-            .min_idle(Some(self.config.min_idle))
+            .max_size(limits.pool_size)
+            .min_idle(Some(self.config.min_idle.min(limits.pool_size)))
             .test_on_check_out(false)
             .retry_connection(false)
-            .connection_timeout(Duration::from_millis(self.config.checkout_timeout_ms))
+            .connection_timeout(Duration::from_millis(limits.checkout_timeout_ms))
             .idle_timeout(Some(Duration::from_secs(
                 self.config.server_idle_timeout_seconds,
             )))
@@ -482,8 +522,9 @@ impl PoolMap {
             target,
             pool,
             queue: Arc::new(tokio::sync::Semaphore::new(
-                usize::try_from(self.config.pool_size).unwrap_or(usize::MAX),
+                usize::try_from(limits.pool_size).unwrap_or(usize::MAX),
             )),
+            limits,
             connect_errors,
             last_used_ms: std::sync::atomic::AtomicU64::new(self.now_ms()),
             base_params: std::sync::Mutex::new(None),
@@ -494,7 +535,7 @@ impl PoolMap {
     /// Checks out a backend connection for the tenant.
     pub async fn checkout(&self, tenant: &TenantRecord) -> Result<Lease, PoolError> {
         let pool = self.pool_for(tenant).await?;
-        let waited = Duration::from_millis(self.config.checkout_timeout_ms);
+        let waited = Duration::from_millis(pool.limits.checkout_timeout_ms);
         let timed_out = || PoolError::CheckoutTimeout {
             slug: tenant.slug.clone(),
             waited,
@@ -521,7 +562,7 @@ impl PoolMap {
             }
             Err(bb8::RunError::TimedOut) => Err(PoolError::CheckoutTimeout {
                 slug: tenant.slug.clone(),
-                waited: Duration::from_millis(self.config.checkout_timeout_ms),
+                waited: Duration::from_millis(pool.limits.checkout_timeout_ms),
             }),
             Err(bb8::RunError::User(source)) => Err(PoolError::Backend {
                 slug: tenant.slug.clone(),
@@ -556,7 +597,7 @@ impl PoolMap {
         let pool = self.pool_for(tenant).await?;
         let previous = pool.users.fetch_add(1, Ordering::Relaxed);
         let guard = PoolUse { pool };
-        let limit = self.config.max_clients_per_tenant;
+        let limit = guard.pool.limits.max_clients;
         if limit > 0 && previous >= usize::try_from(limit).unwrap_or(usize::MAX) {
             return Err(PoolError::TooManyClients {
                 slug: tenant.slug.clone(),

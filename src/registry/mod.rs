@@ -173,7 +173,7 @@ impl bb8::ErrorSink<tokio_postgres::Error> for ConnectErrors {
 }
 
 const TENANT_COLUMNS: &str = "slug, display_name, state, plan, server, database_name, \
-     backend_role, backend_password_enc, error_message";
+     backend_role, backend_password_enc, error_message, overrides::text";
 
 impl Registry {
     /// Connects (lazily) to the registry.
@@ -293,6 +293,24 @@ impl Registry {
         Ok(n > 0)
     }
 
+    /// Sets a tenant's plan and its per-tenant overrides (a JSON object of plan fields).
+    pub async fn set_plan(
+        &self,
+        slug: &TenantSlug,
+        plan: &str,
+        overrides_json: &str,
+    ) -> Result<bool, RegistryError> {
+        let conn = self.conn().await?;
+        let n = conn
+            .execute(
+                "UPDATE tenants SET plan = $2, overrides = $3::text::jsonb, updated_at = now() \
+                 WHERE slug = $1",
+                &[&slug.as_str(), &plan, &overrides_json],
+            )
+            .await?;
+        Ok(n > 0)
+    }
+
     /// Points a tenant at a database (and backend role and password).
     pub async fn set_target(
         &self,
@@ -372,5 +390,6 @@ fn tenant_from_row(row: &tokio_postgres::Row) -> Result<TenantRecord, RegistryEr
         backend_role: row.try_get(6)?,
         backend_password_enc: row.try_get(7)?,
         error_message: row.try_get(8)?,
+        overrides: row.try_get(9)?,
     })
 }

@@ -83,6 +83,8 @@ pub struct TenantRecord {
     pub backend_role: String,
     pub backend_password_enc: Vec<u8>,
     pub error_message: Option<String>,
+    /// Per-tenant overrides of the plan's values, as the registry's JSON text.
+    pub overrides: String,
 }
 
 #[cfg(test)]

@@ -153,17 +153,27 @@ pub(super) async fn serve_client(
             return CloseReason::LoginTimeout;
         }
     };
-    let (record, settings) = match login {
+    let (record, mut settings) = match login {
         Login::Cancel => return CloseReason::CancelRequest,
         Login::Tenant { record, settings } => (record, settings),
     };
+    let limits = state.pools.limits_for(&record);
+    if let Some(ms) = limits.statement_timeout_ms {
+        // The plan's statement_timeout, unless the client chose its own.
+        if !settings
+            .iter()
+            .any(|(name, _)| name.eq_ignore_ascii_case("statement_timeout"))
+        {
+            settings.insert(0, ("statement_timeout".to_owned(), format!("{ms}ms")));
+        }
+    }
     tracing::Span::current().record("tenant", record.slug.as_str());
     let ctx = SessionContext {
         tenant: &record,
         directory: &state.directory,
         suspend_grace: Duration::from_secs(state.config.proxy.suspend_grace_seconds),
         pools: &state.pools,
-        mode: state.pools.config().mode,
+        mode: limits.mode,
         client_id,
         cancels: &state.cancels,
         reset_timeout: Duration::from_millis(state.pools.config().reset_timeout_ms),

@@ -169,7 +169,7 @@ impl Proxy {
         let local_addr = listener.local_addr()?;
 
         let directory = TenantDirectory::new(registry, &config.registry);
-        let pools = PoolMap::new(&config.pool, &config.servers, key);
+        let pools = PoolMap::new(&config.pool, &config.servers, &config.plans, key);
         let mut mock_key = [0u8; 32];
         rand::fill(&mut mock_key);
         let state = Arc::new(State {
