@@ -469,13 +469,13 @@ impl PoolMap {
             Some(plan) => limits.apply(plan),
             None if self.plans.is_empty() || tenant.plan == "default" => {}
             None => {
-                tracing::warn!(tenant = %tenant.slug, plan = %tenant.plan, "tenant names a plan that is not in the config; using [pool] defaults")
+                tracing::warn!(tenant = %tenant.slug, plan = %tenant.plan, "tenant names a plan that is not in the config; using [pool] defaults");
             }
         }
         match serde_json::from_str::<PlanConfig>(&tenant.overrides) {
             Ok(overrides) => limits.apply(&overrides),
             Err(e) => {
-                tracing::warn!(tenant = %tenant.slug, error = %e, "tenant overrides are not valid; ignored")
+                tracing::warn!(tenant = %tenant.slug, error = %e, "tenant overrides are not valid; ignored");
             }
         }
         limits
