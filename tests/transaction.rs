@@ -431,3 +431,25 @@ async fn pipelines_with_several_syncs_in_flight_share_one_backend() {
             .unwrap();
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_statement_larger_than_the_relay_buffer_still_works() {
+    let env = transaction_env(2).await;
+    let t = env.tenant_with_user("tx-big").await;
+    let c = env.app(t.slug.as_str()).await;
+    let other = env.app(t.slug.as_str()).await;
+    // A 40 KB query text (an ORM's long IN list), prepared and used several times while
+    // another client takes turns on the pool.
+    let list: Vec<String> = (0..6000).map(|i| i.to_string()).collect();
+    let sql = format!(
+        "SELECT count(*) FROM generate_series(1, 10000) g WHERE g IN ({}) AND g > $1",
+        list.join(",")
+    );
+    assert!(sql.len() > 20_000);
+    let stmt = c.prepare(&sql).await.unwrap();
+    for round in 0..3i32 {
+        let n: i64 = c.query_one(&stmt, &[&round]).await.unwrap().get(0);
+        assert_eq!(n, 5999 - i64::from(round));
+        other.simple_query("SELECT 1").await.unwrap();
+    }
+}

@@ -414,6 +414,9 @@ impl Inspector for ClientSide<'_, '_> {
                 if decided == Scan::Hold {
                     return decided;
                 }
+                if ctx.client.needs_pin {
+                    self.tracker.pinned = true;
+                }
                 let tracked = self.tracker.client_frame(head, false);
                 if decided == Scan::Continue {
                     tracked

@@ -33,6 +33,9 @@ pub struct Statement {
 #[derive(Debug, Default)]
 pub struct ClientStatements {
     by_name: HashMap<String, Arc<Statement>>,
+    /// A message too large to rewrite went through untouched (a Parse over the relay
+    /// buffer, say): the client must keep its backend from now on.
+    pub needs_pin: bool,
 }
 
 /// The statements prepared on one backend, by server name.
@@ -139,7 +142,7 @@ pub fn on_client_frame(
 /// this backend has it already (and answer it ourselves).
 fn on_parse(ctx: &mut StatementContext<'_>, head: &FrameHead<'_>, splice: &mut BytesMut) -> Scan {
     let Some((name, rest)) = cstr(head.body) else {
-        return hold(head);
+        return hold(ctx, head);
     };
     if name.is_empty() {
         ctx.responses.queue.push_back(Expect::ParseComplete {
@@ -149,7 +152,7 @@ fn on_parse(ctx: &mut StatementContext<'_>, head: &FrameHead<'_>, splice: &mut B
         return Scan::Continue;
     }
     if head.body.len() != head.body_len {
-        return hold(head);
+        return hold(ctx, head);
     }
     let Ok(name) = std::str::from_utf8(name) else {
         return Scan::Continue;
@@ -179,10 +182,10 @@ fn on_parse(ctx: &mut StatementContext<'_>, head: &FrameHead<'_>, splice: &mut B
 /// Bind: prepare the statement here first if needed, and use its server name.
 fn on_bind(ctx: &mut StatementContext<'_>, head: &FrameHead<'_>, splice: &mut BytesMut) -> Scan {
     let Some((portal, rest)) = cstr(head.body) else {
-        return hold(head);
+        return hold(ctx, head);
     };
     let Some((name, _)) = cstr(rest) else {
-        return hold(head);
+        return hold(ctx, head);
     };
     let Some(statement) = lookup(ctx.client, name) else {
         ctx.responses.queue.push_back(Expect::BindComplete);
@@ -213,10 +216,10 @@ fn on_describe_or_close(
     splice: &mut BytesMut,
 ) -> Scan {
     let Some((kind, rest)) = head.body.split_first() else {
-        return hold(head);
+        return hold(ctx, head);
     };
     let Some((name, _)) = cstr(rest) else {
-        return hold(head);
+        return hold(ctx, head);
     };
     let is_statement = *kind == b'S';
     let plain = if head.tag == b'C' {
@@ -254,13 +257,15 @@ fn on_describe_or_close(
     }
 }
 
-/// Waits for more of a frame whose names are not all here yet; a frame too large to wait
-/// for is forwarded untouched.
-fn hold(head: &FrameHead<'_>) -> Scan {
-    if head.body_len + HEADER_BYTES > crate::session::relay::RELAY_BUFFER_BYTES {
-        Scan::Continue
-    } else {
+/// Waits for more of a frame whose names (or, for Parse, whole body) are not here yet. Up to
+/// a relay buffer of it can be waited for; past that it goes through untouched and the client
+/// is pinned to this backend, where its names mean what it thinks.
+fn hold(ctx: &mut StatementContext<'_>, head: &FrameHead<'_>) -> Scan {
+    if head.body.len() + HEADER_BYTES < crate::session::relay::RELAY_BUFFER_BYTES {
         Scan::Hold
+    } else {
+        ctx.client.needs_pin = true;
+        Scan::Continue
     }
 }
 
