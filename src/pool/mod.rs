@@ -1,15 +1,20 @@
 //! Backend pools: a bb8 pool of [`BackendConn`]s per tenant, kept in a pool map keyed by slug.
 //!
-//! Moving parts: `backend` (one authenticated connection), [`BackendManager`] (bb8's
-//! connection factory; a connection marked broken is dropped instead of reused), [`PoolMap`]
-//! (moka cache slug → pool, created on first use with one creation per burst, evicted when
-//! idle or least recently used; dropping a pool closes its idle connections with Terminate),
-//! [`Lease`] (a checked-out connection; it returns to its pool on drop).
+//! Moving parts: `backend` (one authenticated connection), `manager` ([`BackendManager`],
+//! bb8's connection factory: a connection marked broken is dropped instead of reused, and
+//! every connection holds a permit of its server's budget), `budget` (per-server connection
+//! budgets), `config` (`[pool]`, `[[server]]`, `[plans]`), [`PoolMap`] (moka cache slug →
+//! pool, created on first use with one creation per burst, evicted when idle or least recently
+//! used but never away from its clients; dropping a pool closes its idle connections with
+//! Terminate), [`Lease`] (a checked-out connection; it returns to its pool on drop, then lets
+//! the next waiting client in, in order).
+//!
 //! This module must not parse SQL.
 
 mod backend;
 mod budget;
 mod config;
+mod manager;
 
 use std::collections::HashMap;
 use std::sync::atomic::Ordering;
@@ -22,6 +27,8 @@ use moka::policy::EvictionPolicy;
 pub use backend::{BackendConn, BackendError, BackendTarget, ServerError, SetupOutcome};
 pub use budget::ServerBudget;
 pub use config::{PlanConfig, PoolConfig, PoolMode, ServerConfig, TenantLimits};
+pub use manager::BackendManager;
+use manager::{ConnectErrors, PoolCache};
 
 use crate::crypto::{CryptoError, MasterKey};
 use crate::error::{ClientFacing, ErrorKind};
@@ -93,120 +100,6 @@ impl ClientFacing for PoolError {
             PoolError::Backend { .. } => ErrorKind::Backend,
             PoolError::Shared(inner) => inner.kind(),
         }
-    }
-}
-
-/// bb8's factory for one tenant's backend connections. Each connection first takes a permit
-/// of its server's budget.
-pub struct BackendManager {
-    slug: TenantSlug,
-    target: BackendTarget,
-    connect_timeout: Duration,
-    budget: Arc<ServerBudget>,
-    budget_wait: Duration,
-    /// The pool map, to close other tenants' idle connections when the budget is spent. Weak:
-    /// the map owns this manager.
-    pools: std::sync::Weak<PoolCache>,
-}
-
-type PoolCache = Cache<TenantSlug, Arc<TenantPool>>;
-
-impl BackendManager {
-    /// A permit of the server's budget: free ones first; when none is free, close an idle
-    /// connection of the least recently used other pool on the server and wait in line,
-    /// until `budget_wait` has passed.
-    async fn budget_permit(&self) -> Result<tokio::sync::OwnedSemaphorePermit, BackendError> {
-        let deadline = tokio::time::Instant::now() + self.budget_wait;
-        loop {
-            if let Some(permit) = self.budget.try_acquire() {
-                return Ok(permit);
-            }
-            if let Some(pools) = self.pools.upgrade() {
-                reclaim_idle(&pools, &self.target.server, &self.slug).await;
-            }
-            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
-            if let Some(permit) = self
-                .budget
-                .acquire(left.min(Duration::from_millis(50)))
-                .await
-            {
-                return Ok(permit);
-            }
-            if tokio::time::Instant::now() >= deadline {
-                return Err(BackendError::BudgetExhausted {
-                    server: self.budget.server().to_owned(),
-                    max: self.budget.max_connections(),
-                });
-            }
-        }
-    }
-}
-
-/// Closes one idle connection of the least recently used pool on `server` other than
-/// `except`'s. Best effort: returns whether one was closed.
-async fn reclaim_idle(pools: &PoolCache, server: &str, except: &TenantSlug) -> bool {
-    let mut candidates: Vec<(u64, Arc<TenantPool>)> = pools
-        .iter()
-        .filter(|(slug, p)| **slug != *except && p.target.server == server && p.state().1 > 0)
-        .map(|(_, p)| (p.last_used_ms.load(Ordering::Relaxed), p))
-        .collect();
-    candidates.sort_by_key(|(used, _)| *used);
-    for (_, pool) in candidates {
-        // An idle connection comes back at once; a pool that has none left by now would try
-        // to open one, which the short timeout abandons.
-        if let Ok(Ok(mut conn)) =
-            tokio::time::timeout(Duration::from_millis(20), pool.pool.get()).await
-        {
-            conn.terminate();
-            conn.broken = true;
-            tracing::debug!(
-                server,
-                "closed an idle backend of another tenant to make room"
-            );
-            return true;
-        }
-    }
-    false
-}
-
-impl bb8::ManageConnection for BackendManager {
-    type Connection = BackendConn;
-    type Error = BackendError;
-
-    async fn connect(&self) -> Result<BackendConn, BackendError> {
-        let permit = self.budget_permit().await?;
-        let mut conn = BackendConn::connect(&self.target, self.connect_timeout).await?;
-        conn.budget_permit = Some(permit);
-        tracing::debug!(backend_pid = conn.pid, target = ?self.target, "backend connected");
-        Ok(conn)
-    }
-
-    /// Never called: `test_on_check_out` is off (it costs a round trip per checkout). A
-    /// connection's health is known from the last ReadyForQuery instead.
-    async fn is_valid(&self, _conn: &mut BackendConn) -> Result<(), BackendError> {
-        Ok(())
-    }
-
-    fn has_broken(&self, conn: &mut BackendConn) -> bool {
-        conn.broken
-    }
-}
-
-/// bb8 never returns a connect error from `get` (it logs it and lets the caller wait out the
-/// checkout timeout); this sink hands each one to the clients waiting on that pool, so they
-/// fail at once with the backend's reason instead of a timeout.
-#[derive(Debug, Clone)]
-struct ConnectErrors(tokio::sync::broadcast::Sender<Arc<BackendError>>);
-
-impl bb8::ErrorSink<BackendError> for ConnectErrors {
-    fn sink(&self, error: BackendError) {
-        tracing::warn!(error = %error, "backend connection failed");
-        // No receiver means nobody is waiting: nothing to tell.
-        drop(self.0.send(Arc::new(error)));
-    }
-
-    fn boxed_clone(&self) -> Box<dyn bb8::ErrorSink<BackendError>> {
-        Box::new(self.clone())
     }
 }
 

@@ -1,0 +1,127 @@
+//! bb8's side of a tenant pool: the connection factory (which takes a permit of the server's
+//! budget for every connection, closing another tenant's idle connection to make room when
+//! the budget is spent), and the sink that turns bb8's swallowed connect errors into fast
+//! failures for the clients waiting.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use moka::future::Cache;
+
+use super::{BackendConn, BackendError, BackendTarget, ServerBudget, TenantPool};
+use crate::registry::TenantSlug;
+
+/// bb8's factory for one tenant's backend connections. Each connection first takes a permit
+/// of its server's budget.
+pub struct BackendManager {
+    pub(super) slug: TenantSlug,
+    pub(super) target: BackendTarget,
+    pub(super) connect_timeout: Duration,
+    pub(super) budget: Arc<ServerBudget>,
+    pub(super) budget_wait: Duration,
+    /// The pool map, to close other tenants' idle connections when the budget is spent. Weak:
+    /// the map owns this manager.
+    pub(super) pools: std::sync::Weak<PoolCache>,
+}
+
+pub(super) type PoolCache = Cache<TenantSlug, Arc<TenantPool>>;
+
+impl BackendManager {
+    /// A permit of the server's budget: free ones first; when none is free, close an idle
+    /// connection of the least recently used other pool on the server and wait in line,
+    /// until `budget_wait` has passed.
+    async fn budget_permit(&self) -> Result<tokio::sync::OwnedSemaphorePermit, BackendError> {
+        let deadline = tokio::time::Instant::now() + self.budget_wait;
+        loop {
+            if let Some(permit) = self.budget.try_acquire() {
+                return Ok(permit);
+            }
+            if let Some(pools) = self.pools.upgrade() {
+                reclaim_idle(&pools, &self.target.server, &self.slug).await;
+            }
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            if let Some(permit) = self
+                .budget
+                .acquire(left.min(Duration::from_millis(50)))
+                .await
+            {
+                return Ok(permit);
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return Err(BackendError::BudgetExhausted {
+                    server: self.budget.server().to_owned(),
+                    max: self.budget.max_connections(),
+                });
+            }
+        }
+    }
+}
+
+/// Closes one idle connection of the least recently used pool on `server` other than
+/// `except`'s. Best effort: returns whether one was closed.
+async fn reclaim_idle(pools: &PoolCache, server: &str, except: &TenantSlug) -> bool {
+    let mut candidates: Vec<(u64, Arc<TenantPool>)> = pools
+        .iter()
+        .filter(|(slug, p)| **slug != *except && p.target.server == server && p.state().1 > 0)
+        .map(|(_, p)| (p.last_used_ms.load(Ordering::Relaxed), p))
+        .collect();
+    candidates.sort_by_key(|(used, _)| *used);
+    for (_, pool) in candidates {
+        // An idle connection comes back at once; a pool that has none left by now would try
+        // to open one, which the short timeout abandons.
+        if let Ok(Ok(mut conn)) =
+            tokio::time::timeout(Duration::from_millis(20), pool.pool.get()).await
+        {
+            conn.terminate();
+            conn.broken = true;
+            tracing::debug!(
+                server,
+                "closed an idle backend of another tenant to make room"
+            );
+            return true;
+        }
+    }
+    false
+}
+
+impl bb8::ManageConnection for BackendManager {
+    type Connection = BackendConn;
+    type Error = BackendError;
+
+    async fn connect(&self) -> Result<BackendConn, BackendError> {
+        let permit = self.budget_permit().await?;
+        let mut conn = BackendConn::connect(&self.target, self.connect_timeout).await?;
+        conn.budget_permit = Some(permit);
+        tracing::debug!(backend_pid = conn.pid, target = ?self.target, "backend connected");
+        Ok(conn)
+    }
+
+    /// Never called: `test_on_check_out` is off (it costs a round trip per checkout). A
+    /// connection's health is known from the last ReadyForQuery instead.
+    async fn is_valid(&self, _conn: &mut BackendConn) -> Result<(), BackendError> {
+        Ok(())
+    }
+
+    fn has_broken(&self, conn: &mut BackendConn) -> bool {
+        conn.broken
+    }
+}
+
+/// bb8 never returns a connect error from `get` (it logs it and lets the caller wait out the
+/// checkout timeout); this sink hands each one to the clients waiting on that pool, so they
+/// fail at once with the backend's reason instead of a timeout.
+#[derive(Debug, Clone)]
+pub(super) struct ConnectErrors(pub(super) tokio::sync::broadcast::Sender<Arc<BackendError>>);
+
+impl bb8::ErrorSink<BackendError> for ConnectErrors {
+    fn sink(&self, error: BackendError) {
+        tracing::warn!(error = %error, "backend connection failed");
+        // No receiver means nobody is waiting: nothing to tell.
+        drop(self.0.send(Arc::new(error)));
+    }
+
+    fn boxed_clone(&self) -> Box<dyn bb8::ErrorSink<BackendError>> {
+        Box::new(self.clone())
+    }
+}
