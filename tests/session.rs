@@ -12,16 +12,20 @@ use common::{TestEnv, admin_client, backend_count, sqlstate};
 use futures_util::{SinkExt, StreamExt, TryStreamExt};
 use tokio_postgres::{AsyncMessage, NoTls};
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn backend_pid_is_real_and_matches_notify_pid() {
-    let env = TestEnv::start().await;
-    let t = env.tenant_with_user("pid").await;
+/// A client whose notifications arrive on the returned channel as (pid, payload).
+async fn listening_client(
+    env: &TestEnv,
+    slug: &str,
+) -> (
+    tokio_postgres::Client,
+    tokio::sync::mpsc::UnboundedReceiver<(i32, String)>,
+) {
     let (client, mut connection) = env
-        .client_config(t.slug.as_str(), "app", "secret")
+        .client_config(slug, "app", "secret")
         .connect(NoTls)
         .await
         .unwrap();
-    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
     tokio::spawn(async move {
         let mut messages = futures_util::stream::poll_fn(move |cx| connection.poll_message(cx));
         while let Some(Ok(m)) = messages.next().await {
@@ -30,6 +34,14 @@ async fn backend_pid_is_real_and_matches_notify_pid() {
             }
         }
     });
+    (client, rx)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn backend_pid_is_real_and_matches_notify_pid() {
+    let env = TestEnv::start().await;
+    let t = env.tenant_with_user("pid").await;
+    let (client, mut rx) = listening_client(&env, t.slug.as_str()).await;
     let pid: i32 = client
         .query_one("SELECT pg_backend_pid()", &[])
         .await
@@ -62,24 +74,11 @@ async fn backend_pid_is_real_and_matches_notify_pid() {
 async fn listen_notify_between_two_clients() {
     let env = TestEnv::start().await;
     let t = env.tenant_with_user("notify").await;
-    let (listener, mut connection) = env
-        .client_config(t.slug.as_str(), "app", "secret")
-        .connect(NoTls)
-        .await
-        .unwrap();
-    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
-    tokio::spawn(async move {
-        let mut messages = futures_util::stream::poll_fn(move |cx| connection.poll_message(cx));
-        while let Some(Ok(m)) = messages.next().await {
-            if let AsyncMessage::Notification(n) = m {
-                drop(tx.send(n.payload().to_owned()));
-            }
-        }
-    });
+    let (listener, mut rx) = listening_client(&env, t.slug.as_str()).await;
     listener.batch_execute("LISTEN jobs").await.unwrap();
     let sender = env.app(t.slug.as_str()).await;
     sender.batch_execute("NOTIFY jobs, 'job-1'").await.unwrap();
-    let got = tokio::time::timeout(Duration::from_secs(5), rx.recv())
+    let (_, got) = tokio::time::timeout(Duration::from_secs(5), rx.recv())
         .await
         .expect("notification delivered")
         .unwrap();
