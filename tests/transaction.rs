@@ -453,3 +453,80 @@ async fn a_statement_larger_than_the_relay_buffer_still_works() {
         other.simple_query("SELECT 1").await.unwrap();
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deallocate_of_a_protocol_statement_is_answered_and_frees_the_name() {
+    use postgres_protocol::message::frontend;
+    let env = transaction_env(1).await;
+    let t = env.tenant_with_user("tx-dealloc").await;
+    let other = env.app(t.slug.as_str()).await;
+    let mut c = common::RawClient::connect(env.port(), t.slug.as_str(), "app", "secret").await;
+    let tags = |messages: &[(u8, Vec<u8>)]| messages.iter().map(|m| m.0).collect::<Vec<u8>>();
+    let mut out = bytes::BytesMut::new();
+
+    // Parse "_pg3_0" (psycopg's first name) and run it.
+    frontend::parse("_pg3_0", "SELECT 41 + 1", [], &mut out).unwrap();
+    frontend::sync(&mut out);
+    c.send(&out).await;
+    assert_eq!(tags(&c.until_ready().await), b"1Z");
+    out.clear();
+    frontend::bind(
+        "",
+        "_pg3_0",
+        [],
+        [],
+        |(), _| Ok(postgres_protocol::IsNull::No),
+        [],
+        &mut out,
+    )
+    .map_err(|_| "bind")
+    .unwrap();
+    frontend::execute("", 0, &mut out).unwrap();
+    frontend::sync(&mut out);
+    c.send(&out).await;
+    assert_eq!(tags(&c.until_ready().await), b"2DCZ");
+
+    // An older libpq frees it with a DEALLOCATE query: answered here, as PostgreSQL would.
+    out.clear();
+    frontend::query("DEALLOCATE _pg3_0", &mut out).unwrap();
+    c.send(&out).await;
+    let answer = c.until_ready().await;
+    assert_eq!(tags(&answer), b"CZ");
+    assert_eq!(answer[0].1, b"DEALLOCATE\0");
+    assert_eq!(answer[1].1, b"I");
+    // The backend went back to the pool (of 1): another client gets it.
+    tokio::time::timeout(Duration::from_secs(5), other.simple_query("SELECT 1"))
+        .await
+        .expect("the backend was released")
+        .unwrap();
+
+    // The name is free: preparing it again with another text works.
+    out.clear();
+    frontend::parse("_pg3_0", "SELECT 2", [], &mut out).unwrap();
+    frontend::sync(&mut out);
+    c.send(&out).await;
+    assert_eq!(tags(&c.until_ready().await), b"1Z");
+
+    // Inside a transaction, the made-up ReadyForQuery says so; DEALLOCATE ALL too.
+    out.clear();
+    frontend::query("BEGIN", &mut out).unwrap();
+    c.send(&out).await;
+    c.until_ready().await;
+    out.clear();
+    frontend::query("DEALLOCATE ALL", &mut out).unwrap();
+    c.send(&out).await;
+    let answer = c.until_ready().await;
+    assert_eq!(tags(&answer), b"CZ");
+    assert_eq!(answer[1].1, b"T");
+    out.clear();
+    frontend::query("COMMIT", &mut out).unwrap();
+    c.send(&out).await;
+    c.until_ready().await;
+
+    // A name the client never prepared goes to the backend, which says so.
+    out.clear();
+    frontend::query("DEALLOCATE nope", &mut out).unwrap();
+    c.send(&out).await;
+    let answer = c.until_ready().await;
+    assert_eq!(tags(&answer), b"EZ");
+}

@@ -44,6 +44,9 @@ pub struct TxTracker {
     /// Transaction pooling: the client needs this backend beyond the transaction (it prepared
     /// a named statement, or LISTENs), so it keeps it until it leaves.
     pub pinned: bool,
+    /// A ReadyForQuery we made up (for a DEALLOCATE answered here) left the backend idle:
+    /// stop the relay once it is written.
+    pub idle_after_injection: bool,
 }
 
 impl Default for TxTracker {
@@ -55,6 +58,7 @@ impl Default for TxTracker {
             session_state: false,
             release_at_idle: false,
             pinned: false,
+            idle_after_injection: false,
         }
     }
 }
@@ -158,6 +162,11 @@ trait Inspector {
     fn has_pending(&self) -> bool {
         false
     }
+    /// True when what `pending` made ends the relay (a made-up ReadyForQuery left the backend
+    /// idle).
+    fn stop_now(&mut self) -> bool {
+        false
+    }
 }
 
 /// One direction's buffer: bytes `[written, scanned)` are ready to go, `[scanned, filled)` are
@@ -205,6 +214,11 @@ impl Half {
         }
     }
 
+    /// Nothing is waiting to be written (so a poll will not be stuck on the writer).
+    fn nothing_to_write(&self) -> bool {
+        self.written == self.scanned && self.splice.is_none()
+    }
+
     /// Moves bytes from `reader` to `writer` until one side is not ready or a stop.
     fn poll<R, W>(
         &mut self,
@@ -221,6 +235,10 @@ impl Half {
             ready!(self.poll_drain(cx, writer))?;
             if self.splice.is_some() {
                 ready!(self.poll_splice(cx, writer))?;
+                if inspector.stop_now() {
+                    ready!(self.poll_drain(cx, writer))?;
+                    return Poll::Ready(Ok(HalfEnd::Stopped));
+                }
                 continue;
             }
             inspector.pending(&mut self.splice_out);
@@ -417,7 +435,13 @@ impl Inspector for ClientSide<'_, '_> {
                 if ctx.client.needs_pin {
                     self.tracker.pinned = true;
                 }
-                let tracked = self.tracker.client_frame(head, false);
+                // A query answered here (DEALLOCATE) owes nothing from the backend.
+                let answered_here = head.tag == b'Q' && matches!(decided, Scan::Splice { .. });
+                let tracked = if answered_here {
+                    Scan::Continue
+                } else {
+                    self.tracker.client_frame(head, false)
+                };
                 if decided == Scan::Continue {
                     tracked
                 } else {
@@ -452,8 +476,19 @@ impl Inspector for BackendSide<'_, '_> {
 
     fn pending(&mut self, out: &mut BytesMut) {
         if let Some(ctx) = self.statements.as_mut() {
-            ctx.responses.take_injections(out);
+            let tracker = &*self.tracker;
+            if ctx.responses.take_injections(out, tracker.status)
+                && tracker.release_at_idle
+                && !tracker.pinned
+                && tracker.is_clean()
+            {
+                self.tracker.idle_after_injection = true;
+            }
         }
+    }
+
+    fn stop_now(&mut self) -> bool {
+        std::mem::take(&mut self.tracker.idle_after_injection)
     }
 
     fn has_pending(&self) -> bool {
@@ -478,42 +513,55 @@ where
     B: AsyncRead + AsyncWrite + Unpin,
 {
     poll_fn(|cx| {
-        let from_backend = buffers.to_client.poll(
-            cx,
-            backend,
-            client,
-            &mut BackendSide {
-                tracker,
-                statements: &mut statements,
-            },
-        );
-        if let Poll::Ready(end) = from_backend {
-            return Poll::Ready(match end {
-                Ok(HalfEnd::Stopped) => Ok(RelayEnd::Idle),
-                Ok(HalfEnd::Eof) => Ok(RelayEnd::BackendClosed),
-                Err(HalfError::Read(e)) => Err(RelayError::Backend(e)),
-                Err(HalfError::Write(e)) => Err(RelayError::Client(e)),
-                Err(HalfError::Frame(e)) => Err(RelayError::BackendProtocol(e)),
-            });
-        }
-        let from_client = buffers.to_backend.poll(
-            cx,
-            client,
-            backend,
-            &mut ClientSide {
-                tracker,
-                statements: &mut statements,
-            },
-        );
-        match from_client {
-            Poll::Pending => Poll::Pending,
-            Poll::Ready(Ok(HalfEnd::Stopped)) => Poll::Ready(Ok(RelayEnd::ClientTerminated)),
-            Poll::Ready(Ok(HalfEnd::Eof)) => Poll::Ready(Ok(RelayEnd::ClientClosed)),
-            Poll::Ready(Err(HalfError::Read(e))) => Poll::Ready(Err(RelayError::Client(e))),
-            Poll::Ready(Err(HalfError::Write(e))) => Poll::Ready(Err(RelayError::Backend(e))),
-            Poll::Ready(Err(HalfError::Frame(e))) => {
-                Poll::Ready(Err(RelayError::ClientProtocol(e)))
+        loop {
+            let from_backend = buffers.to_client.poll(
+                cx,
+                backend,
+                client,
+                &mut BackendSide {
+                    tracker,
+                    statements: &mut statements,
+                },
+            );
+            if let Poll::Ready(end) = from_backend {
+                return Poll::Ready(match end {
+                    Ok(HalfEnd::Stopped) => Ok(RelayEnd::Idle),
+                    Ok(HalfEnd::Eof) => Ok(RelayEnd::BackendClosed),
+                    Err(HalfError::Read(e)) => Err(RelayError::Backend(e)),
+                    Err(HalfError::Write(e)) => Err(RelayError::Client(e)),
+                    Err(HalfError::Frame(e)) => Err(RelayError::BackendProtocol(e)),
+                });
             }
+            let from_client = buffers.to_backend.poll(
+                cx,
+                client,
+                backend,
+                &mut ClientSide {
+                    tracker,
+                    statements: &mut statements,
+                },
+            );
+            return match from_client {
+                // The client's messages may have queued made-up responses (a Close, a
+                // DEALLOCATE answered here) while the backend side sleeps on a read that no
+                // backend message will end: give it another turn to send them.
+                Poll::Pending
+                    if buffers.to_client.nothing_to_write()
+                        && statements
+                            .as_ref()
+                            .is_some_and(|ctx| ctx.responses.injection_due()) =>
+                {
+                    continue;
+                }
+                Poll::Pending => Poll::Pending,
+                Poll::Ready(Ok(HalfEnd::Stopped)) => Poll::Ready(Ok(RelayEnd::ClientTerminated)),
+                Poll::Ready(Ok(HalfEnd::Eof)) => Poll::Ready(Ok(RelayEnd::ClientClosed)),
+                Poll::Ready(Err(HalfError::Read(e))) => Poll::Ready(Err(RelayError::Client(e))),
+                Poll::Ready(Err(HalfError::Write(e))) => Poll::Ready(Err(RelayError::Backend(e))),
+                Poll::Ready(Err(HalfError::Frame(e))) => {
+                    Poll::Ready(Err(RelayError::ClientProtocol(e)))
+                }
+            };
         }
     })
     .await

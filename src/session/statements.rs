@@ -62,6 +62,8 @@ enum Expect {
     Query,
     /// A response we make up for a request we did not forward.
     Inject(u8),
+    /// The answer to a DEALLOCATE we handled: CommandComplete, then ReadyForQuery.
+    InjectDeallocate,
 }
 
 /// Requests in flight and what their responses need.
@@ -130,12 +132,73 @@ pub fn on_client_frame(
             ctx.responses.queue.push_back(Expect::Sync);
             Scan::Continue
         }
-        b'Q' | b'F' => {
+        b'Q' => on_query(ctx, head),
+        b'F' => {
             ctx.responses.queue.push_back(Expect::Query);
             Scan::Continue
         }
         _ => Scan::Continue,
     }
+}
+
+/// What a `DEALLOCATE` names.
+#[derive(Debug, PartialEq, Eq)]
+enum Deallocate {
+    All,
+    Name(String),
+}
+
+/// Recognizes a simple query that is only `DEALLOCATE [PREPARE] name | ALL` (drivers such as
+/// psycopg on an older libpq send it for protocol-level statements).
+fn parse_deallocate(body: &[u8]) -> Option<Deallocate> {
+    let (text, _) = cstr(body)?;
+    let text = std::str::from_utf8(text)
+        .ok()?
+        .trim()
+        .trim_end_matches(';')
+        .trim();
+    let mut words = text.split_whitespace();
+    if !words.next()?.eq_ignore_ascii_case("deallocate") {
+        return None;
+    }
+    let mut target = words.next()?;
+    if target.eq_ignore_ascii_case("prepare") {
+        target = words.next()?;
+    }
+    if words.next().is_some() {
+        return None;
+    }
+    if target.eq_ignore_ascii_case("all") {
+        return Some(Deallocate::All);
+    }
+    let name = match target.strip_prefix('"').and_then(|t| t.strip_suffix('"')) {
+        Some(quoted) => quoted.replace("\"\"", "\""),
+        None => target.to_ascii_lowercase(),
+    };
+    Some(Deallocate::Name(name))
+}
+
+/// Query: a DEALLOCATE of the client's own protocol statements is answered here (the backend
+/// knows them under other names and shares them with other clients); anything else goes on.
+fn on_query(ctx: &mut StatementContext<'_>, head: &FrameHead<'_>) -> Scan {
+    if head.body.len() == head.body_len {
+        let handled = match parse_deallocate(head.body) {
+            Some(Deallocate::All) => {
+                ctx.client.by_name.clear();
+                true
+            }
+            Some(Deallocate::Name(name)) => ctx.client.by_name.remove(&name).is_some(),
+            None => false,
+        };
+        if handled {
+            ctx.responses.queue.push_back(Expect::InjectDeallocate);
+            return Scan::Splice {
+                consume: HEADER_BYTES + head.body_len,
+            };
+        }
+    }
+    ctx.responses.queue.push_back(Expect::Query);
+    Scan::Continue
 }
 
 /// Parse: remember a named statement; send it under its server name, or not at all when
@@ -291,17 +354,33 @@ fn ensure_prepared(ctx: &mut StatementContext<'_>, statement: &Statement, splice
 }
 
 impl Responses {
-    /// Made-up responses whose turn has come, appended to `out`.
-    pub fn take_injections(&mut self, out: &mut BytesMut) {
-        while let Some(Expect::Inject(tag)) = self.queue.front() {
-            put_len_message(out, *tag, 0);
+    /// Made-up responses whose turn has come, appended to `out`; `status` is the transaction
+    /// status for a made-up ReadyForQuery. Returns whether one was made.
+    pub fn take_injections(&mut self, out: &mut BytesMut, status: u8) -> bool {
+        let mut ready_for_query = false;
+        loop {
+            match self.queue.front() {
+                Some(Expect::Inject(tag)) => put_len_message(out, *tag, 0),
+                Some(Expect::InjectDeallocate) => {
+                    const TAG: &[u8] = b"DEALLOCATE\0";
+                    put_len_message(out, b'C', TAG.len());
+                    out.put_slice(TAG);
+                    put_len_message(out, b'Z', 1);
+                    out.put_u8(status);
+                    ready_for_query = true;
+                }
+                _ => return ready_for_query,
+            }
             self.queue.pop_front();
         }
     }
 
     /// True when a made-up response is due before the next backend message.
     pub fn injection_due(&self) -> bool {
-        matches!(self.queue.front(), Some(Expect::Inject(_)))
+        matches!(
+            self.queue.front(),
+            Some(Expect::Inject(_) | Expect::InjectDeallocate)
+        )
     }
 
     /// Follows one backend message. Returns whether to swallow it.
@@ -413,7 +492,7 @@ mod tests {
         assert!(!responses.on_backend_frame(b'1', &mut backend));
         assert!(responses.injection_due());
         let mut out = BytesMut::new();
-        responses.take_injections(&mut out);
+        responses.take_injections(&mut out, b'I');
         assert_eq!(&out[..], b"1\0\0\0\x04");
     }
 
@@ -450,6 +529,23 @@ mod tests {
         // Its ParseComplete is swallowed, the BindComplete passes.
         assert!(responses.on_backend_frame(b'1', &mut second));
         assert!(!responses.on_backend_frame(b'2', &mut second));
+    }
+
+    #[test]
+    fn deallocate_forms() {
+        let p = |t: &str| parse_deallocate(format!("{t}\0").as_bytes());
+        assert_eq!(p("DEALLOCATE s0"), Some(Deallocate::Name("s0".into())));
+        assert_eq!(
+            p(" deallocate prepare S1 ; "),
+            Some(Deallocate::Name("s1".into()))
+        );
+        assert_eq!(
+            p("DEALLOCATE \"_pg3_0\""),
+            Some(Deallocate::Name("_pg3_0".into()))
+        );
+        assert_eq!(p("DEALLOCATE ALL"), Some(Deallocate::All));
+        assert_eq!(p("DEALLOCATE a b"), None);
+        assert_eq!(p("SELECT 1"), None);
     }
 
     #[test]
