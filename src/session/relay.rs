@@ -275,10 +275,7 @@ impl Half {
     ) -> Poll<Result<(), HalfError>> {
         while self.written < self.scanned {
             let out = self.buf.get(self.written..self.scanned).unwrap_or_default();
-            let n = ready!(Pin::new(&mut *writer).poll_write(cx, out)).map_err(HalfError::Write)?;
-            if n == 0 {
-                return Poll::Ready(Err(HalfError::Write(std::io::ErrorKind::WriteZero.into())));
-            }
+            let n = ready!(poll_write_some(cx, writer, out))?;
             self.written += n;
             self.needs_flush = true;
         }
@@ -301,10 +298,7 @@ impl Half {
                 .splice_out
                 .get(self.splice_written..)
                 .unwrap_or_default();
-            let n = ready!(Pin::new(&mut *writer).poll_write(cx, out)).map_err(HalfError::Write)?;
-            if n == 0 {
-                return Poll::Ready(Err(HalfError::Write(std::io::ErrorKind::WriteZero.into())));
-            }
+            let n = ready!(poll_write_some(cx, writer, out))?;
             self.splice_written += n;
             self.needs_flush = true;
         }
@@ -356,6 +350,19 @@ impl Half {
         self.splice = scanned.splice;
         Ok(scanned.forward > 0 || scanned.stopped || scanned.splice.is_some())
     }
+}
+
+/// One write; a writer that takes nothing is an error, not a reason to spin.
+fn poll_write_some<W: AsyncWrite + Unpin>(
+    cx: &mut Context<'_>,
+    writer: &mut W,
+    out: &[u8],
+) -> Poll<Result<usize, HalfError>> {
+    let n = ready!(Pin::new(&mut *writer).poll_write(cx, out)).map_err(HalfError::Write)?;
+    if n == 0 {
+        return Poll::Ready(Err(HalfError::Write(std::io::ErrorKind::WriteZero.into())));
+    }
+    Poll::Ready(Ok(n))
 }
 
 /// Buffers for one client's relay, kept for its whole life (across backends in transaction
