@@ -10,6 +10,7 @@ use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 
+use crate::admin::AdminConfig;
 use crate::crypto::SecretsConfig;
 use crate::pool::{PlanConfig, PoolConfig, ServerConfig};
 use crate::provision::ProvisionConfig;
@@ -29,6 +30,8 @@ pub struct Config {
     pub pool: PoolConfig,
     #[serde(default)]
     pub provision: ProvisionConfig,
+    #[serde(default)]
+    pub admin: AdminConfig,
     /// Backend PostgreSQL servers that hold tenant databases.
     #[serde(default, rename = "server")]
     pub servers: Vec<ServerConfig>,
@@ -128,6 +131,7 @@ impl Config {
         self.proxy.validate()?;
         self.pool.validate()?;
         self.provision.validate()?;
+        self.admin.validate()?;
         if self.servers.is_empty() {
             return bad(
                 "server",

@@ -9,7 +9,9 @@
 //! gathers the configuration, `protocol` owns the bytes, `localpg` starts private PostgreSQL
 //! servers for the quickstart, tests and benchmarks.
 
+pub mod admin;
 pub mod auth;
+pub mod clients;
 pub mod config;
 pub mod crypto;
 pub mod error;

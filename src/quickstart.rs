@@ -28,6 +28,8 @@ const CONFIG_FILE: &str = "tenantgate.toml";
 const CREDENTIALS_FILE: &str = "demo-users.txt";
 const REGISTRY_DATABASE: &str = "tenantgate_registry";
 const DEMO_USER: &str = "app";
+const ADMIN_USER: &str = "admin";
+const ADMIN_PASSWORD_FILE: &str = "admin-password.txt";
 
 /// The demo tenants and their rows.
 const DEMO_TENANTS: &[(&str, &str, &[&str])] = &[
@@ -94,10 +96,18 @@ async fn serve(dir: &Path, config: Config, pg: &LocalPg) -> anyhow::Result<()> {
     let registry = Registry::connect(&config.registry).await?;
     registry.migrate().await?;
     let credentials = ensure_demo_tenants(dir, &config, &registry, &key).await?;
+    let admin_password = ensure_admin_user(dir, &registry).await?;
     let proxy = Proxy::start(config.clone()).await?;
     let addr = proxy.local_addr();
 
     let mut out = std::io::stdout().lock();
+    writeln!(
+        out,
+        "admin console: postgresql://{ADMIN_USER}:{admin_password}@{}:{}/{}",
+        addr.ip(),
+        addr.port(),
+        config.admin.database
+    )?;
     for (slug, password) in &credentials {
         writeln!(
             out,
@@ -258,6 +268,24 @@ async fn ensure_demo_tenants(
     std::fs::write(&credentials_path, text)?;
     known.sort();
     Ok(known)
+}
+
+/// The quickstart's admin user: created with a new password on the first run, its password
+/// kept in DIR for the next runs.
+async fn ensure_admin_user(dir: &Path, registry: &Registry) -> anyhow::Result<String> {
+    let path = dir.join(ADMIN_PASSWORD_FILE);
+    if let Ok(text) = std::fs::read_to_string(&path) {
+        let password = text.trim().to_owned();
+        if !password.is_empty() && registry.admin_verifier(ADMIN_USER).await?.is_some() {
+            return Ok(password);
+        }
+    }
+    let password = generate_password(20);
+    let verifier = postgres_protocol::password::scram_sha_256(password.expose().as_bytes());
+    registry.set_admin_user(ADMIN_USER, &verifier, true).await?;
+    drop(std::fs::remove_file(&path));
+    write_private(&path, password.expose())?;
+    Ok(password.expose().to_owned())
 }
 
 fn read_credentials(path: &Path) -> Vec<(String, String)> {

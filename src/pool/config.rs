@@ -64,6 +64,15 @@ pub enum PoolMode {
     Transaction,
 }
 
+impl PoolMode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PoolMode::Session => "session",
+            PoolMode::Transaction => "transaction",
+        }
+    }
+}
+
 fn default_pool_size() -> u32 {
     20
 }

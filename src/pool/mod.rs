@@ -159,6 +159,8 @@ pub struct TenantPool {
     base_params: std::sync::Mutex<Option<Params>>,
     /// Clients attached to this pool now (see `PoolMap::attach`).
     users: std::sync::atomic::AtomicUsize,
+    /// Clients waiting for their turn (a backend) now.
+    waiting: std::sync::atomic::AtomicUsize,
 }
 
 impl TenantPool {
@@ -175,6 +177,22 @@ impl TenantPool {
     /// What this tenant gets (pool size, mode, ...), from its plan and overrides.
     pub fn limits(&self) -> &TenantLimits {
         &self.limits
+    }
+
+    /// Clients attached now.
+    pub fn clients(&self) -> usize {
+        self.users.load(Ordering::Relaxed)
+    }
+
+    /// Clients holding a backend (or connecting one) now.
+    pub fn active(&self) -> u32 {
+        let free = u32::try_from(self.queue.available_permits()).unwrap_or(u32::MAX);
+        self.limits.pool_size.saturating_sub(free)
+    }
+
+    /// Clients waiting for a backend now.
+    pub fn waiting(&self) -> usize {
+        self.waiting.load(Ordering::Relaxed)
     }
 
     /// True while a client is attached or a backend is checked out.
@@ -422,6 +440,7 @@ impl PoolMap {
             last_used_ms: std::sync::atomic::AtomicU64::new(self.now_ms()),
             base_params: std::sync::Mutex::new(None),
             users: std::sync::atomic::AtomicUsize::new(0),
+            waiting: std::sync::atomic::AtomicUsize::new(0),
         })
     }
 
@@ -433,11 +452,11 @@ impl PoolMap {
             slug: tenant.slug.clone(),
             waited,
         };
-        let turn = tokio::time::timeout(waited, Arc::clone(&pool.queue).acquire_owned())
-            .await
-            .map_err(|_| timed_out())?
-            // The semaphore is never closed.
-            .map_err(|_| timed_out())?;
+        pool.waiting.fetch_add(1, Ordering::Relaxed);
+        let turn = tokio::time::timeout(waited, Arc::clone(&pool.queue).acquire_owned()).await;
+        pool.waiting.fetch_sub(1, Ordering::Relaxed);
+        // The semaphore is never closed.
+        let turn = turn.map_err(|_| timed_out())?.map_err(|_| timed_out())?;
         pool.last_used_ms.store(self.now_ms(), Ordering::Relaxed);
         // Subscribe before asking, so a failure of the connect our request starts is seen.
         let mut errors = pool.connect_errors.0.subscribe();
@@ -476,6 +495,31 @@ impl PoolMap {
     /// The pool of one tenant, if it exists.
     pub async fn get(&self, slug: &TenantSlug) -> Option<Arc<TenantPool>> {
         self.pools.get(slug).await
+    }
+
+    /// Every live pool, by slug, with whether it is parked (evicted while in use).
+    pub async fn list(&self) -> Vec<(TenantSlug, Arc<TenantPool>, bool)> {
+        self.pools.run_pending_tasks().await;
+        let mut out: Vec<(TenantSlug, Arc<TenantPool>, bool)> = self
+            .pools
+            .iter()
+            .map(|(slug, pool)| ((*slug).clone(), pool, false))
+            .collect();
+        let parked: Vec<(TenantSlug, Arc<TenantPool>)> = self
+            .parked
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .iter()
+            .filter_map(|(slug, pool)| Some((slug.clone(), pool.upgrade()?)))
+            .collect();
+        out.extend(parked.into_iter().map(|(slug, pool)| (slug, pool, true)));
+        out.sort_by(|a, b| a.0.as_str().cmp(b.0.as_str()));
+        out
+    }
+
+    /// The configured backend servers.
+    pub fn servers(&self) -> &[ServerConfig] {
+        &self.servers
     }
 
     /// Number of live tenant pools.

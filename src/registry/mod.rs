@@ -7,6 +7,7 @@
 //! It must not forward client traffic.
 
 mod directory;
+mod listing;
 pub mod migrate;
 mod types;
 
@@ -18,6 +19,7 @@ use serde::{Deserialize, Serialize};
 use tokio_postgres::NoTls;
 
 pub use directory::{CHANGES_CHANNEL, TenantDirectory, spawn_change_listener};
+pub use listing::{ACTIVITY_LIMIT, ActivityEntry, MigrationEntry, TenantListing};
 pub use types::{TenantRecord, TenantSlug, TenantState};
 
 use crate::error::{ClientFacing, ErrorKind};

@@ -12,7 +12,9 @@ use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 
 use super::State;
+use crate::admin;
 use crate::auth::{self, AuthError, Credential, ScramSecret};
+use crate::clients::ClientEntry;
 use crate::error::{ClientFacing, ErrorKind, log_error};
 use crate::protocol::startup::{self, FirstPacket, StartupError, StartupMessage};
 use crate::protocol::{SqlState, messages};
@@ -84,13 +86,15 @@ pub enum LoginError {
     },
     #[error("login did not finish within {0:?}")]
     Timeout(Duration),
+    #[error("{0} is not an admin user")]
+    NotAdmin(String),
 }
 
 impl ClientFacing for LoginError {
     fn sqlstate(&self) -> SqlState {
         match self {
             LoginError::Startup(e) => e.sqlstate(),
-            LoginError::NoUser => SqlState::INVALID_AUTHORIZATION,
+            LoginError::NoUser | LoginError::NotAdmin(_) => SqlState::INVALID_AUTHORIZATION,
             LoginError::Settings(SettingsError::Replication) => SqlState::FEATURE_NOT_SUPPORTED,
             LoginError::Settings(_) | LoginError::Timeout(_) => SqlState::PROTOCOL_VIOLATION,
             LoginError::Auth(e) => e.sqlstate(),
@@ -110,15 +114,19 @@ impl ClientFacing for LoginError {
                 format!("tenant \"{slug}\" is {state} and does not accept connections")
             }
             LoginError::Timeout(_) => "canceling authentication due to timeout".to_owned(),
+            LoginError::NotAdmin(user) => format!(
+                "user \"{user}\" is not an admin user: only admin users may connect to the admin database"
+            ),
         }
     }
 
     fn kind(&self) -> ErrorKind {
         match self {
             LoginError::Startup(e) => e.kind(),
-            LoginError::NoUser | LoginError::Settings(_) | LoginError::Timeout(_) => {
-                ErrorKind::Client
-            }
+            LoginError::NoUser
+            | LoginError::Settings(_)
+            | LoginError::Timeout(_)
+            | LoginError::NotAdmin(_) => ErrorKind::Client,
             LoginError::Auth(e) => e.kind(),
             LoginError::Registry(e) => e.kind(),
             LoginError::TenantNotActive { .. } => ErrorKind::Limit,
@@ -133,8 +141,11 @@ enum Login {
     /// An authenticated client of an active tenant.
     Tenant {
         record: Arc<TenantRecord>,
+        user: String,
         settings: Vec<(String, String)>,
     },
+    /// An authenticated admin user, for the admin console.
+    Admin { user: String },
 }
 
 /// Serves one client connection to its end.
@@ -153,11 +164,35 @@ pub(super) async fn serve_client(
             return CloseReason::LoginTimeout;
         }
     };
-    let (record, mut settings) = match login {
+    let peer = stream.peer_addr().ok();
+    let (record, user, mut settings) = match login {
         Login::Cancel => return CloseReason::CancelRequest,
-        Login::Tenant { record, settings } => (record, settings),
+        Login::Admin { user } => {
+            return serve_admin(state, client_id, stream, &user, shutdown).await;
+        }
+        Login::Tenant {
+            record,
+            user,
+            settings,
+        } => (record, user, settings),
     };
     let limits = state.pools.limits_for(&record);
+    // KILL and shutdown end the session through this token.
+    let stop = shutdown.child_token();
+    let _on_roster = state.clients.join(ClientEntry {
+        id: client_id,
+        tenant: Some(record.slug.clone()),
+        user,
+        addr: peer,
+        application_name: settings
+            .iter()
+            .find(|(k, _)| k == "application_name")
+            .map(|(_, v)| v.clone())
+            .unwrap_or_default(),
+        mode: limits.mode.as_str(),
+        connected_at: chrono::Utc::now(),
+        stop: stop.clone(),
+    });
     if let Some(ms) = limits.statement_timeout_ms {
         // The plan's statement_timeout, unless the client chose its own.
         if !settings
@@ -178,7 +213,7 @@ pub(super) async fn serve_client(
         cancels: &state.cancels,
         reset_timeout: Duration::from_millis(state.pools.config().reset_timeout_ms),
         max_client_message_bytes: state.config.proxy.max_message_bytes,
-        shutdown,
+        shutdown: &stop,
     };
     match session::run(&mut stream, &settings, &ctx).await {
         Ok(SessionEnd::Relay(end)) => CloseReason::Session(end),
@@ -222,6 +257,12 @@ async fn login(state: &State, stream: &mut TcpStream) -> Result<Login, LoginErro
         .unwrap_or(user);
     tracing::Span::current().record("user", user);
     let settings = settings::client_settings(&startup.params)?;
+    if database == state.config.admin.database {
+        authenticate_admin(state, stream, user).await?;
+        return Ok(Login::Admin {
+            user: user.to_owned(),
+        });
+    }
     let record = authenticate(state, stream, database, user).await?;
     if record.state != TenantState::Active {
         return Err(LoginError::TenantNotActive {
@@ -229,7 +270,68 @@ async fn login(state: &State, stream: &mut TcpStream) -> Result<Login, LoginErro
             state: record.state,
         });
     }
-    Ok(Login::Tenant { record, settings })
+    Ok(Login::Tenant {
+        record,
+        user: user.to_owned(),
+        settings,
+    })
+}
+
+/// SCRAM against an admin user's verifier (or a mock one). Tenant users are not admin
+/// users: the two live in different registry tables.
+async fn authenticate_admin<S: AsyncRead + AsyncWrite + Unpin>(
+    state: &State,
+    stream: &mut S,
+    user: &str,
+) -> Result<(), LoginError> {
+    let verifier = state.directory.registry().admin_verifier(user).await?;
+    let credential = match verifier.as_deref().and_then(ScramSecret::parse) {
+        Some(secret) => Credential {
+            secret,
+            is_mock: false,
+        },
+        None => Credential {
+            secret: ScramSecret::mock(&state.mock_key, &format!("\0admin\0{user}")),
+            is_mock: true,
+        },
+    };
+    let is_admin = !credential.is_mock;
+    match auth::authenticate(stream, user, credential).await {
+        // The exchange ran in full either way; only then is a non-admin told why.
+        Err(AuthError::Failed { .. }) if !is_admin => Err(LoginError::NotAdmin(user.to_owned())),
+        other => Ok(other?),
+    }
+}
+
+/// Hands an authenticated admin to the console.
+async fn serve_admin(
+    state: &State,
+    client_id: u64,
+    stream: TcpStream,
+    user: &str,
+    shutdown: &CancellationToken,
+) -> CloseReason {
+    let stop = shutdown.child_token();
+    let peer = stream
+        .peer_addr()
+        .unwrap_or_else(|_| std::net::SocketAddr::from(([0, 0, 0, 0], 0)));
+    let _on_roster = state.clients.join(ClientEntry {
+        id: client_id,
+        tenant: None,
+        user: user.to_owned(),
+        addr: Some(peer),
+        application_name: String::new(),
+        mode: "admin",
+        connected_at: chrono::Utc::now(),
+        stop: stop.clone(),
+    });
+    tracing::info!(user, "admin console session");
+    match admin::serve(Arc::clone(&state.admin), stream, user, peer, &stop).await {
+        Ok(admin::AdminEnd::Stopped) => CloseReason::Shutdown,
+        Ok(admin::AdminEnd::ClientLeft) | Err(_) => {
+            CloseReason::Session(RelayEnd::ClientTerminated)
+        }
+    }
 }
 
 /// A client asking for protocol 3.x (x > 0) or `_pq_.` options is told what we speak: 3.0 and

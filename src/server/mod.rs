@@ -23,6 +23,8 @@ use tokio_util::task::TaskTracker;
 
 pub use client::{CloseReason, LoginError};
 
+use crate::admin::AdminContext;
+use crate::clients::ClientRoster;
 use crate::config::Config;
 use crate::crypto::MasterKey;
 use crate::pool::PoolMap;
@@ -133,6 +135,8 @@ pub struct State {
     pub directory: TenantDirectory,
     pub pools: PoolMap,
     pub cancels: CancelMap,
+    pub clients: ClientRoster,
+    pub admin: Arc<AdminContext>,
     client_slots: Arc<Semaphore>,
     /// Key for mock SCRAM secrets of unknown tenants/users; random per process.
     mock_key: [u8; 32],
@@ -168,18 +172,35 @@ impl Proxy {
             .with_context(|| format!("listening on {}", config.proxy.listen))?;
         let local_addr = listener.local_addr()?;
 
-        let directory = TenantDirectory::new(registry, &config.registry);
-        let pools = PoolMap::new(&config.pool, &config.servers, &config.plans, key);
+        config
+            .admin
+            .bootstrap(&registry)
+            .await
+            .context("creating the bootstrap admin user")?;
+        let directory = TenantDirectory::new(registry.clone(), &config.registry);
+        let pools = PoolMap::new(&config.pool, &config.servers, &config.plans, key.clone());
+        let config = Arc::new(config);
+        let clients = ClientRoster::default();
+        let admin = Arc::new(AdminContext {
+            config: Arc::clone(&config),
+            registry,
+            directory: directory.clone(),
+            pools: pools.clone(),
+            clients: clients.clone(),
+            key,
+        });
         let mut mock_key = [0u8; 32];
         rand::fill(&mut mock_key);
         let state = Arc::new(State {
             client_slots: Arc::new(Semaphore::new(
                 usize::try_from(config.proxy.max_client_connections).unwrap_or(usize::MAX),
             )),
-            config: Arc::new(config),
+            config,
             directory,
             pools,
             cancels: CancelMap::default(),
+            clients,
+            admin,
             mock_key,
             next_client_id: AtomicU64::new(1),
         });

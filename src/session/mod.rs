@@ -231,7 +231,7 @@ where
     let farewell = match &outcome {
         Ok(SessionEnd::Shutdown) => Some((
             SqlState::ADMIN_SHUTDOWN,
-            "terminating connection because tenantgate is shutting down".to_owned(),
+            "terminating connection due to administrator command".to_owned(),
         )),
         Ok(SessionEnd::TenantNotActive(state)) => Some((
             SqlState::CANNOT_CONNECT_NOW,

@@ -138,6 +138,10 @@ master_key_file = "{dir}/master.key"
 [pool]
 pool_size = 10
 
+[admin]
+bootstrap_user = "root"
+bootstrap_password = "root-secret"
+
 [[server]]
 name = "local"
 host = "127.0.0.1"
@@ -234,6 +238,13 @@ admin_password = "{password}"
             drop(connection.await);
         });
         Ok(client)
+    }
+
+    /// Connects to the admin console as the bootstrap admin.
+    pub async fn admin(&self) -> tokio_postgres::Client {
+        self.connect(&self.config.admin.database, "root", "root-secret")
+            .await
+            .expect("connect to the admin console")
     }
 
     /// Connects as `app`/`secret`.

@@ -1,0 +1,436 @@
+//! The console's virtual tables, built on demand from live state (pools, budgets, connected
+//! clients, the config) and from the registry (tenants, activity, migrations). SHOW commands
+//! and SELECTs read the same tables. Nothing here changes state, and no secret (backend
+//! password, admin password, password in a URL) is ever put in a row.
+
+use std::collections::HashMap;
+
+use super::AdminContext;
+use super::error::AdminError;
+use super::select::version_string;
+use super::table::{Column, ColumnType, Table, Value};
+use crate::registry::TenantSlug;
+
+/// The columns of a table, without gathering rows (Describe).
+pub(super) fn columns(name: &str) -> Result<Vec<Column>, AdminError> {
+    use ColumnType::{Bool, Int8, Text, Timestamptz};
+    let c = Column::new;
+    Ok(match name {
+        "tenants" => vec![
+            c("slug", Text),
+            c("name", Text),
+            c("state", Text),
+            c("plan", Text),
+            c("server", Text),
+            c("database", Text),
+            c("role", Text),
+            c("schema_version", Int8),
+            c("overrides", Text),
+            c("error", Text),
+            c("pool_loaded", Bool),
+            c("created_at", Timestamptz),
+            c("updated_at", Timestamptz),
+        ],
+        "pools" => vec![
+            c("tenant", Text),
+            c("server", Text),
+            c("database", Text),
+            c("mode", Text),
+            c("pool_size", Int8),
+            c("max_clients", Int8),
+            c("clients", Int8),
+            c("active", Int8),
+            c("waiting", Int8),
+            c("backends", Int8),
+            c("idle", Int8),
+            c("parked", Bool),
+        ],
+        "clients" => vec![
+            c("id", Int8),
+            c("tenant", Text),
+            c("user", Text),
+            c("addr", Text),
+            c("application_name", Text),
+            c("mode", Text),
+            c("connected_at", Timestamptz),
+        ],
+        "servers" => vec![
+            c("name", Text),
+            c("host", Text),
+            c("port", Int8),
+            c("budget", Int8),
+            c("used", Int8),
+            c("idle", Int8),
+            c("waiting", Int8),
+            c("pools", Int8),
+        ],
+        "stats" => super::usage::columns(),
+        "activity" => vec![
+            c("id", Int8),
+            c("at", Timestamptz),
+            c("tenant", Text),
+            c("actor", Text),
+            c("action", Text),
+            c("detail", Text),
+        ],
+        "migrations" => vec![
+            c("tenant", Text),
+            c("version", Int8),
+            c("name", Text),
+            c("checksum", Text),
+            c("applied_at", Timestamptz),
+            c("duration_ms", Int8),
+        ],
+        "config" => vec![c("key", Text), c("value", Text)],
+        "help" => vec![c("command", Text), c("description", Text)],
+        "version" => vec![c("version", Text)],
+        other => return Err(AdminError::NoSuchTable(other.to_owned())),
+    })
+}
+
+/// A table with its rows; `tenant` narrows the tables that have a tenant column.
+pub(super) async fn load(
+    ctx: &AdminContext,
+    name: &str,
+    tenant: Option<&str>,
+) -> Result<Table, AdminError> {
+    let mut table = Table::new(columns(name)?);
+    table.rows = match name {
+        "tenants" => tenants(ctx, tenant).await?,
+        "pools" => pools(ctx, tenant).await,
+        "clients" => clients(ctx, tenant),
+        "servers" => servers(ctx).await,
+        "stats" => super::usage::rows(ctx, tenant),
+        "activity" => activity(ctx, tenant).await?,
+        "migrations" => migrations(ctx, tenant).await?,
+        "config" => config(ctx),
+        "help" => help(),
+        "version" => vec![vec![Value::text(version_string())]],
+        other => return Err(AdminError::NoSuchTable(other.to_owned())),
+    };
+    Ok(table)
+}
+
+async fn tenants(ctx: &AdminContext, tenant: Option<&str>) -> Result<Vec<Vec<Value>>, AdminError> {
+    let listing = ctx.registry.tenant_listing(tenant).await?;
+    let mut rows = Vec::with_capacity(listing.len());
+    for t in listing {
+        let loaded = match TenantSlug::parse(&t.slug) {
+            Some(slug) => ctx.pools.get(&slug).await.is_some(),
+            None => false,
+        };
+        rows.push(vec![
+            Value::text(t.slug),
+            Value::opt_text(t.display_name),
+            Value::text(t.state),
+            Value::text(t.plan),
+            Value::text(t.server),
+            Value::text(t.database),
+            Value::text(t.backend_role),
+            t.schema_version
+                .map_or(Value::Null, |v| Value::Int(i64::from(v))),
+            Value::text(t.overrides),
+            Value::opt_text(t.error_message),
+            Value::Bool(loaded),
+            Value::Time(t.created_at),
+            Value::Time(t.updated_at),
+        ]);
+    }
+    Ok(rows)
+}
+
+async fn pools(ctx: &AdminContext, tenant: Option<&str>) -> Vec<Vec<Value>> {
+    let mut rows = Vec::new();
+    for (slug, pool, parked) in ctx.pools.list().await {
+        if tenant.is_some_and(|t| t != slug.as_str()) {
+            continue;
+        }
+        let (open, idle) = pool.state();
+        let limits = pool.limits();
+        rows.push(vec![
+            Value::text(slug.as_str()),
+            Value::text(pool.target().server.clone()),
+            Value::text(pool.target().database.clone()),
+            Value::text(limits.mode.as_str()),
+            Value::Int(i64::from(limits.pool_size)),
+            Value::Int(i64::from(limits.max_clients)),
+            Value::count(pool.clients() as u64),
+            Value::Int(i64::from(pool.active())),
+            Value::count(pool.waiting() as u64),
+            Value::Int(i64::from(open)),
+            Value::Int(i64::from(idle)),
+            Value::Bool(parked),
+        ]);
+    }
+    rows
+}
+
+fn clients(ctx: &AdminContext, tenant: Option<&str>) -> Vec<Vec<Value>> {
+    ctx.clients
+        .list()
+        .into_iter()
+        .filter(|c| tenant.is_none_or(|t| c.tenant.as_ref().is_some_and(|s| s.as_str() == t)))
+        .map(|c| {
+            vec![
+                Value::count(c.id),
+                Value::opt_text(c.tenant.map(|s| s.as_str().to_owned())),
+                Value::text(c.user),
+                Value::opt_text(c.addr.map(|a| a.to_string())),
+                Value::text(c.application_name),
+                Value::text(c.mode),
+                Value::Time(c.connected_at),
+            ]
+        })
+        .collect()
+}
+
+async fn servers(ctx: &AdminContext) -> Vec<Vec<Value>> {
+    // (idle, waiting, pools) per server.
+    let mut per_server: HashMap<String, (u64, u64, u64)> = HashMap::new();
+    for (_, pool, _) in ctx.pools.list().await {
+        let (_, idle) = pool.state();
+        let entry = per_server.entry(pool.target().server.clone()).or_default();
+        entry.0 += u64::from(idle);
+        entry.1 += pool.waiting() as u64;
+        entry.2 += 1;
+    }
+    ctx.pools
+        .servers()
+        .iter()
+        .map(|s| {
+            let (idle, waiting, pools) = per_server.get(&s.name).copied().unwrap_or_default();
+            let used = ctx.pools.budget(&s.name).map_or(0, |b| b.in_use());
+            vec![
+                Value::text(s.name.clone()),
+                Value::text(s.host.clone()),
+                Value::Int(i64::from(s.port)),
+                Value::Int(i64::from(s.max_connections)),
+                Value::Int(i64::from(used)),
+                Value::count(idle),
+                Value::count(waiting),
+                Value::count(pools),
+            ]
+        })
+        .collect()
+}
+
+async fn activity(ctx: &AdminContext, tenant: Option<&str>) -> Result<Vec<Vec<Value>>, AdminError> {
+    Ok(ctx
+        .registry
+        .activity(tenant)
+        .await?
+        .into_iter()
+        .map(|a| {
+            vec![
+                Value::Int(a.id),
+                Value::Time(a.at),
+                Value::opt_text(a.tenant),
+                Value::text(a.actor),
+                Value::text(a.action),
+                Value::opt_text(a.detail),
+            ]
+        })
+        .collect())
+}
+
+async fn migrations(
+    ctx: &AdminContext,
+    tenant: Option<&str>,
+) -> Result<Vec<Vec<Value>>, AdminError> {
+    Ok(ctx
+        .registry
+        .migration_ledger(tenant)
+        .await?
+        .into_iter()
+        .map(|m| {
+            vec![
+                Value::text(m.tenant),
+                Value::Int(i64::from(m.version)),
+                Value::text(m.name),
+                Value::text(m.checksum),
+                Value::Time(m.applied_at),
+                Value::Int(m.duration_ms),
+            ]
+        })
+        .collect())
+}
+
+/// The running config as `section.key = value` rows; secrets masked.
+fn config(ctx: &AdminContext) -> Vec<Vec<Value>> {
+    let mut rows = Vec::new();
+    match toml::Value::try_from(ctx.config.as_ref()) {
+        Ok(value) => flatten("", &value, &mut rows),
+        Err(e) => rows.push(vec![Value::text("error"), Value::text(e.to_string())]),
+    }
+    rows
+}
+
+fn flatten(prefix: &str, value: &toml::Value, rows: &mut Vec<Vec<Value>>) {
+    match value {
+        toml::Value::Table(table) => {
+            for (k, v) in table {
+                let key = if prefix.is_empty() {
+                    k.clone()
+                } else {
+                    format!("{prefix}.{k}")
+                };
+                flatten(&key, v, rows);
+            }
+        }
+        toml::Value::Array(items) if items.iter().all(toml::Value::is_table) => {
+            for (i, item) in items.iter().enumerate() {
+                // `server.main.host` reads better than `server.0.host`.
+                let name = item
+                    .get("name")
+                    .and_then(toml::Value::as_str)
+                    .map_or_else(|| i.to_string(), str::to_owned);
+                flatten(&format!("{prefix}.{name}"), item, rows);
+            }
+        }
+        other => {
+            let shown = match other {
+                toml::Value::String(s) => s.clone(),
+                v => v.to_string(),
+            };
+            rows.push(vec![Value::text(prefix), Value::text(mask(prefix, &shown))]);
+        }
+    }
+}
+
+/// Hides passwords: values of keys that name one, and passwords inside connection strings.
+fn mask(key: &str, value: &str) -> String {
+    if key.contains("password") && !key.ends_with("_env") {
+        return "********".to_owned();
+    }
+    if key.ends_with("url") {
+        return mask_url(value);
+    }
+    value.to_owned()
+}
+
+fn mask_url(url: &str) -> String {
+    // postgres://user:secret@host/db
+    if let Some(scheme_end) = url.find("://") {
+        let rest = &url[scheme_end + 3..];
+        if let Some(at) = rest.find('@') {
+            if let Some(colon) = rest[..at].find(':') {
+                return format!(
+                    "{}{}:********{}",
+                    &url[..scheme_end + 3],
+                    &rest[..colon],
+                    &rest[at..]
+                );
+            }
+        }
+        return url.to_owned();
+    }
+    // key=value form
+    url.split_whitespace()
+        .map(|kv| {
+            if kv.to_ascii_lowercase().starts_with("password=") {
+                "password=********".to_owned()
+            } else {
+                kv.to_owned()
+            }
+        })
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+fn help() -> Vec<Vec<Value>> {
+    const HELP: &[(&str, &str)] = &[
+        ("SHOW HELP", "this list"),
+        ("SHOW TENANTS | SHOW TENANT slug", "tenants in the registry"),
+        (
+            "SHOW POOLS [slug]",
+            "live tenant pools: clients, active, waiting, backends",
+        ),
+        ("SHOW CLIENTS [slug]", "connected clients"),
+        (
+            "SHOW SERVERS",
+            "backend servers: budget, used, idle, waiting",
+        ),
+        ("SHOW STATS [slug]", "per-tenant usage counters since start"),
+        ("SHOW CONFIG", "the running configuration (secrets masked)"),
+        ("SHOW VERSION", "tenantgate's version"),
+        ("SHOW ACTIVITY [slug]", "the activity log, newest first"),
+        ("SHOW MIGRATIONS [slug]", "applied tenant migrations"),
+        (
+            "SELECT ... FROM tenants|pools|clients|servers|stats|activity|migrations|config",
+            "read the same tables with WHERE, ORDER BY, LIMIT, count(*)",
+        ),
+        (
+            "CREATE TENANT slug [WITH (name = '...', plan = '...', server = '...')]",
+            "provision: role, database, migrations; retries a failed tenant",
+        ),
+        (
+            "REGISTER TENANT slug DATABASE 'db' ROLE 'role' PASSWORD 'pw' [SERVER 'name']",
+            "adopt an existing database",
+        ),
+        (
+            "CREATE USER name FOR TENANT slug PASSWORD 'pw'",
+            "add a tenant user (stored as a SCRAM verifier)",
+        ),
+        (
+            "ALTER USER name FOR TENANT slug PASSWORD 'pw'",
+            "change a user's password",
+        ),
+        ("DROP USER name FOR TENANT slug", "remove a tenant user"),
+        (
+            "SUSPEND TENANT slug [FORCE]",
+            "refuse new connections (57P03); disconnect clients after the grace period, or at once",
+        ),
+        ("RESUME TENANT slug", "accept connections again"),
+        (
+            "DROP TENANT slug [KEEP DATABASE]",
+            "disconnect, drop database and role (or keep them), mark deleted",
+        ),
+        ("MIGRATE TENANT slug", "apply pending tenant migrations"),
+        (
+            "MIGRATE ALL TENANTS [CONCURRENCY n]",
+            "migrate every tenant, progress as NOTICEs, one row per tenant",
+        ),
+        ("KILL slug", "disconnect every client of a tenant now"),
+    ];
+    HELP.iter()
+        .map(|(command, description)| vec![Value::text(*command), Value::text(*description)])
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn urls_lose_their_passwords() {
+        assert_eq!(
+            mask_url("postgres://tg:s3cret@localhost:5432/registry"),
+            "postgres://tg:********@localhost:5432/registry"
+        );
+        assert_eq!(
+            mask_url("host=x user=tg password=s3cret dbname=r"),
+            "host=x user=tg password=******** dbname=r"
+        );
+        assert_eq!(mask("server.main.admin_password", "pw"), "********");
+        assert_eq!(mask("server.main.admin_password_env", "PGPASS"), "PGPASS");
+    }
+
+    #[test]
+    fn every_listed_table_has_columns() {
+        const TABLES: [&str; 10] = [
+            "tenants",
+            "pools",
+            "clients",
+            "servers",
+            "stats",
+            "activity",
+            "migrations",
+            "config",
+            "help",
+            "version",
+        ];
+        for t in TABLES {
+            assert!(columns(t).is_ok(), "{t}");
+        }
+    }
+}

@@ -1,0 +1,121 @@
+//! Errors of the admin console and their SQLSTATEs, in one place. An admin is an operator:
+//! messages say what failed and why (a provisioning error names the step and PostgreSQL's
+//! message), but never a secret.
+
+use crate::error::{ClientFacing, ErrorKind};
+use crate::protocol::SqlState;
+use crate::provision::ProvisionError;
+use crate::registry::RegistryError;
+
+/// What the console supports, listed in the hint of an unsupported command.
+pub(super) const SUPPORTED: &str = "supported: SHOW HELP|TENANTS|TENANT slug|POOLS|CLIENTS|SERVERS|STATS|CONFIG|\
+VERSION|ACTIVITY [slug]|MIGRATIONS [slug]; SELECT ... FROM tenants|pools|clients|servers|stats|\
+activity|migrations|config; CREATE TENANT; REGISTER TENANT; CREATE|ALTER|DROP USER ... FOR TENANT; \
+SUSPEND|RESUME|DROP TENANT; MIGRATE TENANT slug; MIGRATE ALL TENANTS; KILL slug";
+
+#[derive(Debug, thiserror::Error)]
+pub enum AdminError {
+    #[error("syntax error: {0}")]
+    Syntax(String),
+    #[error("unsupported admin command: {0}")]
+    Unsupported(String),
+    #[error("table \"{0}\" does not exist")]
+    NoSuchTable(String),
+    #[error("column \"{0}\" does not exist")]
+    NoSuchColumn(String),
+    #[error("{0}")]
+    BadValue(String),
+    #[error("there is no parameter ${0}")]
+    MissingParameter(usize),
+    #[error("tenant \"{0}\" does not exist")]
+    NoSuchTenant(String),
+    #[error("{0}")]
+    WrongState(String),
+    #[error(transparent)]
+    Provision(#[from] ProvisionError),
+    #[error(transparent)]
+    Registry(#[from] RegistryError),
+}
+
+impl ClientFacing for AdminError {
+    fn sqlstate(&self) -> SqlState {
+        match self {
+            AdminError::Syntax(_) => SqlState::SYNTAX_ERROR,
+            AdminError::Unsupported(_) => SqlState::FEATURE_NOT_SUPPORTED,
+            AdminError::NoSuchTable(_) => SqlState::UNDEFINED_TABLE,
+            AdminError::NoSuchColumn(_) => SqlState::UNDEFINED_COLUMN,
+            AdminError::BadValue(_) | AdminError::MissingParameter(_) => {
+                SqlState::INVALID_PARAMETER_VALUE
+            }
+            AdminError::NoSuchTenant(_) => SqlState::UNDEFINED_OBJECT,
+            AdminError::WrongState(_) => SqlState::OBJECT_NOT_IN_PREREQUISITE_STATE,
+            AdminError::Provision(e) => provision_sqlstate(e),
+            AdminError::Registry(e) => e.sqlstate(),
+        }
+    }
+
+    fn client_message(&self) -> String {
+        match self {
+            AdminError::Provision(e) => with_causes(e),
+            AdminError::Registry(e) => e.client_message(),
+            other => other.to_string(),
+        }
+    }
+
+    fn kind(&self) -> ErrorKind {
+        match self {
+            AdminError::Provision(ProvisionError::Registry(_)) | AdminError::Registry(_) => {
+                ErrorKind::Registry
+            }
+            AdminError::Provision(ProvisionError::Backend { .. }) => ErrorKind::Backend,
+            _ => ErrorKind::Client,
+        }
+    }
+}
+
+impl AdminError {
+    /// The hint sent with the error, if any.
+    pub fn hint(&self) -> Option<&'static str> {
+        match self {
+            AdminError::Unsupported(_) | AdminError::NoSuchTable(_) => Some(SUPPORTED),
+            _ => None,
+        }
+    }
+}
+
+fn provision_sqlstate(e: &ProvisionError) -> SqlState {
+    match e {
+        ProvisionError::BadSlug(_)
+        | ProvisionError::NameTooLong(_)
+        | ProvisionError::UnknownServer(_)
+        | ProvisionError::EmptyUser => SqlState::INVALID_PARAMETER_VALUE,
+        ProvisionError::Exists(_) => SqlState::DUPLICATE_OBJECT,
+        ProvisionError::NoSuchTenant(_) => SqlState::UNDEFINED_OBJECT,
+        ProvisionError::NoServerPassword(_) => SqlState::OBJECT_NOT_IN_PREREQUISITE_STATE,
+        ProvisionError::Backend { source, .. } | ProvisionError::CannotConnect(source) => source
+            .as_db_error()
+            .map_or(SqlState::CONNECTION_FAILURE, |_| SqlState::INTERNAL_ERROR),
+        ProvisionError::Registry(r) => r.sqlstate(),
+    }
+}
+
+/// The error with PostgreSQL's own message appended: an operator needs to know why
+/// `CREATE ROLE` failed, not only that it did.
+fn with_causes(e: &ProvisionError) -> String {
+    let mut text = e.to_string();
+    let mut source = std::error::Error::source(e);
+    while let Some(cause) = source {
+        let cause_text = match cause.downcast_ref::<tokio_postgres::Error>() {
+            Some(pg) => pg
+                .as_db_error()
+                .map_or_else(|| pg.to_string(), |db| db.message().to_owned()),
+            None => cause.to_string(),
+        };
+        if !text.contains(&cause_text) {
+            text.push_str(": ");
+            text.push_str(&cause_text);
+        }
+        source = cause.source();
+    }
+    text
+}

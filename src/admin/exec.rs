@@ -1,0 +1,379 @@
+//! What each admin command does: read a virtual table, or run a lifecycle step through
+//! `provision` and the registry, then tell live sessions (kill, suspend) what changed. Results
+//! are tables or command tags; progress goes out as NOTICE text through [`Progress`]. This
+//! module does not speak the wire protocol.
+
+use super::AdminContext;
+use super::catalog;
+use super::command::{Arg, Command, ShowWhat};
+use super::error::AdminError;
+use super::select;
+use super::table::{Column, ColumnType, Table, Value};
+use crate::crypto::Secret;
+use crate::provision::{self, CreateTenant, RegisterTenant};
+use crate::registry::{TenantSlug, TenantState};
+
+/// What a command produced.
+#[derive(Debug)]
+pub(super) enum Outcome {
+    Rows(Table),
+    Done(&'static str),
+    Empty,
+}
+
+/// Sends NOTICE lines to the admin client while a command runs.
+#[derive(Debug, Clone)]
+pub(super) struct Progress(tokio::sync::mpsc::UnboundedSender<String>);
+
+impl Progress {
+    pub(super) fn new(sender: tokio::sync::mpsc::UnboundedSender<String>) -> Progress {
+        Progress(sender)
+    }
+
+    pub(super) fn say(&self, text: impl Into<String>) {
+        // The client may have gone; the command still finishes.
+        drop(self.0.send(text.into()));
+    }
+}
+
+/// The columns a command returns (empty for commands that return none), without running it.
+pub(super) fn result_columns(command: &Command) -> Result<Vec<Column>, AdminError> {
+    match command {
+        Command::Show { what, .. } => catalog::columns(show_table(*what)),
+        Command::Select(query) => {
+            // Without rows WHERE never runs; a SELECT without FROM evaluates its one row with
+            // every parameter unknown (NULL). Either way only the columns are kept.
+            let probe = match select::table_name(query)? {
+                Some(name) => Table::new(catalog::columns(&name)?),
+                None => no_table(),
+            };
+            Ok(select::run(query, &probe, &vec![None; 100])?.columns)
+        }
+        Command::MigrateTenant { .. } | Command::MigrateAll { .. } => Ok(migrate_columns()),
+        _ => Ok(Vec::new()),
+    }
+}
+
+/// A SELECT without FROM reads one row of no columns.
+fn no_table() -> Table {
+    let mut t = Table::new(Vec::new());
+    t.rows.push(Vec::new());
+    t
+}
+
+fn show_table(what: ShowWhat) -> &'static str {
+    match what {
+        ShowWhat::Help => "help",
+        ShowWhat::Tenants => "tenants",
+        ShowWhat::Pools => "pools",
+        ShowWhat::Clients => "clients",
+        ShowWhat::Servers => "servers",
+        ShowWhat::Stats => "stats",
+        ShowWhat::Config => "config",
+        ShowWhat::Version => "version",
+        ShowWhat::Activity => "activity",
+        ShowWhat::Migrations => "migrations",
+    }
+}
+
+/// Runs one command.
+pub(super) async fn execute(
+    ctx: &AdminContext,
+    actor: &str,
+    command: &Command,
+    params: &[Option<String>],
+    progress: &Progress,
+) -> Result<Outcome, AdminError> {
+    let opt = |a: &Option<Arg>| a.as_ref().map(|a| a.resolve(params)).transpose();
+    match command {
+        Command::Empty => Ok(Outcome::Empty),
+        Command::Ignored(tag) => Ok(Outcome::Done(tag)),
+        Command::Show { what, tenant } => {
+            let tenant = opt(tenant)?;
+            let table = catalog::load(ctx, show_table(*what), tenant.as_deref()).await?;
+            if *what == ShowWhat::Tenants && table.rows.is_empty() {
+                if let Some(slug) = tenant {
+                    return Err(AdminError::NoSuchTenant(slug));
+                }
+            }
+            Ok(Outcome::Rows(table))
+        }
+        Command::Select(query) => {
+            let source = match select::table_name(query)? {
+                Some(name) => catalog::load(ctx, &name, None).await?,
+                None => no_table(),
+            };
+            Ok(Outcome::Rows(select::run(query, &source, params)?))
+        }
+        Command::CreateTenant { .. } | Command::RegisterTenant { .. } => {
+            provision_command(ctx, actor, command, params, progress).await
+        }
+        Command::SetUser { .. } | Command::DropUser { .. } => {
+            user_command(ctx, actor, command, params).await
+        }
+        Command::SuspendTenant { .. }
+        | Command::ResumeTenant { .. }
+        | Command::Kill { .. }
+        | Command::DropTenant { .. }
+        | Command::MigrateTenant { .. }
+        | Command::MigrateAll { .. } => tenant_command(ctx, actor, command, params, progress).await,
+    }
+}
+
+/// CREATE TENANT and REGISTER TENANT.
+async fn provision_command(
+    ctx: &AdminContext,
+    actor: &str,
+    command: &Command,
+    params: &[Option<String>],
+    progress: &Progress,
+) -> Result<Outcome, AdminError> {
+    let arg = |a: &Arg| a.resolve(params);
+    let opt = |a: &Option<Arg>| a.as_ref().map(|a| a.resolve(params)).transpose();
+    match command {
+        Command::CreateTenant {
+            slug,
+            name,
+            plan,
+            server,
+        } => {
+            let slug = arg(slug)?;
+            let options = CreateTenant {
+                display_name: opt(name)?,
+                server: opt(server)?,
+                plan: opt(plan)?,
+            };
+            check_plan(ctx, options.plan.as_deref())?;
+            progress.say(format!("provisioning tenant {slug}"));
+            let record =
+                provision::create_tenant(&ctx.config, &ctx.registry, &ctx.key, &slug, &options)
+                    .await?;
+            log(ctx, Some(&record.slug), actor, "admin.create_tenant", None).await;
+            progress.say(format!(
+                "tenant {} is {}: database {} on server {}",
+                record.slug, record.state, record.database, record.server
+            ));
+            Ok(Outcome::Done("CREATE TENANT"))
+        }
+        Command::RegisterTenant {
+            slug,
+            database,
+            role,
+            password,
+            server,
+        } => {
+            let (slug, database, role) = (arg(slug)?, arg(database)?, arg(role)?);
+            let password = Secret::from(arg(password)?);
+            let server = opt(server)?;
+            let record = provision::register_tenant(
+                &ctx.config,
+                &ctx.registry,
+                &ctx.key,
+                &RegisterTenant {
+                    slug: &slug,
+                    server: server.as_deref(),
+                    database: &database,
+                    role: &role,
+                    password: &password,
+                },
+            )
+            .await?;
+            log(
+                ctx,
+                Some(&record.slug),
+                actor,
+                "admin.register_tenant",
+                None,
+            )
+            .await;
+            Ok(Outcome::Done("REGISTER TENANT"))
+        }
+        _ => Err(AdminError::Unsupported("this command".to_owned())),
+    }
+}
+
+/// CREATE, ALTER and DROP USER.
+async fn user_command(
+    ctx: &AdminContext,
+    actor: &str,
+    command: &Command,
+    params: &[Option<String>],
+) -> Result<Outcome, AdminError> {
+    let arg = |a: &Arg| a.resolve(params);
+    match command {
+        Command::SetUser {
+            user,
+            tenant,
+            password,
+            replace,
+        } => {
+            let (user, tenant) = (arg(user)?, arg(tenant)?);
+            let slug = known_slug(ctx, &tenant).await?;
+            let exists = ctx.registry.user_exists(&slug, &user).await?;
+            match (exists, *replace) {
+                (true, false) => {
+                    return Err(AdminError::WrongState(format!(
+                        "user \"{user}\" of tenant \"{slug}\" already exists; use ALTER USER"
+                    )));
+                }
+                (false, true) => {
+                    return Err(AdminError::WrongState(format!(
+                        "user \"{user}\" of tenant \"{slug}\" does not exist; use CREATE USER"
+                    )));
+                }
+                _ => {}
+            }
+            provision::add_user(
+                &ctx.registry,
+                slug.as_str(),
+                &user,
+                &Secret::from(arg(password)?),
+            )
+            .await?;
+            // Do not wait for the NOTIFY: the next login must see the new password.
+            ctx.directory.invalidate(&slug).await;
+            Ok(Outcome::Done(if *replace {
+                "ALTER USER"
+            } else {
+                "CREATE USER"
+            }))
+        }
+        Command::DropUser { user, tenant } => {
+            let (user, tenant) = (arg(user)?, arg(tenant)?);
+            let slug = known_slug(ctx, &tenant).await?;
+            if !ctx.registry.delete_user(&slug, &user).await? {
+                return Err(AdminError::WrongState(format!(
+                    "user \"{user}\" of tenant \"{slug}\" does not exist"
+                )));
+            }
+            ctx.directory.invalidate(&slug).await;
+            log(ctx, Some(&slug), actor, "user.drop", Some(&user)).await;
+            Ok(Outcome::Done("DROP USER"))
+        }
+        _ => Err(AdminError::Unsupported("this command".to_owned())),
+    }
+}
+
+/// SUSPEND, RESUME, KILL, DROP and MIGRATE of tenants.
+async fn tenant_command(
+    ctx: &AdminContext,
+    actor: &str,
+    command: &Command,
+    params: &[Option<String>],
+    progress: &Progress,
+) -> Result<Outcome, AdminError> {
+    let arg = |a: &Arg| a.resolve(params);
+    match command {
+        Command::SuspendTenant { slug, force } => {
+            let slug = known_slug(ctx, &arg(slug)?).await?;
+            provision::set_state(&ctx.registry, slug.as_str(), TenantState::Suspended).await?;
+            ctx.directory.invalidate(&slug).await;
+            log(
+                ctx,
+                Some(&slug),
+                actor,
+                "admin.suspend",
+                force.then_some("force"),
+            )
+            .await;
+            if *force {
+                let n = ctx.clients.kill_tenant(&slug);
+                progress.say(format!("disconnected {n} client(s) of tenant {slug}"));
+            } else {
+                progress.say(format!(
+                    "new connections to tenant {slug} are refused; connected clients are \
+                     disconnected within {} s",
+                    ctx.config.proxy.suspend_grace_seconds
+                ));
+            }
+            Ok(Outcome::Done("SUSPEND TENANT"))
+        }
+        Command::ResumeTenant { slug } => {
+            let slug = known_slug(ctx, &arg(slug)?).await?;
+            let record = ctx.registry.tenant(&slug).await?;
+            if record.as_ref().map(|r| r.state) != Some(TenantState::Suspended) {
+                let state = record.map_or("gone".to_owned(), |r| r.state.to_string());
+                return Err(AdminError::WrongState(format!(
+                    "tenant \"{slug}\" is {state}, not suspended"
+                )));
+            }
+            provision::set_state(&ctx.registry, slug.as_str(), TenantState::Active).await?;
+            ctx.directory.invalidate(&slug).await;
+            log(ctx, Some(&slug), actor, "admin.resume", None).await;
+            Ok(Outcome::Done("RESUME TENANT"))
+        }
+        Command::Kill { slug } => {
+            let slug = known_slug(ctx, &arg(slug)?).await?;
+            let n = ctx.clients.kill_tenant(&slug);
+            log(ctx, Some(&slug), actor, "admin.kill", Some(&n.to_string())).await;
+            progress.say(format!("disconnected {n} client(s) of tenant {slug}"));
+            Ok(Outcome::Done("KILL"))
+        }
+        _ => Err(AdminError::Unsupported("this command".to_owned())),
+    }
+}
+
+/// A slug that names a tenant in the registry.
+async fn known_slug(ctx: &AdminContext, text: &str) -> Result<TenantSlug, AdminError> {
+    let slug = TenantSlug::parse(text).ok_or_else(|| AdminError::NoSuchTenant(text.to_owned()))?;
+    match ctx.registry.tenant(&slug).await? {
+        Some(_) => Ok(slug),
+        None => Err(AdminError::NoSuchTenant(text.to_owned())),
+    }
+}
+
+fn check_plan(ctx: &AdminContext, plan: Option<&str>) -> Result<(), AdminError> {
+    match plan {
+        Some(p) if p != ctx.config.provision.default_plan && !ctx.config.plans.contains_key(p) => {
+            let known: Vec<&str> = ctx.config.plans.keys().map(String::as_str).collect();
+            Err(AdminError::BadValue(format!(
+                "plan \"{p}\" is not in the config (known: {})",
+                if known.is_empty() {
+                    "none".to_owned()
+                } else {
+                    known.join(", ")
+                }
+            )))
+        }
+        _ => Ok(()),
+    }
+}
+
+/// Records an admin action; a failure to log does not undo the action.
+async fn log(
+    ctx: &AdminContext,
+    slug: Option<&TenantSlug>,
+    actor: &str,
+    action: &str,
+    detail: Option<&str>,
+) {
+    if let Err(e) = ctx.registry.log_activity(slug, actor, action, detail).await {
+        tracing::warn!(error = %e, action, "writing the activity log failed");
+    }
+}
+
+fn migrate_columns() -> Vec<Column> {
+    vec![
+        Column::new("tenant", ColumnType::Text),
+        Column::new("status", ColumnType::Text),
+        Column::new("applied", ColumnType::Int8),
+        Column::new("version", ColumnType::Int8),
+        Column::new("error", ColumnType::Text),
+    ]
+}
+
+#[allow(dead_code, reason = "used once tenant migrations land")]
+fn migrate_row(
+    slug: &str,
+    applied: usize,
+    version: Option<i64>,
+    error: Option<String>,
+) -> Vec<Value> {
+    vec![
+        Value::text(slug),
+        Value::text(if error.is_some() { "failed" } else { "ok" }),
+        Value::count(applied as u64),
+        version.map_or(Value::Null, Value::Int),
+        Value::opt_text(error),
+    ]
+}

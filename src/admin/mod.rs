@@ -1,0 +1,248 @@
+//! The admin console: a virtual database (default name `tenantgate`) that tenantgate serves
+//! itself. Admin users (SCRAM verifiers in the registry's `admin_users`) connect with any
+//! PostgreSQL client and manage tenants in SQL: SHOW and SELECT over live state, CREATE
+//! TENANT, MIGRATE, SUSPEND, KILL...
+//!
+//! Moving parts: `command` (parsing, with sqlparser), `select` (SELECT over a virtual
+//! table), `catalog` (the virtual tables), `exec` (what commands do), `handler` (pgwire's
+//! query handlers), `table` (typed values), `usage` (SHOW STATS), `error` (SQLSTATEs).
+//! The server module authenticates the admin and hands the socket to [`serve`], which drives
+//! pgwire's per-message processing. This module must not reach into a session's internals;
+//! it sees clients through the roster and pools through the pool map.
+
+mod catalog;
+mod command;
+mod error;
+mod exec;
+mod handler;
+mod select;
+mod table;
+mod usage;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use bytes::BytesMut;
+use futures_util::StreamExt as _;
+use pgwire::api::{ClientInfo as _, DefaultClient, NoopHandler, PgWireConnectionState};
+use pgwire::messages::PgWireFrontendMessage;
+use pgwire::tokio::server::{PgWireMessageServerCodec, process_error, process_message};
+use serde::{Deserialize, Serialize};
+use tokio::io::AsyncWriteExt as _;
+use tokio::net::TcpStream;
+use tokio_util::codec::Framed;
+use tokio_util::sync::CancellationToken;
+
+pub use error::AdminError;
+
+use crate::clients::ClientRoster;
+use crate::config::Config;
+use crate::crypto::{MasterKey, Secret};
+use crate::pool::PoolMap;
+use crate::protocol::{SqlState, messages};
+use crate::registry::{Registry, RegistryError, TenantDirectory};
+use handler::AdminHandler;
+
+/// `[admin]`: the admin console.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdminConfig {
+    /// Database name that reaches the admin console instead of a tenant. It cannot be a
+    /// tenant slug too. Default "tenantgate".
+    #[serde(default = "default_database")]
+    pub database: String,
+    /// Admin user created at start-up when it does not exist yet (an existing user keeps its
+    /// password). Default: none.
+    #[serde(default)]
+    pub bootstrap_user: Option<String>,
+    /// Password of `bootstrap_user`. Prefer `bootstrap_password_env`. Default: none.
+    #[serde(default)]
+    pub bootstrap_password: Option<Secret>,
+    /// Environment variable holding `bootstrap_user`'s password; overrides
+    /// `bootstrap_password`. Default: none.
+    #[serde(default)]
+    pub bootstrap_password_env: Option<String>,
+}
+
+fn default_database() -> String {
+    "tenantgate".to_owned()
+}
+
+impl Default for AdminConfig {
+    fn default() -> Self {
+        AdminConfig {
+            database: default_database(),
+            bootstrap_user: None,
+            bootstrap_password: None,
+            bootstrap_password_env: None,
+        }
+    }
+}
+
+impl AdminConfig {
+    pub(crate) fn validate(&self) -> Result<(), (String, String)> {
+        if self.database.is_empty() {
+            return Err(("admin.database".to_owned(), "must not be empty".to_owned()));
+        }
+        if self.bootstrap_user.as_deref() == Some("") {
+            return Err((
+                "admin.bootstrap_user".to_owned(),
+                "must not be empty".to_owned(),
+            ));
+        }
+        if self.bootstrap_user.is_some()
+            && self.bootstrap_password.is_none()
+            && self.bootstrap_password_env.is_none()
+        {
+            return Err((
+                "admin.bootstrap_user".to_owned(),
+                "needs bootstrap_password or bootstrap_password_env".to_owned(),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Creates the bootstrap admin user if the config names one and it does not exist.
+    pub async fn bootstrap(&self, registry: &Registry) -> Result<(), RegistryError> {
+        let Some(user) = &self.bootstrap_user else {
+            return Ok(());
+        };
+        let from_env = self
+            .bootstrap_password_env
+            .as_ref()
+            .and_then(|var| std::env::var(var).ok())
+            .map(Secret::from);
+        let Some(password) = from_env.or_else(|| self.bootstrap_password.clone()) else {
+            tracing::warn!(
+                user,
+                "admin.bootstrap_user has no password set; not created"
+            );
+            return Ok(());
+        };
+        let verifier = postgres_protocol::password::scram_sha_256(password.expose().as_bytes());
+        if registry.set_admin_user(user, &verifier, false).await? {
+            tracing::info!(user, "admin user created from the config");
+        }
+        Ok(())
+    }
+}
+
+/// What the console works on; built once by the server and shared by admin sessions.
+pub struct AdminContext {
+    pub config: Arc<Config>,
+    pub registry: Registry,
+    pub directory: TenantDirectory,
+    pub pools: PoolMap,
+    pub clients: ClientRoster,
+    pub key: MasterKey,
+}
+
+impl std::fmt::Debug for AdminContext {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AdminContext").finish_non_exhaustive()
+    }
+}
+
+/// How an admin session ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AdminEnd {
+    /// The client sent Terminate or closed its socket.
+    ClientLeft,
+    /// KILL or shutdown.
+    Stopped,
+}
+
+/// Serves an authenticated admin on `stream` (AuthenticationOk already sent) until it leaves
+/// or `stop` fires.
+pub async fn serve(
+    ctx: Arc<AdminContext>,
+    mut stream: TcpStream,
+    user: &str,
+    peer: SocketAddr,
+    stop: &CancellationToken,
+) -> std::io::Result<AdminEnd> {
+    greet(&mut stream, user).await?;
+    let mut client = DefaultClient::new(peer, false);
+    client.set_state(PgWireConnectionState::ReadyForQuery);
+    let mut socket = Framed::new(stream, PgWireMessageServerCodec::new(client));
+    let handler = Arc::new(AdminHandler::new(ctx, user));
+    let noop = Arc::new(NoopHandler);
+    loop {
+        let message = tokio::select! {
+            message = socket.next() => message,
+            () = stop.cancelled() => {
+                let mut out = BytesMut::new();
+                messages::error_response(
+                    &mut out,
+                    messages::Severity::Fatal,
+                    SqlState::ADMIN_SHUTDOWN,
+                    "terminating connection due to administrator command",
+                    None,
+                );
+                drop(socket.get_mut().write_all(&out).await);
+                return Ok(AdminEnd::Stopped);
+            }
+        };
+        let message = match message {
+            Some(Ok(PgWireFrontendMessage::Terminate(_))) | None => {
+                return Ok(AdminEnd::ClientLeft);
+            }
+            Some(Ok(message)) => message,
+            Some(Err(e)) => {
+                tracing::info!(error = %e, "admin client sent an unreadable message");
+                let mut out = BytesMut::new();
+                messages::error_response(
+                    &mut out,
+                    messages::Severity::Fatal,
+                    SqlState::PROTOCOL_VIOLATION,
+                    "invalid message from the client",
+                    None,
+                );
+                drop(socket.get_mut().write_all(&out).await);
+                return Ok(AdminEnd::ClientLeft);
+            }
+        };
+        let extended = message.is_extended_query();
+        if let Err(e) = process_message(
+            message,
+            &mut socket,
+            Arc::clone(&noop),
+            Arc::clone(&handler),
+            Arc::clone(&handler),
+            Arc::clone(&noop),
+            Arc::clone(&noop),
+        )
+        .await
+        {
+            let fatal = e.is_fatal();
+            process_error(&mut socket, e, extended).await?;
+            if fatal {
+                return Ok(AdminEnd::ClientLeft);
+            }
+        }
+    }
+}
+
+/// ParameterStatus the way a PostgreSQL server sends them, BackendKeyData (cancel is not
+/// supported on the console: the key matches nothing) and ReadyForQuery.
+async fn greet(stream: &mut TcpStream, user: &str) -> std::io::Result<()> {
+    let mut out = BytesMut::new();
+    for (name, value) in [
+        ("server_version", "16.0 (tenantgate admin)"),
+        ("server_encoding", "UTF8"),
+        ("client_encoding", "UTF8"),
+        ("DateStyle", "ISO, MDY"),
+        ("TimeZone", "UTC"),
+        ("integer_datetimes", "on"),
+        ("standard_conforming_strings", "on"),
+        ("is_superuser", "off"),
+        ("session_authorization", user),
+        ("application_name", ""),
+    ] {
+        messages::parameter_status(&mut out, name, value);
+    }
+    messages::backend_key_data(&mut out, 0, 0);
+    messages::ready_for_query(&mut out, b'I');
+    stream.write_all(&out).await?;
+    stream.flush().await
+}

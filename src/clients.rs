@@ -1,0 +1,114 @@
+//! The roster of connected clients: who is connected, to which tenant (or the admin console),
+//! from where and since when, for SHOW CLIENTS; and a handle to end each one, for KILL.
+//! Touched once when a client logs in and once when it leaves, never per message.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex, PoisonError};
+
+use chrono::{DateTime, Utc};
+use tokio_util::sync::CancellationToken;
+
+use crate::registry::TenantSlug;
+
+/// One connected client, as SHOW CLIENTS lists it.
+#[derive(Debug, Clone)]
+pub struct ClientEntry {
+    pub id: u64,
+    /// `None` for an admin console session.
+    pub tenant: Option<TenantSlug>,
+    pub user: String,
+    pub addr: Option<SocketAddr>,
+    pub application_name: String,
+    /// "session", "transaction" or "admin".
+    pub mode: &'static str,
+    pub connected_at: DateTime<Utc>,
+    /// Cancelled to end the client's session (KILL, shutdown).
+    pub stop: CancellationToken,
+}
+
+/// Every connected client, by id.
+#[derive(Debug, Clone, Default)]
+pub struct ClientRoster {
+    clients: Arc<Mutex<HashMap<u64, ClientEntry>>>,
+}
+
+/// Keeps a client on the roster while it lives.
+#[derive(Debug)]
+pub struct RosterGuard {
+    roster: ClientRoster,
+    id: u64,
+}
+
+impl Drop for RosterGuard {
+    fn drop(&mut self) {
+        self.roster.lock().remove(&self.id);
+    }
+}
+
+impl ClientRoster {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<u64, ClientEntry>> {
+        self.clients.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Adds a client; it is removed when the guard drops.
+    pub fn join(&self, entry: ClientEntry) -> RosterGuard {
+        let id = entry.id;
+        self.lock().insert(id, entry);
+        RosterGuard {
+            roster: self.clone(),
+            id,
+        }
+    }
+
+    /// Every client, by id.
+    pub fn list(&self) -> Vec<ClientEntry> {
+        let mut all: Vec<ClientEntry> = self.lock().values().cloned().collect();
+        all.sort_by_key(|c| c.id);
+        all
+    }
+
+    /// Ends every client of a tenant; returns how many.
+    pub fn kill_tenant(&self, slug: &TenantSlug) -> usize {
+        let clients = self.lock();
+        let mut n = 0;
+        for c in clients.values().filter(|c| c.tenant.as_ref() == Some(slug)) {
+            c.stop.cancel();
+            n += 1;
+        }
+        n
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn join_list_kill_leave() {
+        let roster = ClientRoster::default();
+        let acme = TenantSlug::parse("acme");
+        let entry = |id, tenant: Option<TenantSlug>| ClientEntry {
+            id,
+            tenant,
+            user: "u".into(),
+            addr: None,
+            application_name: String::new(),
+            mode: "session",
+            connected_at: Utc::now(),
+            stop: CancellationToken::new(),
+        };
+        let a = roster.join(entry(1, acme.clone()));
+        let b = roster.join(entry(2, TenantSlug::parse("beta")));
+        assert_eq!(roster.list().len(), 2);
+        let Some(acme) = acme else {
+            panic!("valid slug")
+        };
+        assert_eq!(roster.kill_tenant(&acme), 1);
+        assert!(roster.list()[0].stop.is_cancelled());
+        assert!(!roster.list()[1].stop.is_cancelled());
+        drop(a);
+        drop(b);
+        assert!(roster.list().is_empty());
+    }
+}

@@ -1,0 +1,335 @@
+//! The admin console through real clients: psql and tokio-postgres (simple and extended
+//! protocol) against the virtual admin database of a running proxy, with tenants provisioned
+//! on the test cluster.
+#![allow(clippy::unwrap_used, clippy::expect_used, reason = "tests")]
+
+mod common;
+
+use std::time::Duration;
+use tokio::process::Command;
+
+use chrono::{DateTime, Utc};
+use common::{TestEnv, eventually, sqlstate, unique};
+
+/// Runs psql without blocking the runtime the proxy runs on.
+async fn psql(uri: &str, sql: &str) -> (bool, String) {
+    let psql = common::cluster().bindir().join("psql");
+    let out = Command::new(psql)
+        .args([uri, "-X", "-v", "ON_ERROR_STOP=1", "-c", sql])
+        .output()
+        .await
+        .expect("run psql");
+    let text =
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    (out.status.success(), text)
+}
+
+fn admin_uri(env: &TestEnv) -> String {
+    env.uri(&env.config.admin.database, "root", "root-secret")
+}
+
+#[tokio::test]
+async fn psql_shows_tenants_pools_and_servers() {
+    let env = TestEnv::start().await;
+    let t = env.tenant_with_user("show").await;
+    let app = env.app(t.slug.as_str()).await;
+    app.simple_query("SELECT 1").await.expect("query");
+
+    let uri = admin_uri(&env);
+    let (ok, out) = psql(&uri, "SHOW TENANTS").await;
+    assert!(
+        ok && out.contains(t.slug.as_str()) && out.contains("active"),
+        "{out}"
+    );
+    let (ok, out) = psql(&uri, &format!("SHOW POOLS {}", t.slug)).await;
+    assert!(
+        ok && out.contains(t.slug.as_str()) && out.contains("(1 row)"),
+        "{out}"
+    );
+    let (ok, out) = psql(&uri, "SHOW SERVERS").await;
+    assert!(
+        ok && out.contains("local") && out.contains("budget"),
+        "{out}"
+    );
+    let (ok, out) = psql(&uri, "SHOW CONFIG").await;
+    assert!(ok && out.contains("admin.database"), "{out}");
+    assert!(
+        !out.contains("root-secret") && out.contains("password=********"),
+        "SHOW CONFIG leaks a password: {out}"
+    );
+    let (ok, out) = psql(&uri, "SHOW CLIENTS").await;
+    assert!(
+        ok && out.contains(t.slug.as_str()) && out.contains("admin"),
+        "{out}"
+    );
+    let (ok, out) = psql(&uri, "SHOW HELP").await;
+    assert!(ok && out.contains("MIGRATE ALL TENANTS"), "{out}");
+    let (ok, out) = psql(&uri, "VACUUM").await;
+    assert!(
+        !ok && out.contains("unsupported admin command") && out.contains("HINT"),
+        "{out}"
+    );
+    drop(app);
+}
+
+#[tokio::test]
+async fn select_filters_orders_and_limits_with_typed_columns() {
+    let env = TestEnv::start().await;
+    let prefix = unique("sel");
+    let mut slugs = Vec::new();
+    for i in 0..3 {
+        let slug = format!("{prefix}-{i}");
+        tenantgate::provision::create_tenant(
+            &env.config,
+            &env.registry,
+            &env.key,
+            &slug,
+            &tenantgate::provision::CreateTenant::default(),
+        )
+        .await
+        .expect("create tenant");
+        slugs.push(slug);
+    }
+    let admin = env.admin().await;
+
+    // Extended protocol, a bound parameter, typed columns.
+    let rows = admin
+        .query(
+            "SELECT slug, created_at, pool_loaded FROM tenants \
+             WHERE slug LIKE $1 AND state IN ('active', 'suspended') ORDER BY slug DESC LIMIT 2",
+            &[&format!("{prefix}%")],
+        )
+        .await
+        .expect("select");
+    let got: Vec<String> = rows.iter().map(|r| r.get(0)).collect();
+    assert_eq!(got, [slugs[2].clone(), slugs[1].clone()]);
+    let created: DateTime<Utc> = rows[0].get(1);
+    assert!(created <= Utc::now());
+    let loaded: bool = rows[0].get(2);
+    assert!(!loaded);
+
+    let count: i64 = admin
+        .query_one(
+            "SELECT count(*) FROM tenants WHERE NOT (slug = $1) AND slug LIKE $2",
+            &[&slugs[0], &format!("{prefix}%")],
+        )
+        .await
+        .expect("count")
+        .get(0);
+    assert_eq!(count, 2);
+
+    // Simple protocol, several statements.
+    let messages = admin
+        .simple_query("SHOW VERSION; SELECT name, budget FROM servers WHERE budget > 0")
+        .await
+        .expect("simple query");
+    let rows: Vec<_> = messages
+        .iter()
+        .filter_map(|m| match m {
+            tokio_postgres::SimpleQueryMessage::Row(r) => Some(r),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(rows.len(), 2);
+    assert!(rows[0].get(0).is_some_and(|v| v.starts_with("tenantgate")));
+    assert_eq!(rows[1].get(0), Some("local"));
+}
+
+#[tokio::test]
+async fn create_tenant_with_bound_parameters_then_connect() {
+    let env = TestEnv::start().await;
+    let admin = env.admin().await;
+    let slug = unique("signup");
+    admin
+        .execute(
+            "CREATE TENANT $1 WITH (name = $2, server = 'local')",
+            &[&slug, &"Signup Co"],
+        )
+        .await
+        .expect("create tenant");
+    admin
+        .execute(
+            "CREATE USER $1 FOR TENANT $2 PASSWORD $3",
+            &[&"web", &slug, &"web-pass"],
+        )
+        .await
+        .expect("create user");
+    let client = env
+        .connect(&slug, "web", "web-pass")
+        .await
+        .expect("connect");
+    let row = client
+        .query_one("SELECT current_database()", &[])
+        .await
+        .expect("query");
+    let database: String = row.get(0);
+    assert_eq!(database, format!("tenant_{}", slug.replace('-', "_")));
+
+    let again = admin
+        .execute("CREATE TENANT $1", &[&slug])
+        .await
+        .expect_err("second create");
+    assert_eq!(sqlstate(&again).as_deref(), Some("42710"));
+    let dup = admin
+        .execute(
+            &format!("CREATE USER web FOR TENANT {slug} PASSWORD 'x'"),
+            &[],
+        )
+        .await
+        .expect_err("duplicate user");
+    assert_eq!(sqlstate(&dup).as_deref(), Some("55000"));
+    admin
+        .execute(
+            &format!("ALTER USER web FOR TENANT {slug} PASSWORD 'new-pass'"),
+            &[],
+        )
+        .await
+        .expect("alter user");
+    assert!(env.connect(&slug, "web", "new-pass").await.is_ok());
+    admin
+        .execute(&format!("DROP USER web FOR TENANT {slug}"), &[])
+        .await
+        .expect("drop user");
+    let gone = env
+        .connect(&slug, "web", "new-pass")
+        .await
+        .expect_err("dropped user");
+    assert_eq!(sqlstate(&gone).as_deref(), Some("28P01"));
+
+    let activity = admin
+        .query(
+            "SELECT action FROM activity WHERE tenant = $1 ORDER BY id",
+            &[&slug],
+        )
+        .await
+        .expect("activity");
+    let actions: Vec<String> = activity.iter().map(|r| r.get(0)).collect();
+    assert!(
+        actions.contains(&"provision.done".to_owned()),
+        "{actions:?}"
+    );
+    assert!(actions.contains(&"user.drop".to_owned()), "{actions:?}");
+}
+
+#[tokio::test]
+async fn only_admin_users_reach_the_console() {
+    let env = TestEnv::start().await;
+    let t = env.tenant_with_user("nonadmin").await;
+    let db = env.config.admin.database.clone();
+
+    let tenant_user = env
+        .connect(&db, "app", "secret")
+        .await
+        .expect_err("tenant user");
+    assert_eq!(sqlstate(&tenant_user).as_deref(), Some("28000"));
+    let wrong = env
+        .connect(&db, "root", "wrong")
+        .await
+        .expect_err("wrong password");
+    assert_eq!(sqlstate(&wrong).as_deref(), Some("28P01"));
+    // An admin is not a user of any tenant.
+    let admin_as_tenant = env
+        .connect(t.slug.as_str(), "root", "root-secret")
+        .await
+        .expect_err("admin on a tenant");
+    assert_eq!(sqlstate(&admin_as_tenant).as_deref(), Some("28P01"));
+}
+
+#[tokio::test]
+async fn suspend_resume_and_kill_reach_connected_clients() {
+    let env = TestEnv::start_with(|c| c.proxy.suspend_grace_seconds = 1).await;
+    let t = env.tenant_with_user("lifecycle").await;
+    let slug = t.slug.as_str();
+    let admin = env.admin().await;
+
+    // KILL drops a connected client at once.
+    let victim = env.app(slug).await;
+    victim.simple_query("SELECT 1").await.expect("before kill");
+    admin
+        .batch_execute(&format!("KILL {slug}"))
+        .await
+        .expect("kill");
+    assert!(
+        eventually(Duration::from_secs(5), || async {
+            victim.simple_query("SELECT 1").await.is_err()
+        })
+        .await,
+        "killed client still works"
+    );
+
+    // SUSPEND: new connections refused with 57P03, connected ones leave after the grace.
+    let connected = env.app(slug).await;
+    admin
+        .batch_execute(&format!("SUSPEND TENANT {slug}"))
+        .await
+        .expect("suspend");
+    let refused = env
+        .connect(slug, "app", "secret")
+        .await
+        .expect_err("suspended");
+    assert_eq!(sqlstate(&refused).as_deref(), Some("57P03"));
+    assert!(
+        eventually(Duration::from_secs(10), || async {
+            connected.simple_query("SELECT 1").await.is_err()
+        })
+        .await,
+        "suspended tenant's client still connected"
+    );
+    let state: String = admin
+        .query_one("SELECT state FROM tenants WHERE slug = $1", &[&slug])
+        .await
+        .expect("state")
+        .get(0);
+    assert_eq!(state, "suspended");
+
+    admin
+        .batch_execute(&format!("RESUME TENANT {slug}"))
+        .await
+        .expect("resume");
+    let back = env.app(slug).await;
+    back.simple_query("SELECT 1").await.expect("after resume");
+    let not_suspended = admin
+        .batch_execute(&format!("RESUME TENANT {slug}"))
+        .await
+        .expect_err("resume twice");
+    assert_eq!(sqlstate(&not_suspended).as_deref(), Some("55000"));
+
+    // FORCE disconnects at once, without the grace period.
+    admin
+        .batch_execute(&format!("SUSPEND TENANT {slug} FORCE"))
+        .await
+        .expect("suspend force");
+    assert!(
+        eventually(Duration::from_millis(900), || async {
+            back.simple_query("SELECT 1").await.is_err()
+        })
+        .await,
+        "FORCE did not disconnect at once"
+    );
+}
+
+#[tokio::test]
+async fn errors_carry_sqlstates() {
+    let env = TestEnv::start().await;
+    let admin = env.admin().await;
+    for (sql, code) in [
+        ("VACUUM", "0A000"),
+        ("CREATE TENANT", "42601"),
+        ("SELECT * FROM nowhere", "42P01"),
+        ("SELECT nope FROM tenants", "42703"),
+        ("SELECT slug FROM tenants GROUP BY slug", "0A000"),
+        ("SUSPEND TENANT no-such-tenant", "42704"),
+        ("SHOW TENANT no-such-tenant", "42704"),
+        ("CREATE TENANT Bad_Slug!", "42601"),
+        ("CREATE TENANT -bad", "42601"),
+        ("CREATE TENANT ok WITH (plan = 'gold')", "22023"),
+    ] {
+        let e = admin.batch_execute(sql).await.expect_err(sql);
+        assert_eq!(sqlstate(&e).as_deref(), Some(code), "{sql}: {e}");
+    }
+    // The session is still usable after errors.
+    admin
+        .batch_execute("SHOW VERSION")
+        .await
+        .expect("still usable");
+}
