@@ -332,10 +332,7 @@ pub(super) async fn apply_pending(
     let slug = &tenant.slug;
     let ledger = ctx.registry.tenant_migrations(slug).await?;
     if let Err(e) = check_ledger(slug, set, &ledger) {
-        let detail = e.to_string();
-        ctx.registry
-            .log_activity(Some(slug), ACTOR, "migrate.failed", Some(&detail))
-            .await?;
+        super::log_failure(ctx.registry, slug, "migrate.failed", &e).await;
         return Err(e);
     }
     let mut outcome = MigrateOutcome {
@@ -355,14 +352,7 @@ pub(super) async fn apply_pending(
                 file: migration.file.clone(),
                 message: postgres_message(&e),
             };
-            ctx.registry
-                .log_activity(
-                    Some(slug),
-                    ACTOR,
-                    "migrate.failed",
-                    Some(&failure.to_string()),
-                )
-                .await?;
+            super::log_failure(ctx.registry, slug, "migrate.failed", &failure).await;
             return Err(failure);
         }
         let duration_ms = i64::try_from(started.elapsed().as_millis()).unwrap_or(i64::MAX);

@@ -6,12 +6,14 @@
 //!
 //! Moving parts: this file (the lifecycle steps, each recorded in the activity log),
 //! `migrations` (tenant schema migrations and their ledger), `server` (connections to backend
-//! servers under their connection budgets, CREATE/DROP of roles and databases).
+//! servers under their connection budgets, CREATE/DROP of roles and databases), `error`
+//! ([`ProvisionError`] and how it reaches an admin client).
 //!
 //! Every identifier and literal that reaches SQL goes through postgres-protocol's escaping.
 //! The generated backend password is sent to the server only as a SCRAM verifier and stored
 //! only encrypted. This module must not run on the connection hot path.
 
+mod error;
 mod migrations;
 mod server;
 
@@ -19,6 +21,7 @@ use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
+pub use error::{ProvisionError, error_chain};
 pub use migrations::{
     AppliedFile, MigrateAll, MigrateOutcome, MigrateProgress, Migration, MigrationSet,
     TenantMigration, migrate_all, migrate_tenant,
@@ -26,9 +29,9 @@ pub use migrations::{
 pub use server::Budgets;
 
 use crate::config::Config;
-use crate::crypto::{CryptoError, MasterKey, Secret, generate_password};
+use crate::crypto::{MasterKey, Secret, generate_password};
 use crate::pool::ServerConfig;
-use crate::registry::{NewTenant, Registry, RegistryError, TenantRecord, TenantSlug, TenantState};
+use crate::registry::{NewTenant, Registry, TenantRecord, TenantSlug, TenantState};
 use migrations::Ctx;
 
 /// Activity log actor for the lifecycle steps.
@@ -117,154 +120,6 @@ impl ProvisionConfig {
 /// The database (and role) name for a slug.
 pub fn database_name(pattern: &str, slug: &str) -> String {
     pattern.replace("{slug}", &slug.replace('-', "_"))
-}
-
-#[derive(Debug, thiserror::Error)]
-pub enum ProvisionError {
-    #[error(
-        "{0:?} is not a valid tenant slug: use 1 to 63 lowercase letters, digits and hyphens, not starting with a hyphen"
-    )]
-    BadSlug(String),
-    #[error(
-        "database name {0:?} is longer than PostgreSQL's 63 bytes: use a shorter slug or database_pattern"
-    )]
-    NameTooLong(String),
-    #[error("tenant {0} already exists")]
-    Exists(TenantSlug),
-    #[error("tenant {0} does not exist")]
-    NoSuchTenant(TenantSlug),
-    #[error("tenant {0} is already deleted")]
-    AlreadyDeleted(TenantSlug),
-    #[error("tenant {slug} is {state}: only active and suspended tenants are migrated")]
-    NotMigratable {
-        slug: TenantSlug,
-        state: TenantState,
-    },
-    #[error("server {0:?} is not in the config")]
-    UnknownServer(String),
-    #[error("no password for server {0:?}: set admin_password or admin_password_env")]
-    NoServerPassword(String),
-    #[error(
-        "backend server {server}: no connection free in its budget of {max} (max_connections) after waiting {waited_ms} ms"
-    )]
-    BudgetExhausted {
-        server: String,
-        max: u32,
-        waited_ms: u64,
-    },
-    #[error("backend server {server}: {what}")]
-    Backend {
-        server: String,
-        what: String,
-        #[source]
-        source: tokio_postgres::Error,
-    },
-    #[error("the tenant's database cannot be reached with the given role and password")]
-    CannotConnect(#[source] tokio_postgres::Error),
-    #[error("tenant {slug}: its backend password cannot be decrypted with this master key")]
-    Decrypt {
-        slug: TenantSlug,
-        #[source]
-        source: CryptoError,
-    },
-    #[error("user name must not be empty")]
-    EmptyUser,
-    #[error("tenant {slug} has no user {user:?}")]
-    NoSuchUser { slug: TenantSlug, user: String },
-    #[error("cannot read the tenant migrations directory {dir}")]
-    MigrationsDir {
-        dir: String,
-        #[source]
-        source: std::io::Error,
-    },
-    #[error("cannot read {path}")]
-    MigrationFile {
-        path: String,
-        #[source]
-        source: std::io::Error,
-    },
-    #[error(
-        "migration file {file:?} is not named NNNN_name.sql (a version number, an underscore, a name)"
-    )]
-    BadMigrationName { file: String },
-    #[error("migration files {first} and {second} have the same version {version}")]
-    DuplicateMigration {
-        version: i32,
-        first: String,
-        second: String,
-    },
-    #[error(
-        "tenant {slug}: migration {file} was changed after it was applied (checksum recorded {recorded}, file now {current}); nothing was applied"
-    )]
-    ChecksumMismatch {
-        slug: TenantSlug,
-        file: String,
-        recorded: String,
-        current: String,
-    },
-    #[error(
-        "tenant {slug}: migration {version} ({name}) was applied but its file is missing from {dir}; nothing was applied"
-    )]
-    MigrationMissing {
-        slug: TenantSlug,
-        version: i32,
-        name: String,
-        dir: String,
-    },
-    #[error("tenant {slug}: migration {file} failed: {message}")]
-    MigrationFailed {
-        slug: TenantSlug,
-        file: String,
-        message: String,
-    },
-    #[error(
-        "tenant {slug}: migration {file} was applied but recording it in the registry failed; record it by hand or the next run applies it again"
-    )]
-    NotRecorded {
-        slug: TenantSlug,
-        file: String,
-        #[source]
-        source: RegistryError,
-    },
-    #[error("cannot read the seed file {path}")]
-    SeedFile {
-        path: String,
-        #[source]
-        source: std::io::Error,
-    },
-    #[error("tenant {slug}: seed file {file} failed: {message}")]
-    SeedFailed {
-        slug: TenantSlug,
-        file: String,
-        message: String,
-    },
-    #[error(
-        "tenant {slug} is marked deleted, but dropping database {database} and role {role} failed; drop them by hand"
-    )]
-    DropFailed {
-        slug: TenantSlug,
-        database: String,
-        role: String,
-        #[source]
-        source: Box<ProvisionError>,
-    },
-    #[error(transparent)]
-    Registry(#[from] RegistryError),
-}
-
-/// An error and its causes on one line, for the registry's `error_message` and the log.
-pub fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
-    let mut text = e.to_string();
-    let mut source = e.source();
-    while let Some(cause) = source {
-        let more = cause.to_string();
-        if !text.ends_with(&more) {
-            text.push_str(": ");
-            text.push_str(&more);
-        }
-        source = cause.source();
-    }
-    text
 }
 
 /// Options for a new tenant.
@@ -574,14 +429,7 @@ pub async fn drop_tenant(
             role: tenant.backend_role.clone(),
             source: Box::new(e),
         };
-        registry
-            .log_activity(
-                Some(&slug),
-                ACTOR,
-                "drop.failed",
-                Some(&error_chain(&failure)),
-            )
-            .await?;
+        log_failure(registry, &slug, "drop.failed", &failure).await;
         return Err(failure);
     }
     registry.clear_tenant_migrations(&slug).await?;
@@ -589,6 +437,18 @@ pub async fn drop_tenant(
         .log_activity(Some(&slug), ACTOR, "drop.database", Some(&tenant.database))
         .await?;
     Ok(())
+}
+
+/// Records a failure in the activity log. Best effort: the failure is what the caller returns,
+/// so a registry that cannot take the row only gets a log line.
+async fn log_failure(registry: &Registry, slug: &TenantSlug, action: &str, error: &ProvisionError) {
+    let detail = error_chain(error);
+    if let Err(e) = registry
+        .log_activity(Some(slug), ACTOR, action, Some(&detail))
+        .await
+    {
+        tracing::warn!(tenant = %slug, action, "activity log not written: {}", error_chain(&e));
+    }
 }
 
 /// Removes a user from a tenant; an unknown user is an error.

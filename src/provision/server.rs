@@ -21,9 +21,22 @@ use crate::pool::{ServerBudget, ServerConfig};
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// The connection budgets of backend servers, by server name. Inside the proxy, build it from
-/// the pool map's budgets (`PoolMap::budget`) so provisioning and migration connections count
-/// against the same limit as tenant pools; the CLI passes `None` wherever a
-/// `Option<&Budgets>` is asked for. A server with no budget here is not limited.
+/// the pool map's budgets so provisioning and migration connections count against the same
+/// limit as tenant pools:
+///
+/// ```ignore
+/// let budgets = Budgets::new(
+///     config.servers.iter().filter_map(|s| pools.budget(&s.name).cloned()),
+///     Duration::from_millis(config.pool.checkout_timeout_ms),
+/// );
+/// ```
+///
+/// The CLI passes `None` wherever an `Option<&Budgets>` is asked for. A server with no budget
+/// here is not limited. Each backend connection provisioning opens holds one permit until it
+/// is closed (create: one admin connection, then one tenant connection, never both at once;
+/// migrate: one tenant connection per tenant in flight). Unlike a tenant pool, provisioning
+/// only waits in line for a permit; it does not close other tenants' idle connections to
+/// make room.
 #[derive(Debug, Clone, Default)]
 pub struct Budgets {
     by_server: HashMap<String, Arc<ServerBudget>>,
