@@ -220,18 +220,13 @@ async fn tenant(config: &Config, cmd: TenantCommand) -> anyhow::Result<()> {
             server,
             plan,
         } => {
-            let key = MasterKey::load(&config.secrets)?;
             let options = CreateTenant {
                 display_name: name,
                 server,
                 plan,
                 budgets: None,
             };
-            let t = provision::create_tenant(config, &registry, &key, &slug, &options).await?;
-            say(&format!(
-                "tenant {} is {} (database {} on server {}); add a user with: tenantgate user add {} USER",
-                t.slug, t.state, t.database, t.server, t.slug
-            ))
+            create(config, &registry, &slug, &options).await
         }
         TenantCommand::Register {
             slug,
@@ -307,6 +302,24 @@ async fn tenant(config: &Config, cmd: TenantCommand) -> anyhow::Result<()> {
             }
         }
     }
+}
+
+async fn create(
+    config: &Config,
+    registry: &Registry,
+    slug: &str,
+    options: &CreateTenant,
+) -> anyhow::Result<()> {
+    let key = MasterKey::load(&config.secrets)?;
+    let t = provision::create_tenant(config, registry, &key, slug, options).await?;
+    let version = registry
+        .schema_version(&t.slug)
+        .await?
+        .map_or_else(|| "none".to_owned(), |v| v.to_string());
+    say(&format!(
+        "tenant {} is {} (database {} on server {}, schema version {version}); add a user with: tenantgate user add {} USER",
+        t.slug, t.state, t.database, t.server, t.slug
+    ))
 }
 
 /// `tenant migrate --all`: progress on stderr about every 5%, one line per tenant that failed

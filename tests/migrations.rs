@@ -24,6 +24,11 @@ const ORDERS: &str = "CREATE TABLE orders (id bigint PRIMARY KEY, total numeric 
 const ITEMS: &str = "CREATE TABLE items (order_id bigint REFERENCES orders, sku text);\n\
                      CREATE INDEX items_order ON items (order_id);";
 
+/// Compile-time check: the admin console spawns these futures on tokio.
+fn send<F: std::future::Future + Send>(f: F) -> F {
+    f
+}
+
 /// A fresh directory holding `files`.
 fn migrations_dir(files: &[(&str, &str)]) -> PathBuf {
     let dir = std::env::temp_dir().join(format!(
@@ -294,7 +299,7 @@ async fn migrate_all_carries_on_past_a_broken_tenant() {
     let started = Instant::now();
     let results = {
         let seen = seen.clone();
-        provision::migrate_all(
+        send(provision::migrate_all(
             &env.config,
             &env.registry,
             &env.key,
@@ -303,7 +308,7 @@ async fn migrate_all_carries_on_past_a_broken_tenant() {
                 budgets: None,
             },
             move |p| seen.lock().unwrap().push(p),
-        )
+        ))
         .await
         .unwrap()
     };
@@ -475,9 +480,15 @@ async fn provisioning_connections_count_in_the_server_budget() {
         budgets: Some(budgets.clone()),
         ..CreateTenant::default()
     };
-    let err = provision::create_tenant(&env.config, &env.registry, &env.key, &slug, &options)
-        .await
-        .unwrap_err();
+    let err = send(provision::create_tenant(
+        &env.config,
+        &env.registry,
+        &env.key,
+        &slug,
+        &options,
+    ))
+    .await
+    .unwrap_err();
     assert!(
         matches!(err, ProvisionError::BudgetExhausted { .. }),
         "{err:?}"
@@ -495,9 +506,25 @@ async fn provisioning_connections_count_in_the_server_budget() {
     assert_eq!(t.state, TenantState::Active);
     assert_eq!(budget.in_use(), 0);
     std::fs::write(dir.join("0002_items.sql"), ITEMS).unwrap();
-    provision::migrate_tenant(&env.config, &env.registry, &env.key, &slug, Some(&budgets))
-        .await
-        .unwrap();
+    send(provision::migrate_tenant(
+        &env.config,
+        &env.registry,
+        &env.key,
+        &slug,
+        Some(&budgets),
+    ))
+    .await
+    .unwrap();
+    assert_eq!(budget.in_use(), 0);
+    send(provision::drop_tenant(
+        &env.config,
+        &env.registry,
+        &slug,
+        false,
+        Some(&budgets),
+    ))
+    .await
+    .unwrap();
     assert_eq!(budget.in_use(), 0);
     drop(std::fs::remove_dir_all(dir));
 }

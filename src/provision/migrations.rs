@@ -53,9 +53,9 @@ pub struct MigrationSet {
 }
 
 impl MigrationSet {
-    /// Reads every `NNNN_name.sql` file of `dir`. Other files (a README) and subdirectories
-    /// are ignored; a `.sql` file named otherwise, two files with one version, a file that is
-    /// not UTF-8 and a missing directory are errors.
+    /// Reads every `NNNN_name.sql` file of `dir`. Other files (a README), hidden files (an
+    /// editor's `.#0002_x.sql`) and subdirectories are ignored; a `.sql` file named otherwise,
+    /// two files with one version, a file that is not UTF-8 and a missing directory are errors.
     pub fn load(dir: &Path) -> Result<MigrationSet, ProvisionError> {
         let shown = || dir.display().to_string();
         let entries = std::fs::read_dir(dir).map_err(|source| ProvisionError::MigrationsDir {
@@ -70,7 +70,8 @@ impl MigrationSet {
             })?;
             let path = entry.path();
             let file = entry.file_name().to_string_lossy().into_owned();
-            if path.extension().is_none_or(|e| e != "sql") || path.is_dir() {
+            if file.starts_with('.') || path.extension().is_none_or(|e| e != "sql") || path.is_dir()
+            {
                 continue;
             }
             let (version, name) = parse_file_name(&file)
@@ -490,6 +491,7 @@ mod tests {
                 ("0002_b.sql", "SELECT 2;"),
                 ("0001_a.sql", "SELECT 1;"),
                 ("README.md", "not a migration"),
+                (".#0003_editing.sql", "an editor's lock file"),
             ],
         );
         let set = MigrationSet::load(&d).unwrap();
