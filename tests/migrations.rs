@@ -439,6 +439,10 @@ async fn drop_tenant_removes_the_database_unless_kept_and_remove_user_works() {
         .await
         .unwrap_err();
     assert!(matches!(err, ProvisionError::AlreadyDeleted(_)), "{err:?}");
+    let err = provision::set_state(&env.registry, gone.slug.as_str(), TenantState::Active)
+        .await
+        .unwrap_err();
+    assert!(matches!(err, ProvisionError::StateChange { .. }), "{err:?}");
     let err = provision::drop_tenant(&env.config, &env.registry, "no-such-tenant", false, None)
         .await
         .unwrap_err();

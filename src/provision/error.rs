@@ -23,6 +23,14 @@ pub enum ProvisionError {
     NoSuchTenant(TenantSlug),
     #[error("tenant {0} is already deleted")]
     AlreadyDeleted(TenantSlug),
+    #[error(
+        "tenant {slug} is {from}: only active and suspended tenants can be suspended or resumed (not made {to})"
+    )]
+    StateChange {
+        slug: TenantSlug,
+        from: TenantState,
+        to: TenantState,
+    },
     #[error("tenant {slug} is {state}: only active and suspended tenants are migrated")]
     NotMigratable {
         slug: TenantSlug,
@@ -167,6 +175,7 @@ impl ClientFacing for ProvisionError {
             | ProvisionError::NoSuchTenant(_)
             | ProvisionError::AlreadyDeleted(_)
             | ProvisionError::NotMigratable { .. }
+            | ProvisionError::StateChange { .. }
             | ProvisionError::UnknownServer(_)
             | ProvisionError::EmptyUser
             | ProvisionError::NoSuchUser { .. } => SqlState::INVALID_PARAMETER_VALUE,
@@ -200,6 +209,7 @@ impl ClientFacing for ProvisionError {
             | ProvisionError::NoSuchTenant(_)
             | ProvisionError::AlreadyDeleted(_)
             | ProvisionError::NotMigratable { .. }
+            | ProvisionError::StateChange { .. }
             | ProvisionError::UnknownServer(_)
             | ProvisionError::NoServerPassword(_)
             | ProvisionError::BudgetExhausted { .. }
@@ -230,6 +240,7 @@ impl ClientFacing for ProvisionError {
             | ProvisionError::NoSuchTenant(_)
             | ProvisionError::AlreadyDeleted(_)
             | ProvisionError::NotMigratable { .. }
+            | ProvisionError::StateChange { .. }
             | ProvisionError::UnknownServer(_)
             | ProvisionError::EmptyUser
             | ProvisionError::NoSuchUser { .. } => ErrorKind::Client,

@@ -556,13 +556,26 @@ pub async fn add_user(
     Ok(())
 }
 
-/// Suspends or resumes a tenant.
+/// Suspends or resumes a tenant: moves it between `active` and `suspended` only (a deleted,
+/// failed or half-provisioned tenant is not brought back this way).
 pub async fn set_state(
     registry: &Registry,
     slug: &str,
     state: TenantState,
 ) -> Result<(), ProvisionError> {
     let slug = parse_slug(slug)?;
+    let tenant = registry
+        .tenant(&slug)
+        .await?
+        .ok_or_else(|| ProvisionError::NoSuchTenant(slug.clone()))?;
+    let movable = |s| matches!(s, TenantState::Active | TenantState::Suspended);
+    if !movable(tenant.state) || !movable(state) {
+        return Err(ProvisionError::StateChange {
+            slug,
+            from: tenant.state,
+            to: state,
+        });
+    }
     if !registry.set_state(&slug, state, None).await? {
         return Err(ProvisionError::NoSuchTenant(slug));
     }
