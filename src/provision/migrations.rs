@@ -272,12 +272,19 @@ pub async fn migrate_all(
 }
 
 /// Connects as the tenant, takes the lock, applies, and disconnects (releasing the lock).
+/// Every failure is in the activity log as `migrate.failed`.
 pub(super) async fn migrate_record(
     ctx: Ctx<'_>,
     set: &MigrationSet,
     tenant: &TenantRecord,
 ) -> Result<MigrateOutcome, ProvisionError> {
-    let mut conn = connect_locked(ctx, tenant).await?;
+    let mut conn = match connect_locked(ctx, tenant).await {
+        Ok(conn) => conn,
+        Err(e) => {
+            super::log_failure(ctx.registry, &tenant.slug, "migrate.failed", &e).await;
+            return Err(e);
+        }
+    };
     let result = apply_pending(ctx, set, tenant, &mut conn).await;
     conn.close().await;
     result
