@@ -314,11 +314,7 @@ pub(super) async fn connect_locked(
         ctx.budgets,
     )
     .await?;
-    // Session-level: held across the per-file transactions, released when the session ends.
-    if let Err(source) = conn
-        .execute("SELECT pg_advisory_lock($1)", &[&LOCK_KEY])
-        .await
-    {
+    if let Err(source) = take_lock(&conn, &tenant.slug).await {
         conn.close().await;
         return Err(ProvisionError::Backend {
             server: server.name.clone(),
@@ -327,6 +323,20 @@ pub(super) async fn connect_locked(
         });
     }
     Ok(conn)
+}
+
+/// Session-level: held across the per-file transactions, released when the session ends.
+/// Says so in the log when another runner has it.
+async fn take_lock(conn: &BackendClient, slug: &TenantSlug) -> Result<(), tokio_postgres::Error> {
+    let row = conn
+        .query_one("SELECT pg_try_advisory_lock($1)", &[&LOCK_KEY])
+        .await?;
+    if !row.try_get::<_, bool>(0)? {
+        tracing::info!(tenant = %slug, "another runner is migrating this tenant; waiting for it");
+        conn.execute("SELECT pg_advisory_lock($1)", &[&LOCK_KEY])
+            .await?;
+    }
+    Ok(())
 }
 
 /// Checks the ledger against the files, then applies and records each pending file in order.
