@@ -85,6 +85,27 @@ enum TenantCommand {
     Suspend { slug: String },
     /// Accept connections to a suspended tenant again.
     Resume { slug: String },
+    /// Apply pending tenant migrations ([provision] migrations_dir) to one tenant, or with
+    /// --all to every active and suspended tenant. Exit code 1 if any tenant failed.
+    Migrate {
+        /// The tenant to migrate.
+        #[arg(required_unless_present = "all", conflicts_with = "all")]
+        slug: Option<String>,
+        /// Migrate every active and suspended tenant.
+        #[arg(long)]
+        all: bool,
+        /// Tenants migrated at once with --all (default: [provision] migrate_concurrency).
+        #[arg(long, requires = "all", value_parser = clap::value_parser!(u16).range(1..=256))]
+        concurrency: Option<u16>,
+    },
+    /// Mark a tenant deleted (its clients are disconnected), then drop its database and
+    /// backend role.
+    Drop {
+        slug: String,
+        /// Keep the database and the role; only mark the tenant deleted.
+        #[arg(long)]
+        keep_database: bool,
+    },
 }
 
 #[derive(Subcommand)]
@@ -92,6 +113,13 @@ enum UserCommand {
     /// Add a user to a tenant or change its password. The password is read from a prompt, or
     /// from standard input when it is not a terminal. Only a SCRAM verifier is stored.
     Add { slug: String, user: String },
+    /// Remove a user from a tenant.
+    Remove {
+        /// The tenant's slug.
+        #[arg(long)]
+        tenant: String,
+        user: String,
+    },
 }
 
 fn main() -> ExitCode {
@@ -155,6 +183,11 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             provision::add_user(&registry, &slug, &user, &password).await?;
             say(&format!("user {user} of tenant {slug} saved"))
         }
+        Command::User(UserCommand::Remove { tenant, user }) => {
+            let registry = open_registry(&config).await?;
+            provision::remove_user(&registry, &tenant, &user).await?;
+            say(&format!("user {user} removed from tenant {tenant}"))
+        }
         Command::Quickstart { .. } => Ok(()),
     }
 }
@@ -187,17 +220,13 @@ async fn tenant(config: &Config, cmd: TenantCommand) -> anyhow::Result<()> {
             server,
             plan,
         } => {
-            let key = MasterKey::load(&config.secrets)?;
             let options = CreateTenant {
                 display_name: name,
                 server,
                 plan,
+                budgets: None,
             };
-            let t = provision::create_tenant(config, &registry, &key, &slug, &options).await?;
-            say(&format!(
-                "tenant {} is {} (database {} on server {}); add a user with: tenantgate user add {} USER",
-                t.slug, t.state, t.database, t.server, t.slug
-            ))
+            create(config, &registry, &slug, &options).await
         }
         TenantCommand::Register {
             slug,
@@ -244,7 +273,125 @@ async fn tenant(config: &Config, cmd: TenantCommand) -> anyhow::Result<()> {
             provision::set_state(&registry, &slug, TenantState::Active).await?;
             say(&format!("tenant {slug} active"))
         }
+        TenantCommand::Migrate {
+            slug: Some(slug), ..
+        } => {
+            let key = MasterKey::load(&config.secrets)?;
+            let outcome = provision::migrate_tenant(config, &registry, &key, &slug, None).await?;
+            say(&describe_outcome(&slug, &outcome)?)
+        }
+        TenantCommand::Migrate {
+            slug: None,
+            concurrency,
+            ..
+        } => {
+            let key = MasterKey::load(&config.secrets)?;
+            migrate_all(config, &registry, &key, concurrency.map(usize::from)).await
+        }
+        TenantCommand::Drop {
+            slug,
+            keep_database,
+        } => {
+            provision::drop_tenant(config, &registry, &slug, keep_database, None).await?;
+            if keep_database {
+                say(&format!(
+                    "tenant {slug} deleted; its database and role were kept"
+                ))
+            } else {
+                say(&format!("tenant {slug} deleted with its database and role"))
+            }
+        }
     }
+}
+
+async fn create(
+    config: &Config,
+    registry: &Registry,
+    slug: &str,
+    options: &CreateTenant,
+) -> anyhow::Result<()> {
+    let key = MasterKey::load(&config.secrets)?;
+    let t = provision::create_tenant(config, registry, &key, slug, options).await?;
+    let version = registry
+        .schema_version(&t.slug)
+        .await?
+        .map_or_else(|| "none".to_owned(), |v| v.to_string());
+    say(&format!(
+        "tenant {} is {} (database {} on server {}, schema version {version}); add a user with: tenantgate user add {} USER",
+        t.slug, t.state, t.database, t.server, t.slug
+    ))
+}
+
+/// `tenant migrate --all`: progress on stderr about every 5%, one line per tenant that failed
+/// and a summary on stdout.
+async fn migrate_all(
+    config: &Config,
+    registry: &Registry,
+    key: &MasterKey,
+    concurrency: Option<usize>,
+) -> anyhow::Result<()> {
+    let options = provision::MigrateAll {
+        concurrency,
+        budgets: None,
+    };
+    let progress = |p: provision::MigrateProgress| {
+        let step = (p.total / 20).max(1);
+        if p.done % step == 0 || p.done == p.total {
+            drop(writeln!(
+                std::io::stderr().lock(),
+                "migrated {}/{} tenants, {} failed",
+                p.done,
+                p.total,
+                p.failed
+            ));
+        }
+    };
+    let results = provision::migrate_all(config, registry, key, options, progress).await?;
+    let mut out = String::new();
+    let mut failed = 0;
+    let mut applied = 0;
+    for r in &results {
+        match &r.result {
+            Ok(outcome) => applied += outcome.applied.len(),
+            Err(message) => {
+                failed += 1;
+                writeln!(out, "{}: FAILED: {message}", r.slug)?;
+            }
+        }
+    }
+    write!(
+        out,
+        "{} tenants: {} migrated ({applied} files applied), {failed} failed",
+        results.len(),
+        results.len() - failed
+    )?;
+    say(&out)?;
+    anyhow::ensure!(
+        failed == 0,
+        "{failed} of {} tenants failed to migrate",
+        results.len()
+    );
+    Ok(())
+}
+
+fn describe_outcome(
+    slug: &str,
+    outcome: &provision::MigrateOutcome,
+) -> Result<String, std::fmt::Error> {
+    let mut text = String::new();
+    for file in &outcome.applied {
+        writeln!(text, "applied {} ({} ms)", file.file, file.duration_ms)?;
+    }
+    let version = outcome
+        .schema_version
+        .map_or_else(|| "none".to_owned(), |v| v.to_string());
+    write!(
+        text,
+        "tenant {slug}: {} applied, {} already applied, schema version {version}",
+        outcome.applied.len(),
+        outcome.already_applied
+    )?;
+    Ok(text)
 }
 
 fn say(text: &str) -> anyhow::Result<()> {

@@ -155,6 +155,16 @@ fn write_first_config(dir: &Path, config_path: &Path) -> anyhow::Result<()> {
     write_private(&key_path, &MasterKey::generate_encoded())?;
     let port = free_port()?;
     let password = generate_password(24);
+    // Tenant migrations live beside the config, so the quickstart works from any directory.
+    let migrations = dir.join("migrations");
+    std::fs::create_dir_all(&migrations)
+        .with_context(|| format!("creating {}", migrations.display()))?;
+    std::fs::write(
+        migrations.join("0001_example.sql"),
+        include_str!("../migrations/tenant/0001_example.sql"),
+    )
+    .with_context(|| format!("writing into {}", migrations.display()))?;
+    let migrations_dir = toml::Value::String(migrations.display().to_string());
     let text = format!(
         r#"# Written by `tenantgate quickstart` for its private PostgreSQL. Edit freely: the next
 # quickstart run in this directory loads this file as it is. Every option is documented in
@@ -172,6 +182,10 @@ master_key_file = "master.key"
 
 [pool]
 pool_size = 20
+
+[provision]
+# Tenant migrations (NNNN_name.sql), applied to every new tenant and by `tenant migrate`.
+migrations_dir = {migrations_dir}
 
 [[server]]
 name = "local"
