@@ -333,3 +333,130 @@ async fn errors_carry_sqlstates() {
         .await
         .expect("still usable");
 }
+
+/// An admin connection whose NOTICE messages are collected.
+async fn admin_with_notices(
+    env: &TestEnv,
+) -> (
+    tokio_postgres::Client,
+    std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+) {
+    let (client, mut connection) = env
+        .client_config(&env.config.admin.database, "root", "root-secret")
+        .connect(tokio_postgres::NoTls)
+        .await
+        .expect("admin connect");
+    let notices = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let sink = std::sync::Arc::clone(&notices);
+    tokio::spawn(async move {
+        let mut messages = futures_util::stream::poll_fn(move |cx| connection.poll_message(cx));
+        while let Some(Ok(message)) = futures_util::StreamExt::next(&mut messages).await {
+            if let tokio_postgres::AsyncMessage::Notice(n) = message {
+                sink.lock().unwrap().push(n.message().to_owned());
+            }
+        }
+    });
+    (client, notices)
+}
+
+#[tokio::test]
+async fn migrate_all_reports_progress_and_one_row_per_tenant() {
+    let dir = std::env::temp_dir().join(format!(
+        "tenantgate-test-{}-{}",
+        std::process::id(),
+        unique("admin-migrations-")
+    ));
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("0001_base.sql"), "CREATE TABLE base (id int);").unwrap();
+    let migrations = dir.clone();
+    let env = TestEnv::start_with(move |c| c.provision.migrations_dir = migrations).await;
+    let (admin, notices) = admin_with_notices(&env).await;
+    let prefix = unique("mig");
+    let slugs: Vec<String> = (0..6).map(|i| format!("{prefix}-{i}")).collect();
+    for slug in &slugs {
+        admin
+            .batch_execute(&format!("CREATE TENANT {slug}"))
+            .await
+            .expect("create tenant");
+    }
+    // A new migration; one tenant's database already has the table it creates.
+    std::fs::write(dir.join("0002_orders.sql"), "CREATE TABLE orders (id int);").unwrap();
+    let broken = &slugs[3];
+    let broken_db = format!("tenant_{}", broken.replace('-', "_"));
+    common::connect_str(&common::cluster().connection_string(&broken_db))
+        .await
+        .expect("connect to the broken tenant's database")
+        .batch_execute("CREATE TABLE orders (id int)")
+        .await
+        .expect("conflicting table");
+
+    let rows = admin
+        .query("MIGRATE ALL TENANTS CONCURRENCY 2", &[])
+        .await
+        .expect("migrate all");
+    let mine: Vec<_> = rows
+        .iter()
+        .filter(|r| r.get::<_, String>("tenant").starts_with(&prefix))
+        .collect();
+    assert_eq!(mine.len(), 6);
+    for r in &mine {
+        let slug: String = r.get("tenant");
+        let status: String = r.get("status");
+        if &slug == broken {
+            assert_eq!(status, "failed");
+            let error: String = r.get("error");
+            assert!(error.contains("orders"), "{error}");
+        } else {
+            assert_eq!(status, "ok", "{slug}");
+            assert_eq!(r.get::<_, Option<i64>>("version"), Some(2));
+        }
+    }
+    let seen = notices.lock().unwrap().clone();
+    assert!(
+        seen.iter().any(|n| n == "migrated 6/6 tenants, 1 failed"),
+        "{seen:?}"
+    );
+    assert!(seen.len() >= 6, "{seen:?}");
+
+    let ledger: i64 = admin
+        .query_one(
+            "SELECT count(*) FROM migrations WHERE tenant LIKE $1",
+            &[&format!("{prefix}%")],
+        )
+        .await
+        .expect("ledger")
+        .get(0);
+    assert_eq!(ledger, 6 + 5);
+
+    // A changed checksum is refused for that tenant.
+    std::fs::write(dir.join("0001_base.sql"), "CREATE TABLE base (id bigint);").unwrap();
+    let changed = admin
+        .query(&format!("MIGRATE TENANT {}", slugs[0]), &[])
+        .await
+        .expect_err("checksum changed");
+    assert_eq!(sqlstate(&changed).as_deref(), Some("55000"));
+    assert!(
+        changed.to_string().contains("checksum") || format!("{changed:?}").contains("checksum")
+    );
+
+    // DROP TENANT removes the database and marks the tenant deleted.
+    admin
+        .batch_execute(&format!("DROP TENANT {}", slugs[5]))
+        .await
+        .expect("drop tenant");
+    let state: String = admin
+        .query_one("SELECT state FROM tenants WHERE slug = $1", &[&slugs[5]])
+        .await
+        .expect("state")
+        .get(0);
+    assert_eq!(state, "deleted");
+    let exists = common::admin_client("postgres")
+        .await
+        .query_opt(
+            "SELECT 1 FROM pg_database WHERE datname = $1",
+            &[&format!("tenant_{}", slugs[5].replace('-', "_"))],
+        )
+        .await
+        .expect("pg_database");
+    assert!(exists.is_none());
+}

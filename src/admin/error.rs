@@ -49,7 +49,7 @@ impl ClientFacing for AdminError {
             }
             AdminError::NoSuchTenant(_) => SqlState::UNDEFINED_OBJECT,
             AdminError::WrongState(_) => SqlState::OBJECT_NOT_IN_PREREQUISITE_STATE,
-            AdminError::Provision(e) => provision_sqlstate(e),
+            AdminError::Provision(e) => e.sqlstate(),
             AdminError::Registry(e) => e.sqlstate(),
         }
     }
@@ -64,10 +64,8 @@ impl ClientFacing for AdminError {
 
     fn kind(&self) -> ErrorKind {
         match self {
-            AdminError::Provision(ProvisionError::Registry(_)) | AdminError::Registry(_) => {
-                ErrorKind::Registry
-            }
-            AdminError::Provision(ProvisionError::Backend { .. }) => ErrorKind::Backend,
+            AdminError::Provision(e) => e.kind(),
+            AdminError::Registry(_) => ErrorKind::Registry,
             _ => ErrorKind::Client,
         }
     }
@@ -83,39 +81,11 @@ impl AdminError {
     }
 }
 
-fn provision_sqlstate(e: &ProvisionError) -> SqlState {
-    match e {
-        ProvisionError::BadSlug(_)
-        | ProvisionError::NameTooLong(_)
-        | ProvisionError::UnknownServer(_)
-        | ProvisionError::EmptyUser => SqlState::INVALID_PARAMETER_VALUE,
-        ProvisionError::Exists(_) => SqlState::DUPLICATE_OBJECT,
-        ProvisionError::NoSuchTenant(_) => SqlState::UNDEFINED_OBJECT,
-        ProvisionError::NoServerPassword(_) => SqlState::OBJECT_NOT_IN_PREREQUISITE_STATE,
-        ProvisionError::Backend { source, .. } | ProvisionError::CannotConnect(source) => source
-            .as_db_error()
-            .map_or(SqlState::CONNECTION_FAILURE, |_| SqlState::INTERNAL_ERROR),
-        ProvisionError::Registry(r) => r.sqlstate(),
-    }
-}
-
-/// The error with PostgreSQL's own message appended: an operator needs to know why
-/// `CREATE ROLE` failed, not only that it did.
+/// The error with its causes (PostgreSQL's own message included): an operator needs to know
+/// why `CREATE ROLE` failed, not only that it did. Registry trouble keeps its short message.
 fn with_causes(e: &ProvisionError) -> String {
-    let mut text = e.to_string();
-    let mut source = std::error::Error::source(e);
-    while let Some(cause) = source {
-        let cause_text = match cause.downcast_ref::<tokio_postgres::Error>() {
-            Some(pg) => pg
-                .as_db_error()
-                .map_or_else(|| pg.to_string(), |db| db.message().to_owned()),
-            None => cause.to_string(),
-        };
-        if !text.contains(&cause_text) {
-            text.push_str(": ");
-            text.push_str(&cause_text);
-        }
-        source = cause.source();
+    match e {
+        ProvisionError::Registry(r) => r.client_message(),
+        other => crate::provision::error_chain(other),
     }
-    text
 }

@@ -114,9 +114,10 @@ pub(super) async fn execute(
         Command::SuspendTenant { .. }
         | Command::ResumeTenant { .. }
         | Command::Kill { .. }
-        | Command::DropTenant { .. }
-        | Command::MigrateTenant { .. }
-        | Command::MigrateAll { .. } => tenant_command(ctx, actor, command, params, progress).await,
+        | Command::DropTenant { .. } => tenant_command(ctx, actor, command, params, progress).await,
+        Command::MigrateTenant { .. } | Command::MigrateAll { .. } => {
+            migrate_command(ctx, actor, command, params, progress).await
+        }
     }
 }
 
@@ -142,6 +143,7 @@ async fn provision_command(
                 display_name: opt(name)?,
                 server: opt(server)?,
                 plan: opt(plan)?,
+                budgets: Some(budgets(ctx)),
             };
             check_plan(ctx, options.plan.as_deref())?;
             progress.say(format!("provisioning tenant {slug}"));
@@ -241,11 +243,7 @@ async fn user_command(
         Command::DropUser { user, tenant } => {
             let (user, tenant) = (arg(user)?, arg(tenant)?);
             let slug = known_slug(ctx, &tenant).await?;
-            if !ctx.registry.delete_user(&slug, &user).await? {
-                return Err(AdminError::WrongState(format!(
-                    "user \"{user}\" of tenant \"{slug}\" does not exist"
-                )));
-            }
+            provision::remove_user(&ctx.registry, slug.as_str(), &user).await?;
             ctx.directory.invalidate(&slug).await;
             log(ctx, Some(&slug), actor, "user.drop", Some(&user)).await;
             Ok(Outcome::Done("DROP USER"))
@@ -254,7 +252,7 @@ async fn user_command(
     }
 }
 
-/// SUSPEND, RESUME, KILL, DROP and MIGRATE of tenants.
+/// SUSPEND, RESUME, KILL and DROP of tenants.
 async fn tenant_command(
     ctx: &AdminContext,
     actor: &str,
@@ -309,6 +307,91 @@ async fn tenant_command(
             progress.say(format!("disconnected {n} client(s) of tenant {slug}"));
             Ok(Outcome::Done("KILL"))
         }
+        Command::DropTenant {
+            slug,
+            keep_database,
+        } => {
+            let slug = known_slug(ctx, &arg(slug)?).await?;
+            progress.say(format!("dropping tenant {slug}"));
+            // Marked deleted first; its clients go now rather than after the grace period.
+            let result = provision::drop_tenant(
+                &ctx.config,
+                &ctx.registry,
+                slug.as_str(),
+                *keep_database,
+                Some(&budgets(ctx)),
+            )
+            .await;
+            ctx.directory.invalidate(&slug).await;
+            let n = ctx.clients.kill_tenant(&slug);
+            result?;
+            let detail = keep_database.then_some("keep database");
+            log(ctx, Some(&slug), actor, "admin.drop_tenant", detail).await;
+            progress.say(format!(
+                "tenant {slug} is deleted; {n} client(s) disconnected"
+            ));
+            Ok(Outcome::Done("DROP TENANT"))
+        }
+        _ => Err(AdminError::Unsupported("this command".to_owned())),
+    }
+}
+
+/// MIGRATE TENANT and MIGRATE ALL TENANTS: one row per tenant, progress as NOTICEs.
+async fn migrate_command(
+    ctx: &AdminContext,
+    actor: &str,
+    command: &Command,
+    params: &[Option<String>],
+    progress: &Progress,
+) -> Result<Outcome, AdminError> {
+    let arg = |a: &Arg| a.resolve(params);
+    match command {
+        Command::MigrateTenant { slug } => {
+            let slug = known_slug(ctx, &arg(slug)?).await?;
+            let result = provision::migrate_tenant(
+                &ctx.config,
+                &ctx.registry,
+                &ctx.key,
+                slug.as_str(),
+                Some(&budgets(ctx)),
+            )
+            .await;
+            log(ctx, Some(&slug), actor, "admin.migrate", None).await;
+            let mut table = Table::new(migrate_columns());
+            table.rows.push(migrate_row(slug.as_str(), &Ok(result?)));
+            Ok(Outcome::Rows(table))
+        }
+        Command::MigrateAll { concurrency } => {
+            let concurrency = match concurrency {
+                Some(a) => Some(parse_concurrency(&arg(a)?)?),
+                None => None,
+            };
+            let budgets = budgets(ctx);
+            let reporter = progress.clone();
+            let results = provision::migrate_all(
+                &ctx.config,
+                &ctx.registry,
+                &ctx.key,
+                provision::MigrateAll {
+                    concurrency,
+                    budgets: Some(&budgets),
+                },
+                move |p: provision::MigrateProgress| {
+                    reporter.say(format!(
+                        "migrated {}/{} tenants, {} failed",
+                        p.done, p.total, p.failed
+                    ));
+                },
+            )
+            .await?;
+            let detail = format!("{} tenants", results.len());
+            log(ctx, None, actor, "admin.migrate_all", Some(&detail)).await;
+            let mut table = Table::new(migrate_columns());
+            for r in &results {
+                table.rows.push(migrate_row(r.slug.as_str(), &r.result));
+            }
+            Ok(Outcome::Rows(table))
+        }
         _ => Err(AdminError::Unsupported("this command".to_owned())),
     }
 }
@@ -362,18 +445,43 @@ fn migrate_columns() -> Vec<Column> {
     ]
 }
 
-#[allow(dead_code, reason = "used once tenant migrations land")]
-fn migrate_row(
-    slug: &str,
-    applied: usize,
-    version: Option<i64>,
-    error: Option<String>,
-) -> Vec<Value> {
-    vec![
-        Value::text(slug),
-        Value::text(if error.is_some() { "failed" } else { "ok" }),
-        Value::count(applied as u64),
-        version.map_or(Value::Null, Value::Int),
-        Value::opt_text(error),
-    ]
+fn migrate_row(slug: &str, result: &Result<provision::MigrateOutcome, String>) -> Vec<Value> {
+    match result {
+        Ok(outcome) => vec![
+            Value::text(slug),
+            Value::text("ok"),
+            Value::count(outcome.applied.len() as u64),
+            outcome
+                .schema_version
+                .map_or(Value::Null, |v| Value::Int(i64::from(v))),
+            Value::Null,
+        ],
+        Err(message) => vec![
+            Value::text(slug),
+            Value::text("failed"),
+            Value::Int(0),
+            Value::Null,
+            Value::text(message.clone()),
+        ],
+    }
+}
+
+fn parse_concurrency(text: &str) -> Result<usize, AdminError> {
+    text.parse::<usize>()
+        .ok()
+        .filter(|n| (1..=256).contains(n))
+        .ok_or_else(|| {
+            AdminError::BadValue(format!("CONCURRENCY must be between 1 and 256, not {text}"))
+        })
+}
+
+/// The servers' budgets, for the backend connections provisioning and migrations open.
+fn budgets(ctx: &AdminContext) -> provision::Budgets {
+    provision::Budgets::new(
+        ctx.pools
+            .servers()
+            .iter()
+            .filter_map(|s| ctx.pools.budget(&s.name).cloned()),
+        std::time::Duration::from_millis(ctx.pools.config().checkout_timeout_ms),
+    )
 }

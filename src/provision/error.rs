@@ -171,26 +171,27 @@ impl ClientFacing for ProvisionError {
         match self {
             ProvisionError::BadSlug(_)
             | ProvisionError::NameTooLong(_)
-            | ProvisionError::Exists(_)
-            | ProvisionError::NoSuchTenant(_)
-            | ProvisionError::AlreadyDeleted(_)
+            | ProvisionError::UnknownServer(_)
+            | ProvisionError::EmptyUser => SqlState::INVALID_PARAMETER_VALUE,
+            ProvisionError::Exists(_) => SqlState::DUPLICATE_OBJECT,
+            ProvisionError::NoSuchTenant(_) | ProvisionError::NoSuchUser { .. } => {
+                SqlState::UNDEFINED_OBJECT
+            }
+            ProvisionError::AlreadyDeleted(_)
             | ProvisionError::NotMigratable { .. }
             | ProvisionError::StateChange { .. }
-            | ProvisionError::UnknownServer(_)
-            | ProvisionError::EmptyUser
-            | ProvisionError::NoSuchUser { .. } => SqlState::INVALID_PARAMETER_VALUE,
+            | ProvisionError::NoServerPassword(_)
+            | ProvisionError::ChecksumMismatch { .. }
+            | ProvisionError::MigrationMissing { .. } => SqlState::OBJECT_NOT_IN_PREREQUISITE_STATE,
             ProvisionError::BudgetExhausted { .. } => SqlState::TOO_MANY_CONNECTIONS,
             ProvisionError::Backend { .. } | ProvisionError::CannotConnect(_) => {
                 SqlState::CONNECTION_FAILURE
             }
-            ProvisionError::NoServerPassword(_)
-            | ProvisionError::Decrypt { .. }
+            ProvisionError::Decrypt { .. }
             | ProvisionError::MigrationsDir { .. }
             | ProvisionError::MigrationFile { .. }
             | ProvisionError::BadMigrationName { .. }
             | ProvisionError::DuplicateMigration { .. }
-            | ProvisionError::ChecksumMismatch { .. }
-            | ProvisionError::MigrationMissing { .. }
             | ProvisionError::MigrationFailed { .. }
             | ProvisionError::NotRecorded { .. }
             | ProvisionError::SeedFile { .. }

@@ -166,18 +166,6 @@ impl Registry {
         Ok(conn.execute(sql, &[&user, &verifier]).await? > 0)
     }
 
-    /// Removes a tenant user. Returns false if there was none.
-    pub async fn delete_user(&self, slug: &TenantSlug, user: &str) -> Result<bool, RegistryError> {
-        let conn = self.conn().await?;
-        let n = conn
-            .execute(
-                "DELETE FROM tenant_users WHERE tenant_slug = $1 AND username = $2",
-                &[&slug.as_str(), &user],
-            )
-            .await?;
-        Ok(n > 0)
-    }
-
     /// Whether a tenant user exists.
     pub async fn user_exists(&self, slug: &TenantSlug, user: &str) -> Result<bool, RegistryError> {
         Ok(self.user_verifier(slug, user).await?.is_some())
