@@ -460,3 +460,60 @@ async fn migrate_all_reports_progress_and_one_row_per_tenant() {
         .expect("pg_database");
     assert!(exists.is_none());
 }
+
+#[tokio::test]
+async fn pause_waits_for_running_transactions_and_holds_new_ones() {
+    let env = TestEnv::start_with(|c| c.pool.mode = tenantgate::pool::PoolMode::Transaction).await;
+    let t = env.tenant_with_user("pause").await;
+    let slug = t.slug.to_string();
+    let running = env.app(&slug).await;
+    let waiting = env.app(&slug).await;
+    running
+        .batch_execute("BEGIN; SELECT 1")
+        .await
+        .expect("begin");
+
+    let admin = env.admin().await;
+    let pause = tokio::spawn({
+        let sql = format!("PAUSE {slug}");
+        async move { admin.batch_execute(&sql).await.map(|()| admin) }
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        !pause.is_finished(),
+        "PAUSE returned while a transaction was running"
+    );
+
+    // The running transaction finishes; PAUSE then returns.
+    running.batch_execute("COMMIT").await.expect("commit");
+    let admin = tokio::time::timeout(Duration::from_secs(5), pause)
+        .await
+        .expect("PAUSE returns once the transaction ended")
+        .expect("join")
+        .expect("pause");
+
+    // A new transaction waits at the gate until RESUME.
+    let held = tokio::spawn(async move { waiting.simple_query("SELECT 42").await.map(|_| ()) });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(!held.is_finished(), "a paused tenant ran a new transaction");
+    let paused: bool = admin
+        .query_one("SELECT paused FROM pools WHERE tenant = $1", &[&slug])
+        .await
+        .expect("pools")
+        .get(0);
+    assert!(paused);
+    admin
+        .batch_execute(&format!("RESUME {slug}"))
+        .await
+        .expect("resume");
+    tokio::time::timeout(Duration::from_secs(5), held)
+        .await
+        .expect("the held query runs after RESUME")
+        .expect("join")
+        .expect("query");
+    let again = admin
+        .batch_execute(&format!("RESUME {slug}"))
+        .await
+        .expect_err("not paused");
+    assert_eq!(sqlstate(&again).as_deref(), Some("55000"));
+}

@@ -44,6 +44,7 @@ pub(super) fn columns(name: &str) -> Result<Vec<Column>, AdminError> {
             c("backends", Int8),
             c("idle", Int8),
             c("parked", Bool),
+            c("paused", Bool),
         ],
         "clients" => vec![
             c("id", Int8),
@@ -160,6 +161,7 @@ async fn pools(ctx: &AdminContext, tenant: Option<&str>) -> Vec<Vec<Value>> {
             Value::Int(i64::from(open)),
             Value::Int(i64::from(idle)),
             Value::Bool(parked),
+            Value::Bool(ctx.pools.pause_gate().is_paused(&slug)),
         ]);
     }
     rows
@@ -391,6 +393,11 @@ fn help() -> Vec<Vec<Value>> {
             "migrate every tenant, progress as NOTICEs, one row per tenant",
         ),
         ("KILL slug", "disconnect every client of a tenant now"),
+        (
+            "PAUSE [slug]",
+            "hold new transactions (all tenants or one); returns when running ones finished",
+        ),
+        ("RESUME [slug]", "undo PAUSE"),
     ];
     HELP.iter()
         .map(|(command, description)| vec![Value::text(*command), Value::text(*description)])

@@ -102,6 +102,14 @@ pub(super) enum Command {
     Kill {
         slug: Arg,
     },
+    /// PAUSE [slug]: hold new transactions, let running ones finish.
+    Pause {
+        slug: Option<Arg>,
+    },
+    /// RESUME [slug] (without TENANT): undo PAUSE.
+    Unpause {
+        slug: Option<Arg>,
+    },
 }
 
 /// How many `$n` parameters a statement takes (the highest n). Counting over the tokens
@@ -207,9 +215,18 @@ fn parse_statement(tokens: &[Token]) -> Result<Command, AdminError> {
         }
         "RESUME" => {
             c.pos += 1;
-            c.expect("TENANT")?;
-            let slug = c.arg("tenant slug")?;
-            c.end(Command::ResumeTenant { slug })
+            if c.eat("TENANT") {
+                let slug = c.arg("tenant slug")?;
+                c.end(Command::ResumeTenant { slug })
+            } else {
+                let slug = c.opt_arg("tenant slug")?;
+                c.end(Command::Unpause { slug })
+            }
+        }
+        "PAUSE" => {
+            c.pos += 1;
+            let slug = c.opt_arg("tenant slug")?;
+            c.end(Command::Pause { slug })
         }
         "MIGRATE" => {
             c.pos += 1;
@@ -519,6 +536,14 @@ impl Cursor<'_> {
         text
     }
 
+    fn opt_arg(&mut self, what: &str) -> Result<Option<Arg>, AdminError> {
+        if self.at_end() {
+            Ok(None)
+        } else {
+            self.arg(what).map(Some)
+        }
+    }
+
     fn end(&self, command: Command) -> Result<Command, AdminError> {
         match self.peek() {
             None => Ok(command),
@@ -597,6 +622,24 @@ mod tests {
                 tenant: lit("acme"),
                 password: lit("x"),
                 replace: true
+            }
+        );
+    }
+
+    #[test]
+    fn pause_and_resume() {
+        assert_eq!(one("PAUSE"), Command::Pause { slug: None });
+        assert_eq!(
+            one("pause acme-co"),
+            Command::Pause {
+                slug: Some(lit("acme-co"))
+            }
+        );
+        assert_eq!(one("RESUME"), Command::Unpause { slug: None });
+        assert_eq!(
+            one("RESUME acme"),
+            Command::Unpause {
+                slug: Some(lit("acme"))
             }
         );
     }

@@ -118,8 +118,61 @@ pub(super) async fn execute(
         Command::MigrateTenant { .. } | Command::MigrateAll { .. } => {
             migrate_command(ctx, actor, command, params, progress).await
         }
+        Command::Pause { slug } => {
+            let slug = match opt(slug)? {
+                Some(text) => Some(known_slug(ctx, &text).await?),
+                None => None,
+            };
+            pause(ctx, actor, slug.as_ref(), progress).await
+        }
+        Command::Unpause { slug } => {
+            let slug = match opt(slug)? {
+                Some(text) => Some(known_slug(ctx, &text).await?),
+                None => None,
+            };
+            ctx.pools
+                .pause_gate()
+                .resume(slug.as_ref())
+                .map_err(|e| AdminError::WrongState(e.to_string()))?;
+            log(ctx, slug.as_ref(), actor, "admin.resume_pause", None).await;
+            Ok(Outcome::Done("RESUME"))
+        }
     }
 }
+
+/// PAUSE: close the gate, then wait until the paused tenants' running transactions (or, in
+/// session pooling, sessions) have given their backends back.
+async fn pause(
+    ctx: &AdminContext,
+    actor: &str,
+    slug: Option<&TenantSlug>,
+    progress: &Progress,
+) -> Result<Outcome, AdminError> {
+    ctx.pools.pause_gate().pause(slug);
+    log(ctx, slug, actor, "admin.pause", None).await;
+    let mut last_said = None;
+    loop {
+        let mut active = 0;
+        for (pool_slug, pool, _) in ctx.pools.list().await {
+            if slug.is_none_or(|s| *s == pool_slug) {
+                active += pool.active();
+            }
+        }
+        if active == 0 {
+            return Ok(Outcome::Done("PAUSE"));
+        }
+        let due = last_said.is_none_or(|t: tokio::time::Instant| t.elapsed() >= PAUSE_NOTICE_EVERY);
+        if due {
+            progress.say(format!(
+                "waiting for {active} client(s) to give their backend back"
+            ));
+            last_said = Some(tokio::time::Instant::now());
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+}
+
+const PAUSE_NOTICE_EVERY: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// CREATE TENANT and REGISTER TENANT.
 async fn provision_command(

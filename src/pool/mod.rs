@@ -15,6 +15,7 @@ mod backend;
 mod budget;
 mod config;
 mod manager;
+mod pause;
 
 use std::collections::HashMap;
 use std::sync::atomic::Ordering;
@@ -29,6 +30,7 @@ pub use budget::ServerBudget;
 pub use config::{PlanConfig, PoolConfig, PoolMode, ServerConfig, TenantLimits};
 pub use manager::BackendManager;
 use manager::{ConnectErrors, PoolCache};
+pub use pause::{PauseGate, ResumeError};
 
 use crate::crypto::{CryptoError, MasterKey};
 use crate::error::{ClientFacing, ErrorKind};
@@ -257,6 +259,7 @@ pub struct PoolMap {
     budgets: Arc<HashMap<String, Arc<ServerBudget>>>,
     key: MasterKey,
     started: tokio::time::Instant,
+    pause: PauseGate,
 }
 
 impl PoolMap {
@@ -305,6 +308,7 @@ impl PoolMap {
             budgets: Arc::new(budgets),
             key,
             started: tokio::time::Instant::now(),
+            pause: PauseGate::default(),
         }
     }
 
@@ -444,8 +448,10 @@ impl PoolMap {
         })
     }
 
-    /// Checks out a backend connection for the tenant.
+    /// Checks out a backend connection for the tenant. While the tenant is paused this waits
+    /// at the gate first, without a timeout (PgBouncer's PAUSE).
     pub async fn checkout(&self, tenant: &TenantRecord) -> Result<Lease, PoolError> {
+        self.pause.wait(&tenant.slug).await;
         let pool = self.pool_for(tenant).await?;
         let waited = Duration::from_millis(pool.limits.checkout_timeout_ms);
         let timed_out = || PoolError::CheckoutTimeout {
@@ -515,6 +521,11 @@ impl PoolMap {
         out.extend(parked.into_iter().map(|(slug, pool)| (slug, pool, true)));
         out.sort_by(|a, b| a.0.as_str().cmp(b.0.as_str()));
         out
+    }
+
+    /// PAUSE and RESUME.
+    pub fn pause_gate(&self) -> &PauseGate {
+        &self.pause
     }
 
     /// The configured backend servers.
