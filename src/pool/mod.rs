@@ -9,6 +9,11 @@
 //! Terminate), [`Lease`] (a checked-out connection; it returns to its pool on drop, then lets
 //! the next waiting client in, in order).
 //!
+//! Each pool and its factory hold their tenant's usage counters (`crate::stats`), taken from
+//! the registry once when the pool is built: checkout wait, backend connects and their
+//! errors, the pool's eviction and connections reclaimed from it are counted there, so they
+//! outlive the pool.
+//!
 //! This module must not parse SQL.
 
 mod backend;
@@ -34,6 +39,7 @@ use crate::crypto::{CryptoError, MasterKey};
 use crate::error::{ClientFacing, ErrorKind};
 use crate::protocol::SqlState;
 use crate::registry::{TenantRecord, TenantSlug};
+use crate::stats::{Stats, TenantStats};
 
 #[derive(Debug, thiserror::Error)]
 pub enum PoolError {
@@ -159,6 +165,8 @@ pub struct TenantPool {
     base_params: std::sync::Mutex<Option<Params>>,
     /// Clients attached to this pool now (see `PoolMap::attach`).
     users: std::sync::atomic::AtomicUsize,
+    /// The tenant's usage counters (shared with the stats registry; outlive this pool).
+    stats: Arc<TenantStats>,
 }
 
 impl TenantPool {
@@ -216,6 +224,19 @@ impl Lease {
     }
 }
 
+/// Adds the time since `started` to the tenant's wait time when dropped: also when the
+/// checkout fails or its client goes away while waiting.
+struct WaitTimer<'a> {
+    stats: &'a TenantStats,
+    started: tokio::time::Instant,
+}
+
+impl Drop for WaitTimer<'_> {
+    fn drop(&mut self) {
+        self.stats.add_wait(self.started.elapsed());
+    }
+}
+
 /// A client's hold on its tenant's pool; see `PoolMap::attach`.
 pub struct PoolUse {
     pool: Arc<TenantPool>,
@@ -239,6 +260,7 @@ pub struct PoolMap {
     budgets: Arc<HashMap<String, Arc<ServerBudget>>>,
     key: MasterKey,
     started: tokio::time::Instant,
+    stats: Stats,
 }
 
 impl PoolMap {
@@ -247,6 +269,7 @@ impl PoolMap {
         servers: &[ServerConfig],
         plans: &std::collections::BTreeMap<String, PlanConfig>,
         key: MasterKey,
+        stats: Stats,
     ) -> PoolMap {
         let parked: Arc<Mutex<HashMap<TenantSlug, Weak<TenantPool>>>> = Arc::default();
         let pools = Cache::builder()
@@ -264,6 +287,9 @@ impl PoolMap {
                         parked.insert((*slug).clone(), Arc::downgrade(&pool));
                         tracing::debug!(tenant = %slug, ?cause, "tenant pool in use; parked");
                     } else {
+                        if cause.was_evicted() {
+                            pool.stats.pool_evicted();
+                        }
                         tracing::debug!(tenant = %slug, ?cause, "tenant pool dropped");
                     }
                 }
@@ -287,6 +313,7 @@ impl PoolMap {
             budgets: Arc::new(budgets),
             key,
             started: tokio::time::Instant::now(),
+            stats,
         }
     }
 
@@ -386,7 +413,9 @@ impl PoolMap {
                     slug: tenant.slug.clone(),
                     server: target.server.clone(),
                 })?;
+        let stats = self.stats.for_tenant(&tenant.slug);
         let manager = BackendManager {
+            stats: Arc::clone(&stats),
             slug: tenant.slug.clone(),
             pools: Arc::downgrade(&self.pools),
             target: target.clone(),
@@ -422,12 +451,18 @@ impl PoolMap {
             last_used_ms: std::sync::atomic::AtomicU64::new(self.now_ms()),
             base_params: std::sync::Mutex::new(None),
             users: std::sync::atomic::AtomicUsize::new(0),
+            stats,
         })
     }
 
-    /// Checks out a backend connection for the tenant.
+    /// Checks out a backend connection for the tenant. The time this takes (queueing, and
+    /// connecting when the pool opens a connection) counts as the tenant's wait time.
     pub async fn checkout(&self, tenant: &TenantRecord) -> Result<Lease, PoolError> {
         let pool = self.pool_for(tenant).await?;
+        let _timer = WaitTimer {
+            stats: &pool.stats,
+            started: tokio::time::Instant::now(),
+        };
         let waited = Duration::from_millis(pool.limits.checkout_timeout_ms);
         let timed_out = || PoolError::CheckoutTimeout {
             slug: tenant.slug.clone(),

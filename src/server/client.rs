@@ -168,6 +168,8 @@ pub(super) async fn serve_client(
         }
     }
     tracing::Span::current().record("tenant", record.slug.as_str());
+    // Counted from here until this task ends, however the session ends.
+    let counted = state.stats.for_tenant(&record.slug).client_connected();
     let ctx = SessionContext {
         tenant: &record,
         directory: &state.directory,
@@ -179,6 +181,7 @@ pub(super) async fn serve_client(
         reset_timeout: Duration::from_millis(state.pools.config().reset_timeout_ms),
         max_client_message_bytes: state.config.proxy.max_message_bytes,
         shutdown,
+        stats: counted.stats(),
     };
     match session::run(&mut stream, &settings, &ctx).await {
         Ok(SessionEnd::Relay(end)) => CloseReason::Session(end),

@@ -28,6 +28,7 @@ use crate::crypto::MasterKey;
 use crate::pool::PoolMap;
 use crate::registry::{Registry, TenantDirectory, spawn_change_listener};
 use crate::session::CancelMap;
+use crate::stats::Stats;
 
 /// `[proxy]`: the client-facing side.
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -133,6 +134,8 @@ pub struct State {
     pub directory: TenantDirectory,
     pub pools: PoolMap,
     pub cancels: CancelMap,
+    /// Per-tenant usage counters (SHOW STATS, billing); outlive the tenants' pools.
+    pub stats: Stats,
     client_slots: Arc<Semaphore>,
     /// Key for mock SCRAM secrets of unknown tenants/users; random per process.
     mock_key: [u8; 32],
@@ -169,7 +172,14 @@ impl Proxy {
         let local_addr = listener.local_addr()?;
 
         let directory = TenantDirectory::new(registry, &config.registry);
-        let pools = PoolMap::new(&config.pool, &config.servers, &config.plans, key);
+        let usage = Stats::new();
+        let pools = PoolMap::new(
+            &config.pool,
+            &config.servers,
+            &config.plans,
+            key,
+            usage.clone(),
+        );
         let mut mock_key = [0u8; 32];
         rand::fill(&mut mock_key);
         let state = Arc::new(State {
@@ -180,6 +190,7 @@ impl Proxy {
             directory,
             pools,
             cancels: CancelMap::default(),
+            stats: usage,
             mock_key,
             next_client_id: AtomicU64::new(1),
         });
