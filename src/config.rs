@@ -15,6 +15,7 @@ use crate::pool::{PlanConfig, PoolConfig, ServerConfig};
 use crate::provision::ProvisionConfig;
 use crate::registry::RegistryConfig;
 use crate::server::ProxyConfig;
+use crate::stats::StatsConfig;
 
 /// The whole configuration file.
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -35,6 +36,8 @@ pub struct Config {
     /// Named plans, `[plans.NAME]`.
     #[serde(default)]
     pub plans: std::collections::BTreeMap<String, PlanConfig>,
+    #[serde(default)]
+    pub stats: StatsConfig,
 }
 
 #[derive(Debug, thiserror::Error)]

@@ -7,7 +7,9 @@
 //! [`ClientGuard`] (a connected client; it gives its `clients_now` back on drop, also when the
 //! session fails or panics), [`Stats`] (the registry slug → counters, kept apart from the pool
 //! map so a pool's eviction loses nothing), [`Counters`] and [`TenantStatsRow`] (plain
-//! snapshots for readers).
+//! snapshots for readers), [`spawn_flusher`] (the one background loop here: every
+//! `[stats] flush_interval_seconds` it adds each tenant's growth since the last flush to the
+//! registry's `tenant_usage`, hour by hour, and once more at shutdown).
 //!
 //! This module must not take a lock on the hot path. The relay, the pool checkout and the
 //! backend factory hold an `Arc<TenantStats>` and only ever do relaxed atomic adds on it; the
@@ -25,7 +27,21 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, PoisonError, RwLock};
 use std::time::Duration;
 
-use crate::registry::TenantSlug;
+use serde::{Deserialize, Serialize};
+use tokio_util::sync::CancellationToken;
+
+use crate::registry::{Registry, TenantSlug, UsageDelta};
+
+/// `[stats]`: usage counters.
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct StatsConfig {
+    /// Every this many seconds, add each tenant's usage since the last flush to the registry's
+    /// `tenant_usage` table (one row per tenant and hour, summed over instances); also once at
+    /// shutdown. 0 (the default) keeps the counters in memory only. Restart to change.
+    #[serde(default)]
+    pub flush_interval_seconds: u64,
+}
 
 /// One tenant's usage counters. See [`Counters`] for what each one counts.
 #[derive(Debug, Default)]
@@ -216,6 +232,28 @@ impl Counters {
         ]
     }
 
+    /// What grew from `earlier` to `self`, as the registry stores it (`clients_now`, a gauge,
+    /// is not stored).
+    fn growth_since(&self, earlier: &Counters) -> UsageDelta {
+        let grew =
+            |now: u64, then: u64| i64::try_from(now.saturating_sub(then)).unwrap_or(i64::MAX);
+        UsageDelta {
+            clients: grew(self.clients_total, earlier.clients_total),
+            transactions: grew(self.transactions, earlier.transactions),
+            queries: grew(self.queries, earlier.queries),
+            bytes_in: grew(self.bytes_in, earlier.bytes_in),
+            bytes_out: grew(self.bytes_out, earlier.bytes_out),
+            wait_us: grew(self.wait_us, earlier.wait_us),
+            backend_connects: grew(self.backend_connects, earlier.backend_connects),
+            backend_connect_errors: grew(
+                self.backend_connect_errors,
+                earlier.backend_connect_errors,
+            ),
+            pool_evictions: grew(self.pool_evictions, earlier.pool_evictions),
+            reclaimed_connections: grew(self.reclaimed_connections, earlier.reclaimed_connections),
+        }
+    }
+
     /// Adds `other` into `self`, saturating.
     fn accumulate(&mut self, other: &Counters) {
         let add = |a: &mut u64, b: u64| *a = a.saturating_add(b);
@@ -319,6 +357,74 @@ impl Stats {
             .unwrap_or_else(PoisonError::into_inner)
             .len()
     }
+}
+
+/// Writes the counters' growth to the registry. Remembers what it wrote: a failed write is
+/// retried, with whatever came since, at the next flush. (A write that succeeds but whose
+/// answer is lost is counted twice: the registry keeps no flush ids.)
+struct Flusher {
+    stats: Stats,
+    registry: Registry,
+    flushed: HashMap<TenantSlug, Counters>,
+}
+
+impl Flusher {
+    async fn flush(&mut self) {
+        let rows = self.stats.snapshot();
+        let usage: Vec<(TenantSlug, UsageDelta)> = rows
+            .iter()
+            .filter_map(|row| {
+                let earlier = self.flushed.get(&row.slug).copied().unwrap_or_default();
+                let delta = row.counters.growth_since(&earlier);
+                (delta != UsageDelta::default()).then(|| (row.slug.clone(), delta))
+            })
+            .collect();
+        if usage.is_empty() {
+            return;
+        }
+        match self.registry.add_usage(&usage).await {
+            Ok(()) => {
+                for row in rows {
+                    self.flushed.insert(row.slug, row.counters);
+                }
+                tracing::debug!(tenants = usage.len(), "usage flushed to the registry");
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "usage not flushed to the registry; retrying at the next flush");
+            }
+        }
+    }
+}
+
+/// Starts the usage flusher (when `interval` is not zero): every `interval`, and once more
+/// when `stop` is cancelled, the growth of every tenant's counters goes to the registry.
+/// Cancel `stop` after the sessions have ended, then await the handle, so their last counts
+/// are written.
+pub fn spawn_flusher(
+    stats: Stats,
+    registry: Registry,
+    interval: Duration,
+    stop: CancellationToken,
+) -> Option<tokio::task::JoinHandle<()>> {
+    if interval.is_zero() {
+        return None;
+    }
+    let mut flusher = Flusher {
+        stats,
+        registry,
+        flushed: HashMap::new(),
+    };
+    Some(tokio::spawn(async move {
+        let mut ticks = tokio::time::interval_at(tokio::time::Instant::now() + interval, interval);
+        ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                () = stop.cancelled() => break,
+                _ = ticks.tick() => flusher.flush().await,
+            }
+        }
+        flusher.flush().await;
+    }))
 }
 
 #[cfg(test)]

@@ -252,3 +252,86 @@ async fn reclaimed_connections_and_connect_errors_count_for_their_tenant() {
     assert_eq!(c.backend_connects, 0);
     assert!(c.backend_connect_errors >= 1, "{c:?}");
 }
+
+/// The registry's `tenant_usage` of `slug`, summed over hours, in the order of
+/// `Counters::COLUMNS` after `clients_now`; and whether every row starts on an hour (UTC).
+async fn registry_usage(env: &TestEnv, slug: &str) -> (Vec<u64>, bool) {
+    let registry = common::connect_str(&env.config.registry.url).await.unwrap();
+    let row = registry
+        .query_one(
+            "SELECT coalesce(sum(clients), 0)::int8, coalesce(sum(transactions), 0)::int8, \
+             coalesce(sum(queries), 0)::int8, coalesce(sum(bytes_in), 0)::int8, \
+             coalesce(sum(bytes_out), 0)::int8, coalesce(sum(wait_us), 0)::int8, \
+             coalesce(sum(backend_connects), 0)::int8, \
+             coalesce(sum(backend_connect_errors), 0)::int8, \
+             coalesce(sum(pool_evictions), 0)::int8, \
+             coalesce(sum(reclaimed_connections), 0)::int8, \
+             bool_and(period_start = date_trunc('hour', period_start, 'UTC')) IS NOT FALSE \
+             FROM tenant_usage WHERE tenant_slug = $1",
+            &[&slug],
+        )
+        .await
+        .unwrap();
+    let sums = (0..10)
+        .map(|i| u64::try_from(row.get::<_, i64>(i)).unwrap())
+        .collect();
+    (sums, row.get(10))
+}
+
+/// The counters as `registry_usage` sums them.
+fn stored(c: &Counters) -> Vec<u64> {
+    c.values()[1..].to_vec()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn usage_is_flushed_to_the_registry_by_the_hour() {
+    let env = TestEnv::start_with(|c| c.stats.flush_interval_seconds = 1).await;
+    let t = env.tenant_with_user("stats-flush").await;
+    let slug = t.slug.as_str();
+    let stats = stats_of(&env);
+    for _ in 0..2 {
+        let c = env.app(slug).await;
+        c.simple_query("SELECT 1").await.unwrap();
+        c.batch_execute("BEGIN; SELECT 2; COMMIT").await.unwrap();
+    }
+    let counted = settled(&stats, slug).await;
+    assert_eq!((counted.clients_total, counted.queries), (2, 4));
+    let flushed = eventually(Duration::from_secs(10), || async {
+        registry_usage(&env, slug).await.0 == stored(&counted)
+    })
+    .await;
+    let (usage, on_the_hour) = registry_usage(&env, slug).await;
+    assert!(
+        flushed,
+        "registry has {usage:?}, counters are {:?}",
+        stored(&counted)
+    );
+    assert!(on_the_hour);
+
+    // Later flushes add only what is new.
+    let c = env.app(slug).await;
+    c.simple_query("SELECT 3").await.unwrap();
+    drop(c);
+    let counted = settled(&stats, slug).await;
+    assert_eq!((counted.clients_total, counted.queries), (3, 5));
+    let flushed = eventually(Duration::from_secs(10), || async {
+        registry_usage(&env, slug).await.0 == stored(&counted)
+    })
+    .await;
+    assert!(flushed, "the second flush did not add up");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_flushes_what_the_interval_has_not() {
+    let mut env = TestEnv::start_with(|c| c.stats.flush_interval_seconds = 3600).await;
+    let t = env.tenant_with_user("stats-last").await;
+    let slug = t.slug.as_str().to_owned();
+    let stats = stats_of(&env);
+    let c = env.app(&slug).await;
+    c.simple_query("SELECT 1").await.unwrap();
+    drop(c);
+    let counted = settled(&stats, &slug).await;
+    assert_eq!(registry_usage(&env, &slug).await.0, vec![0; 10]);
+    env.stop().await;
+    assert_eq!(registry_usage(&env, &slug).await.0, stored(&counted));
+}

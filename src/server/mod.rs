@@ -4,7 +4,7 @@
 //! Moving parts: [`Proxy`] (start-up: registry migrations, shared [`State`], background tasks,
 //! graceful shutdown), `listener` (accept loop, client limit), `client` (one client's path:
 //! startup → auth → tenant → pool → session). Background loops started here: the accept loop,
-//! the registry change listener. This module holds no business rules.
+//! the registry change listener, the usage flusher (`stats`, when configured). This module holds no business rules.
 
 mod client;
 mod listener;
@@ -28,7 +28,7 @@ use crate::crypto::MasterKey;
 use crate::pool::PoolMap;
 use crate::registry::{Registry, TenantDirectory, spawn_change_listener};
 use crate::session::CancelMap;
-use crate::stats::Stats;
+use crate::stats::{Stats, spawn_flusher};
 
 /// `[proxy]`: the client-facing side.
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -149,6 +149,9 @@ pub struct Proxy {
     stop_accepting: CancellationToken,
     stop_sessions: CancellationToken,
     tasks: TaskTracker,
+    /// Stops the usage flusher, which then writes one last time.
+    stop_flusher: CancellationToken,
+    flusher: Option<tokio::task::JoinHandle<()>>,
 }
 
 impl Proxy {
@@ -170,9 +173,16 @@ impl Proxy {
             .await
             .with_context(|| format!("listening on {}", config.proxy.listen))?;
         let local_addr = listener.local_addr()?;
-
-        let directory = TenantDirectory::new(registry, &config.registry);
         let usage = Stats::new();
+
+        let stop_flusher = CancellationToken::new();
+        let flusher = spawn_flusher(
+            usage.clone(),
+            registry.clone(),
+            Duration::from_secs(config.stats.flush_interval_seconds),
+            stop_flusher.clone(),
+        );
+        let directory = TenantDirectory::new(registry, &config.registry);
         let pools = PoolMap::new(
             &config.pool,
             &config.servers,
@@ -217,6 +227,8 @@ impl Proxy {
             stop_accepting,
             stop_sessions,
             tasks,
+            stop_flusher,
+            flusher,
         })
     }
 
@@ -243,5 +255,12 @@ impl Proxy {
         }
         self.stop_sessions.cancel();
         drop(tokio::time::timeout(Duration::from_secs(5), self.tasks.wait()).await);
+        // Sessions have counted their last: flush once more.
+        self.stop_flusher.cancel();
+        if let Some(flusher) = self.flusher {
+            let bound =
+                Duration::from_millis(self.state.config.registry.timeout_ms.saturating_mul(2));
+            drop(tokio::time::timeout(bound, flusher).await);
+        }
     }
 }
