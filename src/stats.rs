@@ -160,8 +160,10 @@ impl Drop for ClientGuard {
 pub struct Counters {
     /// Clients logged in now (authenticated, tenant active, session started or starting).
     pub clients_now: u64,
-    /// Clients that logged in since start-up. Failed logins and cancel requests are not
-    /// counted.
+    /// Clients that logged in since start-up: authenticated, for a tenant in state `active`.
+    /// A client refused after that (the tenant's client limit, no backend) is counted; failed
+    /// logins and cancel requests are not. Only known tenants get counters, so a client
+    /// probing made-up slugs creates nothing here.
     pub clients_total: u64,
     /// Completed transactions: ReadyForQuery messages with status `I` (idle) that a backend
     /// sent through the relay, as PgBouncer counts a transaction each time the server returns
@@ -494,6 +496,29 @@ mod tests {
         assert_eq!(sum.backend_connect_errors, 1);
         assert_eq!(sum.pool_evictions, 1);
         assert_eq!(sum.reclaimed_connections, 1);
+    }
+
+    #[test]
+    fn growth_since_a_flush_leaves_out_the_gauge() {
+        let earlier = Counters {
+            clients_now: 5,
+            clients_total: 5,
+            queries: 10,
+            ..Counters::default()
+        };
+        let now = Counters {
+            clients_now: 1,
+            clients_total: 7,
+            queries: 15,
+            bytes_in: u64::MAX,
+            ..Counters::default()
+        };
+        let delta = now.growth_since(&earlier);
+        assert_eq!(delta.clients, 2);
+        assert_eq!(delta.queries, 5);
+        assert_eq!(delta.bytes_in, i64::MAX);
+        assert_eq!(delta.transactions, 0);
+        assert_eq!(earlier.growth_since(&now), UsageDelta::default());
     }
 
     #[test]

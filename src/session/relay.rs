@@ -104,11 +104,16 @@ impl TxTracker {
         Scan::Continue
     }
 
-    fn backend_frame(&mut self, head: FrameHead<'_>) -> Scan {
+    /// Counts completed transactions into `tally` (in the `Z` arm: DataRows pay nothing).
+    fn backend_frame(&mut self, head: FrameHead<'_>, tally: &mut Tally) -> Scan {
         match head.tag {
             b'Z' => {
                 self.pending = self.pending.saturating_sub(1);
                 self.status = head.status;
+                if head.status == b'I' {
+                    // The backend is back to idle: a transaction (explicit or implicit) ended.
+                    tally.transactions += 1;
+                }
                 if self.release_at_idle && !self.pinned && self.is_clean() {
                     return Scan::StopAfter;
                 }
@@ -532,11 +537,7 @@ impl Inspector for BackendSide<'_, '_> {
                 };
             }
         }
-        if head.tag == b'Z' && head.status == b'I' {
-            // The backend is back to idle: a transaction (explicit or implicit) completed.
-            self.tally.transactions += 1;
-        }
-        self.tracker.backend_frame(head)
+        self.tracker.backend_frame(head, self.tally)
     }
 
     fn pending(&mut self, out: &mut BytesMut) {
