@@ -7,6 +7,11 @@
 //! - `frame_scan/result_set`: `FrameScanner` over a 10,000-row result set fed in 16 KiB reads the
 //!   way the relay feeds it (unforwarded tail kept at the front of one reused buffer).
 //! - `frame_scan/small_messages`: the same over 100,000 tiny frames, for the per-frame cost.
+//! - `relay/result_set`: the whole relay loop (both directions, inspectors, transaction
+//!   tracking, usage counting) over in-memory pipes: one Query, the 10,000-row result set back,
+//!   Terminate.
+//! - `relay/round_trips_1000`: 1,000 Query → answer round trips through the relay, for the
+//!   per-message and per-wakeup cost.
 //!
 //! The registry URL points at a closed port: its pool is lazy and is never used on a cache hit
 //! (a miss would fail and panic the bench). Backend pools are built unchecked and open nothing.
@@ -17,6 +22,7 @@ use std::hint::black_box;
 use std::time::Duration;
 
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::runtime::Runtime;
 
 use tenantgate::crypto::{MasterKey, Secret};
@@ -25,6 +31,8 @@ use tenantgate::protocol::frame::{FrameScanner, Scan};
 use tenantgate::registry::{
     Registry, RegistryConfig, TenantDirectory, TenantRecord, TenantSlug, TenantState,
 };
+use tenantgate::session::relay::{RelayBuffers, RelayEnd, TxTracker, relay};
+use tenantgate::stats::{Stats, TenantStats};
 
 /// Same as the relay's `RELAY_BUFFER_BYTES`.
 const READ_BYTES: usize = 16 * 1024;
@@ -86,6 +94,7 @@ async fn routing(tenants: usize, max_pools: u64) -> Routing {
         &[server],
         &std::collections::BTreeMap::new(),
         key.clone(),
+        Stats::new(),
     );
 
     let mut slugs = Vec::with_capacity(tenants);
@@ -337,9 +346,87 @@ fn frame_scan(c: &mut Criterion) {
     group.finish();
 }
 
+/// Runs one relay from the client's first message to its Terminate: the client sends
+/// `rounds` times `query` and reads `answer` back, the backend reads each query and writes
+/// `answer`.
+async fn relay_rounds(query: &[u8], answer: &[u8], rounds: usize, sink: &mut [u8]) {
+    let (mut client_far, mut client_near) = tokio::io::duplex(64 * 1024);
+    let (mut backend_near, mut backend_far) = tokio::io::duplex(64 * 1024);
+    let mut buffers = RelayBuffers::new(1 << 20);
+    let mut tracker = TxTracker::default();
+    let stats = TenantStats::default();
+    let relayed = relay(
+        &mut client_near,
+        &mut backend_near,
+        &mut buffers,
+        &mut tracker,
+        None,
+        &stats,
+    );
+    let client = async {
+        for _ in 0..rounds {
+            client_far.write_all(query).await.unwrap();
+            let mut left = answer.len();
+            while left > 0 {
+                let n = sink.len().min(left);
+                client_far.read_exact(&mut sink[..n]).await.unwrap();
+                left -= n;
+            }
+        }
+        client_far.write_all(b"X\0\0\0\x04").await.unwrap();
+    };
+    let backend = async {
+        let mut got = vec![0_u8; query.len()];
+        for _ in 0..rounds {
+            backend_far.read_exact(&mut got).await.unwrap();
+            backend_far.write_all(answer).await.unwrap();
+        }
+    };
+    let (end, (), ()) = tokio::join!(relayed, client, backend);
+    assert_eq!(end.unwrap(), RelayEnd::ClientTerminated);
+    assert!(tracker.is_clean());
+    let rounds = u64::try_from(rounds).unwrap();
+    assert_eq!(stats.counters().queries, rounds);
+    assert_eq!(stats.counters().transactions, rounds);
+}
+
+fn relay_loop(c: &mut Criterion) {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let mut group = c.benchmark_group("relay");
+    let mut sink = vec![0_u8; READ_BYTES];
+
+    let mut query = Vec::new();
+    frame(&mut query, b'Q', b"SELECT * FROM ledger\0");
+    let (answer, _) = result_set();
+    group.throughput(Throughput::Bytes(answer.len() as u64));
+    group.bench_function("result_set", |b| {
+        b.iter(|| rt.block_on(relay_rounds(&query, black_box(&answer), 1, &mut sink)));
+    });
+
+    let mut query = Vec::new();
+    frame(&mut query, b'Q', b"SELECT 1\0");
+    let mut answer = Vec::new();
+    let mut desc = b"\0\x01?column?\0".to_vec();
+    desc.extend_from_slice(&[
+        0, 0, 0, 0, 0, 0, 0, 0, 0, 23, 0, 4, 255, 255, 255, 255, 0, 0,
+    ]);
+    frame(&mut answer, b'T', &desc);
+    frame(&mut answer, b'D', &data_row(&[b"1"]));
+    frame(&mut answer, b'C', b"SELECT 1\0");
+    frame(&mut answer, b'Z', b"I");
+    group.throughput(Throughput::Elements(1000));
+    group.bench_function("round_trips_1000", |b| {
+        b.iter(|| rt.block_on(relay_rounds(&query, black_box(&answer), 1000, &mut sink)));
+    });
+    group.finish();
+}
+
 criterion_group! {
     name = benches;
     config = configure();
-    targets = route, eviction, frame_scan
+    targets = route, eviction, frame_scan, relay_loop
 }
 criterion_main!(benches);

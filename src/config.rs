@@ -16,6 +16,7 @@ use crate::pool::{PlanConfig, PoolConfig, ServerConfig};
 use crate::provision::ProvisionConfig;
 use crate::registry::RegistryConfig;
 use crate::server::ProxyConfig;
+use crate::stats::StatsConfig;
 
 /// The whole configuration file.
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -38,6 +39,11 @@ pub struct Config {
     /// Named plans, `[plans.NAME]`.
     #[serde(default)]
     pub plans: std::collections::BTreeMap<String, PlanConfig>,
+    /// The file this config was loaded from, for RELOAD; `None` when parsed from text.
+    #[serde(skip)]
+    pub source: Option<std::path::PathBuf>,
+    #[serde(default)]
+    pub stats: StatsConfig,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -61,6 +67,36 @@ pub enum ConfigError {
     },
 }
 
+/// The running config: read by each new client and admin command, replaced by RELOAD.
+#[derive(Debug, Clone)]
+pub struct LiveConfig(std::sync::Arc<std::sync::RwLock<std::sync::Arc<Config>>>);
+
+impl LiveConfig {
+    pub fn new(config: Config) -> LiveConfig {
+        LiveConfig(std::sync::Arc::new(std::sync::RwLock::new(
+            std::sync::Arc::new(config),
+        )))
+    }
+
+    /// The config now.
+    pub fn get(&self) -> std::sync::Arc<Config> {
+        std::sync::Arc::clone(
+            &self
+                .0
+                .read()
+                .unwrap_or_else(std::sync::PoisonError::into_inner),
+        )
+    }
+
+    /// Replaces the config.
+    pub fn set(&self, config: Config) {
+        *self
+            .0
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = std::sync::Arc::new(config);
+    }
+}
+
 impl Config {
     /// Reads, parses, applies environment overrides and validates a config file.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
@@ -70,6 +106,7 @@ impl Config {
             source,
         })?;
         let mut config = Config::parse(&text, &shown)?;
+        config.source = Some(path.to_path_buf());
         config.apply_env();
         config.resolve_paths(path.parent().unwrap_or(Path::new(".")));
         config

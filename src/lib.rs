@@ -5,9 +5,10 @@
 //!
 //! Follow one connection: `server` (listener, startup, client task) → `auth` (SCRAM) →
 //! `registry` (tenant record, cached) → `pool` (tenant pool, backend connection) → `session`
-//! (settings, relay, release). `provision` manages tenants, `crypto` keeps secrets, `config`
-//! gathers the configuration, `protocol` owns the bytes, `localpg` starts private PostgreSQL
-//! servers for the quickstart, tests and benchmarks.
+//! (settings, relay, release). `stats` keeps each tenant's usage counters, `provision`
+//! manages tenants, `crypto` keeps secrets, `config` gathers the configuration, `protocol` owns
+//! the bytes, `localpg` starts private PostgreSQL servers for the quickstart, tests and
+//! benchmarks.
 
 pub mod admin;
 pub mod auth;
@@ -23,3 +24,4 @@ pub mod quickstart;
 pub mod registry;
 pub mod server;
 pub mod session;
+pub mod stats;

@@ -62,6 +62,23 @@ async fn psql_shows_tenants_pools_and_servers() {
         ok && out.contains(t.slug.as_str()) && out.contains("admin"),
         "{out}"
     );
+    let (ok, out) = psql(&uri, "SHOW STATS").await;
+    assert!(
+        ok && out.contains(t.slug.as_str()) && out.contains("avg_wait_us"),
+        "{out}"
+    );
+    let admin = env.admin().await;
+    let row = admin
+        .query_one(
+            "SELECT queries, transactions, clients_now, bytes_out FROM stats WHERE tenant = $1",
+            &[&t.slug.as_str()],
+        )
+        .await
+        .expect("stats");
+    let (queries, transactions, now, bytes_out): (i64, i64, i64, i64) =
+        (row.get(0), row.get(1), row.get(2), row.get(3));
+    assert_eq!((queries, transactions, now), (1, 1, 1));
+    assert!(bytes_out > 0);
     let (ok, out) = psql(&uri, "SHOW HELP").await;
     assert!(ok && out.contains("MIGRATE ALL TENANTS"), "{out}");
     let (ok, out) = psql(&uri, "VACUUM").await;
@@ -516,4 +533,83 @@ async fn pause_waits_for_running_transactions_and_holds_new_ones() {
         .await
         .expect_err("not paused");
     assert_eq!(sqlstate(&again).as_deref(), Some("55000"));
+}
+
+#[tokio::test]
+async fn reload_applies_pool_and_plan_changes_and_lists_what_needs_a_restart() {
+    let file = std::env::temp_dir().join(format!(
+        "tenantgate-test-{}-{}.toml",
+        std::process::id(),
+        unique("reload-")
+    ));
+    let source = file.clone();
+    let env = TestEnv::start_with(move |c| c.source = Some(source)).await;
+    let t = env.tenant_with_user("reload").await;
+    let slug = t.slug.to_string();
+    let first = env.app(&slug).await;
+    first.simple_query("SELECT 1").await.expect("query");
+    let admin = env.admin().await;
+    let size: i64 = admin
+        .query_one("SELECT pool_size FROM pools WHERE tenant = $1", &[&slug])
+        .await
+        .expect("pools")
+        .get(0);
+    assert_eq!(size, 10);
+
+    // A broken file changes nothing.
+    std::fs::write(&file, "[pool]\npool_size = \"many\"\n").unwrap();
+    let broken = admin.query("RELOAD", &[]).await.expect_err("broken config");
+    assert!(format!("{broken:?}").contains("not reloaded"), "{broken:?}");
+
+    let mut changed = env.config.clone();
+    changed.pool.pool_size = 3;
+    changed.proxy.suspend_grace_seconds = 7;
+    changed.proxy.listen = "127.0.0.1:1".parse().unwrap();
+    std::fs::write(&file, toml::to_string(&changed).unwrap()).unwrap();
+    let rows = admin.query("RELOAD", &[]).await.expect("reload");
+    let reported: Vec<(String, bool)> = rows.iter().map(|r| (r.get(0), r.get(3))).collect();
+    assert!(
+        reported.contains(&("pool.pool_size".to_owned(), true)),
+        "{reported:?}"
+    );
+    assert!(
+        reported.contains(&("proxy.suspend_grace_seconds".to_owned(), true)),
+        "{reported:?}"
+    );
+    assert!(
+        reported.contains(&("proxy.listen".to_owned(), false)),
+        "{reported:?}"
+    );
+
+    // The tenant's next client gets a pool built with the new size; the old one drains.
+    drop(first);
+    let second = env.app(&slug).await;
+    second
+        .simple_query("SELECT 1")
+        .await
+        .expect("query after reload");
+    let size: i64 = admin
+        .query_one("SELECT pool_size FROM pools WHERE tenant = $1", &[&slug])
+        .await
+        .expect("pools")
+        .get(0);
+    assert_eq!(size, 3);
+    let grace: String = admin
+        .query_one(
+            "SELECT value FROM config WHERE key = 'proxy.suspend_grace_seconds'",
+            &[],
+        )
+        .await
+        .expect("config")
+        .get(0);
+    assert_eq!(grace, "7");
+    let listen: String = admin
+        .query_one("SELECT value FROM config WHERE key = 'proxy.listen'", &[])
+        .await
+        .expect("config")
+        .get(0);
+    assert_ne!(
+        listen, "127.0.0.1:1",
+        "a restart-only key must not look applied"
+    );
 }

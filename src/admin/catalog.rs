@@ -9,6 +9,7 @@ use super::AdminContext;
 use super::error::AdminError;
 use super::select::version_string;
 use super::table::{Column, ColumnType, Table, Value};
+use crate::config::Config;
 use crate::registry::TenantSlug;
 
 /// The columns of a table, without gathering rows (Describe).
@@ -259,12 +260,25 @@ async fn migrations(
 
 /// The running config as `section.key = value` rows; secrets masked.
 fn config(ctx: &AdminContext) -> Vec<Vec<Value>> {
+    flat_config(&ctx.config.get())
+        .into_iter()
+        .map(|(k, v)| vec![Value::text(k), Value::text(v)])
+        .collect()
+}
+
+/// A config as `section.key` → value text, secrets masked, sorted by key.
+pub(super) fn flat_config(config: &Config) -> Vec<(String, String)> {
     let mut rows = Vec::new();
-    match toml::Value::try_from(ctx.config.as_ref()) {
+    match toml::Value::try_from(config) {
         Ok(value) => flatten("", &value, &mut rows),
         Err(e) => rows.push(vec![Value::text("error"), Value::text(e.to_string())]),
     }
-    rows
+    let mut pairs: Vec<(String, String)> = rows
+        .into_iter()
+        .map(|r| (r[0].to_string(), r[1].to_string()))
+        .collect();
+    pairs.sort();
+    pairs
 }
 
 fn flatten(prefix: &str, value: &toml::Value, rows: &mut Vec<Vec<Value>>) {
@@ -398,6 +412,10 @@ fn help() -> Vec<Vec<Value>> {
             "hold new transactions (all tenants or one); returns when running ones finished",
         ),
         ("RESUME [slug]", "undo PAUSE"),
+        (
+            "RELOAD",
+            "re-read the config file: [pool], plans, [provision] and some [proxy] keys apply now",
+        ),
     ];
     HELP.iter()
         .map(|(command, description)| vec![Value::text(*command), Value::text(*description)])

@@ -110,6 +110,8 @@ pub(super) enum Command {
     Unpause {
         slug: Option<Arg>,
     },
+    /// RELOAD: re-read the config file.
+    Reload,
 }
 
 /// How many `$n` parameters a statement takes (the highest n). Counting over the tokens
@@ -186,25 +188,7 @@ fn parse_statement(tokens: &[Token]) -> Result<Command, AdminError> {
         }
         "DROP" => {
             c.pos += 1;
-            if c.eat("TENANT") {
-                let slug = c.arg("tenant slug")?;
-                let keep_database = c.eat("KEEP");
-                if keep_database {
-                    c.expect("DATABASE")?;
-                }
-                c.end(Command::DropTenant {
-                    slug,
-                    keep_database,
-                })
-            } else if c.eat("USER") {
-                let user = c.arg("user name")?;
-                c.expect("FOR")?;
-                c.expect("TENANT")?;
-                let tenant = c.arg("tenant slug")?;
-                c.end(Command::DropUser { user, tenant })
-            } else {
-                Err(unsupported(tokens))
-            }
+            parse_drop(&mut c, tokens)
         }
         "SUSPEND" => {
             c.pos += 1;
@@ -230,24 +214,16 @@ fn parse_statement(tokens: &[Token]) -> Result<Command, AdminError> {
         }
         "MIGRATE" => {
             c.pos += 1;
-            if c.eat("ALL") {
-                c.expect("TENANTS")?;
-                let concurrency = if c.eat("CONCURRENCY") {
-                    Some(c.arg("concurrency")?)
-                } else {
-                    None
-                };
-                c.end(Command::MigrateAll { concurrency })
-            } else {
-                c.expect("TENANT")?;
-                let slug = c.arg("tenant slug")?;
-                c.end(Command::MigrateTenant { slug })
-            }
+            parse_migrate(&mut c)
         }
         "KILL" => {
             c.pos += 1;
             let slug = c.arg("tenant slug")?;
             c.end(Command::Kill { slug })
+        }
+        "RELOAD" => {
+            c.pos += 1;
+            c.end(Command::Reload)
         }
         "SET" | "RESET" => Ok(Command::Ignored("SET")),
         "BEGIN" | "START" => Ok(Command::Ignored("BEGIN")),
@@ -255,6 +231,44 @@ fn parse_statement(tokens: &[Token]) -> Result<Command, AdminError> {
         "ROLLBACK" | "ABORT" => Ok(Command::Ignored("ROLLBACK")),
         "DISCARD" => Ok(Command::Ignored("DISCARD ALL")),
         _ => Err(unsupported(tokens)),
+    }
+}
+
+fn parse_drop(c: &mut Cursor<'_>, tokens: &[Token]) -> Result<Command, AdminError> {
+    if c.eat("TENANT") {
+        let slug = c.arg("tenant slug")?;
+        let keep_database = c.eat("KEEP");
+        if keep_database {
+            c.expect("DATABASE")?;
+        }
+        c.end(Command::DropTenant {
+            slug,
+            keep_database,
+        })
+    } else if c.eat("USER") {
+        let user = c.arg("user name")?;
+        c.expect("FOR")?;
+        c.expect("TENANT")?;
+        let tenant = c.arg("tenant slug")?;
+        c.end(Command::DropUser { user, tenant })
+    } else {
+        Err(unsupported(tokens))
+    }
+}
+
+fn parse_migrate(c: &mut Cursor<'_>) -> Result<Command, AdminError> {
+    if c.eat("ALL") {
+        c.expect("TENANTS")?;
+        let concurrency = if c.eat("CONCURRENCY") {
+            Some(c.arg("concurrency")?)
+        } else {
+            None
+        };
+        c.end(Command::MigrateAll { concurrency })
+    } else {
+        c.expect("TENANT")?;
+        let slug = c.arg("tenant slug")?;
+        c.end(Command::MigrateTenant { slug })
     }
 }
 

@@ -9,6 +9,7 @@ use super::command::{Arg, Command, ShowWhat};
 use super::error::AdminError;
 use super::select;
 use super::table::{Column, ColumnType, Table, Value};
+use crate::config::Config;
 use crate::crypto::Secret;
 use crate::provision::{self, CreateTenant, RegisterTenant};
 use crate::registry::{TenantSlug, TenantState};
@@ -50,6 +51,7 @@ pub(super) fn result_columns(command: &Command) -> Result<Vec<Column>, AdminErro
             Ok(select::run(query, &probe, &vec![None; 100])?.columns)
         }
         Command::MigrateTenant { .. } | Command::MigrateAll { .. } => Ok(migrate_columns()),
+        Command::Reload => Ok(reload_columns()),
         _ => Ok(Vec::new()),
     }
 }
@@ -118,6 +120,7 @@ pub(super) async fn execute(
         Command::MigrateTenant { .. } | Command::MigrateAll { .. } => {
             migrate_command(ctx, actor, command, params, progress).await
         }
+        Command::Reload => reload(ctx, actor, progress).await,
         Command::Pause { slug } => {
             let slug = match opt(slug)? {
                 Some(text) => Some(known_slug(ctx, &text).await?),
@@ -172,6 +175,102 @@ async fn pause(
     }
 }
 
+fn reload_columns() -> Vec<Column> {
+    vec![
+        Column::new("key", ColumnType::Text),
+        Column::new("old", ColumnType::Text),
+        Column::new("new", ColumnType::Text),
+        Column::new("applied", ColumnType::Bool),
+    ]
+}
+
+/// `[proxy]` keys that new clients read from the running config.
+const LIVE_PROXY_KEYS: [&str; 4] = [
+    "proxy.login_timeout_ms",
+    "proxy.max_startup_packet_bytes",
+    "proxy.max_message_bytes",
+    "proxy.suspend_grace_seconds",
+];
+
+/// Whether a changed key takes effect without a restart.
+fn applies_live(key: &str) -> bool {
+    (key.starts_with("pool.") && key != "pool.max_pools" && key != "pool.pool_idle_timeout_seconds")
+        || key.starts_with("plans.")
+        || key.starts_with("provision.")
+        || LIVE_PROXY_KEYS.contains(&key)
+}
+
+/// RELOAD: re-reads and validates the config file, applies what can change live and lists
+/// every changed key with whether it applied or needs a restart. A broken file changes
+/// nothing.
+async fn reload(
+    ctx: &AdminContext,
+    actor: &str,
+    progress: &Progress,
+) -> Result<Outcome, AdminError> {
+    let current = ctx.config.get();
+    let Some(path) = current.source.clone() else {
+        return Err(AdminError::WrongState(
+            "tenantgate was not started from a config file; there is nothing to reload".to_owned(),
+        ));
+    };
+    let path_for_load = path.clone();
+    let fresh = tokio::task::spawn_blocking(move || Config::load(&path_for_load))
+        .await
+        .map_err(|e| AdminError::WrongState(format!("reading the config failed: {e}")))?
+        .map_err(|e| AdminError::BadValue(format!("the config was not reloaded: {e}")))?;
+    let mut next = (*current).clone();
+    next.pool = fresh.pool.clone();
+    next.pool.max_pools = current.pool.max_pools;
+    next.pool.pool_idle_timeout_seconds = current.pool.pool_idle_timeout_seconds;
+    next.plans = fresh.plans.clone();
+    next.provision = fresh.provision.clone();
+    next.proxy.login_timeout_ms = fresh.proxy.login_timeout_ms;
+    next.proxy.max_startup_packet_bytes = fresh.proxy.max_startup_packet_bytes;
+    next.proxy.max_message_bytes = fresh.proxy.max_message_bytes;
+    next.proxy.suspend_grace_seconds = fresh.proxy.suspend_grace_seconds;
+
+    let before: std::collections::BTreeMap<String, String> =
+        catalog::flat_config(&current).into_iter().collect();
+    let after: std::collections::BTreeMap<String, String> =
+        catalog::flat_config(&fresh).into_iter().collect();
+    let mut table = Table::new(reload_columns());
+    let keys: std::collections::BTreeSet<&String> = before.keys().chain(after.keys()).collect();
+    for key in keys {
+        let (old, new) = (before.get(key), after.get(key));
+        if old == new {
+            continue;
+        }
+        table.rows.push(vec![
+            Value::text(key.clone()),
+            Value::opt_text(old.cloned()),
+            Value::opt_text(new.cloned()),
+            Value::Bool(applies_live(key)),
+        ]);
+    }
+    ctx.pools.reconfigure(&next.pool, &next.plans);
+    ctx.config.set(next);
+    let restart = table
+        .rows
+        .iter()
+        .filter(|r| r[3] == Value::Bool(false))
+        .count();
+    progress.say(format!(
+        "reloaded {}: {} change(s), {restart} of them need a restart",
+        path.display(),
+        table.rows.len()
+    ));
+    log(
+        ctx,
+        None,
+        actor,
+        "admin.reload",
+        Some(&format!("{} changes", table.rows.len())),
+    )
+    .await;
+    Ok(Outcome::Rows(table))
+}
+
 const PAUSE_NOTICE_EVERY: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// CREATE TENANT and REGISTER TENANT.
@@ -200,9 +299,14 @@ async fn provision_command(
             };
             check_plan(ctx, options.plan.as_deref())?;
             progress.say(format!("provisioning tenant {slug}"));
-            let record =
-                provision::create_tenant(&ctx.config, &ctx.registry, &ctx.key, &slug, &options)
-                    .await?;
+            let record = provision::create_tenant(
+                &ctx.config.get(),
+                &ctx.registry,
+                &ctx.key,
+                &slug,
+                &options,
+            )
+            .await?;
             log(ctx, Some(&record.slug), actor, "admin.create_tenant", None).await;
             progress.say(format!(
                 "tenant {} is {}: database {} on server {}",
@@ -221,7 +325,7 @@ async fn provision_command(
             let password = Secret::from(arg(password)?);
             let server = opt(server)?;
             let record = provision::register_tenant(
-                &ctx.config,
+                &ctx.config.get(),
                 &ctx.registry,
                 &ctx.key,
                 &RegisterTenant {
@@ -334,7 +438,7 @@ async fn tenant_command(
                 progress.say(format!(
                     "new connections to tenant {slug} are refused; connected clients are \
                      disconnected within {} s",
-                    ctx.config.proxy.suspend_grace_seconds
+                    ctx.config.get().proxy.suspend_grace_seconds
                 ));
             }
             Ok(Outcome::Done("SUSPEND TENANT"))
@@ -368,7 +472,7 @@ async fn tenant_command(
             progress.say(format!("dropping tenant {slug}"));
             // Marked deleted first; its clients go now rather than after the grace period.
             let result = provision::drop_tenant(
-                &ctx.config,
+                &ctx.config.get(),
                 &ctx.registry,
                 slug.as_str(),
                 *keep_database,
@@ -402,7 +506,7 @@ async fn migrate_command(
         Command::MigrateTenant { slug } => {
             let slug = known_slug(ctx, &arg(slug)?).await?;
             let result = provision::migrate_tenant(
-                &ctx.config,
+                &ctx.config.get(),
                 &ctx.registry,
                 &ctx.key,
                 slug.as_str(),
@@ -422,7 +526,7 @@ async fn migrate_command(
             let budgets = budgets(ctx);
             let reporter = progress.clone();
             let results = provision::migrate_all(
-                &ctx.config,
+                &ctx.config.get(),
                 &ctx.registry,
                 &ctx.key,
                 provision::MigrateAll {
@@ -460,8 +564,12 @@ async fn known_slug(ctx: &AdminContext, text: &str) -> Result<TenantSlug, AdminE
 
 fn check_plan(ctx: &AdminContext, plan: Option<&str>) -> Result<(), AdminError> {
     match plan {
-        Some(p) if p != ctx.config.provision.default_plan && !ctx.config.plans.contains_key(p) => {
-            let known: Vec<&str> = ctx.config.plans.keys().map(String::as_str).collect();
+        Some(p)
+            if p != ctx.config.get().provision.default_plan
+                && !ctx.config.get().plans.contains_key(p) =>
+        {
+            let config = ctx.config.get();
+            let known: Vec<&str> = config.plans.keys().map(String::as_str).collect();
             Err(AdminError::BadValue(format!(
                 "plan \"{p}\" is not in the config (known: {})",
                 if known.is_empty() {

@@ -36,11 +36,12 @@ use tokio_util::sync::CancellationToken;
 pub use error::AdminError;
 
 use crate::clients::ClientRoster;
-use crate::config::Config;
+use crate::config::LiveConfig;
 use crate::crypto::{MasterKey, Secret};
 use crate::pool::PoolMap;
 use crate::protocol::{SqlState, messages};
 use crate::registry::{Registry, RegistryError, TenantDirectory};
+use crate::stats::Stats;
 use handler::AdminHandler;
 
 /// `[admin]`: the admin console.
@@ -129,12 +130,13 @@ impl AdminConfig {
 
 /// What the console works on; built once by the server and shared by admin sessions.
 pub struct AdminContext {
-    pub config: Arc<Config>,
+    pub config: LiveConfig,
     pub registry: Registry,
     pub directory: TenantDirectory,
     pub pools: PoolMap,
     pub clients: ClientRoster,
     pub key: MasterKey,
+    pub stats: Stats,
 }
 
 impl std::fmt::Debug for AdminContext {

@@ -11,6 +11,7 @@ use moka::future::Cache;
 
 use super::{BackendConn, BackendError, BackendTarget, ServerBudget, TenantPool};
 use crate::registry::TenantSlug;
+use crate::stats::TenantStats;
 
 /// bb8's factory for one tenant's backend connections. Each connection first takes a permit
 /// of its server's budget.
@@ -23,6 +24,8 @@ pub struct BackendManager {
     /// The pool map, to close other tenants' idle connections when the budget is spent. Weak:
     /// the map owns this manager.
     pub(super) pools: std::sync::Weak<PoolCache>,
+    /// The tenant's usage counters: connects and connect errors.
+    pub(super) stats: Arc<TenantStats>,
 }
 
 pub(super) type PoolCache = Cache<TenantSlug, Arc<TenantPool>>;
@@ -75,6 +78,7 @@ async fn reclaim_idle(pools: &PoolCache, server: &str, except: &TenantSlug) -> b
         {
             conn.terminate();
             conn.broken = true;
+            pool.stats.connection_reclaimed();
             tracing::debug!(
                 server,
                 "closed an idle backend of another tenant to make room"
@@ -90,9 +94,15 @@ impl bb8::ManageConnection for BackendManager {
     type Error = BackendError;
 
     async fn connect(&self) -> Result<BackendConn, BackendError> {
-        let permit = self.budget_permit().await?;
-        let mut conn = BackendConn::connect(&self.target, self.connect_timeout).await?;
-        conn.budget_permit = Some(permit);
+        let conn = async {
+            let permit = self.budget_permit().await?;
+            let mut conn = BackendConn::connect(&self.target, self.connect_timeout).await?;
+            conn.budget_permit = Some(permit);
+            Ok(conn)
+        }
+        .await
+        .inspect_err(|_: &BackendError| self.stats.backend_connect_failed())?;
+        self.stats.backend_connected();
         tracing::debug!(backend_pid = conn.pid, target = ?self.target, "backend connected");
         Ok(conn)
     }

@@ -9,6 +9,11 @@
 //! Terminate), [`Lease`] (a checked-out connection; it returns to its pool on drop, then lets
 //! the next waiting client in, in order).
 //!
+//! Each pool and its factory hold their tenant's usage counters (`crate::stats`), taken from
+//! the registry once when the pool is built: checkout wait, backend connects and their
+//! errors, the pool's eviction and connections reclaimed from it are counted there, so they
+//! outlive the pool.
+//!
 //! This module must not parse SQL.
 
 mod backend;
@@ -36,6 +41,7 @@ use crate::crypto::{CryptoError, MasterKey};
 use crate::error::{ClientFacing, ErrorKind};
 use crate::protocol::SqlState;
 use crate::registry::{TenantRecord, TenantSlug};
+use crate::stats::{Stats, TenantStats};
 
 #[derive(Debug, thiserror::Error)]
 pub enum PoolError {
@@ -115,10 +121,20 @@ struct PoolSource {
     password_enc: Vec<u8>,
     plan: String,
     overrides: String,
+    /// The pool settings generation it was built under (RELOAD bumps it).
+    generation: u64,
+}
+
+/// `[pool]` and the plans, with a generation number RELOAD bumps.
+#[derive(Debug)]
+struct PoolSettings {
+    config: PoolConfig,
+    plans: std::collections::BTreeMap<String, PlanConfig>,
+    generation: u64,
 }
 
 impl PoolSource {
-    fn of(tenant: &TenantRecord) -> PoolSource {
+    fn of(tenant: &TenantRecord, generation: u64) -> PoolSource {
         PoolSource {
             server: tenant.server.clone(),
             database: tenant.database.clone(),
@@ -126,16 +142,18 @@ impl PoolSource {
             password_enc: tenant.backend_password_enc.clone(),
             plan: tenant.plan.clone(),
             overrides: tenant.overrides.clone(),
+            generation,
         }
     }
 
-    fn matches(&self, tenant: &TenantRecord) -> bool {
+    fn matches(&self, tenant: &TenantRecord, generation: u64) -> bool {
         self.server == tenant.server
             && self.database == tenant.database
             && self.role == tenant.backend_role
             && self.password_enc == tenant.backend_password_enc
             && self.plan == tenant.plan
             && self.overrides == tenant.overrides
+            && self.generation == generation
     }
 }
 
@@ -163,6 +181,8 @@ pub struct TenantPool {
     users: std::sync::atomic::AtomicUsize,
     /// Clients waiting for their turn (a backend) now.
     waiting: std::sync::atomic::AtomicUsize,
+    /// The tenant's usage counters (shared with the stats registry; outlive this pool).
+    stats: Arc<TenantStats>,
 }
 
 impl TenantPool {
@@ -236,6 +256,19 @@ impl Lease {
     }
 }
 
+/// Adds the time since `started` to the tenant's wait time when dropped: also when the
+/// checkout fails or its client goes away while waiting.
+struct WaitTimer<'a> {
+    stats: &'a TenantStats,
+    started: tokio::time::Instant,
+}
+
+impl Drop for WaitTimer<'_> {
+    fn drop(&mut self) {
+        self.stats.add_wait(self.started.elapsed());
+    }
+}
+
 /// A client's hold on its tenant's pool; see `PoolMap::attach`.
 pub struct PoolUse {
     pool: Arc<TenantPool>,
@@ -251,15 +284,16 @@ impl Drop for PoolUse {
 #[derive(Clone)]
 pub struct PoolMap {
     pools: Arc<PoolCache>,
-    plans: Arc<std::collections::BTreeMap<String, PlanConfig>>,
+    /// `[pool]` and the plans, replaced by RELOAD.
+    settings: Arc<std::sync::RwLock<Arc<PoolSettings>>>,
     /// Pools evicted while clients still used them, until those clients come back or leave.
     parked: Arc<Mutex<HashMap<TenantSlug, Weak<TenantPool>>>>,
-    config: PoolConfig,
     servers: Arc<Vec<ServerConfig>>,
     budgets: Arc<HashMap<String, Arc<ServerBudget>>>,
     key: MasterKey,
     started: tokio::time::Instant,
     pause: PauseGate,
+    stats: Stats,
 }
 
 impl PoolMap {
@@ -268,6 +302,7 @@ impl PoolMap {
         servers: &[ServerConfig],
         plans: &std::collections::BTreeMap<String, PlanConfig>,
         key: MasterKey,
+        stats: Stats,
     ) -> PoolMap {
         let parked: Arc<Mutex<HashMap<TenantSlug, Weak<TenantPool>>>> = Arc::default();
         let pools = Cache::builder()
@@ -285,6 +320,9 @@ impl PoolMap {
                         parked.insert((*slug).clone(), Arc::downgrade(&pool));
                         tracing::debug!(tenant = %slug, ?cause, "tenant pool in use; parked");
                     } else {
+                        if cause.was_evicted() {
+                            pool.stats.pool_evicted();
+                        }
                         tracing::debug!(tenant = %slug, ?cause, "tenant pool dropped");
                     }
                 }
@@ -301,14 +339,18 @@ impl PoolMap {
             .collect();
         PoolMap {
             pools: Arc::new(pools),
-            plans: Arc::new(plans.clone()),
+            settings: Arc::new(std::sync::RwLock::new(Arc::new(PoolSettings {
+                config: config.clone(),
+                plans: plans.clone(),
+                generation: 0,
+            }))),
             parked,
-            config: config.clone(),
             servers: Arc::new(servers.to_vec()),
             budgets: Arc::new(budgets),
             key,
             started: tokio::time::Instant::now(),
             pause: PauseGate::default(),
+            stats,
         }
     }
 
@@ -344,7 +386,7 @@ impl PoolMap {
     /// old one closes as its leases come back.
     pub async fn pool_for(&self, tenant: &TenantRecord) -> Result<Arc<TenantPool>, PoolError> {
         if let Some(existing) = self.pools.get(&tenant.slug).await {
-            if existing.source.matches(tenant) {
+            if existing.source.matches(tenant, self.settings().generation) {
                 return Ok(existing);
             }
             tracing::info!(tenant = %tenant.slug, "tenant target changed; replacing its pool");
@@ -361,7 +403,8 @@ impl PoolMap {
             let mut parked = self.parked.lock().unwrap_or_else(PoisonError::into_inner);
             parked.remove(&tenant.slug).and_then(|p| p.upgrade())
         };
-        if let Some(pool) = parked.filter(|p| p.source.matches(tenant)) {
+        let generation = self.settings().generation;
+        if let Some(pool) = parked.filter(|p| p.source.matches(tenant, generation)) {
             self.pools
                 .insert(tenant.slug.clone(), Arc::clone(&pool))
                 .await;
@@ -379,10 +422,11 @@ impl PoolMap {
     /// What a tenant gets: `[pool]`, then its plan, then its overrides. An unknown plan or
     /// malformed overrides are logged and skipped, never fatal for the tenant.
     pub fn limits_for(&self, tenant: &TenantRecord) -> TenantLimits {
-        let mut limits = TenantLimits::from_defaults(&self.config);
-        match self.plans.get(&tenant.plan) {
+        let settings = self.settings();
+        let mut limits = TenantLimits::from_defaults(&settings.config);
+        match settings.plans.get(&tenant.plan) {
             Some(plan) => limits.apply(plan),
-            None if self.plans.is_empty() || tenant.plan == "default" => {}
+            None if settings.plans.is_empty() || tenant.plan == "default" => {}
             None => {
                 tracing::warn!(tenant = %tenant.slug, plan = %tenant.plan, "tenant names a plan that is not in the config; using [pool] defaults");
             }
@@ -398,8 +442,9 @@ impl PoolMap {
 
     fn build_pool(&self, tenant: &TenantRecord) -> Result<TenantPool, PoolError> {
         let target = self.target_for(tenant)?;
+        let settings = self.settings();
         let limits = self.limits_for(tenant);
-        let source = PoolSource::of(tenant);
+        let source = PoolSource::of(tenant, settings.generation);
         let budget =
             self.budgets
                 .get(&target.server)
@@ -408,11 +453,13 @@ impl PoolMap {
                     slug: tenant.slug.clone(),
                     server: target.server.clone(),
                 })?;
+        let stats = self.stats.for_tenant(&tenant.slug);
         let manager = BackendManager {
+            stats: Arc::clone(&stats),
             slug: tenant.slug.clone(),
             pools: Arc::downgrade(&self.pools),
             target: target.clone(),
-            connect_timeout: Duration::from_millis(self.config.connect_timeout_ms),
+            connect_timeout: Duration::from_millis(settings.config.connect_timeout_ms),
             budget,
             budget_wait: Duration::from_millis(limits.checkout_timeout_ms),
         };
@@ -421,15 +468,15 @@ impl PoolMap {
         let pool = bb8::Pool::builder()
             .error_sink(Box::new(connect_errors.clone()))
             .max_size(limits.pool_size)
-            .min_idle(Some(self.config.min_idle.min(limits.pool_size)))
+            .min_idle(Some(settings.config.min_idle.min(limits.pool_size)))
             .test_on_check_out(false)
             .retry_connection(false)
             .connection_timeout(Duration::from_millis(limits.checkout_timeout_ms))
             .idle_timeout(Some(Duration::from_secs(
-                self.config.server_idle_timeout_seconds,
+                settings.config.server_idle_timeout_seconds,
             )))
             .max_lifetime(Some(Duration::from_secs(
-                self.config.server_lifetime_seconds,
+                settings.config.server_lifetime_seconds,
             )))
             .build_unchecked(manager);
         Ok(TenantPool {
@@ -445,14 +492,21 @@ impl PoolMap {
             base_params: std::sync::Mutex::new(None),
             users: std::sync::atomic::AtomicUsize::new(0),
             waiting: std::sync::atomic::AtomicUsize::new(0),
+            stats,
         })
     }
 
     /// Checks out a backend connection for the tenant. While the tenant is paused this waits
-    /// at the gate first, without a timeout (PgBouncer's PAUSE).
+    /// at the gate first, without a timeout (PgBouncer's PAUSE). The time this takes after the
+    /// gate (queueing, and connecting when the pool opens a connection) counts as the
+    /// tenant's wait time.
     pub async fn checkout(&self, tenant: &TenantRecord) -> Result<Lease, PoolError> {
         self.pause.wait(&tenant.slug).await;
         let pool = self.pool_for(tenant).await?;
+        let _timer = WaitTimer {
+            stats: &pool.stats,
+            started: tokio::time::Instant::now(),
+        };
         let waited = Duration::from_millis(pool.limits.checkout_timeout_ms);
         let timed_out = || PoolError::CheckoutTimeout {
             slug: tenant.slug.clone(),
@@ -555,7 +609,32 @@ impl PoolMap {
         Ok(guard)
     }
 
-    pub fn config(&self) -> &PoolConfig {
-        &self.config
+    /// `[pool]` as it is now.
+    pub fn config(&self) -> PoolConfig {
+        self.settings().config.clone()
+    }
+
+    fn settings(&self) -> Arc<PoolSettings> {
+        Arc::clone(&self.settings.read().unwrap_or_else(PoisonError::into_inner))
+    }
+
+    /// RELOAD: new `[pool]` values and plans. Pools built before are replaced at their
+    /// tenant's next checkout (the old ones drain); `max_pools` and `pool_idle_timeout_seconds`
+    /// of the pool map itself keep their start-up values.
+    pub fn reconfigure(
+        &self,
+        config: &PoolConfig,
+        plans: &std::collections::BTreeMap<String, PlanConfig>,
+    ) {
+        let mut settings = self
+            .settings
+            .write()
+            .unwrap_or_else(PoisonError::into_inner);
+        let generation = settings.generation + 1;
+        *settings = Arc::new(PoolSettings {
+            config: config.clone(),
+            plans: plans.clone(),
+            generation,
+        });
     }
 }

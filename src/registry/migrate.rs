@@ -7,11 +7,18 @@ use sha2::{Digest, Sha256};
 use super::RegistryError;
 
 /// The registry migrations, in order: (version, name, SQL).
-const MIGRATIONS: &[(i32, &str, &str)] = &[(
-    1,
-    "init",
-    include_str!("../../migrations/registry/0001_init.sql"),
-)];
+const MIGRATIONS: &[(i32, &str, &str)] = &[
+    (
+        1,
+        "init",
+        include_str!("../../migrations/registry/0001_init.sql"),
+    ),
+    (
+        2,
+        "usage",
+        include_str!("../../migrations/registry/0002_usage.sql"),
+    ),
+];
 
 /// Arbitrary advisory lock key for registry migrations ("tgregmig").
 const LOCK_KEY: i64 = 0x7467_7265_676d_6967;

@@ -155,7 +155,7 @@ pub(super) async fn serve_client(
     mut stream: TcpStream,
     shutdown: &CancellationToken,
 ) -> CloseReason {
-    let login_timeout = Duration::from_millis(state.config.proxy.login_timeout_ms);
+    let login_timeout = Duration::from_millis(state.config.get().proxy.login_timeout_ms);
     let login = match tokio::time::timeout(login_timeout, login(state, &mut stream)).await {
         Ok(Ok(login)) => login,
         Ok(Err(e)) => return fail(&mut stream, &e).await,
@@ -203,17 +203,20 @@ pub(super) async fn serve_client(
         }
     }
     tracing::Span::current().record("tenant", record.slug.as_str());
+    // Counted from here until this task ends, however the session ends.
+    let counted = state.stats.for_tenant(&record.slug).client_connected();
     let ctx = SessionContext {
         tenant: &record,
         directory: &state.directory,
-        suspend_grace: Duration::from_secs(state.config.proxy.suspend_grace_seconds),
+        suspend_grace: Duration::from_secs(state.config.get().proxy.suspend_grace_seconds),
         pools: &state.pools,
         mode: limits.mode,
         client_id,
         cancels: &state.cancels,
         reset_timeout: Duration::from_millis(state.pools.config().reset_timeout_ms),
-        max_client_message_bytes: state.config.proxy.max_message_bytes,
+        max_client_message_bytes: state.config.get().proxy.max_message_bytes,
         shutdown: &stop,
+        stats: counted.stats(),
     };
     match session::run(&mut stream, &settings, &ctx).await {
         Ok(SessionEnd::Relay(end)) => CloseReason::Session(end),
@@ -225,7 +228,7 @@ pub(super) async fn serve_client(
 
 /// Startup and authentication, bounded by the caller's login timeout.
 async fn login(state: &State, stream: &mut TcpStream) -> Result<Login, LoginError> {
-    let max = state.config.proxy.max_startup_packet_bytes;
+    let max = state.config.get().proxy.max_startup_packet_bytes;
     let startup = loop {
         match startup::read_first_packet(stream, max).await? {
             // TLS and GSS encryption come later: say no, and the client goes on in the clear
@@ -257,7 +260,7 @@ async fn login(state: &State, stream: &mut TcpStream) -> Result<Login, LoginErro
         .unwrap_or(user);
     tracing::Span::current().record("user", user);
     let settings = settings::client_settings(&startup.params)?;
-    if database == state.config.admin.database {
+    if database == state.config.get().admin.database {
         authenticate_admin(state, stream, user).await?;
         return Ok(Login::Admin {
             user: user.to_owned(),

@@ -4,7 +4,7 @@
 //! Moving parts: [`Proxy`] (start-up: registry migrations, shared [`State`], background tasks,
 //! graceful shutdown), `listener` (accept loop, client limit), `client` (one client's path:
 //! startup → auth → tenant → pool → session). Background loops started here: the accept loop,
-//! the registry change listener. This module holds no business rules.
+//! the registry change listener, the usage flusher (`stats`, when configured). This module holds no business rules.
 
 mod client;
 mod listener;
@@ -25,11 +25,12 @@ pub use client::{CloseReason, LoginError};
 
 use crate::admin::AdminContext;
 use crate::clients::ClientRoster;
-use crate::config::Config;
+use crate::config::{Config, LiveConfig};
 use crate::crypto::MasterKey;
 use crate::pool::PoolMap;
 use crate::registry::{Registry, TenantDirectory, spawn_change_listener};
 use crate::session::CancelMap;
+use crate::stats::{Stats, spawn_flusher};
 
 /// `[proxy]`: the client-facing side.
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -131,12 +132,14 @@ impl ProxyConfig {
 
 /// Everything a client task needs, built once at start-up and shared.
 pub struct State {
-    pub config: Arc<Config>,
+    pub config: LiveConfig,
     pub directory: TenantDirectory,
     pub pools: PoolMap,
     pub cancels: CancelMap,
     pub clients: ClientRoster,
     pub admin: Arc<AdminContext>,
+    /// Per-tenant usage counters (SHOW STATS, billing); outlive the tenants' pools.
+    pub stats: Stats,
     client_slots: Arc<Semaphore>,
     /// Key for mock SCRAM secrets of unknown tenants/users; random per process.
     mock_key: [u8; 32],
@@ -150,6 +153,9 @@ pub struct Proxy {
     stop_accepting: CancellationToken,
     stop_sessions: CancellationToken,
     tasks: TaskTracker,
+    /// Stops the usage flusher, which then writes one last time.
+    stop_flusher: CancellationToken,
+    flusher: Option<tokio::task::JoinHandle<()>>,
 }
 
 impl Proxy {
@@ -171,23 +177,38 @@ impl Proxy {
             .await
             .with_context(|| format!("listening on {}", config.proxy.listen))?;
         let local_addr = listener.local_addr()?;
+        let usage = Stats::new();
 
         config
             .admin
             .bootstrap(&registry)
             .await
             .context("creating the bootstrap admin user")?;
+        let stop_flusher = CancellationToken::new();
+        let flusher = spawn_flusher(
+            usage.clone(),
+            registry.clone(),
+            Duration::from_secs(config.stats.flush_interval_seconds),
+            stop_flusher.clone(),
+        );
         let directory = TenantDirectory::new(registry.clone(), &config.registry);
-        let pools = PoolMap::new(&config.pool, &config.servers, &config.plans, key.clone());
-        let config = Arc::new(config);
+        let pools = PoolMap::new(
+            &config.pool,
+            &config.servers,
+            &config.plans,
+            key.clone(),
+            usage.clone(),
+        );
+        let live = LiveConfig::new(config.clone());
         let clients = ClientRoster::default();
         let admin = Arc::new(AdminContext {
-            config: Arc::clone(&config),
+            config: live.clone(),
             registry,
             directory: directory.clone(),
             pools: pools.clone(),
             clients: clients.clone(),
             key,
+            stats: usage.clone(),
         });
         let mut mock_key = [0u8; 32];
         rand::fill(&mut mock_key);
@@ -195,12 +216,13 @@ impl Proxy {
             client_slots: Arc::new(Semaphore::new(
                 usize::try_from(config.proxy.max_client_connections).unwrap_or(usize::MAX),
             )),
-            config,
+            config: live,
             directory,
             pools,
             cancels: CancelMap::default(),
             clients,
             admin,
+            stats: usage,
             mock_key,
             next_client_id: AtomicU64::new(1),
         });
@@ -209,7 +231,7 @@ impl Proxy {
         let stop_sessions = CancellationToken::new();
         let tasks = TaskTracker::new();
         spawn_change_listener(
-            state.config.registry.url.clone(),
+            state.config.get().registry.url.clone(),
             state.directory.clone(),
             stop_sessions.clone(),
         );
@@ -227,6 +249,8 @@ impl Proxy {
             stop_accepting,
             stop_sessions,
             tasks,
+            stop_flusher,
+            flusher,
         })
     }
 
@@ -253,5 +277,18 @@ impl Proxy {
         }
         self.stop_sessions.cancel();
         drop(tokio::time::timeout(Duration::from_secs(5), self.tasks.wait()).await);
+        // Sessions have counted their last: flush once more.
+        self.stop_flusher.cancel();
+        if let Some(flusher) = self.flusher {
+            let bound = Duration::from_millis(
+                self.state
+                    .config
+                    .get()
+                    .registry
+                    .timeout_ms
+                    .saturating_mul(2),
+            );
+            drop(tokio::time::timeout(bound, flusher).await);
+        }
     }
 }

@@ -32,6 +32,7 @@ use crate::pool::{
 };
 use crate::protocol::{SqlState, messages};
 use crate::registry::{TenantDirectory, TenantRecord, TenantSlug, TenantState};
+use crate::stats::TenantStats;
 
 pub use cancel::{CancelGuard, CancelMap, CancelTarget};
 pub use relay::{RelayBuffers, RelayEnd, RelayError, TxTracker};
@@ -116,6 +117,8 @@ pub struct SessionContext<'a> {
     pub reset_timeout: Duration,
     pub max_client_message_bytes: usize,
     pub shutdown: &'a CancellationToken,
+    /// The tenant's usage counters; the relay counts into them.
+    pub stats: &'a TenantStats,
 }
 
 /// How a session ended, when it ended without error.
@@ -265,7 +268,7 @@ where
     let backend = lease.conn();
     let mut watch = Watch::new(ctx);
     let outcome = tokio::select! {
-        end = relay::relay(client, &mut backend.stream, buffers, &mut tracker, None) => end.map(SessionEnd::Relay),
+        end = relay::relay(client, &mut backend.stream, buffers, &mut tracker, None, ctx.stats) => end.map(SessionEnd::Relay),
         () = ctx.shutdown.cancelled() => Ok(SessionEnd::Shutdown),
         state = watch.must_go() => Ok(SessionEnd::TenantNotActive(state)),
     };
@@ -303,7 +306,7 @@ where
     let mut watch = Watch::new(ctx);
     loop {
         let waited = tokio::select! {
-            waited = buffers.wait_for_client(client) => waited?,
+            waited = buffers.wait_for_client(client, ctx.stats) => waited?,
             () = ctx.shutdown.cancelled() => return Ok(SessionEnd::Shutdown),
             state = watch.must_go() => return Ok(SessionEnd::TenantNotActive(state)),
         };
@@ -326,7 +329,7 @@ where
             responses: &mut responses,
         };
         let outcome = tokio::select! {
-            end = relay::relay(client, &mut backend.stream, buffers, &mut tracker, Some(statements)) => end.map(SessionEnd::Relay),
+            end = relay::relay(client, &mut backend.stream, buffers, &mut tracker, Some(statements), ctx.stats) => end.map(SessionEnd::Relay),
             () = ctx.shutdown.cancelled() => Ok(SessionEnd::Shutdown),
             state = watch.must_go() => Ok(SessionEnd::TenantNotActive(state)),
         };

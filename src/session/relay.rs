@@ -7,6 +7,11 @@
 //! task so a client that streams COPY data while the backend streams NOTICEs cannot deadlock us.
 //! The relay inspects only: client `X` (Terminate, swallowed), `Q`/`S`/`F` (answered by a
 //! ReadyForQuery), extended-protocol messages without a Sync yet; backend `Z` and its status.
+//!
+//! Usage counting (`stats`) adds to plain integers as it goes (bytes per read, queries and
+//! transactions per frame header already inspected) and hands them to the tenant's atomic
+//! counters once per wakeup of the relay: no lock, no allocation, and a handful of relaxed
+//! atomic adds however many messages a read carried.
 
 use std::future::poll_fn;
 use std::pin::Pin;
@@ -18,6 +23,7 @@ use bytes::BytesMut;
 
 use super::statements::{self, StatementContext};
 use crate::protocol::frame::{FrameError, FrameHead, FrameScanner, HEADER_BYTES, Scan, SpliceAt};
+use crate::stats::TenantStats;
 
 /// Bytes of each direction's buffer.
 pub const RELAY_BUFFER_BYTES: usize = 16 * 1024;
@@ -98,11 +104,16 @@ impl TxTracker {
         Scan::Continue
     }
 
-    fn backend_frame(&mut self, head: FrameHead<'_>) -> Scan {
+    /// Counts completed transactions into `tally` (in the `Z` arm: DataRows pay nothing).
+    fn backend_frame(&mut self, head: FrameHead<'_>, tally: &mut Tally) -> Scan {
         match head.tag {
             b'Z' => {
                 self.pending = self.pending.saturating_sub(1);
                 self.status = head.status;
+                if head.status == b'I' {
+                    // The backend is back to idle: a transaction (explicit or implicit) ended.
+                    tally.transactions += 1;
+                }
                 if self.release_at_idle && !self.pinned && self.is_clean() {
                     return Scan::StopAfter;
                 }
@@ -184,6 +195,8 @@ struct Half {
     needs_flush: bool,
     stopped: bool,
     eof: bool,
+    /// Bytes read from this half's reader and not yet added to the tenant's counters.
+    unreported_bytes: u64,
 }
 
 enum HalfEnd {
@@ -211,6 +224,7 @@ impl Half {
             needs_flush: false,
             stopped: false,
             eof: false,
+            unreported_bytes: 0,
         }
     }
 
@@ -333,6 +347,7 @@ impl Half {
             self.eof = true;
         }
         self.filled += n;
+        self.unreported_bytes += u64::try_from(n).unwrap_or(u64::MAX);
         Poll::Ready(Ok(()))
     }
 
@@ -370,6 +385,17 @@ fn poll_write_some<W: AsyncWrite + Unpin>(
 pub struct RelayBuffers {
     to_backend: Half,
     to_client: Half,
+    /// Queries and transactions seen and not yet added to the tenant's counters.
+    tally: Tally,
+}
+
+/// What the inspectors counted since the last report.
+#[derive(Debug, Default)]
+struct Tally {
+    /// Client `Q` and `E` frames decided (forwarded, spliced or answered here).
+    queries: u64,
+    /// Backend ReadyForQuery `I` frames forwarded.
+    transactions: u64,
 }
 
 impl RelayBuffers {
@@ -378,7 +404,19 @@ impl RelayBuffers {
         RelayBuffers {
             to_backend: Half::new(max_client_message_bytes),
             to_client: Half::new(usize::MAX),
+            tally: Tally::default(),
         }
+    }
+
+    /// Adds what was counted since the last report to the tenant's counters: bytes read from
+    /// the client count as `bytes_in`, bytes read from the backend as `bytes_out`.
+    fn report(&mut self, stats: &TenantStats) {
+        stats.add_traffic(
+            std::mem::take(&mut self.to_backend.unreported_bytes),
+            std::mem::take(&mut self.to_client.unreported_bytes),
+        );
+        let tally = std::mem::take(&mut self.tally);
+        stats.add_work(tally.queries, tally.transactions);
     }
 
     /// Transaction pooling, between transactions: waits until the client sends something.
@@ -387,32 +425,40 @@ impl RelayBuffers {
     pub async fn wait_for_client<C: AsyncRead + Unpin>(
         &mut self,
         client: &mut C,
+        stats: &TenantStats,
     ) -> Result<Option<RelayEnd>, RelayError> {
+        let waited = poll_fn(|cx| self.poll_client_input(cx, client)).await;
+        self.report(stats);
+        waited
+    }
+
+    fn poll_client_input<C: AsyncRead + Unpin>(
+        &mut self,
+        cx: &mut Context<'_>,
+        client: &mut C,
+    ) -> Poll<Result<Option<RelayEnd>, RelayError>> {
         let half = &mut self.to_backend;
-        poll_fn(|cx| {
-            loop {
-                if half.written < half.scanned {
+        loop {
+            if half.written < half.scanned {
+                return Poll::Ready(Ok(None));
+            }
+            let unscanned = half.buf.get(half.scanned..half.filled).unwrap_or_default();
+            if let Some(tag) = unscanned.first() {
+                if !half.scanner.at_boundary() {
                     return Poll::Ready(Ok(None));
                 }
-                let unscanned = half.buf.get(half.scanned..half.filled).unwrap_or_default();
-                if let Some(tag) = unscanned.first() {
-                    if !half.scanner.at_boundary() {
-                        return Poll::Ready(Ok(None));
-                    }
-                    if *tag == b'X' {
-                        return Poll::Ready(Ok(Some(RelayEnd::ClientTerminated)));
-                    }
-                    if unscanned.len() >= HEADER_BYTES {
-                        return Poll::Ready(Ok(None));
-                    }
+                if *tag == b'X' {
+                    return Poll::Ready(Ok(Some(RelayEnd::ClientTerminated)));
                 }
-                if half.eof {
-                    return Poll::Ready(Ok(Some(RelayEnd::ClientClosed)));
+                if unscanned.len() >= HEADER_BYTES {
+                    return Poll::Ready(Ok(None));
                 }
-                ready!(half.poll_fill(cx, client)).map_err(client_error)?;
             }
-        })
-        .await
+            if half.eof {
+                return Poll::Ready(Ok(Some(RelayEnd::ClientClosed)));
+            }
+            ready!(half.poll_fill(cx, client)).map_err(client_error)?;
+        }
     }
 }
 
@@ -429,10 +475,22 @@ pub type Statements<'a> = Option<StatementContext<'a>>;
 struct ClientSide<'t, 's> {
     tracker: &'t mut TxTracker,
     statements: &'t mut Statements<'s>,
+    tally: &'t mut Tally,
 }
 
 impl Inspector for ClientSide<'_, '_> {
     fn frame(&mut self, head: FrameHead<'_>, splice: &mut BytesMut) -> Scan {
+        let decided = self.decide(head, splice);
+        // A held frame is scanned again later: count it when it is decided.
+        if decided != Scan::Hold && matches!(head.tag, b'Q' | b'E') {
+            self.tally.queries += 1;
+        }
+        decided
+    }
+}
+
+impl ClientSide<'_, '_> {
+    fn decide(&mut self, head: FrameHead<'_>, splice: &mut BytesMut) -> Scan {
         match self.statements {
             Some(ctx) => {
                 let decided = statements::on_client_frame(ctx, &head, splice);
@@ -463,6 +521,7 @@ impl Inspector for ClientSide<'_, '_> {
 struct BackendSide<'t, 's> {
     tracker: &'t mut TxTracker,
     statements: &'t mut Statements<'s>,
+    tally: &'t mut Tally,
 }
 
 impl Inspector for BackendSide<'_, '_> {
@@ -478,7 +537,7 @@ impl Inspector for BackendSide<'_, '_> {
                 };
             }
         }
-        self.tracker.backend_frame(head)
+        self.tracker.backend_frame(head, self.tally)
     }
 
     fn pending(&mut self, out: &mut BytesMut) {
@@ -507,71 +566,93 @@ impl Inspector for BackendSide<'_, '_> {
 
 /// Relays until either side ends, or (with `tracker.release_at_idle`) until the backend is
 /// idle. Backend bytes are polled first so a backend's last words (a FATAL before it closes)
-/// reach the client before we notice anything else.
+/// reach the client before we notice anything else. Traffic is counted into `stats` once per
+/// wakeup.
 pub async fn relay<C, B>(
     client: &mut C,
     backend: &mut B,
     buffers: &mut RelayBuffers,
     tracker: &mut TxTracker,
     mut statements: Statements<'_>,
+    stats: &TenantStats,
 ) -> Result<RelayEnd, RelayError>
 where
     C: AsyncRead + AsyncWrite + Unpin,
     B: AsyncRead + AsyncWrite + Unpin,
 {
     poll_fn(|cx| {
-        loop {
-            let from_backend = buffers.to_client.poll(
-                cx,
-                backend,
-                client,
-                &mut BackendSide {
-                    tracker,
-                    statements: &mut statements,
-                },
-            );
-            if let Poll::Ready(end) = from_backend {
-                return Poll::Ready(match end {
-                    Ok(HalfEnd::Stopped) => Ok(RelayEnd::Idle),
-                    Ok(HalfEnd::Eof) => Ok(RelayEnd::BackendClosed),
-                    Err(HalfError::Read(e)) => Err(RelayError::Backend(e)),
-                    Err(HalfError::Write(e)) => Err(RelayError::Client(e)),
-                    Err(HalfError::Frame(e)) => Err(RelayError::BackendProtocol(e)),
-                });
-            }
-            let from_client = buffers.to_backend.poll(
-                cx,
-                client,
-                backend,
-                &mut ClientSide {
-                    tracker,
-                    statements: &mut statements,
-                },
-            );
-            return match from_client {
-                // The client's messages may have queued made-up responses (a Close, a
-                // DEALLOCATE answered here) while the backend side sleeps on a read that no
-                // backend message will end: give it another turn to send them.
-                Poll::Pending
-                    if buffers.to_client.nothing_to_write()
-                        && statements
-                            .as_ref()
-                            .is_some_and(|ctx| ctx.responses.injection_due()) =>
-                {
-                    continue;
-                }
-                Poll::Pending => Poll::Pending,
-                Poll::Ready(Ok(HalfEnd::Stopped)) => Poll::Ready(Ok(RelayEnd::ClientTerminated)),
-                Poll::Ready(Ok(HalfEnd::Eof)) => Poll::Ready(Ok(RelayEnd::ClientClosed)),
-                Poll::Ready(Err(HalfError::Read(e))) => Poll::Ready(Err(RelayError::Client(e))),
-                Poll::Ready(Err(HalfError::Write(e))) => Poll::Ready(Err(RelayError::Backend(e))),
-                Poll::Ready(Err(HalfError::Frame(e))) => {
-                    Poll::Ready(Err(RelayError::ClientProtocol(e)))
-                }
-            };
-        }
+        let polled = poll_relay(cx, client, backend, buffers, tracker, &mut statements);
+        buffers.report(stats);
+        polled
     })
     .await
+}
+
+/// One wakeup of `relay`: both directions until neither can go on.
+fn poll_relay<C, B>(
+    cx: &mut Context<'_>,
+    client: &mut C,
+    backend: &mut B,
+    buffers: &mut RelayBuffers,
+    tracker: &mut TxTracker,
+    statements: &mut Statements<'_>,
+) -> Poll<Result<RelayEnd, RelayError>>
+where
+    C: AsyncRead + AsyncWrite + Unpin,
+    B: AsyncRead + AsyncWrite + Unpin,
+{
+    loop {
+        let from_backend = buffers.to_client.poll(
+            cx,
+            backend,
+            client,
+            &mut BackendSide {
+                tracker,
+                statements,
+                tally: &mut buffers.tally,
+            },
+        );
+        if let Poll::Ready(end) = from_backend {
+            return Poll::Ready(match end {
+                Ok(HalfEnd::Stopped) => Ok(RelayEnd::Idle),
+                Ok(HalfEnd::Eof) => Ok(RelayEnd::BackendClosed),
+                Err(HalfError::Read(e)) => Err(RelayError::Backend(e)),
+                Err(HalfError::Write(e)) => Err(RelayError::Client(e)),
+                Err(HalfError::Frame(e)) => Err(RelayError::BackendProtocol(e)),
+            });
+        }
+        let from_client = buffers.to_backend.poll(
+            cx,
+            client,
+            backend,
+            &mut ClientSide {
+                tracker,
+                statements,
+                tally: &mut buffers.tally,
+            },
+        );
+        return match from_client {
+            // The client's messages may have queued made-up responses (a Close, a
+            // DEALLOCATE answered here) while the backend side sleeps on a read that no
+            // backend message will end: give it another turn to send them.
+            Poll::Pending
+                if buffers.to_client.nothing_to_write()
+                    && statements
+                        .as_ref()
+                        .is_some_and(|ctx| ctx.responses.injection_due()) =>
+            {
+                continue;
+            }
+            Poll::Pending => Poll::Pending,
+            Poll::Ready(Ok(HalfEnd::Stopped)) => Poll::Ready(Ok(RelayEnd::ClientTerminated)),
+            Poll::Ready(Ok(HalfEnd::Eof)) => Poll::Ready(Ok(RelayEnd::ClientClosed)),
+            Poll::Ready(Err(HalfError::Read(e))) => Poll::Ready(Err(RelayError::Client(e))),
+            Poll::Ready(Err(HalfError::Write(e))) => Poll::Ready(Err(RelayError::Backend(e))),
+            Poll::Ready(Err(HalfError::Frame(e))) => {
+                Poll::Ready(Err(RelayError::ClientProtocol(e)))
+            }
+        };
+    }
 }
 
 #[cfg(test)]
@@ -591,6 +672,8 @@ mod tests {
     async fn forwards_both_ways_and_swallows_terminate() {
         let (mut client_far, mut client_near) = duplex(64 * 1024);
         let (mut backend_near, mut backend_far) = duplex(64 * 1024);
+        let stats = std::sync::Arc::new(TenantStats::default());
+        let counted = std::sync::Arc::clone(&stats);
         let task = tokio::spawn(async move {
             let mut bufs = RelayBuffers::new(1 << 20);
             let mut tracker = TxTracker::default();
@@ -600,6 +683,7 @@ mod tests {
                 &mut bufs,
                 &mut tracker,
                 None,
+                &counted,
             )
             .await;
             (end.unwrap(), tracker)
@@ -624,6 +708,11 @@ mod tests {
         let (end, tracker) = task.await.unwrap();
         assert_eq!(end, RelayEnd::ClientTerminated);
         assert!(tracker.is_clean());
+        // One query, one transaction back to idle; every byte each side sent (Terminate too).
+        let c = stats.counters();
+        assert_eq!((c.queries, c.transactions), (1, 1));
+        assert_eq!(c.bytes_in, u64::try_from(query.len() + 5).unwrap());
+        assert_eq!(c.bytes_out, u64::try_from(answer.len()).unwrap());
         // Terminate never reached the backend.
         drop(client_far);
         let mut rest = Vec::new();
@@ -641,6 +730,8 @@ mod tests {
     async fn tracks_transaction_state() {
         let (mut client_far, mut client_near) = duplex(4096);
         let (mut backend_near, mut backend_far) = duplex(4096);
+        let stats = std::sync::Arc::new(TenantStats::default());
+        let counted = std::sync::Arc::clone(&stats);
         let task = tokio::spawn(async move {
             let mut bufs = RelayBuffers::new(1 << 20);
             let mut tracker = TxTracker::default();
@@ -650,6 +741,7 @@ mod tests {
                 &mut bufs,
                 &mut tracker,
                 None,
+                &counted,
             )
             .await;
             (end.unwrap(), tracker)
@@ -676,6 +768,9 @@ mod tests {
         assert_eq!(tracker.status, b'T');
         assert!(tracker.extended_open);
         assert!(!tracker.is_clean());
+        // BEGIN is a query; a ReadyForQuery `T` completes no transaction; Parse is no query.
+        let c = stats.counters();
+        assert_eq!((c.queries, c.transactions), (1, 0));
     }
 
     #[tokio::test]
@@ -691,6 +786,7 @@ mod tests {
                 &mut bufs,
                 &mut tracker,
                 None,
+                &TenantStats::default(),
             )
             .await
         });
