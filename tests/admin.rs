@@ -389,7 +389,7 @@ async fn migrate_all_reports_progress_and_one_row_per_tenant() {
     let env = TestEnv::start_with(move |c| c.provision.migrations_dir = migrations).await;
     let (admin, notices) = admin_with_notices(&env).await;
     let prefix = unique("mig");
-    let slugs: Vec<String> = (0..6).map(|i| format!("{prefix}-{i}")).collect();
+    let slugs: Vec<String> = (0..50).map(|i| format!("{prefix}-{i}")).collect();
     for slug in &slugs {
         admin
             .batch_execute(&format!("CREATE TENANT {slug}"))
@@ -415,7 +415,7 @@ async fn migrate_all_reports_progress_and_one_row_per_tenant() {
         .iter()
         .filter(|r| r.get::<_, String>("tenant").starts_with(&prefix))
         .collect();
-    assert_eq!(mine.len(), 6);
+    assert_eq!(mine.len(), 50);
     for r in &mine {
         let slug: String = r.get("tenant");
         let status: String = r.get("status");
@@ -430,10 +430,10 @@ async fn migrate_all_reports_progress_and_one_row_per_tenant() {
     }
     let seen = notices.lock().unwrap().clone();
     assert!(
-        seen.iter().any(|n| n == "migrated 6/6 tenants, 1 failed"),
+        seen.iter().any(|n| n == "migrated 50/50 tenants, 1 failed"),
         "{seen:?}"
     );
-    assert!(seen.len() >= 6, "{seen:?}");
+    assert!(seen.len() >= 50, "{seen:?}");
 
     let ledger: i64 = admin
         .query_one(
@@ -443,7 +443,7 @@ async fn migrate_all_reports_progress_and_one_row_per_tenant() {
         .await
         .expect("ledger")
         .get(0);
-    assert_eq!(ledger, 6 + 5);
+    assert_eq!(ledger, 50 + 49);
 
     // A changed checksum is refused for that tenant.
     std::fs::write(dir.join("0001_base.sql"), "CREATE TABLE base (id bigint);").unwrap();
@@ -612,4 +612,58 @@ async fn reload_applies_pool_and_plan_changes_and_lists_what_needs_a_restart() {
         listen, "127.0.0.1:1",
         "a restart-only key must not look applied"
     );
+}
+
+#[tokio::test]
+async fn a_failed_provisioning_leaves_nothing_but_a_failed_row() {
+    let dir = std::env::temp_dir().join(format!(
+        "tenantgate-test-{}-{}",
+        std::process::id(),
+        unique("admin-broken-")
+    ));
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("0001_ok.sql"), "CREATE TABLE ok (id int);").unwrap();
+    std::fs::write(dir.join("0002_broken.sql"), "CREATE TABLE oops (id int").unwrap();
+    let migrations = dir.clone();
+    let env = TestEnv::start_with(move |c| c.provision.migrations_dir = migrations).await;
+    let admin = env.admin().await;
+    let slug = unique("broken");
+    let failed = admin
+        .batch_execute(&format!("CREATE TENANT {slug}"))
+        .await
+        .expect_err("broken migration");
+    let text = format!("{failed:?}");
+    assert!(text.contains("0002_broken.sql"), "{text}");
+    let row = admin
+        .query_one("SELECT state, error FROM tenants WHERE slug = $1", &[&slug])
+        .await
+        .expect("tenant row");
+    let (state, error): (String, Option<String>) = (row.get(0), row.get(1));
+    assert_eq!(state, "failed");
+    assert!(error.is_some_and(|e| e.contains("0002_broken.sql")));
+    let name = format!("tenant_{}", slug.replace('-', "_"));
+    let pg = common::admin_client("postgres").await;
+    let leftovers: i64 = pg
+        .query_one(
+            "SELECT (SELECT count(*) FROM pg_database WHERE datname = $1) \
+                  + (SELECT count(*) FROM pg_roles WHERE rolname = $1)",
+            &[&name],
+        )
+        .await
+        .expect("catalog")
+        .get(0);
+    assert_eq!(leftovers, 0);
+
+    // Fixed, the same command retries.
+    std::fs::write(dir.join("0002_broken.sql"), "CREATE TABLE oops (id int);").unwrap();
+    admin
+        .batch_execute(&format!("CREATE TENANT {slug}"))
+        .await
+        .expect("retry");
+    let state: String = admin
+        .query_one("SELECT state FROM tenants WHERE slug = $1", &[&slug])
+        .await
+        .expect("tenant row")
+        .get(0);
+    assert_eq!(state, "active");
 }
