@@ -530,3 +530,36 @@ async fn deallocate_of_a_protocol_statement_is_answered_and_frees_the_name() {
     let answer = c.until_ready().await;
     assert_eq!(tags(&answer), b"EZ");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_statement_cache_closes_the_least_recently_used_on_the_backend() {
+    let env = TestEnv::start_with(|c| {
+        c.pool.mode = PoolMode::Transaction;
+        c.pool.pool_size = 1;
+        c.pool.prepared_statement_cache_size = 3;
+    })
+    .await;
+    let t = env.tenant_with_user("tx-lru").await;
+    let c = env.app(t.slug.as_str()).await;
+    // Ten statements kept by the client, used round after round over one backend whose
+    // cache holds three: every result is right, and the backend never keeps more than three
+    // (plus the ones of the batch in flight).
+    let mut statements = Vec::new();
+    for i in 0..10i32 {
+        statements.push(c.prepare(&format!("SELECT $1::int + {i}")).await.unwrap());
+    }
+    for round in 0..3i32 {
+        for (i, statement) in statements.iter().enumerate() {
+            let i = i32::try_from(i).unwrap();
+            let v: i32 = c.query_one(statement, &[&round]).await.unwrap().get(0);
+            assert_eq!(v, round + i);
+        }
+        let kept: i64 = c
+            .query_one("SELECT count(*) FROM pg_prepared_statements", &[])
+            .await
+            .unwrap()
+            .get(0);
+        // Three cached, plus this count query's own unnamed statement is not listed.
+        assert!(kept <= 4, "the backend keeps {kept} prepared statements");
+    }
+}

@@ -23,7 +23,11 @@ pub struct PoolConfig {
     pub min_idle: u32,
     /// How long a client waits for a backend connection before failing with 53300, in
     /// milliseconds. Default 30000.
-    #[serde(default = "default_checkout_timeout_ms")]
+    /// PgBouncer's name for it, `query_wait_timeout_ms`, is accepted too.
+    #[serde(
+        default = "default_checkout_timeout_ms",
+        alias = "query_wait_timeout_ms"
+    )]
     pub checkout_timeout_ms: u64,
     /// Timeout for opening and authenticating one backend connection, in milliseconds.
     /// Default 5000.
@@ -50,6 +54,15 @@ pub struct PoolConfig {
     /// 53300. 0 means no per-tenant limit (only `proxy.max_client_connections`). Default 0.
     #[serde(default)]
     pub max_clients_per_tenant: u32,
+    /// Transaction pooling: named prepared statements each backend connection keeps; past
+    /// it the least recently used is closed on the backend (and prepared again if used).
+    /// Default 200.
+    #[serde(default = "default_prepared_statement_cache_size")]
+    pub prepared_statement_cache_size: usize,
+}
+
+fn default_prepared_statement_cache_size() -> usize {
+    crate::session::statements::DEFAULT_CACHE_SIZE
 }
 
 /// How long a client holds a backend.
@@ -112,6 +125,7 @@ impl Default for PoolConfig {
             pool_idle_timeout_seconds: default_pool_idle_timeout(),
             max_pools: default_max_pools(),
             max_clients_per_tenant: 0,
+            prepared_statement_cache_size: default_prepared_statement_cache_size(),
         }
     }
 }
@@ -210,6 +224,7 @@ pub struct PlanConfig {
     /// milliseconds.
     pub statement_timeout_ms: Option<u64>,
     /// How long a client waits for a backend connection, in milliseconds.
+    #[serde(alias = "query_wait_timeout_ms")]
     pub checkout_timeout_ms: Option<u64>,
 }
 

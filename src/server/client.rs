@@ -215,6 +215,7 @@ pub(super) async fn serve_client(
         cancels: &state.cancels,
         reset_timeout: Duration::from_millis(state.pools.config().reset_timeout_ms),
         max_client_message_bytes: state.config.get().proxy.max_message_bytes,
+        statement_cache_size: state.pools.config().prepared_statement_cache_size,
         shutdown: &stop,
         stats: counted.stats(),
     };

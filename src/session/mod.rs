@@ -98,10 +98,6 @@ impl<'a> Watch<'a> {
     }
 }
 
-/// Statements kept prepared on one backend before it is cleared (on its next change of
-/// client). Past this, a pool of many different queries re-prepares rather than growing.
-const MAX_STATEMENTS_PER_BACKEND: usize = 1000;
-
 /// What a session needs besides its socket.
 pub struct SessionContext<'a> {
     pub tenant: &'a TenantRecord,
@@ -116,6 +112,9 @@ pub struct SessionContext<'a> {
     pub cancels: &'a CancelMap,
     pub reset_timeout: Duration,
     pub max_client_message_bytes: usize,
+    /// Transaction pooling: named statements a backend keeps before closing the least
+    /// recently used (`pool.prepared_statement_cache_size`).
+    pub statement_cache_size: usize,
     pub shutdown: &'a CancellationToken,
     /// The tenant's usage counters; the relay counts into them.
     pub stats: &'a TenantStats,
@@ -322,6 +321,7 @@ where
         prepare(backend, ctx.client_id, settings, ctx.reset_timeout).await?;
         cancel.attach(cancel_target(backend));
         tracker.session_state = false;
+        backend.statements.capacity = ctx.statement_cache_size;
         let mut responses = Responses::default();
         let statements = StatementContext {
             client: &mut client_statements,
@@ -377,7 +377,7 @@ async fn prepare(
     if backend.owner == client_id {
         return Ok(());
     }
-    if backend.needs_reset || backend.statements.len() > MAX_STATEMENTS_PER_BACKEND {
+    if backend.needs_reset {
         // DISCARD ALL also drops every prepared statement: they are prepared again on use.
         expect_done(backend, "DISCARD ALL", timeout).await?;
         backend.applied.clear();

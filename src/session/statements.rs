@@ -12,7 +12,7 @@
 //! This module decides; the relay moves the bytes (forward, swallow, splice). It must not
 //! decode row data: it reads only statement names, and Parse bodies whole.
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 
 use bytes::{BufMut, Bytes, BytesMut};
@@ -38,12 +38,90 @@ pub struct ClientStatements {
     pub needs_pin: bool,
 }
 
-/// The statements prepared on one backend, by server name.
-pub type BackendStatements = HashSet<Arc<str>>;
+/// Statements a backend keeps by default before the least recently used is closed.
+pub const DEFAULT_CACHE_SIZE: usize = 200;
+
+/// The statements prepared on one backend, by server name: a bounded cache. When a new one
+/// would pass `capacity`, the least recently used is closed on the backend first, unless it was
+/// used since the client's last Sync or Query (a portal of this batch may still need it): then
+/// the cache grows for now.
+#[derive(Debug)]
+pub struct BackendStatements {
+    last_used: HashMap<Arc<str>, u64>,
+    clock: u64,
+    /// `clock` at the client's last Sync or simple Query.
+    batch_start: u64,
+    pub capacity: usize,
+}
+
+impl Default for BackendStatements {
+    fn default() -> Self {
+        BackendStatements {
+            last_used: HashMap::new(),
+            clock: 0,
+            batch_start: 0,
+            capacity: DEFAULT_CACHE_SIZE,
+        }
+    }
+}
+
+impl BackendStatements {
+    pub fn contains(&self, name: &str) -> bool {
+        self.last_used.contains_key(name)
+    }
+
+    pub fn len(&self) -> usize {
+        self.last_used.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.last_used.is_empty()
+    }
+
+    pub fn clear(&mut self) {
+        self.last_used.clear();
+    }
+
+    /// Records a use (or a new statement).
+    fn touch(&mut self, name: &Arc<str>) {
+        self.clock += 1;
+        match self.last_used.get_mut(name) {
+            Some(at) => *at = self.clock,
+            None => {
+                self.last_used.insert(Arc::clone(name), self.clock);
+            }
+        }
+    }
+
+    fn remove(&mut self, name: &str) {
+        self.last_used.remove(name);
+    }
+
+    /// The client reached a Sync or a simple Query.
+    fn batch_boundary(&mut self) {
+        self.batch_start = self.clock;
+    }
+
+    /// The statement to close before adding one, if the cache is full and one may go.
+    fn victim(&self) -> Option<Arc<str>> {
+        if self.last_used.len() < self.capacity.max(1) {
+            return None;
+        }
+        self.last_used
+            .iter()
+            .filter(|(_, at)| **at <= self.batch_start)
+            .min_by_key(|(_, at)| **at)
+            .map(|(name, _)| Arc::clone(name))
+    }
+}
 
 /// What a response will be, in request order.
 #[derive(Debug)]
 enum Expect {
+    /// Answer to a Close we added to make room in the backend's cache (swallowed).
+    Evicted {
+        name: Arc<str>,
+    },
     /// Answer to a Parse we forwarded (`swallow`: one we added).
     ParseComplete {
         name: Option<Arc<str>>,
@@ -129,10 +207,14 @@ pub fn on_client_frame(
             Scan::Continue
         }
         b'S' => {
+            ctx.backend.batch_boundary();
             ctx.responses.queue.push_back(Expect::Sync);
             Scan::Continue
         }
-        b'Q' => on_query(ctx, head),
+        b'Q' => {
+            ctx.backend.batch_boundary();
+            on_query(ctx, head)
+        }
         b'F' => {
             ctx.responses.queue.push_back(Expect::Query);
             Scan::Continue
@@ -228,10 +310,12 @@ fn on_parse(ctx: &mut StatementContext<'_>, head: &FrameHead<'_>, splice: &mut B
         .by_name
         .insert(name.to_owned(), Arc::clone(&statement));
     if ctx.backend.contains(&statement.server_name) {
+        ctx.backend.touch(&statement.server_name);
         ctx.responses.queue.push_back(Expect::Inject(b'1'));
     } else {
+        make_room(ctx, splice);
         put_parse(splice, &statement);
-        ctx.backend.insert(Arc::clone(&statement.server_name));
+        ctx.backend.touch(&statement.server_name);
         ctx.responses.queue.push_back(Expect::ParseComplete {
             name: Some(Arc::clone(&statement.server_name)),
             swallow: false,
@@ -343,14 +427,31 @@ fn lookup(client: &ClientStatements, name: &[u8]) -> Option<Arc<Statement>> {
 /// Adds a Parse for `statement` to `splice` if the backend does not have it yet.
 fn ensure_prepared(ctx: &mut StatementContext<'_>, statement: &Statement, splice: &mut BytesMut) {
     if ctx.backend.contains(&statement.server_name) {
+        ctx.backend.touch(&statement.server_name);
         return;
     }
+    make_room(ctx, splice);
     put_parse(splice, statement);
-    ctx.backend.insert(Arc::clone(&statement.server_name));
+    ctx.backend.touch(&statement.server_name);
     ctx.responses.queue.push_back(Expect::ParseComplete {
         name: Some(Arc::clone(&statement.server_name)),
         swallow: true,
     });
+}
+
+/// Closes the backend's least recently used statement when its cache is full.
+fn make_room(ctx: &mut StatementContext<'_>, splice: &mut BytesMut) {
+    let Some(victim) = ctx.backend.victim() else {
+        return;
+    };
+    put_len_message(splice, b'C', 1 + victim.len() + 1);
+    splice.put_u8(b'S');
+    splice.put_slice(victim.as_bytes());
+    splice.put_u8(0);
+    ctx.backend.remove(&victim);
+    ctx.responses
+        .queue
+        .push_back(Expect::Evicted { name: victim });
 }
 
 impl Responses {
@@ -394,7 +495,13 @@ impl Responses {
                 }
             }
             b'2' => self.pop_if(|e| matches!(e, Expect::BindComplete)),
-            b'3' => self.pop_if(|e| matches!(e, Expect::CloseComplete)),
+            b'3' => {
+                if matches!(self.queue.front(), Some(Expect::Evicted { .. })) {
+                    self.queue.pop_front();
+                    return true;
+                }
+                self.pop_if(|e| matches!(e, Expect::CloseComplete));
+            }
             b'T' | b'n' => {
                 self.pop_if(|e| matches!(e, Expect::DescribeStatement | Expect::DescribePortal));
             }
@@ -409,11 +516,13 @@ impl Responses {
                     if matches!(front, Expect::Sync) {
                         break;
                     }
-                    if let Some(Expect::ParseComplete {
-                        name: Some(name), ..
-                    }) = self.queue.pop_front()
-                    {
-                        backend.remove(&name);
+                    match self.queue.pop_front() {
+                        Some(Expect::ParseComplete {
+                            name: Some(name), ..
+                        }) => backend.remove(&name),
+                        // Skipped, so still prepared there.
+                        Some(Expect::Evicted { name }) => backend.touch(&name),
+                        _ => {}
                     }
                 }
             }
@@ -452,6 +561,61 @@ mod tests {
             status: 0,
             body,
         }
+    }
+
+    #[test]
+    fn a_full_cache_closes_its_least_recently_used_statement_between_batches() {
+        let mut client = ClientStatements::default();
+        let mut backend = BackendStatements {
+            capacity: 2,
+            ..BackendStatements::default()
+        };
+        let mut responses = Responses::default();
+        let mut ctx = StatementContext {
+            client: &mut client,
+            backend: &mut backend,
+            responses: &mut responses,
+        };
+        let mut splice = BytesMut::new();
+        for (name, sql) in [("a", "SELECT 1"), ("b", "SELECT 2")] {
+            let body = format!("{name}\0{sql}\0\0\0");
+            on_client_frame(&mut ctx, &head(b'P', body.as_bytes()), &mut splice);
+        }
+        // Same batch: nothing may go, the cache grows.
+        on_client_frame(&mut ctx, &head(b'P', b"c\0SELECT 3\0\0\0"), &mut splice);
+        assert_eq!(ctx.backend.len(), 3);
+        assert!(
+            !ctx.responses
+                .queue
+                .iter()
+                .any(|e| matches!(e, Expect::Evicted { .. }))
+        );
+        on_client_frame(&mut ctx, &head(b'S', b""), &mut splice);
+        // Next batch: using `a` makes `b` the least recently used; a new one closes it.
+        splice.clear();
+        on_client_frame(&mut ctx, &head(b'B', b"\0a\0\0\0\0\0\0\0"), &mut splice);
+        splice.clear();
+        on_client_frame(&mut ctx, &head(b'P', b"d\0SELECT 4\0\0\0"), &mut splice);
+        let server_b = server_name(b"SELECT 2\0\0\0");
+        let mut close = vec![b'C'];
+        close.extend_from_slice(
+            &u32::try_from(4 + 1 + server_b.len() + 1)
+                .unwrap_or(0)
+                .to_be_bytes(),
+        );
+        close.push(b'S');
+        close.extend_from_slice(server_b.as_bytes());
+        close.push(0);
+        assert!(splice.starts_with(&close), "{splice:?}");
+        assert!(!ctx.backend.contains(&server_b));
+        assert_eq!(ctx.backend.len(), 3);
+        // The backend's CloseComplete for it is swallowed.
+        let mut statements = BackendStatements::default();
+        responses.queue.clear();
+        responses.queue.push_back(Expect::Evicted {
+            name: Arc::clone(&server_b),
+        });
+        assert!(responses.on_backend_frame(b'3', &mut statements));
     }
 
     #[test]
