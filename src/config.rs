@@ -16,6 +16,7 @@ use crate::pool::{PlanConfig, PoolConfig, ServerConfig};
 use crate::provision::ProvisionConfig;
 use crate::registry::RegistryConfig;
 use crate::server::ProxyConfig;
+use crate::tls::{TlsConfig, TlsServer};
 
 /// The whole configuration file.
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -32,6 +33,8 @@ pub struct Config {
     pub provision: ProvisionConfig,
     #[serde(default)]
     pub admin: AdminConfig,
+    #[serde(default)]
+    pub tls: TlsConfig,
     /// Backend PostgreSQL servers that hold tenant databases.
     #[serde(default, rename = "server")]
     pub servers: Vec<ServerConfig>,
@@ -75,10 +78,16 @@ impl Config {
         config
             .validate()
             .map_err(|(key, message)| ConfigError::Invalid {
-                path: shown,
+                path: shown.clone(),
                 key,
                 message,
             })?;
+        // Unreadable certificate or key files are a config error too: one line, exit 2.
+        TlsServer::from_config(&config.tls).map_err(|e| ConfigError::Invalid {
+            path: shown,
+            key: e.config_key().to_owned(),
+            message: e.to_string(),
+        })?;
         Ok(config)
     }
 
@@ -118,6 +127,7 @@ impl Config {
                 self.secrets.master_key_file = Some(base.join(file));
             }
         }
+        self.tls.resolve_paths(base);
     }
 
     fn validate(&self) -> Result<(), (String, String)> {
@@ -132,6 +142,7 @@ impl Config {
         self.pool.validate()?;
         self.provision.validate()?;
         self.admin.validate()?;
+        self.tls.validate()?;
         if self.servers.is_empty() {
             return bad(
                 "server",

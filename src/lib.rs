@@ -23,3 +23,4 @@ pub mod quickstart;
 pub mod registry;
 pub mod server;
 pub mod session;
+pub mod tls;

@@ -30,6 +30,7 @@ use crate::crypto::MasterKey;
 use crate::pool::PoolMap;
 use crate::registry::{Registry, TenantDirectory, spawn_change_listener};
 use crate::session::CancelMap;
+use crate::tls::TlsServer;
 
 /// `[proxy]`: the client-facing side.
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -137,6 +138,8 @@ pub struct State {
     pub cancels: CancelMap,
     pub clients: ClientRoster,
     pub admin: Arc<AdminContext>,
+    /// Client TLS: acceptor, channel-binding data, SNI base domain.
+    pub tls: TlsServer,
     client_slots: Arc<Semaphore>,
     /// Key for mock SCRAM secrets of unknown tenants/users; random per process.
     mock_key: [u8; 32],
@@ -157,6 +160,7 @@ impl Proxy {
     /// serving.
     pub async fn start(config: Config) -> anyhow::Result<Proxy> {
         let key = MasterKey::load(&config.secrets)?;
+        let tls = TlsServer::from_config(&config.tls).context("setting up client TLS")?;
         let registry = Registry::connect(&config.registry)
             .await
             .context("connecting to the registry")?;
@@ -201,6 +205,7 @@ impl Proxy {
             cancels: CancelMap::default(),
             clients,
             admin,
+            tls,
             mock_key,
             next_client_id: AtomicU64::new(1),
         });
