@@ -81,6 +81,12 @@ impl TlsConfig {
             }
         }
         if let Some(base) = &self.sni_base_domain {
+            if self.mode == TlsMode::Disable {
+                return bad(
+                    "tls.sni_base_domain",
+                    "needs tls.mode \"allow\" or \"require\" (SNI is part of TLS)",
+                );
+            }
             let base = base.trim_matches('.');
             if base.is_empty()
                 || !base
@@ -128,6 +134,8 @@ pub enum TlsSetupError {
         path: PathBuf,
         message: String,
     },
+    #[error("tls.cert_file and tls.key_file must be set when tls.mode is not \"disable\"")]
+    MissingFiles,
     #[error("the certificate and key do not make a usable TLS config: {0}")]
     Rustls(#[source] rustls::Error),
 }
@@ -138,7 +146,7 @@ impl TlsSetupError {
         match self {
             TlsSetupError::Read { key, .. } | TlsSetupError::BadPem { key, .. } => key,
             TlsSetupError::NoKey { .. } | TlsSetupError::Rustls(_) => "tls.key_file",
-            TlsSetupError::NoCertificate { .. } => "tls.cert_file",
+            TlsSetupError::NoCertificate { .. } | TlsSetupError::MissingFiles => "tls.cert_file",
         }
     }
 }
@@ -172,14 +180,6 @@ impl TlsServer {
             .sni_base_domain
             .as_deref()
             .map(|d| d.trim_matches('.').to_ascii_lowercase());
-        let (Some(cert_file), Some(key_file)) = (&config.cert_file, &config.key_file) else {
-            return Ok(TlsServer {
-                mode: TlsMode::Disable,
-                acceptor: None,
-                end_point: None,
-                sni_base_domain,
-            });
-        };
         if config.mode == TlsMode::Disable {
             return Ok(TlsServer {
                 mode: TlsMode::Disable,
@@ -188,6 +188,10 @@ impl TlsServer {
                 sni_base_domain,
             });
         }
+        // Never fall back to plaintext because a file is not named.
+        let (Some(cert_file), Some(key_file)) = (&config.cert_file, &config.key_file) else {
+            return Err(TlsSetupError::MissingFiles);
+        };
         let certs = load_certs(cert_file)?;
         let key = load_key(key_file)?;
         let end_point = certs.first().and_then(|leaf| end_point_hash(leaf));
@@ -432,6 +436,22 @@ mod tests {
         c.validate().unwrap();
         c.sni_base_domain = Some("bad domain".to_owned());
         assert_eq!(c.validate().unwrap_err().0, "tls.sni_base_domain");
+        let sni_without_tls = TlsConfig {
+            sni_base_domain: Some("db.example.com".to_owned()),
+            ..TlsConfig::default()
+        };
+        assert_eq!(
+            sni_without_tls.validate().unwrap_err().0,
+            "tls.sni_base_domain"
+        );
+        let no_files = TlsConfig {
+            mode: TlsMode::Allow,
+            ..TlsConfig::default()
+        };
+        assert!(matches!(
+            TlsServer::from_config(&no_files),
+            Err(TlsSetupError::MissingFiles)
+        ));
         let missing = TlsServer::from_config(&TlsConfig {
             sni_base_domain: None,
             ..c
