@@ -17,6 +17,7 @@ use crate::provision::ProvisionConfig;
 use crate::registry::RegistryConfig;
 use crate::server::ProxyConfig;
 use crate::stats::StatsConfig;
+use crate::tls::{TlsConfig, TlsServer};
 
 /// The whole configuration file.
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -33,6 +34,8 @@ pub struct Config {
     pub provision: ProvisionConfig,
     #[serde(default)]
     pub admin: AdminConfig,
+    #[serde(default)]
+    pub tls: TlsConfig,
     /// Backend PostgreSQL servers that hold tenant databases.
     #[serde(default, rename = "server")]
     pub servers: Vec<ServerConfig>,
@@ -112,10 +115,16 @@ impl Config {
         config
             .validate()
             .map_err(|(key, message)| ConfigError::Invalid {
-                path: shown,
+                path: shown.clone(),
                 key,
                 message,
             })?;
+        // Unreadable certificate or key files are a config error too: one line, exit 2.
+        TlsServer::from_config(&config.tls).map_err(|e| ConfigError::Invalid {
+            path: shown,
+            key: e.config_key().to_owned(),
+            message: e.to_string(),
+        })?;
         Ok(config)
     }
 
@@ -155,6 +164,7 @@ impl Config {
                 self.secrets.master_key_file = Some(base.join(file));
             }
         }
+        self.tls.resolve_paths(base);
     }
 
     fn validate(&self) -> Result<(), (String, String)> {
@@ -169,6 +179,7 @@ impl Config {
         self.pool.validate()?;
         self.provision.validate()?;
         self.admin.validate()?;
+        self.tls.validate()?;
         if self.servers.is_empty() {
             return bad(
                 "server",

@@ -25,3 +25,4 @@ pub mod registry;
 pub mod server;
 pub mod session;
 pub mod stats;
+pub mod tls;

@@ -44,6 +44,10 @@ enum Command {
         /// Address to listen on (default: the config's, 127.0.0.1:6432 on a first run).
         #[arg(long)]
         listen: Option<SocketAddr>,
+        /// Require TLS from clients, with a self-signed certificate generated into DIR, and
+        /// print sslmode=require URIs.
+        #[arg(long)]
+        tls: bool,
     },
     /// Manage tenants.
     #[command(subcommand)]
@@ -168,9 +172,9 @@ fn config_path(cli: Option<&Path>) -> PathBuf {
 }
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
-    if let Command::Quickstart { dir, listen } = cli.command {
+    if let Command::Quickstart { dir, listen, tls } = cli.command {
         init_logging("info");
-        return quickstart::run(quickstart::Options { dir, listen }).await;
+        return quickstart::run(quickstart::Options { dir, listen, tls }).await;
     }
     let config = Config::load(&config_path(cli.config.as_deref()))?;
     init_logging(&config.proxy.log_level);

@@ -6,6 +6,11 @@
 //! then provisions `acme` and `globex`, each with a user and a small table. Later runs reuse DIR
 //! and load `DIR/tenantgate.toml` as it is, so edits to it are honoured. Ctrl-C or SIGTERM stops
 //! the proxy and the private PostgreSQL. Not for production: the cluster runs with fsync off.
+//!
+//! With `--tls`, clients must use TLS (`tls.mode = "require"` unless the config file sets a
+//! mode) with a self-signed certificate for `localhost` and `127.0.0.1`, generated once into
+//! `DIR/server.crt` and `DIR/server.key` (unless the config file names its own files); the
+//! printed URIs carry `sslmode=require`.
 
 use std::io::Write as _;
 use std::net::SocketAddr;
@@ -23,6 +28,7 @@ use crate::localpg::{LocalPg, LocalPgOptions, free_port};
 use crate::provision::{self, CreateTenant};
 use crate::registry::{Registry, TenantSlug};
 use crate::server::Proxy;
+use crate::tls::TlsMode;
 
 const CONFIG_FILE: &str = "tenantgate.toml";
 const CREDENTIALS_FILE: &str = "demo-users.txt";
@@ -30,6 +36,9 @@ const REGISTRY_DATABASE: &str = "tenantgate_registry";
 const DEMO_USER: &str = "app";
 const ADMIN_USER: &str = "admin";
 const ADMIN_PASSWORD_FILE: &str = "admin-password.txt";
+/// The self-signed certificate and key of `--tls`.
+const CERT_FILE: &str = "server.crt";
+const KEY_FILE: &str = "server.key";
 
 /// The demo tenants and their rows.
 const DEMO_TENANTS: &[(&str, &str, &[&str])] = &[
@@ -51,6 +60,8 @@ pub struct Options {
     pub dir: PathBuf,
     /// Overrides the config file's `proxy.listen` when given.
     pub listen: Option<SocketAddr>,
+    /// Serve clients over TLS with a self-signed certificate.
+    pub tls: bool,
 }
 
 /// Runs the quickstart until Ctrl-C or SIGTERM.
@@ -64,6 +75,9 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
     let mut config = Config::load(&config_path)?;
     if let Some(listen) = options.listen {
         config.proxy.listen = listen;
+    }
+    if options.tls {
+        enable_tls(&dir, &mut config)?;
     }
 
     let server = config
@@ -100,10 +114,16 @@ async fn serve(dir: &Path, config: Config, pg: &LocalPg) -> anyhow::Result<()> {
     let proxy = Proxy::start(config.clone()).await?;
     let addr = proxy.local_addr();
 
+    // Under `allow` plaintext would work too; show the TLS form whenever TLS is on.
+    let query = if config.tls.mode == TlsMode::Disable {
+        ""
+    } else {
+        "?sslmode=require"
+    };
     let mut out = std::io::stdout().lock();
     writeln!(
         out,
-        "admin console: postgresql://{ADMIN_USER}:{admin_password}@{}:{}/{}",
+        "admin console: postgresql://{ADMIN_USER}:{admin_password}@{}:{}/{}{query}",
         addr.ip(),
         addr.port(),
         config.admin.database
@@ -111,9 +131,19 @@ async fn serve(dir: &Path, config: Config, pg: &LocalPg) -> anyhow::Result<()> {
     for (slug, password) in &credentials {
         writeln!(
             out,
-            "postgresql://{DEMO_USER}:{password}@{}:{}/{slug}",
+            "postgresql://{DEMO_USER}:{password}@{}:{}/{slug}{query}",
             addr.ip(),
             addr.port()
+        )?;
+    }
+    if let (TlsMode::Allow | TlsMode::Require, Some(cert)) =
+        (config.tls.mode, &config.tls.cert_file)
+    {
+        writeln!(
+            out,
+            "TLS certificate: {} (to verify it: sslmode=verify-full&sslrootcert={})",
+            cert.display(),
+            cert.display()
         )?;
     }
     writeln!(
@@ -138,6 +168,39 @@ async fn wait_for_signal() -> anyhow::Result<()> {
         r = tokio::signal::ctrl_c() => r?,
         _ = term.recv() => {}
     }
+    Ok(())
+}
+
+/// `--tls`: TLS required (unless the config file chose a mode), with a self-signed certificate
+/// generated once into DIR (unless the config file names certificate files).
+fn enable_tls(dir: &Path, config: &mut Config) -> anyhow::Result<()> {
+    if config.tls.mode == TlsMode::Disable {
+        config.tls.mode = TlsMode::Require;
+    }
+    if config.tls.cert_file.is_some() && config.tls.key_file.is_some() {
+        return Ok(());
+    }
+    let cert_path = dir.join(CERT_FILE);
+    let key_path = dir.join(KEY_FILE);
+    if !cert_path.exists() || !key_path.exists() {
+        let key = rcgen::KeyPair::generate().context("generating a TLS key")?;
+        let mut params =
+            rcgen::CertificateParams::new(vec!["localhost".to_owned(), "127.0.0.1".to_owned()])
+                .context("TLS certificate parameters")?;
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, "tenantgate quickstart");
+        let cert = params
+            .self_signed(&key)
+            .context("signing the TLS certificate")?;
+        drop(std::fs::remove_file(&key_path));
+        write_private(&key_path, &key.serialize_pem())?;
+        std::fs::write(&cert_path, cert.pem())
+            .with_context(|| format!("writing {}", cert_path.display()))?;
+        tracing::info!(cert = %cert_path.display(), "self-signed TLS certificate generated");
+    }
+    config.tls.cert_file = Some(cert_path);
+    config.tls.key_file = Some(key_path);
     Ok(())
 }
 

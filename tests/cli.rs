@@ -22,12 +22,17 @@ fn temp_dir(name: &str) -> std::path::PathBuf {
 }
 
 /// Starts the quickstart and returns it with the lines it printed up to "ready".
-#[allow(clippy::zombie_processes, reason = "the caller waits for it in stop()")]
 fn start_quickstart(dir: &Path) -> (Child, Vec<String>) {
+    start_quickstart_with(dir, &[])
+}
+
+#[allow(clippy::zombie_processes, reason = "the caller waits for it in stop()")]
+fn start_quickstart_with(dir: &Path, extra: &[&str]) -> (Child, Vec<String>) {
     let mut child = Command::new(BIN)
         .args(["quickstart", "--dir"])
         .arg(dir)
         .args(["--listen", "127.0.0.1:0"])
+        .args(extra)
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()
@@ -141,6 +146,41 @@ fn quickstart_from_nothing_then_again_on_the_same_directory() {
 }
 
 #[test]
+fn quickstart_with_tls_prints_sslmode_require_uris_that_psql_uses() {
+    let dir = temp_dir("quickstart-tls");
+    let (child, lines) = start_quickstart_with(&dir, &["--tls"]);
+    let uris: Vec<&String> = lines
+        .iter()
+        .filter(|l| l.starts_with("postgresql://"))
+        .collect();
+    assert_eq!(uris.len(), 2, "{lines:?}");
+    assert!(uris[0].ends_with("/acme?sslmode=require"), "{uris:?}");
+    assert_eq!(psql(uris[0], "SELECT count(*) FROM products"), "3");
+    let cert = dir.join("server.crt");
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.contains(&cert.display().to_string()))
+    );
+    // The certificate verifies as its own root for 127.0.0.1.
+    let verify_full = uris[1].replace(
+        "sslmode=require",
+        &format!("sslmode=verify-full&sslrootcert={}", cert.display()),
+    );
+    assert_eq!(psql(&verify_full, "SELECT count(*) FROM products"), "2");
+    // Plaintext is refused.
+    let plain = uris[0].replace("sslmode=require", "sslmode=disable");
+    let out = Command::new(common::cluster().bindir().join("psql"))
+        .args([plain.as_str(), "-XAtc", "SELECT 1"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("requires TLS"));
+    stop(child);
+    drop(std::fs::remove_dir_all(&dir));
+}
+
+#[test]
 fn a_broken_config_is_one_line_naming_the_key_and_exit_code_2() {
     let dir = temp_dir("badconfig");
     let path = dir.join("bad.toml");
@@ -182,6 +222,27 @@ fn a_broken_config_is_one_line_naming_the_key_and_exit_code_2() {
         .output()
         .unwrap();
     assert_eq!(out.status.code(), Some(2));
+
+    // A certificate file that is not there.
+    std::fs::write(
+        &path,
+        "[registry]\nurl = \"host=x\"\n\n[tls]\nmode = \"require\"\ncert_file = \"nope.crt\"\n\
+         key_file = \"nope.key\"\n\n[[server]]\nname = \"a\"\nhost = \"x\"\nadmin_user = \"p\"\n",
+    )
+    .unwrap();
+    let out = Command::new(BIN)
+        .arg("--config")
+        .arg(&path)
+        .arg("serve")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
+    assert!(
+        err.contains("tls.cert_file") && err.contains("nope.crt"),
+        "{err}"
+    );
     drop(std::fs::remove_dir_all(&dir));
 }
 

@@ -28,8 +28,7 @@ use pgwire::api::{ClientInfo as _, DefaultClient, NoopHandler, PgWireConnectionS
 use pgwire::messages::PgWireFrontendMessage;
 use pgwire::tokio::server::{PgWireMessageServerCodec, process_error, process_message};
 use serde::{Deserialize, Serialize};
-use tokio::io::AsyncWriteExt as _;
-use tokio::net::TcpStream;
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt as _};
 use tokio_util::codec::Framed;
 use tokio_util::sync::CancellationToken;
 
@@ -154,17 +153,29 @@ pub enum AdminEnd {
     Stopped,
 }
 
+/// Who an admin session is for.
+#[derive(Debug, Clone, Copy)]
+pub struct Session<'a> {
+    pub user: &'a str,
+    pub peer: SocketAddr,
+    /// The client connected over TLS.
+    pub secure: bool,
+}
+
 /// Serves an authenticated admin on `stream` (AuthenticationOk already sent) until it leaves
-/// or `stop` fires.
-pub async fn serve(
+/// or `stop` fires. The stream is plain TCP or TLS.
+pub async fn serve<S>(
     ctx: Arc<AdminContext>,
-    mut stream: TcpStream,
-    user: &str,
-    peer: SocketAddr,
+    mut stream: S,
+    session: &Session<'_>,
     stop: &CancellationToken,
-) -> std::io::Result<AdminEnd> {
+) -> std::io::Result<AdminEnd>
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + Sync + 'static,
+{
+    let user = session.user;
     greet(&mut stream, user).await?;
-    let mut client = DefaultClient::new(peer, false);
+    let mut client = DefaultClient::new(session.peer, session.secure);
     client.set_state(PgWireConnectionState::ReadyForQuery);
     let mut socket = Framed::new(stream, PgWireMessageServerCodec::new(client));
     let handler = Arc::new(AdminHandler::new(ctx, user));
@@ -227,7 +238,7 @@ pub async fn serve(
 
 /// ParameterStatus the way a PostgreSQL server sends them, BackendKeyData (cancel is not
 /// supported on the console: the key matches nothing) and ReadyForQuery.
-async fn greet(stream: &mut TcpStream, user: &str) -> std::io::Result<()> {
+async fn greet<S: AsyncWrite + Unpin>(stream: &mut S, user: &str) -> std::io::Result<()> {
     let mut out = BytesMut::new();
     for (name, value) in [
         ("server_version", "16.0 (tenantgate admin)"),

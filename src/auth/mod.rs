@@ -67,10 +67,13 @@ impl ClientFacing for AuthError {
                 format!("password authentication failed for user \"{user}\"")
             }
             AuthError::Scram(ScramError::ChannelBindingUnsupported) => {
-                "channel binding is not supported by this server yet".to_owned()
+                "channel binding is offered only over TLS".to_owned()
+            }
+            AuthError::Scram(ScramError::ChannelBinding(detail)) => {
+                format!("SCRAM channel binding negotiation error: {detail}")
             }
             AuthError::Scram(ScramError::WrongMechanism) => {
-                "only SCRAM-SHA-256 authentication is supported".to_owned()
+                "client selected an invalid SASL authentication mechanism".to_owned()
             }
             AuthError::Scram(_) | AuthError::Malformed => {
                 "malformed SCRAM message from the client".to_owned()
@@ -96,17 +99,23 @@ pub struct Credential {
     pub is_mock: bool,
 }
 
-/// Runs SCRAM-SHA-256 with the client and, on success, sends AuthenticationOk.
+/// Runs SCRAM-SHA-256 with the client and, on success, sends AuthenticationOk. With
+/// `channel_binding` (the connection's tls-server-end-point data), SCRAM-SHA-256-PLUS is
+/// offered first, as PostgreSQL does over TLS.
 pub async fn authenticate<S: AsyncRead + AsyncWrite + Unpin>(
     stream: &mut S,
     user: &str,
     credential: Credential,
+    channel_binding: Option<&[u8]>,
 ) -> Result<(), AuthError> {
+    let mut exchange = scram::ScramExchange::new(credential.secret, credential.is_mock);
+    if let Some(data) = channel_binding {
+        exchange = exchange.with_channel_binding(data);
+    }
     let mut out = BytesMut::with_capacity(256);
-    messages::authentication_sasl(&mut out, &[scram::MECHANISM]);
+    messages::authentication_sasl(&mut out, exchange.mechanisms());
     send(stream, &mut out).await?;
 
-    let mut exchange = scram::ScramExchange::new(credential.secret, credential.is_mock);
     let initial = read_sasl(stream).await?;
     let (mechanism, rest) = take_cstr(&initial).ok_or(AuthError::Malformed)?;
     let (len, data) = rest.split_first_chunk::<4>().ok_or(AuthError::Malformed)?;
@@ -195,7 +204,9 @@ mod tests {
             secret: ScramSecret::parse(&verifier).unwrap(),
             is_mock: false,
         };
-        authenticate(&mut server, "alice", cred).await.unwrap();
+        authenticate(&mut server, "alice", cred, None)
+            .await
+            .unwrap();
         drop(server);
         let tail = c.await.unwrap();
         // SASLFinal then AuthenticationOk.
@@ -211,7 +222,7 @@ mod tests {
         ] {
             let (mut server, client) = tokio::io::duplex(8192);
             let c = tokio::spawn(client_side(client, "wrong"));
-            let err = authenticate(&mut server, "alice", Credential { secret, is_mock })
+            let err = authenticate(&mut server, "alice", Credential { secret, is_mock }, None)
                 .await
                 .unwrap_err();
             assert_eq!(err.sqlstate(), SqlState::INVALID_PASSWORD);

@@ -12,9 +12,13 @@
 //! Only HMAC / SHA-256 with the stored keys is computed here (no PBKDF2), so an exchange
 //! is cheap for the server.
 //!
-//! Channel binding (`SCRAM-SHA-256-PLUS`) is not offered. A client that sends the gs2
-//! flag `y` ("I support channel binding but think the server does not") is accepted;
-//! once PLUS is advertised, `y` must be rejected as a downgrade attack instead.
+//! Channel binding (`SCRAM-SHA-256-PLUS`, type `tls-server-end-point`, RFC 5929) is
+//! offered when the caller gives the exchange the binding data of its TLS connection
+//! ([`ScramExchange::with_channel_binding`]). The gs2 header is checked as
+//! `read_client_first_message` in auth-scram.c does: `n` is fine unless the client selected
+//! PLUS; `y` ("I support channel binding but think the server does not") is a downgrade
+//! attack when PLUS was offered; `p=tls-server-end-point` needs the PLUS mechanism; and the
+//! client-final `c=` must carry the gs2 header followed by the binding data.
 
 #![forbid(unsafe_code)]
 #![deny(
@@ -34,6 +38,10 @@ use sha2::{Digest as _, Sha256};
 
 /// The SASL mechanism name handled here.
 pub const MECHANISM: &str = "SCRAM-SHA-256";
+/// The same with channel binding, offered over TLS.
+pub const MECHANISM_PLUS: &str = "SCRAM-SHA-256-PLUS";
+/// The only channel-binding type PostgreSQL (and so every client) supports.
+const CHANNEL_BINDING_TYPE: &[u8] = b"tls-server-end-point";
 
 /// Largest client message accepted (client-first or client-final), in bytes.
 const MAX_MESSAGE_LEN: usize = 8 * 1024;
@@ -131,9 +139,13 @@ pub enum ScramError {
     /// A protocol violation by the client (map to SQLSTATE 08P01).
     #[error("malformed SCRAM message: {0}")]
     Malformed(&'static str),
-    /// The client asked for channel binding (gs2 flag `p`), which is not offered.
+    /// The client asked for channel binding (gs2 flag `p`) on a connection without TLS.
     #[error("SCRAM channel binding is not supported")]
     ChannelBindingUnsupported,
+    /// The gs2 header contradicts the mechanism or what was offered, or the binding data
+    /// does not match (map to SQLSTATE 08P01); the text is PostgreSQL's detail.
+    #[error("SCRAM channel binding negotiation error: {0}")]
+    ChannelBinding(&'static str),
     /// The client selected a mechanism other than [`MECHANISM`].
     #[error("client selected an invalid SASL authentication mechanism")]
     WrongMechanism,
@@ -154,8 +166,11 @@ enum State {
         client_first_bare: Vec<u8>,
         /// server-first-message, as sent.
         server_first: Vec<u8>,
-        /// Expected `c=` value: base64 of the gs2 header the client sent.
+        /// Expected `c=` value: base64 of the gs2 header the client sent, followed by the
+        /// channel-binding data when it sent `p`.
         cbind_b64: String,
+        /// The client bound to the channel (gs2 flag `p`).
+        channel_bound: bool,
         /// Client nonce followed by server nonce.
         nonce: Vec<u8>,
     },
@@ -167,6 +182,8 @@ enum State {
 pub struct ScramExchange {
     secret: ScramSecret,
     is_mock: bool,
+    /// tls-server-end-point data of this connection; PLUS is offered when set.
+    channel_binding: Option<Vec<u8>>,
     state: State,
 }
 
@@ -191,7 +208,25 @@ impl ScramExchange {
         ScramExchange {
             secret,
             is_mock,
+            channel_binding: None,
             state: State::ClientFirst,
+        }
+    }
+
+    /// Offers SCRAM-SHA-256-PLUS with this tls-server-end-point data (the hash of the
+    /// server certificate the client saw).
+    #[must_use]
+    pub fn with_channel_binding(mut self, data: &[u8]) -> Self {
+        self.channel_binding = Some(data.to_vec());
+        self
+    }
+
+    /// The mechanisms to advertise in AuthenticationSASL, in PostgreSQL's order.
+    pub fn mechanisms(&self) -> &'static [&'static str] {
+        if self.channel_binding.is_some() {
+            &[MECHANISM_PLUS, MECHANISM]
+        } else {
+            &[MECHANISM]
         }
     }
 
@@ -215,11 +250,14 @@ impl ScramExchange {
         ) {
             return Err(ScramError::Malformed("unexpected SASL initial response"));
         }
-        if mechanism != MECHANISM {
-            return Err(ScramError::WrongMechanism);
-        }
+        let plus = match mechanism {
+            MECHANISM => false,
+            MECHANISM_PLUS if self.channel_binding.is_some() => true,
+            _ => return Err(ScramError::WrongMechanism),
+        };
         check_message(client_first)?;
         let parsed = parse_client_first(client_first)?;
+        let cbind_data = self.check_gs2_flag(parsed.flag, plus)?;
 
         let mut raw_nonce = [0u8; RAW_NONCE_LEN];
         rand::fill(&mut raw_nonce);
@@ -237,10 +275,38 @@ impl ScramExchange {
         self.state = State::ClientFinal {
             client_first_bare: parsed.bare.to_vec(),
             server_first: server_first.clone(),
-            cbind_b64: B64.encode(parsed.gs2_header),
+            cbind_b64: B64.encode([parsed.gs2_header, cbind_data].concat()),
+            channel_bound: matches!(parsed.flag, Gs2Flag::Plus(_)),
             nonce,
         };
         Ok(server_first)
+    }
+
+    /// The gs2 channel-binding flag against the selected mechanism and what was offered;
+    /// returns the binding data the client-final `c=` must carry after the header.
+    fn check_gs2_flag(&self, flag: Gs2Flag<'_>, plus: bool) -> Result<&[u8], ScramError> {
+        match flag {
+            Gs2Flag::No | Gs2Flag::Yes if plus => Err(ScramError::ChannelBinding(
+                "The client selected SCRAM-SHA-256-PLUS, but the SCRAM message does not \
+                 include channel binding data.",
+            )),
+            Gs2Flag::Yes if self.channel_binding.is_some() => Err(ScramError::ChannelBinding(
+                "The client supports SCRAM channel binding but thinks the server does not. \
+                 However, this server does support channel binding.",
+            )),
+            Gs2Flag::No | Gs2Flag::Yes => Ok(&[]),
+            Gs2Flag::Plus(_) if self.channel_binding.is_none() => {
+                Err(ScramError::ChannelBindingUnsupported)
+            }
+            Gs2Flag::Plus(_) if !plus => Err(ScramError::ChannelBinding(
+                "The client selected SCRAM-SHA-256 without channel binding, but the SCRAM \
+                 message includes channel binding data.",
+            )),
+            Gs2Flag::Plus(name) if name != CHANNEL_BINDING_TYPE => Err(ScramError::ChannelBinding(
+                "unsupported SCRAM channel-binding type",
+            )),
+            Gs2Flag::Plus(_) => Ok(self.channel_binding.as_deref().unwrap_or_default()),
+        }
     }
 
     /// Handles `SASLResponse`: the client-final-message. On success returns the
@@ -257,6 +323,7 @@ impl ScramExchange {
             client_first_bare,
             server_first,
             cbind_b64,
+            channel_bound,
             nonce,
         } = std::mem::replace(&mut self.state, State::Done)
         else {
@@ -281,9 +348,15 @@ impl ScramExchange {
                     "missing channel-binding in client-final-message",
                 ))?;
         if cbind != cbind_b64.as_bytes() {
-            return Err(ScramError::Malformed(
-                "unexpected channel-binding attribute in client-final-message",
-            ));
+            // With `p`, the data the client bound to differs from our certificate's hash:
+            // someone in the middle terminated TLS with another certificate.
+            return Err(if channel_bound {
+                ScramError::ChannelBinding("SCRAM channel binding check failed")
+            } else {
+                ScramError::Malformed(
+                    "unexpected channel-binding attribute in client-final-message",
+                )
+            });
         }
         let client_nonce =
             fields
@@ -336,8 +409,20 @@ impl ScramExchange {
     }
 }
 
+/// The gs2 channel-binding flag of a client-first-message.
+#[derive(Debug, Clone, Copy)]
+enum Gs2Flag<'a> {
+    /// `n`: the client does not support channel binding.
+    No,
+    /// `y`: the client supports it but thinks the server does not.
+    Yes,
+    /// `p=<type>`: the client binds to the channel with this type.
+    Plus(&'a [u8]),
+}
+
 /// Parts of a client-first-message.
 struct ClientFirst<'a> {
+    flag: Gs2Flag<'a>,
     /// gs2 header, including its trailing comma (e.g. `n,,`).
     gs2_header: &'a [u8],
     /// client-first-message-bare.
@@ -347,11 +432,12 @@ struct ClientFirst<'a> {
 
 fn parse_client_first(msg: &[u8]) -> Result<ClientFirst<'_>, ScramError> {
     let (flag, rest) = split_once(msg, b',').ok_or(ScramError::Malformed("missing gs2 header"))?;
-    match flag {
-        b"n" | b"y" => {}
-        [b'p', ..] => return Err(ScramError::ChannelBindingUnsupported),
+    let gs2_flag = match flag {
+        b"n" => Gs2Flag::No,
+        b"y" => Gs2Flag::Yes,
+        [b'p', b'=', name @ ..] => Gs2Flag::Plus(name),
         _ => return Err(ScramError::Malformed("invalid channel-binding flag")),
-    }
+    };
     let (authzid, bare) =
         split_once(rest, b',').ok_or(ScramError::Malformed("missing gs2 header"))?;
     match authzid {
@@ -390,6 +476,7 @@ fn parse_client_first(msg: &[u8]) -> Result<ClientFirst<'_>, ScramError> {
         ))?;
     }
     Ok(ClientFirst {
+        flag: gs2_flag,
         gs2_header,
         bare,
         client_nonce,
@@ -597,6 +684,73 @@ mod tests {
             server.client_first(MECHANISM, client.message()),
             Err(ScramError::ChannelBindingUnsupported)
         );
+    }
+
+    /// Runs an exchange offering channel binding with `server_cb`.
+    fn run_plus(
+        server_cb: &[u8],
+        mechanism: &str,
+        cb: ChannelBinding,
+    ) -> Result<Vec<u8>, ScramError> {
+        let mut server = ScramExchange::new(secret("pw"), false).with_channel_binding(server_cb);
+        assert_eq!(server.mechanisms(), &[MECHANISM_PLUS, MECHANISM]);
+        let mut client = ScramSha256::new(b"pw", cb);
+        let server_first = server.client_first(mechanism, client.message())?;
+        client.update(&server_first).unwrap();
+        let server_final = server.client_final(client.message())?;
+        client.finish(&server_final).unwrap();
+        Ok(server_final)
+    }
+
+    #[test]
+    fn channel_binding_plus_round_trip() {
+        let hash = [9u8; 32];
+        run_plus(
+            &hash,
+            MECHANISM_PLUS,
+            ChannelBinding::tls_server_end_point(hash.to_vec()),
+        )
+        .unwrap();
+        // A client without channel binding still logs in over TLS.
+        run_plus(&hash, MECHANISM, ChannelBinding::unsupported()).unwrap();
+    }
+
+    #[test]
+    fn channel_binding_gs2_rules_follow_auth_scram_c() {
+        let hash = [9u8; 32];
+        let negotiation = |r: Result<Vec<u8>, ScramError>| {
+            assert!(matches!(r, Err(ScramError::ChannelBinding(_))), "{r:?}");
+        };
+        // Another certificate's hash: a man in the middle.
+        negotiation(run_plus(
+            &hash,
+            MECHANISM_PLUS,
+            ChannelBinding::tls_server_end_point(vec![8u8; 32]),
+        ));
+        // `y` when PLUS was offered is a downgrade.
+        negotiation(run_plus(&hash, MECHANISM, ChannelBinding::unrequested()));
+        // PLUS selected without binding data.
+        negotiation(run_plus(
+            &hash,
+            MECHANISM_PLUS,
+            ChannelBinding::unsupported(),
+        ));
+        // Binding data with the plain mechanism.
+        negotiation(run_plus(
+            &hash,
+            MECHANISM,
+            ChannelBinding::tls_server_end_point(hash.to_vec()),
+        ));
+        // An unknown binding type.
+        let mut server = ScramExchange::new(secret("pw"), false).with_channel_binding(&hash);
+        negotiation(
+            server
+                .client_first(MECHANISM_PLUS, b"p=tls-unique,,n=,r=abc")
+                .map(|_| Vec::new()),
+        );
+        // Without TLS, PLUS is neither offered nor accepted.
+        let server = ScramExchange::new(secret("pw"), false);
+        assert_eq!(server.mechanisms(), &[MECHANISM]);
     }
 
     #[test]
@@ -876,10 +1030,12 @@ mod tests {
             let mut server = ScramExchange {
                 secret: s.clone(),
                 is_mock: false,
+                channel_binding: None,
                 state: State::ClientFinal {
                     client_first_bare: bare,
                     server_first: nonce.clone(),
                     cbind_b64: "biws".to_owned(),
+                    channel_bound: false,
                     nonce: nonce[2..nonce.iter().position(|&b| b == b',').unwrap()].to_vec(),
                 },
             };

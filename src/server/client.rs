@@ -1,14 +1,28 @@
-//! One client's path, top to bottom: startup packet → authentication → tenant record → pool
-//! checkout → session. Setup returns typed values; errors from setup are sent to the client
-//! here, in one place, as a FATAL ErrorResponse with the error's own SQLSTATE.
+//! One client's path, top to bottom: encryption (SSLRequest, direct TLS) → startup packet →
+//! route (SNI, database name) → authentication → tenant record → pool checkout → session.
+//! Setup returns typed values; errors from setup are sent to the client here, in one place, as
+//! a FATAL ErrorResponse with the error's own SQLSTATE.
+//!
+//! After the encryption decision the rest of the path is generic over the stream and is
+//! instantiated twice, for `TcpStream` and for `TlsStream<TcpStream>`, so plaintext clients
+//! relay on the bare socket exactly as before TLS existed.
+//!
+//! Routing with TLS: when `tls.sni_base_domain` is set and the client's SNI is
+//! `<tenant>.<base>`, the SNI names the tenant and the database name is not used for routing
+//! (even the admin database name: the console is reached only without a tenant SNI). After
+//! authentication, a database name that is another existing tenant is refused (28000), so a
+//! client cannot believe it reached one tenant while it reached another; checking only after
+//! authentication keeps unauthenticated clients from probing which tenants exist.
 
 use std::fmt;
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::BytesMut;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use super::State;
@@ -21,6 +35,7 @@ use crate::protocol::{SqlState, messages};
 use crate::registry::{RegistryError, TenantRecord, TenantSlug, TenantState};
 use crate::session::settings::{self, SettingsError};
 use crate::session::{self, RelayEnd, SessionContext, SessionEnd, SessionError};
+use crate::tls::{ALPN_POSTGRESQL, TLS_HANDSHAKE_RECORD, TlsInfo, TlsMode};
 
 /// Why a client connection ended; logged once when its task ends.
 #[derive(Debug)]
@@ -35,6 +50,8 @@ pub enum CloseReason {
     LoginTimeout,
     /// The client went away during startup or authentication.
     LeftDuringLogin,
+    /// The TLS handshake failed (nothing could be sent to the client).
+    TlsHandshakeFailed,
     /// An error was sent to the client (its SQLSTATE).
     Error(SqlState),
 }
@@ -61,6 +78,7 @@ impl fmt::Display for CloseReason {
             CloseReason::Shutdown => f.write_str("shutdown"),
             CloseReason::LoginTimeout => f.write_str("login timeout"),
             CloseReason::LeftDuringLogin => f.write_str("client left during login"),
+            CloseReason::TlsHandshakeFailed => f.write_str("TLS handshake failed"),
             CloseReason::Error(code) => write!(f, "error {}", code.code()),
         }
     }
@@ -88,13 +106,31 @@ pub enum LoginError {
     Timeout(Duration),
     #[error("{0} is not an admin user")]
     NotAdmin(String),
+    #[error("plaintext login refused: tls.mode is require")]
+    TlsRequired,
+    #[error("SSLRequest or GSSENCRequest over an encrypted connection")]
+    EncryptionRequestOverTls,
+    #[error("direct TLS connection without ALPN \"postgresql\"")]
+    DirectTlsWithoutAlpn,
+    #[error("database {database:?} is another tenant than SNI {server_name:?} (tenant {tenant:?})")]
+    SniMismatch {
+        server_name: String,
+        tenant: String,
+        database: String,
+    },
 }
 
 impl ClientFacing for LoginError {
     fn sqlstate(&self) -> SqlState {
         match self {
             LoginError::Startup(e) => e.sqlstate(),
-            LoginError::NoUser | LoginError::NotAdmin(_) => SqlState::INVALID_AUTHORIZATION,
+            LoginError::NoUser
+            | LoginError::NotAdmin(_)
+            | LoginError::TlsRequired
+            | LoginError::SniMismatch { .. } => SqlState::INVALID_AUTHORIZATION,
+            LoginError::EncryptionRequestOverTls | LoginError::DirectTlsWithoutAlpn => {
+                SqlState::PROTOCOL_VIOLATION
+            }
             LoginError::Settings(SettingsError::Replication) => SqlState::FEATURE_NOT_SUPPORTED,
             LoginError::Settings(_) | LoginError::Timeout(_) => SqlState::PROTOCOL_VIOLATION,
             LoginError::Auth(e) => e.sqlstate(),
@@ -117,6 +153,24 @@ impl ClientFacing for LoginError {
             LoginError::NotAdmin(user) => format!(
                 "user \"{user}\" is not an admin user: only admin users may connect to the admin database"
             ),
+            LoginError::TlsRequired => "this server requires TLS: connect with sslmode=require \
+                 (or verify-ca, verify-full)"
+                .to_owned(),
+            LoginError::EncryptionRequestOverTls => {
+                "SSLRequest or GSSENCRequest received over an encrypted connection".to_owned()
+            }
+            LoginError::DirectTlsWithoutAlpn => "received direct SSL connection request \
+                 without ALPN protocol negotiation extension"
+                .to_owned(),
+            LoginError::SniMismatch {
+                server_name,
+                tenant,
+                database,
+            } => format!(
+                "database \"{database}\" does not match tenant \"{tenant}\" named by the TLS \
+                 server name \"{server_name}\": connect to {server_name} without a database name, \
+                 or with database \"{tenant}\""
+            ),
         }
     }
 
@@ -126,7 +180,11 @@ impl ClientFacing for LoginError {
             LoginError::NoUser
             | LoginError::Settings(_)
             | LoginError::Timeout(_)
-            | LoginError::NotAdmin(_) => ErrorKind::Client,
+            | LoginError::NotAdmin(_)
+            | LoginError::TlsRequired
+            | LoginError::EncryptionRequestOverTls
+            | LoginError::DirectTlsWithoutAlpn
+            | LoginError::SniMismatch { .. } => ErrorKind::Client,
             LoginError::Auth(e) => e.kind(),
             LoginError::Registry(e) => e.kind(),
             LoginError::TenantNotActive { .. } => ErrorKind::Limit,
@@ -148,6 +206,22 @@ enum Login {
     Admin { user: String },
 }
 
+/// How the client chose to talk, decided on the raw socket.
+enum Opening {
+    /// Plaintext; the first packet after any refused encryption requests.
+    Plain(FirstPacket),
+    /// TLS: after SSLRequest answered `S`, or direct (the first byte was a ClientHello).
+    Tls { direct: bool },
+}
+
+/// A client socket after the encryption decision, with what the login path needs to know.
+struct Conn<S> {
+    stream: S,
+    peer: Option<SocketAddr>,
+    /// Present when the client speaks TLS.
+    tls: Option<TlsInfo>,
+}
+
 /// Serves one client connection to its end.
 pub(super) async fn serve_client(
     state: &State,
@@ -156,19 +230,85 @@ pub(super) async fn serve_client(
     shutdown: &CancellationToken,
 ) -> CloseReason {
     let login_timeout = Duration::from_millis(state.config.get().proxy.login_timeout_ms);
-    let login = match tokio::time::timeout(login_timeout, login(state, &mut stream)).await {
-        Ok(Ok(login)) => login,
+    // One deadline for the whole login: encryption, TLS handshake, startup and SCRAM.
+    let deadline = Instant::now() + login_timeout;
+    let peer = stream.peer_addr().ok();
+    let opening = match tokio::time::timeout_at(deadline, encryption(state, &mut stream)).await {
+        Ok(Ok(opening)) => opening,
         Ok(Err(e)) => return fail(&mut stream, &e).await,
         Err(_) => {
             fail(&mut stream, &LoginError::Timeout(login_timeout)).await;
             return CloseReason::LoginTimeout;
         }
     };
-    let peer = stream.peer_addr().ok();
+    let direct = match opening {
+        Opening::Tls { direct } => direct,
+        Opening::Plain(first) => {
+            let conn = Conn {
+                stream,
+                peer,
+                tls: None,
+            };
+            return serve_login(state, client_id, conn, Some(first), deadline, shutdown).await;
+        }
+    };
+    // encryption() picks TLS only when there is an acceptor.
+    let Some(acceptor) = state.tls.acceptor() else {
+        return CloseReason::TlsHandshakeFailed;
+    };
+    let mut tls = match tokio::time::timeout_at(deadline, acceptor.accept(stream)).await {
+        Ok(Ok(tls)) => tls,
+        Ok(Err(e)) => {
+            tracing::info!(error = %e, direct, "TLS handshake failed");
+            return CloseReason::TlsHandshakeFailed;
+        }
+        Err(_) => return CloseReason::LoginTimeout,
+    };
+    // PostgreSQL 17 insists on ALPN for direct TLS, so that a TLS connection meant for another
+    // protocol cannot be replayed at a PostgreSQL server.
+    if direct && tls.get_ref().1.alpn_protocol() != Some(ALPN_POSTGRESQL) {
+        return fail(&mut tls, &LoginError::DirectTlsWithoutAlpn).await;
+    }
+    let info = state.tls.info(&tls);
+    tracing::debug!(direct, sni = info.server_name.as_deref(), "TLS established");
+    let conn = Conn {
+        stream: tls,
+        peer,
+        tls: Some(info),
+    };
+    // Boxed: the TLS stream makes this future large, and only TLS clients pay for the box.
+    Box::pin(serve_login(
+        state, client_id, conn, None, deadline, shutdown,
+    ))
+    .await
+}
+
+/// Login and session over the chosen stream.
+async fn serve_login<S>(
+    state: &State,
+    client_id: u64,
+    mut conn: Conn<S>,
+    first: Option<FirstPacket>,
+    deadline: Instant,
+    shutdown: &CancellationToken,
+) -> CloseReason
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + Sync + 'static,
+{
+    let login_timeout = Duration::from_millis(state.config.get().proxy.login_timeout_ms);
+    let login = match tokio::time::timeout_at(deadline, login(state, &mut conn, first)).await {
+        Ok(Ok(login)) => login,
+        Ok(Err(e)) => return fail(&mut conn.stream, &e).await,
+        Err(_) => {
+            fail(&mut conn.stream, &LoginError::Timeout(login_timeout)).await;
+            return CloseReason::LoginTimeout;
+        }
+    };
+    let peer = conn.peer;
     let (record, user, mut settings) = match login {
         Login::Cancel => return CloseReason::CancelRequest,
         Login::Admin { user } => {
-            return serve_admin(state, client_id, stream, &user, shutdown).await;
+            return serve_admin(state, client_id, conn, &user, shutdown).await;
         }
         Login::Tenant {
             record,
@@ -176,6 +316,7 @@ pub(super) async fn serve_client(
             settings,
         } => (record, user, settings),
     };
+    let mut stream = conn.stream;
     let limits = state.pools.limits_for(&record);
     // KILL and shutdown end the session through this token.
     let stop = shutdown.child_token();
@@ -227,29 +368,67 @@ pub(super) async fn serve_client(
     }
 }
 
-/// Startup and authentication, bounded by the caller's login timeout.
-async fn login(state: &State, stream: &mut TcpStream) -> Result<Login, LoginError> {
+/// Decides on the raw socket whether the client speaks TLS: a direct TLS ClientHello, or
+/// SSLRequest answered `S` when TLS is on (`N` otherwise, and for GSSENCRequest: the client
+/// goes on in the clear, or gives up if it requires encryption).
+async fn encryption(state: &State, stream: &mut TcpStream) -> Result<Opening, LoginError> {
+    let io = |e| LoginError::Startup(StartupError::Io(e));
+    if state.tls.acceptor().is_some() {
+        let mut first = [0u8; 1];
+        if stream.peek(&mut first).await.map_err(io)? == 1 && first[0] == TLS_HANDSHAKE_RECORD {
+            return Ok(Opening::Tls { direct: true });
+        }
+    }
     let max = state.config.get().proxy.max_startup_packet_bytes;
-    let startup = loop {
+    loop {
         match startup::read_first_packet(stream, max).await? {
-            // TLS and GSS encryption come later: say no, and the client goes on in the clear
-            // (or gives up, if it requires encryption).
+            FirstPacket::SslRequest if state.tls.acceptor().is_some() => {
+                // Nothing after the SSLRequest has been read: whatever the client sent next
+                // goes to the TLS handshake (no plaintext injected before it, CVE-2021-23222).
+                stream.write_all(b"S").await.map_err(io)?;
+                return Ok(Opening::Tls { direct: false });
+            }
             FirstPacket::SslRequest | FirstPacket::GssEncRequest => {
-                stream
-                    .write_all(b"N")
-                    .await
-                    .map_err(|e| LoginError::Startup(StartupError::Io(e)))?;
+                stream.write_all(b"N").await.map_err(io)?;
             }
-            FirstPacket::Cancel { pid, secret } => {
-                state
-                    .cancels
-                    .cancel(pid, secret, Duration::from_secs(5))
-                    .await;
-                return Ok(Login::Cancel);
-            }
-            FirstPacket::Startup(message) => break message,
+            other => return Ok(Opening::Plain(other)),
+        }
+    }
+}
+
+/// Startup, routing and authentication, bounded by the caller's login deadline.
+async fn login<S: AsyncRead + AsyncWrite + Unpin>(
+    state: &State,
+    conn: &mut Conn<S>,
+    first: Option<FirstPacket>,
+) -> Result<Login, LoginError> {
+    let stream = &mut conn.stream;
+    let packet = match first {
+        Some(packet) => packet,
+        None => {
+            startup::read_first_packet(stream, state.config.get().proxy.max_startup_packet_bytes)
+                .await?
         }
     };
+    let startup = match packet {
+        FirstPacket::Startup(message) => message,
+        // A cancel carries its own secret; PostgreSQL accepts it in the clear whatever the
+        // encryption policy.
+        FirstPacket::Cancel { pid, secret } => {
+            state
+                .cancels
+                .cancel(pid, secret, Duration::from_secs(5))
+                .await;
+            return Ok(Login::Cancel);
+        }
+        FirstPacket::SslRequest | FirstPacket::GssEncRequest => {
+            return Err(LoginError::EncryptionRequestOverTls);
+        }
+    };
+    // Before any authentication request, so no password travels in the clear.
+    if conn.tls.is_none() && state.tls.mode == TlsMode::Require {
+        return Err(LoginError::TlsRequired);
+    }
     negotiate_version(stream, &startup).await?;
     let user = startup
         .get("user")
@@ -261,13 +440,40 @@ async fn login(state: &State, stream: &mut TcpStream) -> Result<Login, LoginErro
         .unwrap_or(user);
     tracing::Span::current().record("user", user);
     let settings = settings::client_settings(&startup.params)?;
-    if database == state.config.get().admin.database {
-        authenticate_admin(state, stream, user).await?;
-        return Ok(Login::Admin {
-            user: user.to_owned(),
-        });
+    let server_name = conn.tls.as_ref().and_then(|t| t.server_name.as_deref());
+    let channel_binding = conn.tls.as_ref().and_then(|t| t.channel_binding.clone());
+    let sni_tenant = server_name.and_then(|name| state.tls.tenant_from_sni(name));
+    let Some(sni_tenant) = sni_tenant else {
+        if database == state.config.get().admin.database {
+            authenticate_admin(state, stream, user, channel_binding.as_deref()).await?;
+            return Ok(Login::Admin {
+                user: user.to_owned(),
+            });
+        }
+        let record =
+            authenticate(state, stream, database, user, channel_binding.as_deref()).await?;
+        return tenant_login(record, user, settings);
+    };
+    let record = authenticate(state, stream, &sni_tenant, user, channel_binding.as_deref()).await?;
+    if database != sni_tenant {
+        if let Some(other) = TenantSlug::parse(database) {
+            if state.directory.tenant(&other).await?.is_some() {
+                return Err(LoginError::SniMismatch {
+                    server_name: server_name.unwrap_or_default().to_owned(),
+                    tenant: sni_tenant,
+                    database: database.to_owned(),
+                });
+            }
+        }
     }
-    let record = authenticate(state, stream, database, user).await?;
+    tenant_login(record, user, settings)
+}
+
+fn tenant_login(
+    record: Arc<TenantRecord>,
+    user: &str,
+    settings: Vec<(String, String)>,
+) -> Result<Login, LoginError> {
     if record.state != TenantState::Active {
         return Err(LoginError::TenantNotActive {
             slug: record.slug.clone(),
@@ -287,6 +493,7 @@ async fn authenticate_admin<S: AsyncRead + AsyncWrite + Unpin>(
     state: &State,
     stream: &mut S,
     user: &str,
+    channel_binding: Option<&[u8]>,
 ) -> Result<(), LoginError> {
     let verifier = state.directory.registry().admin_verifier(user).await?;
     let credential = match verifier.as_deref().and_then(ScramSecret::parse) {
@@ -300,7 +507,7 @@ async fn authenticate_admin<S: AsyncRead + AsyncWrite + Unpin>(
         },
     };
     let is_admin = !credential.is_mock;
-    match auth::authenticate(stream, user, credential).await {
+    match auth::authenticate(stream, user, credential, channel_binding).await {
         // The exchange ran in full either way; only then is a non-admin told why.
         Err(AuthError::Failed { .. }) if !is_admin => Err(LoginError::NotAdmin(user.to_owned())),
         other => Ok(other?),
@@ -308,17 +515,21 @@ async fn authenticate_admin<S: AsyncRead + AsyncWrite + Unpin>(
 }
 
 /// Hands an authenticated admin to the console.
-async fn serve_admin(
+async fn serve_admin<S>(
     state: &State,
     client_id: u64,
-    stream: TcpStream,
+    conn: Conn<S>,
     user: &str,
     shutdown: &CancellationToken,
-) -> CloseReason {
+) -> CloseReason
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + Sync + 'static,
+{
     let stop = shutdown.child_token();
-    let peer = stream
-        .peer_addr()
-        .unwrap_or_else(|_| std::net::SocketAddr::from(([0, 0, 0, 0], 0)));
+    let peer = conn
+        .peer
+        .unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 0)));
+    let secure = conn.tls.is_some();
     let _on_roster = state.clients.join(ClientEntry {
         id: client_id,
         tenant: None,
@@ -330,7 +541,8 @@ async fn serve_admin(
         stop: stop.clone(),
     });
     tracing::info!(user, "admin console session");
-    match admin::serve(Arc::clone(&state.admin), stream, user, peer, &stop).await {
+    let session = admin::Session { user, peer, secure };
+    match admin::serve(Arc::clone(&state.admin), conn.stream, &session, &stop).await {
         Ok(admin::AdminEnd::Stopped) => CloseReason::Shutdown,
         Ok(admin::AdminEnd::ClientLeft) | Err(_) => {
             CloseReason::Session(RelayEnd::ClientTerminated)
@@ -368,6 +580,7 @@ async fn authenticate<S: AsyncRead + AsyncWrite + Unpin>(
     stream: &mut S,
     database: &str,
     user: &str,
+    channel_binding: Option<&[u8]>,
 ) -> Result<Arc<TenantRecord>, LoginError> {
     let slug = TenantSlug::parse(database);
     let record = match &slug {
@@ -389,7 +602,7 @@ async fn authenticate<S: AsyncRead + AsyncWrite + Unpin>(
             is_mock: true,
         },
     };
-    auth::authenticate(stream, user, credential).await?;
+    auth::authenticate(stream, user, credential, channel_binding).await?;
     record.ok_or_else(|| {
         LoginError::Auth(AuthError::Failed {
             user: user.to_owned(),

@@ -31,6 +31,7 @@ use crate::pool::PoolMap;
 use crate::registry::{Registry, TenantDirectory, spawn_change_listener};
 use crate::session::CancelMap;
 use crate::stats::{Stats, spawn_flusher};
+use crate::tls::TlsServer;
 
 /// `[proxy]`: the client-facing side.
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -140,6 +141,8 @@ pub struct State {
     pub admin: Arc<AdminContext>,
     /// Per-tenant usage counters (SHOW STATS, billing); outlive the tenants' pools.
     pub stats: Stats,
+    /// Client TLS: acceptor, channel-binding data, SNI base domain.
+    pub tls: TlsServer,
     client_slots: Arc<Semaphore>,
     /// Key for mock SCRAM secrets of unknown tenants/users; random per process.
     mock_key: [u8; 32],
@@ -163,6 +166,7 @@ impl Proxy {
     /// serving.
     pub async fn start(config: Config) -> anyhow::Result<Proxy> {
         let key = MasterKey::load(&config.secrets)?;
+        let tls = TlsServer::from_config(&config.tls).context("setting up client TLS")?;
         let registry = Registry::connect(&config.registry)
             .await
             .context("connecting to the registry")?;
@@ -223,6 +227,7 @@ impl Proxy {
             clients,
             admin,
             stats: usage,
+            tls,
             mock_key,
             next_client_id: AtomicU64::new(1),
         });
