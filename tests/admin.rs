@@ -667,3 +667,30 @@ async fn a_failed_provisioning_leaves_nothing_but_a_failed_row() {
         .get(0);
     assert_eq!(state, "active");
 }
+
+#[tokio::test]
+async fn create_tenant_without_a_server_picks_the_least_loaded() {
+    let env = TestEnv::start_with(|c| {
+        let mut second = c.servers[0].clone();
+        second.name = "second".to_owned();
+        c.servers.push(second);
+    })
+    .await;
+    let admin = env.admin().await;
+    let prefix = unique("spread");
+    let mut placed = Vec::new();
+    for i in 0..4 {
+        let slug = format!("{prefix}-{i}");
+        admin
+            .batch_execute(&format!("CREATE TENANT {slug}"))
+            .await
+            .expect("create tenant");
+        let server: String = admin
+            .query_one("SELECT server FROM tenants WHERE slug = $1", &[&slug])
+            .await
+            .expect("tenant")
+            .get(0);
+        placed.push(server);
+    }
+    assert_eq!(placed, ["local", "second", "local", "second"]);
+}

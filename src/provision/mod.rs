@@ -158,7 +158,7 @@ pub async fn create_tenant(
     }
     let server = match &options.server {
         Some(name) => config.server(name),
-        None => config.default_server(),
+        None => least_loaded_server(config, registry).await?,
     }
     .ok_or_else(|| ProvisionError::UnknownServer(options.server.clone().unwrap_or_default()))?;
     let database = database_name(&config.provision.database_pattern, slug.as_str());
@@ -471,6 +471,27 @@ pub async fn remove_user(
         .log_activity(Some(&slug), ACTOR, "user.remove", Some(user))
         .await?;
     Ok(())
+}
+
+/// The server with the fewest tenants (not deleted) per connection of its budget; the first
+/// one on a tie.
+async fn least_loaded_server<'c>(
+    config: &'c Config,
+    registry: &Registry,
+) -> Result<Option<&'c ServerConfig>, ProvisionError> {
+    if config.servers.len() < 2 {
+        return Ok(config.default_server());
+    }
+    let counts = registry.tenant_counts_by_server().await?;
+    Ok(config.servers.iter().min_by(|a, b| {
+        let load = |s: &ServerConfig| {
+            let tenants = counts.get(&s.name).copied().unwrap_or(0);
+            // Compare tenants/max_connections without floats: a.t * b.max vs b.t * a.max.
+            (tenants, u64::from(s.max_connections.max(1)))
+        };
+        let ((ta, ma), (tb, mb)) = (load(a), load(b));
+        (ta * mb).cmp(&(tb * ma))
+    }))
 }
 
 /// An existing database to adopt as a tenant.

@@ -166,6 +166,25 @@ impl Registry {
         Ok(conn.execute(sql, &[&user, &verifier]).await? > 0)
     }
 
+    /// Tenants that are not deleted, per server name.
+    pub async fn tenant_counts_by_server(
+        &self,
+    ) -> Result<std::collections::HashMap<String, u64>, RegistryError> {
+        let conn = self.conn().await?;
+        let rows = conn
+            .query(
+                "SELECT server, count(*) FROM tenants WHERE state <> 'deleted' GROUP BY server",
+                &[],
+            )
+            .await?;
+        rows.iter()
+            .map(|r| {
+                let n: i64 = r.try_get(1)?;
+                Ok((r.try_get(0)?, u64::try_from(n).unwrap_or(0)))
+            })
+            .collect()
+    }
+
     /// Whether a tenant user exists.
     pub async fn user_exists(&self, slug: &TenantSlug, user: &str) -> Result<bool, RegistryError> {
         Ok(self.user_verifier(slug, user).await?.is_some())
