@@ -257,6 +257,8 @@ pub struct PoolMap {
     budgets: Arc<HashMap<String, Arc<ServerBudget>>>,
     key: MasterKey,
     started: tokio::time::Instant,
+    /// Tenant pools built since start (first use, or again after an eviction).
+    built: Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl PoolMap {
@@ -305,6 +307,7 @@ impl PoolMap {
             budgets: Arc::new(budgets),
             key,
             started: tokio::time::Instant::now(),
+            built: Arc::default(),
         }
     }
 
@@ -428,6 +431,7 @@ impl PoolMap {
                 self.config.server_lifetime_seconds,
             )))
             .build_unchecked(manager);
+        self.built.fetch_add(1, Ordering::Relaxed);
         Ok(TenantPool {
             source,
             target,
@@ -526,6 +530,12 @@ impl PoolMap {
     pub async fn pool_count(&self) -> u64 {
         self.pools.run_pending_tasks().await;
         self.pools.entry_count()
+    }
+
+    /// Tenant pools built since start: first uses plus re-creations after an eviction or a
+    /// target change.
+    pub fn pools_built(&self) -> u64 {
+        self.built.load(Ordering::Relaxed)
     }
 
     /// Marks a client as using the tenant's pool for as long as the guard lives: the pool is
