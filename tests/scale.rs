@@ -147,11 +147,20 @@ async fn two_thousand_tenants_share_a_budget_of_forty_through_moving_load_and_a_
         // Records go stale quickly, so the outage exercises serving stale records.
         c.registry.cache_ttl_seconds = 1;
         c.proxy.suspend_grace_seconds = 1;
+        // Every other tenant pools by transaction: both modes share the budget.
+        c.plans.insert(
+            "tx".to_owned(),
+            tenantgate::pool::PlanConfig {
+                mode: Some(tenantgate::pool::PoolMode::Transaction),
+                ..Default::default()
+            },
+        );
     })
     .await;
 
-    // Four physical databases; 2,000 tenants registered against them in two statements,
-    // all sharing the first tenant's `app` verifier (no provisioning, no PBKDF2 per tenant).
+    // Four physical databases; 2,000 tenants registered against them in two statements (odd
+    // ones on the transaction-pooling plan), all sharing the first tenant's `app` verifier (no
+    // provisioning, no PBKDF2 per tenant).
     let mut physical = Vec::new();
     for _ in 0..PHYSICAL {
         physical.push(env.tenant_with_user("phys").await);
@@ -176,7 +185,8 @@ async fn two_thousand_tenants_share_a_budget_of_forty_through_moving_load_and_a_
             .execute(
                 "INSERT INTO tenants (slug, state, plan, server, database_name, backend_role, \
                                       backend_password_enc) \
-                 SELECT $1 || '-' || i, 'active', p.plan, p.server, p.database_name, \
+                 SELECT $1 || '-' || i, 'active', \
+                        CASE WHEN i % 2 = 1 THEN 'tx' ELSE p.plan END, p.server, p.database_name, \
                         p.backend_role, p.backend_password_enc \
                  FROM generate_series(0, $2 - 1) AS i \
                  JOIN tenants p ON p.slug = ($3::text[])[1 + i % $4]",
