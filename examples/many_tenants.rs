@@ -127,6 +127,15 @@ impl Drop for Proxy {
     }
 }
 
+/// Removes a directory when dropped.
+struct RemoveDir(std::path::PathBuf);
+
+impl Drop for RemoveDir {
+    fn drop(&mut self) {
+        drop(std::fs::remove_dir_all(&self.0));
+    }
+}
+
 fn rss_kib(pid: u32) -> anyhow::Result<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
     let line = status
@@ -290,6 +299,9 @@ async fn main() -> anyhow::Result<()> {
         bail!("need 0 < --hot <= --tenants and --databases > 0");
     }
     let dir = std::env::temp_dir().join(format!("tenantgate-many-{}", std::process::id()));
+    // Declared before the cluster, so dropped after it: removes the data directory however
+    // the run ends.
+    let _dir_guard = RemoveDir(dir.clone());
     let mut pg_options = LocalPgOptions::new(dir.join("pgdata"));
     pg_options.max_connections = args.max_connections;
     let pg = LocalPg::start(pg_options).context("starting PostgreSQL")?;
@@ -301,10 +313,12 @@ async fn main() -> anyhow::Result<()> {
     let mut physical = Vec::new();
     for i in 0..args.databases {
         let (db, password) = (format!("tg_phys_{i}"), format!("phys-pw-{i}-x9"));
+        // CREATE DATABASE must be sent alone (not in a transaction block).
         admin
-            .batch_execute(&format!(
-                "CREATE ROLE {db} LOGIN PASSWORD '{password}'; CREATE DATABASE {db} OWNER {db}"
-            ))
+            .batch_execute(&format!("CREATE ROLE {db} LOGIN PASSWORD '{password}'"))
+            .await?;
+        admin
+            .batch_execute(&format!("CREATE DATABASE {db} OWNER {db}"))
             .await?;
         physical.push((db, password));
     }
@@ -390,7 +404,7 @@ max_connections = {budget}
                 "INSERT INTO tenants (slug, state, server, database_name, backend_role, \
                                       backend_password_enc) \
                  SELECT 't' || i, 'active', 'local', $1, $1, $2 \
-                 FROM generate_series(0, $3 - 1) AS i WHERE i % $4 = $5",
+                 FROM generate_series(0, $3::int8 - 1) AS i WHERE i % $4::int8 = $5::int8",
                 &[db, &enc, &tenants, &databases, &i64::try_from(j)?],
             )
             .await
@@ -492,6 +506,5 @@ max_connections = {budget}
     drop(admin);
     drop(proxy);
     drop(pg);
-    drop(std::fs::remove_dir_all(&dir));
     Ok(())
 }

@@ -28,7 +28,7 @@ pub use backend::{BackendConn, BackendError, BackendTarget, ServerError, SetupOu
 pub use budget::ServerBudget;
 pub use config::{PlanConfig, PoolConfig, PoolMode, ServerConfig, TenantLimits};
 pub use manager::BackendManager;
-use manager::{ConnectErrors, PoolCache};
+use manager::{ConnectErrors, IdleMark, IdleSet, PoolCache};
 
 use crate::crypto::{CryptoError, MasterKey};
 use crate::error::{ClientFacing, ErrorKind};
@@ -223,9 +223,11 @@ impl TenantPool {
 /// A checked-out backend connection. Dropping it returns the connection to its pool, or
 /// closes it if it is marked broken, then lets the next waiting client in.
 pub struct Lease {
-    // Field order is drop order: the connection goes back before the permit.
+    // Field order is drop order: the connection goes back before the permit, and the pool is
+    // marked as holding an idle connection last.
     conn: bb8::PooledConnection<'static, BackendManager>,
     _turn: tokio::sync::OwnedSemaphorePermit,
+    _idle: IdleMark,
 }
 
 impl Lease {
@@ -259,6 +261,8 @@ pub struct PoolMap {
     started: tokio::time::Instant,
     /// Tenant pools built since start (first use, or again after an eviction).
     built: Arc<std::sync::atomic::AtomicU64>,
+    /// Pools that may hold idle connections: where room is made when a budget is spent.
+    idle: Arc<IdleSet>,
 }
 
 impl PoolMap {
@@ -308,6 +312,7 @@ impl PoolMap {
             key,
             started: tokio::time::Instant::now(),
             built: Arc::default(),
+            idle: Arc::default(),
         }
     }
 
@@ -409,7 +414,7 @@ impl PoolMap {
                 })?;
         let manager = BackendManager {
             slug: tenant.slug.clone(),
-            pools: Arc::downgrade(&self.pools),
+            idle: Arc::downgrade(&self.idle),
             target: target.clone(),
             connect_timeout: Duration::from_millis(self.config.connect_timeout_ms),
             budget,
@@ -474,7 +479,15 @@ impl PoolMap {
         match checkout {
             Ok(conn) => {
                 pool.remember_params(&conn);
-                Ok(Lease { conn, _turn: turn })
+                Ok(Lease {
+                    conn,
+                    _turn: turn,
+                    _idle: IdleMark {
+                        set: Arc::clone(&self.idle),
+                        slug: tenant.slug.clone(),
+                        pool: Arc::downgrade(&pool),
+                    },
+                })
             }
             Err(bb8::RunError::TimedOut) => Err(PoolError::CheckoutTimeout {
                 slug: tenant.slug.clone(),
