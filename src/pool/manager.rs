@@ -3,9 +3,10 @@
 //! the budget is spent), and the sink that turns bb8's swallowed connect errors into fast
 //! failures for the clients waiting.
 //!
-//! Making room looks only at the pools a lease was returned to ([`IdleSet`]), not at every
-//! pool: with 10,000 pools known, scanning them all on every wait for a permit (each waiter
-//! every 50 ms) took the proxy's CPU and made cold connects seconds long (issue 4).
+//! Making room looks first at the pools a lease was returned to ([`IdleSet`]), and scans
+//! every pool only when that finds nothing: with 10,000 pools known, scanning them all on every
+//! wait for a permit (each waiter every 50 ms) took the proxy's CPU and made cold connects
+//! seconds long (issue 4).
 
 use std::collections::HashMap;
 use std::sync::atomic::Ordering;
@@ -28,6 +29,9 @@ pub struct BackendManager {
     /// Pools that may hold idle connections, to close one when the budget is spent. Weak:
     /// the pool map owns it.
     pub(super) idle: Weak<IdleSet>,
+    /// The pool map, scanned in full only when the idle set offers nothing. Weak: the map
+    /// owns this manager.
+    pub(super) pools: Weak<PoolCache>,
 }
 
 pub(super) type PoolCache = Cache<TenantSlug, Arc<TenantPool>>;
@@ -69,8 +73,8 @@ impl BackendManager {
             if let Some(permit) = self.budget.try_acquire() {
                 return Ok(permit);
             }
-            if let Some(idle) = self.idle.upgrade() {
-                reclaim_idle(&idle, &self.target.server, &self.slug).await;
+            if let (Some(idle), Some(pools)) = (self.idle.upgrade(), self.pools.upgrade()) {
+                reclaim_idle(&idle, &pools, &self.target.server, &self.slug).await;
             }
             let left = deadline.saturating_duration_since(tokio::time::Instant::now());
             if let Some(permit) = self
@@ -92,7 +96,16 @@ impl BackendManager {
 
 /// Closes one idle connection of the least recently used pool on `server` other than
 /// `except`'s. Best effort: returns whether one was closed.
-async fn reclaim_idle(idle: &IdleSet, server: &str, except: &TenantSlug) -> bool {
+///
+/// The idle set is asked first. Only when it offers nothing is the whole pool map scanned
+/// (pools found with idle connections go back into the set): a connection can go idle with no
+/// lease returned, when bb8 finishes a connect after its waiter left (the short `get` below).
+async fn reclaim_idle(
+    idle: &IdleSet,
+    pools: &PoolCache,
+    server: &str,
+    except: &TenantSlug,
+) -> bool {
     let mut candidates: Vec<(u64, Arc<TenantPool>)> = Vec::new();
     idle.lock()
         .unwrap_or_else(PoisonError::into_inner)
@@ -108,6 +121,29 @@ async fn reclaim_idle(idle: &IdleSet, server: &str, except: &TenantSlug) -> bool
             }
             true
         });
+    if close_one_idle(candidates, server).await {
+        return true;
+    }
+    let found: Vec<(Arc<TenantSlug>, Arc<TenantPool>)> = pools
+        .iter()
+        .filter(|(slug, p)| **slug != *except && p.target.server == server && p.state().1 > 0)
+        .collect();
+    let candidates = {
+        let mut set = idle.lock().unwrap_or_else(PoisonError::into_inner);
+        found
+            .into_iter()
+            .map(|(slug, pool)| {
+                set.entry(Arc::as_ptr(&pool) as usize)
+                    .or_insert_with(|| ((*slug).clone(), Arc::downgrade(&pool)));
+                (pool.last_used_ms.load(Ordering::Relaxed), pool)
+            })
+            .collect()
+    };
+    close_one_idle(candidates, server).await
+}
+
+/// Closes one idle connection of the first of `candidates` (by last use) that has one.
+async fn close_one_idle(mut candidates: Vec<(u64, Arc<TenantPool>)>, server: &str) -> bool {
     candidates.sort_by_key(|(used, _)| *used);
     for (_, pool) in candidates {
         // An idle connection comes back at once; a pool that has none left by now would try

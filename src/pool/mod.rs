@@ -415,6 +415,7 @@ impl PoolMap {
         let manager = BackendManager {
             slug: tenant.slug.clone(),
             idle: Arc::downgrade(&self.idle),
+            pools: Arc::downgrade(&self.pools),
             target: target.clone(),
             connect_timeout: Duration::from_millis(self.config.connect_timeout_ms),
             budget,
