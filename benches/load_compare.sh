@@ -9,8 +9,23 @@
 #   DURATION=10 POOL_SIZE=20 CLIENTS="10 50 150" bash benches/load_compare.sh
 #
 # Everything runs on loopback and stops by itself; the working directory is removed at exit.
+#
+#   bash benches/load_compare.sh --many-tenants [OPTIONS]
+#
+# Many-tenants mode (issue 4): 10,000 tenants registered against 4 databases on one PostgreSQL
+# with max_connections 100, tenantgate with a budget of 80; every tenant's first connect (cold),
+# then a skewed load (80% of connects on 50 hot tenants). Reports ops/s, p50/p99 for cold and
+# warm connects, peak backend connections and tenantgate's RSS with 10,000 pools known. OPTIONS
+# go to examples/many_tenants.rs (--tenants, --budget, --workers, --duration, --mode, ...;
+# see --help).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+
+if [ "${1:-}" = "--many-tenants" ]; then
+    shift
+    cargo build --release --quiet --bins --examples
+    exec target/release/examples/many_tenants --tenantgate target/release/tenantgate "$@"
+fi
 
 DURATION=${DURATION:-5}
 POOL_SIZE=${POOL_SIZE:-20}

@@ -2,9 +2,15 @@
 //! budget for every connection, closing another tenant's idle connection to make room when
 //! the budget is spent), and the sink that turns bb8's swallowed connect errors into fast
 //! failures for the clients waiting.
+//!
+//! Making room looks first at the pools a lease was returned to ([`IdleSet`]), and scans
+//! every pool only when that finds nothing: with 10,000 pools known, scanning them all on every
+//! wait for a permit (each waiter every 50 ms) took the proxy's CPU and made cold connects
+//! seconds long (issue 4).
 
-use std::sync::Arc;
+use std::collections::HashMap;
 use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex, PoisonError, Weak};
 use std::time::Duration;
 
 use moka::future::Cache;
@@ -21,14 +27,44 @@ pub struct BackendManager {
     pub(super) connect_timeout: Duration,
     pub(super) budget: Arc<ServerBudget>,
     pub(super) budget_wait: Duration,
-    /// The pool map, to close other tenants' idle connections when the budget is spent. Weak:
-    /// the map owns this manager.
-    pub(super) pools: std::sync::Weak<PoolCache>,
+    /// Pools that may hold idle connections, to close one when the budget is spent. Weak:
+    /// the pool map owns it.
+    pub(super) idle: Weak<IdleSet>,
+    /// The pool map, scanned in full only when the idle set offers nothing. Weak: the map
+    /// owns this manager.
+    pub(super) pools: Weak<PoolCache>,
     /// The tenant's usage counters: connects and connect errors.
     pub(super) stats: Arc<TenantStats>,
 }
 
 pub(super) type PoolCache = Cache<TenantSlug, Arc<TenantPool>>;
+
+/// Pools that may hold idle connections: a pool enters when a lease goes back to it
+/// ([`IdleMark`]) and leaves when a scan finds it without idle connections or gone. Its size
+/// follows the connections open (at most the budgets), not the pools known. Keyed by the
+/// pool's address, which stays unique while the entry's `Weak` keeps the allocation (a
+/// replaced pool and its successor, same slug, are two entries).
+pub(super) type IdleSet = Mutex<HashMap<usize, (TenantSlug, Weak<TenantPool>)>>;
+
+/// The last field of a `Lease`: dropped after the connection went back to its pool, it puts
+/// the pool in the [`IdleSet`] (after, so a scan cannot drop the pool from the set between
+/// the return and the mark).
+pub(super) struct IdleMark {
+    pub(super) set: Arc<IdleSet>,
+    pub(super) slug: TenantSlug,
+    pub(super) pool: Weak<TenantPool>,
+}
+
+impl Drop for IdleMark {
+    fn drop(&mut self) {
+        let key = self.pool.as_ptr() as usize;
+        self.set
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .entry(key)
+            .or_insert_with(|| (self.slug.clone(), Weak::clone(&self.pool)));
+    }
+}
 
 impl BackendManager {
     /// A permit of the server's budget: free ones first; when none is free, close an idle
@@ -40,8 +76,8 @@ impl BackendManager {
             if let Some(permit) = self.budget.try_acquire() {
                 return Ok(permit);
             }
-            if let Some(pools) = self.pools.upgrade() {
-                reclaim_idle(&pools, &self.target.server, &self.slug).await;
+            if let (Some(idle), Some(pools)) = (self.idle.upgrade(), self.pools.upgrade()) {
+                reclaim_idle(&idle, &pools, &self.target.server, &self.slug).await;
             }
             let left = deadline.saturating_duration_since(tokio::time::Instant::now());
             if let Some(permit) = self
@@ -63,12 +99,54 @@ impl BackendManager {
 
 /// Closes one idle connection of the least recently used pool on `server` other than
 /// `except`'s. Best effort: returns whether one was closed.
-async fn reclaim_idle(pools: &PoolCache, server: &str, except: &TenantSlug) -> bool {
-    let mut candidates: Vec<(u64, Arc<TenantPool>)> = pools
+///
+/// The idle set is asked first. Only when it offers nothing is the whole pool map scanned
+/// (pools found with idle connections go back into the set): a connection can go idle with no
+/// lease returned, when bb8 finishes a connect after its waiter left (the short `get` below).
+async fn reclaim_idle(
+    idle: &IdleSet,
+    pools: &PoolCache,
+    server: &str,
+    except: &TenantSlug,
+) -> bool {
+    let mut candidates: Vec<(u64, Arc<TenantPool>)> = Vec::new();
+    idle.lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .retain(|_, (slug, pool)| {
+            let Some(pool) = pool.upgrade() else {
+                return false;
+            };
+            if pool.state().1 == 0 {
+                return false;
+            }
+            if *slug != *except && pool.target.server == server {
+                candidates.push((pool.last_used_ms.load(Ordering::Relaxed), pool));
+            }
+            true
+        });
+    if close_one_idle(candidates, server).await {
+        return true;
+    }
+    let found: Vec<(Arc<TenantSlug>, Arc<TenantPool>)> = pools
         .iter()
         .filter(|(slug, p)| **slug != *except && p.target.server == server && p.state().1 > 0)
-        .map(|(_, p)| (p.last_used_ms.load(Ordering::Relaxed), p))
         .collect();
+    let candidates = {
+        let mut set = idle.lock().unwrap_or_else(PoisonError::into_inner);
+        found
+            .into_iter()
+            .map(|(slug, pool)| {
+                set.entry(Arc::as_ptr(&pool) as usize)
+                    .or_insert_with(|| ((*slug).clone(), Arc::downgrade(&pool)));
+                (pool.last_used_ms.load(Ordering::Relaxed), pool)
+            })
+            .collect()
+    };
+    close_one_idle(candidates, server).await
+}
+
+/// Closes one idle connection of the first of `candidates` (by last use) that has one.
+async fn close_one_idle(mut candidates: Vec<(u64, Arc<TenantPool>)>, server: &str) -> bool {
     candidates.sort_by_key(|(used, _)| *used);
     for (_, pool) in candidates {
         // An idle connection comes back at once; a pool that has none left by now would try

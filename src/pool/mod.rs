@@ -34,7 +34,7 @@ pub use backend::{BackendConn, BackendError, BackendTarget, ServerError, SetupOu
 pub use budget::ServerBudget;
 pub use config::{PlanConfig, PoolConfig, PoolMode, ServerConfig, TenantLimits};
 pub use manager::BackendManager;
-use manager::{ConnectErrors, PoolCache};
+use manager::{ConnectErrors, IdleMark, IdleSet, PoolCache};
 pub use pause::{PauseGate, ResumeError};
 
 use crate::crypto::{CryptoError, MasterKey};
@@ -245,9 +245,11 @@ impl TenantPool {
 /// A checked-out backend connection. Dropping it returns the connection to its pool, or
 /// closes it if it is marked broken, then lets the next waiting client in.
 pub struct Lease {
-    // Field order is drop order: the connection goes back before the permit.
+    // Field order is drop order: the connection goes back before the permit, and the pool is
+    // marked as holding an idle connection last.
     conn: bb8::PooledConnection<'static, BackendManager>,
     _turn: tokio::sync::OwnedSemaphorePermit,
+    _idle: IdleMark,
 }
 
 impl Lease {
@@ -294,6 +296,10 @@ pub struct PoolMap {
     started: tokio::time::Instant,
     pause: PauseGate,
     stats: Stats,
+    /// Tenant pools built since start (first use, or again after an eviction).
+    built: Arc<std::sync::atomic::AtomicU64>,
+    /// Pools that may hold idle connections: where room is made when a budget is spent.
+    idle: Arc<IdleSet>,
 }
 
 impl PoolMap {
@@ -351,6 +357,8 @@ impl PoolMap {
             started: tokio::time::Instant::now(),
             pause: PauseGate::default(),
             stats,
+            built: Arc::default(),
+            idle: Arc::default(),
         }
     }
 
@@ -457,6 +465,7 @@ impl PoolMap {
         let manager = BackendManager {
             stats: Arc::clone(&stats),
             slug: tenant.slug.clone(),
+            idle: Arc::downgrade(&self.idle),
             pools: Arc::downgrade(&self.pools),
             target: target.clone(),
             connect_timeout: Duration::from_millis(settings.config.connect_timeout_ms),
@@ -479,6 +488,7 @@ impl PoolMap {
                 settings.config.server_lifetime_seconds,
             )))
             .build_unchecked(manager);
+        self.built.fetch_add(1, Ordering::Relaxed);
         Ok(TenantPool {
             source,
             target,
@@ -530,7 +540,15 @@ impl PoolMap {
         match checkout {
             Ok(conn) => {
                 pool.remember_params(&conn);
-                Ok(Lease { conn, _turn: turn })
+                Ok(Lease {
+                    conn,
+                    _turn: turn,
+                    _idle: IdleMark {
+                        set: Arc::clone(&self.idle),
+                        slug: tenant.slug.clone(),
+                        pool: Arc::downgrade(&pool),
+                    },
+                })
             }
             Err(bb8::RunError::TimedOut) => Err(PoolError::CheckoutTimeout {
                 slug: tenant.slug.clone(),
@@ -591,6 +609,12 @@ impl PoolMap {
     pub async fn pool_count(&self) -> u64 {
         self.pools.run_pending_tasks().await;
         self.pools.entry_count()
+    }
+
+    /// Tenant pools built since start: first uses plus re-creations after an eviction or a
+    /// target change.
+    pub fn pools_built(&self) -> u64 {
+        self.built.load(Ordering::Relaxed)
     }
 
     /// Marks a client as using the tenant's pool for as long as the guard lives: the pool is
