@@ -71,6 +71,7 @@ fn live(rt: &Runtime) -> Live {
         &[server],
         &std::collections::BTreeMap::new(),
         key.clone(),
+        tenantgate::stats::Stats::new(),
     );
     let tenant = TenantRecord {
         slug: TenantSlug::parse("bench").unwrap(),
