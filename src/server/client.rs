@@ -15,7 +15,7 @@
 //! authentication keeps unauthenticated clients from probing which tenants exist.
 
 use std::fmt;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -27,6 +27,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::State;
 use crate::admin;
+use crate::auth::throttle::{LoginThrottle, Target, Throttled};
 use crate::auth::{self, AuthError, Credential, ScramSecret};
 use crate::clients::ClientEntry;
 use crate::error::{ClientFacing, ErrorKind, log_error};
@@ -102,6 +103,8 @@ pub enum LoginError {
         slug: TenantSlug,
         state: TenantState,
     },
+    #[error(transparent)]
+    Throttled(#[from] Throttled),
     #[error("login did not finish within {0:?}")]
     Timeout(Duration),
     #[error("{0} is not an admin user")]
@@ -136,6 +139,7 @@ impl ClientFacing for LoginError {
             LoginError::Auth(e) => e.sqlstate(),
             LoginError::Registry(e) => e.sqlstate(),
             LoginError::TenantNotActive { .. } => SqlState::CANNOT_CONNECT_NOW,
+            LoginError::Throttled(_) => SqlState::TOO_MANY_CONNECTIONS,
         }
     }
 
@@ -150,6 +154,10 @@ impl ClientFacing for LoginError {
                 format!("tenant \"{slug}\" is {state} and does not accept connections")
             }
             LoginError::Timeout(_) => "canceling authentication due to timeout".to_owned(),
+            LoginError::Throttled(t) => format!(
+                "too many failed login attempts; try again later (in {} seconds)",
+                t.retry_after.as_secs().max(1)
+            ),
             LoginError::NotAdmin(user) => format!(
                 "user \"{user}\" is not an admin user: only admin users may connect to the admin database"
             ),
@@ -187,7 +195,7 @@ impl ClientFacing for LoginError {
             | LoginError::SniMismatch { .. } => ErrorKind::Client,
             LoginError::Auth(e) => e.kind(),
             LoginError::Registry(e) => e.kind(),
-            LoginError::TenantNotActive { .. } => ErrorKind::Limit,
+            LoginError::TenantNotActive { .. } | LoginError::Throttled(_) => ErrorKind::Limit,
         }
     }
 }
@@ -440,21 +448,37 @@ async fn login<S: AsyncRead + AsyncWrite + Unpin>(
         .unwrap_or(user);
     tracing::Span::current().record("user", user);
     let settings = settings::client_settings(&startup.params)?;
+    let source = conn.peer.map(|p| p.ip());
     let server_name = conn.tls.as_ref().and_then(|t| t.server_name.as_deref());
     let channel_binding = conn.tls.as_ref().and_then(|t| t.channel_binding.clone());
     let sni_tenant = server_name.and_then(|name| state.tls.tenant_from_sni(name));
     let Some(sni_tenant) = sni_tenant else {
         if database == state.config.get().admin.database {
-            authenticate_admin(state, stream, user, channel_binding.as_deref()).await?;
+            authenticate_admin(state, stream, user, channel_binding.as_deref(), source).await?;
             return Ok(Login::Admin {
                 user: user.to_owned(),
             });
         }
-        let record =
-            authenticate(state, stream, database, user, channel_binding.as_deref()).await?;
+        let record = authenticate(
+            state,
+            stream,
+            database,
+            user,
+            channel_binding.as_deref(),
+            source,
+        )
+        .await?;
         return tenant_login(record, user, settings);
     };
-    let record = authenticate(state, stream, &sni_tenant, user, channel_binding.as_deref()).await?;
+    let record = authenticate(
+        state,
+        stream,
+        &sni_tenant,
+        user,
+        channel_binding.as_deref(),
+        source,
+    )
+    .await?;
     if database != sni_tenant {
         if let Some(other) = TenantSlug::parse(database) {
             if state.directory.tenant(&other).await?.is_some() {
@@ -494,7 +518,9 @@ async fn authenticate_admin<S: AsyncRead + AsyncWrite + Unpin>(
     stream: &mut S,
     user: &str,
     channel_binding: Option<&[u8]>,
+    source: Option<IpAddr>,
 ) -> Result<(), LoginError> {
+    let attempt = begin_attempt(state, source, Target::Admin).await?;
     let verifier = state.directory.registry().admin_verifier(user).await?;
     let credential = match verifier.as_deref().and_then(ScramSecret::parse) {
         Some(secret) => Credential {
@@ -507,7 +533,9 @@ async fn authenticate_admin<S: AsyncRead + AsyncWrite + Unpin>(
         },
     };
     let is_admin = !credential.is_mock;
-    match auth::authenticate(stream, user, credential, channel_binding).await {
+    let result = auth::authenticate(stream, user, credential, channel_binding).await;
+    end_attempt(state, attempt, &result).await;
+    match result {
         // The exchange ran in full either way; only then is a non-admin told why.
         Err(AuthError::Failed { .. }) if !is_admin => Err(LoginError::NotAdmin(user.to_owned())),
         other => Ok(other?),
@@ -581,7 +609,9 @@ async fn authenticate<S: AsyncRead + AsyncWrite + Unpin>(
     database: &str,
     user: &str,
     channel_binding: Option<&[u8]>,
+    source: Option<IpAddr>,
 ) -> Result<Arc<TenantRecord>, LoginError> {
+    let attempt = begin_attempt(state, source, Target::Tenant(database)).await?;
     let slug = TenantSlug::parse(database);
     let record = match &slug {
         Some(slug) => state.directory.tenant(slug).await?,
@@ -602,12 +632,53 @@ async fn authenticate<S: AsyncRead + AsyncWrite + Unpin>(
             is_mock: true,
         },
     };
-    auth::authenticate(stream, user, credential, channel_binding).await?;
+    let result = auth::authenticate(stream, user, credential, channel_binding).await;
+    end_attempt(state, attempt, &result).await;
+    result?;
     record.ok_or_else(|| {
         LoginError::Auth(AuthError::Failed {
             user: user.to_owned(),
         })
     })
+}
+
+/// Asks the failed-login throttle whether this attempt may go on, and waits out its delay
+/// (an async sleep in this client's task: nobody else waits). Before any registry lookup or
+/// SCRAM work, so a locked-out source costs us almost nothing.
+async fn begin_attempt(
+    state: &State,
+    source: Option<IpAddr>,
+    target: Target<'_>,
+) -> Result<Option<auth::throttle::Attempt>, LoginError> {
+    let Some(source) = source else {
+        return Ok(None);
+    };
+    let attempt = state.throttle.begin(source, target).await?;
+    if !attempt.delay.is_zero() {
+        tracing::debug!(
+            delay_ms = attempt.delay.as_millis(),
+            "login attempt delayed"
+        );
+        tokio::time::sleep(attempt.delay).await;
+    }
+    Ok(Some(attempt))
+}
+
+/// Tells the throttle how the exchange ended.
+async fn end_attempt(
+    state: &State,
+    attempt: Option<auth::throttle::Attempt>,
+    result: &Result<(), AuthError>,
+) {
+    let Some(attempt) = attempt else {
+        return;
+    };
+    match result {
+        Ok(()) => state.throttle.succeeded(attempt).await,
+        // Nothing was proven or disproven: psql, for one, hangs up to prompt for a password.
+        Err(AuthError::ClientLeft) => LoginThrottle::refund(attempt),
+        Err(_) => LoginThrottle::failed(attempt),
+    }
 }
 
 /// Sends a setup error to the client as FATAL and logs it.

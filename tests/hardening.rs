@@ -1,0 +1,91 @@
+//! Hardening (issue 6): failed-login throttling, the cap on logins in progress, audit lines,
+//! and no password in the log.
+#![allow(clippy::unwrap_used, clippy::expect_used, reason = "tests")]
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::{TestEnv, sqlstate};
+
+/// Issue 6: a brute-force loop from 127.0.0.1 against tenant A is delayed, then refused
+/// before SCRAM, while a client of tenant B from the same address still logs in at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn brute_force_is_throttled_then_refused_while_another_tenant_logs_in() {
+    let env = TestEnv::start_with(|c| {
+        c.proxy.auth_failures_before_delay = 3;
+        c.proxy.auth_failures_before_lockout = 6;
+        c.proxy.auth_lockout_seconds = 60;
+        c.proxy.auth_max_delay_ms = 400;
+        c.proxy.auth_failure_limit_factor = 5;
+    })
+    .await;
+    let a = env.tenant_with_user("bf-a").await;
+    let b = env.tenant_with_user("bf-b").await;
+
+    let mut outcomes = Vec::new();
+    for _ in 0..8 {
+        let started = Instant::now();
+        let err = env
+            .connect(a.slug.as_str(), "app", "guess")
+            .await
+            .unwrap_err();
+        outcomes.push((sqlstate(&err).unwrap_or_default(), started.elapsed()));
+        if outcomes.len() == 7 {
+            let message = err.as_db_error().unwrap().message().to_owned();
+            assert!(message.contains("too many failed login"), "{message}");
+        }
+    }
+    let codes: Vec<&str> = outcomes.iter().map(|(c, _)| c.as_str()).collect();
+    assert_eq!(
+        codes,
+        [
+            "28P01", "28P01", "28P01", "28P01", "28P01", "28P01", "53300", "53300"
+        ],
+        "{outcomes:?}"
+    );
+    // Attempts 4, 5 and 6 waited 100, 200 and 400 ms before their exchange.
+    assert!(outcomes[3].1 >= Duration::from_millis(100), "{outcomes:?}");
+    assert!(outcomes[4].1 >= Duration::from_millis(200), "{outcomes:?}");
+    assert!(outcomes[5].1 >= Duration::from_millis(400), "{outcomes:?}");
+
+    // Locked out: even the right password is refused from this address during the cool-down.
+    let err = env
+        .connect(a.slug.as_str(), "app", "secret")
+        .await
+        .unwrap_err();
+    assert_eq!(sqlstate(&err).as_deref(), Some("53300"), "{err}");
+
+    // Tenant B, same address: no delay, no refusal.
+    let started = Instant::now();
+    let client = env.app(b.slug.as_str()).await;
+    assert!(
+        started.elapsed() < Duration::from_millis(1500),
+        "{:?}",
+        started.elapsed()
+    );
+    let one: i32 = client.query_one("SELECT 1", &[]).await.unwrap().get(0);
+    assert_eq!(one, 1);
+}
+
+/// A successful login resets its source's count: typos spread between good logins are never
+/// throttled.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn successful_login_resets_the_failure_count() {
+    let env = TestEnv::start_with(|c| {
+        c.proxy.auth_failures_before_delay = 2;
+        c.proxy.auth_failures_before_lockout = 3;
+    })
+    .await;
+    let a = env.tenant_with_user("reset").await;
+    for _ in 0..3 {
+        for _ in 0..2 {
+            let err = env
+                .connect(a.slug.as_str(), "app", "typo")
+                .await
+                .unwrap_err();
+            assert_eq!(sqlstate(&err).as_deref(), Some("28P01"), "{err}");
+        }
+        env.app(a.slug.as_str()).await;
+    }
+}
