@@ -89,3 +89,48 @@ async fn successful_login_resets_the_failure_count() {
         env.app(a.slug.as_str()).await;
     }
 }
+
+/// Issue 6: connections that stall in startup fill `max_logins_in_progress`; the next one
+/// waits briefly and gets 53300, an established client is not disturbed, and logins work
+/// again once the stalled ones go away.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stalled_logins_are_capped_and_established_clients_carry_on() {
+    let env = TestEnv::start_with(|c| c.proxy.max_logins_in_progress = 2).await;
+    let t = env.tenant_with_user("storm").await;
+    let established = env.app(t.slug.as_str()).await;
+
+    // Two raw sockets that connect and never send a startup packet.
+    let mut stalled = Vec::new();
+    for _ in 0..2 {
+        stalled.push(
+            tokio::net::TcpStream::connect(("127.0.0.1", env.port()))
+                .await
+                .unwrap(),
+        );
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let started = Instant::now();
+    let err = env
+        .connect(t.slug.as_str(), "app", "secret")
+        .await
+        .unwrap_err();
+    assert_eq!(sqlstate(&err).as_deref(), Some("53300"), "{err}");
+    let message = err.as_db_error().unwrap().message().to_owned();
+    assert!(message.contains("too many logins in progress"), "{message}");
+    assert!(
+        started.elapsed() >= Duration::from_millis(900),
+        "{:?}",
+        started.elapsed()
+    );
+
+    let one: i32 = established.query_one("SELECT 1", &[]).await.unwrap().get(0);
+    assert_eq!(one, 1);
+
+    drop(stalled);
+    assert!(
+        common::eventually(Duration::from_secs(5), || async {
+            env.connect(t.slug.as_str(), "app", "secret").await.is_ok()
+        })
+        .await
+    );
+}

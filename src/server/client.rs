@@ -22,6 +22,7 @@ use std::time::Duration;
 use bytes::BytesMut;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
+use tokio::sync::OwnedSemaphorePermit;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
@@ -37,6 +38,9 @@ use crate::registry::{RegistryError, TenantRecord, TenantSlug, TenantState};
 use crate::session::settings::{self, SettingsError};
 use crate::session::{self, RelayEnd, SessionContext, SessionEnd, SessionError};
 use crate::tls::{ALPN_POSTGRESQL, TLS_HANDSHAKE_RECORD, TlsInfo, TlsMode};
+
+/// How long a new connection waits for a login slot before 53300.
+const LOGIN_SLOT_WAIT: Duration = Duration::from_secs(1);
 
 /// Why a client connection ended; logged once when its task ends.
 #[derive(Debug)]
@@ -105,6 +109,8 @@ pub enum LoginError {
     },
     #[error(transparent)]
     Throttled(#[from] Throttled),
+    #[error("no login slot free within {0:?}")]
+    TooManyLogins(Duration),
     #[error("login did not finish within {0:?}")]
     Timeout(Duration),
     #[error("{0} is not an admin user")]
@@ -139,7 +145,9 @@ impl ClientFacing for LoginError {
             LoginError::Auth(e) => e.sqlstate(),
             LoginError::Registry(e) => e.sqlstate(),
             LoginError::TenantNotActive { .. } => SqlState::CANNOT_CONNECT_NOW,
-            LoginError::Throttled(_) => SqlState::TOO_MANY_CONNECTIONS,
+            LoginError::Throttled(_) | LoginError::TooManyLogins(_) => {
+                SqlState::TOO_MANY_CONNECTIONS
+            }
         }
     }
 
@@ -154,6 +162,9 @@ impl ClientFacing for LoginError {
                 format!("tenant \"{slug}\" is {state} and does not accept connections")
             }
             LoginError::Timeout(_) => "canceling authentication due to timeout".to_owned(),
+            LoginError::TooManyLogins(_) => {
+                "sorry, too many logins in progress; try again later".to_owned()
+            }
             LoginError::Throttled(t) => format!(
                 "too many failed login attempts; try again later (in {} seconds)",
                 t.retry_after.as_secs().max(1)
@@ -195,7 +206,9 @@ impl ClientFacing for LoginError {
             | LoginError::SniMismatch { .. } => ErrorKind::Client,
             LoginError::Auth(e) => e.kind(),
             LoginError::Registry(e) => e.kind(),
-            LoginError::TenantNotActive { .. } | LoginError::Throttled(_) => ErrorKind::Limit,
+            LoginError::TenantNotActive { .. }
+            | LoginError::Throttled(_)
+            | LoginError::TooManyLogins(_) => ErrorKind::Limit,
         }
     }
 }
@@ -237,6 +250,12 @@ pub(super) async fn serve_client(
     mut stream: TcpStream,
     shutdown: &CancellationToken,
 ) -> CloseReason {
+    // Held from here to the end of authentication: stalled or slow logins take slots, not
+    // the whole process. Waiting briefly smooths a burst; past that the client is told.
+    let slot = Arc::clone(&state.login_slots).acquire_owned();
+    let Ok(Ok(login_slot)) = tokio::time::timeout(LOGIN_SLOT_WAIT, slot).await else {
+        return fail(&mut stream, &LoginError::TooManyLogins(LOGIN_SLOT_WAIT)).await;
+    };
     let login_timeout = Duration::from_millis(state.config.get().proxy.login_timeout_ms);
     // One deadline for the whole login: encryption, TLS handshake, startup and SCRAM.
     let deadline = Instant::now() + login_timeout;
@@ -257,7 +276,15 @@ pub(super) async fn serve_client(
                 peer,
                 tls: None,
             };
-            return serve_login(state, client_id, conn, Some(first), deadline, shutdown).await;
+            return serve_login(
+                state,
+                client_id,
+                conn,
+                Some(first),
+                (deadline, login_slot),
+                shutdown,
+            )
+            .await;
         }
     };
     // encryption() picks TLS only when there is an acceptor.
@@ -286,7 +313,12 @@ pub(super) async fn serve_client(
     };
     // Boxed: the TLS stream makes this future large, and only TLS clients pay for the box.
     Box::pin(serve_login(
-        state, client_id, conn, None, deadline, shutdown,
+        state,
+        client_id,
+        conn,
+        None,
+        (deadline, login_slot),
+        shutdown,
     ))
     .await
 }
@@ -297,14 +329,16 @@ async fn serve_login<S>(
     client_id: u64,
     mut conn: Conn<S>,
     first: Option<FirstPacket>,
-    deadline: Instant,
+    (deadline, login_slot): (Instant, OwnedSemaphorePermit),
     shutdown: &CancellationToken,
 ) -> CloseReason
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + Sync + 'static,
 {
     let login_timeout = Duration::from_millis(state.config.get().proxy.login_timeout_ms);
-    let login = match tokio::time::timeout_at(deadline, login(state, &mut conn, first)).await {
+    let login = tokio::time::timeout_at(deadline, login(state, &mut conn, first)).await;
+    drop(login_slot);
+    let login = match login {
         Ok(Ok(login)) => login,
         Ok(Err(e)) => return fail(&mut conn.stream, &e).await,
         Err(_) => {

@@ -71,6 +71,12 @@ pub struct ProxyConfig {
     /// Failed logins from one source address against one tenant (or the admin console)
     /// before further attempts are delayed (100 ms, doubling, up to `auth_max_delay_ms`).
     /// Default 5. Restart to change.
+    /// Most clients between accept and the end of authentication at once; past it a new
+    /// connection waits up to one second for a slot, then gets 53300 "too many logins in
+    /// progress", so a storm of slow or stalled logins cannot starve the process. Default 100.
+    /// Restart to change.
+    #[serde(default = "default_max_logins_in_progress")]
+    pub max_logins_in_progress: u32,
     #[serde(default = "default_auth_failures_before_delay")]
     pub auth_failures_before_delay: u32,
     /// Failed logins from one source address against one tenant before further attempts are
@@ -92,6 +98,9 @@ pub struct ProxyConfig {
     pub auth_failure_limit_factor: u32,
 }
 
+fn default_max_logins_in_progress() -> u32 {
+    100
+}
 fn default_auth_failures_before_delay() -> u32 {
     5
 }
@@ -141,6 +150,7 @@ impl Default for ProxyConfig {
             shutdown_grace_seconds: default_shutdown_grace_seconds(),
             suspend_grace_seconds: default_shutdown_grace_seconds(),
             log_level: default_log_level(),
+            max_logins_in_progress: default_max_logins_in_progress(),
             auth_failures_before_delay: default_auth_failures_before_delay(),
             auth_failures_before_lockout: default_auth_failures_before_lockout(),
             auth_lockout_seconds: default_auth_lockout_seconds(),
@@ -178,6 +188,9 @@ impl ProxyConfig {
         }
         if self.max_message_bytes < 1024 {
             return bad("proxy.max_message_bytes", "must be at least 1024");
+        }
+        if self.max_logins_in_progress == 0 {
+            return bad("proxy.max_logins_in_progress", "must be greater than 0");
         }
         if self.auth_failures_before_delay == 0 {
             return bad("proxy.auth_failures_before_delay", "must be greater than 0");
@@ -222,6 +235,8 @@ pub struct State {
     /// Failed-login counters: delays and lock-outs before SCRAM.
     pub throttle: LoginThrottle,
     client_slots: Arc<Semaphore>,
+    /// One permit per client between accept and the end of its login.
+    login_slots: Arc<Semaphore>,
     /// Key for mock SCRAM secrets of unknown tenants/users; random per process.
     mock_key: [u8; 32],
     next_client_id: AtomicU64,
@@ -297,6 +312,9 @@ impl Proxy {
         let state = Arc::new(State {
             client_slots: Arc::new(Semaphore::new(
                 usize::try_from(config.proxy.max_client_connections).unwrap_or(usize::MAX),
+            )),
+            login_slots: Arc::new(Semaphore::new(
+                usize::try_from(config.proxy.max_logins_in_progress).unwrap_or(usize::MAX),
             )),
             config: live,
             directory,
