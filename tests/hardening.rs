@@ -4,6 +4,7 @@
 
 mod common;
 
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use common::{TestEnv, sqlstate};
@@ -133,4 +134,139 @@ async fn stalled_logins_are_capped_and_established_clients_carry_on() {
         })
         .await
     );
+}
+
+/// Everything every test of this binary logs, at trace level, from the moment a test asks.
+fn captured_log() -> Arc<Mutex<Vec<u8>>> {
+    static LOG: OnceLock<Arc<Mutex<Vec<u8>>>> = OnceLock::new();
+    Arc::clone(LOG.get_or_init(|| {
+        let buffer = Arc::new(Mutex::new(Vec::new()));
+        let sink = Arc::clone(&buffer);
+        // As `tenantgate` logs at its most verbose: everything at trace (with the `log`
+        // records of tokio-postgres bridged in), through the same filter as the binary.
+        tracing_subscriber::fmt()
+            .with_env_filter(tenantgate::config::log_filter("trace", false))
+            .with_ansi(false)
+            .with_writer(move || LogWriter(Arc::clone(&sink)))
+            .try_init()
+            .expect("one global subscriber");
+        buffer
+    }))
+}
+
+struct LogWriter(Arc<Mutex<Vec<u8>>>);
+
+impl std::io::Write for LogWriter {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Issue 6: every login and admin command leaves one `tenantgate::audit` line, and nothing
+/// logged at any level, by any crate, contains a client or backend password.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn audit_lines_name_logins_and_admin_commands_and_no_password_is_logged() {
+    let log = captured_log();
+    let env = TestEnv::start().await;
+    let t = env.tenant_with_user("audit").await;
+    let slug = t.slug.as_str();
+    env.add_user(slug, "auditor", "Cl1ent-Pw-7781").await;
+    let backend_password = env.key.decrypt(&t.backend_password_enc).unwrap();
+
+    let client = env
+        .connect(slug, "auditor", "Cl1ent-Pw-7781")
+        .await
+        .unwrap();
+    client.simple_query("SELECT 1").await.unwrap();
+    let err = env
+        .connect(slug, "auditor", "Wr0ng-Pw-7781")
+        .await
+        .unwrap_err();
+    assert_eq!(sqlstate(&err).as_deref(), Some("28P01"));
+    let admin = env.admin().await;
+    admin
+        .simple_query(&format!(
+            "CREATE USER bob FOR TENANT {slug} PASSWORD 'Cr3ated-Pw-7781'"
+        ))
+        .await
+        .unwrap();
+    admin
+        .execute(
+            "ALTER USER bob FOR TENANT $1 PASSWORD $2",
+            &[&slug, &"Alt3red-Pw-7781"],
+        )
+        .await
+        .unwrap();
+    env.connect(slug, "bob", "Alt3red-Pw-7781").await.unwrap();
+    // Provisioning inside the proxy: CREATE ROLE ... PASSWORD with a new backend password.
+    let fresh = common::unique("auditnew");
+    admin
+        .simple_query(&format!("CREATE TENANT {fresh}"))
+        .await
+        .unwrap();
+    let fresh_record = env
+        .registry
+        .tenant(&tenantgate::registry::TenantSlug::parse(&fresh).unwrap())
+        .await
+        .unwrap()
+        .unwrap();
+    let fresh_password = env.key.decrypt(&fresh_record.backend_password_enc).unwrap();
+    drop(client);
+    drop(admin);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+
+    let text = String::from_utf8_lossy(&log.lock().unwrap()).into_owned();
+    let audit: Vec<&str> = text
+        .lines()
+        .filter(|l| l.contains("tenantgate::audit") && l.contains(slug))
+        .collect();
+    let has = |parts: &[&str]| audit.iter().any(|l| parts.iter().all(|p| l.contains(p)));
+    assert!(
+        has(&[
+            "login",
+            "user=auditor",
+            "outcome=\"ok\"",
+            "source=127.0.0.1:"
+        ]),
+        "{audit:#?}"
+    );
+    assert!(
+        has(&["login", "user=auditor", "outcome=\"failed auth\""]),
+        "{audit:#?}"
+    );
+    assert!(
+        has(&[
+            "admin command",
+            "admin_user=root",
+            "command=\"create user\"",
+            "outcome=\"ok\""
+        ]),
+        "{audit:#?}"
+    );
+    assert!(has(&["command=\"alter user\""]), "{audit:#?}");
+    assert!(
+        text.lines().any(|l| l.contains("tenantgate::audit")
+            && l.contains("kind=\"admin\"")
+            && l.contains("user=root")
+            && l.contains("outcome=\"ok\"")),
+        "no admin login audit line"
+    );
+    for secret in [
+        "Cl1ent-Pw-7781",
+        "Wr0ng-Pw-7781",
+        "Cr3ated-Pw-7781",
+        "Alt3red-Pw-7781",
+        "root-secret",
+        backend_password.expose(),
+        fresh_password.expose(),
+    ] {
+        assert!(
+            !text.contains(secret),
+            "the log contains a password: {secret}"
+        );
+    }
 }

@@ -213,6 +213,47 @@ impl ClientFacing for LoginError {
     }
 }
 
+/// Who tried to log in, as far as the startup packet said: for the audit line.
+#[derive(Debug, Default)]
+struct LoginAttempt {
+    /// The admin console rather than a tenant.
+    admin: bool,
+    /// The tenant (database name or SNI tenant) asked for.
+    tenant: String,
+    user: String,
+}
+
+/// The audit line of one login (target `tenantgate::audit`, info): who, from where, and how it
+/// ended. No secret is in any of these fields.
+fn audit_login(peer: Option<SocketAddr>, who: &LoginAttempt, result: &Result<Login, LoginError>) {
+    let (outcome, reason) = match result {
+        Ok(Login::Cancel) => return,
+        Ok(Login::Tenant { .. } | Login::Admin { .. }) => ("ok", String::new()),
+        Err(LoginError::Auth(AuthError::Failed { .. }) | LoginError::NotAdmin(_)) => {
+            ("failed auth", String::new())
+        }
+        Err(LoginError::Auth(AuthError::ClientLeft) | LoginError::Startup(StartupError::Eof)) => {
+            ("abandoned", String::new())
+        }
+        Err(e) => ("refused", format!("{} {e}", e.sqlstate().code())),
+    };
+    audit_line(peer, who, outcome, &reason);
+}
+
+fn audit_line(peer: Option<SocketAddr>, who: &LoginAttempt, outcome: &str, reason: &str) {
+    tracing::info!(
+        target: "tenantgate::audit",
+        event = "login",
+        kind = if who.admin { "admin" } else { "tenant" },
+        tenant = %who.tenant,
+        user = %who.user,
+        source = %peer.map(|p| p.to_string()).unwrap_or_default(),
+        outcome,
+        reason,
+        "login"
+    );
+}
+
 /// What the login phase produced.
 enum Login {
     /// A CancelRequest, already handled.
@@ -250,16 +291,20 @@ pub(super) async fn serve_client(
     mut stream: TcpStream,
     shutdown: &CancellationToken,
 ) -> CloseReason {
+    let peer = stream.peer_addr().ok();
     // Held from here to the end of authentication: stalled or slow logins take slots, not
     // the whole process. Waiting briefly smooths a burst; past that the client is told.
     let slot = Arc::clone(&state.login_slots).acquire_owned();
     let Ok(Ok(login_slot)) = tokio::time::timeout(LOGIN_SLOT_WAIT, slot).await else {
-        return fail(&mut stream, &LoginError::TooManyLogins(LOGIN_SLOT_WAIT)).await;
+        let err = LoginError::TooManyLogins(LOGIN_SLOT_WAIT);
+        // Nothing is known yet but where it came from.
+        let reason = format!("{} {err}", err.sqlstate().code());
+        audit_line(peer, &LoginAttempt::default(), "refused", &reason);
+        return fail(&mut stream, &err).await;
     };
     let login_timeout = Duration::from_millis(state.config.get().proxy.login_timeout_ms);
     // One deadline for the whole login: encryption, TLS handshake, startup and SCRAM.
     let deadline = Instant::now() + login_timeout;
-    let peer = stream.peer_addr().ok();
     let opening = match tokio::time::timeout_at(deadline, encryption(state, &mut stream)).await {
         Ok(Ok(opening)) => opening,
         Ok(Err(e)) => return fail(&mut stream, &e).await,
@@ -336,15 +381,20 @@ where
     S: AsyncRead + AsyncWrite + Unpin + Send + Sync + 'static,
 {
     let login_timeout = Duration::from_millis(state.config.get().proxy.login_timeout_ms);
-    let login = tokio::time::timeout_at(deadline, login(state, &mut conn, first)).await;
+    let mut who = LoginAttempt::default();
+    let login = tokio::time::timeout_at(deadline, login(state, &mut conn, first, &mut who)).await;
     drop(login_slot);
+    let login = login.unwrap_or(Err(LoginError::Timeout(login_timeout)));
+    if !who.user.is_empty() {
+        audit_login(conn.peer, &who, &login);
+    }
     let login = match login {
-        Ok(Ok(login)) => login,
-        Ok(Err(e)) => return fail(&mut conn.stream, &e).await,
-        Err(_) => {
-            fail(&mut conn.stream, &LoginError::Timeout(login_timeout)).await;
+        Ok(login) => login,
+        Err(e @ LoginError::Timeout(_)) => {
+            fail(&mut conn.stream, &e).await;
             return CloseReason::LoginTimeout;
         }
+        Err(e) => return fail(&mut conn.stream, &e).await,
     };
     let peer = conn.peer;
     let (record, user, mut settings) = match login {
@@ -443,6 +493,7 @@ async fn login<S: AsyncRead + AsyncWrite + Unpin>(
     state: &State,
     conn: &mut Conn<S>,
     first: Option<FirstPacket>,
+    who: &mut LoginAttempt,
 ) -> Result<Login, LoginError> {
     let stream = &mut conn.stream;
     let packet = match first {
@@ -481,6 +532,8 @@ async fn login<S: AsyncRead + AsyncWrite + Unpin>(
         .filter(|d| !d.is_empty())
         .unwrap_or(user);
     tracing::Span::current().record("user", user);
+    user.clone_into(&mut who.user);
+    database.clone_into(&mut who.tenant);
     let settings = settings::client_settings(&startup.params)?;
     let source = conn.peer.map(|p| p.ip());
     let server_name = conn.tls.as_ref().and_then(|t| t.server_name.as_deref());
@@ -488,6 +541,7 @@ async fn login<S: AsyncRead + AsyncWrite + Unpin>(
     let sni_tenant = server_name.and_then(|name| state.tls.tenant_from_sni(name));
     let Some(sni_tenant) = sni_tenant else {
         if database == state.config.get().admin.database {
+            who.admin = true;
             authenticate_admin(state, stream, user, channel_binding.as_deref(), source).await?;
             return Ok(Login::Admin {
                 user: user.to_owned(),
@@ -504,6 +558,7 @@ async fn login<S: AsyncRead + AsyncWrite + Unpin>(
         .await?;
         return tenant_login(record, user, settings);
     };
+    who.tenant.clone_from(&sni_tenant);
     let record = authenticate(
         state,
         stream,
