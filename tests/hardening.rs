@@ -96,7 +96,11 @@ async fn successful_login_resets_the_failure_count() {
 /// again once the stalled ones go away.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stalled_logins_are_capped_and_established_clients_carry_on() {
-    let env = TestEnv::start_with(|c| c.proxy.max_logins_in_progress = 2).await;
+    let env = TestEnv::start_with(|c| {
+        c.proxy.max_logins_in_progress = 2;
+        c.proxy.login_slot_wait_ms = 1000;
+    })
+    .await;
     let t = env.tenant_with_user("storm").await;
     let established = env.app(t.slug.as_str()).await;
 

@@ -14,9 +14,11 @@
 //! deliberate trade-off: it protects the tenant's passwords at the price of its users waiting
 //! out the cool-down when it is attacked from many addresses.
 //!
-//! An attempt counts as a failure from the moment it begins, so a hundred parallel attempts
-//! cannot all slip in before the first failure is recorded; success takes it back (and resets
-//! the source's counters), and a client that leaves before proving anything gets it refunded.
+//! A failure is counted when the exchange fails, not when it begins: a burst of honest
+//! clients logging in at once (an application server starting 200 connections) must not look
+//! like 200 failures. Parallel guesses can therefore run ahead of the count by at most the
+//! logins in progress (`max_logins_in_progress`). Success resets the source's counters; a
+//! client that leaves before proving anything counts for nothing.
 //! Counters live in a bounded moka cache and are forgotten after a quiet period. Delays are
 //! async sleeps in the client's own task: they hold no lock and block nobody else.
 
@@ -163,12 +165,11 @@ impl LoginThrottle {
                 });
             }
         }
-        // Second pass: count the attempt and take the longest delay any counter asks for.
+        // Second pass: the longest delay any counter asks for this attempt.
         let mut delay = Duration::ZERO;
         for (shared, (delay_after, _), _) in plan {
-            let mut c = lock(shared);
-            c.failures = c.failures.saturating_add(1);
-            delay = delay.max(self.delay_for(c.failures, delay_after));
+            let attempt = lock(shared).failures.saturating_add(1);
+            delay = delay.max(self.delay_for(attempt, delay_after));
         }
         Ok(Attempt {
             counters: [narrow, by_source, by_target],
@@ -195,29 +196,25 @@ impl LoginThrottle {
             .min(self.settings.max_delay)
     }
 
-    /// The login succeeded: the source's counters start over; the target's forgets this
-    /// attempt (other sources' failures still count).
+    /// The login succeeded: the source's counters start over (other sources' failures
+    /// against the target still count).
     pub async fn succeeded(&self, attempt: Attempt) {
-        let [(narrow, _), (by_source, _), (_, by_target)] = attempt.counters;
+        let [(narrow, _), (by_source, _), _] = attempt.counters;
         self.counters.invalidate(&narrow).await;
         self.counters.invalidate(&by_source).await;
-        let mut c = lock(&by_target);
-        c.failures = c.failures.saturating_sub(1);
     }
 
-    /// The client left before proving anything (no password was tried): the attempt does not
-    /// count.
+    /// The client left before proving anything (no password was tried): nothing to count.
     pub fn refund(attempt: Attempt) {
-        for (_, shared) in attempt.counters {
-            let shared = &shared;
-            let mut c = lock(shared);
-            c.failures = c.failures.saturating_sub(1);
-        }
+        drop(attempt);
     }
 
-    /// The password was wrong: the attempt stays counted.
+    /// The password was wrong: one more failure on each counter.
     pub fn failed(attempt: Attempt) {
-        drop(attempt);
+        for (_, shared) in attempt.counters {
+            let mut c = lock(&shared);
+            c.failures = c.failures.saturating_add(1);
+        }
     }
 }
 

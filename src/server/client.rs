@@ -39,9 +39,6 @@ use crate::session::settings::{self, SettingsError};
 use crate::session::{self, RelayEnd, SessionContext, SessionEnd, SessionError};
 use crate::tls::{ALPN_POSTGRESQL, TLS_HANDSHAKE_RECORD, TlsInfo, TlsMode};
 
-/// How long a new connection waits for a login slot before 53300.
-const LOGIN_SLOT_WAIT: Duration = Duration::from_secs(1);
-
 /// Why a client connection ended; logged once when its task ends.
 #[derive(Debug)]
 pub enum CloseReason {
@@ -294,9 +291,10 @@ pub(super) async fn serve_client(
     let peer = stream.peer_addr().ok();
     // Held from here to the end of authentication: stalled or slow logins take slots, not
     // the whole process. Waiting briefly smooths a burst; past that the client is told.
+    let slot_wait = Duration::from_millis(state.config.get().proxy.login_slot_wait_ms);
     let slot = Arc::clone(&state.login_slots).acquire_owned();
-    let Ok(Ok(login_slot)) = tokio::time::timeout(LOGIN_SLOT_WAIT, slot).await else {
-        let err = LoginError::TooManyLogins(LOGIN_SLOT_WAIT);
+    let Ok(Ok(login_slot)) = tokio::time::timeout(slot_wait, slot).await else {
+        let err = LoginError::TooManyLogins(slot_wait);
         // Nothing is known yet but where it came from.
         let reason = format!("{} {err}", err.sqlstate().code());
         audit_line(peer, &LoginAttempt::default(), "refused", &reason);

@@ -77,6 +77,11 @@ pub struct ProxyConfig {
     /// Restart to change.
     #[serde(default = "default_max_logins_in_progress")]
     pub max_logins_in_progress: u32,
+    /// Milliseconds a new connection waits for a login slot before 53300: long enough for a
+    /// burst of honest clients to queue, short of the login timeout. Default 5000. Restart to
+    /// change.
+    #[serde(default = "default_login_slot_wait_ms")]
+    pub login_slot_wait_ms: u64,
     #[serde(default = "default_auth_failures_before_delay")]
     pub auth_failures_before_delay: u32,
     /// Failed logins from one source address against one tenant before further attempts are
@@ -100,6 +105,9 @@ pub struct ProxyConfig {
 
 fn default_max_logins_in_progress() -> u32 {
     100
+}
+fn default_login_slot_wait_ms() -> u64 {
+    5000
 }
 fn default_auth_failures_before_delay() -> u32 {
     5
@@ -151,6 +159,7 @@ impl Default for ProxyConfig {
             suspend_grace_seconds: default_shutdown_grace_seconds(),
             log_level: default_log_level(),
             max_logins_in_progress: default_max_logins_in_progress(),
+            login_slot_wait_ms: default_login_slot_wait_ms(),
             auth_failures_before_delay: default_auth_failures_before_delay(),
             auth_failures_before_lockout: default_auth_failures_before_lockout(),
             auth_lockout_seconds: default_auth_lockout_seconds(),
