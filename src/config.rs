@@ -219,6 +219,22 @@ impl Config {
     }
 }
 
+/// The log filter for `proxy.log_level` (or `RUST_LOG`, when `from_env`), with tokio-postgres
+/// capped at info: its debug lines carry whole statements and bound parameters, and the
+/// provisioning statements (CREATE ROLE ... PASSWORD) hold tenants' backend passwords.
+pub fn log_filter(level: &str, from_env: bool) -> tracing_subscriber::EnvFilter {
+    use tracing_subscriber::EnvFilter;
+    let filter = from_env
+        .then(|| EnvFilter::try_from_default_env().ok())
+        .flatten()
+        .or_else(|| EnvFilter::try_new(level).ok())
+        .unwrap_or_else(|| EnvFilter::new("info"));
+    match "tokio_postgres=info".parse() {
+        Ok(cap) => filter.add_directive(cap),
+        Err(_) => filter,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -16,7 +16,6 @@ use tenantgate::provision::{self, CreateTenant, RegisterTenant};
 use tenantgate::quickstart;
 use tenantgate::registry::{Registry, TenantState};
 use tenantgate::server::Proxy;
-use tracing_subscriber::EnvFilter;
 
 #[derive(Parser)]
 #[command(
@@ -154,9 +153,7 @@ fn fail(e: &anyhow::Error, code: u8) -> ExitCode {
 }
 
 fn init_logging(level: &str) {
-    let filter = EnvFilter::try_from_default_env()
-        .or_else(|_| EnvFilter::try_new(level))
-        .unwrap_or_else(|_| EnvFilter::new("info"));
+    let filter = tenantgate::config::log_filter(level, true);
     drop(
         tracing_subscriber::fmt()
             .with_env_filter(filter)

@@ -114,6 +114,54 @@ pub(super) enum Command {
     Reload,
 }
 
+impl Command {
+    /// The command's kind for the audit log: never its arguments (some are passwords).
+    pub(super) fn kind(&self) -> &'static str {
+        match self {
+            Command::Empty => "empty",
+            Command::Ignored(_) => "ignored",
+            Command::Show { .. } => "show",
+            Command::Select(_) => "select",
+            Command::CreateTenant { .. } => "create tenant",
+            Command::RegisterTenant { .. } => "register tenant",
+            Command::SetUser { replace: false, .. } => "create user",
+            Command::SetUser { replace: true, .. } => "alter user",
+            Command::DropUser { .. } => "drop user",
+            Command::SuspendTenant { .. } => "suspend tenant",
+            Command::ResumeTenant { .. } => "resume tenant",
+            Command::DropTenant { .. } => "drop tenant",
+            Command::MigrateTenant { .. } => "migrate tenant",
+            Command::MigrateAll { .. } => "migrate all",
+            Command::Kill { .. } => "kill",
+            Command::Pause { .. } => "pause",
+            Command::Unpause { .. } => "resume",
+            Command::Reload => "reload",
+        }
+    }
+
+    /// The tenant a command is about, if any (its slug as given, parameters resolved).
+    pub(super) fn tenant(&self, params: &[Option<String>]) -> Option<String> {
+        let arg = match self {
+            Command::Show { tenant, .. } => tenant.as_ref(),
+            Command::CreateTenant { slug, .. }
+            | Command::RegisterTenant { slug, .. }
+            | Command::SuspendTenant { slug, .. }
+            | Command::ResumeTenant { slug }
+            | Command::DropTenant { slug, .. }
+            | Command::MigrateTenant { slug }
+            | Command::Kill { slug } => Some(slug),
+            Command::SetUser { tenant, .. } | Command::DropUser { tenant, .. } => Some(tenant),
+            Command::Pause { slug } | Command::Unpause { slug } => slug.as_ref(),
+            Command::Empty
+            | Command::Ignored(_)
+            | Command::Select(_)
+            | Command::MigrateAll { .. }
+            | Command::Reload => None,
+        };
+        arg.and_then(|a| a.resolve(params).ok())
+    }
+}
+
 /// How many `$n` parameters a statement takes (the highest n). Counting over the tokens
 /// covers SELECT too, whose parameters live in its AST.
 pub(super) fn parameter_count(sql: &str) -> usize {

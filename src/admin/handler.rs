@@ -122,6 +122,22 @@ impl AdminHandler {
         while let Ok(text) = notices.try_recv() {
             futures_util::SinkExt::send(client, notice(&text)).await?;
         }
+        // The audit line: kind and tenant only, never the arguments (passwords).
+        let (outcome, reason) = match &result {
+            Ok(_) => ("ok", ""),
+            // The SQLSTATE only: messages may quote arguments; log_error has the detail.
+            Err(e) => ("error", e.sqlstate().code()),
+        };
+        tracing::info!(
+            target: "tenantgate::audit",
+            event = "admin command",
+            admin_user = %self.user,
+            command = command.kind(),
+            tenant = command.tenant(params).as_deref().unwrap_or(""),
+            outcome,
+            reason,
+            "admin command"
+        );
         match result {
             Ok(Outcome::Rows(table)) => Ok(Response::Query(query_response(&table, format)?)),
             Ok(Outcome::Done(tag)) => Ok(Response::Execution(Tag::new(tag))),

@@ -10,6 +10,7 @@
 //! exchange is driven here with the `hmac`/`sha2` crates postgres-protocol already uses.
 
 pub mod scram;
+pub mod throttle;
 
 use bytes::BytesMut;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};

@@ -5,6 +5,7 @@
 //! an ErrorResponse.
 
 pub mod frame;
+pub mod fuzz;
 pub mod messages;
 mod sqlstate;
 pub mod startup;

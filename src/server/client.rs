@@ -15,18 +15,20 @@
 //! authentication keeps unauthenticated clients from probing which tenants exist.
 
 use std::fmt;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::BytesMut;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
+use tokio::sync::OwnedSemaphorePermit;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use super::State;
 use crate::admin;
+use crate::auth::throttle::{LoginThrottle, Target, Throttled};
 use crate::auth::{self, AuthError, Credential, ScramSecret};
 use crate::clients::ClientEntry;
 use crate::error::{ClientFacing, ErrorKind, log_error};
@@ -102,6 +104,10 @@ pub enum LoginError {
         slug: TenantSlug,
         state: TenantState,
     },
+    #[error(transparent)]
+    Throttled(#[from] Throttled),
+    #[error("no login slot free within {0:?}")]
+    TooManyLogins(Duration),
     #[error("login did not finish within {0:?}")]
     Timeout(Duration),
     #[error("{0} is not an admin user")]
@@ -136,6 +142,9 @@ impl ClientFacing for LoginError {
             LoginError::Auth(e) => e.sqlstate(),
             LoginError::Registry(e) => e.sqlstate(),
             LoginError::TenantNotActive { .. } => SqlState::CANNOT_CONNECT_NOW,
+            LoginError::Throttled(_) | LoginError::TooManyLogins(_) => {
+                SqlState::TOO_MANY_CONNECTIONS
+            }
         }
     }
 
@@ -150,6 +159,13 @@ impl ClientFacing for LoginError {
                 format!("tenant \"{slug}\" is {state} and does not accept connections")
             }
             LoginError::Timeout(_) => "canceling authentication due to timeout".to_owned(),
+            LoginError::TooManyLogins(_) => {
+                "sorry, too many logins in progress; try again later".to_owned()
+            }
+            LoginError::Throttled(t) => format!(
+                "too many failed login attempts; try again later (in {} seconds)",
+                t.retry_after.as_secs().max(1)
+            ),
             LoginError::NotAdmin(user) => format!(
                 "user \"{user}\" is not an admin user: only admin users may connect to the admin database"
             ),
@@ -187,9 +203,52 @@ impl ClientFacing for LoginError {
             | LoginError::SniMismatch { .. } => ErrorKind::Client,
             LoginError::Auth(e) => e.kind(),
             LoginError::Registry(e) => e.kind(),
-            LoginError::TenantNotActive { .. } => ErrorKind::Limit,
+            LoginError::TenantNotActive { .. }
+            | LoginError::Throttled(_)
+            | LoginError::TooManyLogins(_) => ErrorKind::Limit,
         }
     }
+}
+
+/// Who tried to log in, as far as the startup packet said: for the audit line.
+#[derive(Debug, Default)]
+struct LoginAttempt {
+    /// The admin console rather than a tenant.
+    admin: bool,
+    /// The tenant (database name or SNI tenant) asked for.
+    tenant: String,
+    user: String,
+}
+
+/// The audit line of one login (target `tenantgate::audit`, info): who, from where, and how it
+/// ended. No secret is in any of these fields.
+fn audit_login(peer: Option<SocketAddr>, who: &LoginAttempt, result: &Result<Login, LoginError>) {
+    let (outcome, reason) = match result {
+        Ok(Login::Cancel) => return,
+        Ok(Login::Tenant { .. } | Login::Admin { .. }) => ("ok", String::new()),
+        Err(LoginError::Auth(AuthError::Failed { .. }) | LoginError::NotAdmin(_)) => {
+            ("failed auth", String::new())
+        }
+        Err(LoginError::Auth(AuthError::ClientLeft) | LoginError::Startup(StartupError::Eof)) => {
+            ("abandoned", String::new())
+        }
+        Err(e) => ("refused", format!("{} {e}", e.sqlstate().code())),
+    };
+    audit_line(peer, who, outcome, &reason);
+}
+
+fn audit_line(peer: Option<SocketAddr>, who: &LoginAttempt, outcome: &str, reason: &str) {
+    tracing::info!(
+        target: "tenantgate::audit",
+        event = "login",
+        kind = if who.admin { "admin" } else { "tenant" },
+        tenant = %who.tenant,
+        user = %who.user,
+        source = %peer.map(|p| p.to_string()).unwrap_or_default(),
+        outcome,
+        reason,
+        "login"
+    );
 }
 
 /// What the login phase produced.
@@ -229,10 +288,21 @@ pub(super) async fn serve_client(
     mut stream: TcpStream,
     shutdown: &CancellationToken,
 ) -> CloseReason {
+    let peer = stream.peer_addr().ok();
+    // Held from here to the end of authentication: stalled or slow logins take slots, not
+    // the whole process. Waiting briefly smooths a burst; past that the client is told.
+    let slot_wait = Duration::from_millis(state.config.get().proxy.login_slot_wait_ms);
+    let slot = Arc::clone(&state.login_slots).acquire_owned();
+    let Ok(Ok(login_slot)) = tokio::time::timeout(slot_wait, slot).await else {
+        let err = LoginError::TooManyLogins(slot_wait);
+        // Nothing is known yet but where it came from.
+        let reason = format!("{} {err}", err.sqlstate().code());
+        audit_line(peer, &LoginAttempt::default(), "refused", &reason);
+        return fail(&mut stream, &err).await;
+    };
     let login_timeout = Duration::from_millis(state.config.get().proxy.login_timeout_ms);
     // One deadline for the whole login: encryption, TLS handshake, startup and SCRAM.
     let deadline = Instant::now() + login_timeout;
-    let peer = stream.peer_addr().ok();
     let opening = match tokio::time::timeout_at(deadline, encryption(state, &mut stream)).await {
         Ok(Ok(opening)) => opening,
         Ok(Err(e)) => return fail(&mut stream, &e).await,
@@ -249,7 +319,15 @@ pub(super) async fn serve_client(
                 peer,
                 tls: None,
             };
-            return serve_login(state, client_id, conn, Some(first), deadline, shutdown).await;
+            return serve_login(
+                state,
+                client_id,
+                conn,
+                Some(first),
+                (deadline, login_slot),
+                shutdown,
+            )
+            .await;
         }
     };
     // encryption() picks TLS only when there is an acceptor.
@@ -278,7 +356,12 @@ pub(super) async fn serve_client(
     };
     // Boxed: the TLS stream makes this future large, and only TLS clients pay for the box.
     Box::pin(serve_login(
-        state, client_id, conn, None, deadline, shutdown,
+        state,
+        client_id,
+        conn,
+        None,
+        (deadline, login_slot),
+        shutdown,
     ))
     .await
 }
@@ -289,20 +372,27 @@ async fn serve_login<S>(
     client_id: u64,
     mut conn: Conn<S>,
     first: Option<FirstPacket>,
-    deadline: Instant,
+    (deadline, login_slot): (Instant, OwnedSemaphorePermit),
     shutdown: &CancellationToken,
 ) -> CloseReason
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + Sync + 'static,
 {
     let login_timeout = Duration::from_millis(state.config.get().proxy.login_timeout_ms);
-    let login = match tokio::time::timeout_at(deadline, login(state, &mut conn, first)).await {
-        Ok(Ok(login)) => login,
-        Ok(Err(e)) => return fail(&mut conn.stream, &e).await,
-        Err(_) => {
-            fail(&mut conn.stream, &LoginError::Timeout(login_timeout)).await;
+    let mut who = LoginAttempt::default();
+    let login = tokio::time::timeout_at(deadline, login(state, &mut conn, first, &mut who)).await;
+    drop(login_slot);
+    let login = login.unwrap_or(Err(LoginError::Timeout(login_timeout)));
+    if !who.user.is_empty() {
+        audit_login(conn.peer, &who, &login);
+    }
+    let login = match login {
+        Ok(login) => login,
+        Err(e @ LoginError::Timeout(_)) => {
+            fail(&mut conn.stream, &e).await;
             return CloseReason::LoginTimeout;
         }
+        Err(e) => return fail(&mut conn.stream, &e).await,
     };
     let peer = conn.peer;
     let (record, user, mut settings) = match login {
@@ -401,6 +491,7 @@ async fn login<S: AsyncRead + AsyncWrite + Unpin>(
     state: &State,
     conn: &mut Conn<S>,
     first: Option<FirstPacket>,
+    who: &mut LoginAttempt,
 ) -> Result<Login, LoginError> {
     let stream = &mut conn.stream;
     let packet = match first {
@@ -439,22 +530,42 @@ async fn login<S: AsyncRead + AsyncWrite + Unpin>(
         .filter(|d| !d.is_empty())
         .unwrap_or(user);
     tracing::Span::current().record("user", user);
+    user.clone_into(&mut who.user);
+    database.clone_into(&mut who.tenant);
     let settings = settings::client_settings(&startup.params)?;
+    let source = conn.peer.map(|p| p.ip());
     let server_name = conn.tls.as_ref().and_then(|t| t.server_name.as_deref());
     let channel_binding = conn.tls.as_ref().and_then(|t| t.channel_binding.clone());
     let sni_tenant = server_name.and_then(|name| state.tls.tenant_from_sni(name));
     let Some(sni_tenant) = sni_tenant else {
         if database == state.config.get().admin.database {
-            authenticate_admin(state, stream, user, channel_binding.as_deref()).await?;
+            who.admin = true;
+            authenticate_admin(state, stream, user, channel_binding.as_deref(), source).await?;
             return Ok(Login::Admin {
                 user: user.to_owned(),
             });
         }
-        let record =
-            authenticate(state, stream, database, user, channel_binding.as_deref()).await?;
+        let record = authenticate(
+            state,
+            stream,
+            database,
+            user,
+            channel_binding.as_deref(),
+            source,
+        )
+        .await?;
         return tenant_login(record, user, settings);
     };
-    let record = authenticate(state, stream, &sni_tenant, user, channel_binding.as_deref()).await?;
+    who.tenant.clone_from(&sni_tenant);
+    let record = authenticate(
+        state,
+        stream,
+        &sni_tenant,
+        user,
+        channel_binding.as_deref(),
+        source,
+    )
+    .await?;
     if database != sni_tenant {
         if let Some(other) = TenantSlug::parse(database) {
             if state.directory.tenant(&other).await?.is_some() {
@@ -494,7 +605,9 @@ async fn authenticate_admin<S: AsyncRead + AsyncWrite + Unpin>(
     stream: &mut S,
     user: &str,
     channel_binding: Option<&[u8]>,
+    source: Option<IpAddr>,
 ) -> Result<(), LoginError> {
+    let attempt = begin_attempt(state, source, Target::Admin).await?;
     let verifier = state.directory.registry().admin_verifier(user).await?;
     let credential = match verifier.as_deref().and_then(ScramSecret::parse) {
         Some(secret) => Credential {
@@ -507,7 +620,9 @@ async fn authenticate_admin<S: AsyncRead + AsyncWrite + Unpin>(
         },
     };
     let is_admin = !credential.is_mock;
-    match auth::authenticate(stream, user, credential, channel_binding).await {
+    let result = auth::authenticate(stream, user, credential, channel_binding).await;
+    end_attempt(state, attempt, &result).await;
+    match result {
         // The exchange ran in full either way; only then is a non-admin told why.
         Err(AuthError::Failed { .. }) if !is_admin => Err(LoginError::NotAdmin(user.to_owned())),
         other => Ok(other?),
@@ -581,7 +696,9 @@ async fn authenticate<S: AsyncRead + AsyncWrite + Unpin>(
     database: &str,
     user: &str,
     channel_binding: Option<&[u8]>,
+    source: Option<IpAddr>,
 ) -> Result<Arc<TenantRecord>, LoginError> {
+    let attempt = begin_attempt(state, source, Target::Tenant(database)).await?;
     let slug = TenantSlug::parse(database);
     let record = match &slug {
         Some(slug) => state.directory.tenant(slug).await?,
@@ -602,12 +719,53 @@ async fn authenticate<S: AsyncRead + AsyncWrite + Unpin>(
             is_mock: true,
         },
     };
-    auth::authenticate(stream, user, credential, channel_binding).await?;
+    let result = auth::authenticate(stream, user, credential, channel_binding).await;
+    end_attempt(state, attempt, &result).await;
+    result?;
     record.ok_or_else(|| {
         LoginError::Auth(AuthError::Failed {
             user: user.to_owned(),
         })
     })
+}
+
+/// Asks the failed-login throttle whether this attempt may go on, and waits out its delay
+/// (an async sleep in this client's task: nobody else waits). Before any registry lookup or
+/// SCRAM work, so a locked-out source costs us almost nothing.
+async fn begin_attempt(
+    state: &State,
+    source: Option<IpAddr>,
+    target: Target<'_>,
+) -> Result<Option<auth::throttle::Attempt>, LoginError> {
+    let Some(source) = source else {
+        return Ok(None);
+    };
+    let attempt = state.throttle.begin(source, target).await?;
+    if !attempt.delay.is_zero() {
+        tracing::debug!(
+            delay_ms = attempt.delay.as_millis(),
+            "login attempt delayed"
+        );
+        tokio::time::sleep(attempt.delay).await;
+    }
+    Ok(Some(attempt))
+}
+
+/// Tells the throttle how the exchange ended.
+async fn end_attempt(
+    state: &State,
+    attempt: Option<auth::throttle::Attempt>,
+    result: &Result<(), AuthError>,
+) {
+    let Some(attempt) = attempt else {
+        return;
+    };
+    match result {
+        Ok(()) => state.throttle.succeeded(attempt).await,
+        // Nothing was proven or disproven: psql, for one, hangs up to prompt for a password.
+        Err(AuthError::ClientLeft) => LoginThrottle::refund(attempt),
+        Err(_) => LoginThrottle::failed(attempt),
+    }
 }
 
 /// Sends a setup error to the client as FATAL and logs it.

@@ -24,6 +24,7 @@ use tokio_util::task::TaskTracker;
 pub use client::{CloseReason, LoginError};
 
 use crate::admin::AdminContext;
+use crate::auth::throttle::{LoginThrottle, ThrottleSettings};
 use crate::clients::ClientRoster;
 use crate::config::{Config, LiveConfig};
 use crate::crypto::MasterKey;
@@ -67,6 +68,61 @@ pub struct ProxyConfig {
     /// `tenantgate=debug`). `RUST_LOG` overrides it. Default "info".
     #[serde(default = "default_log_level")]
     pub log_level: String,
+    /// Failed logins from one source address against one tenant (or the admin console)
+    /// before further attempts are delayed (100 ms, doubling, up to `auth_max_delay_ms`).
+    /// Default 5. Restart to change.
+    /// Most clients between accept and the end of authentication at once; past it a new
+    /// connection waits up to one second for a slot, then gets 53300 "too many logins in
+    /// progress", so a storm of slow or stalled logins cannot starve the process. Default 100.
+    /// Restart to change.
+    #[serde(default = "default_max_logins_in_progress")]
+    pub max_logins_in_progress: u32,
+    /// Milliseconds a new connection waits for a login slot before 53300: long enough for a
+    /// burst of honest clients to queue, short of the login timeout. Default 5000. Restart to
+    /// change.
+    #[serde(default = "default_login_slot_wait_ms")]
+    pub login_slot_wait_ms: u64,
+    #[serde(default = "default_auth_failures_before_delay")]
+    pub auth_failures_before_delay: u32,
+    /// Failed logins from one source address against one tenant before further attempts are
+    /// refused (SQLSTATE 53300) for `auth_lockout_seconds`, before any SCRAM work. Default 20.
+    /// Restart to change.
+    #[serde(default = "default_auth_failures_before_lockout")]
+    pub auth_failures_before_lockout: u32,
+    /// Seconds a lock-out lasts. Default 300. Restart to change.
+    #[serde(default = "default_auth_lockout_seconds")]
+    pub auth_lockout_seconds: u64,
+    /// Longest delay of a throttled login attempt, in milliseconds; less than
+    /// `login_timeout_ms`. Default 2000. Restart to change.
+    #[serde(default = "default_auth_max_delay_ms")]
+    pub auth_max_delay_ms: u64,
+    /// The per-source-address counter (all tenants) and the per-tenant counter (all sources)
+    /// use the two thresholds above times this factor: many honest clients share an address
+    /// or a tenant. Default 5. Restart to change.
+    #[serde(default = "default_auth_failure_limit_factor")]
+    pub auth_failure_limit_factor: u32,
+}
+
+fn default_max_logins_in_progress() -> u32 {
+    100
+}
+fn default_login_slot_wait_ms() -> u64 {
+    5000
+}
+fn default_auth_failures_before_delay() -> u32 {
+    5
+}
+fn default_auth_failures_before_lockout() -> u32 {
+    20
+}
+fn default_auth_lockout_seconds() -> u64 {
+    300
+}
+fn default_auth_max_delay_ms() -> u64 {
+    2000
+}
+fn default_auth_failure_limit_factor() -> u32 {
+    5
 }
 
 fn default_listen() -> SocketAddr {
@@ -102,11 +158,29 @@ impl Default for ProxyConfig {
             shutdown_grace_seconds: default_shutdown_grace_seconds(),
             suspend_grace_seconds: default_shutdown_grace_seconds(),
             log_level: default_log_level(),
+            max_logins_in_progress: default_max_logins_in_progress(),
+            login_slot_wait_ms: default_login_slot_wait_ms(),
+            auth_failures_before_delay: default_auth_failures_before_delay(),
+            auth_failures_before_lockout: default_auth_failures_before_lockout(),
+            auth_lockout_seconds: default_auth_lockout_seconds(),
+            auth_max_delay_ms: default_auth_max_delay_ms(),
+            auth_failure_limit_factor: default_auth_failure_limit_factor(),
         }
     }
 }
 
 impl ProxyConfig {
+    /// The failed-login throttle's thresholds.
+    pub fn throttle_settings(&self) -> ThrottleSettings {
+        ThrottleSettings {
+            failures_before_delay: self.auth_failures_before_delay,
+            failures_before_lockout: self.auth_failures_before_lockout,
+            lockout: Duration::from_secs(self.auth_lockout_seconds),
+            max_delay: Duration::from_millis(self.auth_max_delay_ms),
+            wide_factor: self.auth_failure_limit_factor,
+        }
+    }
+
     pub(crate) fn validate(&self) -> Result<(), (String, String)> {
         let bad = |k: &str, m: &str| Err((k.to_owned(), m.to_owned()));
         if self.max_client_connections == 0 {
@@ -123,6 +197,30 @@ impl ProxyConfig {
         }
         if self.max_message_bytes < 1024 {
             return bad("proxy.max_message_bytes", "must be at least 1024");
+        }
+        if self.max_logins_in_progress == 0 {
+            return bad("proxy.max_logins_in_progress", "must be greater than 0");
+        }
+        if self.auth_failures_before_delay == 0 {
+            return bad("proxy.auth_failures_before_delay", "must be greater than 0");
+        }
+        if self.auth_failures_before_lockout <= self.auth_failures_before_delay {
+            return bad(
+                "proxy.auth_failures_before_lockout",
+                "must be greater than proxy.auth_failures_before_delay",
+            );
+        }
+        if self.auth_lockout_seconds == 0 {
+            return bad("proxy.auth_lockout_seconds", "must be greater than 0");
+        }
+        if self.auth_max_delay_ms >= self.login_timeout_ms {
+            return bad(
+                "proxy.auth_max_delay_ms",
+                "must be less than proxy.login_timeout_ms",
+            );
+        }
+        if self.auth_failure_limit_factor == 0 {
+            return bad("proxy.auth_failure_limit_factor", "must be greater than 0");
         }
         if tracing_subscriber::EnvFilter::try_new(&self.log_level).is_err() {
             return bad("proxy.log_level", "is not a valid log filter");
@@ -143,7 +241,11 @@ pub struct State {
     pub stats: Stats,
     /// Client TLS: acceptor, channel-binding data, SNI base domain.
     pub tls: TlsServer,
+    /// Failed-login counters: delays and lock-outs before SCRAM.
+    pub throttle: LoginThrottle,
     client_slots: Arc<Semaphore>,
+    /// One permit per client between accept and the end of its login.
+    login_slots: Arc<Semaphore>,
     /// Key for mock SCRAM secrets of unknown tenants/users; random per process.
     mock_key: [u8; 32],
     next_client_id: AtomicU64,
@@ -220,6 +322,9 @@ impl Proxy {
             client_slots: Arc::new(Semaphore::new(
                 usize::try_from(config.proxy.max_client_connections).unwrap_or(usize::MAX),
             )),
+            login_slots: Arc::new(Semaphore::new(
+                usize::try_from(config.proxy.max_logins_in_progress).unwrap_or(usize::MAX),
+            )),
             config: live,
             directory,
             pools,
@@ -228,6 +333,7 @@ impl Proxy {
             admin,
             stats: usage,
             tls,
+            throttle: LoginThrottle::new(config.proxy.throttle_settings()),
             mock_key,
             next_client_id: AtomicU64::new(1),
         });

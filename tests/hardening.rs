@@ -1,0 +1,276 @@
+//! Hardening (issue 6): failed-login throttling, the cap on logins in progress, audit lines,
+//! and no password in the log.
+#![allow(clippy::unwrap_used, clippy::expect_used, reason = "tests")]
+
+mod common;
+
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+use common::{TestEnv, sqlstate};
+
+/// Issue 6: a brute-force loop from 127.0.0.1 against tenant A is delayed, then refused
+/// before SCRAM, while a client of tenant B from the same address still logs in at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn brute_force_is_throttled_then_refused_while_another_tenant_logs_in() {
+    let env = TestEnv::start_with(|c| {
+        c.proxy.auth_failures_before_delay = 3;
+        c.proxy.auth_failures_before_lockout = 6;
+        c.proxy.auth_lockout_seconds = 60;
+        c.proxy.auth_max_delay_ms = 400;
+        c.proxy.auth_failure_limit_factor = 5;
+    })
+    .await;
+    let a = env.tenant_with_user("bf-a").await;
+    let b = env.tenant_with_user("bf-b").await;
+
+    let mut outcomes = Vec::new();
+    for _ in 0..8 {
+        let started = Instant::now();
+        let err = env
+            .connect(a.slug.as_str(), "app", "guess")
+            .await
+            .unwrap_err();
+        outcomes.push((sqlstate(&err).unwrap_or_default(), started.elapsed()));
+        if outcomes.len() == 7 {
+            let message = err.as_db_error().unwrap().message().to_owned();
+            assert!(message.contains("too many failed login"), "{message}");
+        }
+    }
+    let codes: Vec<&str> = outcomes.iter().map(|(c, _)| c.as_str()).collect();
+    assert_eq!(
+        codes,
+        [
+            "28P01", "28P01", "28P01", "28P01", "28P01", "28P01", "53300", "53300"
+        ],
+        "{outcomes:?}"
+    );
+    // Attempts 4, 5 and 6 waited 100, 200 and 400 ms before their exchange.
+    assert!(outcomes[3].1 >= Duration::from_millis(100), "{outcomes:?}");
+    assert!(outcomes[4].1 >= Duration::from_millis(200), "{outcomes:?}");
+    assert!(outcomes[5].1 >= Duration::from_millis(400), "{outcomes:?}");
+
+    // Locked out: even the right password is refused from this address during the cool-down.
+    let err = env
+        .connect(a.slug.as_str(), "app", "secret")
+        .await
+        .unwrap_err();
+    assert_eq!(sqlstate(&err).as_deref(), Some("53300"), "{err}");
+
+    // Tenant B, same address: no delay, no refusal.
+    let started = Instant::now();
+    let client = env.app(b.slug.as_str()).await;
+    assert!(
+        started.elapsed() < Duration::from_millis(1500),
+        "{:?}",
+        started.elapsed()
+    );
+    let one: i32 = client.query_one("SELECT 1", &[]).await.unwrap().get(0);
+    assert_eq!(one, 1);
+}
+
+/// A successful login resets its source's count: typos spread between good logins are never
+/// throttled.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn successful_login_resets_the_failure_count() {
+    let env = TestEnv::start_with(|c| {
+        c.proxy.auth_failures_before_delay = 2;
+        c.proxy.auth_failures_before_lockout = 3;
+    })
+    .await;
+    let a = env.tenant_with_user("reset").await;
+    for _ in 0..3 {
+        for _ in 0..2 {
+            let err = env
+                .connect(a.slug.as_str(), "app", "typo")
+                .await
+                .unwrap_err();
+            assert_eq!(sqlstate(&err).as_deref(), Some("28P01"), "{err}");
+        }
+        env.app(a.slug.as_str()).await;
+    }
+}
+
+/// Issue 6: connections that stall in startup fill `max_logins_in_progress`; the next one
+/// waits briefly and gets 53300, an established client is not disturbed, and logins work
+/// again once the stalled ones go away.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stalled_logins_are_capped_and_established_clients_carry_on() {
+    let env = TestEnv::start_with(|c| {
+        c.proxy.max_logins_in_progress = 2;
+        c.proxy.login_slot_wait_ms = 1000;
+    })
+    .await;
+    let t = env.tenant_with_user("storm").await;
+    let established = env.app(t.slug.as_str()).await;
+
+    // Two raw sockets that connect and never send a startup packet.
+    let mut stalled = Vec::new();
+    for _ in 0..2 {
+        stalled.push(
+            tokio::net::TcpStream::connect(("127.0.0.1", env.port()))
+                .await
+                .unwrap(),
+        );
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let started = Instant::now();
+    let err = env
+        .connect(t.slug.as_str(), "app", "secret")
+        .await
+        .unwrap_err();
+    assert_eq!(sqlstate(&err).as_deref(), Some("53300"), "{err}");
+    let message = err.as_db_error().unwrap().message().to_owned();
+    assert!(message.contains("too many logins in progress"), "{message}");
+    assert!(
+        started.elapsed() >= Duration::from_millis(900),
+        "{:?}",
+        started.elapsed()
+    );
+
+    let one: i32 = established.query_one("SELECT 1", &[]).await.unwrap().get(0);
+    assert_eq!(one, 1);
+
+    drop(stalled);
+    assert!(
+        common::eventually(Duration::from_secs(5), || async {
+            env.connect(t.slug.as_str(), "app", "secret").await.is_ok()
+        })
+        .await
+    );
+}
+
+/// Everything every test of this binary logs, at trace level, from the moment a test asks.
+fn captured_log() -> Arc<Mutex<Vec<u8>>> {
+    static LOG: OnceLock<Arc<Mutex<Vec<u8>>>> = OnceLock::new();
+    Arc::clone(LOG.get_or_init(|| {
+        let buffer = Arc::new(Mutex::new(Vec::new()));
+        let sink = Arc::clone(&buffer);
+        // As `tenantgate` logs at its most verbose: everything at trace (with the `log`
+        // records of tokio-postgres bridged in), through the same filter as the binary.
+        tracing_subscriber::fmt()
+            .with_env_filter(tenantgate::config::log_filter("trace", false))
+            .with_ansi(false)
+            .with_writer(move || LogWriter(Arc::clone(&sink)))
+            .try_init()
+            .expect("one global subscriber");
+        buffer
+    }))
+}
+
+struct LogWriter(Arc<Mutex<Vec<u8>>>);
+
+impl std::io::Write for LogWriter {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Issue 6: every login and admin command leaves one `tenantgate::audit` line, and nothing
+/// logged at any level, by any crate, contains a client or backend password.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn audit_lines_name_logins_and_admin_commands_and_no_password_is_logged() {
+    let log = captured_log();
+    let env = TestEnv::start().await;
+    let t = env.tenant_with_user("audit").await;
+    let slug = t.slug.as_str();
+    env.add_user(slug, "auditor", "Cl1ent-Pw-7781").await;
+    let backend_password = env.key.decrypt(&t.backend_password_enc).unwrap();
+
+    let client = env
+        .connect(slug, "auditor", "Cl1ent-Pw-7781")
+        .await
+        .unwrap();
+    client.simple_query("SELECT 1").await.unwrap();
+    let err = env
+        .connect(slug, "auditor", "Wr0ng-Pw-7781")
+        .await
+        .unwrap_err();
+    assert_eq!(sqlstate(&err).as_deref(), Some("28P01"));
+    let admin = env.admin().await;
+    admin
+        .simple_query(&format!(
+            "CREATE USER bob FOR TENANT {slug} PASSWORD 'Cr3ated-Pw-7781'"
+        ))
+        .await
+        .unwrap();
+    admin
+        .execute(
+            "ALTER USER bob FOR TENANT $1 PASSWORD $2",
+            &[&slug, &"Alt3red-Pw-7781"],
+        )
+        .await
+        .unwrap();
+    env.connect(slug, "bob", "Alt3red-Pw-7781").await.unwrap();
+    // Provisioning inside the proxy: CREATE ROLE ... PASSWORD with a new backend password.
+    let fresh = common::unique("auditnew");
+    admin
+        .simple_query(&format!("CREATE TENANT {fresh}"))
+        .await
+        .unwrap();
+    let fresh_record = env
+        .registry
+        .tenant(&tenantgate::registry::TenantSlug::parse(&fresh).unwrap())
+        .await
+        .unwrap()
+        .unwrap();
+    let fresh_password = env.key.decrypt(&fresh_record.backend_password_enc).unwrap();
+    drop(client);
+    drop(admin);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+
+    let text = String::from_utf8_lossy(&log.lock().unwrap()).into_owned();
+    let audit: Vec<&str> = text
+        .lines()
+        .filter(|l| l.contains("tenantgate::audit") && l.contains(slug))
+        .collect();
+    let has = |parts: &[&str]| audit.iter().any(|l| parts.iter().all(|p| l.contains(p)));
+    assert!(
+        has(&[
+            "login",
+            "user=auditor",
+            "outcome=\"ok\"",
+            "source=127.0.0.1:"
+        ]),
+        "{audit:#?}"
+    );
+    assert!(
+        has(&["login", "user=auditor", "outcome=\"failed auth\""]),
+        "{audit:#?}"
+    );
+    assert!(
+        has(&[
+            "admin command",
+            "admin_user=root",
+            "command=\"create user\"",
+            "outcome=\"ok\""
+        ]),
+        "{audit:#?}"
+    );
+    assert!(has(&["command=\"alter user\""]), "{audit:#?}");
+    assert!(
+        text.lines().any(|l| l.contains("tenantgate::audit")
+            && l.contains("kind=\"admin\"")
+            && l.contains("user=root")
+            && l.contains("outcome=\"ok\"")),
+        "no admin login audit line"
+    );
+    for secret in [
+        "Cl1ent-Pw-7781",
+        "Wr0ng-Pw-7781",
+        "Cr3ated-Pw-7781",
+        "Alt3red-Pw-7781",
+        "root-secret",
+        backend_password.expose(),
+        fresh_password.expose(),
+    ] {
+        assert!(
+            !text.contains(secret),
+            "the log contains a password: {secret}"
+        );
+    }
+}
