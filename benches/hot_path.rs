@@ -84,6 +84,8 @@ async fn routing(tenants: usize, max_pools: u64) -> Routing {
         admin_password_env: None,
         admin_database: "postgres".to_owned(),
         max_connections: 80,
+        tls: tenantgate::pool::BackendTlsMode::default(),
+        ca_file: None,
     };
     let pool_config = PoolConfig {
         max_pools,

@@ -61,6 +61,8 @@ fn live(rt: &Runtime) -> Live {
         admin_password_env: None,
         admin_database: "postgres".to_owned(),
         max_connections: 80,
+        tls: tenantgate::pool::BackendTlsMode::default(),
+        ca_file: None,
     };
     let pool_config = PoolConfig {
         pool_size: POOL_SIZE,

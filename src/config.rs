@@ -12,7 +12,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::admin::AdminConfig;
 use crate::crypto::SecretsConfig;
-use crate::pool::{PlanConfig, PoolConfig, ServerConfig};
+use crate::pool::{BackendTls, PlanConfig, PoolConfig, ServerConfig};
 use crate::provision::ProvisionConfig;
 use crate::registry::RegistryConfig;
 use crate::server::ProxyConfig;
@@ -121,10 +121,18 @@ impl Config {
             })?;
         // Unreadable certificate or key files are a config error too: one line, exit 2.
         TlsServer::from_config(&config.tls).map_err(|e| ConfigError::Invalid {
-            path: shown,
+            path: shown.clone(),
             key: e.config_key().to_owned(),
             message: e.to_string(),
         })?;
+        // So are backend CA files: a verify-* server without a usable CA never starts.
+        for (i, server) in config.servers.iter().enumerate() {
+            BackendTls::from_server(server).map_err(|e| ConfigError::Invalid {
+                path: shown.clone(),
+                key: format!("server[{i}].{}", e.config_key()),
+                message: e.to_string(),
+            })?;
+        }
         Ok(config)
     }
 
@@ -165,6 +173,13 @@ impl Config {
             }
         }
         self.tls.resolve_paths(base);
+        for server in &mut self.servers {
+            if let Some(file) = &server.ca_file {
+                if file.is_relative() {
+                    server.ca_file = Some(base.join(file));
+                }
+            }
+        }
     }
 
     fn validate(&self) -> Result<(), (String, String)> {
@@ -203,6 +218,15 @@ impl Config {
                 return bad(
                     &format!("server[{i}].max_connections"),
                     "must be greater than 0",
+                );
+            }
+            if s.tls.verifies_chain() && s.ca_file.is_none() {
+                return bad(
+                    &format!("server[{i}].ca_file"),
+                    &format!(
+                        "must be set when tls = \"{}\" (PEM certificates of the CAs that sign the server's certificate)",
+                        s.tls
+                    ),
                 );
             }
         }

@@ -150,3 +150,46 @@ async fn past_a_tenants_own_client_limit_its_clients_get_53300_and_others_do_not
     assert!(back);
     drop(b);
 }
+
+/// Backend TLS against a server without TLS (this cluster has `ssl = off`): `prefer` (the
+/// default) falls back to plaintext; `require` refuses at once with the reason (issue 6;
+/// the TLS cases are in tests/backend_tls.rs).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn prefer_falls_back_to_plaintext_and_require_refuses_a_server_without_tls() {
+    use std::time::{Duration, Instant};
+    use tenantgate::pool::BackendTlsMode;
+    let env = TestEnv::start().await;
+    assert_eq!(env.config.servers[0].tls, BackendTlsMode::Prefer);
+    let t = env.tenant_with_user("plain").await;
+    let ssl: bool = env
+        .app(t.slug.as_str())
+        .await
+        .query_one(
+            "SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert!(!ssl);
+
+    let mut config = env.config.clone();
+    config.servers[0].tls = BackendTlsMode::Require;
+    let proxy = tenantgate::server::Proxy::start(config).await.unwrap();
+    let mut pg = tokio_postgres::Config::new();
+    pg.host("127.0.0.1")
+        .port(proxy.local_addr().port())
+        .user("app")
+        .password("secret")
+        .dbname(t.slug.as_str());
+    let started = Instant::now();
+    let err = pg.connect(tokio_postgres::NoTls).await.err().unwrap();
+    assert!(started.elapsed() < Duration::from_secs(3));
+    assert_eq!(sqlstate(&err).as_deref(), Some("08006"), "{err}");
+    let message = err.as_db_error().unwrap().message().to_owned();
+    assert!(
+        message.contains("server local does not support TLS but tls = \"require\""),
+        "{message}"
+    );
+    proxy.shutdown(Duration::from_secs(1)).await;
+}

@@ -3,9 +3,11 @@
 //! ParameterStatus values, and it runs the setup queries (client parameters, reset) outside the
 //! relay.
 //!
-//! Backend auth answers SCRAM-SHA-256 (postgres-protocol's client; PBKDF2 runs on the blocking
-//! pool, off the reactor), md5 or cleartext, whichever the server asks for. The password is a
-//! [`Secret`] and is never logged.
+//! The socket is plain TCP or TLS as the server's `tls` setting and its answer to SSLRequest
+//! say (`backend_tls`). Backend auth answers SCRAM-SHA-256 (postgres-protocol's client; PBKDF2
+//! runs on the blocking pool, off the reactor), md5 or cleartext, whichever the server asks for;
+//! over TLS it picks SCRAM-SHA-256-PLUS (tls-server-end-point channel binding) when the server
+//! offers it. The password is a [`Secret`] and is never logged.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -18,6 +20,7 @@ use postgres_protocol::message::frontend;
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 
+use super::backend_tls::{BackendStream, BackendTls, BackendTlsError, NegotiateError};
 use crate::crypto::Secret;
 use crate::error::{ClientFacing, ErrorKind};
 use crate::protocol::SqlState;
@@ -27,7 +30,7 @@ use crate::protocol::frame::{self, Message, ReadError, take_cstr};
 const MAX_SETUP_MESSAGE_BYTES: usize = 1 << 20;
 
 /// Where and as whom to connect for one tenant.
-#[derive(Clone, PartialEq, Eq)]
+#[derive(Clone)]
 pub struct BackendTarget {
     pub server: String,
     pub host: String,
@@ -35,14 +38,21 @@ pub struct BackendTarget {
     pub database: String,
     pub role: String,
     pub password: Secret,
+    /// The server's TLS settings (`[[server]] tls`, `ca_file`).
+    pub tls: Arc<BackendTls>,
 }
 
 impl std::fmt::Debug for BackendTarget {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(
             f,
-            "{}:{}/{} as {} (server {})",
-            self.host, self.port, self.database, self.role, self.server
+            "{}:{}/{} as {} (server {}, tls {})",
+            self.host,
+            self.port,
+            self.database,
+            self.role,
+            self.server,
+            self.tls.mode()
         )
     }
 }
@@ -113,6 +123,17 @@ pub enum BackendError {
     Timeout(Duration),
     #[error("server {server} is at its connection budget of {max}")]
     BudgetExhausted { server: String, max: u32 },
+    #[error(transparent)]
+    Tls(#[from] BackendTlsError),
+}
+
+impl From<NegotiateError> for BackendError {
+    fn from(e: NegotiateError) -> Self {
+        match e {
+            NegotiateError::Tls(tls) => BackendError::Tls(tls),
+            NegotiateError::Io(io) => BackendError::Io(io),
+        }
+    }
 }
 
 impl From<ReadError> for BackendError {
@@ -140,7 +161,8 @@ impl ClientFacing for BackendError {
             | BackendError::Protocol(_)
             | BackendError::UnsupportedAuth(_)
             | BackendError::Scram(_)
-            | BackendError::Timeout(_) => SqlState::CONNECTION_FAILURE,
+            | BackendError::Timeout(_)
+            | BackendError::Tls(_) => SqlState::CONNECTION_FAILURE,
         }
     }
 
@@ -164,6 +186,11 @@ impl ClientFacing for BackendError {
             BackendError::BudgetExhausted { server, max } => format!(
                 "all {max} connections tenantgate may open to server \"{server}\" are busy; try again"
             ),
+            // Written for the operator the client will ask: the server's config name and the
+            // reason, never its address or certificate contents.
+            BackendError::Tls(e) => {
+                format!("tenantgate could not connect to the tenant's database server: {e}")
+            }
         }
     }
 
@@ -178,14 +205,15 @@ impl ClientFacing for BackendError {
             | BackendError::Refused(_)
             | BackendError::UnsupportedAuth(_)
             | BackendError::Scram(_)
-            | BackendError::Timeout(_) => ErrorKind::Backend,
+            | BackendError::Timeout(_)
+            | BackendError::Tls(_) => ErrorKind::Backend,
         }
     }
 }
 
 /// A live, authenticated backend connection.
 pub struct BackendConn {
-    pub(crate) stream: TcpStream,
+    pub(crate) stream: BackendStream,
     /// The backend's process id (clients see this one in BackendKeyData).
     pub pid: i32,
     /// The backend's own cancel secret; clients never see it.
@@ -209,6 +237,8 @@ pub struct BackendConn {
     pub statements: crate::session::statements::BackendStatements,
     /// This connection's share of its server's budget, given back when it closes.
     pub(crate) budget_permit: Option<tokio::sync::OwnedSemaphorePermit>,
+    /// The SASL mechanism the login used, if any.
+    sasl_mechanism: Option<&'static str>,
 }
 
 impl std::fmt::Debug for BackendConn {
@@ -236,7 +266,18 @@ pub enum SetupOutcome {
 impl BackendConn {
     /// Sends Terminate if the socket takes it now; the connection closes when dropped.
     pub fn terminate(&mut self) {
-        drop(self.stream.try_write(b"X\0\0\0\x04"));
+        self.stream.try_send_final(b"X\0\0\0\x04");
+    }
+
+    /// True when the connection runs over TLS.
+    pub fn is_tls(&self) -> bool {
+        self.stream.is_tls()
+    }
+
+    /// The SASL mechanism the backend login used (`SCRAM-SHA-256-PLUS` when channel binding
+    /// was used), or None for md5, cleartext and trust.
+    pub fn sasl_mechanism(&self) -> Option<&'static str> {
+        self.sasl_mechanism
     }
 
     /// Opens and authenticates a connection with only `user` and `database` as startup
@@ -260,8 +301,12 @@ impl BackendConn {
         })?;
         stream.set_nodelay(true)?;
         let addr = stream.peer_addr()?;
+        let stream = tokio::time::timeout(timeout, target.tls.negotiate(stream))
+            .await
+            .map_err(|_| BackendError::Timeout(timeout))??;
         let mut conn = BackendConn {
             stream,
+            sasl_mechanism: None,
             pid: 0,
             secret: 0,
             addr,
@@ -291,7 +336,7 @@ impl BackendConn {
             ],
             &mut buf,
         )?;
-        self.stream.write_all(&buf).await?;
+        self.send(&buf).await?;
         let mut scram: Option<ScramSha256> = None;
         loop {
             let msg = self.read().await?;
@@ -338,12 +383,25 @@ impl BackendConn {
                 frontend::password_message(hash.as_bytes(), &mut out)?;
             }
             10 => {
-                let offered = data.split(|b| *b == 0).any(|m| m == b"SCRAM-SHA-256");
-                if !offered {
+                let offered = |name: &[u8]| data.split(|b| *b == 0).any(|m| m == name);
+                let end_point = self.stream.end_point();
+                // As libpq: PLUS when TLS gives binding data and the server offers it; over TLS
+                // without PLUS offered, tell the server we could have ("y"), so a stripped
+                // mechanism list is detected; over plaintext, "n".
+                let (mechanism, binding) = match end_point {
+                    Some(hash) if offered(b"SCRAM-SHA-256-PLUS") => (
+                        "SCRAM-SHA-256-PLUS",
+                        ChannelBinding::tls_server_end_point(hash),
+                    ),
+                    Some(_) => ("SCRAM-SHA-256", ChannelBinding::unrequested()),
+                    None => ("SCRAM-SHA-256", ChannelBinding::unsupported()),
+                };
+                if !offered(mechanism.as_bytes()) {
                     return Err(BackendError::UnsupportedAuth(10));
                 }
-                let client = ScramSha256::new(password, ChannelBinding::unsupported());
-                frontend::sasl_initial_response("SCRAM-SHA-256", client.message(), &mut out)?;
+                let client = ScramSha256::new(password, binding);
+                frontend::sasl_initial_response(mechanism, client.message(), &mut out)?;
+                self.sasl_mechanism = Some(mechanism);
                 *scram = Some(client);
             }
             11 => {
@@ -369,7 +427,13 @@ impl BackendConn {
             }
             other => return Err(BackendError::UnsupportedAuth(other)),
         }
-        self.stream.write_all(&out).await?;
+        self.send(&out).await
+    }
+
+    /// Writes and flushes: over TLS, bytes can stay in the session until flushed.
+    async fn send(&mut self, bytes: &[u8]) -> Result<(), BackendError> {
+        self.stream.write_all(bytes).await?;
+        self.stream.flush().await?;
         Ok(())
     }
 
@@ -415,7 +479,7 @@ impl BackendConn {
     async fn setup_query(&mut self, sql: &str) -> Result<SetupOutcome, BackendError> {
         let mut buf = BytesMut::new();
         frontend::query(sql, &mut buf)?;
-        self.stream.write_all(&buf).await?;
+        self.send(&buf).await?;
         let mut failure = None;
         loop {
             let msg = self.read().await?;
@@ -452,6 +516,8 @@ mod tests {
 
     #[test]
     fn target_debug_hides_password() {
+        let server: super::super::ServerConfig =
+            toml::from_str("name = \"main\"\nhost = \"h\"\n").unwrap();
         let t = BackendTarget {
             server: "main".into(),
             host: "h".into(),
@@ -459,6 +525,7 @@ mod tests {
             database: "d".into(),
             role: "r".into(),
             password: Secret::new("pw-secret"),
+            tls: Arc::new(BackendTls::from_server(&server).unwrap()),
         };
         assert!(!format!("{t:?}").contains("pw-secret"));
     }

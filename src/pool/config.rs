@@ -1,8 +1,9 @@
 //! Pool configuration: `[pool]` (defaults for every tenant pool) and `[[server]]` (the backend
-//! servers tenant databases live on, each with its connection budget).
+//! servers tenant databases live on, each with its connection budget and TLS setting).
 
 use serde::{Deserialize, Serialize};
 
+use super::backend_tls::BackendTlsMode;
 use crate::crypto::Secret;
 
 /// `[pool]`: defaults for every tenant pool.
@@ -191,6 +192,17 @@ pub struct ServerConfig {
     /// for provisioning and maintenance. Default 80.
     #[serde(default = "default_max_server_connections")]
     pub max_connections: u32,
+    /// TLS to this server, with libpq's sslmode meanings: `"disable"`, `"prefer"` (TLS when the
+    /// server offers it, no certificate check), `"require"` (TLS or fail, no certificate
+    /// check), `"verify-ca"` (chain verified against `ca_file`), `"verify-full"` (chain and
+    /// `host` verified). Applies to tenant pools and provisioning. Default "prefer". Restart
+    /// to change.
+    #[serde(default)]
+    pub tls: BackendTlsMode,
+    /// PEM file with the CA certificates that sign the server's certificate; required for
+    /// `verify-ca` and `verify-full`. Relative to the config file. Default: none.
+    #[serde(default)]
+    pub ca_file: Option<std::path::PathBuf>,
 }
 
 fn default_max_server_connections() -> u32 {

@@ -1,6 +1,7 @@
 //! Backend pools: a bb8 pool of [`BackendConn`]s per tenant, kept in a pool map keyed by slug.
 //!
-//! Moving parts: `backend` (one authenticated connection), `manager` ([`BackendManager`],
+//! Moving parts: `backend` (one authenticated connection), `backend_tls` (TLS to backend
+//! servers: `[[server]] tls`, SSLRequest, the plain-or-TLS stream), `manager` ([`BackendManager`],
 //! bb8's connection factory: a connection marked broken is dropped instead of reused, and
 //! every connection holds a permit of its server's budget), `budget` (per-server connection
 //! budgets), `config` (`[pool]`, `[[server]]`, `[plans]`), [`PoolMap`] (moka cache slug →
@@ -17,6 +18,7 @@
 //! This module must not parse SQL.
 
 mod backend;
+mod backend_tls;
 mod budget;
 mod config;
 mod manager;
@@ -31,6 +33,9 @@ use moka::future::Cache;
 use moka::policy::EvictionPolicy;
 
 pub use backend::{BackendConn, BackendError, BackendTarget, ServerError, SetupOutcome};
+pub use backend_tls::{
+    BackendStream, BackendTls, BackendTlsError, BackendTlsMode, BackendTlsSetupError,
+};
 pub use budget::ServerBudget;
 pub use config::{PlanConfig, PoolConfig, PoolMode, ServerConfig, TenantLimits};
 pub use manager::BackendManager;
@@ -292,6 +297,10 @@ pub struct PoolMap {
     parked: Arc<Mutex<HashMap<TenantSlug, Weak<TenantPool>>>>,
     servers: Arc<Vec<ServerConfig>>,
     budgets: Arc<HashMap<String, Arc<ServerBudget>>>,
+    /// Each server's TLS settings, built once (CA files read at start). A server whose
+    /// settings failed to build (only possible when the config was not validated by
+    /// `Config::load` or `Proxy::start`) keeps its error, which its connects report.
+    tls: Arc<HashMap<String, Result<Arc<BackendTls>, Arc<BackendTlsSetupError>>>>,
     key: MasterKey,
     started: tokio::time::Instant,
     pause: PauseGate,
@@ -343,8 +352,19 @@ impl PoolMap {
                 )
             })
             .collect();
+        let tls = servers
+            .iter()
+            .map(|s| {
+                let built = BackendTls::from_server(s).map(Arc::new).map_err(|e| {
+                    tracing::error!(server = %s.name, error = %e, "backend TLS settings unusable");
+                    Arc::new(e)
+                });
+                (s.name.clone(), built)
+            })
+            .collect();
         PoolMap {
             pools: Arc::new(pools),
+            tls: Arc::new(tls),
             settings: Arc::new(std::sync::RwLock::new(Arc::new(PoolSettings {
                 config: config.clone(),
                 plans: plans.clone(),
@@ -372,6 +392,24 @@ impl PoolMap {
                 slug: tenant.slug.clone(),
                 server: tenant.server.clone(),
             })?;
+        let tls = match self.tls.get(&server.name) {
+            Some(Ok(tls)) => Arc::clone(tls),
+            Some(Err(e)) => {
+                return Err(PoolError::Backend {
+                    slug: tenant.slug.clone(),
+                    source: Arc::new(BackendError::Tls(BackendTlsError::Setup {
+                        server: server.name.clone(),
+                        source: Arc::clone(e),
+                    })),
+                });
+            }
+            None => {
+                return Err(PoolError::UnknownServer {
+                    slug: tenant.slug.clone(),
+                    server: tenant.server.clone(),
+                });
+            }
+        };
         let password = self
             .key
             .decrypt(&tenant.backend_password_enc)
@@ -380,6 +418,7 @@ impl PoolMap {
                 source,
             })?;
         Ok(BackendTarget {
+            tls,
             server: server.name.clone(),
             host: server.host.clone(),
             port: server.port,

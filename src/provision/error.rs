@@ -55,6 +55,12 @@ pub enum ProvisionError {
         #[source]
         source: tokio_postgres::Error,
     },
+    #[error("backend server {server}: {source}")]
+    BackendTls {
+        server: String,
+        #[source]
+        source: crate::pool::BackendTlsSetupError,
+    },
     #[error("the tenant's database cannot be reached with the given role and password")]
     CannotConnect(#[source] tokio_postgres::Error),
     #[error("tenant {slug}: its backend password cannot be decrypted with this master key")]
@@ -184,9 +190,9 @@ impl ClientFacing for ProvisionError {
             | ProvisionError::ChecksumMismatch { .. }
             | ProvisionError::MigrationMissing { .. } => SqlState::OBJECT_NOT_IN_PREREQUISITE_STATE,
             ProvisionError::BudgetExhausted { .. } => SqlState::TOO_MANY_CONNECTIONS,
-            ProvisionError::Backend { .. } | ProvisionError::CannotConnect(_) => {
-                SqlState::CONNECTION_FAILURE
-            }
+            ProvisionError::Backend { .. }
+            | ProvisionError::CannotConnect(_)
+            | ProvisionError::BackendTls { .. } => SqlState::CONNECTION_FAILURE,
             ProvisionError::Decrypt { .. }
             | ProvisionError::MigrationsDir { .. }
             | ProvisionError::MigrationFile { .. }
@@ -215,6 +221,7 @@ impl ClientFacing for ProvisionError {
             | ProvisionError::NoServerPassword(_)
             | ProvisionError::BudgetExhausted { .. }
             | ProvisionError::Backend { .. }
+            | ProvisionError::BackendTls { .. }
             | ProvisionError::CannotConnect(_)
             | ProvisionError::Decrypt { .. }
             | ProvisionError::EmptyUser
@@ -252,6 +259,7 @@ impl ClientFacing for ProvisionError {
             | ProvisionError::SeedFailed { .. }
             | ProvisionError::DropFailed { .. } => ErrorKind::Backend,
             ProvisionError::NoServerPassword(_)
+            | ProvisionError::BackendTls { .. }
             | ProvisionError::Decrypt { .. }
             | ProvisionError::MigrationsDir { .. }
             | ProvisionError::MigrationFile { .. }

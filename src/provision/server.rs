@@ -2,6 +2,9 @@
 //! as a tenant's own backend role), each holding a permit of the server's connection budget
 //! while it lives when the caller gives budgets, and create or drop a tenant's role and database.
 //!
+//! Connections honour the server's `tls` setting (`pool::BackendTls`: same modes and CA file
+//! as tenant pools, with channel binding when the server offers it).
+//!
 //! Every identifier and literal that reaches SQL goes through postgres-protocol's escaping.
 //! It must not decide lifecycle states or touch the registry: `provision` does that.
 
@@ -11,11 +14,10 @@ use std::time::Duration;
 
 use postgres_protocol::escape::{escape_identifier, escape_literal};
 use tokio::sync::OwnedSemaphorePermit;
-use tokio_postgres::NoTls;
 
 use super::ProvisionError;
 use crate::crypto::Secret;
-use crate::pool::{ServerBudget, ServerConfig};
+use crate::pool::{BackendTls, ServerBudget, ServerConfig};
 
 /// Timeout for opening one provisioning connection.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -101,17 +103,24 @@ impl BackendClient {
     }
 }
 
-/// Takes the budget permit first (so a spent budget is its own error), then connects.
+/// Takes the budget permit first (so a spent budget is its own error), then connects with the
+/// server's TLS setting.
 async fn connect_budgeted(
-    pg: &tokio_postgres::Config,
-    server: &str,
+    pg: &mut tokio_postgres::Config,
+    server: &ServerConfig,
     budgets: Option<&Budgets>,
 ) -> Result<Result<BackendClient, tokio_postgres::Error>, ProvisionError> {
+    let tls = BackendTls::from_server(server).map_err(|source| ProvisionError::BackendTls {
+        server: server.name.clone(),
+        source,
+    })?;
+    let (ssl_mode, connector) = tls.postgres_tls();
+    pg.ssl_mode(ssl_mode);
     let permit = match budgets {
-        Some(b) => b.permit(server).await?,
+        Some(b) => b.permit(&server.name).await?,
         None => None,
     };
-    let connected = pg.connect(NoTls).await;
+    let connected = pg.connect(connector).await;
     Ok(connected.map(|(client, connection)| {
         let task = tokio::spawn(async move {
             if let Err(e) = connection.await {
@@ -141,7 +150,7 @@ pub(super) async fn connect_admin(
         .dbname(database)
         .application_name("tenantgate-provision")
         .connect_timeout(CONNECT_TIMEOUT);
-    connect_budgeted(&pg, &server.name, budgets)
+    connect_budgeted(&mut pg, server, budgets)
         .await?
         .map_err(|source| ProvisionError::Backend {
             server: server.name.clone(),
@@ -167,7 +176,7 @@ pub(super) async fn connect_tenant(
         .dbname(database)
         .application_name("tenantgate-migrate")
         .connect_timeout(CONNECT_TIMEOUT);
-    connect_budgeted(&pg, &server.name, budgets)
+    connect_budgeted(&mut pg, server, budgets)
         .await?
         .map_err(|source| ProvisionError::Backend {
             server: server.name.clone(),
@@ -191,7 +200,7 @@ pub(super) async fn check_login(
         .password(password.expose())
         .dbname(database)
         .connect_timeout(CONNECT_TIMEOUT);
-    let client = connect_budgeted(&pg, &server.name, None)
+    let client = connect_budgeted(&mut pg, server, None)
         .await?
         .map_err(ProvisionError::CannotConnect)?;
     client.close().await;

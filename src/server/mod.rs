@@ -269,6 +269,10 @@ impl Proxy {
     pub async fn start(config: Config) -> anyhow::Result<Proxy> {
         let key = MasterKey::load(&config.secrets)?;
         let tls = TlsServer::from_config(&config.tls).context("setting up client TLS")?;
+        for server in &config.servers {
+            crate::pool::BackendTls::from_server(server)
+                .with_context(|| format!("setting up TLS to backend server {}", server.name))?;
+        }
         let registry = Registry::connect(&config.registry)
             .await
             .context("connecting to the registry")?;
