@@ -58,16 +58,15 @@ fn make_ca(name: &str) -> (rcgen::Certificate, Issuer<'static, KeyPair>) {
     (cert, Issuer::new(ca, key))
 }
 
-/// Writes `bytes` to `path` on the server's side (as the server's OS user, mode 0600), which a
-/// key file must be.
-async fn server_write(client: &tokio_postgres::Client, path: &str, bytes: &[u8]) {
-    client
-        .query_one(
-            "SELECT lo_export(o, $2), lo_unlink(o) FROM lo_from_bytea(0, $1) AS o",
-            &[&bytes, &path],
-        )
-        .await
-        .unwrap_or_else(|e| panic!("write {path}: {e}"));
+/// Writes a file in the data directory owned by the server's OS user, mode 0600 (what
+/// PostgreSQL demands of a key file).
+fn server_write(data_dir: &std::path::Path, name: &str, bytes: &[u8]) {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    let owner = std::fs::metadata(data_dir).unwrap();
+    let path = data_dir.join(name);
+    std::fs::write(&path, bytes).unwrap();
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
+    std::os::unix::fs::chown(&path, Some(owner.uid()), Some(owner.gid())).unwrap();
 }
 
 /// Once per binary: certificate, key, `ssl = on`, TLS-only pg_hba, the provisioning role.
@@ -93,27 +92,17 @@ async fn setup() -> &'static Cas {
             std::fs::write(dir.join("other-ca.crt"), other_ca.pem()).unwrap();
 
             let admin = admin_client("postgres").await;
-            let data = pg.data_dir().display().to_string();
-            server_write(&admin, &format!("{data}/server.crt"), cert.pem().as_bytes()).await;
-            server_write(
-                &admin,
-                &format!("{data}/server.key"),
-                key.serialize_pem().as_bytes(),
-            )
-            .await;
-            let hba_file: String = admin.query_one("SHOW hba_file", &[]).await.unwrap().get(0);
-            let old: String = admin
-                .query_one("SELECT pg_read_file($1)", &[&hba_file])
-                .await
-                .unwrap()
-                .get(0);
+            let data = pg.data_dir();
+            server_write(data, "server.crt", cert.pem().as_bytes());
+            server_write(data, "server.key", key.serialize_pem().as_bytes());
+            let old = std::fs::read_to_string(data.join("pg_hba.conf")).unwrap();
             let hba = format!(
                 "hostnossl all {superuser} 127.0.0.1/32 scram-sha-256\n\
                  hostnossl all all 127.0.0.1/32 reject\n\
                  hostssl all all 127.0.0.1/32 scram-sha-256\n{old}",
                 superuser = pg.superuser()
             );
-            server_write(&admin, &hba_file, hba.as_bytes()).await;
+            server_write(data, "pg_hba.conf", hba.as_bytes());
             for sql in [
                 "ALTER SYSTEM SET ssl_cert_file = 'server.crt'",
                 "ALTER SYSTEM SET ssl_key_file = 'server.key'",
