@@ -287,6 +287,9 @@ impl Drop for PoolUse {
     }
 }
 
+/// One server's TLS settings, or why they could not be built.
+type ServerTls = Result<Arc<BackendTls>, Arc<BackendTlsSetupError>>;
+
 /// slug → tenant pool.
 #[derive(Clone)]
 pub struct PoolMap {
@@ -300,7 +303,7 @@ pub struct PoolMap {
     /// Each server's TLS settings, built once (CA files read at start). A server whose
     /// settings failed to build (only possible when the config was not validated by
     /// `Config::load` or `Proxy::start`) keeps its error, which its connects report.
-    tls: Arc<HashMap<String, Result<Arc<BackendTls>, Arc<BackendTlsSetupError>>>>,
+    tls: Arc<HashMap<String, ServerTls>>,
     key: MasterKey,
     started: tokio::time::Instant,
     pause: PauseGate,
