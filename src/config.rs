@@ -301,6 +301,25 @@ admin_user = "postgres"
     }
 
     #[test]
+    fn backend_verify_modes_need_a_usable_ca_file() {
+        let text = MINIMAL.replace("port = 5432", "port = 5432\ntls = \"verify-full\"");
+        let c = Config::parse(&text, "t").unwrap();
+        assert_eq!(c.validate().unwrap_err().0, "server[0].ca_file");
+        let dir = std::env::temp_dir().join(format!("tg-config-ca-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("tenantgate.toml");
+        for ca in ["missing.crt", "empty.crt"] {
+            std::fs::write(dir.join("empty.crt"), "").unwrap();
+            std::fs::write(&file, format!("{text}ca_file = \"{ca}\"\n")).unwrap();
+            let err = Config::load(&file).unwrap_err().to_string();
+            assert!(err.contains("server[0].ca_file"), "{err}");
+            assert!(err.contains(ca), "{err}");
+            assert!(!err.contains('\n'), "{err}");
+        }
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
     fn example_config_is_valid() {
         let text = include_str!("../config/tenantgate.toml");
         let c = Config::parse(text, "config/tenantgate.toml").unwrap();
