@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
 # Runs every cargo-fuzz target for SECONDS each (default 20) and fails if one crashes, hangs or
 # leaks. Used by .ci/run as the proof that the targets start and hold; run it longer by hand
-# for a campaign: `bash fuzz/run.sh 600`. Installs cargo-fuzz when it is missing. On a stable
-# toolchain (CI has no nightly) RUSTC_BOOTSTRAP=1 lets cargo-fuzz pass its sanitizer flags.
+# for a campaign: `bash fuzz/run.sh 600`, or name targets: `bash fuzz/run.sh 600 scram_exchange`.
+# Installs cargo-fuzz when it is missing. On a stable toolchain (CI has no nightly)
+# RUSTC_BOOTSTRAP=1 lets cargo-fuzz pass its sanitizer flags.
 set -euo pipefail
 cd "$(dirname "$0")"
 seconds="${1:-20}"
+shift || true
 
 if ! cargo fuzz --version >/dev/null 2>&1; then
     echo "fuzz: installing cargo-fuzz"
@@ -16,7 +18,11 @@ if ! rustc --version | grep -q nightly; then
 fi
 
 cargo fuzz build -O
-for target in $(cargo fuzz list); do
+targets=("$@")
+if [ "${#targets[@]}" -eq 0 ]; then
+    mapfile -t targets < <(cargo fuzz list)
+fi
+for target in "${targets[@]}"; do
     mkdir -p "corpus/$target"
     echo "fuzz: $target for ${seconds}s"
     # Seeds live in seeds/<target> (committed); new finds go to corpus/<target> (ignored).

@@ -129,10 +129,16 @@ pub fn scram_exchange(data: &[u8]) {
         .position(|b| *b == b',')
         .unwrap_or(server_first.len());
     let nonce = &server_first[2..nonce_end];
-    let mut last = last.to_vec();
-    while let Some(at) = last.windows(2).position(|w| w == b"%N") {
-        last.splice(at..at + 2, nonce.iter().copied());
+    // One left-to-right pass: the nonce may itself contain "%N" (the client chose it).
+    let mut with_nonce = Vec::with_capacity(last.len() + nonce.len());
+    let mut rest = last;
+    while let Some(at) = rest.windows(2).position(|w| w == b"%N") {
+        with_nonce.extend_from_slice(&rest[..at]);
+        with_nonce.extend_from_slice(nonce);
+        rest = &rest[at + 2..];
     }
+    with_nonce.extend_from_slice(rest);
+    let last = with_nonce;
     // The secret's keys are random: no proof can match, whatever the client sends.
     assert!(
         exchange.client_final(&last).is_err(),
@@ -299,6 +305,8 @@ mod tests {
             b"\x03p=tls-server-end-point,,n=,r=abc\x00c=cD10bHMtc2VydmVyLWVuZC1wb2ludCws,r=%N,p=AAAA",
             b"\x01y,,n=,r=x\x00c=eSws,r=%N,p=",
             b"\x00n,a=admin,n=u,r=\x00",
+            // The campaign's timeout: a client nonce of "%N" once made the harness loop.
+            b"\x00n,,n=bk7s,r=%N,p=AzC\x00c=biws,r=%N,pAAA",
         ]
         .iter()
         .map(|s| s.to_vec())
