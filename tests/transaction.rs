@@ -563,3 +563,29 @@ async fn a_full_statement_cache_closes_the_least_recently_used_on_the_backend() 
         assert!(kept <= 4, "the backend keeps {kept} prepared statements");
     }
 }
+
+/// Found by the statement_rewriter fuzz target: a complete Parse whose statement name has no
+/// terminating NUL was held back waiting for bytes that would never come, so the client hung.
+/// Now it goes to the backend, whose protocol error the client gets at once; other clients of
+/// the tenant carry on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_malformed_parse_gets_an_error_not_a_hang() {
+    let env = transaction_env(1).await;
+    let t = env.tenant_with_user("tx-malformed").await;
+    let mut c = common::RawClient::connect(env.port(), t.slug.as_str(), "app", "secret").await;
+    // 'P', length 4 + 3, "abc": no NUL anywhere; then Sync.
+    c.send(b"P\0\0\0\x07abcS\0\0\0\x04").await;
+    let (tag, body) = tokio::time::timeout(Duration::from_secs(10), c.read())
+        .await
+        .expect("an answer, not a hang");
+    assert_eq!(tag, b'E');
+    let text = String::from_utf8_lossy(&body);
+    assert!(text.contains("08P01"), "{text}");
+    let other = env.app(t.slug.as_str()).await;
+    let n: i32 = tokio::time::timeout(Duration::from_secs(10), other.query_one("SELECT 7", &[]))
+        .await
+        .expect("the pool serves others")
+        .unwrap()
+        .get(0);
+    assert_eq!(n, 7);
+}

@@ -408,7 +408,11 @@ fn on_describe_or_close(
 /// a relay buffer of it can be waited for; past that it goes through untouched and the client
 /// is pinned to this backend, where its names mean what it thinks.
 fn hold(ctx: &mut StatementContext<'_>, head: &FrameHead<'_>) -> Scan {
-    if head.body.len() + HEADER_BYTES < crate::session::relay::RELAY_BUFFER_BYTES {
+    if head.body.len() == head.body_len {
+        // All of it is here and still malformed: more bytes would not help. The backend
+        // answers it with its own protocol error (holding it would hang the client).
+        Scan::Continue
+    } else if head.body.len() + HEADER_BYTES < crate::session::relay::RELAY_BUFFER_BYTES {
         Scan::Hold
     } else {
         ctx.client.needs_pin = true;

@@ -1,0 +1,8 @@
+//! The SCRAM server exchange over arbitrary client-first and client-final messages.
+#![no_main]
+
+use libfuzzer_sys::fuzz_target;
+
+fuzz_target!(|data: &[u8]| {
+    tenantgate::protocol::fuzz::scram_exchange(data);
+});
