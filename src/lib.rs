@@ -6,7 +6,7 @@
 //! Follow one connection: `server` (listener, startup, client task) → `auth` (SCRAM) →
 //! `registry` (tenant record, cached) → `pool` (tenant pool, backend connection) → `session`
 //! (settings, relay, release). `stats` keeps each tenant's usage counters, `provision`
-//! manages tenants, `crypto` keeps secrets, `config` gathers the configuration, `protocol` owns
+//! manages tenants, `crypto` keeps secrets (`rekey` rotates their master key), `config` gathers the configuration, `protocol` owns
 //! the bytes, `localpg` starts private PostgreSQL servers for the quickstart, tests and
 //! benchmarks.
 
@@ -22,6 +22,7 @@ pub mod protocol;
 pub mod provision;
 pub mod quickstart;
 pub mod registry;
+pub mod rekey;
 pub mod server;
 pub mod session;
 pub mod stats;

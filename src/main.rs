@@ -15,6 +15,7 @@ use tenantgate::crypto::{MasterKey, Secret};
 use tenantgate::provision::{self, CreateTenant, RegisterTenant};
 use tenantgate::quickstart;
 use tenantgate::registry::{Registry, TenantState};
+use tenantgate::rekey;
 use tenantgate::server::Proxy;
 
 #[derive(Parser)]
@@ -54,6 +55,20 @@ enum Command {
     /// Manage a tenant's users.
     #[command(subcommand)]
     User(UserCommand),
+    /// Rotate the master key that encrypts stored secrets (needs secrets.master_key_file).
+    #[command(subcommand)]
+    Key(KeyCommand),
+}
+
+#[derive(Subcommand)]
+enum KeyCommand {
+    /// Generate a new master key, write the key file as the new key then the old ones, and
+    /// re-encrypt every stored secret under the new key. Prints the new key's id, never the
+    /// key.
+    Rotate,
+    /// Once every stored secret is under the current key (and every instance has re-read the
+    /// key file), drop the old keys from the key file.
+    Retire,
 }
 
 #[derive(Subcommand)]
@@ -189,7 +204,69 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             provision::remove_user(&registry, &tenant, &user).await?;
             say(&format!("user {user} removed from tenant {tenant}"))
         }
+        Command::Key(cmd) => key(&config, cmd).await,
         Command::Quickstart { .. } => Ok(()),
+    }
+}
+
+/// `key rotate` and `key retire`. A key from the environment cannot be rewritten: one line,
+/// exit code 2, as for a broken config.
+async fn key(config: &Config, cmd: KeyCommand) -> anyhow::Result<()> {
+    let key = MasterKey::load(&config.secrets)?;
+    if let tenantgate::crypto::KeySource::Env(var) = key.source() {
+        let shown = config
+            .source
+            .as_ref()
+            .map_or_else(String::new, |p| p.display().to_string());
+        return Err(ConfigError::Invalid {
+            path: shown,
+            key: "secrets.master_key_file".to_owned(),
+            message: rekey::RekeyError::EnvSource { var: var.clone() }.to_string(),
+        }
+        .into());
+    }
+    let registry = open_registry(config).await?;
+    match cmd {
+        KeyCommand::Rotate => {
+            let done = rekey::rotate(&registry, &key).await?;
+            drop(
+                registry
+                    .log_activity(
+                        None,
+                        "cli",
+                        "key.rotate",
+                        Some(&format!(
+                            "key id {}, {} secrets re-encrypted",
+                            done.key_id, done.reencrypted
+                        )),
+                    )
+                    .await,
+            );
+            say(&format!(
+                "master key rotated: new key id {}, {} secret(s) re-encrypted, {} key(s) in the key file; run `tenantgate key retire` once every instance has re-read it (RELOAD)",
+                done.key_id, done.reencrypted, done.keys
+            ))
+        }
+        KeyCommand::Retire => {
+            let done = rekey::retire(&registry, &key).await?;
+            drop(
+                registry
+                    .log_activity(
+                        None,
+                        "cli",
+                        "key.retire",
+                        Some(&format!(
+                            "key id {}, {} old keys dropped",
+                            done.key_id, done.dropped
+                        )),
+                    )
+                    .await,
+            );
+            say(&format!(
+                "old master keys retired: {} dropped, {} secret(s) under key id {}",
+                done.dropped, done.secrets, done.key_id
+            ))
+        }
     }
 }
 

@@ -414,7 +414,15 @@ fn help() -> Vec<Vec<Value>> {
         ("RESUME [slug]", "undo PAUSE"),
         (
             "RELOAD",
-            "re-read the config file: [pool], plans, [provision] and some [proxy] keys apply now",
+            "re-read the config file: [pool], plans, [provision] and some [proxy] keys apply now; re-read the master key file",
+        ),
+        (
+            "ROTATE MASTER KEY",
+            "new master key first in the key file, every stored secret re-encrypted under it",
+        ),
+        (
+            "RETIRE OLD MASTER KEYS",
+            "once every secret is under the current key: drop the old keys from the key file",
         ),
     ];
     HELP.iter()

@@ -112,6 +112,10 @@ pub(super) enum Command {
     },
     /// RELOAD: re-read the config file.
     Reload,
+    /// ROTATE MASTER KEY: a new master key in the key file, every stored secret re-encrypted.
+    RotateMasterKey,
+    /// RETIRE OLD MASTER KEYS: drop all but the current key from the key file.
+    RetireMasterKeys,
 }
 
 impl Command {
@@ -136,6 +140,8 @@ impl Command {
             Command::Pause { .. } => "pause",
             Command::Unpause { .. } => "resume",
             Command::Reload => "reload",
+            Command::RotateMasterKey => "rotate master key",
+            Command::RetireMasterKeys => "retire old master keys",
         }
     }
 
@@ -156,7 +162,9 @@ impl Command {
             | Command::Ignored(_)
             | Command::Select(_)
             | Command::MigrateAll { .. }
-            | Command::Reload => None,
+            | Command::Reload
+            | Command::RotateMasterKey
+            | Command::RetireMasterKeys => None,
         };
         arg.and_then(|a| a.resolve(params).ok())
     }
@@ -272,6 +280,19 @@ fn parse_statement(tokens: &[Token]) -> Result<Command, AdminError> {
         "RELOAD" => {
             c.pos += 1;
             c.end(Command::Reload)
+        }
+        "ROTATE" => {
+            c.pos += 1;
+            c.expect("MASTER")?;
+            c.expect("KEY")?;
+            c.end(Command::RotateMasterKey)
+        }
+        "RETIRE" => {
+            c.pos += 1;
+            c.expect("OLD")?;
+            c.expect("MASTER")?;
+            c.expect("KEYS")?;
+            c.end(Command::RetireMasterKeys)
         }
         "SET" | "RESET" => Ok(Command::Ignored("SET")),
         "BEGIN" | "START" => Ok(Command::Ignored("BEGIN")),
@@ -686,6 +707,22 @@ mod tests {
                 replace: true
             }
         );
+    }
+
+    #[test]
+    fn master_key_commands() {
+        assert_eq!(one("rotate master key;"), Command::RotateMasterKey);
+        assert_eq!(one("RETIRE OLD MASTER KEYS"), Command::RetireMasterKeys);
+        assert_eq!(Command::RotateMasterKey.kind(), "rotate master key");
+        assert!(matches!(
+            parse("ROTATE MASTER KEY now"),
+            Err(AdminError::Syntax(_))
+        ));
+        assert!(matches!(parse("ROTATE KEY"), Err(AdminError::Syntax(_))));
+        assert!(matches!(
+            parse("RETIRE MASTER KEYS"),
+            Err(AdminError::Syntax(_))
+        ));
     }
 
     #[test]

@@ -6,12 +6,14 @@ use crate::error::{ClientFacing, ErrorKind};
 use crate::protocol::SqlState;
 use crate::provision::ProvisionError;
 use crate::registry::RegistryError;
+use crate::rekey::RekeyError;
 
 /// What the console supports, listed in the hint of an unsupported command.
 pub(super) const SUPPORTED: &str = "supported: SHOW HELP|TENANTS|TENANT slug|POOLS|CLIENTS|SERVERS|STATS|CONFIG|\
 VERSION|ACTIVITY [slug]|MIGRATIONS [slug]; SELECT ... FROM tenants|pools|clients|servers|stats|\
 activity|migrations|config; CREATE TENANT; REGISTER TENANT; CREATE|ALTER|DROP USER ... FOR TENANT; \
-SUSPEND|RESUME|DROP TENANT; MIGRATE TENANT slug; MIGRATE ALL TENANTS; KILL slug";
+SUSPEND|RESUME|DROP TENANT; MIGRATE TENANT slug; MIGRATE ALL TENANTS; KILL slug; PAUSE|RESUME [slug]; \
+RELOAD; ROTATE MASTER KEY; RETIRE OLD MASTER KEYS";
 
 #[derive(Debug, thiserror::Error)]
 pub enum AdminError {
@@ -35,6 +37,8 @@ pub enum AdminError {
     Provision(#[from] ProvisionError),
     #[error(transparent)]
     Registry(#[from] RegistryError),
+    #[error(transparent)]
+    Rekey(#[from] RekeyError),
 }
 
 impl ClientFacing for AdminError {
@@ -51,13 +55,23 @@ impl ClientFacing for AdminError {
             AdminError::WrongState(_) => SqlState::OBJECT_NOT_IN_PREREQUISITE_STATE,
             AdminError::Provision(e) => e.sqlstate(),
             AdminError::Registry(e) => e.sqlstate(),
+            AdminError::Rekey(e) => match e {
+                RekeyError::EnvSource { .. }
+                | RekeyError::NoKeyFile
+                | RekeyError::NotCurrent { .. }
+                | RekeyError::Undecryptable { .. } => SqlState::OBJECT_NOT_IN_PREREQUISITE_STATE,
+                RekeyError::Crypto(_) => SqlState::INTERNAL_ERROR,
+                RekeyError::Registry(r) => r.sqlstate(),
+            },
         }
     }
 
     fn client_message(&self) -> String {
         match self {
             AdminError::Provision(e) => with_causes(e),
-            AdminError::Registry(e) => e.client_message(),
+            AdminError::Registry(e) | AdminError::Rekey(RekeyError::Registry(e)) => {
+                e.client_message()
+            }
             other => other.to_string(),
         }
     }
@@ -65,7 +79,10 @@ impl ClientFacing for AdminError {
     fn kind(&self) -> ErrorKind {
         match self {
             AdminError::Provision(e) => e.kind(),
-            AdminError::Registry(_) => ErrorKind::Registry,
+            AdminError::Registry(_) | AdminError::Rekey(RekeyError::Registry(_)) => {
+                ErrorKind::Registry
+            }
+            AdminError::Rekey(RekeyError::Crypto(_)) => ErrorKind::Internal,
             _ => ErrorKind::Client,
         }
     }

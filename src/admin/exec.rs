@@ -52,6 +52,8 @@ pub(super) fn result_columns(command: &Command) -> Result<Vec<Column>, AdminErro
         }
         Command::MigrateTenant { .. } | Command::MigrateAll { .. } => Ok(migrate_columns()),
         Command::Reload => Ok(reload_columns()),
+        Command::RotateMasterKey => Ok(rotate_columns()),
+        Command::RetireMasterKeys => Ok(retire_columns()),
         _ => Ok(Vec::new()),
     }
 }
@@ -121,6 +123,8 @@ pub(super) async fn execute(
             migrate_command(ctx, actor, command, params, progress).await
         }
         Command::Reload => reload(ctx, actor, progress).await,
+        Command::RotateMasterKey => rotate_master_key(ctx, actor, progress).await,
+        Command::RetireMasterKeys => retire_master_keys(ctx, actor, progress).await,
         Command::Pause { slug } => {
             let slug = match opt(slug)? {
                 Some(text) => Some(known_slug(ctx, &text).await?),
@@ -219,6 +223,14 @@ async fn reload(
         .await
         .map_err(|e| AdminError::WrongState(format!("reading the config failed: {e}")))?
         .map_err(|e| AdminError::BadValue(format!("the config was not reloaded: {e}")))?;
+    // The master keys: a rotation by another instance or the CLI is picked up here. A key
+    // file that does not parse stops the reload with nothing changed.
+    let ring_before = ctx.key.ring();
+    let key = ctx.key.clone();
+    let ring_after = tokio::task::spawn_blocking(move || key.reload())
+        .await
+        .map_err(|e| AdminError::WrongState(format!("reading the master keys failed: {e}")))?
+        .map_err(|e| AdminError::BadValue(format!("the config was not reloaded: {e}")))?;
     let mut next = (*current).clone();
     next.pool = fresh.pool.clone();
     next.pool.max_pools = current.pool.max_pools;
@@ -248,6 +260,18 @@ async fn reload(
             Value::Bool(applies_live(key)),
         ]);
     }
+    let describe = |ring: &crate::crypto::KeyRing| {
+        format!("{} key(s), current {}", ring.len(), ring.current_id())
+    };
+    let (keys_before, keys_after) = (describe(&ring_before), describe(&ring_after));
+    if keys_before != keys_after {
+        table.rows.push(vec![
+            Value::text("secrets.master_keys"),
+            Value::text(keys_before),
+            Value::text(keys_after),
+            Value::Bool(true),
+        ]);
+    }
     ctx.pools.reconfigure(&next.pool, &next.plans);
     ctx.config.set(next);
     let restart = table
@@ -268,6 +292,71 @@ async fn reload(
         Some(&format!("{} changes", table.rows.len())),
     )
     .await;
+    Ok(Outcome::Rows(table))
+}
+
+fn rotate_columns() -> Vec<Column> {
+    vec![
+        Column::new("key_id", ColumnType::Text),
+        Column::new("reencrypted", ColumnType::Int8),
+        Column::new("keys", ColumnType::Int8),
+    ]
+}
+
+fn retire_columns() -> Vec<Column> {
+    vec![
+        Column::new("key_id", ColumnType::Text),
+        Column::new("dropped", ColumnType::Int8),
+        Column::new("secrets", ColumnType::Int8),
+    ]
+}
+
+/// ROTATE MASTER KEY: as `tenantgate key rotate`, and this proxy's ring is swapped at once.
+/// One row: the new key's id (never the key), secrets re-encrypted, keys in the file.
+async fn rotate_master_key(
+    ctx: &AdminContext,
+    actor: &str,
+    progress: &Progress,
+) -> Result<Outcome, AdminError> {
+    let done = crate::rekey::rotate(&ctx.registry, &ctx.key).await?;
+    progress.say(format!(
+        "master key rotated: new key id {}; RETIRE OLD MASTER KEYS once every instance has re-read the key file (RELOAD)",
+        done.key_id
+    ));
+    let detail = format!(
+        "key id {}, {} secrets re-encrypted",
+        done.key_id, done.reencrypted
+    );
+    log(ctx, None, actor, "admin.rotate_master_key", Some(&detail)).await;
+    let mut table = Table::new(rotate_columns());
+    table.rows.push(vec![
+        Value::text(done.key_id.to_string()),
+        Value::count(u64::try_from(done.reencrypted).unwrap_or(u64::MAX)),
+        Value::count(u64::try_from(done.keys).unwrap_or(u64::MAX)),
+    ]);
+    Ok(Outcome::Rows(table))
+}
+
+/// RETIRE OLD MASTER KEYS: as `tenantgate key retire`. One row: the key kept, keys dropped,
+/// secrets checked.
+async fn retire_master_keys(
+    ctx: &AdminContext,
+    actor: &str,
+    progress: &Progress,
+) -> Result<Outcome, AdminError> {
+    let done = crate::rekey::retire(&ctx.registry, &ctx.key).await?;
+    progress.say(format!(
+        "{} old master key(s) dropped; key id {} stays",
+        done.dropped, done.key_id
+    ));
+    let detail = format!("key id {}, {} old keys dropped", done.key_id, done.dropped);
+    log(ctx, None, actor, "admin.retire_master_keys", Some(&detail)).await;
+    let mut table = Table::new(retire_columns());
+    table.rows.push(vec![
+        Value::text(done.key_id.to_string()),
+        Value::count(u64::try_from(done.dropped).unwrap_or(u64::MAX)),
+        Value::count(u64::try_from(done.secrets).unwrap_or(u64::MAX)),
+    ]);
     Ok(Outcome::Rows(table))
 }
 

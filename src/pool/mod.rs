@@ -117,13 +117,13 @@ impl ClientFacing for PoolError {
 }
 
 /// What a pool was built from, as the registry record says it: compared on every checkout
-/// without decrypting anything.
+/// without decrypting anything. The encrypted password is compared apart (see
+/// [`TenantPool::same_password`]): a master-key rotation re-encrypts it without changing it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 struct PoolSource {
     server: String,
     database: String,
     role: String,
-    password_enc: Vec<u8>,
     plan: String,
     overrides: String,
     /// The pool settings generation it was built under (RELOAD bumps it).
@@ -144,7 +144,6 @@ impl PoolSource {
             server: tenant.server.clone(),
             database: tenant.database.clone(),
             role: tenant.backend_role.clone(),
-            password_enc: tenant.backend_password_enc.clone(),
             plan: tenant.plan.clone(),
             overrides: tenant.overrides.clone(),
             generation,
@@ -155,7 +154,6 @@ impl PoolSource {
         self.server == tenant.server
             && self.database == tenant.database
             && self.role == tenant.backend_role
-            && self.password_enc == tenant.backend_password_enc
             && self.plan == tenant.plan
             && self.overrides == tenant.overrides
             && self.generation == generation
@@ -168,6 +166,9 @@ pub type Params = Arc<Vec<(String, String)>>;
 /// One tenant's pool and the target it connects to.
 pub struct TenantPool {
     source: PoolSource,
+    /// The stored (encrypted) password the pool's target password was decrypted from, or a
+    /// later re-encryption of the same password.
+    password_enc: std::sync::RwLock<Vec<u8>>,
     target: BackendTarget,
     limits: TenantLimits,
     pool: bb8::Pool<BackendManager>,
@@ -191,6 +192,33 @@ pub struct TenantPool {
 }
 
 impl TenantPool {
+    /// Whether the record's stored password is the one this pool connects with. The same
+    /// ciphertext is the common case (a read lock and a compare); a different one is
+    /// decrypted once: if only the encryption changed (master-key rotation), it is remembered
+    /// and the pool, with its backend connections, stays.
+    fn same_password(&self, tenant: &TenantRecord, key: &MasterKey) -> bool {
+        let seen = self
+            .password_enc
+            .read()
+            .unwrap_or_else(PoisonError::into_inner);
+        if *seen == tenant.backend_password_enc {
+            return true;
+        }
+        drop(seen);
+        let same = key
+            .decrypt(&tenant.backend_password_enc)
+            .is_ok_and(|p| p == self.target.password);
+        if same {
+            tenant.backend_password_enc.clone_into(
+                &mut self
+                    .password_enc
+                    .write()
+                    .unwrap_or_else(PoisonError::into_inner),
+            );
+        }
+        same
+    }
+
     pub fn target(&self) -> &BackendTarget {
         &self.target
     }
@@ -436,7 +464,9 @@ impl PoolMap {
     /// old one closes as its leases come back.
     pub async fn pool_for(&self, tenant: &TenantRecord) -> Result<Arc<TenantPool>, PoolError> {
         if let Some(existing) = self.pools.get(&tenant.slug).await {
-            if existing.source.matches(tenant, self.settings().generation) {
+            if existing.source.matches(tenant, self.settings().generation)
+                && existing.same_password(tenant, &self.key)
+            {
                 return Ok(existing);
             }
             tracing::info!(tenant = %tenant.slug, "tenant target changed; replacing its pool");
@@ -454,7 +484,9 @@ impl PoolMap {
             parked.remove(&tenant.slug).and_then(|p| p.upgrade())
         };
         let generation = self.settings().generation;
-        if let Some(pool) = parked.filter(|p| p.source.matches(tenant, generation)) {
+        if let Some(pool) = parked
+            .filter(|p| p.source.matches(tenant, generation) && p.same_password(tenant, &self.key))
+        {
             self.pools
                 .insert(tenant.slug.clone(), Arc::clone(&pool))
                 .await;
@@ -533,6 +565,7 @@ impl PoolMap {
         self.built.fetch_add(1, Ordering::Relaxed);
         Ok(TenantPool {
             source,
+            password_enc: std::sync::RwLock::new(tenant.backend_password_enc.clone()),
             target,
             pool,
             queue: Arc::new(tokio::sync::Semaphore::new(

@@ -1,0 +1,268 @@
+//! The keyring: every master key tenantgate knows, the first one current, and the stored
+//! format of a secret encrypted under it.
+//!
+//! Format v2 (written): version byte `2` || 8-byte key id (the first 8 bytes of SHA-256 of the
+//! key) || 12-byte random nonce || ciphertext with its 16-byte tag, so decryption picks its key
+//! without trying them all. Format v1 (read only, before key rotation existed): version byte
+//! `1` || nonce || ciphertext+tag; each key is tried. This module must not log keys or
+//! plaintext, and key bytes leave it only through [`KeyRing::encoded`] for the key file.
+
+use aes_gcm::aead::{Aead, KeyInit};
+use aes_gcm::{Aes256Gcm, Nonce};
+use base64::Engine as _;
+use base64::engine::general_purpose::STANDARD as BASE64;
+use sha2::{Digest as _, Sha256};
+
+use super::{CryptoError, Secret};
+
+const FORMAT_V1: u8 = 1;
+const FORMAT_V2: u8 = 2;
+const NONCE_BYTES: usize = 12;
+const KEY_ID_BYTES: usize = 8;
+const KEY_BYTES: usize = 32;
+
+/// A key's public name: the first 8 bytes of SHA-256 of the key, shown as 16 hex digits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct KeyId([u8; KEY_ID_BYTES]);
+
+impl KeyId {
+    fn of(key: &[u8; KEY_BYTES]) -> KeyId {
+        let digest = Sha256::digest(key);
+        let mut id = [0u8; KEY_ID_BYTES];
+        id.copy_from_slice(digest.get(..KEY_ID_BYTES).unwrap_or(&[0; KEY_ID_BYTES]));
+        KeyId(id)
+    }
+}
+
+impl std::fmt::Display for KeyId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        for b in self.0 {
+            write!(f, "{b:02x}")?;
+        }
+        Ok(())
+    }
+}
+
+/// One master key. Its `Debug` shows only its id.
+#[derive(Clone)]
+struct Key {
+    id: KeyId,
+    bytes: [u8; KEY_BYTES],
+    cipher: Aes256Gcm,
+}
+
+impl Key {
+    fn new(bytes: [u8; KEY_BYTES]) -> Key {
+        Key {
+            id: KeyId::of(&bytes),
+            cipher: Aes256Gcm::new(&bytes.into()),
+            bytes,
+        }
+    }
+
+    fn open(&self, nonce: &[u8; NONCE_BYTES], sealed: &[u8]) -> Option<Vec<u8>> {
+        self.cipher.decrypt(Nonce::from_slice(nonce), sealed).ok()
+    }
+}
+
+impl std::fmt::Debug for Key {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Key({})", self.id)
+    }
+}
+
+/// Master keys, current first. Never empty.
+#[derive(Debug, Clone)]
+#[must_use]
+pub struct KeyRing {
+    keys: Vec<Key>,
+}
+
+impl KeyRing {
+    /// Parses one or more keys (32 bytes each, base64 or 64 hex digits) separated by newlines
+    /// or commas; blank lines and lines starting with `#` are skipped, a repeated key is kept
+    /// once. The first key is the current one. `from` names the source in errors.
+    pub fn parse(text: &str, from: &str) -> Result<KeyRing, CryptoError> {
+        let mut keys: Vec<Key> = Vec::new();
+        let items = text
+            .lines()
+            .map(str::trim)
+            .filter(|line| !line.starts_with('#'))
+            .flat_map(|line| line.split(','))
+            .map(str::trim)
+            .filter(|item| !item.is_empty());
+        for (i, item) in items.enumerate() {
+            let key = Key::new(decode_key(item).ok_or_else(|| CryptoError::BadKey {
+                from: format!("{from} (key {})", i + 1),
+            })?);
+            if !keys.iter().any(|k| k.id == key.id) {
+                keys.push(key);
+            }
+        }
+        if keys.is_empty() {
+            return Err(CryptoError::BadKey {
+                from: format!("{from} (no key in it)"),
+            });
+        }
+        Ok(KeyRing { keys })
+    }
+
+    /// A ring of one fresh random key.
+    pub fn generate() -> KeyRing {
+        let mut bytes = [0u8; KEY_BYTES];
+        rand::fill(&mut bytes);
+        KeyRing {
+            keys: vec![Key::new(bytes)],
+        }
+    }
+
+    /// This ring with `newer`'s current key in front: what rotation writes.
+    pub fn with_current(&self, newer: &KeyRing) -> KeyRing {
+        let mut keys = vec![newer.current().clone()];
+        keys.extend(
+            self.keys
+                .iter()
+                .filter(|k| k.id != newer.current_id())
+                .cloned(),
+        );
+        KeyRing { keys }
+    }
+
+    /// Only the current key: what retiring leaves.
+    pub fn current_only(&self) -> KeyRing {
+        KeyRing {
+            keys: vec![self.current().clone()],
+        }
+    }
+
+    fn current(&self) -> &Key {
+        // Never empty: parse and generate refuse or make at least one key.
+        &self.keys[0]
+    }
+
+    /// The id of the key that encrypts.
+    pub fn current_id(&self) -> KeyId {
+        self.current().id
+    }
+
+    /// Every key's id, current first.
+    pub fn ids(&self) -> Vec<KeyId> {
+        self.keys.iter().map(|k| k.id).collect()
+    }
+
+    pub fn len(&self) -> usize {
+        self.keys.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.keys.is_empty()
+    }
+
+    /// The key file's text: one base64 key per line, current first. For the key file only.
+    pub fn encoded(&self) -> String {
+        let mut text = String::new();
+        for key in &self.keys {
+            text.push_str(&BASE64.encode(key.bytes));
+            text.push('\n');
+        }
+        text
+    }
+
+    /// Encrypts under the current key, format v2.
+    pub fn encrypt(&self, secret: &Secret) -> Vec<u8> {
+        let key = self.current();
+        let mut nonce = [0u8; NONCE_BYTES];
+        rand::fill(&mut nonce);
+        // AES-GCM encryption fails only for plaintexts over 64 GiB.
+        let sealed = key
+            .cipher
+            .encrypt(Nonce::from_slice(&nonce), secret.expose().as_bytes())
+            .unwrap_or_default();
+        let mut out = Vec::with_capacity(1 + KEY_ID_BYTES + NONCE_BYTES + sealed.len());
+        out.push(FORMAT_V2);
+        out.extend_from_slice(&key.id.0);
+        out.extend_from_slice(&nonce);
+        out.extend_from_slice(&sealed);
+        out
+    }
+
+    /// Decrypts a stored secret of either format.
+    pub fn decrypt(&self, stored: &[u8]) -> Result<Secret, CryptoError> {
+        let (version, rest) = stored.split_first().ok_or(CryptoError::Malformed)?;
+        let plain = match *version {
+            FORMAT_V1 => {
+                let (nonce, sealed) = rest
+                    .split_first_chunk::<NONCE_BYTES>()
+                    .ok_or(CryptoError::Malformed)?;
+                self.keys
+                    .iter()
+                    .find_map(|k| k.open(nonce, sealed))
+                    .ok_or(CryptoError::Decrypt)?
+            }
+            FORMAT_V2 => {
+                let (id, rest) = rest
+                    .split_first_chunk::<KEY_ID_BYTES>()
+                    .ok_or(CryptoError::Malformed)?;
+                let (nonce, sealed) = rest
+                    .split_first_chunk::<NONCE_BYTES>()
+                    .ok_or(CryptoError::Malformed)?;
+                let key = self
+                    .keys
+                    .iter()
+                    .find(|k| k.id.0 == *id)
+                    .ok_or(CryptoError::UnknownKey { id: KeyId(*id) })?;
+                key.open(nonce, sealed).ok_or(CryptoError::Decrypt)?
+            }
+            _ => return Err(CryptoError::Malformed),
+        };
+        String::from_utf8(plain)
+            .map(Secret::new)
+            .map_err(|_| CryptoError::Malformed)
+    }
+
+    /// Whether `stored` is in format v2 under the current key (nothing left to re-encrypt).
+    pub fn is_current(&self, stored: &[u8]) -> bool {
+        key_id_of(stored) == Some(self.current_id())
+    }
+}
+
+/// The key id a v2 blob names; `None` for v1 or malformed blobs.
+pub fn key_id_of(stored: &[u8]) -> Option<KeyId> {
+    match stored.split_first() {
+        Some((&FORMAT_V2, rest)) => rest
+            .split_first_chunk::<KEY_ID_BYTES>()
+            .map(|(id, _)| KeyId(*id)),
+        _ => None,
+    }
+}
+
+/// 32 bytes written as base64 or 64 hex digits.
+fn decode_key(text: &str) -> Option<[u8; KEY_BYTES]> {
+    let bytes = if text.len() == 64 && text.bytes().all(|b| b.is_ascii_hexdigit()) {
+        (0..KEY_BYTES)
+            .map(|i| {
+                text.get(i * 2..i * 2 + 2)
+                    .and_then(|h| u8::from_str_radix(h, 16).ok())
+            })
+            .collect::<Option<Vec<u8>>>()
+    } else {
+        BASE64.decode(text).ok()
+    }?;
+    bytes.try_into().ok()
+}
+
+/// The v1 format, for tests that stand in for data written before key rotation existed.
+#[cfg(test)]
+pub(super) fn encrypt_v1(ring: &KeyRing, secret: &Secret) -> Vec<u8> {
+    let mut nonce = [0u8; NONCE_BYTES];
+    rand::fill(&mut nonce);
+    let sealed = ring
+        .current()
+        .cipher
+        .encrypt(Nonce::from_slice(&nonce), secret.expose().as_bytes())
+        .unwrap();
+    let mut out = vec![FORMAT_V1];
+    out.extend_from_slice(&nonce);
+    out.extend_from_slice(&sealed);
+    out
+}
