@@ -196,14 +196,27 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
 async fn serve(config: Config) -> anyhow::Result<()> {
     let grace = Duration::from_secs(config.proxy.shutdown_grace_seconds);
     let proxy = Proxy::start(config).await?;
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-    tokio::select! {
-        r = tokio::signal::ctrl_c() => r?,
-        _ = term.recv() => {}
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate())?;
+    let mut hangup = signal(SignalKind::hangup())?;
+    loop {
+        tokio::select! {
+            r = tokio::signal::ctrl_c() => break r?,
+            _ = term.recv() => break,
+            _ = hangup.recv() => reload_on_sighup(&proxy).await,
+        }
     }
     tracing::info!("shutting down");
     proxy.shutdown(grace).await;
     Ok(())
+}
+
+/// SIGHUP does what the admin console's RELOAD does; the outcome goes to the log.
+async fn reload_on_sighup(proxy: &Proxy) {
+    match proxy.reload("signal:SIGHUP").await {
+        Ok(summary) => tracing::info!("SIGHUP: {summary}"),
+        Err(e) => tracing::error!("SIGHUP: {e}"),
+    }
 }
 
 async fn open_registry(config: &Config) -> anyhow::Result<Registry> {

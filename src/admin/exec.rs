@@ -13,6 +13,7 @@ use crate::config::Config;
 use crate::crypto::Secret;
 use crate::provision::{self, CreateTenant, RegisterTenant};
 use crate::registry::{TenantSlug, TenantState};
+use crate::tls::TlsServer;
 
 /// What a command produced.
 #[derive(Debug)]
@@ -75,6 +76,7 @@ fn show_table(what: ShowWhat) -> &'static str {
         ShowWhat::Version => "version",
         ShowWhat::Activity => "activity",
         ShowWhat::Migrations => "migrations",
+        ShowWhat::Domains => "domains",
     }
 }
 
@@ -110,8 +112,12 @@ pub(super) async fn execute(
         Command::CreateTenant { .. } | Command::RegisterTenant { .. } => {
             provision_command(ctx, actor, command, params, progress).await
         }
-        Command::SetUser { .. } | Command::DropUser { .. } => {
-            user_command(ctx, actor, command, params).await
+        Command::SetUser { .. } | Command::DropUser { .. } | Command::SetAdminUser { .. } => {
+            super::users::user_command(ctx, actor, command, params).await
+        }
+        Command::TenantDomain { slug, domain, add } => {
+            let (slug, domain) = (slug.resolve(params)?, domain.resolve(params)?);
+            super::users::domain_command(ctx, actor, &slug, &domain, *add).await
         }
         Command::SuspendTenant { .. }
         | Command::ResumeTenant { .. }
@@ -120,7 +126,7 @@ pub(super) async fn execute(
         Command::MigrateTenant { .. } | Command::MigrateAll { .. } => {
             migrate_command(ctx, actor, command, params, progress).await
         }
-        Command::Reload => reload(ctx, actor, progress).await,
+        Command::Reload => Ok(Outcome::Rows(reload_config(ctx, actor, progress).await?)),
         Command::Pause { slug } => {
             let slug = match opt(slug)? {
                 Some(text) => Some(known_slug(ctx, &text).await?),
@@ -198,16 +204,18 @@ fn applies_live(key: &str) -> bool {
         || key.starts_with("plans.")
         || key.starts_with("provision.")
         || LIVE_PROXY_KEYS.contains(&key)
+        || key.starts_with("tls.")
 }
 
-/// RELOAD: re-reads and validates the config file, applies what can change live and lists
-/// every changed key with whether it applied or needs a restart. A broken file changes
-/// nothing.
-async fn reload(
+/// RELOAD (and SIGHUP): re-reads and validates the config file and the TLS certificate, key
+/// and client CA files, applies what can change live and lists every changed key with whether
+/// it applied or needs a restart; a new certificate shows as `tls.certificate` (its SHA-256).
+/// A broken file, TLS files included, changes nothing: the old certificate keeps serving.
+pub(super) async fn reload_config(
     ctx: &AdminContext,
     actor: &str,
     progress: &Progress,
-) -> Result<Outcome, AdminError> {
+) -> Result<Table, AdminError> {
     let current = ctx.config.get();
     let Some(path) = current.source.clone() else {
         return Err(AdminError::WrongState(
@@ -215,10 +223,21 @@ async fn reload(
         ));
     };
     let path_for_load = path.clone();
-    let fresh = tokio::task::spawn_blocking(move || Config::load(&path_for_load))
-        .await
-        .map_err(|e| AdminError::WrongState(format!("reading the config failed: {e}")))?
-        .map_err(|e| AdminError::BadValue(format!("the config was not reloaded: {e}")))?;
+    let (fresh, tls) = tokio::task::spawn_blocking(move || {
+        let fresh = Config::load(&path_for_load).map_err(|e| e.to_string())?;
+        // Built here, once more than Config::load's check, so what is served is what was
+        // just read even if the files change again meanwhile.
+        let tls = TlsServer::from_config(&fresh.tls)
+            .map_err(|e| format!("{}: {}: {e}", path_for_load.display(), e.config_key()))?;
+        Ok::<_, String>((fresh, tls))
+    })
+    .await
+    .map_err(|e| AdminError::WrongState(format!("reading the config failed: {e}")))?
+    .map_err(|e| {
+        AdminError::BadValue(format!(
+            "the config was not reloaded (the running config and certificate stay): {e}"
+        ))
+    })?;
     let mut next = (*current).clone();
     next.pool = fresh.pool.clone();
     next.pool.max_pools = current.pool.max_pools;
@@ -229,6 +248,7 @@ async fn reload(
     next.proxy.max_startup_packet_bytes = fresh.proxy.max_startup_packet_bytes;
     next.proxy.max_message_bytes = fresh.proxy.max_message_bytes;
     next.proxy.suspend_grace_seconds = fresh.proxy.suspend_grace_seconds;
+    next.tls = fresh.tls.clone();
 
     let before: std::collections::BTreeMap<String, String> =
         catalog::flat_config(&current).into_iter().collect();
@@ -248,8 +268,19 @@ async fn reload(
             Value::Bool(applies_live(key)),
         ]);
     }
+    let old_tls = ctx.tls.current();
+    if old_tls.fingerprint() != tls.fingerprint() {
+        table.rows.push(vec![
+            Value::text("tls.certificate"),
+            Value::opt_text(old_tls.fingerprint().map(|f| format!("sha256:{f}"))),
+            Value::opt_text(tls.fingerprint().map(|f| format!("sha256:{f}"))),
+            Value::Bool(true),
+        ]);
+    }
     ctx.pools.reconfigure(&next.pool, &next.plans);
     ctx.config.set(next);
+    // New handshakes use the new certificate; sessions established under the old one keep it.
+    ctx.tls.replace(tls);
     let restart = table
         .rows
         .iter()
@@ -268,7 +299,7 @@ async fn reload(
         Some(&format!("{} changes", table.rows.len())),
     )
     .await;
-    Ok(Outcome::Rows(table))
+    Ok(table)
 }
 
 const PAUSE_NOTICE_EVERY: std::time::Duration = std::time::Duration::from_secs(5);
@@ -346,64 +377,6 @@ async fn provision_command(
             )
             .await;
             Ok(Outcome::Done("REGISTER TENANT"))
-        }
-        _ => Err(AdminError::Unsupported("this command".to_owned())),
-    }
-}
-
-/// CREATE, ALTER and DROP USER.
-async fn user_command(
-    ctx: &AdminContext,
-    actor: &str,
-    command: &Command,
-    params: &[Option<String>],
-) -> Result<Outcome, AdminError> {
-    let arg = |a: &Arg| a.resolve(params);
-    match command {
-        Command::SetUser {
-            user,
-            tenant,
-            password,
-            replace,
-        } => {
-            let (user, tenant) = (arg(user)?, arg(tenant)?);
-            let slug = known_slug(ctx, &tenant).await?;
-            let exists = ctx.registry.user_exists(&slug, &user).await?;
-            match (exists, *replace) {
-                (true, false) => {
-                    return Err(AdminError::WrongState(format!(
-                        "user \"{user}\" of tenant \"{slug}\" already exists; use ALTER USER"
-                    )));
-                }
-                (false, true) => {
-                    return Err(AdminError::WrongState(format!(
-                        "user \"{user}\" of tenant \"{slug}\" does not exist; use CREATE USER"
-                    )));
-                }
-                _ => {}
-            }
-            provision::add_user(
-                &ctx.registry,
-                slug.as_str(),
-                &user,
-                &Secret::from(arg(password)?),
-            )
-            .await?;
-            // Do not wait for the NOTIFY: the next login must see the new password.
-            ctx.directory.invalidate(&slug).await;
-            Ok(Outcome::Done(if *replace {
-                "ALTER USER"
-            } else {
-                "CREATE USER"
-            }))
-        }
-        Command::DropUser { user, tenant } => {
-            let (user, tenant) = (arg(user)?, arg(tenant)?);
-            let slug = known_slug(ctx, &tenant).await?;
-            provision::remove_user(&ctx.registry, slug.as_str(), &user).await?;
-            ctx.directory.invalidate(&slug).await;
-            log(ctx, Some(&slug), actor, "user.drop", Some(&user)).await;
-            Ok(Outcome::Done("DROP USER"))
         }
         _ => Err(AdminError::Unsupported("this command".to_owned())),
     }
@@ -554,7 +527,7 @@ async fn migrate_command(
 }
 
 /// A slug that names a tenant in the registry.
-async fn known_slug(ctx: &AdminContext, text: &str) -> Result<TenantSlug, AdminError> {
+pub(super) async fn known_slug(ctx: &AdminContext, text: &str) -> Result<TenantSlug, AdminError> {
     let slug = TenantSlug::parse(text).ok_or_else(|| AdminError::NoSuchTenant(text.to_owned()))?;
     match ctx.registry.tenant(&slug).await? {
         Some(_) => Ok(slug),
@@ -584,7 +557,7 @@ fn check_plan(ctx: &AdminContext, plan: Option<&str>) -> Result<(), AdminError> 
 }
 
 /// Records an admin action; a failure to log does not undo the action.
-async fn log(
+pub(super) async fn log(
     ctx: &AdminContext,
     slug: Option<&TenantSlug>,
     actor: &str,

@@ -32,7 +32,7 @@ use crate::pool::PoolMap;
 use crate::registry::{Registry, TenantDirectory, spawn_change_listener};
 use crate::session::CancelMap;
 use crate::stats::{Stats, spawn_flusher};
-use crate::tls::TlsServer;
+use crate::tls::{SharedTls, TlsServer};
 
 /// `[proxy]`: the client-facing side.
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -239,8 +239,9 @@ pub struct State {
     pub admin: Arc<AdminContext>,
     /// Per-tenant usage counters (SHOW STATS, billing); outlive the tenants' pools.
     pub stats: Stats,
-    /// Client TLS: acceptor, channel-binding data, SNI base domain.
-    pub tls: TlsServer,
+    /// Client TLS: acceptor, channel-binding data, SNI base domain; replaced by a reload,
+    /// so each connection reads it once at accept.
+    pub tls: SharedTls,
     /// Failed-login counters: delays and lock-outs before SCRAM.
     pub throttle: LoginThrottle,
     client_slots: Arc<Semaphore>,
@@ -268,7 +269,8 @@ impl Proxy {
     /// serving.
     pub async fn start(config: Config) -> anyhow::Result<Proxy> {
         let key = MasterKey::load(&config.secrets)?;
-        let tls = TlsServer::from_config(&config.tls).context("setting up client TLS")?;
+        let tls =
+            SharedTls::new(TlsServer::from_config(&config.tls).context("setting up client TLS")?);
         let registry = Registry::connect(&config.registry)
             .await
             .context("connecting to the registry")?;
@@ -315,6 +317,7 @@ impl Proxy {
             clients: clients.clone(),
             key,
             stats: usage.clone(),
+            tls: tls.clone(),
         });
         let mut mock_key = [0u8; 32];
         rand::fill(&mut mock_key);
@@ -371,6 +374,12 @@ impl Proxy {
 
     pub fn state(&self) -> &Arc<State> {
         &self.state
+    }
+
+    /// What admin RELOAD does, for SIGHUP: re-reads the config file and the TLS files;
+    /// returns a one-line summary, or why nothing changed.
+    pub async fn reload(&self, actor: &str) -> Result<String, crate::admin::AdminError> {
+        crate::admin::reload(&self.state.admin, actor).await
     }
 
     /// Stops accepting, gives sessions `grace` to finish, then closes the rest.
