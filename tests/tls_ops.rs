@@ -1,7 +1,12 @@
 //! Client TLS in operation (issue 6): certificate reload by RELOAD and SIGHUP without dropping
 //! sessions, client-certificate auth (mTLS) for tenant and admin users, custom domains per
 //! tenant, and TLS in SHOW CLIENTS. psql and tokio-postgres over rustls, real PostgreSQL.
-#![allow(clippy::unwrap_used, clippy::expect_used, reason = "tests")]
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::too_many_lines,
+    reason = "tests; each test is one scenario, step after step"
+)]
 
 #[path = "common/certs.rs"]
 mod certs;

@@ -24,17 +24,12 @@ fn method(auth: Option<&Arg>, params: &[Option<String>]) -> Result<Option<AuthMe
     })
 }
 
-/// The password a new user gets: the one given, or, for a `cert` user, a random one nobody
-/// knows (the column holds a verifier for every user).
-fn new_password(
-    password: Option<String>,
-    method: Option<AuthMethod>,
-    what: &str,
-) -> Result<Secret, AdminError> {
-    match (password, method) {
-        (Some(pw), _) => Ok(Secret::from(pw)),
-        (None, Some(AuthMethod::Cert)) => Ok(generate_password(32)),
-        (None, _) => Err(AdminError::BadValue(format!(
+/// The password of a new user created without one: for a `cert` user, a random one nobody
+/// knows (the column holds a verifier for every user); anyone else needs a password.
+fn new_password(method: Option<AuthMethod>, what: &str) -> Result<Secret, AdminError> {
+    match method {
+        Some(AuthMethod::Cert) => Ok(generate_password(32)),
+        _ => Err(AdminError::BadValue(format!(
             "{what} needs PASSWORD '...' (only AUTH cert users go without one)"
         ))),
     }
@@ -78,7 +73,7 @@ pub(super) async fn user_command(
             let password = match (password, *replace) {
                 (Some(pw), _) => Some(Secret::from(pw)),
                 (None, true) => None,
-                (None, false) => Some(new_password(None, method, "CREATE USER")?),
+                (None, false) => Some(new_password(method, "CREATE USER")?),
             };
             if let Some(password) = password {
                 provision::add_user(&ctx.registry, slug.as_str(), &user, &password).await?;
@@ -102,43 +97,16 @@ pub(super) async fn user_command(
             auth,
             replace,
         } => {
-            let user = arg(user)?;
-            let method = method(auth.as_ref(), params)?;
-            let password = opt(password)?;
-            let exists = ctx.registry.admin_login(&user).await?.is_some();
-            match (exists, *replace) {
-                (true, false) => {
-                    return Err(AdminError::WrongState(format!(
-                        "admin user \"{user}\" already exists; use ALTER ADMIN USER"
-                    )));
-                }
-                (false, true) => {
-                    return Err(AdminError::WrongState(format!(
-                        "admin user \"{user}\" does not exist; use CREATE ADMIN USER"
-                    )));
-                }
-                _ => {}
-            }
-            let password = match (password, *replace) {
-                (Some(pw), _) => Some(Secret::from(pw)),
-                (None, true) => None,
-                (None, false) => Some(new_password(None, method, "CREATE ADMIN USER")?),
-            };
-            if let Some(password) = password {
-                let verifier =
-                    postgres_protocol::password::scram_sha_256(password.expose().as_bytes());
-                ctx.registry.set_admin_user(&user, &verifier, true).await?;
-            }
-            if let Some(method) = method {
-                ctx.registry.set_admin_auth(&user, method).await?;
-            }
-            let detail = method.map_or_else(|| user.clone(), |m| format!("{user} auth {m}"));
-            log(ctx, None, actor, "admin_user.set", Some(&detail)).await;
-            Ok(Outcome::Done(if *replace {
-                "ALTER ADMIN USER"
-            } else {
-                "CREATE ADMIN USER"
-            }))
+            set_admin_user(
+                ctx,
+                actor,
+                &arg(user)?,
+                opt(password)?,
+                auth.as_ref(),
+                *replace,
+                params,
+            )
+            .await
         }
         Command::DropUser { user, tenant } => {
             let (user, tenant) = (arg(user)?, arg(tenant)?);
@@ -150,6 +118,52 @@ pub(super) async fn user_command(
         }
         _ => Err(AdminError::Unsupported("this command".to_owned())),
     }
+}
+
+/// CREATE and ALTER ADMIN USER.
+async fn set_admin_user(
+    ctx: &AdminContext,
+    actor: &str,
+    user: &str,
+    password: Option<String>,
+    auth: Option<&Arg>,
+    replace: bool,
+    params: &[Option<String>],
+) -> Result<Outcome, AdminError> {
+    let method = method(auth, params)?;
+    let exists = ctx.registry.admin_login(user).await?.is_some();
+    match (exists, replace) {
+        (true, false) => {
+            return Err(AdminError::WrongState(format!(
+                "admin user \"{user}\" already exists; use ALTER ADMIN USER"
+            )));
+        }
+        (false, true) => {
+            return Err(AdminError::WrongState(format!(
+                "admin user \"{user}\" does not exist; use CREATE ADMIN USER"
+            )));
+        }
+        _ => {}
+    }
+    let password = match (password, replace) {
+        (Some(pw), _) => Some(Secret::from(pw)),
+        (None, true) => None,
+        (None, false) => Some(new_password(method, "CREATE ADMIN USER")?),
+    };
+    if let Some(password) = password {
+        let verifier = postgres_protocol::password::scram_sha_256(password.expose().as_bytes());
+        ctx.registry.set_admin_user(user, &verifier, true).await?;
+    }
+    if let Some(method) = method {
+        ctx.registry.set_admin_auth(user, method).await?;
+    }
+    let detail = method.map_or_else(|| user.to_owned(), |m| format!("{user} auth {m}"));
+    log(ctx, None, actor, "admin_user.set", Some(&detail)).await;
+    Ok(Outcome::Done(if replace {
+        "ALTER ADMIN USER"
+    } else {
+        "CREATE ADMIN USER"
+    }))
 }
 
 /// ALTER TENANT slug ADD DOMAIN 'name' / DROP DOMAIN 'name'.

@@ -650,8 +650,7 @@ async fn authenticate_admin<S: AsyncRead + AsyncWrite + Unpin>(
         },
     };
     // A `cert` admin without a certificate fails as a non-admin does (auth::method explains).
-    let is_admin =
-        !credential.is_mock && !(method == AuthMethod::Cert && proof.client_cn.is_none());
+    let is_admin = !(credential.is_mock || method == AuthMethod::Cert && proof.client_cn.is_none());
     let result = authenticate_by_method(stream, user, method, credential, mock(), proof).await;
     end_attempt(state, attempt, &result).await;
     match result {
