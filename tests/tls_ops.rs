@@ -781,3 +781,56 @@ async fn show_clients_says_which_clients_use_tls() {
         .unwrap();
     assert_eq!(columns.last().map(String::as_str), Some("tls"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cli_user_add_sets_the_auth_method_without_asking_a_cert_user_for_a_password() {
+    let files = CertDir::new("cli");
+    let (env, path) = start(&files, TlsConfig::default()).await;
+    let t = env.tenant("cli-auth").await;
+    let run = |args: &[&str], stdin: &str| {
+        let mut child = Command::new(BIN)
+            .arg("--config")
+            .arg(&path)
+            .args(args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        std::io::Write::write_all(&mut child.stdin.take().unwrap(), stdin.as_bytes()).unwrap();
+        child.wait_with_output().unwrap()
+    };
+    let slug = t.slug.as_str();
+    let out = run(&["user", "add", slug, "robot", "--auth", "cert"], "");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("auth cert"));
+    let login = env
+        .registry
+        .user_login(&t.slug, "robot")
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(login.method, tenantgate::registry::AuthMethod::Cert);
+    let out = run(
+        &["user", "add", slug, "both", "--auth", "cert+scram"],
+        "pw\n",
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let login = env
+        .registry
+        .user_login(&t.slug, "both")
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(login.method, tenantgate::registry::AuthMethod::CertScram);
+    let out = run(&["user", "add", slug, "x", "--auth", "md5"], "pw\n");
+    assert_eq!(out.status.code(), Some(2));
+}
