@@ -600,12 +600,20 @@ async fn tenant_for_server_name(
     tls_setup: &TlsServer,
     server_name: &str,
 ) -> Result<Option<String>, LoginError> {
+    let by_base_domain = tls_setup.tenant_from_sni(server_name);
     if let Some(domain) = normalize_domain(server_name) {
-        if let Some(slug) = state.directory.tenant_for_domain(&domain).await? {
-            return Ok(Some(slug.as_str().to_owned()));
+        match state.directory.tenant_for_domain(&domain).await {
+            Ok(Some(slug)) => return Ok(Some(slug.as_str().to_owned())),
+            Ok(None) => {}
+            // The base-domain rule needs no registry: a tenant it names stays reachable while
+            // the registry is away (its record may be cached).
+            Err(e) if by_base_domain.is_some() => {
+                tracing::warn!(error = %e, "custom domain lookup failed; using sni_base_domain");
+            }
+            Err(e) => return Err(e.into()),
         }
     }
-    Ok(tls_setup.tenant_from_sni(server_name))
+    Ok(by_base_domain)
 }
 
 fn tenant_login(
