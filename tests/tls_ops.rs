@@ -834,3 +834,49 @@ async fn cli_user_add_sets_the_auth_method_without_asking_a_cert_user_for_a_pass
     let out = run(&["user", "add", slug, "x", "--auth", "md5"], "pw\n");
     assert_eq!(out.status.code(), Some(2));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reload_applies_a_new_tls_mode_to_new_clients_only() {
+    let ca = TestCa::new("mode CA");
+    let files = CertDir::new("mode");
+    files.write_pair("server", &ca.server(&["localhost"]));
+    let (env, path) = start(&files, tls(TlsMode::Allow, &files)).await;
+    let t = env.tenant_with_user("tls-mode").await;
+    let slug = t.slug.as_str();
+    let plain = env.app(slug).await;
+    let admin = env.admin().await;
+
+    let text = std::fs::read_to_string(&path).unwrap();
+    assert!(text.contains("mode = \"allow\""), "{text}");
+    std::fs::write(
+        &path,
+        text.replace("mode = \"allow\"", "mode = \"require\""),
+    )
+    .unwrap();
+    let rows = admin.simple_query("RELOAD").await.unwrap();
+    let changed: Vec<(String, String)> = rows
+        .iter()
+        .filter_map(|m| match m {
+            tokio_postgres::SimpleQueryMessage::Row(r) => {
+                Some((r.get(0).unwrap().to_owned(), r.get(3).unwrap().to_owned()))
+            }
+            _ => None,
+        })
+        .collect();
+    assert_eq!(changed, vec![("tls.mode".to_owned(), "t".to_owned())]);
+
+    // New plaintext clients are refused before any password; the one already in stays.
+    let err = env.connect(slug, "app", "secret").await.err().unwrap();
+    assert_eq!(sqlstate(&err).as_deref(), Some("28000"), "{err}");
+    assert_eq!(value(&plain, "SELECT current_database()").await, t.database);
+    connect(
+        env.port(),
+        "localhost",
+        slug,
+        "app",
+        Some("secret"),
+        rustls_client(&[&ca], None),
+    )
+    .await
+    .unwrap();
+}

@@ -7,8 +7,12 @@
 //! instantiated twice, for `TcpStream` and for `TlsStream<TcpStream>`, so plaintext clients
 //! relay on the bare socket exactly as before TLS existed.
 //!
-//! Routing with TLS: when `tls.sni_base_domain` is set and the client's SNI is
-//! `<tenant>.<base>`, the SNI names the tenant and the database name is not used for routing
+//! The TLS setup (acceptor, channel-binding hash, SNI rule) is read once per connection, so a
+//! reload in the middle of a login cannot mix two certificates.
+//!
+//! Routing with TLS: when the client's SNI is exactly a tenant's custom domain
+//! (`tenant_domains`), or `tls.sni_base_domain` is set and the SNI is `<tenant>.<base>`, the
+//! SNI names the tenant and the database name is not used for routing
 //! (even the admin database name: the console is reached only without a tenant SNI). After
 //! authentication, a database name that is another existing tenant is refused (28000), so a
 //! client cannot believe it reached one tenant while it reached another; checking only after
