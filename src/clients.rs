@@ -23,6 +23,9 @@ pub struct ClientEntry {
     /// "session", "transaction" or "admin".
     pub mode: &'static str,
     pub connected_at: DateTime<Utc>,
+    /// TLS protocol version and cipher suite ("TLSv1.3 TLS13_AES_256_GCM_SHA384"); empty for
+    /// a plaintext client.
+    pub tls: String,
     /// Cancelled to end the client's session (KILL, shutdown).
     pub stop: CancellationToken,
 }
@@ -96,6 +99,7 @@ mod tests {
             application_name: String::new(),
             mode: "session",
             connected_at: Utc::now(),
+            tls: String::new(),
             stop: CancellationToken::new(),
         };
         let a = roster.join(entry(1, acme.clone()));

@@ -14,7 +14,7 @@ use tenantgate::config::{Config, ConfigError};
 use tenantgate::crypto::{MasterKey, Secret};
 use tenantgate::provision::{self, CreateTenant, RegisterTenant};
 use tenantgate::quickstart;
-use tenantgate::registry::{Registry, TenantState};
+use tenantgate::registry::{AuthMethod, Registry, TenantSlug, TenantState};
 use tenantgate::rekey;
 use tenantgate::server::Proxy;
 
@@ -130,7 +130,15 @@ enum TenantCommand {
 enum UserCommand {
     /// Add a user to a tenant or change its password. The password is read from a prompt, or
     /// from standard input when it is not a terminal. Only a SCRAM verifier is stored.
-    Add { slug: String, user: String },
+    Add {
+        slug: String,
+        user: String,
+        /// How the user logs in: `scram` (password), `cert` (a client certificate whose CN is
+        /// the user name, no password: none is asked for) or `cert+scram` (both). Default:
+        /// unchanged for an existing user, `scram` for a new one.
+        #[arg(long, value_parser = parse_auth_method)]
+        auth: Option<AuthMethod>,
+    },
     /// Remove a user from a tenant.
     Remove {
         /// The tenant's slug.
@@ -138,6 +146,10 @@ enum UserCommand {
         tenant: String,
         user: String,
     },
+}
+
+fn parse_auth_method(text: &str) -> Result<AuthMethod, String> {
+    AuthMethod::parse(text).ok_or_else(|| "expected scram, cert or cert+scram".to_owned())
 }
 
 fn main() -> ExitCode {
@@ -193,10 +205,22 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Serve => serve(config).await,
         Command::Tenant(cmd) => tenant(&config, cmd).await,
-        Command::User(UserCommand::Add { slug, user }) => {
+        Command::User(UserCommand::Add { slug, user, auth }) => {
             let registry = open_registry(&config).await?;
-            let password = read_password(&format!("Password for {user} of {slug}: "))?;
+            let password = if auth == Some(AuthMethod::Cert) {
+                // Nobody will type it: the certificate is the credential.
+                tenantgate::crypto::generate_password(32)
+            } else {
+                read_password(&format!("Password for {user} of {slug}: "))?
+            };
             provision::add_user(&registry, &slug, &user, &password).await?;
+            if let Some(method) = auth {
+                let tenant = TenantSlug::parse(&slug).context("invalid tenant slug")?;
+                registry.set_user_auth(&tenant, &user, method).await?;
+                return say(&format!(
+                    "user {user} of tenant {slug} saved (auth {method})"
+                ));
+            }
             say(&format!("user {user} of tenant {slug} saved"))
         }
         Command::User(UserCommand::Remove { tenant, user }) => {
@@ -271,16 +295,29 @@ async fn key(config: &Config, cmd: KeyCommand) -> anyhow::Result<()> {
 }
 
 async fn serve(config: Config) -> anyhow::Result<()> {
+    use tokio::signal::unix::{SignalKind, signal};
     let grace = Duration::from_secs(config.proxy.shutdown_grace_seconds);
     let proxy = Proxy::start(config).await?;
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-    tokio::select! {
-        r = tokio::signal::ctrl_c() => r?,
-        _ = term.recv() => {}
+    let mut term = signal(SignalKind::terminate())?;
+    let mut hangup = signal(SignalKind::hangup())?;
+    loop {
+        tokio::select! {
+            r = tokio::signal::ctrl_c() => break r?,
+            _ = term.recv() => break,
+            _ = hangup.recv() => reload_on_sighup(&proxy).await,
+        }
     }
     tracing::info!("shutting down");
     proxy.shutdown(grace).await;
     Ok(())
+}
+
+/// SIGHUP does what the admin console's RELOAD does; the outcome goes to the log.
+async fn reload_on_sighup(proxy: &Proxy) {
+    match proxy.reload("signal:SIGHUP").await {
+        Ok(summary) => tracing::info!("SIGHUP: {summary}"),
+        Err(e) => tracing::error!("SIGHUP: {e}"),
+    }
 }
 
 async fn open_registry(config: &Config) -> anyhow::Result<Registry> {

@@ -154,7 +154,7 @@ async fn serve(dir: &Path, config: Config, pg: &LocalPg) -> anyhow::Result<()> {
     out.flush()?;
     drop(out);
 
-    wait_for_signal().await?;
+    wait_for_signal(&proxy).await?;
     tracing::info!("stopping");
     proxy
         .shutdown(Duration::from_secs(config.proxy.shutdown_grace_seconds))
@@ -162,13 +162,22 @@ async fn serve(dir: &Path, config: Config, pg: &LocalPg) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn wait_for_signal() -> anyhow::Result<()> {
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-    tokio::select! {
-        r = tokio::signal::ctrl_c() => r?,
-        _ = term.recv() => {}
+/// Waits for Ctrl-C or SIGTERM; SIGHUP meanwhile reloads the config and TLS files, as
+/// `tenantgate serve` does.
+async fn wait_for_signal(proxy: &Proxy) -> anyhow::Result<()> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate())?;
+    let mut hangup = signal(SignalKind::hangup())?;
+    loop {
+        tokio::select! {
+            r = tokio::signal::ctrl_c() => return Ok(r?),
+            _ = term.recv() => return Ok(()),
+            _ = hangup.recv() => match proxy.reload("signal:SIGHUP").await {
+                Ok(summary) => tracing::info!("SIGHUP: {summary}"),
+                Err(e) => tracing::error!("SIGHUP: {e}"),
+            },
+        }
     }
-    Ok(())
 }
 
 /// `--tls`: TLS required (unless the config file chose a mode), with a self-signed certificate

@@ -82,6 +82,7 @@ impl Certs {
             cert_file: Some(self.dir.join("server.crt")),
             key_file: Some(self.dir.join("server.key")),
             sni_base_domain: sni.then(|| BASE.to_owned()),
+            client_ca_file: None,
         }
     }
 

@@ -55,6 +55,7 @@ pub(super) fn columns(name: &str) -> Result<Vec<Column>, AdminError> {
             c("application_name", Text),
             c("mode", Text),
             c("connected_at", Timestamptz),
+            c("tls", Text),
         ],
         "servers" => vec![
             c("name", Text),
@@ -84,6 +85,7 @@ pub(super) fn columns(name: &str) -> Result<Vec<Column>, AdminError> {
             c("duration_ms", Int8),
         ],
         "config" => vec![c("key", Text), c("value", Text)],
+        "domains" => vec![c("domain", Text), c("tenant", Text)],
         "help" => vec![c("command", Text), c("description", Text)],
         "version" => vec![c("version", Text)],
         other => return Err(AdminError::NoSuchTable(other.to_owned())),
@@ -106,6 +108,14 @@ pub(super) async fn load(
         "activity" => activity(ctx, tenant).await?,
         "migrations" => migrations(ctx, tenant).await?,
         "config" => config(ctx),
+        "domains" => ctx
+            .registry
+            .domains()
+            .await?
+            .into_iter()
+            .filter(|(_, t)| tenant.is_none_or(|want| want == t))
+            .map(|(d, t)| vec![Value::text(d), Value::text(t)])
+            .collect(),
         "help" => help(),
         "version" => vec![vec![Value::text(version_string())]],
         other => return Err(AdminError::NoSuchTable(other.to_owned())),
@@ -182,6 +192,7 @@ fn clients(ctx: &AdminContext, tenant: Option<&str>) -> Vec<Vec<Value>> {
                 Value::text(c.application_name),
                 Value::text(c.mode),
                 Value::Time(c.connected_at),
+                Value::text(c.tls),
             ]
         })
         .collect()
@@ -372,7 +383,11 @@ fn help() -> Vec<Vec<Value>> {
         ("SHOW ACTIVITY [slug]", "the activity log, newest first"),
         ("SHOW MIGRATIONS [slug]", "applied tenant migrations"),
         (
-            "SELECT ... FROM tenants|pools|clients|servers|stats|activity|migrations|config",
+            "SHOW DOMAINS [slug]",
+            "custom domains: a TLS server name that routes to a tenant",
+        ),
+        (
+            "SELECT ... FROM tenants|pools|clients|servers|stats|activity|migrations|config|domains",
             "read the same tables with WHERE, ORDER BY, LIMIT, count(*)",
         ),
         (
@@ -384,12 +399,20 @@ fn help() -> Vec<Vec<Value>> {
             "adopt an existing database",
         ),
         (
-            "CREATE USER name FOR TENANT slug PASSWORD 'pw'",
-            "add a tenant user (stored as a SCRAM verifier)",
+            "CREATE USER name FOR TENANT slug [PASSWORD 'pw'] [AUTH scram|cert|cert+scram]",
+            "add a tenant user (a SCRAM verifier; AUTH cert: a client certificate with CN = name)",
         ),
         (
-            "ALTER USER name FOR TENANT slug PASSWORD 'pw'",
-            "change a user's password",
+            "ALTER USER name FOR TENANT slug [PASSWORD 'pw'] [AUTH scram|cert|cert+scram]",
+            "change a user's password or auth method",
+        ),
+        (
+            "CREATE|ALTER ADMIN USER name [PASSWORD 'pw'] [AUTH scram|cert|cert+scram]",
+            "add or change an admin user",
+        ),
+        (
+            "ALTER TENANT slug ADD DOMAIN 'name' | DROP DOMAIN 'name'",
+            "route TLS clients connecting to that server name to the tenant",
         ),
         ("DROP USER name FOR TENANT slug", "remove a tenant user"),
         (
@@ -414,7 +437,7 @@ fn help() -> Vec<Vec<Value>> {
         ("RESUME [slug]", "undo PAUSE"),
         (
             "RELOAD",
-            "re-read the config file: [pool], plans, [provision] and some [proxy] keys apply now; re-read the master key file",
+            "re-read the config file, TLS files and master key file: [pool], plans, [provision], [tls] and some [proxy] keys apply now",
         ),
         (
             "ROTATE MASTER KEY",
@@ -450,7 +473,8 @@ mod tests {
 
     #[test]
     fn every_listed_table_has_columns() {
-        const TABLES: [&str; 10] = [
+        const TABLES: [&str; 11] = [
+            "domains",
             "tenants",
             "pools",
             "clients",

@@ -44,6 +44,7 @@ pub(super) enum ShowWhat {
     Version,
     Activity,
     Migrations,
+    Domains,
 }
 
 /// One admin statement.
@@ -71,12 +72,27 @@ pub(super) enum Command {
         password: Arg,
         server: Option<Arg>,
     },
-    /// CREATE USER (`replace` false) and ALTER USER (`replace` true).
+    /// CREATE USER (`replace` false) and ALTER USER (`replace` true): a password, an auth
+    /// method (`scram`, `cert`, `cert+scram`), or both.
     SetUser {
         user: Arg,
         tenant: Arg,
-        password: Arg,
+        password: Option<Arg>,
+        auth: Option<Arg>,
         replace: bool,
+    },
+    /// CREATE ADMIN USER and ALTER ADMIN USER, as SetUser.
+    SetAdminUser {
+        user: Arg,
+        password: Option<Arg>,
+        auth: Option<Arg>,
+        replace: bool,
+    },
+    /// ALTER TENANT slug ADD DOMAIN 'd' (`add`) / DROP DOMAIN 'd'.
+    TenantDomain {
+        slug: Arg,
+        domain: Arg,
+        add: bool,
     },
     DropUser {
         user: Arg,
@@ -131,6 +147,10 @@ impl Command {
             Command::SetUser { replace: false, .. } => "create user",
             Command::SetUser { replace: true, .. } => "alter user",
             Command::DropUser { .. } => "drop user",
+            Command::SetAdminUser { replace: false, .. } => "create admin user",
+            Command::SetAdminUser { replace: true, .. } => "alter admin user",
+            Command::TenantDomain { add: true, .. } => "add domain",
+            Command::TenantDomain { add: false, .. } => "drop domain",
             Command::SuspendTenant { .. } => "suspend tenant",
             Command::ResumeTenant { .. } => "resume tenant",
             Command::DropTenant { .. } => "drop tenant",
@@ -155,6 +175,7 @@ impl Command {
             | Command::ResumeTenant { slug }
             | Command::DropTenant { slug, .. }
             | Command::MigrateTenant { slug }
+            | Command::TenantDomain { slug, .. }
             | Command::Kill { slug } => Some(slug),
             Command::SetUser { tenant, .. } | Command::DropUser { tenant, .. } => Some(tenant),
             Command::Pause { slug } | Command::Unpause { slug } => slug.as_ref(),
@@ -162,6 +183,7 @@ impl Command {
             | Command::Ignored(_)
             | Command::Select(_)
             | Command::MigrateAll { .. }
+            | Command::SetAdminUser { .. }
             | Command::Reload
             | Command::RotateMasterKey
             | Command::RetireMasterKeys => None,
@@ -228,14 +250,24 @@ fn parse_statement(tokens: &[Token]) -> Result<Command, AdminError> {
                 parse_create_tenant(&mut c)
             } else if c.eat("USER") {
                 parse_set_user(&mut c, false)
+            } else if c.eat("ADMIN") {
+                c.expect("USER")?;
+                parse_set_admin_user(&mut c, false)
             } else {
                 Err(unsupported(tokens))
             }
         }
         "ALTER" => {
             c.pos += 1;
-            c.expect("USER")?;
-            parse_set_user(&mut c, true)
+            if c.eat("TENANT") {
+                parse_alter_tenant(&mut c)
+            } else if c.eat("ADMIN") {
+                c.expect("USER")?;
+                parse_set_admin_user(&mut c, true)
+            } else {
+                c.expect("USER")?;
+                parse_set_user(&mut c, true)
+            }
         }
         "REGISTER" => {
             c.pos += 1;
@@ -375,6 +407,7 @@ fn parse_show(c: &mut Cursor<'_>) -> Result<Command, AdminError> {
         "VERSION" => ShowWhat::Version,
         "ACTIVITY" => ShowWhat::Activity,
         "MIGRATIONS" => ShowWhat::Migrations,
+        "DOMAINS" => ShowWhat::Domains,
         other => {
             return Err(AdminError::Unsupported(format!("SHOW {other}")));
         }
@@ -387,6 +420,7 @@ fn parse_show(c: &mut Cursor<'_>) -> Result<Command, AdminError> {
             | ShowWhat::Stats
             | ShowWhat::Activity
             | ShowWhat::Migrations
+            | ShowWhat::Domains
     );
     let tenant = if takes_tenant && !c.at_end() {
         Some(c.arg("tenant slug")?)
@@ -472,15 +506,59 @@ fn parse_set_user(c: &mut Cursor<'_>, replace: bool) -> Result<Command, AdminErr
     c.expect("FOR")?;
     c.expect("TENANT")?;
     let tenant = c.arg("tenant slug")?;
-    c.eat("WITH");
-    c.expect("PASSWORD")?;
-    let password = c.arg("password")?;
+    let (password, auth) = parse_user_options(c)?;
     c.end(Command::SetUser {
         user,
         tenant,
         password,
+        auth,
         replace,
     })
+}
+
+fn parse_set_admin_user(c: &mut Cursor<'_>, replace: bool) -> Result<Command, AdminError> {
+    let user = c.arg("user name")?;
+    let (password, auth) = parse_user_options(c)?;
+    c.end(Command::SetAdminUser {
+        user,
+        password,
+        auth,
+        replace,
+    })
+}
+
+/// `[WITH] [PASSWORD 'pw'] [AUTH scram|cert|cert+scram]`, at least one of the two.
+fn parse_user_options(c: &mut Cursor<'_>) -> Result<(Option<Arg>, Option<Arg>), AdminError> {
+    c.eat("WITH");
+    let (mut password, mut auth) = (None, None);
+    loop {
+        if password.is_none() && c.eat("PASSWORD") {
+            password = Some(c.arg("password")?);
+        } else if auth.is_none() && c.eat("AUTH") {
+            auth = Some(c.auth_method()?);
+        } else {
+            break;
+        }
+    }
+    if password.is_none() && auth.is_none() {
+        return Err(c.syntax("PASSWORD 'password' or AUTH scram|cert|cert+scram"));
+    }
+    Ok((password, auth))
+}
+
+/// ALTER TENANT slug ADD DOMAIN 'name' | DROP DOMAIN 'name'.
+fn parse_alter_tenant(c: &mut Cursor<'_>) -> Result<Command, AdminError> {
+    let slug = c.arg("tenant slug")?;
+    let add = if c.eat("ADD") {
+        true
+    } else if c.eat("DROP") {
+        false
+    } else {
+        return Err(c.syntax("ADD DOMAIN or DROP DOMAIN"));
+    };
+    c.expect("DOMAIN")?;
+    let domain = c.arg("domain")?;
+    c.end(Command::TenantDomain { slug, domain, add })
 }
 
 /// An unquoted word or a number.
@@ -572,6 +650,21 @@ impl Cursor<'_> {
             Some(t) => AdminError::Syntax(format!("expected {expected} at or near \"{t}\"")),
             None => AdminError::Syntax(format!("expected {expected} at end of input")),
         }
+    }
+
+    /// An auth method: `cert+scram` is three tokens when written bare.
+    fn auth_method(&mut self) -> Result<Arg, AdminError> {
+        let first = self.arg("auth method (scram, cert or cert+scram)")?;
+        if self.eat_token(&Token::Plus) {
+            let second = self.arg("auth method after +")?;
+            return match (first, second) {
+                (Arg::Literal(a), Arg::Literal(b)) => Ok(Arg::Literal(format!("{a}+{b}"))),
+                _ => Err(AdminError::Syntax(
+                    "write the auth method as one value: 'cert+scram' or $n".to_owned(),
+                )),
+            };
+        }
+        Ok(first)
     }
 
     /// A name or value: an unquoted word (folded to lower case, as PostgreSQL folds
@@ -703,7 +796,8 @@ mod tests {
             Command::SetUser {
                 user: lit("app"),
                 tenant: lit("acme"),
-                password: lit("x"),
+                password: Some(lit("x")),
+                auth: None,
                 replace: true
             }
         );
@@ -723,6 +817,47 @@ mod tests {
             parse("RETIRE MASTER KEYS"),
             Err(AdminError::Syntax(_))
         ));
+    }
+
+    #[test]
+    fn auth_methods_and_domains() {
+        assert_eq!(
+            one("CREATE USER app FOR TENANT acme AUTH cert+scram PASSWORD 'x'"),
+            Command::SetUser {
+                user: lit("app"),
+                tenant: lit("acme"),
+                password: Some(lit("x")),
+                auth: Some(lit("cert+scram")),
+                replace: false
+            }
+        );
+        assert_eq!(
+            one("ALTER ADMIN USER ops AUTH 'cert'"),
+            Command::SetAdminUser {
+                user: lit("ops"),
+                password: None,
+                auth: Some(lit("cert")),
+                replace: true
+            }
+        );
+        assert!(parse("ALTER USER app FOR TENANT acme").is_err());
+        assert_eq!(
+            one("ALTER TENANT acme ADD DOMAIN 'db.acme.com'"),
+            Command::TenantDomain {
+                slug: lit("acme"),
+                domain: lit("db.acme.com"),
+                add: true
+            }
+        );
+        assert_eq!(
+            one("alter tenant acme drop domain $1"),
+            Command::TenantDomain {
+                slug: lit("acme"),
+                domain: Arg::Param(1),
+                add: false
+            }
+        );
+        assert!(parse("ALTER TENANT acme RENAME TO x").is_err());
     }
 
     #[test]

@@ -11,9 +11,10 @@ use crate::rekey::RekeyError;
 /// What the console supports, listed in the hint of an unsupported command.
 pub(super) const SUPPORTED: &str = "supported: SHOW HELP|TENANTS|TENANT slug|POOLS|CLIENTS|SERVERS|STATS|CONFIG|\
 VERSION|ACTIVITY [slug]|MIGRATIONS [slug]; SELECT ... FROM tenants|pools|clients|servers|stats|\
-activity|migrations|config; CREATE TENANT; REGISTER TENANT; CREATE|ALTER|DROP USER ... FOR TENANT; \
-SUSPEND|RESUME|DROP TENANT; MIGRATE TENANT slug; MIGRATE ALL TENANTS; KILL slug; PAUSE|RESUME [slug]; \
-RELOAD; ROTATE MASTER KEY; RETIRE OLD MASTER KEYS";
+activity|migrations|config|domains; CREATE TENANT; REGISTER TENANT; CREATE|ALTER|DROP USER ... FOR \
+TENANT [PASSWORD '...'] [AUTH scram|cert|cert+scram]; CREATE|ALTER ADMIN USER; ALTER TENANT slug \
+ADD|DROP DOMAIN 'name'; SHOW DOMAINS [slug]; SUSPEND|RESUME|DROP TENANT; MIGRATE TENANT slug; \
+MIGRATE ALL TENANTS; KILL slug; PAUSE|RESUME [slug]; RELOAD; ROTATE MASTER KEY; RETIRE OLD MASTER KEYS";
 
 #[derive(Debug, thiserror::Error)]
 pub enum AdminError {
@@ -33,6 +34,8 @@ pub enum AdminError {
     NoSuchTenant(String),
     #[error("{0}")]
     WrongState(String),
+    #[error("{0}")]
+    Duplicate(String),
     #[error(transparent)]
     Provision(#[from] ProvisionError),
     #[error(transparent)]
@@ -53,6 +56,7 @@ impl ClientFacing for AdminError {
             }
             AdminError::NoSuchTenant(_) => SqlState::UNDEFINED_OBJECT,
             AdminError::WrongState(_) => SqlState::OBJECT_NOT_IN_PREREQUISITE_STATE,
+            AdminError::Duplicate(_) => SqlState::DUPLICATE_OBJECT,
             AdminError::Provision(e) => e.sqlstate(),
             AdminError::Registry(e) => e.sqlstate(),
             AdminError::Rekey(e) => match e {

@@ -13,6 +13,7 @@ use crate::config::Config;
 use crate::crypto::Secret;
 use crate::provision::{self, CreateTenant, RegisterTenant};
 use crate::registry::{TenantSlug, TenantState};
+use crate::tls::TlsServer;
 
 /// What a command produced.
 #[derive(Debug)]
@@ -77,6 +78,7 @@ fn show_table(what: ShowWhat) -> &'static str {
         ShowWhat::Version => "version",
         ShowWhat::Activity => "activity",
         ShowWhat::Migrations => "migrations",
+        ShowWhat::Domains => "domains",
     }
 }
 
@@ -112,8 +114,12 @@ pub(super) async fn execute(
         Command::CreateTenant { .. } | Command::RegisterTenant { .. } => {
             provision_command(ctx, actor, command, params, progress).await
         }
-        Command::SetUser { .. } | Command::DropUser { .. } => {
-            user_command(ctx, actor, command, params).await
+        Command::SetUser { .. } | Command::DropUser { .. } | Command::SetAdminUser { .. } => {
+            super::users::user_command(ctx, actor, command, params).await
+        }
+        Command::TenantDomain { slug, domain, add } => {
+            let (slug, domain) = (slug.resolve(params)?, domain.resolve(params)?);
+            super::users::domain_command(ctx, actor, &slug, &domain, *add).await
         }
         Command::SuspendTenant { .. }
         | Command::ResumeTenant { .. }
@@ -122,7 +128,7 @@ pub(super) async fn execute(
         Command::MigrateTenant { .. } | Command::MigrateAll { .. } => {
             migrate_command(ctx, actor, command, params, progress).await
         }
-        Command::Reload => reload(ctx, actor, progress).await,
+        Command::Reload => Ok(Outcome::Rows(reload_config(ctx, actor, progress).await?)),
         Command::RotateMasterKey => rotate_master_key(ctx, actor, progress).await,
         Command::RetireMasterKeys => retire_master_keys(ctx, actor, progress).await,
         Command::Pause { slug } => {
@@ -202,16 +208,18 @@ fn applies_live(key: &str) -> bool {
         || key.starts_with("plans.")
         || key.starts_with("provision.")
         || LIVE_PROXY_KEYS.contains(&key)
+        || key.starts_with("tls.")
 }
 
-/// RELOAD: re-reads and validates the config file, applies what can change live and lists
-/// every changed key with whether it applied or needs a restart. A broken file changes
-/// nothing.
-async fn reload(
+/// RELOAD (and SIGHUP): re-reads and validates the config file and the TLS certificate, key
+/// and client CA files, applies what can change live and lists every changed key with whether
+/// it applied or needs a restart; a new certificate shows as `tls.certificate` (its SHA-256).
+/// A broken file, TLS files included, changes nothing: the old certificate keeps serving.
+pub(super) async fn reload_config(
     ctx: &AdminContext,
     actor: &str,
     progress: &Progress,
-) -> Result<Outcome, AdminError> {
+) -> Result<Table, AdminError> {
     let current = ctx.config.get();
     let Some(path) = current.source.clone() else {
         return Err(AdminError::WrongState(
@@ -219,10 +227,21 @@ async fn reload(
         ));
     };
     let path_for_load = path.clone();
-    let fresh = tokio::task::spawn_blocking(move || Config::load(&path_for_load))
-        .await
-        .map_err(|e| AdminError::WrongState(format!("reading the config failed: {e}")))?
-        .map_err(|e| AdminError::BadValue(format!("the config was not reloaded: {e}")))?;
+    let (fresh, tls) = tokio::task::spawn_blocking(move || {
+        let fresh = Config::load(&path_for_load).map_err(|e| e.to_string())?;
+        // Built here, once more than Config::load's check, so what is served is what was
+        // just read even if the files change again meanwhile.
+        let tls = TlsServer::from_config(&fresh.tls)
+            .map_err(|e| format!("{}: {}: {e}", path_for_load.display(), e.config_key()))?;
+        Ok::<_, String>((fresh, tls))
+    })
+    .await
+    .map_err(|e| AdminError::WrongState(format!("reading the config failed: {e}")))?
+    .map_err(|e| {
+        AdminError::BadValue(format!(
+            "the config was not reloaded (the running config and certificate stay): {e}"
+        ))
+    })?;
     // The master keys: a rotation by another instance or the CLI is picked up here. A key
     // file that does not parse stops the reload with nothing changed.
     let ring_before = ctx.key.ring();
@@ -241,6 +260,7 @@ async fn reload(
     next.proxy.max_startup_packet_bytes = fresh.proxy.max_startup_packet_bytes;
     next.proxy.max_message_bytes = fresh.proxy.max_message_bytes;
     next.proxy.suspend_grace_seconds = fresh.proxy.suspend_grace_seconds;
+    next.tls = fresh.tls.clone();
 
     let before: std::collections::BTreeMap<String, String> =
         catalog::flat_config(&current).into_iter().collect();
@@ -272,8 +292,19 @@ async fn reload(
             Value::Bool(true),
         ]);
     }
+    let old_tls = ctx.tls.current();
+    if old_tls.fingerprint() != tls.fingerprint() {
+        table.rows.push(vec![
+            Value::text("tls.certificate"),
+            Value::opt_text(old_tls.fingerprint().map(|f| format!("sha256:{f}"))),
+            Value::opt_text(tls.fingerprint().map(|f| format!("sha256:{f}"))),
+            Value::Bool(true),
+        ]);
+    }
     ctx.pools.reconfigure(&next.pool, &next.plans);
     ctx.config.set(next);
+    // New handshakes use the new certificate; sessions established under the old one keep it.
+    ctx.tls.replace(tls);
     let restart = table
         .rows
         .iter()
@@ -292,7 +323,7 @@ async fn reload(
         Some(&format!("{} changes", table.rows.len())),
     )
     .await;
-    Ok(Outcome::Rows(table))
+    Ok(table)
 }
 
 fn rotate_columns() -> Vec<Column> {
@@ -435,64 +466,6 @@ async fn provision_command(
             )
             .await;
             Ok(Outcome::Done("REGISTER TENANT"))
-        }
-        _ => Err(AdminError::Unsupported("this command".to_owned())),
-    }
-}
-
-/// CREATE, ALTER and DROP USER.
-async fn user_command(
-    ctx: &AdminContext,
-    actor: &str,
-    command: &Command,
-    params: &[Option<String>],
-) -> Result<Outcome, AdminError> {
-    let arg = |a: &Arg| a.resolve(params);
-    match command {
-        Command::SetUser {
-            user,
-            tenant,
-            password,
-            replace,
-        } => {
-            let (user, tenant) = (arg(user)?, arg(tenant)?);
-            let slug = known_slug(ctx, &tenant).await?;
-            let exists = ctx.registry.user_exists(&slug, &user).await?;
-            match (exists, *replace) {
-                (true, false) => {
-                    return Err(AdminError::WrongState(format!(
-                        "user \"{user}\" of tenant \"{slug}\" already exists; use ALTER USER"
-                    )));
-                }
-                (false, true) => {
-                    return Err(AdminError::WrongState(format!(
-                        "user \"{user}\" of tenant \"{slug}\" does not exist; use CREATE USER"
-                    )));
-                }
-                _ => {}
-            }
-            provision::add_user(
-                &ctx.registry,
-                slug.as_str(),
-                &user,
-                &Secret::from(arg(password)?),
-            )
-            .await?;
-            // Do not wait for the NOTIFY: the next login must see the new password.
-            ctx.directory.invalidate(&slug).await;
-            Ok(Outcome::Done(if *replace {
-                "ALTER USER"
-            } else {
-                "CREATE USER"
-            }))
-        }
-        Command::DropUser { user, tenant } => {
-            let (user, tenant) = (arg(user)?, arg(tenant)?);
-            let slug = known_slug(ctx, &tenant).await?;
-            provision::remove_user(&ctx.registry, slug.as_str(), &user).await?;
-            ctx.directory.invalidate(&slug).await;
-            log(ctx, Some(&slug), actor, "user.drop", Some(&user)).await;
-            Ok(Outcome::Done("DROP USER"))
         }
         _ => Err(AdminError::Unsupported("this command".to_owned())),
     }
@@ -643,7 +616,7 @@ async fn migrate_command(
 }
 
 /// A slug that names a tenant in the registry.
-async fn known_slug(ctx: &AdminContext, text: &str) -> Result<TenantSlug, AdminError> {
+pub(super) async fn known_slug(ctx: &AdminContext, text: &str) -> Result<TenantSlug, AdminError> {
     let slug = TenantSlug::parse(text).ok_or_else(|| AdminError::NoSuchTenant(text.to_owned()))?;
     match ctx.registry.tenant(&slug).await? {
         Some(_) => Ok(slug),
@@ -673,7 +646,7 @@ fn check_plan(ctx: &AdminContext, plan: Option<&str>) -> Result<(), AdminError> 
 }
 
 /// Records an admin action; a failure to log does not undo the action.
-async fn log(
+pub(super) async fn log(
     ctx: &AdminContext,
     slug: Option<&TenantSlug>,
     actor: &str,

@@ -18,6 +18,7 @@ mod handler;
 mod select;
 mod table;
 mod usage;
+mod users;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -41,6 +42,7 @@ use crate::pool::PoolMap;
 use crate::protocol::{SqlState, messages};
 use crate::registry::{Registry, RegistryError, TenantDirectory};
 use crate::stats::Stats;
+use crate::tls::SharedTls;
 use handler::AdminHandler;
 
 /// `[admin]`: the admin console.
@@ -136,6 +138,23 @@ pub struct AdminContext {
     pub clients: ClientRoster,
     pub key: MasterKey,
     pub stats: Stats,
+    /// Client TLS, which RELOAD replaces.
+    pub tls: SharedTls,
+}
+
+/// RELOAD outside a console session (SIGHUP): applies the config file and TLS files as the
+/// admin command does, and returns its summary line.
+pub async fn reload(ctx: &AdminContext, actor: &str) -> Result<String, AdminError> {
+    let (sender, receiver) = tokio::sync::mpsc::unbounded_channel();
+    let progress = exec::Progress::new(sender);
+    exec::reload_config(ctx, actor, &progress).await?;
+    drop(progress);
+    let mut receiver = receiver;
+    let mut said = Vec::new();
+    while let Some(line) = receiver.recv().await {
+        said.push(line);
+    }
+    Ok(said.join("; "))
 }
 
 impl std::fmt::Debug for AdminContext {

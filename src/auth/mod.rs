@@ -9,6 +9,7 @@
 //! stream from byte zero; we read the startup packet ourselves (to route and to pool), so the
 //! exchange is driven here with the `hmac`/`sha2` crates postgres-protocol already uses.
 
+pub mod method;
 pub mod scram;
 pub mod throttle;
 
@@ -38,6 +39,12 @@ pub enum AuthError {
     ClientLeft,
     #[error("client I/O failed during authentication")]
     Io(#[source] std::io::Error),
+    /// A `cert+scram` user gave the right password without a client certificate.
+    #[error("user {user:?} needs a client certificate")]
+    CertificateRequired { user: String },
+    /// The verified client certificate names someone else.
+    #[error("client certificate CN {cn:?} is not user {user:?}")]
+    CertificateMismatch { user: String, cn: String },
 }
 
 impl From<ReadError> for AuthError {
@@ -54,6 +61,9 @@ impl ClientFacing for AuthError {
     fn sqlstate(&self) -> SqlState {
         match self {
             AuthError::Failed { .. } => SqlState::INVALID_PASSWORD,
+            AuthError::CertificateRequired { .. } | AuthError::CertificateMismatch { .. } => {
+                SqlState::INVALID_AUTHORIZATION
+            }
             AuthError::Scram(_)
             | AuthError::UnexpectedMessage(_)
             | AuthError::Malformed
@@ -85,6 +95,15 @@ impl ClientFacing for AuthError {
             AuthError::ClientLeft | AuthError::Io(_) => {
                 "connection lost during authentication".to_owned()
             }
+            AuthError::CertificateRequired { user } => format!(
+                "user \"{user}\" must present a client certificate: connect over TLS with \
+                 sslcert and sslkey (a certificate whose CN is \"{user}\", signed by the \
+                 server's client CA)"
+            ),
+            AuthError::CertificateMismatch { user, cn } => format!(
+                "certificate authentication failed for user \"{user}\": the client \
+                 certificate's CN is \"{cn}\""
+            ),
         }
     }
 
@@ -135,6 +154,16 @@ pub async fn authenticate<S: AsyncRead + AsyncWrite + Unpin>(
         .client_final(&response)
         .map_err(|e| scram_error(e, user))?;
     messages::authentication_sasl_final(&mut out, &server_final);
+    messages::authentication_ok(&mut out);
+    send(stream, &mut out).await
+}
+
+/// Ends a login that a verified client certificate proved on its own (auth method `cert`):
+/// AuthenticationOk, no password asked.
+pub async fn accept_without_password<S: AsyncWrite + Unpin>(
+    stream: &mut S,
+) -> Result<(), AuthError> {
+    let mut out = BytesMut::with_capacity(16);
     messages::authentication_ok(&mut out);
     send(stream, &mut out).await
 }

@@ -1,6 +1,7 @@
-//! The tenant directory: moka caches in front of the registry for tenant records and user
-//! verifiers, a short negative cache for unknown slugs, and the background loop that LISTENs for
-//! registry changes and invalidates what changed.
+//! The tenant directory: moka caches in front of the registry for tenant records, user logins
+//! (auth method and verifier) and custom domains, a short negative cache for unknown slugs, and
+//! the background loop that LISTENs for registry changes and invalidates what changed (the
+//! whole, small, domain cache on any change: a NOTIFY names the tenant, not the domain).
 //!
 //! Background loops: `spawn_change_listener` (one task; reconnects with a back-off while the
 //! registry is away, and drops the whole cache after each reconnect because NOTIFYs may have been
@@ -15,7 +16,7 @@ use moka::future::Cache;
 use tokio_postgres::{AsyncMessage, NoTls};
 use tokio_util::sync::CancellationToken;
 
-use super::{Registry, RegistryConfig, RegistryError, TenantRecord, TenantSlug};
+use super::{Registry, RegistryConfig, RegistryError, TenantRecord, TenantSlug, UserLogin};
 
 /// The channel the registry triggers notify on; the payload is the slug.
 pub const CHANGES_CHANNEL: &str = "tenantgate_changes";
@@ -30,7 +31,9 @@ pub struct TenantDirectory {
     fresh: Duration,
     records: Cache<TenantSlug, (Arc<TenantRecord>, Instant)>,
     unknown: Cache<TenantSlug, ()>,
-    verifiers: Cache<UserKey, (Option<Arc<str>>, Instant)>,
+    verifiers: Cache<UserKey, (Option<Arc<UserLogin>>, Instant)>,
+    /// Custom domain → tenant (or none), from `tenant_domains`.
+    domains: Cache<String, (Option<TenantSlug>, Instant)>,
     /// Slugs whose registry rows changed, for sessions that must react (suspension).
     changes: tokio::sync::broadcast::Sender<TenantSlug>,
 }
@@ -57,6 +60,10 @@ impl TenantDirectory {
                 .max_capacity(config.cache_capacity)
                 .time_to_live(kept)
                 .support_invalidation_closures()
+                .build(),
+            domains: Cache::builder()
+                .max_capacity(config.cache_capacity)
+                .time_to_live(kept)
                 .build(),
             changes: tokio::sync::broadcast::channel(1024).0,
         }
@@ -126,21 +133,21 @@ impl TenantDirectory {
         }
     }
 
-    /// The SCRAM verifier of (tenant, user), from the cache or the registry; like `tenant`,
-    /// a stale verifier serves while the registry is away.
-    pub async fn verifier(
+    /// The auth method and SCRAM verifier of (tenant, user), from the cache or the registry;
+    /// like `tenant`, a stale entry serves while the registry is away.
+    pub async fn user_login(
         &self,
         slug: &TenantSlug,
         user: &str,
-    ) -> Result<Option<Arc<str>>, RegistryError> {
+    ) -> Result<Option<Arc<UserLogin>>, RegistryError> {
         let key = (slug.clone(), user.to_owned());
         if let Some((verifier, fetched)) = self.verifiers.get(&key).await {
             if fetched.elapsed() < self.fresh {
                 return Ok(verifier);
             }
-            return match self.registry.user_verifier(slug, user).await {
+            return match self.registry.user_login(slug, user).await {
                 Ok(fresh) => {
-                    let fresh: Option<Arc<str>> = fresh.map(Arc::from);
+                    let fresh = fresh.map(Arc::new);
                     self.verifiers
                         .insert(key, (fresh.clone(), Instant::now()))
                         .await;
@@ -156,12 +163,48 @@ impl TenantDirectory {
         self.verifiers
             .try_get_with(key, async {
                 registry
-                    .user_verifier(slug, user)
+                    .user_login(slug, user)
                     .await
-                    .map(|v| (v.map(Arc::from), Instant::now()))
+                    .map(|v| (v.map(Arc::new), Instant::now()))
             })
             .await
             .map(|(verifier, _)| verifier)
+            .map_err(RegistryError::Shared)
+    }
+
+    /// The tenant whose custom domain `server_name` is (already normalized), from the cache
+    /// or the registry; a stale answer serves while the registry is away.
+    pub async fn tenant_for_domain(
+        &self,
+        server_name: &str,
+    ) -> Result<Option<TenantSlug>, RegistryError> {
+        if let Some((slug, fetched)) = self.domains.get(server_name).await {
+            if fetched.elapsed() < self.fresh {
+                return Ok(slug);
+            }
+            return match self.registry.tenant_for_domain(server_name).await {
+                Ok(fresh) => {
+                    self.domains
+                        .insert(server_name.to_owned(), (fresh.clone(), Instant::now()))
+                        .await;
+                    Ok(fresh)
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "registry unavailable; serving the cached domain");
+                    Ok(slug)
+                }
+            };
+        }
+        let registry = &self.registry;
+        self.domains
+            .try_get_with(server_name.to_owned(), async {
+                registry
+                    .tenant_for_domain(server_name)
+                    .await
+                    .map(|slug| (slug, Instant::now()))
+            })
+            .await
+            .map(|(slug, _)| slug)
             .map_err(RegistryError::Shared)
     }
 
@@ -170,6 +213,8 @@ impl TenantDirectory {
         let slug_for_sessions = slug.clone();
         self.records.invalidate(slug).await;
         self.unknown.invalidate(slug).await;
+        // A NOTIFY names the tenant, not the domain, and a new domain may be cached as none.
+        self.domains.invalidate_all();
         let slug = slug.clone();
         // Only fails when closures are not enabled, which `new` does.
         drop(
@@ -185,6 +230,7 @@ impl TenantDirectory {
         self.records.invalidate_all();
         self.unknown.invalidate_all();
         self.verifiers.invalidate_all();
+        self.domains.invalidate_all();
     }
 
     /// Number of cached tenant records (after pending maintenance).

@@ -18,6 +18,11 @@ const MIGRATIONS: &[(i32, &str, &str)] = &[
         "usage",
         include_str!("../../migrations/registry/0002_usage.sql"),
     ),
+    (
+        3,
+        "client_cert",
+        include_str!("../../migrations/registry/0003_client_cert.sql"),
+    ),
 ];
 
 /// Arbitrary advisory lock key for registry migrations ("tgregmig").

@@ -7,7 +7,9 @@
 //! usage each instance flushes (`tenant_usage`, [`UsageDelta`]).
 //! It must not forward client traffic.
 
+mod credentials;
 mod directory;
+mod domains;
 mod listing;
 pub mod migrate;
 mod types;
@@ -19,7 +21,9 @@ use bb8_postgres::PostgresConnectionManager;
 use serde::{Deserialize, Serialize};
 use tokio_postgres::NoTls;
 
+pub use credentials::{AuthMethod, UserLogin};
 pub use directory::{CHANGES_CHANNEL, TenantDirectory, spawn_change_listener};
+pub use domains::{DomainError, normalize_domain};
 pub use listing::{ACTIVITY_LIMIT, ActivityEntry, MigrationEntry, TenantListing};
 pub use types::{TenantRecord, TenantSlug, TenantState};
 

@@ -7,8 +7,12 @@
 //! instantiated twice, for `TcpStream` and for `TlsStream<TcpStream>`, so plaintext clients
 //! relay on the bare socket exactly as before TLS existed.
 //!
-//! Routing with TLS: when `tls.sni_base_domain` is set and the client's SNI is
-//! `<tenant>.<base>`, the SNI names the tenant and the database name is not used for routing
+//! The TLS setup (acceptor, channel-binding hash, SNI rule) is read once per connection, so a
+//! reload in the middle of a login cannot mix two certificates.
+//!
+//! Routing with TLS: when the client's SNI is exactly a tenant's custom domain
+//! (`tenant_domains`), or `tls.sni_base_domain` is set and the SNI is `<tenant>.<base>`, the
+//! SNI names the tenant and the database name is not used for routing
 //! (even the admin database name: the console is reached only without a tenant SNI). After
 //! authentication, a database name that is another existing tenant is refused (28000), so a
 //! client cannot believe it reached one tenant while it reached another; checking only after
@@ -28,16 +32,19 @@ use tokio_util::sync::CancellationToken;
 
 use super::State;
 use crate::admin;
+use crate::auth::method::{Proof, authenticate_by_method};
 use crate::auth::throttle::{LoginThrottle, Target, Throttled};
 use crate::auth::{self, AuthError, Credential, ScramSecret};
 use crate::clients::ClientEntry;
 use crate::error::{ClientFacing, ErrorKind, log_error};
 use crate::protocol::startup::{self, FirstPacket, StartupError, StartupMessage};
 use crate::protocol::{SqlState, messages};
-use crate::registry::{RegistryError, TenantRecord, TenantSlug, TenantState};
+use crate::registry::{
+    AuthMethod, RegistryError, TenantRecord, TenantSlug, TenantState, normalize_domain,
+};
 use crate::session::settings::{self, SettingsError};
 use crate::session::{self, RelayEnd, SessionContext, SessionEnd, SessionError};
-use crate::tls::{ALPN_POSTGRESQL, TLS_HANDSHAKE_RECORD, TlsInfo, TlsMode};
+use crate::tls::{ALPN_POSTGRESQL, TLS_HANDSHAKE_RECORD, TlsInfo, TlsMode, TlsServer};
 
 /// Why a client connection ended; logged once when its task ends.
 #[derive(Debug)]
@@ -226,9 +233,14 @@ fn audit_login(peer: Option<SocketAddr>, who: &LoginAttempt, result: &Result<Log
     let (outcome, reason) = match result {
         Ok(Login::Cancel) => return,
         Ok(Login::Tenant { .. } | Login::Admin { .. }) => ("ok", String::new()),
-        Err(LoginError::Auth(AuthError::Failed { .. }) | LoginError::NotAdmin(_)) => {
-            ("failed auth", String::new())
-        }
+        Err(
+            LoginError::Auth(
+                AuthError::Failed { .. }
+                | AuthError::CertificateRequired { .. }
+                | AuthError::CertificateMismatch { .. },
+            )
+            | LoginError::NotAdmin(_),
+        ) => ("failed auth", String::new()),
         Err(LoginError::Auth(AuthError::ClientLeft) | LoginError::Startup(StartupError::Eof)) => {
             ("abandoned", String::new())
         }
@@ -279,6 +291,8 @@ struct Conn<S> {
     peer: Option<SocketAddr>,
     /// Present when the client speaks TLS.
     tls: Option<TlsInfo>,
+    /// The TLS setup current when the client connected (a reload does not change it midway).
+    tls_setup: Arc<TlsServer>,
 }
 
 /// Serves one client connection to its end.
@@ -303,14 +317,16 @@ pub(super) async fn serve_client(
     let login_timeout = Duration::from_millis(state.config.get().proxy.login_timeout_ms);
     // One deadline for the whole login: encryption, TLS handshake, startup and SCRAM.
     let deadline = Instant::now() + login_timeout;
-    let opening = match tokio::time::timeout_at(deadline, encryption(state, &mut stream)).await {
-        Ok(Ok(opening)) => opening,
-        Ok(Err(e)) => return fail(&mut stream, &e).await,
-        Err(_) => {
-            fail(&mut stream, &LoginError::Timeout(login_timeout)).await;
-            return CloseReason::LoginTimeout;
-        }
-    };
+    let tls_setup = state.tls.current();
+    let opening =
+        match tokio::time::timeout_at(deadline, encryption(state, &tls_setup, &mut stream)).await {
+            Ok(Ok(opening)) => opening,
+            Ok(Err(e)) => return fail(&mut stream, &e).await,
+            Err(_) => {
+                fail(&mut stream, &LoginError::Timeout(login_timeout)).await;
+                return CloseReason::LoginTimeout;
+            }
+        };
     let direct = match opening {
         Opening::Tls { direct } => direct,
         Opening::Plain(first) => {
@@ -318,6 +334,7 @@ pub(super) async fn serve_client(
                 stream,
                 peer,
                 tls: None,
+                tls_setup,
             };
             return serve_login(
                 state,
@@ -331,7 +348,7 @@ pub(super) async fn serve_client(
         }
     };
     // encryption() picks TLS only when there is an acceptor.
-    let Some(acceptor) = state.tls.acceptor() else {
+    let Some(acceptor) = tls_setup.acceptor() else {
         return CloseReason::TlsHandshakeFailed;
     };
     let mut tls = match tokio::time::timeout_at(deadline, acceptor.accept(stream)).await {
@@ -347,12 +364,13 @@ pub(super) async fn serve_client(
     if direct && tls.get_ref().1.alpn_protocol() != Some(ALPN_POSTGRESQL) {
         return fail(&mut tls, &LoginError::DirectTlsWithoutAlpn).await;
     }
-    let info = state.tls.info(&tls);
+    let info = tls_setup.info(&tls);
     tracing::debug!(direct, sni = info.server_name.as_deref(), "TLS established");
     let conn = Conn {
         stream: tls,
         peer,
         tls: Some(info),
+        tls_setup,
     };
     // Boxed: the TLS stream makes this future large, and only TLS clients pay for the box.
     Box::pin(serve_login(
@@ -422,6 +440,11 @@ where
             .unwrap_or_default(),
         mode: limits.mode.as_str(),
         connected_at: chrono::Utc::now(),
+        tls: conn
+            .tls
+            .as_ref()
+            .map(|t| t.cipher.clone())
+            .unwrap_or_default(),
         stop: stop.clone(),
     });
     if let Some(ms) = limits.statement_timeout_ms {
@@ -461,9 +484,13 @@ where
 /// Decides on the raw socket whether the client speaks TLS: a direct TLS ClientHello, or
 /// SSLRequest answered `S` when TLS is on (`N` otherwise, and for GSSENCRequest: the client
 /// goes on in the clear, or gives up if it requires encryption).
-async fn encryption(state: &State, stream: &mut TcpStream) -> Result<Opening, LoginError> {
+async fn encryption(
+    state: &State,
+    tls: &TlsServer,
+    stream: &mut TcpStream,
+) -> Result<Opening, LoginError> {
     let io = |e| LoginError::Startup(StartupError::Io(e));
-    if state.tls.acceptor().is_some() {
+    if tls.acceptor().is_some() {
         let mut first = [0u8; 1];
         if stream.peek(&mut first).await.map_err(io)? == 1 && first[0] == TLS_HANDSHAKE_RECORD {
             return Ok(Opening::Tls { direct: true });
@@ -472,7 +499,7 @@ async fn encryption(state: &State, stream: &mut TcpStream) -> Result<Opening, Lo
     let max = state.config.get().proxy.max_startup_packet_bytes;
     loop {
         match startup::read_first_packet(stream, max).await? {
-            FirstPacket::SslRequest if state.tls.acceptor().is_some() => {
+            FirstPacket::SslRequest if tls.acceptor().is_some() => {
                 // Nothing after the SSLRequest has been read: whatever the client sent next
                 // goes to the TLS handshake (no plaintext injected before it, CVE-2021-23222).
                 stream.write_all(b"S").await.map_err(io)?;
@@ -517,7 +544,7 @@ async fn login<S: AsyncRead + AsyncWrite + Unpin>(
         }
     };
     // Before any authentication request, so no password travels in the clear.
-    if conn.tls.is_none() && state.tls.mode == TlsMode::Require {
+    if conn.tls.is_none() && conn.tls_setup.mode == TlsMode::Require {
         return Err(LoginError::TlsRequired);
     }
     negotiate_version(stream, &startup).await?;
@@ -535,37 +562,27 @@ async fn login<S: AsyncRead + AsyncWrite + Unpin>(
     let settings = settings::client_settings(&startup.params)?;
     let source = conn.peer.map(|p| p.ip());
     let server_name = conn.tls.as_ref().and_then(|t| t.server_name.as_deref());
-    let channel_binding = conn.tls.as_ref().and_then(|t| t.channel_binding.clone());
-    let sni_tenant = server_name.and_then(|name| state.tls.tenant_from_sni(name));
+    let proof = Proof {
+        channel_binding: conn.tls.as_ref().and_then(|t| t.channel_binding.as_deref()),
+        client_cn: conn.tls.as_ref().and_then(|t| t.client_cn.as_deref()),
+    };
+    let sni_tenant = match server_name {
+        Some(name) => tenant_for_server_name(state, &conn.tls_setup, name).await?,
+        None => None,
+    };
     let Some(sni_tenant) = sni_tenant else {
         if database == state.config.get().admin.database {
             who.admin = true;
-            authenticate_admin(state, stream, user, channel_binding.as_deref(), source).await?;
+            authenticate_admin(state, stream, user, proof, source).await?;
             return Ok(Login::Admin {
                 user: user.to_owned(),
             });
         }
-        let record = authenticate(
-            state,
-            stream,
-            database,
-            user,
-            channel_binding.as_deref(),
-            source,
-        )
-        .await?;
+        let record = authenticate(state, stream, database, user, proof, source).await?;
         return tenant_login(record, user, settings);
     };
     who.tenant.clone_from(&sni_tenant);
-    let record = authenticate(
-        state,
-        stream,
-        &sni_tenant,
-        user,
-        channel_binding.as_deref(),
-        source,
-    )
-    .await?;
+    let record = authenticate(state, stream, &sni_tenant, user, proof, source).await?;
     if database != sni_tenant {
         if let Some(other) = TenantSlug::parse(database) {
             if state.directory.tenant(&other).await?.is_some() {
@@ -578,6 +595,29 @@ async fn login<S: AsyncRead + AsyncWrite + Unpin>(
         }
     }
     tenant_login(record, user, settings)
+}
+
+/// The tenant a TLS server name designates: a custom domain of a tenant (`tenant_domains`)
+/// when it is exactly one, else `<tenant>.<sni_base_domain>`.
+async fn tenant_for_server_name(
+    state: &State,
+    tls_setup: &TlsServer,
+    server_name: &str,
+) -> Result<Option<String>, LoginError> {
+    let by_base_domain = tls_setup.tenant_from_sni(server_name);
+    if let Some(domain) = normalize_domain(server_name) {
+        match state.directory.tenant_for_domain(&domain).await {
+            Ok(Some(slug)) => return Ok(Some(slug.as_str().to_owned())),
+            Ok(None) => {}
+            // The base-domain rule needs no registry: a tenant it names stays reachable while
+            // the registry is away (its record may be cached).
+            Err(e) if by_base_domain.is_some() => {
+                tracing::warn!(error = %e, "custom domain lookup failed; using sni_base_domain");
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Ok(by_base_domain)
 }
 
 fn tenant_login(
@@ -604,23 +644,26 @@ async fn authenticate_admin<S: AsyncRead + AsyncWrite + Unpin>(
     state: &State,
     stream: &mut S,
     user: &str,
-    channel_binding: Option<&[u8]>,
+    proof: Proof<'_>,
     source: Option<IpAddr>,
 ) -> Result<(), LoginError> {
     let attempt = begin_attempt(state, source, Target::Admin).await?;
-    let verifier = state.directory.registry().admin_verifier(user).await?;
-    let credential = match verifier.as_deref().and_then(ScramSecret::parse) {
+    let login = state.directory.registry().admin_login(user).await?;
+    let method = login.as_ref().map_or(AuthMethod::Scram, |l| l.method);
+    let mock = || ScramSecret::mock(&state.mock_key, &format!("\0admin\0{user}"));
+    let credential = match login.as_ref().and_then(|l| ScramSecret::parse(&l.verifier)) {
         Some(secret) => Credential {
             secret,
             is_mock: false,
         },
         None => Credential {
-            secret: ScramSecret::mock(&state.mock_key, &format!("\0admin\0{user}")),
+            secret: mock(),
             is_mock: true,
         },
     };
-    let is_admin = !credential.is_mock;
-    let result = auth::authenticate(stream, user, credential, channel_binding).await;
+    // A `cert` admin without a certificate fails as a non-admin does (auth::method explains).
+    let is_admin = !(credential.is_mock || method == AuthMethod::Cert && proof.client_cn.is_none());
+    let result = authenticate_by_method(stream, user, method, credential, mock(), proof).await;
     end_attempt(state, attempt, &result).await;
     match result {
         // The exchange ran in full either way; only then is a non-admin told why.
@@ -653,6 +696,11 @@ where
         application_name: String::new(),
         mode: "admin",
         connected_at: chrono::Utc::now(),
+        tls: conn
+            .tls
+            .as_ref()
+            .map(|t| t.cipher.clone())
+            .unwrap_or_default(),
         stop: stop.clone(),
     });
     tracing::info!(user, "admin console session");
@@ -695,7 +743,7 @@ async fn authenticate<S: AsyncRead + AsyncWrite + Unpin>(
     stream: &mut S,
     database: &str,
     user: &str,
-    channel_binding: Option<&[u8]>,
+    proof: Proof<'_>,
     source: Option<IpAddr>,
 ) -> Result<Arc<TenantRecord>, LoginError> {
     let attempt = begin_attempt(state, source, Target::Tenant(database)).await?;
@@ -704,22 +752,24 @@ async fn authenticate<S: AsyncRead + AsyncWrite + Unpin>(
         Some(slug) => state.directory.tenant(slug).await?,
         None => None,
     };
-    let verifier = match &record {
-        Some(r) => state.directory.verifier(&r.slug, user).await?,
+    let login = match &record {
+        Some(r) => state.directory.user_login(&r.slug, user).await?,
         None => None,
     };
-    let real = verifier.as_deref().and_then(ScramSecret::parse);
+    let method = login.as_ref().map_or(AuthMethod::Scram, |l| l.method);
+    let mock = || ScramSecret::mock(&state.mock_key, &format!("{database}\0{user}"));
+    let real = login.as_ref().and_then(|l| ScramSecret::parse(&l.verifier));
     let credential = match real {
         Some(secret) => Credential {
             secret,
             is_mock: false,
         },
         None => Credential {
-            secret: ScramSecret::mock(&state.mock_key, &format!("{database}\0{user}")),
+            secret: mock(),
             is_mock: true,
         },
     };
-    let result = auth::authenticate(stream, user, credential, channel_binding).await;
+    let result = authenticate_by_method(stream, user, method, credential, mock(), proof).await;
     end_attempt(state, attempt, &result).await;
     result?;
     record.ok_or_else(|| {

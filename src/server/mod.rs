@@ -32,7 +32,7 @@ use crate::pool::PoolMap;
 use crate::registry::{Registry, TenantDirectory, spawn_change_listener};
 use crate::session::CancelMap;
 use crate::stats::{Stats, spawn_flusher};
-use crate::tls::TlsServer;
+use crate::tls::{SharedTls, TlsServer};
 
 /// `[proxy]`: the client-facing side.
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -239,8 +239,9 @@ pub struct State {
     pub admin: Arc<AdminContext>,
     /// Per-tenant usage counters (SHOW STATS, billing); outlive the tenants' pools.
     pub stats: Stats,
-    /// Client TLS: acceptor, channel-binding data, SNI base domain.
-    pub tls: TlsServer,
+    /// Client TLS: acceptor, channel-binding data, SNI base domain; replaced by a reload,
+    /// so each connection reads it once at accept.
+    pub tls: SharedTls,
     /// Failed-login counters: delays and lock-outs before SCRAM.
     pub throttle: LoginThrottle,
     client_slots: Arc<Semaphore>,
@@ -263,16 +264,23 @@ pub struct Proxy {
     flusher: Option<tokio::task::JoinHandle<()>>,
 }
 
+/// The client-facing TLS setup, after checking that every backend server's TLS settings load
+/// (a bad CA file stops the start, not the first client).
+fn load_tls(config: &Config) -> anyhow::Result<SharedTls> {
+    let tls = TlsServer::from_config(&config.tls).context("setting up client TLS")?;
+    for server in &config.servers {
+        crate::pool::BackendTls::from_server(server)
+            .with_context(|| format!("setting up TLS to backend server {}", server.name))?;
+    }
+    Ok(SharedTls::new(tls))
+}
+
 impl Proxy {
     /// Connects to the registry (applying its migrations), binds the listener and starts
     /// serving.
     pub async fn start(config: Config) -> anyhow::Result<Proxy> {
         let key = MasterKey::load(&config.secrets)?;
-        let tls = TlsServer::from_config(&config.tls).context("setting up client TLS")?;
-        for server in &config.servers {
-            crate::pool::BackendTls::from_server(server)
-                .with_context(|| format!("setting up TLS to backend server {}", server.name))?;
-        }
+        let tls = load_tls(&config)?;
         let registry = Registry::connect(&config.registry)
             .await
             .context("connecting to the registry")?;
@@ -319,6 +327,7 @@ impl Proxy {
             clients: clients.clone(),
             key,
             stats: usage.clone(),
+            tls: tls.clone(),
         });
         let mut mock_key = [0u8; 32];
         rand::fill(&mut mock_key);
@@ -375,6 +384,12 @@ impl Proxy {
 
     pub fn state(&self) -> &Arc<State> {
         &self.state
+    }
+
+    /// What admin RELOAD does, for SIGHUP: re-reads the config file and the TLS files;
+    /// returns a one-line summary, or why nothing changed.
+    pub async fn reload(&self, actor: &str) -> Result<String, crate::admin::AdminError> {
+        crate::admin::reload(&self.state.admin, actor).await
     }
 
     /// Stops accepting, gives sessions `grace` to finish, then closes the rest.

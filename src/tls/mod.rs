@@ -9,7 +9,18 @@
 //! - Direct TLS (PostgreSQL 17 `sslnegotiation=direct`): the first byte is a TLS handshake
 //!   record (0x16); the client must then negotiate ALPN `postgresql`.
 //!
+//! The certificate, key and client CA are read again on RELOAD and SIGHUP: [`SharedTls`] holds
+//! the current [`TlsServer`], and each connection takes one snapshot at accept, so its
+//! handshake, channel-binding hash and routing rules agree even if a reload lands meanwhile;
+//! established sessions keep the keys they negotiated.
+//!
+//! Client certificates (`client_ca_file`): asked for, never required at the TLS layer (the
+//! per-user auth method decides, after the startup packet names the user); a certificate that
+//! is presented must chain to the CA, or the handshake fails.
+//!
 //! This module must not know about tenants beyond turning a server name into a slug string.
+
+mod der;
 
 use std::fmt;
 use std::io;
@@ -19,10 +30,12 @@ use std::sync::Arc;
 use rustls::pki_types::pem::PemObject as _;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use serde::{Deserialize, Serialize};
-use sha2::{Digest as _, Sha256, Sha384, Sha512};
+use sha2::{Digest as _, Sha256};
 use tokio::net::TcpStream;
 use tokio_rustls::TlsAcceptor;
 use tokio_rustls::server::TlsStream;
+
+pub use der::{end_point_hash, subject_common_name};
 
 /// The ALPN protocol name PostgreSQL 17 registers for its protocol.
 pub const ALPN_POSTGRESQL: &[u8] = b"postgresql";
@@ -42,7 +55,8 @@ pub enum TlsMode {
     Require,
 }
 
-/// `[tls]`: TLS between clients and tenantgate. Restart to change.
+/// `[tls]`: TLS between clients and tenantgate. Every key applies to new connections on
+/// RELOAD or SIGHUP (the files are read again even when their names did not change).
 #[derive(Debug, Clone, Default, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct TlsConfig {
@@ -61,6 +75,11 @@ pub struct TlsConfig {
     /// SNI) reaches tenant `acme` whatever database name it sends. Default: none.
     #[serde(default)]
     pub sni_base_domain: Option<String>,
+    /// PEM file with the CA certificates that client certificates must chain to. When set,
+    /// clients are asked for a certificate (not required: users whose auth method is `cert`
+    /// or `cert+scram` need one). Default: none (no client certificates).
+    #[serde(default)]
+    pub client_ca_file: Option<PathBuf>,
 }
 
 impl TlsConfig {
@@ -79,6 +98,12 @@ impl TlsConfig {
                     "must be set when tls.mode is not \"disable\"",
                 );
             }
+        }
+        if self.client_ca_file.is_some() && self.mode == TlsMode::Disable {
+            return bad(
+                "tls.client_ca_file",
+                "needs tls.mode \"allow\" or \"require\" (client certificates are part of TLS)",
+            );
         }
         if let Some(base) = &self.sni_base_domain {
             if self.mode == TlsMode::Disable {
@@ -104,9 +129,13 @@ impl TlsConfig {
 
     /// Relative file paths are relative to the config file's directory.
     pub(crate) fn resolve_paths(&mut self, base: &Path) {
-        for file in [&mut self.cert_file, &mut self.key_file]
-            .into_iter()
-            .flatten()
+        for file in [
+            &mut self.cert_file,
+            &mut self.key_file,
+            &mut self.client_ca_file,
+        ]
+        .into_iter()
+        .flatten()
         {
             if file.is_relative() {
                 *file = base.join(&*file);
@@ -138,6 +167,8 @@ pub enum TlsSetupError {
     MissingFiles,
     #[error("the certificate and key do not make a usable TLS config: {0}")]
     Rustls(#[source] rustls::Error),
+    #[error("{}: no usable CA certificate: {message}", path.display())]
+    ClientCa { path: PathBuf, message: String },
 }
 
 impl TlsSetupError {
@@ -147,11 +178,12 @@ impl TlsSetupError {
             TlsSetupError::Read { key, .. } | TlsSetupError::BadPem { key, .. } => key,
             TlsSetupError::NoKey { .. } | TlsSetupError::Rustls(_) => "tls.key_file",
             TlsSetupError::NoCertificate { .. } | TlsSetupError::MissingFiles => "tls.cert_file",
+            TlsSetupError::ClientCa { .. } => "tls.client_ca_file",
         }
     }
 }
 
-/// The TLS side of the listener, built once at start-up.
+/// The TLS side of the listener, built from `[tls]` at start-up and at each reload.
 pub struct TlsServer {
     pub mode: TlsMode,
     acceptor: Option<TlsAcceptor>,
@@ -161,6 +193,10 @@ pub struct TlsServer {
     end_point: Option<Arc<[u8]>>,
     /// Lower-case, without leading or trailing dots.
     sni_base_domain: Option<String>,
+    /// SHA-256 of the leaf certificate, hex: which certificate is served (RELOAD shows it).
+    fingerprint: Option<String>,
+    /// Whether clients are asked for a certificate (`client_ca_file` is set).
+    client_auth: bool,
 }
 
 impl fmt::Debug for TlsServer {
@@ -169,6 +205,8 @@ impl fmt::Debug for TlsServer {
             .field("mode", &self.mode)
             .field("channel_binding", &self.end_point.is_some())
             .field("sni_base_domain", &self.sni_base_domain)
+            .field("fingerprint", &self.fingerprint)
+            .field("client_auth", &self.client_auth)
             .finish_non_exhaustive()
     }
 }
@@ -186,6 +224,8 @@ impl TlsServer {
                 acceptor: None,
                 end_point: None,
                 sni_base_domain,
+                fingerprint: None,
+                client_auth: false,
             });
         }
         // Never fall back to plaintext because a file is not named.
@@ -195,6 +235,9 @@ impl TlsServer {
         let certs = load_certs(cert_file)?;
         let key = load_key(key_file)?;
         let end_point = certs.first().and_then(|leaf| end_point_hash(leaf));
+        let fingerprint = certs
+            .first()
+            .map(|leaf| hex(&Sha256::digest(leaf.as_ref())));
         if end_point.is_none() {
             tracing::warn!(
                 "the server certificate's signature algorithm defines no channel-binding hash; \
@@ -202,10 +245,14 @@ impl TlsServer {
             );
         }
         let provider = Arc::new(rustls::crypto::ring::default_provider());
-        let mut server = rustls::ServerConfig::builder_with_provider(provider)
+        let builder = rustls::ServerConfig::builder_with_provider(Arc::clone(&provider))
             .with_safe_default_protocol_versions()
-            .map_err(TlsSetupError::Rustls)?
-            .with_no_client_auth()
+            .map_err(TlsSetupError::Rustls)?;
+        let builder = match &config.client_ca_file {
+            Some(ca_file) => builder.with_client_cert_verifier(client_verifier(ca_file, provider)?),
+            None => builder.with_no_client_auth(),
+        };
+        let mut server = builder
             .with_single_cert(certs, key)
             .map_err(TlsSetupError::Rustls)?;
         // A client that offers ALPN must offer "postgresql" (PostgreSQL 17 does the same).
@@ -215,7 +262,14 @@ impl TlsServer {
             acceptor: Some(TlsAcceptor::from(Arc::new(server))),
             end_point: end_point.map(Arc::from),
             sni_base_domain,
+            fingerprint,
+            client_auth: config.client_ca_file.is_some(),
         })
+    }
+
+    /// SHA-256 of the served leaf certificate, hex; `None` when TLS is off.
+    pub fn fingerprint(&self) -> Option<&str> {
+        self.fingerprint.as_deref()
     }
 
     /// The acceptor, when TLS is on.
@@ -241,16 +295,112 @@ pub struct TlsInfo {
     pub server_name: Option<String>,
     /// tls-server-end-point data for SCRAM-SHA-256-PLUS, if it can be offered.
     pub channel_binding: Option<Arc<[u8]>>,
+    /// Protocol version and cipher suite, as SHOW CLIENTS shows them
+    /// ("TLSv1.3 TLS13_AES_256_GCM_SHA384").
+    pub cipher: String,
+    /// The subject CN of the client certificate, which rustls has verified against
+    /// `client_ca_file`; `None` without one (or without a readable CN).
+    pub client_cn: Option<String>,
 }
 
 impl TlsServer {
     /// Facts about an established session.
     pub fn info(&self, stream: &TlsStream<TcpStream>) -> TlsInfo {
+        let session = stream.get_ref().1;
+        let version = match session.protocol_version() {
+            Some(rustls::ProtocolVersion::TLSv1_3) => "TLSv1.3".to_owned(),
+            Some(rustls::ProtocolVersion::TLSv1_2) => "TLSv1.2".to_owned(),
+            Some(other) => format!("{other:?}"),
+            None => String::new(),
+        };
+        let suite = session
+            .negotiated_cipher_suite()
+            .map(|s| format!("{:?}", s.suite()))
+            .unwrap_or_default();
+        let client_cn = if self.client_auth {
+            session
+                .peer_certificates()
+                .and_then(<[_]>::first)
+                .and_then(|leaf| subject_common_name(leaf))
+        } else {
+            None
+        };
         TlsInfo {
-            server_name: stream.get_ref().1.server_name().map(str::to_owned),
+            server_name: session.server_name().map(str::to_owned),
             channel_binding: self.end_point.clone(),
+            cipher: format!("{version} {suite}").trim().to_owned(),
+            client_cn,
         }
     }
+}
+
+/// The current [`TlsServer`], replaced as a whole by a reload. Readers take an `Arc` snapshot;
+/// the lock is held only to clone or swap that `Arc`, never across an await.
+#[derive(Debug, Clone)]
+pub struct SharedTls(Arc<std::sync::RwLock<Arc<TlsServer>>>);
+
+impl SharedTls {
+    pub fn new(server: TlsServer) -> SharedTls {
+        SharedTls(Arc::new(std::sync::RwLock::new(Arc::new(server))))
+    }
+
+    /// The TLS setup new connections use now.
+    pub fn current(&self) -> Arc<TlsServer> {
+        Arc::clone(
+            &self
+                .0
+                .read()
+                .unwrap_or_else(std::sync::PoisonError::into_inner),
+        )
+    }
+
+    /// Serves `server` to new connections; returns the one it replaces.
+    pub fn replace(&self, server: TlsServer) -> Arc<TlsServer> {
+        std::mem::replace(
+            &mut *self
+                .0
+                .write()
+                .unwrap_or_else(std::sync::PoisonError::into_inner),
+            Arc::new(server),
+        )
+    }
+}
+
+/// Verifies client certificates against `ca_file`, allowing clients that present none.
+fn client_verifier(
+    ca_file: &Path,
+    provider: Arc<rustls::crypto::CryptoProvider>,
+) -> Result<Arc<dyn rustls::server::danger::ClientCertVerifier>, TlsSetupError> {
+    let bad = |message: String| TlsSetupError::ClientCa {
+        path: ca_file.to_owned(),
+        message,
+    };
+    let text = std::fs::read(ca_file).map_err(|source| TlsSetupError::Read {
+        key: "tls.client_ca_file",
+        path: ca_file.to_owned(),
+        source,
+    })?;
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in CertificateDer::pem_slice_iter(&text) {
+        let cert = cert.map_err(|e| bad(e.to_string()))?;
+        roots.add(cert).map_err(|e| bad(e.to_string()))?;
+    }
+    if roots.is_empty() {
+        return Err(bad("the file holds no PEM certificate".to_owned()));
+    }
+    rustls::server::WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider)
+        .allow_unauthenticated()
+        .build()
+        .map_err(|e| bad(e.to_string()))
+}
+
+fn hex(bytes: &[u8]) -> String {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    bytes.iter().fold(String::with_capacity(64), |mut s, b| {
+        s.push(char::from(HEX[usize::from(b >> 4)]));
+        s.push(char::from(HEX[usize::from(b & 0xf)]));
+        s
+    })
 }
 
 fn load_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsSetupError> {
@@ -292,71 +442,6 @@ fn load_key(path: &Path) -> Result<PrivateKeyDer<'static>, TlsSetupError> {
     })
 }
 
-/// tls-server-end-point (RFC 5929 §4.1): the certificate hashed with its signature's hash
-/// function, SHA-256 when that is MD5 or SHA-1. None for algorithms without one (Ed25519,
-/// RSA-PSS), where PostgreSQL also refuses channel binding.
-pub fn end_point_hash(cert_der: &[u8]) -> Option<Vec<u8>> {
-    // DER contents of the OID arcs (without tag and length).
-    const RSA: &[u8] = &[0x2a, 0x86, 0x48, 0x86, 0xf7, 0x0d, 0x01, 0x01]; // 1.2.840.113549.1.1
-    const ECDSA: &[u8] = &[0x2a, 0x86, 0x48, 0xce, 0x3d, 0x04]; // 1.2.840.10045.4
-    let oid = signature_algorithm_oid(cert_der)?;
-    let hash = match oid {
-        // md5WithRSA (4), sha1WithRSA (5), sha256WithRSA (11); ecdsa-with-SHA1, ecdsa-with-SHA256
-        [rsa @ .., 4 | 5 | 11] if rsa == RSA => Hash::Sha256,
-        [e @ .., 1] if e == ECDSA => Hash::Sha256,
-        [e @ .., 3, 2] if e == ECDSA => Hash::Sha256,
-        [rsa @ .., 12] if rsa == RSA => Hash::Sha384,
-        [e @ .., 3, 3] if e == ECDSA => Hash::Sha384,
-        [rsa @ .., 13] if rsa == RSA => Hash::Sha512,
-        [e @ .., 3, 4] if e == ECDSA => Hash::Sha512,
-        _ => return None,
-    };
-    Some(match hash {
-        Hash::Sha256 => Sha256::digest(cert_der).to_vec(),
-        Hash::Sha384 => Sha384::digest(cert_der).to_vec(),
-        Hash::Sha512 => Sha512::digest(cert_der).to_vec(),
-    })
-}
-
-enum Hash {
-    Sha256,
-    Sha384,
-    Sha512,
-}
-
-/// Certificate ::= SEQUENCE { tbsCertificate, signatureAlgorithm AlgorithmIdentifier, ... };
-/// AlgorithmIdentifier ::= SEQUENCE { algorithm OBJECT IDENTIFIER, parameters ANY OPTIONAL }.
-fn signature_algorithm_oid(der: &[u8]) -> Option<&[u8]> {
-    let (cert, _) = der_tlv(der, 0x30)?;
-    let (_tbs, rest) = der_tlv(cert, 0x30)?;
-    let (alg, _) = der_tlv(rest, 0x30)?;
-    let (oid, _) = der_tlv(alg, 0x06)?;
-    Some(oid)
-}
-
-/// One DER TLV with the expected tag: (contents, what follows).
-fn der_tlv(bytes: &[u8], tag: u8) -> Option<(&[u8], &[u8])> {
-    let (&t, rest) = bytes.split_first()?;
-    if t != tag {
-        return None;
-    }
-    let (&first, rest) = rest.split_first()?;
-    let (len, rest) = if first < 0x80 {
-        (usize::from(first), rest)
-    } else {
-        let n = usize::from(first & 0x7f);
-        if n == 0 || n > 4 {
-            return None;
-        }
-        let (len_bytes, rest) = rest.split_at_checked(n)?;
-        let len = len_bytes
-            .iter()
-            .fold(0usize, |acc, b| (acc << 8) | usize::from(*b));
-        (len, rest)
-    };
-    rest.split_at_checked(len)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -367,6 +452,8 @@ mod tests {
             acceptor: None,
             end_point: None,
             sni_base_domain: Some(base.to_owned()),
+            fingerprint: None,
+            client_auth: false,
         }
     }
 
@@ -390,36 +477,6 @@ mod tests {
             "localhost",
         ] {
             assert_eq!(s.tenant_from_sni(none), None, "{none}");
-        }
-    }
-
-    #[test]
-    fn end_point_hash_follows_the_signature_algorithm() {
-        let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
-        let cert = rcgen::CertificateParams::new(vec!["localhost".to_owned()])
-            .unwrap()
-            .self_signed(&key)
-            .unwrap();
-        let der = cert.der();
-        assert_eq!(
-            end_point_hash(der).unwrap(),
-            Sha256::digest(der.as_ref()).to_vec()
-        );
-        let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P384_SHA384).unwrap();
-        let cert = rcgen::CertificateParams::new(vec!["localhost".to_owned()])
-            .unwrap()
-            .self_signed(&key)
-            .unwrap();
-        assert_eq!(end_point_hash(cert.der()).unwrap().len(), 48);
-        let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ED25519).unwrap();
-        let cert = rcgen::CertificateParams::new(vec!["localhost".to_owned()])
-            .unwrap()
-            .self_signed(&key)
-            .unwrap();
-        assert_eq!(end_point_hash(cert.der()), None);
-        // Garbage never panics.
-        for n in 0..64 {
-            drop(end_point_hash(&der[..n]));
         }
     }
 
