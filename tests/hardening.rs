@@ -140,6 +140,67 @@ async fn stalled_logins_are_capped_and_established_clients_carry_on() {
     );
 }
 
+/// Issue 6: a client the throttle delays gives its login slot back while it waits, so a source
+/// that keeps failing against tenant A cannot fill `max_logins_in_progress` with sleeping
+/// attempts: a client of tenant B still logs in at once, and the delayed attempts still get
+/// their 28P01 afterwards.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn throttled_attempts_give_their_login_slot_back_while_they_wait() {
+    let env = TestEnv::start_with(|c| {
+        c.proxy.max_logins_in_progress = 2;
+        c.proxy.login_slot_wait_ms = 500;
+        c.proxy.auth_failures_before_delay = 1;
+        c.proxy.auth_failures_before_lockout = 100;
+        c.proxy.auth_max_delay_ms = 5000;
+        c.proxy.auth_failure_limit_factor = 100;
+        c.proxy.login_timeout_ms = 15_000;
+    })
+    .await;
+    let env = Arc::new(env);
+    let a = env.tenant_with_user("slot-a").await;
+    let b = env.tenant_with_user("slot-b").await;
+    // Five failures against A (delays 0, 100, 200, 400, 800 ms): the next attempts wait 1.6 s.
+    for _ in 0..5 {
+        let err = env
+            .connect(a.slug.as_str(), "app", "guess")
+            .await
+            .unwrap_err();
+        assert_eq!(sqlstate(&err).as_deref(), Some("28P01"), "{err}");
+    }
+    let sleepers: Vec<_> = (0..2)
+        .map(|_| {
+            let env = Arc::clone(&env);
+            let slug = a.slug.clone();
+            tokio::spawn(async move {
+                let started = Instant::now();
+                let err = env
+                    .connect(slug.as_str(), "app", "guess")
+                    .await
+                    .unwrap_err();
+                (sqlstate(&err), started.elapsed())
+            })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    // Both slots' holders are asleep in the throttle: B gets in without waiting for them.
+    let started = Instant::now();
+    let client = env.app(b.slug.as_str()).await;
+    assert!(
+        started.elapsed() < Duration::from_secs(1),
+        "{:?}",
+        started.elapsed()
+    );
+    let one: i32 = client.query_one("SELECT 1", &[]).await.unwrap().get(0);
+    assert_eq!(one, 1);
+
+    for sleeper in sleepers {
+        let (code, waited) = sleeper.await.unwrap();
+        assert_eq!(code.as_deref(), Some("28P01"), "{waited:?}");
+        assert!(waited >= Duration::from_millis(1600), "{waited:?}");
+    }
+}
+
 /// Everything every test of this binary logs, at trace level, from the moment a test asks.
 fn captured_log() -> Arc<Mutex<Vec<u8>>> {
     static LOG: OnceLock<Arc<Mutex<Vec<u8>>>> = OnceLock::new();

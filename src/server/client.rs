@@ -26,11 +26,11 @@ use std::time::Duration;
 use bytes::BytesMut;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
-use tokio::sync::OwnedSemaphorePermit;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use super::State;
+use super::login_slot::{LoginSlot, NoSlot};
 use crate::admin;
 use crate::auth::method::{Proof, authenticate_by_method};
 use crate::auth::throttle::{LoginThrottle, Target, Throttled};
@@ -131,6 +131,12 @@ pub enum LoginError {
         tenant: String,
         database: String,
     },
+}
+
+impl From<NoSlot> for LoginError {
+    fn from(NoSlot(waited): NoSlot) -> Self {
+        LoginError::TooManyLogins(waited)
+    }
 }
 
 impl ClientFacing for LoginError {
@@ -306,13 +312,15 @@ pub(super) async fn serve_client(
     // Held from here to the end of authentication: stalled or slow logins take slots, not
     // the whole process. Waiting briefly smooths a burst; past that the client is told.
     let slot_wait = Duration::from_millis(state.config.get().proxy.login_slot_wait_ms);
-    let slot = Arc::clone(&state.login_slots).acquire_owned();
-    let Ok(Ok(login_slot)) = tokio::time::timeout(slot_wait, slot).await else {
-        let err = LoginError::TooManyLogins(slot_wait);
-        // Nothing is known yet but where it came from.
-        let reason = format!("{} {err}", err.sqlstate().code());
-        audit_line(peer, &LoginAttempt::default(), "refused", &reason);
-        return fail(&mut stream, &err).await;
+    let login_slot = match LoginSlot::take(&state.login_slots, slot_wait).await {
+        Ok(slot) => slot,
+        Err(full) => {
+            let err = LoginError::from(full);
+            // Nothing is known yet but where it came from.
+            let reason = format!("{} {err}", err.sqlstate().code());
+            audit_line(peer, &LoginAttempt::default(), "refused", &reason);
+            return fail(&mut stream, &err).await;
+        }
     };
     let login_timeout = Duration::from_millis(state.config.get().proxy.login_timeout_ms);
     // One deadline for the whole login: encryption, TLS handshake, startup and SCRAM.
@@ -390,7 +398,7 @@ async fn serve_login<S>(
     client_id: u64,
     mut conn: Conn<S>,
     first: Option<FirstPacket>,
-    (deadline, login_slot): (Instant, OwnedSemaphorePermit),
+    (deadline, mut login_slot): (Instant, LoginSlot),
     shutdown: &CancellationToken,
 ) -> CloseReason
 where
@@ -398,7 +406,11 @@ where
 {
     let login_timeout = Duration::from_millis(state.config.get().proxy.login_timeout_ms);
     let mut who = LoginAttempt::default();
-    let login = tokio::time::timeout_at(deadline, login(state, &mut conn, first, &mut who)).await;
+    let login = tokio::time::timeout_at(
+        deadline,
+        login(state, &mut conn, first, &mut who, &mut login_slot),
+    )
+    .await;
     drop(login_slot);
     let login = login.unwrap_or(Err(LoginError::Timeout(login_timeout)));
     if !who.user.is_empty() {
@@ -519,6 +531,7 @@ async fn login<S: AsyncRead + AsyncWrite + Unpin>(
     conn: &mut Conn<S>,
     first: Option<FirstPacket>,
     who: &mut LoginAttempt,
+    slot: &mut LoginSlot,
 ) -> Result<Login, LoginError> {
     let stream = &mut conn.stream;
     let packet = match first {
@@ -573,16 +586,16 @@ async fn login<S: AsyncRead + AsyncWrite + Unpin>(
     let Some(sni_tenant) = sni_tenant else {
         if database == state.config.get().admin.database {
             who.admin = true;
-            authenticate_admin(state, stream, user, proof, source).await?;
+            authenticate_admin(state, stream, user, proof, (source, slot)).await?;
             return Ok(Login::Admin {
                 user: user.to_owned(),
             });
         }
-        let record = authenticate(state, stream, database, user, proof, source).await?;
+        let record = authenticate(state, stream, database, user, proof, (source, slot)).await?;
         return tenant_login(record, user, settings);
     };
     who.tenant.clone_from(&sni_tenant);
-    let record = authenticate(state, stream, &sni_tenant, user, proof, source).await?;
+    let record = authenticate(state, stream, &sni_tenant, user, proof, (source, slot)).await?;
     if database != sni_tenant {
         if let Some(other) = TenantSlug::parse(database) {
             if state.directory.tenant(&other).await?.is_some() {
@@ -645,9 +658,9 @@ async fn authenticate_admin<S: AsyncRead + AsyncWrite + Unpin>(
     stream: &mut S,
     user: &str,
     proof: Proof<'_>,
-    source: Option<IpAddr>,
+    (source, slot): (Option<IpAddr>, &mut LoginSlot),
 ) -> Result<(), LoginError> {
-    let attempt = begin_attempt(state, source, Target::Admin).await?;
+    let attempt = begin_attempt(state, source, Target::Admin, slot).await?;
     let login = state.directory.registry().admin_login(user).await?;
     let method = login.as_ref().map_or(AuthMethod::Scram, |l| l.method);
     let mock = || ScramSecret::mock(&state.mock_key, &format!("\0admin\0{user}"));
@@ -744,9 +757,9 @@ async fn authenticate<S: AsyncRead + AsyncWrite + Unpin>(
     database: &str,
     user: &str,
     proof: Proof<'_>,
-    source: Option<IpAddr>,
+    (source, slot): (Option<IpAddr>, &mut LoginSlot),
 ) -> Result<Arc<TenantRecord>, LoginError> {
-    let attempt = begin_attempt(state, source, Target::Tenant(database)).await?;
+    let attempt = begin_attempt(state, source, Target::Tenant(database), slot).await?;
     let slug = TenantSlug::parse(database);
     let record = match &slug {
         Some(slug) => state.directory.tenant(slug).await?,
@@ -780,12 +793,14 @@ async fn authenticate<S: AsyncRead + AsyncWrite + Unpin>(
 }
 
 /// Asks the failed-login throttle whether this attempt may go on, and waits out its delay
-/// (an async sleep in this client's task: nobody else waits). Before any registry lookup or
-/// SCRAM work, so a locked-out source costs us almost nothing.
+/// (an async sleep in this client's task, with its login slot given back: nobody else
+/// waits). Before any registry lookup or SCRAM work, so a locked-out source costs us almost
+/// nothing.
 async fn begin_attempt(
     state: &State,
     source: Option<IpAddr>,
     target: Target<'_>,
+    slot: &mut LoginSlot,
 ) -> Result<Option<auth::throttle::Attempt>, LoginError> {
     let Some(source) = source else {
         return Ok(None);
@@ -796,7 +811,11 @@ async fn begin_attempt(
             delay_ms = attempt.delay.as_millis(),
             "login attempt delayed"
         );
-        tokio::time::sleep(attempt.delay).await;
+        if let Err(full) = slot.sleep_without(attempt.delay).await {
+            // Nothing was tried: the attempt neither failed nor succeeded.
+            LoginThrottle::refund(attempt);
+            return Err(full.into());
+        }
     }
     Ok(Some(attempt))
 }

@@ -8,6 +8,7 @@
 
 mod client;
 mod listener;
+mod login_slot;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -68,13 +69,11 @@ pub struct ProxyConfig {
     /// `tenantgate=debug`). `RUST_LOG` overrides it. Default "info".
     #[serde(default = "default_log_level")]
     pub log_level: String,
-    /// Failed logins from one source address against one tenant (or the admin console)
-    /// before further attempts are delayed (100 ms, doubling, up to `auth_max_delay_ms`).
-    /// Default 5. Restart to change.
     /// Most clients between accept and the end of authentication at once; past it a new
-    /// connection waits up to one second for a slot, then gets 53300 "too many logins in
-    /// progress", so a storm of slow or stalled logins cannot starve the process. Default 100.
-    /// Restart to change.
+    /// connection waits up to `login_slot_wait_ms` for a slot, then gets 53300 "too many
+    /// logins in progress", so a storm of slow or stalled logins cannot starve the process.
+    /// A client the failed-login throttle delays gives its slot back while it waits. Default
+    /// 100. Restart to change.
     #[serde(default = "default_max_logins_in_progress")]
     pub max_logins_in_progress: u32,
     /// Milliseconds a new connection waits for a login slot before 53300: long enough for a
@@ -82,6 +81,9 @@ pub struct ProxyConfig {
     /// change.
     #[serde(default = "default_login_slot_wait_ms")]
     pub login_slot_wait_ms: u64,
+    /// Failed logins from one source address against one tenant (or the admin console)
+    /// before further attempts are delayed (100 ms, doubling, up to `auth_max_delay_ms`).
+    /// Default 5. Restart to change.
     #[serde(default = "default_auth_failures_before_delay")]
     pub auth_failures_before_delay: u32,
     /// Failed logins from one source address against one tenant before further attempts are
