@@ -193,3 +193,90 @@ async fn prefer_falls_back_to_plaintext_and_require_refuses_a_server_without_tls
     );
     proxy.shutdown(Duration::from_secs(1)).await;
 }
+
+/// A TCP forwarder to the cluster that answers SSLRequest with `S` and then breaks the TLS
+/// handshake (junk, then close), as a server with an unusable TLS setup would; other
+/// connections go through. Returns its port and how many handshakes it broke.
+async fn tls_breaker() -> (u16, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    const SSL_REQUEST: [u8; 8] = [0, 0, 0, 8, 0x04, 0xd2, 0x16, 0x2f];
+    let upstream = common::cluster().port();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let broken = Arc::new(AtomicUsize::new(0));
+    let count = Arc::clone(&broken);
+    tokio::spawn(async move {
+        while let Ok((mut client, _)) = listener.accept().await {
+            let count = Arc::clone(&count);
+            tokio::spawn(async move {
+                let mut opening = [0u8; 8];
+                if client.read_exact(&mut opening).await.is_err() {
+                    return;
+                }
+                if opening == SSL_REQUEST {
+                    count.fetch_add(1, Ordering::SeqCst);
+                    drop(client.write_all(b"Snot a TLS server hello\n").await);
+                    return;
+                }
+                let Ok(mut server) = tokio::net::TcpStream::connect(("127.0.0.1", upstream)).await
+                else {
+                    return;
+                };
+                if server.write_all(&opening).await.is_ok() {
+                    drop(tokio::io::copy_bidirectional(&mut client, &mut server).await);
+                }
+            });
+        }
+    });
+    (port, broken)
+}
+
+/// libpq's `prefer`: a server that says yes to SSLRequest but whose TLS handshake fails is
+/// retried in plaintext on a new connection, so the client gets in; under `require` the same
+/// server fails the client at once with 08006 and the reason.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn prefer_retries_in_plaintext_after_a_failed_tls_handshake() {
+    use std::sync::atomic::Ordering;
+    use std::time::Duration;
+    use tenantgate::pool::BackendTlsMode;
+    let env = TestEnv::start().await;
+    let t = env.tenant_with_user("tlsbreak").await;
+    let (port, broken) = tls_breaker().await;
+
+    for mode in [BackendTlsMode::Prefer, BackendTlsMode::Require] {
+        let mut config = env.config.clone();
+        config.servers[0].tls = mode;
+        config.servers[0].port = port;
+        let proxy = tenantgate::server::Proxy::start(config).await.unwrap();
+        let mut pg = tokio_postgres::Config::new();
+        pg.host("127.0.0.1")
+            .port(proxy.local_addr().port())
+            .user("app")
+            .password("secret")
+            .dbname(t.slug.as_str())
+            .connect_timeout(Duration::from_secs(10));
+        let before = broken.load(Ordering::SeqCst);
+        let connected = pg.connect(tokio_postgres::NoTls).await;
+        assert!(
+            broken.load(Ordering::SeqCst) > before,
+            "{mode}: TLS was tried"
+        );
+        if mode == BackendTlsMode::Prefer {
+            let (client, conn) = connected.unwrap();
+            tokio::spawn(conn);
+            let one: i32 = client.query_one("SELECT 1", &[]).await.unwrap().get(0);
+            assert_eq!(one, 1);
+        } else {
+            let err = connected.err().unwrap();
+            assert_eq!(sqlstate(&err).as_deref(), Some("08006"), "{err}");
+            let message = err.as_db_error().unwrap().message().to_owned();
+            assert!(
+                message.contains("TLS handshake with server local failed"),
+                "{message}"
+            );
+        }
+        proxy.shutdown(Duration::from_secs(1)).await;
+    }
+}

@@ -343,3 +343,79 @@ async fn backend_login_over_tls_uses_channel_binding() {
         .unwrap_err();
     assert!(matches!(e, BackendError::Refused(_)), "{e}");
 }
+
+/// Opening bytes of every connection a [`Recorder`] forwarded.
+type Openings = Arc<std::sync::Mutex<Vec<Vec<u8>>>>;
+
+/// A TCP forwarder in front of the cluster that keeps the first 8 bytes each connection sent
+/// (SSLRequest, StartupMessage or CancelRequest all announce themselves there).
+async fn recorder(upstream: u16) -> (u16, Openings) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let openings = Openings::default();
+    let seen = Arc::clone(&openings);
+    tokio::spawn(async move {
+        while let Ok((mut client, _)) = listener.accept().await {
+            let seen = Arc::clone(&seen);
+            tokio::spawn(async move {
+                let mut opening = [0u8; 8];
+                if client.read_exact(&mut opening).await.is_err() {
+                    return;
+                }
+                seen.lock().unwrap().push(opening.to_vec());
+                let Ok(mut server) = tokio::net::TcpStream::connect(("127.0.0.1", upstream)).await
+                else {
+                    return;
+                };
+                if server.write_all(&opening).await.is_err() {
+                    return;
+                }
+                drop(tokio::io::copy_bidirectional(&mut client, &mut server).await);
+            });
+        }
+    });
+    (port, openings)
+}
+
+/// A cancel for a query on a TLS backend connection goes over TLS too: the cancel key never
+/// crosses the network in the clear, and the query is still cancelled.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cancel_for_a_tls_backend_goes_over_tls() {
+    const SSL_REQUEST: [u8; 8] = [0, 0, 0, 8, 0x04, 0xd2, 0x16, 0x2f];
+    const CANCEL_REQUEST: [u8; 8] = [0, 0, 0, 16, 0x04, 0xd2, 0x16, 0x2e];
+    let cas = setup().await;
+    let (port, openings) = recorder(cluster().port()).await;
+    let env = TestEnv::start_with(move |c| {
+        tweak(
+            c,
+            BackendTlsMode::VerifyFull,
+            Some(cas.right()),
+            "localhost",
+        );
+        c.servers[0].port = port;
+    })
+    .await;
+    let t = env.tenant_with_user("tlscancel").await;
+    let client = env.app(t.slug.as_str()).await;
+    assert!(backend_ssl(&client).await);
+    let token = client.cancel_token();
+    let sleeper = tokio::spawn(async move { client.batch_execute("SELECT pg_sleep(30)").await });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let before = openings.lock().unwrap().len();
+    token.cancel_query(tokio_postgres::NoTls).await.unwrap();
+    let err = tokio::time::timeout(Duration::from_secs(10), sleeper)
+        .await
+        .expect("the cancel must stop the query")
+        .unwrap()
+        .unwrap_err();
+    assert_eq!(sqlstate(&err).as_deref(), Some("57014"), "{err}");
+
+    let openings = openings.lock().unwrap().clone();
+    assert!(openings.len() > before, "the cancel reached the server");
+    assert!(
+        openings.iter().all(|o| o[..] == SSL_REQUEST),
+        "every connection to the server began with SSLRequest: {openings:?}"
+    );
+    assert!(!openings.iter().any(|o| o[..] == CANCEL_REQUEST));
+}

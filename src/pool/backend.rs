@@ -20,7 +20,9 @@ use postgres_protocol::message::frontend;
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 
-use super::backend_tls::{BackendStream, BackendTls, BackendTlsError, NegotiateError};
+use super::backend_tls::{
+    BackendStream, BackendTls, BackendTlsError, BackendTlsMode, NegotiateError,
+};
 use crate::crypto::Secret;
 use crate::error::{ClientFacing, ErrorKind};
 use crate::protocol::SqlState;
@@ -220,6 +222,9 @@ pub struct BackendConn {
     pub secret: i32,
     /// Where cancels for this backend go.
     pub addr: SocketAddr,
+    /// The server's TLS settings when this connection speaks TLS: a cancel request for it goes
+    /// over TLS too, so its key never crosses the network in the clear.
+    pub cancel_tls: Option<Arc<BackendTls>>,
     /// ParameterStatus values as the backend last reported them, in arrival order.
     pub params: Vec<(String, String)>,
     /// ParameterStatus values right after login, before any client setting.
@@ -263,6 +268,25 @@ pub enum SetupOutcome {
     Failed(ServerError),
 }
 
+/// A TCP connection to the target's server, Nagle off.
+async fn open_socket(target: &BackendTarget, timeout: Duration) -> Result<TcpStream, BackendError> {
+    let addr_text = format!("{}:{}", target.host, target.port);
+    let socket = tokio::time::timeout(
+        timeout,
+        TcpStream::connect((target.host.as_str(), target.port)),
+    )
+    .await
+    .map_err(|_| BackendError::ConnectTimeout {
+        addr: addr_text.clone(),
+    })?
+    .map_err(|source| BackendError::Connect {
+        addr: addr_text,
+        source,
+    })?;
+    socket.set_nodelay(true)?;
+    Ok(socket)
+}
+
 impl BackendConn {
     /// Sends Terminate if the socket takes it now; the connection closes when dropped.
     pub fn terminate(&mut self) {
@@ -286,30 +310,29 @@ impl BackendConn {
         target: &BackendTarget,
         timeout: Duration,
     ) -> Result<BackendConn, BackendError> {
-        let addr_text = format!("{}:{}", target.host, target.port);
-        let stream = tokio::time::timeout(
-            timeout,
-            TcpStream::connect((target.host.as_str(), target.port)),
-        )
-        .await
-        .map_err(|_| BackendError::ConnectTimeout {
-            addr: addr_text.clone(),
-        })?
-        .map_err(|source| BackendError::Connect {
-            addr: addr_text,
-            source,
-        })?;
-        stream.set_nodelay(true)?;
-        let addr = stream.peer_addr()?;
-        let stream = tokio::time::timeout(timeout, target.tls.negotiate(stream))
+        let socket = open_socket(target, timeout).await?;
+        let addr = socket.peer_addr()?;
+        let negotiated = tokio::time::timeout(timeout, target.tls.negotiate(socket))
             .await
-            .map_err(|_| BackendError::Timeout(timeout))??;
+            .map_err(|_| BackendError::Timeout(timeout))?;
+        let stream = match negotiated {
+            // libpq's prefer: a failed TLS handshake is retried in plaintext on a new socket.
+            Err(NegotiateError::Tls(e @ BackendTlsError::Handshake { .. }))
+                if target.tls.mode() == BackendTlsMode::Prefer =>
+            {
+                tracing::warn!(error = %e, "retrying in plaintext (tls = prefer)");
+                BackendStream::Plain(open_socket(target, timeout).await?)
+            }
+            other => other?,
+        };
+        let cancel_tls = stream.is_tls().then(|| Arc::clone(&target.tls));
         let mut conn = BackendConn {
             stream,
             sasl_mechanism: None,
             pid: 0,
             secret: 0,
             addr,
+            cancel_tls,
             params: Vec::new(),
             base_params: Arc::default(),
             broken: true,

@@ -6,7 +6,8 @@
 //! Modes, as libpq's sslmode (and PgBouncer's server_tls_sslmode):
 //! - `disable`: plaintext, no SSLRequest;
 //! - `prefer` (default): SSLRequest; TLS when the server answers `S` (no certificate checks,
-//!   like libpq), plaintext when it answers `N`;
+//!   like libpq), plaintext when it answers `N` (and, in `backend`, on a new connection when
+//!   the TLS handshake fails);
 //! - `require`: TLS or fail; the certificate chain is not checked, but the handshake is real
 //!   (the server proves it holds the certificate's key: signatures verified with ring);
 //! - `verify-ca`: the chain must verify against `ca_file`, whatever names it carries;

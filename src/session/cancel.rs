@@ -6,7 +6,8 @@
 //! so nobody can cancel a backend's queries with a key the backend issued. An entry lives
 //! exactly as long as the client holds that backend ([`CancelGuard`]), so a cancel can never hit
 //! a backend that has since moved to another client. The lock is taken at session start and
-//! end and per cancel, never on the relay path.
+//! end and per cancel, never on the relay path. A cancel for a backend connection that speaks
+//! TLS goes over TLS (SSLRequest first, as libpq does), so the key is never sent in the clear.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -18,10 +19,14 @@ use postgres_protocol::message::frontend;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
+use crate::pool::{BackendStream, BackendTls};
+
 /// The backend a cancel key points at.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 pub struct CancelTarget {
     pub addr: SocketAddr,
+    /// Present when the backend connection speaks TLS: the cancel does too.
+    pub tls: Option<Arc<BackendTls>>,
     pub backend_pid: i32,
     pub backend_secret: i32,
 }
@@ -36,7 +41,10 @@ struct Slot {
 
 impl Slot {
     fn target(&self) -> Option<CancelTarget> {
-        *self.target.lock().unwrap_or_else(PoisonError::into_inner)
+        self.target
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
     }
 
     fn set(&self, target: Option<CancelTarget>) {
@@ -121,15 +129,7 @@ impl CancelMap {
         };
         let mut buf = BytesMut::with_capacity(16);
         frontend::cancel_request(target.backend_pid, target.backend_secret, &mut buf);
-        let sent = tokio::time::timeout(timeout, async {
-            let mut stream = TcpStream::connect(target.addr).await?;
-            stream.write_all(&buf).await?;
-            // The server closes the connection after signalling the backend.
-            let mut sink = [0u8; 64];
-            while stream.read(&mut sink).await? > 0 {}
-            Ok::<_, std::io::Error>(())
-        })
-        .await;
+        let sent = tokio::time::timeout(timeout, deliver(&target, &buf)).await;
         match sent {
             Ok(Ok(())) => {
                 tracing::info!(backend_pid = target.backend_pid, "cancel request forwarded");
@@ -143,6 +143,28 @@ impl CancelMap {
                 tracing::warn!("forwarding a cancel request timed out");
                 false
             }
+        }
+    }
+}
+
+/// Sends a CancelRequest to the backend's server, over TLS when the backend connection uses it,
+/// and waits for the server to close the connection (it does once the backend is signalled).
+async fn deliver(target: &CancelTarget, request: &[u8]) -> std::io::Result<()> {
+    let tcp = TcpStream::connect(target.addr).await?;
+    let mut stream = match &target.tls {
+        Some(tls) => tls.negotiate(tcp).await.map_err(std::io::Error::other)?,
+        None => BackendStream::Plain(tcp),
+    };
+    stream.write_all(request).await?;
+    stream.flush().await?;
+    let mut sink = [0u8; 64];
+    loop {
+        match stream.read(&mut sink).await {
+            Ok(0) => return Ok(()),
+            Ok(_) => {}
+            // A server that closes the socket without a TLS close_notify has still taken it.
+            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(()),
+            Err(e) => return Err(e),
         }
     }
 }
@@ -189,13 +211,15 @@ mod tests {
         let map = CancelMap::default();
         let target = CancelTarget {
             addr: "127.0.0.1:1".parse().unwrap(),
+            tls: None,
             backend_pid: 42,
             backend_secret: 7,
         };
         let guard = map.register(target);
         let (pid, secret) = guard.key();
         assert_eq!(pid, 42);
-        assert_eq!(map.slot(pid, secret).unwrap().target(), Some(target));
+        let found = map.slot(pid, secret).unwrap().target().unwrap();
+        assert_eq!((found.backend_pid, found.backend_secret), (42, 7));
         assert!(map.slot(pid, secret.wrapping_add(1)).is_none());
         drop(guard);
         assert!(map.slot(pid, secret).is_none());

@@ -359,6 +359,7 @@ where
 fn cancel_target(backend: &BackendConn) -> CancelTarget {
     CancelTarget {
         addr: backend.addr,
+        tls: backend.cancel_tls.clone(),
         backend_pid: backend.pid,
         backend_secret: backend.secret,
     }
