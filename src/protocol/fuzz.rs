@@ -148,8 +148,8 @@ pub fn scram_exchange(data: &[u8]) {
 
 /// Client messages a transaction-mode client may send, and backend responses, in the order
 /// the input gives them, through the statement rewriter with a tiny per-backend cache. Checks
-/// that every splice it asks for is a run of well-formed messages and that a complete message
-/// is never held back.
+/// that what every splice sends the backend (the splice, then the rest of the client's
+/// message) is a run of well-formed messages and that a complete message is never held back.
 pub fn statement_rewriter(data: &[u8]) {
     const CLIENT_TAGS: &[u8] = b"PBDCESQFH";
     const BACKEND_TAGS: &[u8] = b"123TnCIsEZ";
@@ -194,10 +194,20 @@ pub fn statement_rewriter(data: &[u8]) {
         match on_client_frame(&mut ctx, &head, &mut splice) {
             Scan::Hold => panic!("a complete message was held back"),
             Scan::Splice { consume } => {
-                assert!(
-                    consume <= HEADER_BYTES + body.len(),
-                    "splice past the message"
+                // The splice replaces the first `consume` bytes of the message (Bind swaps
+                // only its names); what reaches the backend is the splice and the rest.
+                let mut original = Vec::with_capacity(HEADER_BYTES + body.len());
+                original.push(tag);
+                original.extend_from_slice(
+                    &u32::try_from(body.len() + 4)
+                        .unwrap_or(u32::MAX)
+                        .to_be_bytes(),
                 );
+                original.extend_from_slice(body);
+                let Some(rest) = original.get(consume..) else {
+                    panic!("splice past the message");
+                };
+                splice.extend_from_slice(rest);
                 assert_well_formed(&splice);
             }
             _ => {}
@@ -222,9 +232,9 @@ fn assert_well_formed(mut bytes: &[u8]) {
 mod tests {
     use super::*;
 
-    /// Random bytes, and well-formed packets/frames with a few bytes changed.
+    /// The seeds as they are, then random bytes and seeds with a few bytes changed.
     fn inputs(seeds: &[Vec<u8>], count: usize) -> Vec<Vec<u8>> {
-        let mut out = Vec::with_capacity(count);
+        let mut out = seeds.to_vec();
         for i in 0..count {
             let mut input = if i % 2 == 0 {
                 let len = usize::from(rand::random::<u16>() % 300);
