@@ -53,6 +53,29 @@ impl KeySource {
             KeySource::Fixed => Ok(None),
         }
     }
+
+    /// What the key file looks like now (None for other sources, or when it cannot be
+    /// stat'ed): a rotation replaces the file, so a different stamp means new keys.
+    pub(super) fn stamp(&self) -> Option<FileStamp> {
+        use std::os::unix::fs::MetadataExt as _;
+        let KeySource::File(path) = self else {
+            return None;
+        };
+        let meta = std::fs::metadata(path).ok()?;
+        Some(FileStamp {
+            inode: meta.ino(),
+            len: meta.len(),
+            modified: meta.modified().ok(),
+        })
+    }
+}
+
+/// A key file's identity and size and modification time, compared to tell whether it changed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) struct FileStamp {
+    inode: u64,
+    len: u64,
+    modified: Option<std::time::SystemTime>,
 }
 
 /// Replaces the key file with `text` atomically: readers see the old file or the new one,

@@ -11,6 +11,7 @@
 mod keyfile;
 mod keyring;
 
+use keyfile::FileStamp;
 pub use keyfile::KeySource;
 pub use keyring::{KeyId, KeyRing, key_id_of};
 
@@ -123,6 +124,8 @@ struct Shared {
     source: KeySource,
     /// When the source was last re-read because of an unknown key id.
     last_reread: Mutex<Option<Instant>>,
+    /// The key file as it was when last read.
+    read_stamp: Mutex<Option<FileStamp>>,
 }
 
 impl std::fmt::Debug for MasterKey {
@@ -135,10 +138,13 @@ impl MasterKey {
     /// Loads the keys: the environment variable when set, else the key file.
     pub fn load(config: &SecretsConfig) -> Result<MasterKey, CryptoError> {
         let source = KeySource::of(config)?;
+        let stamp = source.stamp();
         let ring = read_ring(&source)?.ok_or(CryptoError::NoKey {
             env: config.master_key_env.clone(),
         })?;
-        Ok(MasterKey::with_source(ring, source))
+        let key = MasterKey::with_source(ring, source);
+        key.set_stamp(stamp);
+        Ok(key)
     }
 
     /// Keys given as text (one or more, newline- or comma-separated), never re-read.
@@ -155,6 +161,7 @@ impl MasterKey {
                 ring: RwLock::new(Arc::new(ring)),
                 source,
                 last_reread: Mutex::new(None),
+                read_stamp: Mutex::new(None),
             }),
         }
     }
@@ -191,10 +198,21 @@ impl MasterKey {
 
     /// Re-reads the key source and swaps the ring in; on error the ring stays as it was.
     pub fn reload(&self) -> Result<Arc<KeyRing>, CryptoError> {
+        // Stamped before reading: a file replaced meanwhile is read again next time.
+        let stamp = self.shared.source.stamp();
         if let Some(ring) = read_ring(&self.shared.source)? {
             self.replace(ring);
+            self.set_stamp(stamp);
         }
         Ok(self.ring())
+    }
+
+    fn set_stamp(&self, stamp: Option<FileStamp>) {
+        *self
+            .shared
+            .read_stamp
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = stamp;
     }
 
     /// Encrypts a secret for storage under the current key. The key file is re-read first
@@ -210,8 +228,8 @@ impl MasterKey {
     }
 
     /// Decrypts a stored secret. A secret under a key id this ring lacks (another process
-    /// rotated the shared key file) makes the source be re-read, at most once per second,
-    /// and the decryption retried.
+    /// rotated the shared key file) makes the source be re-read, and the decryption retried:
+    /// at once when the key file has changed since it was read, else at most once a second.
     pub fn decrypt(&self, stored: &[u8]) -> Result<Secret, CryptoError> {
         match self.ring().decrypt(stored) {
             Err(CryptoError::UnknownKey { id }) if self.may_reread() => {
@@ -242,7 +260,15 @@ impl MasterKey {
             .lock()
             .unwrap_or_else(PoisonError::into_inner);
         let now = Instant::now();
-        if last.is_some_and(|t| now.duration_since(t) < REREAD_INTERVAL) {
+        let file_changed = {
+            let read = self
+                .shared
+                .read_stamp
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
+            read.is_some() && *read != self.shared.source.stamp()
+        };
+        if !file_changed && last.is_some_and(|t| now.duration_since(t) < REREAD_INTERVAL) {
             return false;
         }
         *last = Some(now);
@@ -362,7 +388,7 @@ mod tests {
     }
 
     #[test]
-    fn unknown_key_id_rereads_the_file_once_per_second() {
+    fn unknown_key_id_rereads_a_changed_file_at_once_else_once_per_second() {
         let dir = std::env::temp_dir().join(format!("tg-keyring-{}", rand::random::<u32>()));
         std::fs::create_dir_all(&dir).unwrap();
         let path = dir.join("master.key");
@@ -380,12 +406,15 @@ mod tests {
         assert_eq!(handle.decrypt(&blob).unwrap().expose(), "after rotation");
         // Every clone sees the re-read ring.
         assert_eq!(other_process.ring().current_id(), rotated.current_id());
-        // A second unknown id within the second is not re-read.
+        // A second rotation within the second: the file changed, so it is read again.
         let newer = rotated.with_current(&KeyRing::generate());
         write_key_file(&path, &newer).unwrap();
         let blob = newer.encrypt(&Secret::new("later"));
+        assert_eq!(handle.decrypt(&blob).unwrap().expose(), "later");
+        // An id no file holds, within the second and with the file unchanged: not re-read.
+        let stray = KeyRing::generate().encrypt(&Secret::new("stray"));
         assert!(matches!(
-            handle.decrypt(&blob),
+            handle.decrypt(&stray),
             Err(CryptoError::UnknownKey { .. })
         ));
         let mode = std::fs::metadata(&path).unwrap().permissions().mode();
