@@ -8,6 +8,7 @@
 
 mod client;
 mod listener;
+mod login;
 mod login_slot;
 
 use std::net::SocketAddr;
@@ -22,7 +23,8 @@ use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-pub use client::{CloseReason, LoginError};
+pub use client::CloseReason;
+pub use login::LoginError;
 
 use crate::admin::AdminContext;
 use crate::auth::throttle::{LoginThrottle, ThrottleSettings};
