@@ -121,7 +121,7 @@ impl AdminConfig {
             );
             return Ok(());
         };
-        let verifier = postgres_protocol::password::scram_sha_256(password.expose().as_bytes());
+        let verifier = crate::auth::scram_verifier(&password).await;
         if registry.set_admin_user(user, &verifier, false).await? {
             tracing::info!(user, "admin user created from the config");
         }

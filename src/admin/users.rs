@@ -151,7 +151,7 @@ async fn set_admin_user(
         (None, false) => Some(new_password(method, "CREATE ADMIN USER")?),
     };
     if let Some(password) = password {
-        let verifier = postgres_protocol::password::scram_sha_256(password.expose().as_bytes());
+        let verifier = crate::auth::scram_verifier(&password).await;
         ctx.registry.set_admin_user(user, &verifier, true).await?;
     }
     if let Some(method) = method {

@@ -168,6 +168,21 @@ pub async fn accept_without_password<S: AsyncWrite + Unpin>(
     send(stream, &mut out).await
 }
 
+/// A SCRAM-SHA-256 verifier for a new password. PBKDF2 (4096 rounds) is milliseconds of CPU,
+/// so it runs on the blocking pool, never on a thread that relays clients.
+pub async fn scram_verifier(password: &crate::crypto::Secret) -> String {
+    let hashed = password.clone();
+    let verifier = tokio::task::spawn_blocking(move || {
+        postgres_protocol::password::scram_sha_256(hashed.expose().as_bytes())
+    })
+    .await;
+    match verifier {
+        Ok(verifier) => verifier,
+        // The blocking pool is shutting down: compute it here rather than fail.
+        Err(_) => postgres_protocol::password::scram_sha_256(password.expose().as_bytes()),
+    }
+}
+
 fn scram_error(e: ScramError, user: &str) -> AuthError {
     match e {
         // A proof that does not verify, or a nonce that does not match, is a wrong password

@@ -569,7 +569,7 @@ pub async fn add_user(
     if registry.tenant(&slug).await?.is_none() {
         return Err(ProvisionError::NoSuchTenant(slug));
     }
-    let verifier = postgres_protocol::password::scram_sha_256(password.expose().as_bytes());
+    let verifier = crate::auth::scram_verifier(password).await;
     registry.set_user(&slug, user, &verifier).await?;
     registry
         .log_activity(Some(&slug), "tenantgate", "user.set", Some(user))

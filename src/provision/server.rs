@@ -236,7 +236,7 @@ async fn create_with(
             source,
         }
     };
-    let verifier = postgres_protocol::password::scram_sha_256(password.expose().as_bytes());
+    let verifier = crate::auth::scram_verifier(password).await;
     let role_sql = format!(
         "CREATE ROLE {} LOGIN PASSWORD {}",
         escape_identifier(role),
