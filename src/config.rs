@@ -17,7 +17,7 @@ use crate::provision::ProvisionConfig;
 use crate::registry::RegistryConfig;
 use crate::server::ProxyConfig;
 use crate::stats::StatsConfig;
-use crate::tls::{TlsConfig, TlsServer};
+use crate::tls::{TlsConfig, TlsMode, TlsServer};
 
 /// The whole configuration file.
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -45,8 +45,48 @@ pub struct Config {
     /// The file this config was loaded from, for RELOAD; `None` when parsed from text.
     #[serde(skip)]
     pub source: Option<std::path::PathBuf>,
+    /// What the command line set over the file; applied again on every RELOAD and SIGHUP.
+    #[serde(skip)]
+    pub overrides: Overrides,
     #[serde(default)]
     pub stats: StatsConfig,
+}
+
+/// Settings the command line gives over the file (`quickstart --listen`, `--tls`). They win
+/// over the file when the process starts and again whenever the file is re-read, so a reload
+/// never quietly undoes them (a `--tls` quickstart must not fall back to plaintext on SIGHUP).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Overrides {
+    pub listen: Option<std::net::SocketAddr>,
+    pub tls: Option<TlsOverride>,
+}
+
+/// `quickstart --tls`: the mode to use when the file leaves TLS disabled, and the certificate
+/// files to use when the file names none.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TlsOverride {
+    pub mode: TlsMode,
+    pub cert_file: std::path::PathBuf,
+    pub key_file: std::path::PathBuf,
+}
+
+impl Overrides {
+    /// Records these overrides in `config` and applies them to it.
+    pub fn apply(&self, config: &mut Config) {
+        if let Some(listen) = self.listen {
+            config.proxy.listen = listen;
+        }
+        if let Some(tls) = &self.tls {
+            if config.tls.mode == TlsMode::Disable {
+                config.tls.mode = tls.mode;
+            }
+            if config.tls.cert_file.is_none() || config.tls.key_file.is_none() {
+                config.tls.cert_file = Some(tls.cert_file.clone());
+                config.tls.key_file = Some(tls.key_file.clone());
+            }
+        }
+        config.overrides = self.clone();
+    }
 }
 
 #[derive(Debug, thiserror::Error)]

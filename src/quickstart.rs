@@ -10,7 +10,8 @@
 //! With `--tls`, clients must use TLS (`tls.mode = "require"` unless the config file sets a
 //! mode) with a self-signed certificate for `localhost` and `127.0.0.1`, generated once into
 //! `DIR/server.crt` and `DIR/server.key` (unless the config file names its own files); the
-//! printed URIs carry `sslmode=require`.
+//! printed URIs carry `sslmode=require`. `--tls` and `--listen` stand over the file on RELOAD
+//! and SIGHUP too (`config::Overrides`).
 
 use std::io::Write as _;
 use std::net::SocketAddr;
@@ -22,7 +23,7 @@ use anyhow::{Context as _, bail};
 use postgres_protocol::escape::escape_identifier;
 use tokio_postgres::NoTls;
 
-use crate::config::Config;
+use crate::config::{Config, Overrides, TlsOverride};
 use crate::crypto::{MasterKey, Secret, generate_password};
 use crate::localpg::{LocalPg, LocalPgOptions, free_port};
 use crate::provision::{self, CreateTenant};
@@ -73,12 +74,16 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
         write_first_config(&dir, &config_path)?;
     }
     let mut config = Config::load(&config_path)?;
-    if let Some(listen) = options.listen {
-        config.proxy.listen = listen;
-    }
-    if options.tls {
-        enable_tls(&dir, &mut config)?;
-    }
+    // Kept in the running config, so RELOAD and SIGHUP apply them again over the file.
+    let overrides = Overrides {
+        listen: options.listen,
+        tls: if options.tls {
+            Some(tls_override(&dir, &config)?)
+        } else {
+            None
+        },
+    };
+    overrides.apply(&mut config);
 
     let server = config
         .default_server()
@@ -182,16 +187,11 @@ async fn wait_for_signal(proxy: &Proxy) -> anyhow::Result<()> {
 
 /// `--tls`: TLS required (unless the config file chose a mode), with a self-signed certificate
 /// generated once into DIR (unless the config file names certificate files).
-fn enable_tls(dir: &Path, config: &mut Config) -> anyhow::Result<()> {
-    if config.tls.mode == TlsMode::Disable {
-        config.tls.mode = TlsMode::Require;
-    }
-    if config.tls.cert_file.is_some() && config.tls.key_file.is_some() {
-        return Ok(());
-    }
+fn tls_override(dir: &Path, config: &Config) -> anyhow::Result<TlsOverride> {
     let cert_path = dir.join(CERT_FILE);
     let key_path = dir.join(KEY_FILE);
-    if !cert_path.exists() || !key_path.exists() {
+    let own_files = config.tls.cert_file.is_some() && config.tls.key_file.is_some();
+    if !own_files && (!cert_path.exists() || !key_path.exists()) {
         let key = rcgen::KeyPair::generate().context("generating a TLS key")?;
         let mut params =
             rcgen::CertificateParams::new(vec!["localhost".to_owned(), "127.0.0.1".to_owned()])
@@ -208,9 +208,11 @@ fn enable_tls(dir: &Path, config: &mut Config) -> anyhow::Result<()> {
             .with_context(|| format!("writing {}", cert_path.display()))?;
         tracing::info!(cert = %cert_path.display(), "self-signed TLS certificate generated");
     }
-    config.tls.cert_file = Some(cert_path);
-    config.tls.key_file = Some(key_path);
-    Ok(())
+    Ok(TlsOverride {
+        mode: TlsMode::Require,
+        cert_file: cert_path,
+        key_file: key_path,
+    })
 }
 
 fn absolute(path: &Path) -> anyhow::Result<PathBuf> {

@@ -176,6 +176,29 @@ fn quickstart_with_tls_prints_sslmode_require_uris_that_psql_uses() {
         .unwrap();
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("requires TLS"));
+
+    // --tls and --listen are command-line settings over the file: SIGHUP and RELOAD re-read
+    // the file without undoing them (TLS stays required, nothing is listed as changed).
+    Command::new("kill")
+        .args(["-HUP", &child.id().to_string()])
+        .status()
+        .unwrap();
+    std::thread::sleep(Duration::from_secs(1));
+    let admin = lines
+        .iter()
+        .find_map(|l| l.strip_prefix("admin console: "))
+        .unwrap();
+    assert_eq!(psql(admin, "RELOAD"), "", "RELOAD lists no change");
+    assert_eq!(psql(uris[0], "SELECT count(*) FROM products"), "3");
+    let out = Command::new(common::cluster().bindir().join("psql"))
+        .args([plain.as_str(), "-XAtc", "SELECT 1"])
+        .output()
+        .unwrap();
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("requires TLS"),
+        "plaintext after SIGHUP: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     stop(child);
     drop(std::fs::remove_dir_all(&dir));
 }

@@ -227,8 +227,11 @@ pub(super) async fn reload_config(
         ));
     };
     let path_for_load = path.clone();
+    let overrides = current.overrides.clone();
     let (fresh, tls) = tokio::task::spawn_blocking(move || {
-        let fresh = Config::load(&path_for_load).map_err(|e| e.to_string())?;
+        let mut fresh = Config::load(&path_for_load).map_err(|e| e.to_string())?;
+        // The command line's settings stand over the file, as they did at start.
+        overrides.apply(&mut fresh);
         // Built here, once more than Config::load's check, so what is served is what was
         // just read even if the files change again meanwhile.
         let tls = TlsServer::from_config(&fresh.tls)
