@@ -211,6 +211,30 @@ fn applies_live(key: &str) -> bool {
         || key.starts_with("tls.")
 }
 
+/// Reads and validates the config file, applies the command line's overrides over it (as at
+/// start) and builds the TLS setup it names, off the async threads.
+async fn read_config(
+    path: std::path::PathBuf,
+    overrides: crate::config::Overrides,
+) -> Result<(Config, TlsServer), AdminError> {
+    tokio::task::spawn_blocking(move || {
+        let mut fresh = Config::load(&path).map_err(|e| e.to_string())?;
+        overrides.apply(&mut fresh);
+        // Built here, once more than Config::load's check, so what is served is what was
+        // just read even if the files change again meanwhile.
+        let tls = TlsServer::from_config(&fresh.tls)
+            .map_err(|e| format!("{}: {}: {e}", path.display(), e.config_key()))?;
+        Ok::<_, String>((fresh, tls))
+    })
+    .await
+    .map_err(|e| AdminError::WrongState(format!("reading the config failed: {e}")))?
+    .map_err(|e| {
+        AdminError::BadValue(format!(
+            "the config was not reloaded (the running config and certificate stay): {e}"
+        ))
+    })
+}
+
 /// RELOAD (and SIGHUP): re-reads and validates the config file and the TLS certificate, key
 /// and client CA files, applies what can change live and lists every changed key with whether
 /// it applied or needs a restart; a new certificate shows as `tls.certificate` (its SHA-256).
@@ -226,25 +250,7 @@ pub(super) async fn reload_config(
             "tenantgate was not started from a config file; there is nothing to reload".to_owned(),
         ));
     };
-    let path_for_load = path.clone();
-    let overrides = current.overrides.clone();
-    let (fresh, tls) = tokio::task::spawn_blocking(move || {
-        let mut fresh = Config::load(&path_for_load).map_err(|e| e.to_string())?;
-        // The command line's settings stand over the file, as they did at start.
-        overrides.apply(&mut fresh);
-        // Built here, once more than Config::load's check, so what is served is what was
-        // just read even if the files change again meanwhile.
-        let tls = TlsServer::from_config(&fresh.tls)
-            .map_err(|e| format!("{}: {}: {e}", path_for_load.display(), e.config_key()))?;
-        Ok::<_, String>((fresh, tls))
-    })
-    .await
-    .map_err(|e| AdminError::WrongState(format!("reading the config failed: {e}")))?
-    .map_err(|e| {
-        AdminError::BadValue(format!(
-            "the config was not reloaded (the running config and certificate stay): {e}"
-        ))
-    })?;
+    let (fresh, tls) = read_config(path.clone(), current.overrides.clone()).await?;
     // The master keys: a rotation by another instance or the CLI is picked up here. A key
     // file that does not parse stops the reload with nothing changed.
     let ring_before = ctx.key.ring();
