@@ -234,8 +234,8 @@ async fn tls_breaker() -> (u16, std::sync::Arc<std::sync::atomic::AtomicUsize>) 
 }
 
 /// libpq's `prefer`: a server that says yes to SSLRequest but whose TLS handshake fails is
-/// retried in plaintext on a new connection, so the client gets in; under `require` the same
-/// server fails the client at once with 08006 and the reason.
+/// retried in plaintext on a new connection, so the client gets in and provisioning works;
+/// under `require` the same server fails the client at once with 08006 and the reason.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn prefer_retries_in_plaintext_after_a_failed_tls_handshake() {
     use std::sync::atomic::Ordering;
@@ -268,6 +268,24 @@ async fn prefer_retries_in_plaintext_after_a_failed_tls_handshake() {
             tokio::spawn(conn);
             let one: i32 = client.query_one("SELECT 1", &[]).await.unwrap().get(0);
             assert_eq!(one, 1);
+            // Provisioning (tokio-postgres) does the same: CREATE TENANT through this proxy.
+            let mut admin = pg.clone();
+            admin
+                .user("root")
+                .password("root-secret")
+                .dbname(&env.config.admin.database);
+            let (console, conn) = admin.connect(tokio_postgres::NoTls).await.unwrap();
+            tokio::spawn(conn);
+            let before = broken.load(Ordering::SeqCst);
+            let slug = unique("tlsbreakp");
+            console
+                .simple_query(&format!("CREATE TENANT {slug}"))
+                .await
+                .expect("CREATE TENANT falls back to plaintext");
+            assert!(
+                broken.load(Ordering::SeqCst) > before,
+                "provisioning tried TLS"
+            );
         } else {
             let err = connected.err().unwrap();
             assert_eq!(sqlstate(&err).as_deref(), Some("08006"), "{err}");

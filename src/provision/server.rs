@@ -120,7 +120,15 @@ async fn connect_budgeted(
         Some(b) => b.permit(&server.name).await?,
         None => None,
     };
-    let connected = pg.connect(connector).await;
+    let mut connected = pg.connect(connector.clone()).await;
+    // libpq's prefer, as tenant pools do it: a failed TLS handshake is retried in plaintext.
+    if ssl_mode == tokio_postgres::config::SslMode::Prefer
+        && connected.as_ref().is_err_and(is_tls_failure)
+    {
+        tracing::warn!(server = %server.name, "TLS handshake failed; retrying in plaintext (tls = prefer)");
+        pg.ssl_mode(tokio_postgres::config::SslMode::Disable);
+        connected = pg.connect(connector).await;
+    }
     Ok(connected.map(|(client, connection)| {
         let task = tokio::spawn(async move {
             if let Err(e) = connection.await {
@@ -130,6 +138,25 @@ async fn connect_budgeted(
         });
         BackendClient { client, task }
     }))
+}
+
+/// Whether a connection failed in the TLS handshake (rustls' error somewhere in its causes).
+fn is_tls_failure(e: &tokio_postgres::Error) -> bool {
+    let mut cause: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(e);
+    while let Some(err) = cause {
+        let rustls_io = match err
+            .downcast_ref::<std::io::Error>()
+            .and_then(std::io::Error::get_ref)
+        {
+            Some(inner) => inner.is::<rustls::Error>(),
+            None => false,
+        };
+        if rustls_io || err.is::<rustls::Error>() {
+            return true;
+        }
+        cause = err.source();
+    }
+    false
 }
 
 /// Opens an admin connection to a backend server's `database`.
