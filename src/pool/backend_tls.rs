@@ -198,10 +198,14 @@ impl BackendTls {
                     .build()
                     .map_err(|e| BackendTlsSetupError::Rustls(e.to_string()))?
             }
-            (BackendTlsMode::VerifyCa, Some(roots)) => {
-                Arc::new(ChainOnlyVerifier { roots, algorithms })
-            }
-            _ => Arc::new(HandshakeOnlyVerifier { algorithms }),
+            (BackendTlsMode::VerifyCa, Some(roots)) => Arc::new(NamelessVerifier {
+                roots: Some(roots),
+                algorithms,
+            }),
+            _ => Arc::new(NamelessVerifier {
+                roots: None,
+                algorithms,
+            }),
         };
         let mut config = rustls::ClientConfig::builder_with_provider(provider)
             .with_safe_default_protocol_versions()
@@ -353,60 +357,18 @@ fn load_roots(path: &Path) -> Result<RootCertStore, BackendTlsSetupError> {
     Ok(roots)
 }
 
-/// `prefer` and `require`: any certificate chain, but the server must prove it holds the
-/// certificate's key (the handshake signatures are verified), so the session is real TLS and
-/// channel binding means something.
+/// Every mode but `verify-full`, which rustls' WebPKI verifier handles: the server must prove
+/// it holds its certificate's key (the handshake signatures are verified), so the session is
+/// real TLS and channel binding means something. With `roots` (`verify-ca`) the chain must also
+/// lead to a root of `ca_file`; names are never looked at (libpq's verify-ca). Without
+/// (`prefer`, `require`) any certificate is taken.
 #[derive(Debug)]
-struct HandshakeOnlyVerifier {
+struct NamelessVerifier {
+    roots: Option<Arc<RootCertStore>>,
     algorithms: WebPkiSupportedAlgorithms,
 }
 
-impl ServerCertVerifier for HandshakeOnlyVerifier {
-    fn verify_server_cert(
-        &self,
-        end_entity: &CertificateDer<'_>,
-        _intermediates: &[CertificateDer<'_>],
-        _server_name: &ServerName<'_>,
-        _ocsp_response: &[u8],
-        _now: UnixTime,
-    ) -> Result<ServerCertVerified, rustls::Error> {
-        // Still a certificate: garbage is refused.
-        ParsedCertificate::try_from(end_entity)?;
-        Ok(ServerCertVerified::assertion())
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.algorithms)
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.algorithms)
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.algorithms.supported_schemes()
-    }
-}
-
-/// `verify-ca`: the chain must lead to a root of `ca_file`; the names in it are not looked at
-/// (libpq's verify-ca).
-#[derive(Debug)]
-struct ChainOnlyVerifier {
-    roots: Arc<RootCertStore>,
-    algorithms: WebPkiSupportedAlgorithms,
-}
-
-impl ServerCertVerifier for ChainOnlyVerifier {
+impl ServerCertVerifier for NamelessVerifier {
     fn verify_server_cert(
         &self,
         end_entity: &CertificateDer<'_>,
@@ -415,14 +377,17 @@ impl ServerCertVerifier for ChainOnlyVerifier {
         _ocsp_response: &[u8],
         now: UnixTime,
     ) -> Result<ServerCertVerified, rustls::Error> {
+        // Still a certificate: garbage is refused.
         let cert = ParsedCertificate::try_from(end_entity)?;
-        verify_server_cert_signed_by_trust_anchor(
-            &cert,
-            &self.roots,
-            intermediates,
-            now,
-            self.algorithms.all,
-        )?;
+        if let Some(roots) = &self.roots {
+            verify_server_cert_signed_by_trust_anchor(
+                &cert,
+                roots,
+                intermediates,
+                now,
+                self.algorithms.all,
+            )?;
+        }
         Ok(ServerCertVerified::assertion())
     }
 
