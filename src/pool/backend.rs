@@ -235,8 +235,9 @@ pub struct BackendConn {
     pub owner: u64,
     /// Client settings applied on top of the connection's reset state.
     pub applied: Vec<(String, String)>,
-    /// A client left session state here (SET, PREPARE, LISTEN, temp tables...): reset it
-    /// before another client uses it.
+    /// Reset before the next use, even by the client it served last: the shared statements
+    /// tenantgate believes prepared here may not be (a client ran DEALLOCATE or DISCARD, or
+    /// the server said one is missing or stale).
     pub needs_reset: bool,
     /// Named statements tenantgate prepared here (transaction pooling), by server name.
     pub statements: crate::session::statements::BackendStatements,
@@ -291,6 +292,12 @@ impl BackendConn {
     /// Sends Terminate if the socket takes it now; the connection closes when dropped.
     pub fn terminate(&mut self) {
         self.stream.try_send_final(b"X\0\0\0\x04");
+    }
+
+    /// True when the server closed this connection or sent something unasked: for an idle
+    /// connection, that it must not be used. Never waits and never consumes a byte.
+    pub fn peer_gone(&self) -> bool {
+        self.stream.peer_gone()
     }
 
     /// True when the connection runs over TLS.
@@ -476,6 +483,16 @@ impl BackendConn {
         } else {
             self.params.push((name.to_owned(), value.to_owned()));
         }
+    }
+
+    /// Writes setup queries (reset, client settings) without waiting for their answers; the
+    /// relay swallows those. A connection that fails here is not reused.
+    pub async fn send_setup(&mut self, bytes: &[u8]) -> Result<(), BackendError> {
+        let sent = self.send(bytes).await;
+        if sent.is_err() {
+            self.broken = true;
+        }
+        sent
     }
 
     /// Runs a simple query outside the relay and waits for ReadyForQuery, recording any

@@ -438,6 +438,21 @@ impl BackendStream {
         }
     }
 
+    /// True when the socket is readable: bytes or EOF arrived, or it failed. An idle
+    /// PostgreSQL backend sends nothing, so for an idle connection this means the server
+    /// closed it (a terminated backend sends a FATAL ErrorResponse, then closes). Peeks at
+    /// the TCP socket under TLS too, so no TLS record is consumed. Never waits.
+    pub fn peer_gone(&self) -> bool {
+        let tcp = match self {
+            BackendStream::Plain(tcp) => tcp,
+            BackendStream::Tls(tls) => tls.get_ref().0,
+        };
+        let mut byte = [0u8; 1];
+        let mut buf = tokio::io::ReadBuf::new(&mut byte);
+        let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+        tcp.poll_peek(&mut cx, &mut buf).is_ready()
+    }
+
     /// Best effort, never waits: queues `bytes` (and, for TLS, close_notify) and writes what
     /// the socket takes now. Used to say Terminate from `Drop`.
     pub fn try_send_final(&mut self, bytes: &[u8]) {

@@ -166,6 +166,8 @@ pub type Params = Arc<Vec<(String, String)>>;
 /// One tenant's pool and the target it connects to.
 pub struct TenantPool {
     source: PoolSource,
+    /// The registry read the pool was built from (`TenantRecord::read_seq`).
+    read_seq: u64,
     /// The stored (encrypted) password the pool's target password was decrypted from, or a
     /// later re-encryption of the same password.
     password_enc: std::sync::RwLock<Vec<u8>>,
@@ -275,19 +277,42 @@ impl TenantPool {
     }
 }
 
-/// A checked-out backend connection. Dropping it returns the connection to its pool, or
-/// closes it if it is marked broken, then lets the next waiting client in.
+/// A checked-out backend connection. Dropping it closes the connection unless its holder
+/// proved it reusable first ([`Lease::reusable`]): alive, clean and at a message boundary
+/// (DESIGN §4a). An early return, a `?`, a cancelled future or a panic in the holder all
+/// drop an unproven lease, so none of them can hand a dirty backend to the next client.
+/// Then it lets the next waiting client in.
 pub struct Lease {
     // Field order is drop order: the connection goes back before the permit, and the pool is
     // marked as holding an idle connection last.
     conn: bb8::PooledConnection<'static, BackendManager>,
     _turn: tokio::sync::OwnedSemaphorePermit,
     _idle: IdleMark,
+    /// Set by `reusable`: the connection may go back to the pool.
+    proven: bool,
 }
 
 impl Lease {
     pub fn conn(&mut self) -> &mut BackendConn {
         &mut self.conn
+    }
+
+    /// The holder has proven the connection alive, clean and between messages in both
+    /// directions: it goes back to the pool when the lease drops (unless marked broken).
+    /// Call it last, right before the lease drops.
+    pub fn reusable(&mut self) {
+        self.proven = true;
+    }
+}
+
+impl Drop for Lease {
+    fn drop(&mut self) {
+        if !self.proven || std::thread::panicking() {
+            // Not proven, or unwinding from a panic mid-relay: the backend may be inside a
+            // transaction or a message. Close it without a goodbye (a Terminate could land
+            // inside a half-sent message).
+            self.conn.broken = true;
+        }
     }
 }
 
@@ -464,9 +489,16 @@ impl PoolMap {
     /// old one closes as its leases come back.
     pub async fn pool_for(&self, tenant: &TenantRecord) -> Result<Arc<TenantPool>, PoolError> {
         if let Some(existing) = self.pools.get(&tenant.slug).await {
-            if existing.source.matches(tenant, self.settings().generation)
+            let generation = self.settings().generation;
+            if existing.source.matches(tenant, generation)
                 && existing.same_password(tenant, &self.key)
             {
+                return Ok(existing);
+            }
+            if tenant.read_seq < existing.read_seq && existing.source.generation == generation {
+                // The caller holds an older read of the tenant than the pool was built from
+                // (a long-lived client that has not seen the change yet): the pool is the
+                // current truth; flipping it back would close the new pool's connections.
                 return Ok(existing);
             }
             tracing::info!(tenant = %tenant.slug, "tenant target changed; replacing its pool");
@@ -565,6 +597,7 @@ impl PoolMap {
         self.built.fetch_add(1, Ordering::Relaxed);
         Ok(TenantPool {
             source,
+            read_seq: tenant.read_seq,
             password_enc: std::sync::RwLock::new(tenant.backend_password_enc.clone()),
             target,
             pool,
@@ -612,28 +645,70 @@ impl PoolMap {
                 return Err(PoolError::Backend { slug: tenant.slug.clone(), source });
             }
         };
-        match checkout {
-            Ok(conn) => {
-                pool.remember_params(&conn);
-                Ok(Lease {
-                    conn,
-                    _turn: turn,
-                    _idle: IdleMark {
-                        set: Arc::clone(&self.idle),
-                        slug: tenant.slug.clone(),
-                        pool: Arc::downgrade(&pool),
-                    },
-                })
+        let conn = match checkout {
+            Ok(conn) => conn,
+            Err(bb8::RunError::TimedOut) => return Err(timed_out()),
+            Err(bb8::RunError::User(source)) => {
+                return Err(PoolError::Backend {
+                    slug: tenant.slug.clone(),
+                    source: Arc::new(source),
+                });
             }
-            Err(bb8::RunError::TimedOut) => Err(PoolError::CheckoutTimeout {
+        };
+        let conn = self.alive(&pool, conn, &tenant.slug).await?;
+        pool.remember_params(&conn);
+        Ok(Lease {
+            conn,
+            _turn: turn,
+            _idle: IdleMark {
+                set: Arc::clone(&self.idle),
                 slug: tenant.slug.clone(),
-                waited: Duration::from_millis(pool.limits.checkout_timeout_ms),
-            }),
-            Err(bb8::RunError::User(source)) => Err(PoolError::Backend {
-                slug: tenant.slug.clone(),
-                source: Arc::new(source),
-            }),
+                pool: Arc::downgrade(&pool),
+            },
+            proven: false,
+        })
+    }
+
+    /// `conn`, or another connection of the pool if the server closed `conn` while it sat
+    /// idle (pg_terminate_backend, a restart, an idle timeout on the server): such a
+    /// connection is closed here and the client never sees it. Checking costs no round trip:
+    /// a PostgreSQL backend that is idle sends nothing, so any byte or EOF on an idle socket
+    /// means it is gone.
+    async fn alive(
+        &self,
+        pool: &TenantPool,
+        mut conn: bb8::PooledConnection<'static, BackendManager>,
+        slug: &TenantSlug,
+    ) -> Result<bb8::PooledConnection<'static, BackendManager>, PoolError> {
+        // Each dead connection found leaves the pool, so this ends; the bound only guards
+        // against a server that closes every new connection at once.
+        for _ in 0..=pool.limits.pool_size.saturating_add(1) {
+            if !conn.peer_gone() {
+                return Ok(conn);
+            }
+            tracing::debug!(tenant = %slug, backend_pid = conn.pid, "idle backend connection was closed by the server; taking another");
+            conn.broken = true;
+            drop(conn);
+            conn = match pool.pool.get_owned().await {
+                Ok(conn) => conn,
+                Err(bb8::RunError::TimedOut) => {
+                    return Err(PoolError::CheckoutTimeout {
+                        slug: slug.clone(),
+                        waited: Duration::from_millis(pool.limits.checkout_timeout_ms),
+                    });
+                }
+                Err(bb8::RunError::User(source)) => {
+                    return Err(PoolError::Backend {
+                        slug: slug.clone(),
+                        source: Arc::new(source),
+                    });
+                }
+            };
         }
+        Err(PoolError::Backend {
+            slug: slug.clone(),
+            source: Arc::new(BackendError::Closed),
+        })
     }
 
     fn now_ms(&self) -> u64 {

@@ -37,17 +37,22 @@ pub enum Scan {
     /// bytes have arrived.
     Hold,
     /// Replace the first `consume` bytes of this frame (from its tag) with bytes the caller
-    /// prepared, then forward the rest of the frame as usual. `consume` bytes must be in the
-    /// run. `consume == 0` inserts before the frame; the whole frame length drops it.
+    /// prepared, then forward the rest of the frame as usual. `consume == 0` inserts before
+    /// the frame; the whole frame length drops it. Bytes of `consume` that have not arrived
+    /// yet are dropped as they arrive ([`SpliceAt::discard`]): a frame larger than the relay's
+    /// buffer can be dropped whole.
     Splice { consume: usize },
 }
 
 /// A splice the caller must perform at `Scanned::forward`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct SpliceAt {
-    /// Bytes of the frame to drop from the stream (they are in the run).
+    /// Bytes of the frame to drop from the stream now (never more than the run holds).
     pub consume: usize,
-    /// Bytes of the frame after those, still to forward.
+    /// Bytes of the frame to drop after those, as they arrive: the part of the consumed
+    /// prefix that is not in the run yet. The caller drops them before it scans again.
+    pub discard: usize,
+    /// Bytes of the frame after the consumed prefix, still to forward.
     pub rest: usize,
 }
 
@@ -185,11 +190,15 @@ impl FrameScanner {
                 Scan::Splice { consume } => {
                     let total = HEADER_BYTES.saturating_add(body_len);
                     let consume = consume.min(total);
+                    // Never past the bytes we were given (issue 11: a 20 kB Close answered
+                    // here once consumed bytes that had not arrived, and the relay panicked).
+                    let in_run = consume.min(run.len() - at);
                     return Ok(Scanned {
                         forward: at,
                         stopped: false,
                         splice: Some(SpliceAt {
-                            consume,
+                            consume: in_run,
+                            discard: consume - in_run,
                             rest: total - consume,
                         }),
                     });

@@ -51,8 +51,16 @@ pub fn frame_scanner(data: &[u8]) {
     let piece = usize::from(choice >> 2) + 1;
     let mut scanner = FrameScanner::new(max_body_bytes);
     let mut pending: Vec<u8> = Vec::new();
+    // Bytes of a spliced frame still to drop as they arrive.
+    let mut discard = 0usize;
     for chunk in data.chunks(piece) {
         pending.extend_from_slice(chunk);
+        let dropped = discard.min(pending.len());
+        pending.drain(..dropped);
+        discard -= dropped;
+        if discard > 0 {
+            continue;
+        }
         // Each pass forwards or splices at least one byte, or stops: bounded by the input.
         for _ in 0..=pending.len() + 1 {
             let result = scanner.scan(&pending, |head| {
@@ -65,8 +73,11 @@ pub fn frame_scanner(data: &[u8]) {
                     1 => Scan::StopBefore,
                     2 => Scan::StopAfter,
                     3 => Scan::Hold,
+                    // Up to the whole frame, also past what has arrived (a Close or a
+                    // DEALLOCATE answered here drops its whole frame).
                     _ => Scan::Splice {
-                        consume: (HEADER_BYTES + head.body.len()).min(usize::from(head.tag)),
+                        consume: (HEADER_BYTES + head.body_len)
+                            .min(usize::from(head.tag).saturating_mul(head.tag.into())),
                     },
                 }
             });
@@ -80,6 +91,14 @@ pub fn frame_scanner(data: &[u8]) {
                 assert!(splice.consume <= pending.len(), "splice past the run");
                 pending.drain(..splice.consume);
                 scanner.resume_after_splice(splice.rest);
+                if splice.discard > 0 {
+                    assert!(
+                        pending.is_empty(),
+                        "discard while bytes of the run are left"
+                    );
+                    discard = splice.discard;
+                    break;
+                }
                 continue;
             }
             if outcome.forward == 0 || outcome.stopped {
@@ -165,7 +184,7 @@ pub fn statement_rewriter(data: &[u8]) {
     while let Some((&op, rest)) = data.split_first() {
         if op & 0x80 != 0 {
             let tag = BACKEND_TAGS[usize::from(op & 0x7f) % BACKEND_TAGS.len()];
-            responses.on_backend_frame(tag, &mut backend);
+            responses.on_backend_frame(tag, &[], &mut backend);
             injected.clear();
             responses.take_injections(&mut injected, b'I');
             assert_well_formed(&injected);

@@ -633,5 +633,6 @@ fn tenant_from_row(row: &tokio_postgres::Row) -> Result<TenantRecord, RegistryEr
         backend_password_enc: row.try_get(7)?,
         error_message: row.try_get(8)?,
         overrides: row.try_get(9)?,
+        read_seq: types::next_read_seq(),
     })
 }

@@ -85,6 +85,17 @@ pub struct TenantRecord {
     pub error_message: Option<String>,
     /// Per-tenant overrides of the plan's values, as the registry's JSON text.
     pub overrides: String,
+    /// When this record was read from the registry, as a process-wide sequence number
+    /// ([`next_read_seq`]): a larger number is a later read. A pool built from a later read
+    /// is never replaced by one from an earlier read (a client still holding an old record
+    /// must not flip its tenant's pool back).
+    pub read_seq: u64,
+}
+
+/// The next registry read's sequence number (see [`TenantRecord::read_seq`]).
+pub(super) fn next_read_seq() -> u64 {
+    static READS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+    READS.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
 }
 
 #[cfg(test)]

@@ -42,9 +42,6 @@ pub struct TxTracker {
     pub extended_open: bool,
     /// The last ReadyForQuery status (`I`, `T` or `E`).
     pub status: u8,
-    /// A command that leaves session state behind completed (SET, PREPARE, LISTEN, DECLARE,
-    /// CREATE, ...): the backend must be reset before another client uses it.
-    pub session_state: bool,
     /// Transaction pooling: stop the relay at the ReadyForQuery that leaves the backend idle.
     pub release_at_idle: bool,
     /// Transaction pooling: the client needs this backend beyond the transaction (it prepared
@@ -61,19 +58,12 @@ impl Default for TxTracker {
             pending: 0,
             extended_open: false,
             status: b'I',
-            session_state: false,
             release_at_idle: false,
             pinned: false,
             idle_after_injection: false,
         }
     }
 }
-
-/// CommandComplete tags of commands whose effect outlives the transaction on the backend.
-/// CREATE covers temporary tables; the rest are session-level by nature.
-const SESSION_STATE_TAGS: &[&[u8]] = &[
-    b"SET", b"RESET", b"PREPARE", b"LISTEN", b"DECLARE", b"CREATE", b"LOAD", b"DISCARD",
-];
 
 impl TxTracker {
     /// True when the backend is idle, outside a transaction, owing nothing.
@@ -118,20 +108,9 @@ impl TxTracker {
                     return Scan::StopAfter;
                 }
             }
-            b'C' => {
-                let whole = head.body.len() == head.body_len;
-                let leaves_state = SESSION_STATE_TAGS
-                    .iter()
-                    .any(|tag| head.body.starts_with(tag));
-                // A tag split across reads is counted as state: a needless reset is cheap.
-                if leaves_state || !whole {
-                    self.session_state = true;
-                }
-                // Notifications go to the backend that LISTENs: stay with it.
-                if head.body.starts_with(b"LISTEN") {
-                    self.pinned = true;
-                }
-            }
+            // Notifications go to the backend that LISTENs: stay with it. (Whatever else a
+            // client leaves behind is reset before another client gets the backend.)
+            b'C' if head.body.starts_with(b"LISTEN") => self.pinned = true,
             _ => {}
         }
         Scan::Continue
@@ -192,6 +171,9 @@ struct Half {
     splice: Option<SpliceAt>,
     splice_out: BytesMut,
     splice_written: usize,
+    /// Bytes of a spliced frame still to drop as they arrive (its consumed prefix went past
+    /// what had arrived).
+    discard: usize,
     needs_flush: bool,
     stopped: bool,
     eof: bool,
@@ -221,6 +203,7 @@ impl Half {
             splice: None,
             splice_out: BytesMut::new(),
             splice_written: 0,
+            discard: 0,
             needs_flush: false,
             stopped: false,
             eof: false,
@@ -231,6 +214,12 @@ impl Half {
     /// Nothing is waiting to be written (so a poll will not be stuck on the writer).
     fn nothing_to_write(&self) -> bool {
         self.written == self.scanned && self.splice.is_none()
+    }
+
+    /// The writer's side of this direction is between two messages: no frame has been
+    /// written in part, and nothing of one is being spliced or dropped.
+    fn writer_at_boundary(&self) -> bool {
+        self.scanner.at_boundary() && self.splice.is_none() && self.discard == 0
     }
 
     /// Moves bytes from `reader` to `writer` until one side is not ready or a stop.
@@ -259,6 +248,7 @@ impl Half {
             if !self.splice_out.is_empty() {
                 self.splice = Some(SpliceAt {
                     consume: 0,
+                    discard: 0,
                     rest: 0,
                 });
                 continue;
@@ -319,6 +309,7 @@ impl Half {
         if let Some(splice) = self.splice.take() {
             self.written += splice.consume;
             self.scanned += splice.consume;
+            self.discard = splice.discard;
             self.scanner.resume_after_splice(splice.rest);
         }
         self.splice_out.clear();
@@ -354,6 +345,17 @@ impl Half {
     /// Scans `[scanned, filled)`; returns whether anything became forwardable, a stop or a
     /// splice.
     fn scan_more(&mut self, inspector: &mut impl Inspector) -> Result<bool, HalfError> {
+        if self.discard > 0 {
+            // The rest of a frame that was answered or dropped here: never forwarded. Only
+            // reached with everything before it written (`poll` drains first).
+            let dropped = self.discard.min(self.filled - self.scanned);
+            self.scanned += dropped;
+            self.written = self.written.max(self.scanned);
+            self.discard -= dropped;
+            if self.discard > 0 {
+                return Ok(false);
+            }
+        }
         let fresh = self.buf.get(self.scanned..self.filled).unwrap_or_default();
         let splice_out = &mut self.splice_out;
         let scanned = self
@@ -417,6 +419,16 @@ impl RelayBuffers {
         );
         let tally = std::mem::take(&mut self.tally);
         stats.add_work(tally.queries, tally.transactions);
+    }
+
+    /// Both directions are between messages: no message went to the backend in part (a
+    /// client that sent half a CopyData and left would have the backend swallow the next
+    /// client's query as data), none is being spliced or dropped, and nothing the backend sent
+    /// is left unforwarded. A backend may serve another client only then (DESIGN §4a).
+    pub fn at_message_boundary(&self) -> bool {
+        self.to_backend.writer_at_boundary()
+            && self.to_client.writer_at_boundary()
+            && self.to_client.scanned == self.to_client.filled
     }
 
     /// Transaction pooling, between transactions: waits until the client sends something.
@@ -531,7 +543,10 @@ impl Inspector for BackendSide<'_, '_> {
                 // Our made-up responses go out before this frame: `pending` sends them.
                 return Scan::Hold;
             }
-            if ctx.responses.on_backend_frame(head.tag, ctx.backend) {
+            if ctx
+                .responses
+                .on_backend_frame(head.tag, head.body, ctx.backend)
+            {
                 return Scan::Splice {
                     consume: HEADER_BYTES + head.body_len,
                 };

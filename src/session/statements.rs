@@ -142,12 +142,52 @@ enum Expect {
     Inject(u8),
     /// The answer to a DEALLOCATE we handled: CommandComplete, then ReadyForQuery.
     InjectDeallocate,
+    /// Everything up to ReadyForQuery answers a setup query we sent before the client's
+    /// transaction (reset, the client's settings): swallowed.
+    Setup,
 }
 
 /// Requests in flight and what their responses need.
 #[derive(Debug, Default)]
 pub struct Responses {
     queue: VecDeque<Expect>,
+    /// A setup query failed: the backend's state is unknown.
+    setup_failed: bool,
+    /// The backend may no longer have the statements we believe prepared there (a client
+    /// query may have run DEALLOCATE or DISCARD; the server said one is missing, exists
+    /// already, or is stale).
+    statements_suspect: bool,
+}
+
+/// SQLSTATEs that mean a shared statement is not as we believe: 26000 (does not exist),
+/// 42P05 (already exists), 0A000 (cached plan must not change result type), XX000 (cache
+/// lookup failed, after a DROP TYPE).
+const STATEMENT_TROUBLE: &[&[u8; 5]] = &[b"26000", b"42P05", b"0A000", b"XX000"];
+
+/// The SQLSTATE field of an ErrorResponse body (the prefix that has arrived).
+fn error_code(body: &[u8]) -> Option<&[u8]> {
+    let mut rest = body;
+    while let Some((field, after)) = rest.split_first() {
+        if *field == 0 {
+            return None;
+        }
+        let (value, after) = cstr(after)?;
+        if *field == b'C' {
+            return Some(value);
+        }
+        rest = after;
+    }
+    None
+}
+
+/// Whether a query text may deallocate or discard prepared statements (any case, anywhere:
+/// `SELECT 1; DEALLOCATE ALL`, a DO block that EXECUTEs it). A text not wholly here counts.
+fn may_drop_statements(body: &[u8], whole: bool) -> bool {
+    if !whole {
+        return true;
+    }
+    body.windows(7)
+        .any(|w| w.eq_ignore_ascii_case(b"dealloc") || w.eq_ignore_ascii_case(b"discard"))
 }
 
 fn cstr(bytes: &[u8]) -> Option<(&[u8], &[u8])> {
@@ -279,6 +319,9 @@ fn on_query(ctx: &mut StatementContext<'_>, head: &FrameHead<'_>) -> Scan {
             };
         }
     }
+    if !ctx.backend.is_empty() && may_drop_statements(head.body, head.body.len() == head.body_len) {
+        ctx.responses.statements_suspect = true;
+    }
     ctx.responses.queue.push_back(Expect::Query);
     Scan::Continue
 }
@@ -290,6 +333,11 @@ fn on_parse(ctx: &mut StatementContext<'_>, head: &FrameHead<'_>, splice: &mut B
         return hold(ctx, head);
     };
     if name.is_empty() {
+        if !ctx.backend.is_empty()
+            && may_drop_statements(head.body, head.body.len() == head.body_len)
+        {
+            ctx.responses.statements_suspect = true;
+        }
         ctx.responses.queue.push_back(Expect::ParseComplete {
             name: None,
             swallow: false,
@@ -310,17 +358,19 @@ fn on_parse(ctx: &mut StatementContext<'_>, head: &FrameHead<'_>, splice: &mut B
         .by_name
         .insert(name.to_owned(), Arc::clone(&statement));
     if ctx.backend.contains(&statement.server_name) {
-        ctx.backend.touch(&statement.server_name);
-        ctx.responses.queue.push_back(Expect::Inject(b'1'));
+        // Prepared here before, maybe before a DDL changed what it means (a table altered, a
+        // type dropped and made again): a client that parses now must get what a direct
+        // connection would, so it is prepared again (closed first, answer swallowed).
+        close_on_backend(ctx, &statement.server_name, splice);
     } else {
         make_room(ctx, splice);
-        put_parse(splice, &statement);
-        ctx.backend.touch(&statement.server_name);
-        ctx.responses.queue.push_back(Expect::ParseComplete {
-            name: Some(Arc::clone(&statement.server_name)),
-            swallow: false,
-        });
     }
+    put_parse(splice, &statement);
+    ctx.backend.touch(&statement.server_name);
+    ctx.responses.queue.push_back(Expect::ParseComplete {
+        name: Some(Arc::clone(&statement.server_name)),
+        swallow: false,
+    });
     Scan::Splice {
         consume: HEADER_BYTES + head.body_len,
     }
@@ -445,17 +495,21 @@ fn ensure_prepared(ctx: &mut StatementContext<'_>, statement: &Statement, splice
 
 /// Closes the backend's least recently used statement when its cache is full.
 fn make_room(ctx: &mut StatementContext<'_>, splice: &mut BytesMut) {
-    let Some(victim) = ctx.backend.victim() else {
-        return;
-    };
-    put_len_message(splice, b'C', 1 + victim.len() + 1);
+    if let Some(victim) = ctx.backend.victim() {
+        close_on_backend(ctx, &victim, splice);
+    }
+}
+
+/// Adds a Close of a backend statement to `splice`; its answer is swallowed.
+fn close_on_backend(ctx: &mut StatementContext<'_>, name: &Arc<str>, splice: &mut BytesMut) {
+    put_len_message(splice, b'C', 1 + name.len() + 1);
     splice.put_u8(b'S');
-    splice.put_slice(victim.as_bytes());
+    splice.put_slice(name.as_bytes());
     splice.put_u8(0);
-    ctx.backend.remove(&victim);
-    ctx.responses
-        .queue
-        .push_back(Expect::Evicted { name: victim });
+    ctx.backend.remove(name);
+    ctx.responses.queue.push_back(Expect::Evicted {
+        name: Arc::clone(name),
+    });
 }
 
 impl Responses {
@@ -488,8 +542,47 @@ impl Responses {
         )
     }
 
-    /// Follows one backend message. Returns whether to swallow it.
-    pub fn on_backend_frame(&mut self, tag: u8, backend: &mut BackendStatements) -> bool {
+    /// A setup query was sent ahead of the client's messages: swallow its answer.
+    pub fn expect_setup(&mut self) {
+        self.queue.push_back(Expect::Setup);
+    }
+
+    /// A setup query failed (its ErrorResponse was swallowed).
+    pub fn setup_failed(&self) -> bool {
+        self.setup_failed
+    }
+
+    /// The backend's prepared statements may not be what its cache says: reset it before
+    /// its next use.
+    pub fn statements_suspect(&self) -> bool {
+        self.statements_suspect
+    }
+
+    /// Follows one backend message (`body`: the part of it that has arrived). Returns
+    /// whether to swallow it.
+    pub fn on_backend_frame(
+        &mut self,
+        tag: u8,
+        body: &[u8],
+        backend: &mut BackendStatements,
+    ) -> bool {
+        if matches!(self.queue.front(), Some(Expect::Setup)) {
+            match tag {
+                b'Z' => {
+                    self.queue.pop_front();
+                }
+                b'E' => self.setup_failed = true,
+                _ => {}
+            }
+            return true;
+        }
+        if tag == b'E' && !backend.is_empty() {
+            if let Some(code) = error_code(body) {
+                if STATEMENT_TROUBLE.iter().any(|c| c.as_slice() == code) {
+                    self.statements_suspect = true;
+                }
+            }
+        }
         match tag {
             b'1' => {
                 if let Some(Expect::ParseComplete { swallow, .. }) = self.queue.front() {
@@ -619,11 +712,11 @@ mod tests {
         responses.queue.push_back(Expect::Evicted {
             name: Arc::clone(&server_b),
         });
-        assert!(responses.on_backend_frame(b'3', &mut statements));
+        assert!(responses.on_backend_frame(b'3', &[], &mut statements));
     }
 
     #[test]
-    fn parse_is_renamed_then_skipped_on_a_backend_that_has_it() {
+    fn parse_is_renamed_and_prepared_again_on_a_backend_that_has_it() {
         let mut client = ClientStatements::default();
         let mut backend = BackendStatements::default();
         let mut responses = Responses::default();
@@ -645,7 +738,9 @@ mod tests {
         assert!(splice.windows(3).any(|w| w == b"tg_"));
         assert_eq!(backend.len(), 1);
 
-        // A second client preparing the same text on this backend: no Parse reaches it.
+        // A second client preparing the same text on this backend: it is closed and prepared
+        // again there (issue 11: a DDL since may have changed what it means), and the second
+        // client sees only its own ParseComplete.
         let mut other = ClientStatements::default();
         splice.clear();
         let mut ctx = StatementContext {
@@ -655,13 +750,14 @@ mod tests {
         };
         let body = b"other\0SELECT 1\0\0\0";
         on_client_frame(&mut ctx, &head(b'P', body), &mut splice);
-        assert!(splice.is_empty());
-        // First response: the real ParseComplete; then the made-up one is due.
-        assert!(!responses.on_backend_frame(b'1', &mut backend));
-        assert!(responses.injection_due());
-        let mut out = BytesMut::new();
-        responses.take_injections(&mut out, b'I');
-        assert_eq!(&out[..], b"1\0\0\0\x04");
+        assert!(splice.starts_with(b"C"), "{splice:?}");
+        assert!(splice.windows(2).any(|w| w == b"\0P"), "{splice:?}");
+        assert_eq!(backend.len(), 1);
+        // The first client's ParseComplete, then the Close's (swallowed), then the second's.
+        assert!(!responses.on_backend_frame(b'1', &[], &mut backend));
+        assert!(responses.on_backend_frame(b'3', &[], &mut backend));
+        assert!(!responses.on_backend_frame(b'1', &[], &mut backend));
+        assert!(!responses.injection_due());
     }
 
     #[test]
@@ -680,7 +776,7 @@ mod tests {
             &head(b'P', b"s0\0SELECT $1\0\0\x01\0\0\0\x17"),
             &mut splice,
         );
-        responses.on_backend_frame(b'1', &mut first);
+        responses.on_backend_frame(b'1', &[], &mut first);
 
         let mut second = BackendStatements::default();
         splice.clear();
@@ -695,8 +791,8 @@ mod tests {
         assert!(splice.starts_with(b"P"));
         assert!(second.len() == 1);
         // Its ParseComplete is swallowed, the BindComplete passes.
-        assert!(responses.on_backend_frame(b'1', &mut second));
-        assert!(!responses.on_backend_frame(b'2', &mut second));
+        assert!(responses.on_backend_frame(b'1', &[], &mut second));
+        assert!(!responses.on_backend_frame(b'2', &[], &mut second));
     }
 
     #[test]
@@ -730,9 +826,9 @@ mod tests {
         on_client_frame(&mut ctx, &head(b'P', b"bad\0SELEC oops\0\0\0"), &mut splice);
         on_client_frame(&mut ctx, &head(b'S', b""), &mut splice);
         assert_eq!(backend.len(), 1);
-        responses.on_backend_frame(b'E', &mut backend);
+        responses.on_backend_frame(b'E', &[], &mut backend);
         assert!(backend.is_empty());
-        responses.on_backend_frame(b'Z', &mut backend);
+        responses.on_backend_frame(b'Z', &[], &mut backend);
         assert!(responses.is_empty());
     }
 }
