@@ -7,6 +7,7 @@
 #
 #   bash benches/load_compare.sh            # defaults: 5 s per run, pool size 20
 #   DURATION=10 POOL_SIZE=20 CLIENTS="10 50 150" bash benches/load_compare.sh
+#   TENANTGATE_BIN=/tmp/tenantgate-before bash benches/load_compare.sh   # another build
 #
 # Everything runs on loopback and stops by itself; the working directory is removed at exit.
 #
@@ -34,8 +35,13 @@ MODES=${MODES:-"simple extended prepared"}
 TG_PORT=${TG_PORT:-6532}
 PGB_PORT=${PGB_PORT:-6533}
 
-cargo build --release --quiet
-BIN=target/release/tenantgate
+# TENANTGATE_BIN=path runs another build (say, the commit before a change) without building.
+if [ -n "${TENANTGATE_BIN:-}" ]; then
+    BIN=$TENANTGATE_BIN
+else
+    cargo build --release --quiet
+    BIN=target/release/tenantgate
+fi
 WORK=$(mktemp -d /tmp/tenantgate-load.XXXXXX)
 chmod 755 "$WORK"
 PIDS=()

@@ -589,3 +589,47 @@ async fn a_malformed_parse_gets_an_error_not_a_hang() {
         .get(0);
     assert_eq!(n, 7);
 }
+
+/// Issue 11, defect 6: a transaction-pooling client keeps running for days; when the registry
+/// moves its tenant to another database, its next transactions must go there (not to the
+/// database of its login), and a client that has not seen the change yet must not flip the
+/// tenant's pool back to the old target.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_long_lived_client_follows_a_moved_database_and_the_pool_never_flips_back() {
+    let env = transaction_env(2).await;
+    let t = env.tenant_with_user("tx-moving").await;
+    let other = env.tenant_with_user("tx-target").await;
+    let slug = t.slug.as_str();
+    let long_lived = env.app(slug).await;
+    assert_eq!(current_database(&long_lived).await, t.database);
+
+    env.registry
+        .set_target(
+            &t.slug,
+            &other.database,
+            &other.backend_role,
+            &other.backend_password_enc,
+        )
+        .await
+        .unwrap();
+    let moved = common::eventually(Duration::from_secs(5), || async {
+        current_database(&long_lived).await == other.database
+    })
+    .await;
+    assert!(
+        moved,
+        "the long-lived client still reaches the old database"
+    );
+
+    // A new client and the long-lived one, interleaved: every transaction of both lands on
+    // the new database.
+    let fresh = env.app(slug).await;
+    for _ in 0..20 {
+        assert_eq!(current_database(&long_lived).await, other.database);
+        assert_eq!(current_database(&fresh).await, other.database);
+    }
+}
+
+async fn current_database(c: &tokio_postgres::Client) -> String {
+    first_value(&c.simple_query("SELECT current_database()").await.unwrap())
+}

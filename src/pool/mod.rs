@@ -308,6 +308,10 @@ impl Lease {
 impl Drop for Lease {
     fn drop(&mut self) {
         if !self.proven || std::thread::panicking() {
+            tracing::debug!(
+                backend_pid = self.conn.pid,
+                "backend lease not proven reusable; closing the connection"
+            );
             // Not proven, or unwinding from a panic mid-relay: the backend may be inside a
             // transaction or a message. Close it without a goodbye (a Terminate could land
             // inside a half-sent message).

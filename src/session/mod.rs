@@ -244,7 +244,10 @@ where
             } else {
                 let mut lease = ctx.pools.checkout(ctx.tenant).await?;
                 prepare(lease.conn(), ctx.client_id, settings, ctx.reset_timeout).await?;
-                lease.conn().params.clone()
+                let params = lease.conn().params.clone();
+                // Only setup queries ran, each answered through ReadyForQuery `I`.
+                lease.reusable();
+                params
             };
             greet(client, &params, cancel.key()).await?;
             transaction_mode(client, settings, &mut buffers, &cancel, ctx).await
@@ -340,7 +343,7 @@ where
         // The tenant as the registry says now (a long-lived client must follow a moved
         // database or a rotated password), not as it was at login.
         let tenant = watch.tenant();
-        let mut lease = ctx.pools.checkout(&tenant).await?;
+        let mut lease = ctx.pools.checkout(tenant).await?;
         let backend = lease.conn();
         let mut responses = Responses::default();
         if settings_accepted {
@@ -395,7 +398,10 @@ where
             }
             // Left mid-transaction or mid-message, backend gone, shutdown or error: the lease
             // drops unproven and the backend is closed.
-            other => return Ok(other?),
+            other => {
+                tracing::debug!(outcome = ?other, ?tracker, at_boundary, "transaction relay ended without a clean backend");
+                return Ok(other?);
+            }
         }
     }
 }
