@@ -633,3 +633,48 @@ async fn a_long_lived_client_follows_a_moved_database_and_the_pool_never_flips_b
 async fn current_database(c: &tokio_postgres::Client) -> String {
     first_value(&c.simple_query("SELECT current_database()").await.unwrap())
 }
+
+/// Backends a pool opens while all its clients use the same settings carry them in their
+/// startup packet (so the reset between clients costs no SET). A client with other settings
+/// must never run on such a backend with the first clients' values: it gets another backend.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn backends_opened_with_shared_settings_never_serve_a_client_with_others() {
+    let env = transaction_env(1).await;
+    let t = env.tenant_with_user("tx-startup").await;
+    let slug = t.slug.as_str();
+    let mut cfg = env.client_config(slug, "app", "secret");
+    cfg.application_name("uniform")
+        .options("-c statement_timeout=2222");
+    let (a, conn) = cfg.connect(NoTls).await.unwrap();
+    tokio::spawn(conn);
+    a.simple_query("SELECT 1").await.unwrap();
+    // Replace the pool's only backend: the new one is opened with A's settings.
+    common::admin_client(&t.database)
+        .await
+        .batch_execute(&format!(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+             WHERE datname = '{}' AND pid <> pg_backend_pid()",
+            t.database
+        ))
+        .await
+        .unwrap();
+    let gone = common::eventually(Duration::from_secs(5), || async {
+        backend_count(&t.database).await == 0
+    })
+    .await;
+    assert!(gone);
+    for _ in 0..3 {
+        let st = first_value(&a.simple_query("SHOW statement_timeout").await.unwrap());
+        assert_eq!(st, "2222ms");
+    }
+    // A client without settings: server defaults, whatever the backend was opened with.
+    let plain = env.app(slug).await;
+    for _ in 0..3 {
+        let st = first_value(&plain.simple_query("SHOW statement_timeout").await.unwrap());
+        let app = first_value(&plain.simple_query("SHOW application_name").await.unwrap());
+        assert_eq!((st.as_str(), app.as_str()), ("0", ""));
+        let st = first_value(&a.simple_query("SHOW statement_timeout").await.unwrap());
+        let app = first_value(&a.simple_query("SHOW application_name").await.unwrap());
+        assert_eq!((st.as_str(), app.as_str()), ("2222ms", "uniform"));
+    }
+}

@@ -28,6 +28,9 @@ use crate::error::{ClientFacing, ErrorKind};
 use crate::protocol::SqlState;
 use crate::protocol::frame::{self, Message, ReadError, take_cstr};
 
+/// Startup settings (name, value), shared by the connections opened with them.
+pub type Settings = Arc<Vec<(String, String)>>;
+
 /// Largest message accepted from a backend during setup phases.
 const MAX_SETUP_MESSAGE_BYTES: usize = 1 << 20;
 
@@ -233,8 +236,11 @@ pub struct BackendConn {
     pub broken: bool,
     /// Transaction pooling: the client this connection last served (0: none since reset).
     pub owner: u64,
-    /// Client settings applied on top of the connection's reset state.
+    /// Client settings in effect (the startup settings after a reset).
     pub applied: Vec<(String, String)>,
+    /// Settings sent in the startup packet: what a reset brings the session back to. Empty
+    /// unless the pool's clients all use the same settings (`pool::StartupSettings`).
+    pub startup_settings: Settings,
     /// Reset before the next use, even by the client it served last: the shared statements
     /// tenantgate believes prepared here may not be (a client ran DEALLOCATE or DISCARD, or
     /// the server said one is missing or stale).
@@ -317,6 +323,16 @@ impl BackendConn {
         target: &BackendTarget,
         timeout: Duration,
     ) -> Result<BackendConn, BackendError> {
+        BackendConn::connect_with(target, timeout, Arc::default()).await
+    }
+
+    /// Connects with `startup_settings` in the startup packet: the values a reset (DISCARD
+    /// ALL, RESET ALL) brings the session back to.
+    pub async fn connect_with(
+        target: &BackendTarget,
+        timeout: Duration,
+        startup_settings: Settings,
+    ) -> Result<BackendConn, BackendError> {
         let socket = open_socket(target, timeout).await?;
         let addr = socket.peer_addr()?;
         let negotiated = tokio::time::timeout(timeout, target.tls.negotiate(socket))
@@ -344,7 +360,8 @@ impl BackendConn {
             base_params: Arc::default(),
             broken: true,
             owner: 0,
-            applied: Vec::new(),
+            applied: startup_settings.to_vec(),
+            startup_settings,
             needs_reset: false,
             statements: crate::session::statements::BackendStatements::default(),
             budget_permit: None,
@@ -359,11 +376,14 @@ impl BackendConn {
 
     async fn startup(&mut self, target: &BackendTarget) -> Result<(), BackendError> {
         let mut buf = BytesMut::new();
+        let settings = Arc::clone(&self.startup_settings);
         frontend::startup_message(
             [
                 ("user", target.role.as_str()),
                 ("database", target.database.as_str()),
-            ],
+            ]
+            .into_iter()
+            .chain(settings.iter().map(|(n, v)| (n.as_str(), v.as_str()))),
             &mut buf,
         )?;
         self.send(&buf).await?;

@@ -15,6 +15,7 @@ use std::time::Duration;
 
 use moka::future::Cache;
 
+use super::backend::Settings;
 use super::{BackendConn, BackendError, BackendTarget, ServerBudget, TenantPool};
 use crate::registry::TenantSlug;
 use crate::stats::TenantStats;
@@ -35,6 +36,62 @@ pub struct BackendManager {
     pub(super) pools: Weak<PoolCache>,
     /// The tenant's usage counters: connects and connect errors.
     pub(super) stats: Arc<TenantStats>,
+    /// The startup parameters new connections carry (shared with the pool).
+    pub(super) startup: Arc<StartupSettings>,
+}
+
+/// The startup parameters a pool opens its backends with. While every client of the pool
+/// whose settings a backend accepted used the same settings, new backends carry them in
+/// their startup packet: the reset between two clients (DISCARD ALL, which brings a session
+/// back to its startup values) then leaves the next client's settings in place, and a switch
+/// costs one statement instead of two. Once clients differ, new backends carry none, and a
+/// backend carrying other settings than its next client's is closed rather than used (a
+/// reset cannot take a startup value away).
+#[derive(Debug, Default)]
+pub struct StartupSettings(Mutex<StartupState>);
+
+#[derive(Debug, Default, Clone)]
+enum StartupState {
+    /// No client's settings were accepted yet.
+    #[default]
+    Unknown,
+    /// Every accepted client used these.
+    Uniform(Settings),
+    /// Clients differ: new backends carry no settings.
+    Mixed,
+}
+
+impl StartupSettings {
+    /// What a new connection carries.
+    pub(super) fn for_new_connection(&self) -> Settings {
+        match &*self.0.lock().unwrap_or_else(PoisonError::into_inner) {
+            StartupState::Uniform(settings) => Arc::clone(settings),
+            StartupState::Unknown | StartupState::Mixed => Settings::default(),
+        }
+    }
+
+    /// New backends carry no settings from now on.
+    pub(super) fn give_up(&self) {
+        *self.0.lock().unwrap_or_else(PoisonError::into_inner) = StartupState::Mixed;
+    }
+
+    /// A backend accepted a client's settings. Returns true when this made the pool's
+    /// clients differ (the first time only).
+    pub(super) fn accepted(&self, settings: &[(String, String)]) -> bool {
+        let mut state = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+        match &*state {
+            StartupState::Unknown => {
+                *state = StartupState::Uniform(Arc::new(settings.to_vec()));
+                false
+            }
+            StartupState::Uniform(uniform) if uniform.as_slice() == settings => false,
+            StartupState::Uniform(_) => {
+                *state = StartupState::Mixed;
+                true
+            }
+            StartupState::Mixed => false,
+        }
+    }
 }
 
 pub(super) type PoolCache = Cache<TenantSlug, Arc<TenantPool>>;
@@ -174,7 +231,20 @@ impl bb8::ManageConnection for BackendManager {
     async fn connect(&self) -> Result<BackendConn, BackendError> {
         let conn = async {
             let permit = self.budget_permit().await?;
-            let mut conn = BackendConn::connect(&self.target, self.connect_timeout).await?;
+            let startup = self.startup.for_new_connection();
+            let with_settings = !startup.is_empty();
+            let connected =
+                BackendConn::connect_with(&self.target, self.connect_timeout, startup).await;
+            let mut conn = match connected {
+                // The server refused the clients' settings at startup although it took them
+                // with set_config(): open backends without settings from now on.
+                Err(BackendError::Refused(e)) if with_settings => {
+                    tracing::warn!(code = %e.code, message = %e.message, "backend refused the clients' settings at startup; opening backends without them");
+                    self.startup.give_up();
+                    BackendConn::connect(&self.target, self.connect_timeout).await?
+                }
+                other => other?,
+            };
             conn.budget_permit = Some(permit);
             Ok(conn)
         }

@@ -32,13 +32,13 @@ use std::time::Duration;
 use moka::future::Cache;
 use moka::policy::EvictionPolicy;
 
-pub use backend::{BackendConn, BackendError, BackendTarget, ServerError, SetupOutcome};
+pub use backend::{BackendConn, BackendError, BackendTarget, ServerError, Settings, SetupOutcome};
 pub use backend_tls::{
     BackendStream, BackendTls, BackendTlsError, BackendTlsMode, BackendTlsSetupError,
 };
 pub use budget::ServerBudget;
 pub use config::{PlanConfig, PoolConfig, PoolMode, ServerConfig, TenantLimits};
-pub use manager::BackendManager;
+pub use manager::{BackendManager, StartupSettings};
 use manager::{ConnectErrors, IdleMark, IdleSet, PoolCache};
 pub use pause::{PauseGate, ResumeError};
 
@@ -191,6 +191,8 @@ pub struct TenantPool {
     waiting: std::sync::atomic::AtomicUsize,
     /// The tenant's usage counters (shared with the stats registry; outlive this pool).
     stats: Arc<TenantStats>,
+    /// The startup parameters its backends carry (shared with its connection factory).
+    startup: Arc<StartupSettings>,
 }
 
 impl TenantPool {
@@ -266,6 +268,18 @@ impl TenantPool {
             .clone()
     }
 
+    /// A backend accepted a client's settings: new backends may carry them from now on
+    /// (see [`StartupSettings`]).
+    pub fn settings_accepted(&self, settings: &[(String, String)]) {
+        if self.startup.accepted(settings) {
+            // Clients differ: greet from the parameters of a backend without settings.
+            *self
+                .base_params
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner) = None;
+        }
+    }
+
     fn remember_params(&self, conn: &BackendConn) {
         let mut slot = self
             .base_params
@@ -287,7 +301,7 @@ pub struct Lease {
     // marked as holding an idle connection last.
     conn: bb8::PooledConnection<'static, BackendManager>,
     _turn: tokio::sync::OwnedSemaphorePermit,
-    _idle: IdleMark,
+    idle_mark: IdleMark,
     /// Set by `reusable`: the connection may go back to the pool.
     proven: bool,
 }
@@ -295,6 +309,11 @@ pub struct Lease {
 impl Lease {
     pub fn conn(&mut self) -> &mut BackendConn {
         &mut self.conn
+    }
+
+    /// The pool this lease came from, while it exists.
+    pub fn pool(&self) -> Option<Arc<TenantPool>> {
+        self.idle_mark.pool.upgrade()
     }
 
     /// The holder has proven the connection alive, clean and between messages in both
@@ -572,7 +591,9 @@ impl PoolMap {
                     server: target.server.clone(),
                 })?;
         let stats = self.stats.for_tenant(&tenant.slug);
+        let startup = Arc::new(StartupSettings::default());
         let manager = BackendManager {
+            startup: Arc::clone(&startup),
             stats: Arc::clone(&stats),
             slug: tenant.slug.clone(),
             idle: Arc::downgrade(&self.idle),
@@ -615,6 +636,7 @@ impl PoolMap {
             users: std::sync::atomic::AtomicUsize::new(0),
             waiting: std::sync::atomic::AtomicUsize::new(0),
             stats,
+            startup,
         })
     }
 
@@ -664,7 +686,7 @@ impl PoolMap {
         Ok(Lease {
             conn,
             _turn: turn,
-            _idle: IdleMark {
+            idle_mark: IdleMark {
                 set: Arc::clone(&self.idle),
                 slug: tenant.slug.clone(),
                 pool: Arc::downgrade(&pool),

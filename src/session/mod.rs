@@ -224,8 +224,9 @@ where
     let mut buffers = RelayBuffers::new(ctx.max_client_message_bytes);
     let outcome = match ctx.mode {
         PoolMode::Session => {
-            let mut lease = ctx.pools.checkout(ctx.tenant).await?;
+            let mut lease = checkout(ctx, ctx.tenant, settings).await?;
             prepare(lease.conn(), ctx.client_id, settings, ctx.reset_timeout).await?;
+            accepted(&lease, settings);
             let cancel = ctx.cancels.register(cancel_target(lease.conn()));
             greet(client, &lease.conn().params, cancel.key()).await?;
             session_mode(client, lease, &mut buffers, &cancel, ctx).await
@@ -242,8 +243,9 @@ where
             let params = if let Some(base) = known {
                 with_settings(&base, settings)
             } else {
-                let mut lease = ctx.pools.checkout(ctx.tenant).await?;
+                let mut lease = checkout(ctx, ctx.tenant, settings).await?;
                 prepare(lease.conn(), ctx.client_id, settings, ctx.reset_timeout).await?;
+                accepted(&lease, settings);
                 let params = lease.conn().params.clone();
                 // Only setup queries ran, each answered through ReadyForQuery `I`.
                 lease.reusable();
@@ -343,15 +345,16 @@ where
         // The tenant as the registry says now (a long-lived client must follow a moved
         // database or a rotated password), not as it was at login.
         let tenant = watch.tenant();
-        let mut lease = ctx.pools.checkout(tenant).await?;
-        let backend = lease.conn();
+        let mut lease = checkout(ctx, tenant, settings).await?;
         let mut responses = Responses::default();
         if settings_accepted {
-            send_setup(backend, ctx.client_id, settings, &mut responses).await?;
+            send_setup(lease.conn(), ctx.client_id, settings, &mut responses).await?;
         } else {
-            prepare(backend, ctx.client_id, settings, ctx.reset_timeout).await?;
+            prepare(lease.conn(), ctx.client_id, settings, ctx.reset_timeout).await?;
+            accepted(&lease, settings);
             settings_accepted = true;
         }
+        let backend = lease.conn();
         cancel.attach(cancel_target(backend));
         backend.statements.capacity = ctx.statement_cache_size;
         let outcome = loop {
@@ -406,6 +409,36 @@ where
     }
 }
 
+/// A backend of the tenant's pool that can take `settings`: one opened with other startup
+/// settings cannot (a reset brings those back, and nothing takes a startup value away), so it
+/// is closed and another is taken; the pool stops opening backends with settings.
+async fn checkout(
+    ctx: &SessionContext<'_>,
+    tenant: &TenantRecord,
+    settings: &[(String, String)],
+) -> Result<Lease, SessionError> {
+    loop {
+        let mut lease = ctx.pools.checkout(tenant).await?;
+        let startup = &lease.conn().startup_settings;
+        if startup.is_empty() || startup.as_slice() == settings {
+            return Ok(lease);
+        }
+        tracing::debug!(
+            backend_pid = lease.conn().pid,
+            "backend opened with other clients' settings; closing it"
+        );
+        accepted(&lease, settings);
+        drop(lease);
+    }
+}
+
+/// Tells the lease's pool that a backend accepted (or will be given) these settings.
+fn accepted(lease: &Lease, settings: &[(String, String)]) {
+    if let Some(pool) = lease.pool() {
+        pool.settings_accepted(settings);
+    }
+}
+
 fn cancel_target(backend: &BackendConn) -> CancelTarget {
     CancelTarget {
         addr: backend.addr,
@@ -417,7 +450,9 @@ fn cancel_target(backend: &BackendConn) -> CancelTarget {
 
 /// The simple queries that make `backend` ready for `client_id`, in order: nothing if it
 /// served this client last (and nothing made its statements suspect); otherwise `DISCARD
-/// ALL` if any client used it since its last reset, then this client's settings.
+/// ALL` if any client used it since its last reset, then this client's settings unless the
+/// session has them already (a backend opened with the client's settings in its startup
+/// packet has them after the reset too).
 ///
 /// Every switch between clients resets: no detection of what a client left behind can see
 /// every path (set_config() in a SELECT, a DO block, a trigger, temp tables made by a
@@ -436,11 +471,17 @@ fn setup_queries(
     if backend.owner == client_id && !backend.needs_reset {
         return queries;
     }
-    if backend.owner != 0 || backend.needs_reset {
+    let reset = backend.owner != 0 || backend.needs_reset;
+    let in_effect: &[(String, String)] = if reset {
         queries.push("DISCARD ALL".to_owned());
-    }
-    if let Some(set) = settings::settings_query(settings) {
-        queries.push(set);
+        &backend.startup_settings
+    } else {
+        &backend.applied
+    };
+    if in_effect != settings {
+        if let Some(set) = settings::settings_query(settings) {
+            queries.push(set);
+        }
     }
     queries
 }
