@@ -1,0 +1,276 @@
+//! The pool core's invariants under hostile clients (issue 11, DESIGN §4a): a backend handed
+//! to a client is clean and at a message boundary, whatever the client before it did. Each
+//! test plays the client that tries hardest to break one promise, with a pool of one backend
+//! so that the next client surely gets the same backend.
+#![allow(clippy::unwrap_used, clippy::expect_used, reason = "tests")]
+
+mod common;
+
+use std::time::Duration;
+
+use common::{RawClient, TestEnv};
+use tenantgate::pool::PoolMode;
+use tokio_postgres::SimpleQueryMessage;
+
+async fn one_backend_env() -> TestEnv {
+    TestEnv::start_with(|c| {
+        c.pool.mode = PoolMode::Transaction;
+        c.pool.pool_size = 1;
+        c.pool.checkout_timeout_ms = 5_000;
+    })
+    .await
+}
+
+fn frame(tag: u8, body: &[u8]) -> Vec<u8> {
+    let mut v = vec![tag];
+    v.extend_from_slice(&u32::try_from(body.len() + 4).unwrap().to_be_bytes());
+    v.extend_from_slice(body);
+    v
+}
+
+fn query(sql: &str) -> Vec<u8> {
+    let mut body = sql.as_bytes().to_vec();
+    body.push(0);
+    frame(b'Q', &body)
+}
+
+async fn value(c: &tokio_postgres::Client, sql: &str) -> String {
+    let rows = tokio::time::timeout(Duration::from_secs(10), c.simple_query(sql))
+        .await
+        .expect("no answer within 10 s: the backend is stuck")
+        .unwrap();
+    rows.iter()
+        .find_map(|m| match m {
+            SimpleQueryMessage::Row(r) => Some(r.get(0).unwrap_or("").to_owned()),
+            _ => None,
+        })
+        .expect("a row")
+}
+
+/// Defect 2: a Close answered by the proxy whose body (20 kB) is larger than the relay's
+/// buffer, sent inside an open transaction. The relay once consumed bytes that had not
+/// arrived and panicked, and the lease went back to the pool inside the transaction: the
+/// next client's autocommit query ran in the attacker's transaction.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_close_larger_than_the_relay_buffer_never_leaves_a_transaction_to_the_next_client() {
+    let env = one_backend_env().await;
+    let t = env.tenant_with_user("int-close").await;
+    let slug = t.slug.as_str();
+    let mut attacker = RawClient::connect(env.port(), slug, "app", "secret").await;
+    attacker.send(&query("BEGIN")).await;
+    let answers = attacker.until_ready().await;
+    assert_eq!(answers.last().unwrap().1, b"T");
+    let mut close = vec![b'S'];
+    close.extend_from_slice(b"s1\0");
+    close.resize(20_000, b'x');
+    let mut bytes = frame(b'C', &close);
+    bytes.extend(frame(b'S', b""));
+    attacker.send(&bytes).await;
+    let answers = tokio::time::timeout(Duration::from_secs(5), attacker.until_ready())
+        .await
+        .expect("the proxy answers a large Close");
+    assert_eq!(answers.first().unwrap().0, b'3', "CloseComplete first");
+    assert_eq!(answers.last().unwrap().1, b"T", "still in the transaction");
+    drop(attacker);
+
+    let next = env.app(slug).await;
+    // In a transaction of its own, a statement starts when its transaction does.
+    assert_eq!(
+        value(&next, "SELECT now() = statement_timestamp()").await,
+        "t"
+    );
+}
+
+/// Defect 3: a client sends a query and the first 100 bytes of a 5,000-byte CopyData, waits
+/// for ReadyForQuery and hangs up. Returned to the pool, the backend would swallow the next
+/// client's query as the rest of that message and never answer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_leaves_mid_message_never_hands_its_backend_on() {
+    let env = one_backend_env().await;
+    let t = env.tenant_with_user("int-half").await;
+    let slug = t.slug.as_str();
+    let mut attacker = RawClient::connect(env.port(), slug, "app", "secret").await;
+    let mut bytes = query("SELECT 1");
+    let copy_data = frame(b'd', &[b'z'; 5_000]);
+    bytes.extend_from_slice(&copy_data[..100]);
+    attacker.send(&bytes).await;
+    let answers = attacker.until_ready().await;
+    assert_eq!(answers.last().unwrap().0, b'Z');
+    drop(attacker);
+
+    let next = env.app(slug).await;
+    assert_eq!(value(&next, "SELECT 41 + 1").await, "42");
+    assert_eq!(
+        value(&next, "SELECT 'still in step'").await,
+        "still in step"
+    );
+}
+
+/// Defect 4: session state left by paths no CommandComplete tag shows. Each is run by one
+/// client and looked for by the next, on the same backend.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_session_state_reaches_the_next_client_by_any_path() {
+    let env = one_backend_env().await;
+    let t = env.tenant_with_user("int-state").await;
+    let slug = t.slug.as_str();
+    let setup = env.app(slug).await;
+    setup
+        .batch_execute(
+            "CREATE FUNCTION make_temp() RETURNS void LANGUAGE plpgsql AS \
+             $$ BEGIN CREATE TEMP TABLE made_in_function (x int); END $$; \
+             CREATE FUNCTION set_quietly() RETURNS trigger LANGUAGE plpgsql AS \
+             $$ BEGIN PERFORM set_config('work_mem', '9MB', false); RETURN NEW; END $$; \
+             CREATE TABLE touched (x int); \
+             CREATE TRIGGER quietly BEFORE INSERT ON touched FOR EACH ROW EXECUTE FUNCTION set_quietly()",
+        )
+        .await
+        .unwrap();
+    drop(setup);
+    let leaks: &[(&str, &str, &str)] = &[
+        (
+            "SELECT set_config('search_path', 'leaky,public', false)",
+            "SHOW search_path",
+            "\"$user\", public",
+        ),
+        (
+            "DO $$ BEGIN PERFORM set_config('application_name', 'leaky', false); END $$",
+            "SHOW application_name",
+            "",
+        ),
+        (
+            "CREATE TEMP TABLE t AS SELECT 1",
+            "SELECT count(*) FROM pg_class WHERE relpersistence = 't'",
+            "0",
+        ),
+        (
+            "SELECT 1 AS x INTO TEMP u",
+            "SELECT count(*) FROM pg_class WHERE relpersistence = 't'",
+            "0",
+        ),
+        (
+            "SELECT make_temp()",
+            "SELECT count(*) FROM pg_class WHERE relpersistence = 't'",
+            "0",
+        ),
+        (
+            "SELECT set_config('role', current_user, false)",
+            "SELECT current_setting('role')",
+            "none",
+        ),
+        ("INSERT INTO touched VALUES (1)", "SHOW work_mem", "4MB"),
+        (
+            "DO $$ BEGIN EXECUTE 'LISTEN leaky'; END $$",
+            "SELECT count(*) FROM pg_listening_channels()",
+            "0",
+        ),
+        (
+            "SELECT pg_advisory_lock(42)",
+            "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND pid = pg_backend_pid()",
+            "0",
+        ),
+        (
+            "DECLARE held CURSOR WITH HOLD FOR SELECT 1",
+            "SELECT count(*) FROM pg_cursors",
+            "0",
+        ),
+        (
+            "PREPARE mine AS SELECT 1",
+            "SELECT count(*) FROM pg_prepared_statements WHERE name = 'mine'",
+            "0",
+        ),
+    ];
+    for (leave, look, clean) in leaks {
+        let first = env.app(slug).await;
+        first.batch_execute(leave).await.unwrap();
+        let pid = value(&first, "SELECT pg_backend_pid()").await;
+        let second = env.app(slug).await;
+        assert_eq!(value(&second, "SELECT pg_backend_pid()").await, pid);
+        assert_eq!(&value(&second, look).await, clean, "after {leave}");
+    }
+}
+
+/// Defect 5: a client that runs `SELECT 1; DEALLOCATE ALL` drops the shared `tg_` statements
+/// from its backend; later clients (and itself) must not get 26000 for them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deallocate_in_any_form_never_breaks_the_shared_statements() {
+    let env = one_backend_env().await;
+    let t = env.tenant_with_user("int-dealloc").await;
+    let slug = t.slug.as_str();
+    let a = env.app(slug).await;
+    let b = env.app(slug).await;
+    let sa = a.prepare("SELECT $1::int4 + 1").await.unwrap();
+    let sb = b.prepare("SELECT $1::int4 + 1").await.unwrap();
+    assert_eq!(
+        a.query_one(&sa, &[&1i32]).await.unwrap().get::<_, i32>(0),
+        2
+    );
+    assert_eq!(
+        b.query_one(&sb, &[&2i32]).await.unwrap().get::<_, i32>(0),
+        3
+    );
+    for dealloc in [
+        "SELECT 1; DEALLOCATE ALL",
+        "DO $$ BEGIN EXECUTE 'DEALLOCATE ALL'; END $$",
+        "DISCARD ALL",
+    ] {
+        let c = env.app(slug).await;
+        let sc = c.prepare("SELECT $1::int4 + 1").await.unwrap();
+        c.simple_query(dealloc).await.unwrap();
+        // The same client, straight after, on the same backend.
+        assert_eq!(
+            c.query_one(&sc, &[&3i32]).await.unwrap().get::<_, i32>(0),
+            4
+        );
+        c.simple_query(dealloc).await.unwrap();
+        for (client, statement) in [(&a, &sa), (&b, &sb)] {
+            let row = client.query_one(statement, &[&5i32]).await;
+            assert_eq!(row.unwrap().get::<_, i32>(0), 6, "after {dealloc}");
+        }
+    }
+}
+
+/// Defect 5: a shared statement prepared before a DDL. A client that prepares the same text
+/// after the change (the client that prepared it first, or another) must get what a direct
+/// connection gets, not the old statement's `cached plan must not change result type`
+/// (0A000) or `cache lookup failed` (XX000).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_statement_prepared_after_a_ddl_sees_the_new_definition() {
+    let env = one_backend_env().await;
+    let t = env.tenant_with_user("int-ddl").await;
+    let slug = t.slug.as_str();
+    // Schema changes come from a direct connection, as a migration would.
+    let direct = common::admin_client(&t.database).await;
+    direct
+        .batch_execute(&format!(
+            "CREATE TABLE shifting (x int); INSERT INTO shifting VALUES (1); \
+             ALTER TABLE shifting OWNER TO {}",
+            t.backend_role
+        ))
+        .await
+        .unwrap();
+    let a = env.app(slug).await;
+    let old = a.prepare("SELECT * FROM shifting").await.unwrap();
+    assert_eq!(a.query(&old, &[]).await.unwrap().len(), 1);
+    direct
+        .batch_execute("ALTER TABLE shifting ADD COLUMN y int DEFAULT 7")
+        .await
+        .unwrap();
+    // The same client prepares the text again: on its own backend, as a direct client.
+    let again = a.prepare("SELECT * FROM shifting").await.unwrap();
+    let rows = a.query(&again, &[]).await.unwrap();
+    assert_eq!((rows[0].len(), rows[0].get::<_, i32>(1)), (2, 7));
+    // Another client, after another change.
+    direct
+        .batch_execute("ALTER TABLE shifting ADD COLUMN z int DEFAULT 8")
+        .await
+        .unwrap();
+    let c = env.app(slug).await;
+    let fresh = c.prepare("SELECT * FROM shifting").await.unwrap();
+    let rows = c.query(&fresh, &[]).await.unwrap();
+    assert_eq!((rows[0].len(), rows[0].get::<_, i32>(2)), (3, 8));
+    // The statement prepared before the changes: on a direct connection it gets 0A000; here
+    // the shared statement was prepared again for the others, so it may get the new shape
+    // (its driver refuses the extra columns). An error at most, never a hang.
+    let stale = tokio::time::timeout(Duration::from_secs(10), a.query(&old, &[])).await;
+    assert!(stale.is_ok(), "a stale statement hangs");
+}
