@@ -329,6 +329,12 @@ where
     // The client's startup settings were accepted by a backend once: from then on they are
     // sent in the same write as its transaction instead of a round trip before it.
     let mut settings_accepted = settings.is_empty();
+    let mut settings_message = BytesMut::new();
+    if let Some(sql) = settings::settings_query(settings) {
+        messages::query(&mut settings_message, &sql);
+    }
+    // Reused for every transaction: no allocation per transaction once warm.
+    let mut responses = Responses::default();
     loop {
         let waited = tokio::select! {
             waited = buffers.wait_for_client(client, ctx.stats) => waited?,
@@ -346,9 +352,16 @@ where
         // database or a rotated password), not as it was at login.
         let tenant = watch.tenant();
         let mut lease = checkout(ctx, tenant, settings).await?;
-        let mut responses = Responses::default();
+        responses.clear();
         if settings_accepted {
-            send_setup(lease.conn(), ctx.client_id, settings, &mut responses).await?;
+            send_setup(
+                lease.conn(),
+                ctx.client_id,
+                settings,
+                &settings_message,
+                buffers,
+                &mut responses,
+            );
         } else {
             prepare(lease.conn(), ctx.client_id, settings, ctx.reset_timeout).await?;
             accepted(&lease, settings);
@@ -462,31 +475,34 @@ fn cancel_target(backend: &BackendConn) -> CancelTarget {
 /// PostgreSQL 15: 150k/s against 23k/s), and only it also drops SQL-level `PREPARE`d
 /// statements and cursors WITH HOLD. It drops the shared `tg_` statements too: the
 /// backend's statement cache is emptied with it and they are prepared again when used.
-fn setup_queries(
+fn needed_setup(
     backend: &BackendConn,
     client_id: u64,
     settings: &[(String, String)],
-) -> Vec<String> {
-    let mut queries = Vec::new();
+) -> Option<Setup> {
     if backend.owner == client_id && !backend.needs_reset {
-        return queries;
+        return None;
     }
     let reset = backend.owner != 0 || backend.needs_reset;
     let in_effect: &[(String, String)] = if reset {
-        queries.push("DISCARD ALL".to_owned());
         &backend.startup_settings
     } else {
         &backend.applied
     };
-    if in_effect != settings {
-        if let Some(set) = settings::settings_query(settings) {
-            queries.push(set);
-        }
-    }
-    queries
+    let settings = in_effect != settings && !settings.is_empty();
+    (reset || settings).then_some(Setup { reset, settings })
 }
 
-/// Records on `backend` that the queries of `setup_queries` were sent (or ran).
+/// What a backend needs before it serves a client: see [`needed_setup`].
+#[derive(Debug, Clone, Copy)]
+struct Setup {
+    /// `DISCARD ALL` first.
+    reset: bool,
+    /// Then the client's settings.
+    settings: bool,
+}
+
+/// Records on `backend` that the setup of `needed_setup` was sent (or ran).
 fn setup_done(
     backend: &mut BackendConn,
     client_id: u64,
@@ -501,33 +517,35 @@ fn setup_done(
     backend.owner = client_id;
 }
 
-/// Transaction pooling: writes what `backend` needs before it serves `client_id` (the reset,
-/// the client's settings) without waiting for the answers; the relay swallows them through
-/// their ReadyForQuery (`Responses`), so switching clients costs no round trip. Their
-/// ParameterStatus messages are swallowed too: the client already has the values that match
-/// its own settings.
-async fn send_setup(
+/// The simple Query message `DISCARD ALL`.
+const DISCARD_ALL_MESSAGE: &[u8] = b"Q\0\0\0\x10DISCARD ALL\0";
+
+/// Transaction pooling: queues what `backend` needs before it serves `client_id` (the reset,
+/// the client's settings: `settings_message`, made once per client) ahead of the client's
+/// bytes, to leave in the same write; the relay swallows the answers through their
+/// ReadyForQuery (`Responses`), so switching clients costs no round trip and no allocation.
+/// Their ParameterStatus messages are swallowed too: the client already has the values that
+/// match its own settings.
+fn send_setup(
     backend: &mut BackendConn,
     client_id: u64,
     settings: &[(String, String)],
+    settings_message: &[u8],
+    buffers: &mut RelayBuffers,
     responses: &mut Responses,
-) -> Result<(), SessionError> {
-    let queries = setup_queries(backend, client_id, settings);
-    if queries.is_empty() {
-        return Ok(());
-    }
-    let reset = queries.first().is_some_and(|q| q == "DISCARD ALL");
-    let mut out = BytesMut::new();
-    for sql in &queries {
-        messages::query(&mut out, sql);
+) {
+    let Some(setup) = needed_setup(backend, client_id, settings) else {
+        return;
+    };
+    if setup.reset {
+        buffers.send_first(DISCARD_ALL_MESSAGE);
         responses.expect_setup();
     }
-    backend
-        .send_setup(&out)
-        .await
-        .map_err(SessionError::Backend)?;
-    setup_done(backend, client_id, settings, reset);
-    Ok(())
+    if setup.settings {
+        buffers.send_first(settings_message);
+        responses.expect_setup();
+    }
+    setup_done(backend, client_id, settings, setup.reset);
 }
 
 /// Makes `backend` ready for `client_id` with a round trip per query (session pooling, and
@@ -539,20 +557,23 @@ async fn prepare(
     settings: &[(String, String)],
     timeout: Duration,
 ) -> Result<(), SessionError> {
-    let queries = setup_queries(backend, client_id, settings);
-    let reset = queries.first().is_some_and(|q| q == "DISCARD ALL");
-    for sql in &queries {
-        if let SetupOutcome::Failed(err) = backend.run_setup_query(sql, timeout).await? {
-            // The backend may now carry part of the settings: never reuse it.
+    let Some(setup) = needed_setup(backend, client_id, settings) else {
+        return Ok(());
+    };
+    if setup.reset {
+        if let SetupOutcome::Failed(err) = backend.run_setup_query("DISCARD ALL", timeout).await? {
             backend.broken = true;
-            return Err(if sql == "DISCARD ALL" {
-                SessionError::Backend(BackendError::Refused(err))
-            } else {
-                SessionError::SettingRejected(err)
-            });
+            return Err(SessionError::Backend(BackendError::Refused(err)));
         }
     }
-    setup_done(backend, client_id, settings, reset);
+    if let Some(sql) = settings::settings_query(settings).filter(|_| setup.settings) {
+        if let SetupOutcome::Failed(err) = backend.run_setup_query(&sql, timeout).await? {
+            // The backend may now carry part of the settings: never reuse it.
+            backend.broken = true;
+            return Err(SessionError::SettingRejected(err));
+        }
+    }
+    setup_done(backend, client_id, settings, setup.reset);
     Ok(())
 }
 
@@ -616,5 +637,17 @@ async fn release_clean(lease: &mut Lease, timeout: Duration) {
         Err(e) => {
             tracing::warn!(error = %e, "backend reset failed; closing it");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_reset_message_is_a_simple_query() {
+        let mut made = BytesMut::new();
+        messages::query(&mut made, "DISCARD ALL");
+        assert_eq!(&made[..], DISCARD_ALL_MESSAGE);
     }
 }

@@ -542,6 +542,13 @@ impl Responses {
         )
     }
 
+    /// Forgets everything, keeping the queue's memory: a new transaction starts.
+    pub fn clear(&mut self) {
+        self.queue.clear();
+        self.setup_failed = false;
+        self.statements_suspect = false;
+    }
+
     /// A setup query was sent ahead of the client's messages: swallow its answer.
     pub fn expect_setup(&mut self) {
         self.queue.push_back(Expect::Setup);
