@@ -291,6 +291,53 @@ impl TenantPool {
     }
 }
 
+type Pooled = bb8::PooledConnection<'static, BackendManager>;
+
+/// A connection of `pool` the server has not closed. A connection the server closed while it
+/// sat idle (pg_terminate_backend, a restart, an idle timeout on the server) is closed here
+/// and another taken; the client never sees it. Checking costs no round trip: an idle
+/// PostgreSQL backend sends nothing, so any byte or EOF on an idle socket means it is gone.
+async fn alive_connection(pool: &TenantPool, slug: &TenantSlug) -> Result<Pooled, PoolError> {
+    // Each dead connection found leaves the pool, so this ends; the bound only guards
+    // against a server that closes every new connection at once.
+    for _ in 0..=pool.limits.pool_size.saturating_add(1) {
+        let mut conn = pooled_connection(pool, slug).await?;
+        if !conn.peer_gone() {
+            return Ok(conn);
+        }
+        tracing::debug!(tenant = %slug, backend_pid = conn.pid, "idle backend connection was closed by the server; taking another");
+        conn.broken = true;
+    }
+    Err(PoolError::Backend {
+        slug: slug.clone(),
+        source: Arc::new(BackendError::Closed),
+    })
+}
+
+/// One connection from bb8: an idle one, or a new one. A failed connect fails at once with
+/// the backend's reason (bb8 alone would let the caller wait out the checkout timeout).
+async fn pooled_connection(pool: &TenantPool, slug: &TenantSlug) -> Result<Pooled, PoolError> {
+    // Subscribe before asking, so a failure of the connect our request starts is seen.
+    let mut errors = pool.connect_errors.0.subscribe();
+    let checkout = tokio::select! {
+        biased;
+        checkout = pool.pool.get_owned() => checkout,
+        Ok(source) = errors.recv() => {
+            return Err(PoolError::Backend { slug: slug.clone(), source });
+        }
+    };
+    checkout.map_err(|e| match e {
+        bb8::RunError::TimedOut => PoolError::CheckoutTimeout {
+            slug: slug.clone(),
+            waited: Duration::from_millis(pool.limits.checkout_timeout_ms),
+        },
+        bb8::RunError::User(source) => PoolError::Backend {
+            slug: slug.clone(),
+            source: Arc::new(source),
+        },
+    })
+}
+
 /// A checked-out backend connection. Dropping it closes the connection unless its holder
 /// proved it reusable first ([`Lease::reusable`]): alive, clean and at a message boundary
 /// (DESIGN §4a). An early return, a `?`, a cancelled future or a panic in the holder all
@@ -662,26 +709,7 @@ impl PoolMap {
         // The semaphore is never closed.
         let turn = turn.map_err(|_| timed_out())?.map_err(|_| timed_out())?;
         pool.last_used_ms.store(self.now_ms(), Ordering::Relaxed);
-        // Subscribe before asking, so a failure of the connect our request starts is seen.
-        let mut errors = pool.connect_errors.0.subscribe();
-        let checkout = tokio::select! {
-            biased;
-            checkout = pool.pool.get_owned() => checkout,
-            Ok(source) = errors.recv() => {
-                return Err(PoolError::Backend { slug: tenant.slug.clone(), source });
-            }
-        };
-        let conn = match checkout {
-            Ok(conn) => conn,
-            Err(bb8::RunError::TimedOut) => return Err(timed_out()),
-            Err(bb8::RunError::User(source)) => {
-                return Err(PoolError::Backend {
-                    slug: tenant.slug.clone(),
-                    source: Arc::new(source),
-                });
-            }
-        };
-        let conn = self.alive(&pool, conn, &tenant.slug).await?;
+        let conn = alive_connection(&pool, &tenant.slug).await?;
         pool.remember_params(&conn);
         Ok(Lease {
             conn,
@@ -692,48 +720,6 @@ impl PoolMap {
                 pool: Arc::downgrade(&pool),
             },
             proven: false,
-        })
-    }
-
-    /// `conn`, or another connection of the pool if the server closed `conn` while it sat
-    /// idle (pg_terminate_backend, a restart, an idle timeout on the server): such a
-    /// connection is closed here and the client never sees it. Checking costs no round trip:
-    /// a PostgreSQL backend that is idle sends nothing, so any byte or EOF on an idle socket
-    /// means it is gone.
-    async fn alive(
-        &self,
-        pool: &TenantPool,
-        mut conn: bb8::PooledConnection<'static, BackendManager>,
-        slug: &TenantSlug,
-    ) -> Result<bb8::PooledConnection<'static, BackendManager>, PoolError> {
-        // Each dead connection found leaves the pool, so this ends; the bound only guards
-        // against a server that closes every new connection at once.
-        for _ in 0..=pool.limits.pool_size.saturating_add(1) {
-            if !conn.peer_gone() {
-                return Ok(conn);
-            }
-            tracing::debug!(tenant = %slug, backend_pid = conn.pid, "idle backend connection was closed by the server; taking another");
-            conn.broken = true;
-            drop(conn);
-            conn = match pool.pool.get_owned().await {
-                Ok(conn) => conn,
-                Err(bb8::RunError::TimedOut) => {
-                    return Err(PoolError::CheckoutTimeout {
-                        slug: slug.clone(),
-                        waited: Duration::from_millis(pool.limits.checkout_timeout_ms),
-                    });
-                }
-                Err(bb8::RunError::User(source)) => {
-                    return Err(PoolError::Backend {
-                        slug: slug.clone(),
-                        source: Arc::new(source),
-                    });
-                }
-            };
-        }
-        Err(PoolError::Backend {
-            slug: slug.clone(),
-            source: Arc::new(BackendError::Closed),
         })
     }
 
