@@ -364,6 +364,29 @@ mod tests {
     }
 
     #[test]
+    fn a_splice_never_consumes_bytes_that_have_not_arrived() {
+        // Issue 11: a 20 kB Close answered by the proxy, of which only a prefix is here.
+        let whole = frame(b'C', &vec![b'x'; 20_000]);
+        let run = &whole[..16 * 1024];
+        let mut scanner = FrameScanner::new(1 << 20);
+        let scanned = scanner
+            .scan(run, |head| Scan::Splice {
+                consume: HEADER_BYTES + head.body_len,
+            })
+            .unwrap();
+        let splice = scanned.splice.unwrap();
+        assert_eq!(splice.consume, run.len());
+        assert_eq!(splice.discard, whole.len() - run.len());
+        assert_eq!(splice.rest, 0);
+        // A prefix splice of a frame that is here is unchanged.
+        let mut scanner = FrameScanner::new(1 << 20);
+        let scanned = scanner.scan(run, |_| Scan::Splice { consume: 10 }).unwrap();
+        let splice = scanned.splice.unwrap();
+        assert_eq!((splice.consume, splice.discard), (10, 0));
+        assert_eq!(splice.rest, whole.len() - 10);
+    }
+
+    #[test]
     fn stop_after_includes_the_frame_even_when_split() {
         let mut s = frame(b'C', b"SELECT 1\0");
         s.extend(frame(b'Z', b"I"));
