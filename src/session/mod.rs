@@ -340,7 +340,7 @@ where
         // The tenant as the registry says now (a long-lived client must follow a moved
         // database or a rotated password), not as it was at login.
         let tenant = watch.tenant();
-        let mut lease = ctx.pools.checkout(&tenant).await?;
+        let mut lease = ctx.pools.checkout(tenant).await?;
         let backend = lease.conn();
         let mut responses = Responses::default();
         if settings_accepted {
