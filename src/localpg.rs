@@ -761,7 +761,9 @@ impl LocalPg {
         )
     }
 
-    /// Fast shutdown; waits for the server to exit. Idempotent.
+    /// Fast shutdown; waits for the server to exit (its process gone, so its
+    /// `postmaster.pid` is gone too and the data directory can be started
+    /// again at once). Idempotent.
     ///
     /// # Errors
     ///
@@ -773,6 +775,22 @@ impl LocalPg {
         let Some(mut child) = self.watchdog.take() else {
             return Ok(());
         };
+        let stopped = self.stop_watchdog(&mut child);
+        // The watchdog normally outlives the server, but not always: runuser, sent
+        // SIGTERM, kills its shell after 2 s and exits while the server may still be
+        // shutting down (it got SIGINT). Until the server is gone its postmaster.pid
+        // stays, and a new start on this data directory fails.
+        let left = if stopped.is_ok() {
+            STOP_TIMEOUT
+        } else {
+            Duration::from_secs(5)
+        };
+        let server_stopped = self.wait_server_exit(left);
+        stopped.and(server_stopped)
+    }
+
+    /// Waits for the watchdog to exit, escalating after [`STOP_TIMEOUT`].
+    fn stop_watchdog(&self, child: &mut Child) -> Result<(), LocalPgError> {
         let wait =
             |child: &mut Child, timeout: Duration| -> Result<Option<ExitStatus>, LocalPgError> {
                 let until = Instant::now() + timeout;
@@ -789,7 +807,7 @@ impl LocalPg {
                     std::thread::sleep(Duration::from_millis(20));
                 }
             };
-        if let Some(status) = wait(&mut child, STOP_TIMEOUT)? {
+        if let Some(status) = wait(child, STOP_TIMEOUT)? {
             if !status.success() {
                 tracing::warn!(status = %describe_status(status), log = %self.log_file.display(),
                     "local PostgreSQL exited unsuccessfully");
@@ -805,7 +823,7 @@ impl LocalPg {
                 .stderr(Stdio::null())
                 .status(),
         );
-        if wait(&mut child, Duration::from_secs(5))?.is_none() {
+        if wait(child, Duration::from_secs(5))?.is_none() {
             drop(child.kill());
             drop(child.wait());
         }
@@ -813,6 +831,48 @@ impl LocalPg {
             data_dir: self.data_dir.clone(),
             timeout: STOP_TIMEOUT,
         })
+    }
+
+    /// Waits (at most `timeout`, then an immediate shutdown and 5 s more) until
+    /// the server has exited.
+    fn wait_server_exit(&self, timeout: Duration) -> Result<(), LocalPgError> {
+        let exited_within = |timeout: Duration| {
+            let until = Instant::now() + timeout;
+            while self.server_running() {
+                if Instant::now() >= until {
+                    return false;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            true
+        };
+        if exited_within(timeout) {
+            return Ok(());
+        }
+        tracing::warn!(pid = self.server_pid, data_dir = %self.data_dir.display(),
+            "local PostgreSQL still running after its watchdog exited, requesting immediate shutdown");
+        // SIGQUIT is PostgreSQL's immediate shutdown.
+        drop(
+            Command::new("kill")
+                .args(["-QUIT", &self.server_pid.to_string()])
+                .stderr(Stdio::null())
+                .status(),
+        );
+        exited_within(Duration::from_secs(5));
+        Err(LocalPgError::StopTimeout {
+            data_dir: self.data_dir.clone(),
+            timeout,
+        })
+    }
+
+    /// Whether our server still runs: its process is alive and `postmaster.pid`
+    /// names it (the pid alone may belong to another process by now). The
+    /// server removes `postmaster.pid` as it exits, after closing its ports.
+    fn server_running(&self) -> bool {
+        // 0: the pid was never learnt.
+        self.server_pid != 0
+            && pid_file_names(&self.data_dir.join("postmaster.pid"), self.server_pid)
+            && !process_exited(self.server_pid)
     }
 }
 
@@ -910,6 +970,35 @@ fn socket_dir_for(data_dir: &Path) -> Option<PathBuf> {
         .bytes()
         .all(|b| b.is_ascii_alphanumeric() || b"/._-+@".contains(&b));
     (plain && s.len() <= MAX_SOCKET_DIR_LEN).then(|| data_dir.to_path_buf())
+}
+
+/// Whether process `pid` has exited: gone, or a zombie its parent has not
+/// reaped yet.
+fn process_exited(pid: u32) -> bool {
+    match fs::read_to_string(format!("/proc/{pid}/stat")) {
+        // The state follows the command name, which is in parentheses.
+        Ok(stat) => stat
+            .rsplit_once(')')
+            .and_then(|(_, rest)| rest.trim_start().chars().next())
+            .is_some_and(|state| state == 'Z' || state == 'X'),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => true,
+        // No procfs: kill -0 says whether the process exists.
+        Err(_) => !Command::new("kill")
+            .args(["-0", &pid.to_string()])
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|status| status.success()),
+    }
+}
+
+/// `postmaster.pid` exists and names `pid` (its first line).
+fn pid_file_names(pid_file: &Path, pid: u32) -> bool {
+    fs::read_to_string(pid_file).is_ok_and(|text| {
+        text.lines()
+            .next()
+            .and_then(|l| l.trim().parse::<u32>().ok())
+            == Some(pid)
+    })
 }
 
 /// `postmaster.pid` names our server and says `ready` (line 8, `PostgreSQL` 10+).

@@ -4,8 +4,10 @@
 //! First run: creates DIR (default `./.tenantgate`), a master key file, a PostgreSQL cluster on
 //! a free loopback port, the registry database, and `DIR/tenantgate.toml` describing all of it;
 //! then provisions `acme` and `globex`, each with a user and a small table. Later runs reuse DIR
-//! and load `DIR/tenantgate.toml` as it is, so edits to it are honoured. Ctrl-C or SIGTERM stops
-//! the proxy and the private PostgreSQL. Not for production: the cluster runs with fsync off.
+//! and load `DIR/tenantgate.toml` as it is, so edits to it are honoured. Ctrl-C or SIGTERM, at
+//! any point, stops the proxy and the private PostgreSQL, and tenantgate exits only once that
+//! PostgreSQL has, so a new run on DIR can start at once. Not for production: the cluster runs
+//! with fsync off.
 //!
 //! With `--tls`, clients must use TLS (`tls.mode = "require"` unless the config file sets a
 //! mode) with a self-signed certificate for `localhost` and `127.0.0.1`, generated once into
@@ -20,7 +22,9 @@ use std::str::FromStr;
 use std::time::Duration;
 
 use anyhow::{Context as _, bail};
+use futures_util::FutureExt as _;
 use postgres_protocol::escape::escape_identifier;
+use tokio::signal::unix::{Signal, SignalKind, signal};
 use tokio_postgres::NoTls;
 
 use crate::config::{Config, Overrides, TlsOverride};
@@ -40,6 +44,9 @@ const ADMIN_PASSWORD_FILE: &str = "admin-password.txt";
 /// The self-signed certificate and key of `--tls`.
 const CERT_FILE: &str = "server.crt";
 const KEY_FILE: &str = "server.key";
+
+/// How long after a failed start-up step a Ctrl-C may still arrive and explain it.
+const STOP_SIGNAL_GRACE: Duration = Duration::from_millis(200);
 
 /// The demo tenants and their rows.
 const DEMO_TENANTS: &[(&str, &str, &[&str])] = &[
@@ -67,6 +74,7 @@ pub struct Options {
 
 /// Runs the quickstart until Ctrl-C or SIGTERM.
 pub async fn run(options: Options) -> anyhow::Result<()> {
+    let mut signals = Signals::install()?;
     let dir = absolute(&options.dir)?;
     std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
     let config_path = dir.join(CONFIG_FILE);
@@ -99,24 +107,110 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
             .context("the quickstart config's server has no admin_password")?,
         ..LocalPgOptions::new(dir.join("pgdata"))
     };
-    let mut pg = tokio::task::spawn_blocking(move || LocalPg::start(pg_options))
+    // Starting cannot be abandoned halfway (the blocking task owns the cluster until it
+    // is up); a Ctrl-C meanwhile is acted on when it returns. A terminal's Ctrl-C also
+    // reaches PostgreSQL itself, so the start then usually fails: that is the stop asked for.
+    let started = tokio::task::spawn_blocking(move || LocalPg::start(pg_options))
         .await
-        .context("starting PostgreSQL")??;
-    let outcome = serve(&dir, config, &pg).await;
+        .context("starting PostgreSQL")?;
+    let mut pg = match started {
+        Ok(pg) => pg,
+        Err(e) if signals.stop_requested().await => {
+            tracing::info!(error = %e, "stopped while PostgreSQL was starting");
+            return Ok(());
+        }
+        Err(e) => return Err(e.into()),
+    };
+    let outcome = if signals.stop().now_or_never().is_some() {
+        tracing::info!("stopped while PostgreSQL was starting");
+        Ok(())
+    } else {
+        serve(&dir, config, &pg, &mut signals).await
+    };
+    // Returns once the server process is gone (and its postmaster.pid with it), so a
+    // quickstart started right after this one exits finds the data directory free.
     let stopped = tokio::task::spawn_blocking(move || pg.stop()).await;
     outcome?;
     stopped.context("stopping PostgreSQL")??;
     Ok(())
 }
 
-async fn serve(dir: &Path, config: Config, pg: &LocalPg) -> anyhow::Result<()> {
-    ensure_registry_database(pg).await?;
-    let key = MasterKey::load(&config.secrets)?;
-    let registry = Registry::connect(&config.registry).await?;
-    registry.migrate().await?;
-    let credentials = ensure_demo_tenants(dir, &config, &registry, &key).await?;
-    let admin_password = ensure_admin_user(dir, &registry).await?;
-    let proxy = Proxy::start(config.clone()).await?;
+/// The signals the quickstart obeys, registered before anything starts: without a handler,
+/// a Ctrl-C during start-up (or before the wait for it began) ended tenantgate at once and
+/// left its PostgreSQL shutting down, and a quickstart run right after failed on
+/// `postmaster.pid` (defect 7).
+struct Signals {
+    interrupt: Signal,
+    terminate: Signal,
+    hangup: Signal,
+}
+
+impl Signals {
+    fn install() -> anyhow::Result<Signals> {
+        Ok(Signals {
+            interrupt: signal(SignalKind::interrupt()).context("handling SIGINT")?,
+            terminate: signal(SignalKind::terminate()).context("handling SIGTERM")?,
+            hangup: signal(SignalKind::hangup()).context("handling SIGHUP")?,
+        })
+    }
+
+    /// Resolves at Ctrl-C (SIGINT) or SIGTERM.
+    async fn stop(&mut self) {
+        tokio::select! {
+            _ = self.interrupt.recv() => {}
+            _ = self.terminate.recv() => {}
+        }
+    }
+
+    /// After a start-up step failed: whether Ctrl-C or SIGTERM arrived, and so caused it. A
+    /// terminal's Ctrl-C reaches PostgreSQL too, and its reset connections may be seen
+    /// before the signal is, hence the short wait.
+    async fn stop_requested(&mut self) -> bool {
+        tokio::time::timeout(STOP_SIGNAL_GRACE, self.stop())
+            .await
+            .is_ok()
+    }
+
+    /// Waits for Ctrl-C or SIGTERM; SIGHUP meanwhile reloads the config and TLS files, as
+    /// `tenantgate serve` does.
+    async fn serve_until_stop(&mut self, proxy: &Proxy) {
+        loop {
+            tokio::select! {
+                _ = self.interrupt.recv() => return,
+                _ = self.terminate.recv() => return,
+                _ = self.hangup.recv() => match proxy.reload("signal:SIGHUP").await {
+                    Ok(summary) => tracing::info!("SIGHUP: {summary}"),
+                    Err(e) => tracing::error!("SIGHUP: {e}"),
+                },
+            }
+        }
+    }
+}
+
+async fn serve(
+    dir: &Path,
+    config: Config,
+    pg: &LocalPg,
+    signals: &mut Signals,
+) -> anyhow::Result<()> {
+    let Ready {
+        proxy,
+        credentials,
+        admin_password,
+    } = tokio::select! {
+        ready = set_up(dir, &config, pg) => match ready {
+            Ok(ready) => ready,
+            Err(e) if signals.stop_requested().await => {
+                tracing::info!(error = %e, "stopped before the proxy was ready");
+                return Ok(());
+            }
+            Err(e) => return Err(e),
+        },
+        () = signals.stop() => {
+            tracing::info!("stopped before the proxy was ready");
+            return Ok(());
+        }
+    };
     let addr = proxy.local_addr();
 
     // Under `allow` plaintext would work too; show the TLS form whenever TLS is on.
@@ -159,7 +253,7 @@ async fn serve(dir: &Path, config: Config, pg: &LocalPg) -> anyhow::Result<()> {
     out.flush()?;
     drop(out);
 
-    wait_for_signal(&proxy).await?;
+    signals.serve_until_stop(&proxy).await;
     tracing::info!("stopping");
     proxy
         .shutdown(Duration::from_secs(config.proxy.shutdown_grace_seconds))
@@ -167,22 +261,28 @@ async fn serve(dir: &Path, config: Config, pg: &LocalPg) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Waits for Ctrl-C or SIGTERM; SIGHUP meanwhile reloads the config and TLS files, as
-/// `tenantgate serve` does.
-async fn wait_for_signal(proxy: &Proxy) -> anyhow::Result<()> {
-    use tokio::signal::unix::{SignalKind, signal};
-    let mut term = signal(SignalKind::terminate())?;
-    let mut hangup = signal(SignalKind::hangup())?;
-    loop {
-        tokio::select! {
-            r = tokio::signal::ctrl_c() => return Ok(r?),
-            _ = term.recv() => return Ok(()),
-            _ = hangup.recv() => match proxy.reload("signal:SIGHUP").await {
-                Ok(summary) => tracing::info!("SIGHUP: {summary}"),
-                Err(e) => tracing::error!("SIGHUP: {e}"),
-            },
-        }
-    }
+/// A running proxy and the logins to print.
+struct Ready {
+    proxy: Proxy,
+    /// (slug, password) of each demo tenant's user.
+    credentials: Vec<(String, String)>,
+    admin_password: String,
+}
+
+/// Registry, demo tenants, admin user, then the proxy: what the ready line announces.
+async fn set_up(dir: &Path, config: &Config, pg: &LocalPg) -> anyhow::Result<Ready> {
+    ensure_registry_database(pg).await?;
+    let key = MasterKey::load(&config.secrets)?;
+    let registry = Registry::connect(&config.registry).await?;
+    registry.migrate().await?;
+    let credentials = ensure_demo_tenants(dir, config, &registry, &key).await?;
+    let admin_password = ensure_admin_user(dir, &registry).await?;
+    let proxy = Proxy::start(config.clone()).await?;
+    Ok(Ready {
+        proxy,
+        credentials,
+        admin_password,
+    })
 }
 
 /// `--tls`: TLS required (unless the config file chose a mode), with a self-signed certificate

@@ -203,6 +203,107 @@ fn quickstart_with_tls_prints_sslmode_require_uris_that_psql_uses() {
     drop(std::fs::remove_dir_all(&dir));
 }
 
+/// A quickstart in its own process group, as a shell runs a foreground job, so a Ctrl-C can
+/// be sent the way a terminal sends it: SIGINT to tenantgate, the watchdog and PostgreSQL
+/// at once. Its stdout and stderr (the log) lines arrive on the channel.
+#[allow(clippy::zombie_processes, reason = "the caller waits for it")]
+fn spawn_quickstart_job(dir: &Path) -> (Child, std::sync::mpsc::Receiver<String>) {
+    use std::os::unix::process::CommandExt as _;
+    let mut child = Command::new(BIN)
+        .args(["quickstart", "--dir"])
+        .arg(dir)
+        .args(["--listen", "127.0.0.1:0"])
+        .process_group(0)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let stdout = child.stdout.take().unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let out_tx = tx.clone();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            drop(out_tx.send(line));
+        }
+    });
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            drop(tx.send(line));
+        }
+    });
+    (child, rx)
+}
+
+/// Waits for a line containing `needle`; panics with the lines seen if the job ends first.
+fn wait_for_line(lines: &std::sync::mpsc::Receiver<String>, needle: &str) {
+    let deadline = Instant::now() + Duration::from_secs(90);
+    let mut seen = Vec::new();
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match lines.recv_timeout(left) {
+            Ok(line) if line.contains(needle) => return,
+            Ok(line) => seen.push(line),
+            Err(e) => panic!("no line with {needle:?} ({e}); the quickstart printed: {seen:#?}"),
+        }
+    }
+}
+
+/// Ctrl-C: SIGINT to the job's whole process group. Then the quickstart must exit by itself
+/// (exit 0, not killed by the signal) with its PostgreSQL gone.
+fn ctrl_c_and_wait(mut child: Child, dir: &Path) {
+    Command::new("kill")
+        .args(["-INT", "--", &format!("-{}", child.id())])
+        .status()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(40);
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "quickstart did not stop on Ctrl-C"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert!(
+        status.success(),
+        "quickstart ended with {status} on Ctrl-C, not by stopping"
+    );
+    assert!(
+        !dir.join("pgdata/postmaster.pid").exists(),
+        "quickstart exited before its PostgreSQL did"
+    );
+}
+
+/// Defect 7: Ctrl-C, then the quickstart again at once on the same directory, failed with
+/// `lock file "postmaster.pid" already exists`: tenantgate installed its Ctrl-C handler only
+/// once ready, so a Ctrl-C before that ended it at once while its PostgreSQL was still
+/// shutting down. Now it stops in order whenever the Ctrl-C comes and exits only after its
+/// PostgreSQL has.
+#[test]
+fn ctrl_c_at_any_point_stops_postgresql_first_so_an_immediate_rerun_starts() {
+    let dir = temp_dir("quickstart-ctrl-c");
+    // Ctrl-C as soon as it is ready.
+    let (child, lines) = spawn_quickstart_job(&dir);
+    wait_for_line(&lines, "press Ctrl-C to stop");
+    ctrl_c_and_wait(child, &dir);
+    // At once again, and Ctrl-C while it is still setting up (PostgreSQL is up, the
+    // registry and the demo tenants are being checked).
+    let (child, lines) = spawn_quickstart_job(&dir);
+    wait_for_line(&lines, "local PostgreSQL is ready");
+    ctrl_c_and_wait(child, &dir);
+    // At once again: it starts.
+    let (child, lines) = start_quickstart(&dir);
+    assert!(
+        lines.iter().any(|l| l.ends_with("/acme")),
+        "the demo tenants are listed again: {lines:?}"
+    );
+    stop(child);
+    drop(std::fs::remove_dir_all(&dir));
+}
+
 #[test]
 fn a_broken_config_is_one_line_naming_the_key_and_exit_code_2() {
     let dir = temp_dir("badconfig");

@@ -6,7 +6,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::{TestEnv, admin_client, eventually};
+use common::{TestEnv, admin_client, connect_str, eventually};
 use tenantgate::crypto::Secret;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -182,6 +182,74 @@ async fn cached_tenants_keep_working_while_the_registry_is_down_and_it_recovers_
     );
 }
 
+/// Issue 11: a NOTIFY sent while the change listener was disconnected is lost. After it
+/// reconnects, the running sessions of the tenants it knew must check their tenant again,
+/// or a tenant suspended during the outage keeps its clients for as long as they stay.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_suspension_missed_while_the_listener_was_away_still_closes_running_clients() {
+    let env = TestEnv::start_with(|c| c.proxy.suspend_grace_seconds = 1).await;
+    let t = env.tenant_with_user("missed").await;
+    let running = env.app(t.slug.as_str()).await;
+    running.simple_query("SELECT 1").await.unwrap();
+
+    let registry_db = env
+        .config
+        .registry
+        .url
+        .split_whitespace()
+        .find_map(|kv| kv.strip_prefix("dbname="))
+        .unwrap()
+        .to_owned();
+    assert!(
+        eventually(Duration::from_secs(5), || async {
+            listeners(&registry_db).await == 1
+        })
+        .await,
+        "the change listener never connected"
+    );
+    // This connection outlives the lockout below; the listener's does not.
+    let direct = connect_str(&env.config.registry.url).await.unwrap();
+    let admin = admin_client("postgres").await;
+    admin
+        .batch_execute(&format!(
+            "ALTER DATABASE {registry_db} ALLOW_CONNECTIONS false; \
+             SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+             WHERE datname = '{registry_db}' AND application_name = 'tenantgate-listener'"
+        ))
+        .await
+        .unwrap();
+    assert!(
+        eventually(Duration::from_secs(5), || async {
+            listeners(&registry_db).await == 0
+        })
+        .await,
+        "the change listener was not disconnected"
+    );
+    // Suspended while nobody listens: the NOTIFY goes nowhere.
+    direct
+        .execute(
+            "UPDATE tenants SET state = 'suspended', updated_at = now() WHERE slug = $1",
+            &[&t.slug.as_str()],
+        )
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(!running.is_closed(), "closed before the listener came back");
+    admin
+        .batch_execute(&format!(
+            "ALTER DATABASE {registry_db} ALLOW_CONNECTIONS true"
+        ))
+        .await
+        .unwrap();
+
+    // The listener reconnects (back-off at most 5 s), then the client goes after the grace.
+    let closed = eventually(Duration::from_secs(15), || async { running.is_closed() }).await;
+    assert!(
+        closed,
+        "a client of a tenant suspended while the listener was away stayed connected"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_tenants_plan_and_overrides_apply_and_a_plan_change_needs_no_restart() {
     let env = TestEnv::start_with(|c| {
@@ -234,6 +302,20 @@ async fn a_tenants_plan_and_overrides_apply_and_a_plan_change_needs_no_restart()
     .await;
     assert!(upgraded, "the plan change did not take effect");
     drop(holder);
+}
+
+/// Change listeners connected to `registry_db`.
+async fn listeners(registry_db: &str) -> i64 {
+    admin_client("postgres")
+        .await
+        .query_one(
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = $1 \
+             AND application_name = 'tenantgate-listener'",
+            &[&registry_db],
+        )
+        .await
+        .unwrap()
+        .get(0)
 }
 
 async fn show_statement_timeout(c: &tokio_postgres::Client) -> String {

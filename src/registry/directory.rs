@@ -4,11 +4,13 @@
 //! whole, small, domain cache on any change: a NOTIFY names the tenant, not the domain).
 //!
 //! Background loops: `spawn_change_listener` (one task; reconnects with a back-off while the
-//! registry is away, and drops the whole cache after each reconnect because NOTIFYs may have been
-//! missed). The cache TTL is only the safety net.
+//! registry is away, and after each reconnect drops the whole cache and has the sessions of every
+//! tenant served since start check their tenant again, because NOTIFYs may have been missed).
+//! The cache TTL is only the safety net.
 
+use std::collections::HashSet;
 use std::str::FromStr;
-use std::sync::Arc;
+use std::sync::{Arc, PoisonError};
 use std::time::{Duration, Instant};
 
 use futures_util::StreamExt;
@@ -36,6 +38,10 @@ pub struct TenantDirectory {
     domains: Cache<String, (Option<TenantSlug>, Instant)>,
     /// Slugs whose registry rows changed, for sessions that must react (suspension).
     changes: tokio::sync::broadcast::Sender<TenantSlug>,
+    /// Every tenant whose record was served since start, cached or not any more: a running
+    /// session's tenant is among them (its login looked it up), so after changes were missed
+    /// each can be announced. One slug per tenant that had a login, never a made-up one.
+    served: Arc<std::sync::Mutex<HashSet<TenantSlug>>>,
 }
 
 impl TenantDirectory {
@@ -66,7 +72,12 @@ impl TenantDirectory {
                 .time_to_live(kept)
                 .build(),
             changes: tokio::sync::broadcast::channel(1024).0,
+            served: Arc::default(),
         }
+    }
+
+    fn served(&self) -> std::sync::MutexGuard<'_, HashSet<TenantSlug>> {
+        self.served.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
     /// Slugs as their registry rows change. A receiver that lags past 1024 changes gets
@@ -101,6 +112,7 @@ impl TenantDirectory {
                 Ok(None) => {
                     self.records.invalidate(slug).await;
                     self.unknown.insert(slug.clone(), ()).await;
+                    self.served().remove(slug);
                     Ok(None)
                 }
                 Err(e) => {
@@ -124,9 +136,13 @@ impl TenantDirectory {
             })
             .await;
         match found {
-            Ok((record, _)) => Ok(Some(record)),
+            Ok((record, _)) => {
+                self.served().insert(slug.clone());
+                Ok(Some(record))
+            }
             Err(e) if matches!(*e, RegistryError::NoSuchTenant) => {
                 self.unknown.insert(slug.clone(), ()).await;
+                self.served().remove(slug);
                 Ok(None)
             }
             Err(e) => Err(RegistryError::Shared(e)),
@@ -233,6 +249,21 @@ impl TenantDirectory {
         self.domains.invalidate_all();
     }
 
+    /// Forgets everything after changes may have gone unannounced (the change listener was
+    /// disconnected), and announces every tenant served since start as changed: a running
+    /// session only re-reads its tenant when told, and a tenant suspended meanwhile must still
+    /// close its clients. The cache is no guide to which tenants have sessions: an entry
+    /// dropped by a change (or its TTL) is not read again until someone asks.
+    fn forget_missed_changes(&self) {
+        let served: Vec<TenantSlug> = self.served().iter().cloned().collect();
+        self.invalidate_all();
+        for slug in served {
+            // Nobody listening is fine. Past the channel's capacity sessions lag, and a
+            // session that lags re-checks its tenant anyway.
+            drop(self.changes.send(slug));
+        }
+    }
+
     /// Number of cached tenant records (after pending maintenance).
     pub async fn cached_records(&self) -> u64 {
         self.records.run_pending_tasks().await;
@@ -241,6 +272,7 @@ impl TenantDirectory {
 
     /// Puts a record in the cache directly (benchmarks and tests of the hot path).
     pub async fn prime(&self, record: TenantRecord) {
+        self.served().insert(record.slug.clone());
         self.records
             .insert(record.slug.clone(), (Arc::new(record), Instant::now()))
             .await;
@@ -254,16 +286,13 @@ pub fn spawn_change_listener(
     shutdown: CancellationToken,
 ) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
-        let mut backoff = Duration::from_millis(200);
+        let mut backoff = FIRST_RETRY;
         loop {
             tokio::select! {
                 () = shutdown.cancelled() => return,
-                result = listen_once(&url, &directory) => {
-                    match result {
-                        Ok(()) => backoff = Duration::from_millis(200),
-                        Err(e) => {
-                            tracing::warn!(error = %e, "registry change listener lost its connection; retrying");
-                        }
+                result = listen_once(&url, &directory, &mut backoff) => {
+                    if let Err(e) = result {
+                        tracing::warn!(error = %e, "registry change listener lost its connection; retrying");
                     }
                 }
             }
@@ -276,8 +305,17 @@ pub fn spawn_change_listener(
     })
 }
 
-/// One LISTEN session: returns when the connection ends.
-async fn listen_once(url: &str, directory: &TenantDirectory) -> Result<(), tokio_postgres::Error> {
+/// The first wait before reconnecting the change listener; it doubles up to 5 s while the
+/// registry stays away.
+const FIRST_RETRY: Duration = Duration::from_millis(200);
+
+/// One LISTEN session: returns when the connection ends. Once listening, `backoff` starts
+/// over, so the first retry after a long healthy session is quick.
+async fn listen_once(
+    url: &str,
+    directory: &TenantDirectory,
+    backoff: &mut Duration,
+) -> Result<(), tokio_postgres::Error> {
     let mut config = tokio_postgres::Config::from_str(url)?;
     config.connect_timeout(Duration::from_secs(5));
     config.application_name("tenantgate-listener");
@@ -301,8 +339,9 @@ async fn listen_once(url: &str, directory: &TenantDirectory) -> Result<(), tokio
     client
         .batch_execute(&format!("LISTEN {CHANGES_CHANNEL}"))
         .await?;
+    *backoff = FIRST_RETRY;
     // We may have missed changes while disconnected.
-    directory.invalidate_all();
+    directory.forget_missed_changes();
     tracing::debug!("listening for registry changes");
     while let Some(payload) = rx.recv().await {
         if let Some(slug) = TenantSlug::parse(&payload) {

@@ -1,12 +1,14 @@
 //! The registry: the PostgreSQL database that holds tenants, their users' SCRAM verifiers, state,
 //! plan and encrypted backend credentials.
 //!
-//! Moving parts: [`Registry`] (a small bb8 pool of tokio-postgres connections and the queries),
+//! Moving parts: [`Registry`] (the queries, over `connections`: a small bb8 pool of
+//! tokio-postgres connections that replaces the ones the registry closed),
 //! `migrate` (our own schema, applied at start-up), `directory` (the moka cache in front of it, and
 //! the background LISTEN loop that invalidates it when the registry changes). It also stores the
 //! usage each instance flushes (`tenant_usage`, [`UsageDelta`]).
 //! It must not forward client traffic.
 
+mod connections;
 mod credentials;
 mod directory;
 mod domains;
@@ -17,10 +19,9 @@ mod types;
 use std::str::FromStr;
 use std::time::Duration;
 
-use bb8_postgres::PostgresConnectionManager;
 use serde::{Deserialize, Serialize};
-use tokio_postgres::NoTls;
 
+use connections::{RegistryConn, RegistryPool, SharedError};
 pub use credentials::{AuthMethod, UserLogin};
 pub use directory::{CHANGES_CHANNEL, TenantDirectory, spawn_change_listener};
 pub use domains::{DomainError, normalize_domain};
@@ -86,9 +87,9 @@ pub enum RegistryError {
     #[error("registry query failed")]
     Query(#[from] tokio_postgres::Error),
     #[error("registry unavailable")]
-    Unavailable(#[source] bb8::RunError<tokio_postgres::Error>),
+    Unavailable(#[source] bb8::RunError<SharedError>),
     #[error("connecting to the registry failed")]
-    ConnectFailed(#[source] std::sync::Arc<tokio_postgres::Error>),
+    ConnectFailed(#[source] SharedError),
     #[error("registry row for tenant {slug} is invalid: {what}")]
     BadRow { slug: String, what: String },
     #[error("registry migration {version} ({name}) was changed after it was applied")]
@@ -135,8 +136,8 @@ impl ClientFacing for RegistryError {
     }
 }
 
-impl From<bb8::RunError<tokio_postgres::Error>> for RegistryError {
-    fn from(e: bb8::RunError<tokio_postgres::Error>) -> Self {
+impl From<bb8::RunError<SharedError>> for RegistryError {
+    fn from(e: bb8::RunError<SharedError>) -> Self {
         RegistryError::Unavailable(e)
     }
 }
@@ -193,26 +194,7 @@ pub struct UsageDelta {
 /// Handle to the registry database.
 #[derive(Clone)]
 pub struct Registry {
-    pool: bb8::Pool<PostgresConnectionManager<NoTls>>,
-    connect_errors: ConnectErrors,
-}
-
-type RegistryConn<'a> = bb8::PooledConnection<'a, PostgresConnectionManager<NoTls>>;
-
-/// bb8 keeps connect errors from `get` (the caller waits out the whole timeout); this sink
-/// hands them to the callers waiting, so a registry that is down fails lookups at once.
-#[derive(Debug, Clone)]
-struct ConnectErrors(tokio::sync::broadcast::Sender<std::sync::Arc<tokio_postgres::Error>>);
-
-impl bb8::ErrorSink<tokio_postgres::Error> for ConnectErrors {
-    fn sink(&self, error: tokio_postgres::Error) {
-        tracing::warn!(error = %error, "registry connection failed");
-        drop(self.0.send(std::sync::Arc::new(error)));
-    }
-
-    fn boxed_clone(&self) -> Box<dyn bb8::ErrorSink<tokio_postgres::Error>> {
-        Box::new(self.clone())
-    }
+    pool: RegistryPool,
 }
 
 const TENANT_COLUMNS: &str = "slug, display_name, state, plan, server, database_name, \
@@ -228,30 +210,13 @@ impl Registry {
         if pg.get_application_name().is_none() {
             pg.application_name("tenantgate");
         }
-        let manager = PostgresConnectionManager::new(pg, NoTls);
-        let connect_errors = ConnectErrors(tokio::sync::broadcast::channel(4).0);
-        let pool = bb8::Pool::builder()
-            .error_sink(Box::new(connect_errors.clone()))
-            .max_size(config.pool_size.max(1))
-            .min_idle(Some(0))
-            .connection_timeout(timeout)
-            .retry_connection(false)
-            .build(manager)
-            .await?;
-        Ok(Registry {
-            pool,
-            connect_errors,
-        })
+        let pool = RegistryPool::new(pg, config.pool_size, timeout).await?;
+        Ok(Registry { pool })
     }
 
     /// A registry connection, or the reason none can be opened.
     async fn conn(&self) -> Result<RegistryConn<'_>, RegistryError> {
-        let mut errors = self.connect_errors.0.subscribe();
-        tokio::select! {
-            biased;
-            conn = self.pool.get() => Ok(conn?),
-            Ok(e) = errors.recv() => Err(RegistryError::ConnectFailed(e)),
-        }
+        self.pool.get().await
     }
 
     /// Applies pending registry migrations.
