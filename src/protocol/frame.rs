@@ -368,22 +368,23 @@ mod tests {
         // Issue 11: a 20 kB Close answered by the proxy, of which only a prefix is here.
         let whole = frame(b'C', &vec![b'x'; 20_000]);
         let run = &whole[..16 * 1024];
-        let mut scanner = FrameScanner::new(1 << 20);
-        let scanned = scanner
-            .scan(run, |head| Scan::Splice {
-                consume: HEADER_BYTES + head.body_len,
-            })
-            .unwrap();
-        let splice = scanned.splice.unwrap();
-        assert_eq!(splice.consume, run.len());
-        assert_eq!(splice.discard, whole.len() - run.len());
-        assert_eq!(splice.rest, 0);
+        let splice_of = |consume: Option<usize>| {
+            FrameScanner::new(1 << 20)
+                .scan(run, |head| Scan::Splice {
+                    consume: consume.unwrap_or(HEADER_BYTES + head.body_len),
+                })
+                .unwrap()
+                .splice
+                .unwrap()
+        };
+        let dropped = splice_of(None);
+        assert_eq!(dropped.consume, run.len());
+        assert_eq!(dropped.discard, whole.len() - run.len());
+        assert_eq!(dropped.rest, 0);
         // A prefix splice of a frame that is here is unchanged.
-        let mut scanner = FrameScanner::new(1 << 20);
-        let scanned = scanner.scan(run, |_| Scan::Splice { consume: 10 }).unwrap();
-        let splice = scanned.splice.unwrap();
-        assert_eq!((splice.consume, splice.discard), (10, 0));
-        assert_eq!(splice.rest, whole.len() - 10);
+        let renamed = splice_of(Some(10));
+        assert_eq!((renamed.consume, renamed.discard), (10, 0));
+        assert_eq!(renamed.rest, whole.len() - 10);
     }
 
     #[test]
