@@ -162,3 +162,49 @@ async fn an_idle_pool_is_evicted_after_its_ttl_but_never_while_a_client_uses_it(
     .await;
     assert!(closed, "the evicted pool's backend stayed open");
 }
+
+/// Defect 9: a pool evicted while a client used it is parked for that client, taken back by
+/// the next client, parked again; when its last client leaves, nobody takes it back, and its
+/// backends must close then. They stayed open: the pool was only dropped, and moka keeps a
+/// value it removed until crossbeam-epoch collects it (moka-rs/moka#383).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pool_evicted_while_in_use_closes_its_backends_when_its_last_client_leaves() {
+    let env = TestEnv::start_with(|c| {
+        c.pool.pool_size = 2;
+        c.pool.pool_idle_timeout_seconds = 1;
+    })
+    .await;
+    let t = env.tenant_with_user("parked").await;
+    let slug = t.slug.as_str();
+    let pools = env.proxy.as_ref().unwrap().state().pools.clone();
+
+    let a = env.app(slug).await;
+    a.simple_query("SELECT 1").await.unwrap();
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    // Past its TTL with A still connected: out of the map, kept (parked) for A.
+    assert_eq!(pools.pool_count().await, 0);
+    // B takes it back (a second backend), leaves; past the TTL again it is parked again.
+    let b = env.app(slug).await;
+    b.simple_query("SELECT 1").await.unwrap();
+    drop(b);
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    assert_eq!(pools.pool_count().await, 0);
+    a.simple_query("SELECT 1").await.unwrap();
+    assert_eq!(common::backend_count(&t.database).await, 2);
+
+    drop(a);
+    let closed = common::eventually(Duration::from_secs(10), || async {
+        common::backend_count(&t.database).await == 0
+    })
+    .await;
+    assert!(
+        closed,
+        "the parked pool's backends stayed open after its last client left"
+    );
+    let budget = pools.budget("local").unwrap();
+    assert_eq!(
+        budget.in_use(),
+        0,
+        "closed backends still hold budget permits"
+    );
+}

@@ -9,7 +9,7 @@
 //! seconds long (issue 4).
 
 use std::collections::HashMap;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::{Arc, Mutex, PoisonError, Weak};
 use std::time::Duration;
 
@@ -19,6 +19,58 @@ use super::backend::Settings;
 use super::{BackendConn, BackendError, BackendTarget, ServerBudget, TenantPool};
 use crate::registry::TenantSlug;
 use crate::stats::TenantStats;
+
+/// Where a tenant pool stands. Once retired (out of the pool map with no client left) it
+/// keeps no connection and opens none: a connection coming back to it is closed, a connect
+/// is refused. Dropping the pool is not enough to close its connections: moka frees a value
+/// it removed only when crossbeam-epoch collects it, which may be much later or never
+/// (moka-rs/moka#383), so the pool and its idle backends outlived their eviction (defect 9).
+#[derive(Debug, Default)]
+pub(super) struct Standing(AtomicU8);
+
+impl Standing {
+    const IN_MAP: u8 = 0;
+    /// Evicted while clients used it; kept for them (`PoolMap`'s parked pools).
+    const PARKED: u8 = 1;
+    const RETIRED: u8 = 2;
+
+    /// Only the eviction listener parks, a pool that just left the map.
+    pub(super) fn park(&self) {
+        self.0.store(Self::PARKED, Ordering::SeqCst);
+    }
+
+    /// A parked pool goes back into the map, unless it was retired meanwhile.
+    pub(super) fn take_back(&self) -> bool {
+        self.0
+            .compare_exchange(
+                Self::PARKED,
+                Self::IN_MAP,
+                Ordering::SeqCst,
+                Ordering::SeqCst,
+            )
+            .is_ok()
+    }
+
+    /// Retires a parked pool (its last client left); false if it was not parked.
+    pub(super) fn retire_if_parked(&self) -> bool {
+        self.0
+            .compare_exchange(
+                Self::PARKED,
+                Self::RETIRED,
+                Ordering::SeqCst,
+                Ordering::SeqCst,
+            )
+            .is_ok()
+    }
+
+    pub(super) fn retire(&self) {
+        self.0.store(Self::RETIRED, Ordering::SeqCst);
+    }
+
+    pub(super) fn is_retired(&self) -> bool {
+        self.0.load(Ordering::SeqCst) == Self::RETIRED
+    }
+}
 
 /// bb8's factory for one tenant's backend connections. Each connection first takes a permit
 /// of its server's budget.
@@ -38,6 +90,8 @@ pub struct BackendManager {
     pub(super) stats: Arc<TenantStats>,
     /// The startup parameters new connections carry (shared with the pool).
     pub(super) startup: Arc<StartupSettings>,
+    /// Shared with the pool: a retired pool's connections close and it opens none.
+    pub(super) standing: Arc<Standing>,
 }
 
 /// The startup parameters a pool opens its backends with. While every client of the pool
@@ -229,6 +283,10 @@ impl bb8::ManageConnection for BackendManager {
     type Error = BackendError;
 
     async fn connect(&self) -> Result<BackendConn, BackendError> {
+        if self.standing.is_retired() {
+            // bb8 keeping `min_idle`, or a checkout that raced the retirement.
+            return Err(BackendError::Closed);
+        }
         let conn = async {
             let permit = self.budget_permit().await?;
             let startup = self.startup.for_new_connection();
@@ -252,6 +310,10 @@ impl bb8::ManageConnection for BackendManager {
         .inspect_err(|_: &BackendError| self.stats.backend_connect_failed())?;
         self.stats.backend_connected();
         tracing::debug!(backend_pid = conn.pid, target = ?self.target, "backend connected");
+        if self.standing.is_retired() {
+            // Retired while connecting: bb8 would keep it idle; dropping it closes it.
+            return Err(BackendError::Closed);
+        }
         Ok(conn)
     }
 
@@ -262,7 +324,7 @@ impl bb8::ManageConnection for BackendManager {
     }
 
     fn has_broken(&self, conn: &mut BackendConn) -> bool {
-        conn.broken
+        conn.broken || self.standing.is_retired()
     }
 }
 

@@ -6,9 +6,10 @@
 //! every connection holds a permit of its server's budget), `budget` (per-server connection
 //! budgets), `config` (`[pool]`, `[[server]]`, `[plans]`), [`PoolMap`] (moka cache slug →
 //! pool, created on first use with one creation per burst, evicted when idle or least recently
-//! used but never away from its clients; dropping a pool closes its idle connections with
-//! Terminate), [`Lease`] (a checked-out connection; it returns to its pool on drop, then lets
-//! the next waiting client in, in order).
+//! used but never away from its clients; a pool out of the map with no client left is
+//! retired: its idle connections close with Terminate, and it keeps and opens no other),
+//! [`Lease`] (a checked-out connection; it returns to its pool on drop, then lets the next
+//! waiting client in, in order).
 //!
 //! Each pool and its factory hold their tenant's usage counters (`crate::stats`), taken from
 //! the registry once when the pool is built: checkout wait, backend connects and their
@@ -39,7 +40,7 @@ pub use backend_tls::{
 pub use budget::ServerBudget;
 pub use config::{PlanConfig, PoolConfig, PoolMode, ServerConfig, TenantLimits};
 pub use manager::{BackendManager, StartupSettings};
-use manager::{ConnectErrors, IdleMark, IdleSet, PoolCache};
+use manager::{ConnectErrors, IdleMark, IdleSet, PoolCache, Standing};
 pub use pause::{PauseGate, ResumeError};
 
 use crate::crypto::{CryptoError, MasterKey};
@@ -193,9 +194,37 @@ pub struct TenantPool {
     stats: Arc<TenantStats>,
     /// The startup parameters its backends carry (shared with its connection factory).
     startup: Arc<StartupSettings>,
+    /// In the map, parked or retired; shared with the pool's `BackendManager`.
+    standing: Arc<Standing>,
 }
 
 impl TenantPool {
+    /// Out of the map and nobody uses it: close its idle connections now (one that comes back
+    /// later closes then, see `Standing`), in a task because eviction listeners and drops
+    /// cannot wait.
+    fn retire(self: &Arc<Self>) {
+        self.standing.retire();
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let pool = Arc::clone(self);
+        runtime.spawn(async move {
+            let (_, idle) = pool.state();
+            for _ in 0..idle {
+                // An idle connection comes back at once; when none is left, the connect bb8
+                // would start is refused (retired).
+                let Ok(Ok(mut conn)) =
+                    tokio::time::timeout(Duration::from_millis(20), pool.pool.get()).await
+                else {
+                    break;
+                };
+                conn.terminate();
+                conn.broken = true;
+            }
+            tracing::debug!(database = %pool.target.database, "retired tenant pool closed its idle connections");
+        });
+    }
+
     /// Whether the record's stored password is the one this pool connects with. The same
     /// ciphertext is the common case (a read lock and a compare); a different one is
     /// decrypted once: if only the encryption changed (master-key rotation), it is remembered
@@ -406,7 +435,13 @@ pub struct PoolUse {
 
 impl Drop for PoolUse {
     fn drop(&mut self) {
-        self.pool.users.fetch_sub(1, Ordering::Relaxed);
+        // The last client of a parked pool leaves: nobody will take it back for them.
+        // SeqCst, with the listener's park-then-load: one of the two sees the other.
+        if self.pool.users.fetch_sub(1, Ordering::SeqCst) == 1
+            && self.pool.standing.retire_if_parked()
+        {
+            self.pool.retire();
+        }
     }
 }
 
@@ -456,15 +491,29 @@ impl PoolMap {
                     if pool.in_use() {
                         // Evicted while clients use it: park it, so the next client of this
                         // tenant finds the same pool (and its limits) instead of a second one.
+                        // Its last client retires it (`PoolUse`).
+                        pool.standing.park();
                         let mut parked = parked.lock().unwrap_or_else(PoisonError::into_inner);
-                        parked.retain(|_, p: &mut Weak<TenantPool>| p.strong_count() > 0);
+                        parked.retain(|_, p: &mut Weak<TenantPool>| {
+                            p.upgrade().is_some_and(|p| !p.standing.is_retired())
+                        });
                         parked.insert((*slug).clone(), Arc::downgrade(&pool));
+                        drop(parked);
                         tracing::debug!(tenant = %slug, ?cause, "tenant pool in use; parked");
+                        // Its last client left meanwhile, or it was in use only by a connection
+                        // taken out by another pool's reclaim: nobody would retire it.
+                        if pool.users.load(Ordering::SeqCst) == 0
+                            && pool.standing.retire_if_parked()
+                        {
+                            pool.retire();
+                        }
                     } else {
                         if cause.was_evicted() {
                             pool.stats.pool_evicted();
                         }
-                        tracing::debug!(tenant = %slug, ?cause, "tenant pool dropped");
+                        // Not by dropping it: moka may keep the value long after (`Standing`).
+                        pool.retire();
+                        tracing::debug!(tenant = %slug, ?cause, "tenant pool retired");
                     }
                 }
             })
@@ -586,9 +635,11 @@ impl PoolMap {
             parked.remove(&tenant.slug).and_then(|p| p.upgrade())
         };
         let generation = self.settings().generation;
-        if let Some(pool) = parked
-            .filter(|p| p.source.matches(tenant, generation) && p.same_password(tenant, &self.key))
-        {
+        if let Some(pool) = parked.filter(|p| {
+            p.source.matches(tenant, generation)
+                && p.same_password(tenant, &self.key)
+                && p.standing.take_back()
+        }) {
             self.pools
                 .insert(tenant.slug.clone(), Arc::clone(&pool))
                 .await;
@@ -639,8 +690,10 @@ impl PoolMap {
                 })?;
         let stats = self.stats.for_tenant(&tenant.slug);
         let startup = Arc::new(StartupSettings::default());
+        let standing = Arc::new(Standing::default());
         let manager = BackendManager {
             startup: Arc::clone(&startup),
+            standing: Arc::clone(&standing),
             stats: Arc::clone(&stats),
             slug: tenant.slug.clone(),
             idle: Arc::downgrade(&self.idle),
@@ -684,6 +737,7 @@ impl PoolMap {
             waiting: std::sync::atomic::AtomicUsize::new(0),
             stats,
             startup,
+            standing,
         })
     }
 
@@ -751,6 +805,7 @@ impl PoolMap {
             .unwrap_or_else(PoisonError::into_inner)
             .iter()
             .filter_map(|(slug, pool)| Some((slug.clone(), pool.upgrade()?)))
+            .filter(|(_, pool)| !pool.standing.is_retired())
             .collect();
         out.extend(parked.into_iter().map(|(slug, pool)| (slug, pool, true)));
         out.sort_by(|a, b| a.0.as_str().cmp(b.0.as_str()));
