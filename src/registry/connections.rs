@@ -109,7 +109,8 @@ struct LogErrors;
 
 impl bb8::ErrorSink<SharedError> for LogErrors {
     fn sink(&self, error: SharedError) {
-        tracing::warn!(error = %error, "registry connection failed");
+        // Either a connect that failed or a pooled connection found closed (bb8 replaces it).
+        tracing::warn!(error = %error, "registry connection failed or found closed");
     }
 
     fn boxed_clone(&self) -> Box<dyn bb8::ErrorSink<SharedError>> {
