@@ -277,6 +277,7 @@ where
         Ok(SessionEnd::Relay(end)) => CloseReason::Session(end),
         Ok(SessionEnd::Shutdown) => CloseReason::Shutdown,
         Ok(SessionEnd::TenantNotActive(_)) => CloseReason::Error(SqlState::CANNOT_CONNECT_NOW),
+        Ok(SessionEnd::BackendLost) => CloseReason::Error(SqlState::CONNECTION_FAILURE),
         Err(e) => fail_session(&mut stream, &e).await,
     }
 }

@@ -139,6 +139,9 @@ pub enum SessionEnd {
     Shutdown,
     /// The tenant left `active` in the registry and the grace period passed.
     TenantNotActive(TenantState),
+    /// The backend closed the connection without a last ErrorResponse of its own (killed,
+    /// an immediate shutdown, the network): the client is told, as libpq would tell it.
+    BackendLost,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -267,6 +270,10 @@ where
                 ctx.tenant.slug
             ),
         )),
+        Ok(SessionEnd::BackendLost) => Some((
+            SqlState::CONNECTION_FAILURE,
+            "the connection to the tenant's database server was lost".to_owned(),
+        )),
         _ => None,
     };
     if let Some((code, text)) = farewell {
@@ -297,6 +304,7 @@ where
         state = watch.must_go() => Ok(SessionEnd::TenantNotActive(state)),
     };
     cancel.detach().await;
+    let outcome = outcome.map(|end| lost_or(end, &tracker));
     let client_left_cleanly = matches!(
         outcome,
         Ok(SessionEnd::Relay(
@@ -391,6 +399,7 @@ where
             break outcome;
         };
         cancel.detach().await;
+        let outcome = outcome.map(|end| lost_or(end, &tracker));
         tracing::trace!(?outcome, ?tracker, "transaction relay ended");
         if responses.setup_failed() {
             // The reset or the client's settings failed in the write before its transaction:
@@ -449,6 +458,16 @@ async fn checkout(
 fn accepted(lease: &Lease, settings: &[(String, String)]) {
     if let Some(pool) = lease.pool() {
         pool.settings_accepted(settings);
+    }
+}
+
+/// `BackendLost` for a backend that closed without its own last word (an ErrorResponse).
+fn lost_or(end: SessionEnd, tracker: &TxTracker) -> SessionEnd {
+    match end {
+        SessionEnd::Relay(RelayEnd::BackendClosed) if !tracker.backend_error_last => {
+            SessionEnd::BackendLost
+        }
+        other => other,
     }
 }
 

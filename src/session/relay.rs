@@ -51,6 +51,9 @@ pub struct TxTracker {
     /// A ReadyForQuery we made up (for a DEALLOCATE answered here) left the backend idle:
     /// stop the relay once it is written.
     pub idle_after_injection: bool,
+    /// The backend's last message was an ErrorResponse (a FATAL before it closes tells the
+    /// client why by itself).
+    pub backend_error_last: bool,
 }
 
 impl Default for TxTracker {
@@ -62,6 +65,7 @@ impl Default for TxTracker {
             release_at_idle: false,
             pinned: false,
             idle_after_injection: false,
+            backend_error_last: false,
         }
     }
 }
@@ -97,6 +101,7 @@ impl TxTracker {
 
     /// Counts completed transactions into `tally` (in the `Z` arm: DataRows pay nothing).
     fn backend_frame(&mut self, head: FrameHead<'_>, tally: &mut Tally) -> Scan {
+        self.backend_error_last = head.tag == b'E';
         match head.tag {
             b'Z' => {
                 self.pending = self.pending.saturating_sub(1);
