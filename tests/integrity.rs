@@ -274,3 +274,51 @@ async fn a_statement_prepared_after_a_ddl_sees_the_new_definition() {
     let stale = tokio::time::timeout(Duration::from_secs(10), a.query(&old, &[])).await;
     assert!(stale.is_ok(), "a stale statement hangs");
 }
+
+/// A backend opened with its clients' common settings needs no setup for the next client
+/// with those settings; it must still be reset when it passes from one such client to
+/// another (found by review: the owner was recorded only when something was sent).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clients_with_the_same_settings_still_never_share_session_state() {
+    let env = one_backend_env().await;
+    let t = env.tenant_with_user("int-same").await;
+    let slug = t.slug.as_str();
+    let connect = || async {
+        let mut cfg = env.client_config(slug, "app", "secret");
+        cfg.application_name("same-app");
+        let (c, conn) = cfg.connect(tokio_postgres::NoTls).await.unwrap();
+        tokio::spawn(conn);
+        c
+    };
+    let first = connect().await;
+    value(&first, "SELECT 1").await;
+    // The pool's only backend is replaced by one opened with the clients' settings.
+    common::admin_client(&t.database)
+        .await
+        .batch_execute(&format!(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+             WHERE datname = '{}' AND pid <> pg_backend_pid()",
+            t.database
+        ))
+        .await
+        .unwrap();
+    let gone = common::eventually(Duration::from_secs(5), || async {
+        common::backend_count(&t.database).await == 0
+    })
+    .await;
+    assert!(gone, "the terminated backend is still there");
+    let a = connect().await;
+    let b = connect().await;
+    for round in 0..3 {
+        a.batch_execute("SET work_mem = '9MB'; CREATE TEMP TABLE IF NOT EXISTS mine (x int)")
+            .await
+            .unwrap();
+        assert_eq!(value(&b, "SHOW work_mem").await, "4MB", "round {round}");
+        assert_eq!(
+            value(&b, "SELECT count(*) FROM pg_class WHERE relname = 'mine'").await,
+            "0",
+            "round {round}"
+        );
+        assert_eq!(value(&b, "SHOW application_name").await, "same-app");
+    }
+}

@@ -310,6 +310,11 @@ impl TenantPool {
     }
 
     fn remember_params(&self, conn: &BackendConn) {
+        if !conn.startup_settings.is_empty() {
+            // Its parameters show the settings it was opened with, which a client greeted
+            // from them may not have.
+            return;
+        }
         let mut slot = self
             .base_params
             .lock()

@@ -156,8 +156,6 @@ pub enum SessionError {
     Pool(#[from] PoolError),
     #[error("writing to the client failed")]
     ClientIo(#[source] std::io::Error),
-    #[error("the backend refused the reset or the client's settings sent before a transaction")]
-    SetupFailed,
 }
 
 impl ClientFacing for SessionError {
@@ -170,8 +168,7 @@ impl ClientFacing for SessionError {
             SessionError::Relay(
                 RelayError::Backend(_) | RelayError::BackendProtocol(_) | RelayError::Client(_),
             )
-            | SessionError::ClientIo(_)
-            | SessionError::SetupFailed => SqlState::CONNECTION_FAILURE,
+            | SessionError::ClientIo(_) => SqlState::CONNECTION_FAILURE,
         }
     }
 
@@ -189,10 +186,6 @@ impl ClientFacing for SessionError {
             | SessionError::ClientIo(_) => {
                 "the connection to the tenant's database server was lost".to_owned()
             }
-            SessionError::SetupFailed => {
-                "the tenant's database server refused to reset a pooled connection; reconnect"
-                    .to_owned()
-            }
         }
     }
 
@@ -204,7 +197,6 @@ impl ClientFacing for SessionError {
                 ErrorKind::Client
             }
             SessionError::Backend(_)
-            | SessionError::SetupFailed
             | SessionError::Relay(RelayError::Backend(_) | RelayError::BackendProtocol(_)) => {
                 ErrorKind::Backend
             }
@@ -336,11 +328,8 @@ where
     let mut watch = Watch::new(ctx);
     // The client's startup settings were accepted by a backend once: from then on they are
     // sent in the same write as its transaction instead of a round trip before it.
-    let mut settings_accepted = settings.is_empty();
-    let mut settings_message = BytesMut::new();
-    if let Some(sql) = settings::settings_query(settings) {
-        messages::query(&mut settings_message, &sql);
-    }
+    // The pool has been told once that a backend took this client's settings.
+    let mut settings_accepted = false;
     // Reused for every transaction: no allocation per transaction once warm.
     let mut responses = Responses::default();
     loop {
@@ -361,17 +350,11 @@ where
         let tenant = watch.tenant();
         let mut lease = checkout(ctx, tenant, settings).await?;
         responses.clear();
-        if settings_accepted {
-            send_setup(
-                lease.conn(),
-                ctx.client_id,
-                settings,
-                &settings_message,
-                buffers,
-                &mut responses,
-            );
-        } else {
-            prepare(lease.conn(), ctx.client_id, settings, ctx.reset_timeout).await?;
+        // A round trip before the client's bytes go: a reset that fails (a statement_timeout
+        // the previous client left, a cancel) must stop the client's query from running in
+        // someone else's session, and pipelined queries would run whatever happened before.
+        prepare(lease.conn(), ctx.client_id, settings, ctx.reset_timeout).await?;
+        if !settings_accepted {
             accepted(&lease, settings);
             settings_accepted = true;
         }
@@ -401,11 +384,6 @@ where
         cancel.detach().await;
         let outcome = outcome.map(|end| lost_or(end, &tracker));
         tracing::trace!(?outcome, ?tracker, "transaction relay ended");
-        if responses.setup_failed() {
-            // The reset or the client's settings failed in the write before its transaction:
-            // the backend's state is unknown, and so was the client's transaction's.
-            return Err(SessionError::SetupFailed);
-        }
         backend.needs_reset |= responses.statements_suspect();
         let at_boundary = tracker.is_clean() && buffers.at_message_boundary();
         match outcome {
@@ -536,40 +514,9 @@ fn setup_done(
     backend.owner = client_id;
 }
 
-/// The simple Query message `DISCARD ALL`.
-const DISCARD_ALL_MESSAGE: &[u8] = b"Q\0\0\0\x10DISCARD ALL\0";
-
-/// Transaction pooling: queues what `backend` needs before it serves `client_id` (the reset,
-/// the client's settings: `settings_message`, made once per client) ahead of the client's
-/// bytes, to leave in the same write; the relay swallows the answers through their
-/// ReadyForQuery (`Responses`), so switching clients costs no round trip and no allocation.
-/// Their ParameterStatus messages are swallowed too: the client already has the values that
-/// match its own settings.
-fn send_setup(
-    backend: &mut BackendConn,
-    client_id: u64,
-    settings: &[(String, String)],
-    settings_message: &[u8],
-    buffers: &mut RelayBuffers,
-    responses: &mut Responses,
-) {
-    let Some(setup) = needed_setup(backend, client_id, settings) else {
-        return;
-    };
-    if setup.reset {
-        buffers.send_first(DISCARD_ALL_MESSAGE);
-        responses.expect_setup();
-    }
-    if setup.settings {
-        buffers.send_first(settings_message);
-        responses.expect_setup();
-    }
-    setup_done(backend, client_id, settings, setup.reset);
-}
-
-/// Makes `backend` ready for `client_id` with a round trip per query (session pooling, and
-/// a transaction-pooling client's first use of its settings, so a setting the server
-/// refuses reaches the client as an error before its transaction runs).
+/// Makes `backend` ready for `client_id`, a round trip per query, before any byte of the
+/// client's goes to it: the reset (and the settings) either succeeded or the backend is
+/// closed and the client gets the error, never its query run in someone else's session.
 async fn prepare(
     backend: &mut BackendConn,
     client_id: u64,
@@ -577,6 +524,8 @@ async fn prepare(
     timeout: Duration,
 ) -> Result<(), SessionError> {
     let Some(setup) = needed_setup(backend, client_id, settings) else {
+        // Nothing to send, but the backend now serves this client: the next one resets it.
+        backend.owner = client_id;
         return Ok(());
     };
     if setup.reset {
@@ -656,17 +605,5 @@ async fn release_clean(lease: &mut Lease, timeout: Duration) {
         Err(e) => {
             tracing::warn!(error = %e, "backend reset failed; closing it");
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn the_reset_message_is_a_simple_query() {
-        let mut made = BytesMut::new();
-        messages::query(&mut made, "DISCARD ALL");
-        assert_eq!(&made[..], DISCARD_ALL_MESSAGE);
     }
 }

@@ -14,7 +14,6 @@
 //! atomic adds however many messages a read carried.
 
 use std::future::poll_fn;
-use std::io::IoSlice;
 use std::pin::Pin;
 use std::task::{Context, Poll, ready};
 
@@ -180,10 +179,6 @@ struct Half {
     /// Bytes of a spliced frame still to drop as they arrive (its consumed prefix went past
     /// what had arrived).
     discard: usize,
-    /// Bytes to write before any other (setup queries ahead of a client's transaction),
-    /// in the same write as the first bytes that follow them.
-    prefix: BytesMut,
-    prefix_written: usize,
     needs_flush: bool,
     stopped: bool,
     eof: bool,
@@ -214,8 +209,6 @@ impl Half {
             splice_out: BytesMut::new(),
             splice_written: 0,
             discard: 0,
-            prefix: BytesMut::new(),
-            prefix_written: 0,
             needs_flush: false,
             stopped: false,
             eof: false,
@@ -225,16 +218,17 @@ impl Half {
 
     /// Nothing is waiting to be written (so a poll will not be stuck on the writer).
     fn nothing_to_write(&self) -> bool {
-        self.written == self.scanned && self.splice.is_none() && self.prefix.is_empty()
+        self.written == self.scanned && self.splice.is_none()
     }
 
-    /// The writer's side of this direction is between two messages: no frame has been
-    /// written in part, and nothing of one is being spliced or dropped.
+    /// The writer's side of this direction is between two messages: every byte scanned has
+    /// been written (a write that stopped halfway leaves a frame cut), the scanner is not
+    /// inside a frame, and nothing of one is being spliced or dropped.
     fn writer_at_boundary(&self) -> bool {
-        self.scanner.at_boundary()
+        self.written == self.scanned
+            && self.scanner.at_boundary()
             && self.splice.is_none()
             && self.discard == 0
-            && self.prefix.is_empty()
     }
 
     /// Moves bytes from `reader` to `writer` until one side is not ready or a stop.
@@ -249,10 +243,6 @@ impl Half {
         R: AsyncRead + Unpin,
         W: AsyncWrite + Unpin,
     {
-        if !self.prefix.is_empty() && self.scanned < self.filled && self.splice.is_none() {
-            // Scan what is buffered first, so the prefix and it leave in one write.
-            self.scan_more(inspector)?;
-        }
         loop {
             ready!(self.poll_drain(cx, writer))?;
             if self.splice.is_some() {
@@ -296,26 +286,6 @@ impl Half {
         cx: &mut Context<'_>,
         writer: &mut W,
     ) -> Poll<Result<(), HalfError>> {
-        while self.prefix_written < self.prefix.len() {
-            let prefix = self.prefix.get(self.prefix_written..).unwrap_or_default();
-            let out = self.buf.get(self.written..self.scanned).unwrap_or_default();
-            let n = ready!(
-                Pin::new(&mut *writer)
-                    .poll_write_vectored(cx, &[IoSlice::new(prefix), IoSlice::new(out)])
-            )
-            .map_err(HalfError::Write)?;
-            if n == 0 {
-                return Poll::Ready(Err(HalfError::Write(std::io::ErrorKind::WriteZero.into())));
-            }
-            let of_prefix = n.min(prefix.len());
-            self.prefix_written += of_prefix;
-            self.written += n - of_prefix;
-            self.needs_flush = true;
-            if self.prefix_written == self.prefix.len() {
-                self.prefix.clear();
-                self.prefix_written = 0;
-            }
-        }
         while self.written < self.scanned {
             let out = self.buf.get(self.written..self.scanned).unwrap_or_default();
             let n = ready!(poll_write_some(cx, writer, out))?;
@@ -468,12 +438,6 @@ impl RelayBuffers {
         self.to_backend.writer_at_boundary()
             && self.to_client.writer_at_boundary()
             && self.to_client.scanned == self.to_client.filled
-    }
-
-    /// Queues bytes for the backend ahead of everything the client sent (setup queries):
-    /// the relay writes them together with the client's first bytes, in one write.
-    pub fn send_first(&mut self, bytes: &[u8]) {
-        self.to_backend.prefix.extend_from_slice(bytes);
     }
 
     /// Transaction pooling, between transactions: waits until the client sends something.

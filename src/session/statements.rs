@@ -142,17 +142,12 @@ enum Expect {
     Inject(u8),
     /// The answer to a DEALLOCATE we handled: CommandComplete, then ReadyForQuery.
     InjectDeallocate,
-    /// Everything up to ReadyForQuery answers a setup query we sent before the client's
-    /// transaction (reset, the client's settings): swallowed.
-    Setup,
 }
 
 /// Requests in flight and what their responses need.
 #[derive(Debug, Default)]
 pub struct Responses {
     queue: VecDeque<Expect>,
-    /// A setup query failed: the backend's state is unknown.
-    setup_failed: bool,
     /// The backend may no longer have the statements we believe prepared there (a client
     /// query may have run DEALLOCATE or DISCARD; the server said one is missing, exists
     /// already, or is stale).
@@ -545,18 +540,7 @@ impl Responses {
     /// Forgets everything, keeping the queue's memory: a new transaction starts.
     pub fn clear(&mut self) {
         self.queue.clear();
-        self.setup_failed = false;
         self.statements_suspect = false;
-    }
-
-    /// A setup query was sent ahead of the client's messages: swallow its answer.
-    pub fn expect_setup(&mut self) {
-        self.queue.push_back(Expect::Setup);
-    }
-
-    /// A setup query failed (its ErrorResponse was swallowed).
-    pub fn setup_failed(&self) -> bool {
-        self.setup_failed
     }
 
     /// The backend's prepared statements may not be what its cache says: reset it before
@@ -573,16 +557,6 @@ impl Responses {
         body: &[u8],
         backend: &mut BackendStatements,
     ) -> bool {
-        if matches!(self.queue.front(), Some(Expect::Setup)) {
-            match tag {
-                b'Z' => {
-                    self.queue.pop_front();
-                }
-                b'E' => self.setup_failed = true,
-                _ => {}
-            }
-            return true;
-        }
         if tag == b'E' && !backend.is_empty() {
             if let Some(code) = error_code(body) {
                 if STATEMENT_TROUBLE.iter().any(|c| c.as_slice() == code) {
