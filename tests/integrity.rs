@@ -322,3 +322,34 @@ async fn clients_with_the_same_settings_still_never_share_session_state() {
         assert_eq!(value(&b, "SHOW application_name").await, "same-app");
     }
 }
+
+/// A reset that fails must not let the next client run in the last one's session: the last
+/// client leaves a 1 ms statement_timeout and enough temporary tables that DISCARD ALL takes
+/// longer (found by review, when the reset went out in the same write as the next query).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reset_that_fails_never_lets_the_next_client_into_the_last_session() {
+    let env = one_backend_env().await;
+    let t = env.tenant_with_user("int-timeout").await;
+    let slug = t.slug.as_str();
+    let a = env.app(slug).await;
+    let mut sql = String::new();
+    for i in 0..300 {
+        sql.push_str(&format!("CREATE TEMP TABLE leak{i} (x int);"));
+    }
+    sql.push_str("SET search_path = leaky, public; SET statement_timeout = '1ms'");
+    a.batch_execute(&sql).await.unwrap();
+    let b = env.app(slug).await;
+    for _ in 0..3 {
+        assert_eq!(value(&b, "SHOW search_path").await, "\"$user\", public");
+        assert_eq!(value(&b, "SHOW statement_timeout").await, "0");
+        // Its own temporary tables: a closed backend's may linger in pg_class a moment.
+        assert_eq!(
+            value(
+                &b,
+                "SELECT count(*) FROM pg_class WHERE relnamespace = pg_my_temp_schema()"
+            )
+            .await,
+            "0"
+        );
+    }
+}

@@ -241,6 +241,11 @@ pub struct BackendConn {
     /// Settings sent in the startup packet: what a reset brings the session back to. Empty
     /// unless the pool's clients all use the same settings (`pool::StartupSettings`).
     pub startup_settings: Settings,
+    /// A reset (DISCARD ALL) was sent when the last client released this connection, and
+    /// its answer has not been read: the next checkout reads it first ([`finish_reset`]).
+    ///
+    /// [`finish_reset`]: BackendConn::finish_reset
+    pub reset_pending: bool,
     /// Reset before the next use, even by the client it served last: the shared statements
     /// tenantgate believes prepared here may not be (a client ran DEALLOCATE or DISCARD, or
     /// the server said one is missing or stale).
@@ -363,6 +368,7 @@ impl BackendConn {
             applied: startup_settings.to_vec(),
             startup_settings,
             needs_reset: false,
+            reset_pending: false,
             statements: crate::session::statements::BackendStatements::default(),
             budget_permit: None,
         };
@@ -505,14 +511,56 @@ impl BackendConn {
         }
     }
 
-    /// Writes setup queries (reset, client settings) without waiting for their answers; the
-    /// relay swallows those. A connection that fails here is not reused.
-    pub async fn send_setup(&mut self, bytes: &[u8]) -> Result<(), BackendError> {
-        let sent = self.send(bytes).await;
-        if sent.is_err() {
+    /// Sends `DISCARD ALL` without waiting for its answer (transaction pooling, when a client
+    /// releases the connection): the server resets while the connection sits in the pool,
+    /// and the next checkout reads the answer ([`BackendConn::finish_reset`]), usually
+    /// already there. A connection that fails here is not reused.
+    pub async fn start_reset(&mut self) -> Result<(), BackendError> {
+        const DISCARD_ALL: &[u8] = b"Q\0\0\0\x10DISCARD ALL\0";
+        if let Err(e) = self.send(DISCARD_ALL).await {
             self.broken = true;
+            return Err(e);
         }
-        sent
+        self.reset_pending = true;
+        Ok(())
+    }
+
+    /// Reads the answer to the reset [`BackendConn::start_reset`] sent, through its
+    /// ReadyForQuery: Ok only if it succeeded and left the session idle. An error, an EOF, a
+    /// timeout or anything unexpected is an Err, and the connection must not be used.
+    pub async fn finish_reset(&mut self, timeout: Duration) -> Result<(), BackendError> {
+        if !self.reset_pending {
+            return Ok(());
+        }
+        let read = async {
+            let mut failure = None;
+            loop {
+                let msg = self.read().await?;
+                match msg.tag {
+                    b'S' => self.record_parameter(&msg.body),
+                    b'E' => failure = Some(ServerError::parse(&msg.body)),
+                    b'Z' if msg.body.first() == Some(&b'I') => {
+                        return failure.map_or(Ok(()), |e| Err(BackendError::Refused(e)));
+                    }
+                    b'Z' => {
+                        return Err(BackendError::Protocol(
+                            "the reset left a transaction open".into(),
+                        ));
+                    }
+                    // CommandComplete; a NoticeResponse or notification for the last client.
+                    _ => {}
+                }
+            }
+        };
+        let outcome = tokio::time::timeout(timeout, read)
+            .await
+            .unwrap_or(Err(BackendError::Timeout(timeout)));
+        if outcome.is_err() {
+            self.broken = true;
+        } else {
+            self.reset_pending = false;
+        }
+        outcome
     }
 
     /// Runs a simple query outside the relay and waits for ReadyForQuery, recording any

@@ -331,11 +331,24 @@ type Pooled = bb8::PooledConnection<'static, BackendManager>;
 /// sat idle (pg_terminate_backend, a restart, an idle timeout on the server) is closed here
 /// and another taken; the client never sees it. Checking costs no round trip: an idle
 /// PostgreSQL backend sends nothing, so any byte or EOF on an idle socket means it is gone.
-async fn alive_connection(pool: &TenantPool, slug: &TenantSlug) -> Result<Pooled, PoolError> {
+///
+/// A connection whose last client released it was sent a reset then (transaction pooling):
+/// its answer is read here instead, and a reset that failed (a statement_timeout the last
+/// client left, say) closes the connection too.
+async fn alive_connection(
+    pool: &TenantPool,
+    slug: &TenantSlug,
+    reset_timeout: Duration,
+) -> Result<Pooled, PoolError> {
     // Each dead connection found leaves the pool, so this ends; the bound only guards
     // against a server that closes every new connection at once.
     for _ in 0..=pool.limits.pool_size.saturating_add(1) {
         let mut conn = pooled_connection(pool, slug).await?;
+        if let Err(e) = conn.finish_reset(reset_timeout).await {
+            tracing::debug!(tenant = %slug, backend_pid = conn.pid, error = %e, "the reset sent at release failed; closing the connection");
+            continue;
+        }
+        // After the reset's answer, nothing more may have come.
         if !conn.peer_gone() {
             return Ok(conn);
         }
@@ -768,7 +781,8 @@ impl PoolMap {
         // The semaphore is never closed.
         let turn = turn.map_err(|_| timed_out())?.map_err(|_| timed_out())?;
         pool.last_used_ms.store(self.now_ms(), Ordering::Relaxed);
-        let conn = alive_connection(&pool, &tenant.slug).await?;
+        let reset_timeout = Duration::from_millis(self.settings().config.reset_timeout_ms);
+        let conn = alive_connection(&pool, &tenant.slug, reset_timeout).await?;
         pool.remember_params(&conn);
         Ok(Lease {
             conn,

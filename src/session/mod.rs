@@ -387,7 +387,9 @@ where
         backend.needs_reset |= responses.statements_suspect();
         let at_boundary = tracker.is_clean() && buffers.at_message_boundary();
         match outcome {
-            Ok(SessionEnd::Relay(RelayEnd::Idle)) if at_boundary => lease.reusable(),
+            Ok(SessionEnd::Relay(RelayEnd::Idle)) if at_boundary => {
+                release_resetting(&mut lease).await;
+            }
             Ok(SessionEnd::Relay(end @ (RelayEnd::ClientTerminated | RelayEnd::ClientClosed)))
                 if at_boundary =>
             {
@@ -395,7 +397,7 @@ where
                     // Named statements, LISTEN: a pinned backend is reset like a session's.
                     release_clean(&mut lease, ctx.reset_timeout).await;
                 } else {
-                    lease.reusable();
+                    release_resetting(&mut lease).await;
                 }
                 return Ok(SessionEnd::Relay(end));
             }
@@ -585,6 +587,25 @@ where
         .map_err(SessionError::ClientIo)?;
     client.flush().await.map_err(SessionError::ClientIo)?;
     Ok(())
+}
+
+/// Transaction pooling: releases a backend the client left idle and at a message boundary,
+/// with its reset on the way (see `BackendConn::start_reset`): the server runs DISCARD ALL
+/// while the backend sits in the pool, and the next checkout reads the answer before any
+/// client byte goes, closing the backend if the reset failed. So no state of this client
+/// reaches the next, and the next does not wait a round trip for the reset.
+async fn release_resetting(lease: &mut Lease) {
+    let backend = lease.conn();
+    if backend.start_reset().await.is_ok() {
+        backend.owner = 0;
+        backend
+            .startup_settings
+            .as_slice()
+            .clone_into(&mut backend.applied);
+        backend.statements.clear();
+        backend.needs_reset = false;
+        lease.reusable();
+    }
 }
 
 /// Resets a backend the client left idle and proves it reusable; on any failure it is
