@@ -332,10 +332,9 @@ async fn a_reset_that_fails_never_lets_the_next_client_into_the_last_session() {
     let t = env.tenant_with_user("int-timeout").await;
     let slug = t.slug.as_str();
     let a = env.app(slug).await;
-    let mut sql = String::new();
-    for i in 0..300 {
-        sql.push_str(&format!("CREATE TEMP TABLE leak{i} (x int);"));
-    }
+    let mut sql: String = (0..300)
+        .map(|i| format!("CREATE TEMP TABLE leak{i} (x int);"))
+        .collect();
     sql.push_str("SET search_path = leaky, public; SET statement_timeout = '1ms'");
     a.batch_execute(&sql).await.unwrap();
     let b = env.app(slug).await;
