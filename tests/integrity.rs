@@ -6,6 +6,7 @@
 
 mod common;
 
+use std::fmt::Write as _;
 use std::time::Duration;
 
 use common::{RawClient, TestEnv};
@@ -332,9 +333,10 @@ async fn a_reset_that_fails_never_lets_the_next_client_into_the_last_session() {
     let t = env.tenant_with_user("int-timeout").await;
     let slug = t.slug.as_str();
     let a = env.app(slug).await;
-    let mut sql: String = (0..300)
-        .map(|i| format!("CREATE TEMP TABLE leak{i} (x int);"))
-        .collect();
+    let mut sql = String::new();
+    for i in 0..300 {
+        write!(sql, "CREATE TEMP TABLE leak{i} (x int);").unwrap();
+    }
     sql.push_str("SET search_path = leaky, public; SET statement_timeout = '1ms'");
     a.batch_execute(&sql).await.unwrap();
     let b = env.app(slug).await;
