@@ -4,12 +4,13 @@
 //! Moving parts: `settings` (startup parameters → backend settings), `relay` (the byte pump),
 //! `cancel` (the cancel map). Two pooling modes:
 //! - session: the client keeps one backend until it leaves; the backend goes back only when the
-//!   last ReadyForQuery said idle, nothing is owed and the reset (advisory unlock, DISCARD ALL)
-//!   succeeded; anything else closes it.
+//!   last ReadyForQuery said idle, nothing is owed in either direction and the reset (DISCARD
+//!   ALL) succeeded; anything else closes it.
 //! - transaction: the client holds a backend from its first message of a transaction to the
-//!   ReadyForQuery that leaves it idle with nothing owed. A backend serving a new client first
-//!   loses the previous client's session state (DISCARD ALL, when one was left) and takes this
-//!   client's settings, so no client sees another's. Named prepared statements follow the
+//!   ReadyForQuery that leaves it idle with nothing owed and both directions between
+//!   messages. Released, the backend is sent DISCARD ALL at once; the next checkout reads its
+//!   answer (closing the backend if it failed) and applies that client's settings, so no
+//!   client sees another's state, by any path. Named prepared statements follow the
 //!   client from backend to backend (`statements`). A client that LISTENs is pinned to its
 //!   backend until it leaves.
 //!
@@ -326,8 +327,6 @@ where
     };
     let mut client_statements = ClientStatements::default();
     let mut watch = Watch::new(ctx);
-    // The client's startup settings were accepted by a backend once: from then on they are
-    // sent in the same write as its transaction instead of a round trip before it.
     // The pool has been told once that a backend took this client's settings.
     let mut settings_accepted = false;
     // Reused for every transaction: no allocation per transaction once warm.
@@ -350,9 +349,9 @@ where
         let tenant = watch.tenant();
         let mut lease = checkout(ctx, tenant, settings).await?;
         responses.clear();
-        // A round trip before the client's bytes go: a reset that fails (a statement_timeout
-        // the previous client left, a cancel) must stop the client's query from running in
-        // someone else's session, and pipelined queries would run whatever happened before.
+        // Before the client's bytes go, with a round trip: a setup that fails must stop the
+        // client's query (pipelined, it would run whatever happened before it). The reset
+        // itself was sent at release and its answer read by the checkout.
         prepare(lease.conn(), ctx.client_id, settings, ctx.reset_timeout).await?;
         if !settings_accepted {
             accepted(&lease, settings);
@@ -460,11 +459,11 @@ fn cancel_target(backend: &BackendConn) -> CancelTarget {
     }
 }
 
-/// The simple queries that make `backend` ready for `client_id`, in order: nothing if it
-/// served this client last (and nothing made its statements suspect); otherwise `DISCARD
-/// ALL` if any client used it since its last reset, then this client's settings unless the
-/// session has them already (a backend opened with the client's settings in its startup
-/// packet has them after the reset too).
+/// What makes `backend` ready for `client_id`: nothing if it served this client last (and
+/// nothing made its statements suspect); otherwise `DISCARD ALL` if a client used it since
+/// its last reset (in transaction pooling the reset was sent at release, so this is rare),
+/// then this client's settings unless the session has them already (a backend opened with
+/// the client's settings in its startup packet has them after the reset too).
 ///
 /// Every switch between clients resets: no detection of what a client left behind can see
 /// every path (set_config() in a SELECT, a DO block, a trigger, temp tables made by a
