@@ -85,8 +85,9 @@ pub struct TenantRecord {
     pub error_message: Option<String>,
     /// Per-tenant overrides of the plan's values, as the registry's JSON text.
     pub overrides: String,
-    /// When this record was read from the registry, as a process-wide sequence number
-    /// ([`next_read_seq`]): a larger number is a later read. A pool built from a later read
+    /// When the read of this record from the registry started, as a process-wide sequence
+    /// number ([`next_read_seq`]): a larger number is a read that started later (its
+    /// snapshot is not proven later: two registry connections can still cross). A pool built from a later read
     /// is never replaced by one from an earlier read (a client still holding an old record
     /// must not flip its tenant's pool back).
     pub read_seq: u64,
