@@ -354,3 +354,214 @@ async fn a_reset_that_fails_never_lets_the_next_client_into_the_last_session() {
         );
     }
 }
+
+/// Waits until `n` clients of `slug` wait for a backend, as `SHOW POOLS` reports it.
+async fn until_waiting(admin: &tokio_postgres::Client, slug: &str, n: i64) {
+    let seen = common::eventually(Duration::from_secs(10), || async {
+        admin
+            .query_one("SELECT waiting FROM pools WHERE tenant = $1", &[&slug])
+            .await
+            .is_ok_and(|row| row.get::<_, i64>(0) == n)
+    })
+    .await;
+    assert!(seen, "{n} clients of {slug} never waited for a backend");
+}
+
+/// A backend given straight to a client that waited for it is reset by that client's own
+/// first messages (the reset goes in the same write): every kind of state A leaves is gone
+/// for B, whether B speaks the simple or the extended protocol, and A's session lock is free.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_waiting_client_gets_the_backend_reset_by_its_own_first_messages() {
+    let env = one_backend_env().await;
+    let t = env.tenant_with_user("int-ahead").await;
+    let slug = t.slug.to_string();
+    let admin = env.admin().await;
+    let check = "SELECT current_setting('search_path') || '|' || \
+                 current_setting('application_name') || '|' || \
+                 (SELECT count(*) FROM pg_class WHERE relnamespace = pg_my_temp_schema()) || '|' || \
+                 (SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' \
+                  AND pid = pg_backend_pid()) || '|' || \
+                 (SELECT count(*) FROM pg_prepared_statements WHERE name NOT LIKE 'tg\\_%')";
+    let clean = value(&env.app(&slug).await, check).await;
+    assert!(clean.starts_with("\"$user\", public|"), "{clean}");
+    for (round, extended) in [(0, false), (1, true), (2, false), (3, true)] {
+        let a = env.app(&slug).await;
+        a.batch_execute(
+            "BEGIN; SET search_path = leaky, public; \
+             SELECT set_config('application_name', 'leaky', false); \
+             CREATE TEMP TABLE mine (x int); SELECT pg_advisory_lock(42); \
+             PREPARE sneaky AS SELECT 1",
+        )
+        .await
+        .unwrap();
+        let b = env.app(&slug).await;
+        let waiting = tokio::spawn(async move {
+            let seen = if extended {
+                let row = b.query_one(check, &[]).await.unwrap();
+                row.get::<_, String>(0)
+            } else {
+                value(&b, check).await
+            };
+            (b, seen)
+        });
+        until_waiting(&admin, &slug, 1).await;
+        a.batch_execute("COMMIT").await.unwrap();
+        let (b, seen) = tokio::time::timeout(Duration::from_secs(10), waiting)
+            .await
+            .expect("B got the backend")
+            .unwrap();
+        assert_eq!(seen, clean, "round {round}: B ran in A's session");
+        drop(b);
+        drop(a);
+    }
+    let direct = common::admin_client(&t.database).await;
+    assert_eq!(
+        value(&direct, "SELECT pg_try_advisory_lock(42)::text").await,
+        "true",
+        "A's session lock is still held"
+    );
+}
+
+/// The reset that goes with a waiting client's first messages fails (A left a 1 ms
+/// statement_timeout and enough temporary tables that DISCARD ALL takes longer): the server
+/// skips B's messages, so B's statement never runs in A's session. B is told and
+/// disconnected; whatever B's statement recorded was recorded in a clean session.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_reset_ahead_never_runs_the_waiting_clients_statement() {
+    let env = one_backend_env().await;
+    let t = env.tenant_with_user("int-ahead-fail").await;
+    let slug = t.slug.to_string();
+    let admin = env.admin().await;
+    let direct = common::admin_client(&t.database).await;
+    direct
+        .batch_execute(&format!(
+            "CREATE TABLE public.seen (settings text); GRANT ALL ON public.seen TO {}",
+            t.backend_role
+        ))
+        .await
+        .unwrap();
+    let mut sql = String::from("BEGIN;");
+    for i in 0..300 {
+        write!(sql, "CREATE TEMP TABLE leak{i} (x int);").unwrap();
+    }
+    sql.push_str("SET search_path = leaky, public; SET statement_timeout = '1ms'");
+    let mut failed = 0;
+    for round in 0..3 {
+        let a = env.app(&slug).await;
+        a.batch_execute(&sql).await.unwrap();
+        let b = env.app(&slug).await;
+        let waiting = tokio::spawn(async move {
+            b.simple_query(
+                "INSERT INTO public.seen SELECT current_setting('statement_timeout') || '|' || \
+                 current_setting('search_path')",
+            )
+            .await
+        });
+        until_waiting(&admin, &slug, 1).await;
+        a.batch_execute("COMMIT").await.unwrap();
+        let answer = tokio::time::timeout(Duration::from_secs(10), waiting)
+            .await
+            .expect("B got an answer")
+            .unwrap();
+        if let Err(e) = answer {
+            let db = e.as_db_error().expect("an error from the proxy");
+            assert_eq!(db.code().code(), "08006", "round {round}: {db:?}");
+            failed += 1;
+        }
+        drop(a);
+    }
+    let rows = direct
+        .query("SELECT settings FROM public.seen", &[])
+        .await
+        .unwrap();
+    for row in &rows {
+        assert_eq!(row.get::<_, String>(0), "0|\"$user\", public");
+    }
+    assert_eq!(
+        rows.len() + failed,
+        3,
+        "every round either ran clean or failed"
+    );
+    // The next client is fine.
+    let c = env.app(&slug).await;
+    assert_eq!(value(&c, "SHOW statement_timeout").await, "0");
+}
+
+/// Like the test before, with a client that pipelines two Syncs in its first write: when the
+/// reset fails the server skips up to the first Sync only, so the second batch must not have
+/// gone out behind the reset (it waits in the proxy until the reset succeeded).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_reset_ahead_runs_nothing_of_a_pipelined_second_batch() {
+    use postgres_protocol::message::frontend;
+    let env = one_backend_env().await;
+    let t = env.tenant_with_user("int-ahead-pipe").await;
+    let slug = t.slug.to_string();
+    let admin = env.admin().await;
+    let direct = common::admin_client(&t.database).await;
+    direct
+        .batch_execute(&format!(
+            "CREATE TABLE public.seen (batch text); GRANT ALL ON public.seen TO {}",
+            t.backend_role
+        ))
+        .await
+        .unwrap();
+    let mut slow = String::from("BEGIN;");
+    for i in 0..300 {
+        write!(slow, "CREATE TEMP TABLE leak{i} (x int);").unwrap();
+    }
+    slow.push_str("SET statement_timeout = '1ms'");
+    let mut batches = bytes::BytesMut::new();
+    for batch in ["one", "two"] {
+        let sql = format!("INSERT INTO public.seen VALUES ('{batch}')");
+        frontend::parse("", &sql, std::iter::empty(), &mut batches).unwrap();
+        frontend::bind(
+            "",
+            "",
+            std::iter::empty(),
+            std::iter::empty::<()>(),
+            |(), _| Ok(postgres_protocol::IsNull::No),
+            std::iter::empty(),
+            &mut batches,
+        )
+        .map_err(|_| "bind")
+        .unwrap();
+        frontend::execute("", 0, &mut batches).unwrap();
+        frontend::sync(&mut batches);
+    }
+    let mut failed = 0;
+    for round in 0..3 {
+        let mut a = RawClient::connect(env.port(), &slug, "app", "secret").await;
+        a.send(&query(&slow)).await;
+        assert_eq!(a.until_ready().await.last().unwrap().1, b"T");
+        let mut b = RawClient::connect(env.port(), &slug, "app", "secret").await;
+        b.send(&batches).await;
+        until_waiting(&admin, &slug, 1).await;
+        a.send(&query("COMMIT")).await;
+        a.until_ready().await;
+        let (tag, body) = tokio::time::timeout(Duration::from_secs(10), b.read())
+            .await
+            .expect("B got an answer");
+        if tag == b'E' {
+            // FATAL, then the proxy closes B's connection.
+            let text = String::from_utf8_lossy(&body);
+            assert!(text.contains("08006"), "round {round}: {text}");
+            failed += 1;
+            continue;
+        }
+        for _ in 0..2 {
+            let answers = tokio::time::timeout(Duration::from_secs(10), b.until_ready())
+                .await
+                .expect("B's batches answered");
+            assert!(answers.iter().all(|(tag, _)| *tag != b'E'), "round {round}");
+        }
+    }
+    let rows = direct
+        .query("SELECT batch FROM public.seen", &[])
+        .await
+        .unwrap();
+    assert_eq!(
+        rows.len(),
+        2 * (3 - failed),
+        "only rounds whose reset succeeded inserted, both batches"
+    );
+}

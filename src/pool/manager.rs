@@ -124,6 +124,14 @@ impl StartupSettings {
         }
     }
 
+    /// Whether new connections carry exactly `settings`.
+    pub(super) fn opens_with(&self, settings: &[(String, String)]) -> bool {
+        match &*self.0.lock().unwrap_or_else(PoisonError::into_inner) {
+            StartupState::Uniform(uniform) => uniform.as_slice() == settings,
+            StartupState::Unknown | StartupState::Mixed => false,
+        }
+    }
+
     /// New backends carry no settings from now on.
     pub(super) fn give_up(&self) {
         *self.0.lock().unwrap_or_else(PoisonError::into_inner) = StartupState::Mixed;

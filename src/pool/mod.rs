@@ -309,6 +309,11 @@ impl TenantPool {
         }
     }
 
+    /// Whether new backends of this pool carry exactly `settings` in their startup packet.
+    pub fn opens_with(&self, settings: &[(String, String)]) -> bool {
+        self.startup.opens_with(settings)
+    }
+
     fn remember_params(&self, conn: &BackendConn) {
         if !conn.startup_settings.is_empty() {
             // Its parameters show the settings it was opened with, which a client greeted

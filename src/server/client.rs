@@ -72,6 +72,7 @@ impl fmt::Display for CloseReason {
             CloseReason::Session(RelayEnd::ClientClosed) => f.write_str("client closed socket"),
             CloseReason::Session(RelayEnd::BackendClosed) => f.write_str("backend closed"),
             CloseReason::Session(RelayEnd::Idle) => f.write_str("idle"),
+            CloseReason::Session(RelayEnd::ResetFailed) => f.write_str("backend reset failed"),
             CloseReason::Shutdown => f.write_str("shutdown"),
             CloseReason::LoginTimeout => f.write_str("login timeout"),
             CloseReason::LeftDuringLogin => f.write_str("client left during login"),

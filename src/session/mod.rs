@@ -153,6 +153,10 @@ pub enum SessionError {
     Backend(#[from] BackendError),
     #[error("relay failed")]
     Relay(#[from] RelayError),
+    /// The reset sent ahead of the client's first messages failed (SQLSTATE and message);
+    /// the server skipped them.
+    #[error("the backend's reset before the client's transaction failed: {0}")]
+    ResetFailed(String),
     #[error(transparent)]
     Pool(#[from] PoolError),
     #[error("writing to the client failed")]
@@ -169,6 +173,7 @@ impl ClientFacing for SessionError {
             SessionError::Relay(
                 RelayError::Backend(_) | RelayError::BackendProtocol(_) | RelayError::Client(_),
             )
+            | SessionError::ResetFailed(_)
             | SessionError::ClientIo(_) => SqlState::CONNECTION_FAILURE,
         }
     }
@@ -177,6 +182,7 @@ impl ClientFacing for SessionError {
         match self {
             SessionError::SettingRejected(e) => e.message.clone(),
             SessionError::Backend(e) => e.client_message(),
+            SessionError::ResetFailed(_) => "the pooled server connection could not be reset for this transaction, which did not run; reconnect and retry".to_owned(),
             SessionError::Pool(e) => e.client_message(),
             SessionError::Relay(RelayError::ClientProtocol(e)) => {
                 format!("invalid message from the client: {e}")
@@ -198,6 +204,7 @@ impl ClientFacing for SessionError {
                 ErrorKind::Client
             }
             SessionError::Backend(_)
+            | SessionError::ResetFailed(_)
             | SessionError::Relay(RelayError::Backend(_) | RelayError::BackendProtocol(_)) => {
                 ErrorKind::Backend
             }
@@ -349,10 +356,7 @@ where
         let tenant = watch.tenant();
         let mut lease = checkout(ctx, tenant, settings).await?;
         responses.clear();
-        // Before the client's bytes go, with a round trip: a setup that fails must stop the
-        // client's query (pipelined, it would run whatever happened before it). The reset
-        // itself was sent at release and its answer read by the checkout.
-        prepare(lease.conn(), ctx.client_id, settings, ctx.reset_timeout).await?;
+        prepare_ahead(lease.conn(), ctx, settings, buffers, &mut responses).await?;
         if !settings_accepted {
             accepted(&lease, settings);
             settings_accepted = true;
@@ -381,13 +385,22 @@ where
             break outcome;
         };
         cancel.detach().await;
+        if let Some(failure) = responses.reset_failure() {
+            // Nothing of the client's ran; its first messages were spent on this backend.
+            tracing::warn!(
+                backend_pid = backend.pid,
+                reason = failure,
+                "the reset before a client's transaction failed; closing the backend and the client"
+            );
+            return Err(SessionError::ResetFailed(failure.to_owned()));
+        }
         let outcome = outcome.map(|end| lost_or(end, &tracker));
         tracing::trace!(?outcome, ?tracker, "transaction relay ended");
         backend.needs_reset |= responses.statements_suspect();
         let at_boundary = tracker.is_clean() && buffers.at_message_boundary();
         match outcome {
             Ok(SessionEnd::Relay(RelayEnd::Idle)) if at_boundary => {
-                release_resetting(&mut lease).await;
+                release(&mut lease).await;
             }
             Ok(SessionEnd::Relay(end @ (RelayEnd::ClientTerminated | RelayEnd::ClientClosed)))
                 if at_boundary =>
@@ -412,7 +425,10 @@ where
 
 /// A backend of the tenant's pool that can take `settings`: one opened with other startup
 /// settings cannot (a reset brings those back, and nothing takes a startup value away), so it
-/// is closed and another is taken; the pool stops opening backends with settings.
+/// is closed and another is taken; the pool stops opening backends with settings. One opened
+/// without settings, from before the pool knew its clients' common ones, is closed too: the
+/// one that replaces it carries them, and then a switch between clients needs only the reset
+/// (which goes with the next client's first messages, without a round trip).
 async fn checkout(
     ctx: &SessionContext<'_>,
     tenant: &TenantRecord,
@@ -421,14 +437,25 @@ async fn checkout(
     loop {
         let mut lease = ctx.pools.checkout(tenant).await?;
         let startup = &lease.conn().startup_settings;
-        if startup.is_empty() || startup.as_slice() == settings {
+        if startup.as_slice() == settings {
             return Ok(lease);
         }
-        tracing::debug!(
-            backend_pid = lease.conn().pid,
-            "backend opened with other clients' settings; closing it"
-        );
-        accepted(&lease, settings);
+        if startup.is_empty() {
+            let stale = lease.pool().is_some_and(|pool| pool.opens_with(settings));
+            if !stale {
+                return Ok(lease);
+            }
+            tracing::debug!(
+                backend_pid = lease.conn().pid,
+                "backend opened before its pool knew its clients' settings; closing it"
+            );
+        } else {
+            tracing::debug!(
+                backend_pid = lease.conn().pid,
+                "backend opened with other clients' settings; closing it"
+            );
+            accepted(&lease, settings);
+        }
         drop(lease);
     }
 }
@@ -515,6 +542,35 @@ fn setup_done(
     backend.owner = client_id;
 }
 
+/// Transaction pooling: makes `backend` ready for this client without a round trip when
+/// only a reset is needed. The reset goes in the same write as the client's first messages
+/// ([`statements::RESET_AHEAD`]), and if it fails the server skips them: the relay ends with
+/// `ResetFailed` and nothing of the client's ran. Settings (rare: clients of one tenant with
+/// different startup settings) still take a round trip ([`prepare`]).
+async fn prepare_ahead(
+    backend: &mut BackendConn,
+    ctx: &SessionContext<'_>,
+    settings: &[(String, String)],
+    buffers: &mut RelayBuffers,
+    responses: &mut Responses,
+) -> Result<(), SessionError> {
+    match needed_setup(backend, ctx.client_id, settings) {
+        None => {
+            backend.owner = ctx.client_id;
+            Ok(())
+        }
+        Some(Setup {
+            reset: true,
+            settings: false,
+        }) if buffers.prepend_to_backend(statements::RESET_AHEAD) => {
+            responses.reset_sent();
+            setup_done(backend, ctx.client_id, settings, true);
+            Ok(())
+        }
+        Some(_) => prepare(backend, ctx.client_id, settings, ctx.reset_timeout).await,
+    }
+}
+
 /// Makes `backend` ready for `client_id`, a round trip per query, before any byte of the
 /// client's goes to it: the reset (and the settings) either succeeded or the backend is
 /// closed and the client gets the error, never its query run in someone else's session.
@@ -588,11 +644,21 @@ where
     Ok(())
 }
 
-/// Transaction pooling: releases a backend the client left idle and at a message boundary,
-/// with its reset on the way (see `BackendConn::start_reset`): the server runs DISCARD ALL
-/// while the backend sits in the pool, and the next checkout reads the answer before any
-/// client byte goes, closing the backend if the reset failed. So no state of this client
-/// reaches the next, and the next does not wait a round trip for the reset.
+/// Transaction pooling: releases a backend the client left idle and at a message boundary.
+/// When clients wait for one, it goes as it is: the next client's first messages carry its
+/// reset ([`prepare_ahead`]). When none waits, it may sit in the pool a while, so the reset
+/// goes now (see `BackendConn::start_reset`): what this client left (a session advisory
+/// lock, temp tables) is gone at once, and the next checkout reads the answer, closing the
+/// backend if the reset failed. Either way no state of this client reaches the next.
+async fn release(lease: &mut Lease) {
+    if lease.pool().is_some_and(|pool| pool.waiting() > 0) {
+        lease.reusable();
+        return;
+    }
+    release_resetting(lease).await;
+}
+
+/// Releases a backend with its reset on the way: see [`release`].
 async fn release_resetting(lease: &mut Lease) {
     let backend = lease.conn();
     if backend.start_reset().await.is_ok() {

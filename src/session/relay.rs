@@ -133,6 +133,9 @@ pub enum RelayEnd {
     BackendClosed,
     /// Transaction pooling: the backend is idle and owes nothing; it can be released.
     Idle,
+    /// Transaction pooling: the reset sent ahead of the client's first messages failed, so
+    /// the server skipped them (see `statements::RESET_AHEAD`); the backend must be closed.
+    ResetFailed,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -244,6 +247,11 @@ impl Half {
         W: AsyncWrite + Unpin,
     {
         loop {
+            if self.written < self.scanned && self.can_scan_first() {
+                // Bytes put in front (a reset sent ahead) and the client's after them: scan
+                // those too, so one write carries both.
+                self.scan_more(inspector)?;
+            }
             ready!(self.poll_drain(cx, writer))?;
             if self.splice.is_some() {
                 ready!(self.poll_splice(cx, writer))?;
@@ -278,6 +286,12 @@ impl Half {
             ready!(self.poll_fill(cx, reader))?;
             self.scan_more(inspector)?;
         }
+    }
+
+    /// Unscanned bytes wait and nothing stands before scanning them (a splice or a stop to
+    /// act on, the rest of a dropped frame).
+    fn can_scan_first(&self) -> bool {
+        self.scanned < self.filled && self.splice.is_none() && !self.stopped && self.discard == 0
     }
 
     /// Writes `[written, scanned)` and flushes.
@@ -340,6 +354,11 @@ impl Half {
             self.written = 0;
         }
         let space = self.buf.get_mut(self.filled..).unwrap_or_default();
+        if space.is_empty() {
+            // A full buffer of messages held until the backend answers (a reset sent ahead):
+            // its answer wakes the relay, which polls both directions.
+            return Poll::Pending;
+        }
         let mut read_buf = ReadBuf::new(space);
         ready!(Pin::new(&mut *reader).poll_read(cx, &mut read_buf)).map_err(HalfError::Read)?;
         let n = read_buf.filled().len();
@@ -438,6 +457,26 @@ impl RelayBuffers {
         self.to_backend.writer_at_boundary()
             && self.to_client.writer_at_boundary()
             && self.to_client.scanned == self.to_client.filled
+    }
+
+    /// Puts `bytes` before everything the client sent that has not gone to a backend yet, to
+    /// go in the same write (a reset sent ahead). Returns false, changing nothing, when the
+    /// client's direction is not between messages or the buffer has no room for them.
+    pub fn prepend_to_backend(&mut self, bytes: &[u8]) -> bool {
+        let half = &mut self.to_backend;
+        let waiting = half.filled - half.written;
+        if !half.writer_at_boundary() || waiting + bytes.len() > half.buf.len() {
+            return false;
+        }
+        half.buf.copy_within(half.written..half.filled, bytes.len());
+        let Some(front) = half.buf.get_mut(..bytes.len()) else {
+            return false;
+        };
+        front.copy_from_slice(bytes);
+        half.scanned = half.scanned - half.written + bytes.len();
+        half.filled = waiting + bytes.len();
+        half.written = 0;
+        true
     }
 
     /// Transaction pooling, between transactions: waits until the client sends something.
@@ -548,6 +587,15 @@ struct BackendSide<'t, 's> {
 impl Inspector for BackendSide<'_, '_> {
     fn frame(&mut self, head: FrameHead<'_>, _splice: &mut BytesMut) -> Scan {
         if let Some(ctx) = self.statements.as_mut() {
+            match ctx.responses.on_reset_frame(head.tag, head.body) {
+                statements::ResetFrame::NotReset => {}
+                statements::ResetFrame::Swallow => {
+                    return Scan::Splice {
+                        consume: HEADER_BYTES + head.body_len,
+                    };
+                }
+                statements::ResetFrame::Failed => return Scan::StopBefore,
+            }
             if ctx.responses.injection_due() {
                 // Our made-up responses go out before this frame: `pending` sends them.
                 return Scan::Hold;
@@ -637,7 +685,11 @@ where
             },
         );
         if let Poll::Ready(end) = from_backend {
+            let reset_failed = statements
+                .as_ref()
+                .is_some_and(|ctx| ctx.responses.reset_failure().is_some());
             return Poll::Ready(match end {
+                Ok(HalfEnd::Stopped) if reset_failed => Ok(RelayEnd::ResetFailed),
                 Ok(HalfEnd::Stopped) => Ok(RelayEnd::Idle),
                 Ok(HalfEnd::Eof) => Ok(RelayEnd::BackendClosed),
                 Err(HalfError::Read(e)) => Err(RelayError::Backend(e)),

@@ -152,6 +152,47 @@ pub struct Responses {
     /// query may have run DEALLOCATE or DISCARD; the server said one is missing, exists
     /// already, or is stale).
     statements_suspect: bool,
+    /// The reset sent ahead of this client's first messages, until the backend answers it.
+    reset: ResetAhead,
+    /// Why the reset failed (SQLSTATE and message), when it did.
+    reset_failure: String,
+}
+
+/// A reset (`DISCARD ALL`, as Parse/Bind/Execute without a Sync: see [`RESET_AHEAD`]) sent
+/// in the same write as a new client's first messages. If it fails, the server skips
+/// everything up to the next Sync, so the client's first messages never run in the last
+/// client's session; messages after them are held here until the reset has succeeded.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+enum ResetAhead {
+    #[default]
+    None,
+    /// Sent, not answered; the client's first Sync, Query or FunctionCall not seen yet.
+    Sent,
+    /// Sent, not answered; the client's first Sync, Query or FunctionCall went with it:
+    /// hold everything after it.
+    SentHolding,
+    /// The backend answered it with an error (or something else than its answer).
+    Failed,
+}
+
+/// `DISCARD ALL` as Parse, Bind and Execute of the unnamed statement and portal, no Sync:
+/// after an error in any of them the server skips every message up to the next Sync. It
+/// commits at once (DISCARD ALL cannot run in a transaction block, so the server ends its
+/// implicit transaction right after it) and answers ParseComplete, BindComplete and
+/// CommandComplete, which are swallowed.
+pub const RESET_AHEAD: &[u8] = b"P\0\0\0\x13\0DISCARD ALL\0\0\0\
+B\0\0\0\x0c\0\0\0\0\0\0\0\0\
+E\0\0\0\x09\0\0\0\0\0";
+
+/// What the relay does with a backend message while a reset sent ahead is unanswered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ResetFrame {
+    /// No reset in flight: the message is the client's business.
+    NotReset,
+    /// Part of the reset's answer: swallow it.
+    Swallow,
+    /// The reset failed: stop before this message; the backend must be closed.
+    Failed,
 }
 
 /// SQLSTATEs that mean a shared statement is not as we believe: 26000 (does not exist),
@@ -161,13 +202,18 @@ const STATEMENT_TROUBLE: &[&[u8; 5]] = &[b"26000", b"42P05", b"0A000", b"XX000"]
 
 /// The SQLSTATE field of an ErrorResponse body (the prefix that has arrived).
 fn error_code(body: &[u8]) -> Option<&[u8]> {
+    error_field(body, b'C')
+}
+
+/// One field of an ErrorResponse body (the prefix that has arrived).
+fn error_field(body: &[u8], name: u8) -> Option<&[u8]> {
     let mut rest = body;
     while let Some((field, after)) = rest.split_first() {
         if *field == 0 {
             return None;
         }
         let (value, after) = cstr(after)?;
-        if *field == b'C' {
+        if *field == name {
             return Some(value);
         }
         rest = after;
@@ -233,6 +279,14 @@ pub fn on_client_frame(
     head: &FrameHead<'_>,
     splice: &mut BytesMut,
 ) -> Scan {
+    match ctx.responses.reset {
+        // Nothing after the first Sync or Query goes before the reset has succeeded.
+        ResetAhead::SentHolding | ResetAhead::Failed => return Scan::Hold,
+        ResetAhead::Sent if matches!(head.tag, b'S' | b'Q' | b'F') => {
+            ctx.responses.reset = ResetAhead::SentHolding;
+        }
+        ResetAhead::Sent | ResetAhead::None => {}
+    }
     match head.tag {
         b'P' => on_parse(ctx, head, splice),
         b'B' => on_bind(ctx, head, splice),
@@ -541,6 +595,52 @@ impl Responses {
     pub fn clear(&mut self) {
         self.queue.clear();
         self.statements_suspect = false;
+        self.reset = ResetAhead::None;
+        self.reset_failure.clear();
+    }
+
+    /// [`RESET_AHEAD`] goes to the backend before the client's first message.
+    pub fn reset_sent(&mut self) {
+        self.reset = ResetAhead::Sent;
+    }
+
+    /// The reset sent ahead failed: SQLSTATE and message, as the server said them.
+    pub fn reset_failure(&self) -> Option<&str> {
+        (self.reset == ResetAhead::Failed).then_some(self.reset_failure.as_str())
+    }
+
+    /// Follows one backend message while a reset sent ahead may be unanswered (`body`: the
+    /// part of it that has arrived).
+    pub fn on_reset_frame(&mut self, tag: u8, body: &[u8]) -> ResetFrame {
+        match (self.reset, tag) {
+            (ResetAhead::None, _) => ResetFrame::NotReset,
+            (ResetAhead::Failed, _) => ResetFrame::Failed,
+            // ParseComplete, BindComplete; a notice or a notification for the last client.
+            (_, b'1' | b'2' | b'N' | b'A') => ResetFrame::Swallow,
+            // Reported at the client's ReadyForQuery, after its own results.
+            (_, b'S') => ResetFrame::NotReset,
+            (_, b'C') => {
+                self.reset = ResetAhead::None;
+                ResetFrame::Swallow
+            }
+            (_, _) => {
+                self.reset = ResetAhead::Failed;
+                self.reset_failure = if tag == b'E' {
+                    let field = |name: u8| {
+                        error_field(body, name)
+                            .map(String::from_utf8_lossy)
+                            .unwrap_or_default()
+                    };
+                    format!("{} {}", field(b'C'), field(b'M'))
+                } else {
+                    format!(
+                        "unexpected message '{}' instead of its answer",
+                        char::from(tag).escape_default()
+                    )
+                };
+                ResetFrame::Failed
+            }
+        }
     }
 
     /// The backend's prepared statements may not be what its cache says: reset it before
@@ -631,6 +731,71 @@ impl Responses {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_reset_sent_ahead_is_discard_all_as_parse_bind_execute() {
+        use postgres_protocol::message::frontend;
+        let mut expected = BytesMut::new();
+        frontend::parse("", "DISCARD ALL", std::iter::empty(), &mut expected).unwrap();
+        frontend::bind(
+            "",
+            "",
+            std::iter::empty(),
+            std::iter::empty::<()>(),
+            |(), _| Ok(postgres_protocol::IsNull::No),
+            std::iter::empty(),
+            &mut expected,
+        )
+        .map_err(|_| "bind")
+        .unwrap();
+        frontend::execute("", 0, &mut expected).unwrap();
+        assert_eq!(RESET_AHEAD, &expected[..]);
+    }
+
+    #[test]
+    fn messages_after_the_first_sync_wait_for_the_reset_and_its_failure_is_kept() {
+        let mut client = ClientStatements::default();
+        let mut backend = BackendStatements::default();
+        let mut responses = Responses::default();
+        responses.reset_sent();
+        let mut splice = BytesMut::new();
+        let mut ctx = StatementContext {
+            client: &mut client,
+            backend: &mut backend,
+            responses: &mut responses,
+        };
+        assert_eq!(
+            on_client_frame(&mut ctx, &head(b'Q', b"SELECT 1\0"), &mut splice),
+            Scan::Continue
+        );
+        assert_eq!(
+            on_client_frame(&mut ctx, &head(b'Q', b"SELECT 2\0"), &mut splice),
+            Scan::Hold
+        );
+        assert_eq!(responses.on_reset_frame(b'1', b""), ResetFrame::Swallow);
+        assert_eq!(responses.on_reset_frame(b'2', b""), ResetFrame::Swallow);
+        assert_eq!(
+            responses.on_reset_frame(b'C', b"DISCARD ALL\0"),
+            ResetFrame::Swallow
+        );
+        assert_eq!(responses.on_reset_frame(b'T', b""), ResetFrame::NotReset);
+        assert!(responses.reset_failure().is_none());
+
+        responses.clear();
+        responses.reset_sent();
+        assert_eq!(
+            responses.on_reset_frame(
+                b'E',
+                b"SERROR\0C57014\0Mcanceling statement due to statement timeout\0\0"
+            ),
+            ResetFrame::Failed
+        );
+        assert_eq!(
+            responses.reset_failure(),
+            Some("57014 canceling statement due to statement timeout")
+        );
+        assert_eq!(responses.on_reset_frame(b'Z', b"I"), ResetFrame::Failed);
+    }
 
     fn head(tag: u8, body: &[u8]) -> FrameHead<'_> {
         FrameHead {
