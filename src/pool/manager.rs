@@ -109,6 +109,9 @@ enum StartupState {
     /// No client's settings were accepted yet.
     #[default]
     Unknown,
+    /// No client's settings were accepted yet, but the first client that came uses these:
+    /// new backends carry them (one the server refuses them from goes back to `Unknown`).
+    Tentative(Settings),
     /// Every accepted client used these.
     Uniform(Settings),
     /// Clients differ: new backends carry no settings.
@@ -119,7 +122,9 @@ impl StartupSettings {
     /// What a new connection carries.
     pub(super) fn for_new_connection(&self) -> Settings {
         match &*self.0.lock().unwrap_or_else(PoisonError::into_inner) {
-            StartupState::Uniform(settings) => Arc::clone(settings),
+            StartupState::Uniform(settings) | StartupState::Tentative(settings) => {
+                Arc::clone(settings)
+            }
             StartupState::Unknown | StartupState::Mixed => Settings::default(),
         }
     }
@@ -127,14 +132,30 @@ impl StartupSettings {
     /// Whether new connections carry exactly `settings`.
     pub(super) fn opens_with(&self, settings: &[(String, String)]) -> bool {
         match &*self.0.lock().unwrap_or_else(PoisonError::into_inner) {
-            StartupState::Uniform(uniform) => uniform.as_slice() == settings,
+            StartupState::Uniform(uniform) | StartupState::Tentative(uniform) => {
+                uniform.as_slice() == settings
+            }
             StartupState::Unknown | StartupState::Mixed => false,
         }
     }
 
-    /// New backends carry no settings from now on.
+    /// A client with `settings` attached: while nothing is known, the pool's first backends
+    /// carry them (so they need not be replaced once the settings are accepted).
+    pub(super) fn expect(&self, settings: &[(String, String)]) {
+        let mut state = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+        if matches!(*state, StartupState::Unknown) && !settings.is_empty() {
+            *state = StartupState::Tentative(Arc::new(settings.to_vec()));
+        }
+    }
+
+    /// The server refused the settings new backends carry: none from now on (or, for
+    /// settings only expected, until a client's are accepted).
     pub(super) fn give_up(&self) {
-        *self.0.lock().unwrap_or_else(PoisonError::into_inner) = StartupState::Mixed;
+        let mut state = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+        *state = match *state {
+            StartupState::Tentative(_) => StartupState::Unknown,
+            _ => StartupState::Mixed,
+        };
     }
 
     /// A backend accepted a client's settings. Returns true when this made the pool's
@@ -146,8 +167,12 @@ impl StartupSettings {
                 *state = StartupState::Uniform(Arc::new(settings.to_vec()));
                 false
             }
+            StartupState::Tentative(expected) if expected.as_slice() == settings => {
+                *state = StartupState::Uniform(Arc::clone(expected));
+                false
+            }
             StartupState::Uniform(uniform) if uniform.as_slice() == settings => false,
-            StartupState::Uniform(_) => {
+            StartupState::Tentative(_) | StartupState::Uniform(_) => {
                 *state = StartupState::Mixed;
                 true
             }
@@ -351,5 +376,39 @@ impl bb8::ErrorSink<BackendError> for ConnectErrors {
 
     fn boxed_clone(&self) -> Box<dyn bb8::ErrorSink<BackendError>> {
         Box::new(self.clone())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn settings(app: &str) -> Vec<(String, String)> {
+        vec![("application_name".to_owned(), app.to_owned())]
+    }
+
+    #[test]
+    fn expected_settings_open_backends_until_the_server_refuses_them_or_clients_differ() {
+        let startup = StartupSettings::default();
+        assert!(startup.for_new_connection().is_empty());
+        startup.expect(&settings("a"));
+        assert_eq!(startup.for_new_connection().as_slice(), settings("a"));
+        assert!(startup.opens_with(&settings("a")));
+        // Refused at startup: back to not knowing, not to giving up for good.
+        startup.give_up();
+        assert!(startup.for_new_connection().is_empty());
+        startup.expect(&settings("b"));
+        assert!(!startup.accepted(&settings("b")));
+        assert!(startup.opens_with(&settings("b")));
+        // A later expectation changes nothing once settings were accepted.
+        startup.expect(&settings("c"));
+        assert!(startup.opens_with(&settings("b")));
+        assert!(startup.accepted(&settings("c")));
+        assert!(startup.for_new_connection().is_empty());
+        // Expected, then another client's accepted first: clients differ.
+        let startup = StartupSettings::default();
+        startup.expect(&settings("a"));
+        assert!(startup.accepted(&settings("b")));
+        assert!(startup.for_new_connection().is_empty());
     }
 }

@@ -183,9 +183,10 @@ pub struct TenantPool {
     /// Milliseconds since the pool map started, at the last checkout: reclaim takes idle
     /// connections from the least recently used pools first.
     last_used_ms: std::sync::atomic::AtomicU64,
-    /// ParameterStatus values of a freshly logged-in backend, once one has been seen: enough to
-    /// greet a transaction-pooling client without taking a backend.
-    base_params: std::sync::Mutex<Option<Params>>,
+    /// ParameterStatus values of a freshly logged-in backend, once one has been seen, and the
+    /// startup settings it was opened with: enough to greet a transaction-pooling client
+    /// without taking a backend (see `base_params`).
+    base_params: std::sync::Mutex<Option<(Settings, Params)>>,
     /// Clients attached to this pool now (see `PoolMap::attach`).
     users: std::sync::atomic::AtomicUsize,
     /// Clients waiting for their turn (a backend) now.
@@ -289,12 +290,24 @@ impl TenantPool {
         self.users.load(Ordering::Relaxed) > 0 || open > idle
     }
 
-    /// The parameters a fresh backend of this pool reports, if one has been seen.
-    pub fn base_params(&self) -> Option<Params> {
-        self.base_params
+    /// The parameters a fresh backend of this pool reports, if one has been seen whose
+    /// startup settings a client with `settings` overrides all of (so that its own values
+    /// replace every one they changed): the client's greeting is these with its settings.
+    pub fn base_params(&self, settings: &[(String, String)]) -> Option<Params> {
+        let slot = self
+            .base_params
             .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .clone()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let (opened_with, params) = slot.as_ref()?;
+        let covered = opened_with
+            .iter()
+            .all(|(name, _)| settings.iter().any(|(n, _)| n.eq_ignore_ascii_case(name)));
+        covered.then(|| Arc::clone(params))
+    }
+
+    /// A client with `settings` attached: see [`StartupSettings::expect`].
+    pub fn expect_settings(&self, settings: &[(String, String)]) {
+        self.startup.expect(settings);
     }
 
     /// A backend accepted a client's settings: new backends may carry them from now on
@@ -314,18 +327,22 @@ impl TenantPool {
         self.startup.opens_with(settings)
     }
 
+    /// Keeps a fresh backend's parameters for greetings: the first seen, replaced by the first
+    /// from a backend opened without settings (whose parameters suit every client).
     fn remember_params(&self, conn: &BackendConn) {
-        if !conn.startup_settings.is_empty() {
-            // Its parameters show the settings it was opened with, which a client greeted
-            // from them may not have.
-            return;
-        }
         let mut slot = self
             .base_params
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
-        if slot.is_none() {
-            *slot = Some(Arc::clone(&conn.base_params));
+        let better = match slot.as_ref() {
+            None => true,
+            Some((opened_with, _)) => !opened_with.is_empty() && conn.startup_settings.is_empty(),
+        };
+        if better {
+            *slot = Some((
+                Arc::clone(&conn.startup_settings),
+                Arc::clone(&conn.base_params),
+            ));
         }
     }
 }
@@ -454,6 +471,13 @@ impl Drop for WaitTimer<'_> {
 /// A client's hold on its tenant's pool; see `PoolMap::attach`.
 pub struct PoolUse {
     pool: Arc<TenantPool>,
+}
+
+impl PoolUse {
+    /// The pool held.
+    pub fn pool(&self) -> &Arc<TenantPool> {
+        &self.pool
+    }
 }
 
 impl Drop for PoolUse {

@@ -8,9 +8,10 @@
 //!   ALL) succeeded; anything else closes it.
 //! - transaction: the client holds a backend from its first message of a transaction to the
 //!   ReadyForQuery that leaves it idle with nothing owed and both directions between
-//!   messages. Released, the backend is sent DISCARD ALL at once; the next checkout reads its
-//!   answer (closing the backend if it failed) and applies that client's settings, so no
-//!   client sees another's state, by any path. Named prepared statements follow the
+//!   messages. A backend that changes client is reset (DISCARD ALL) before any of the next
+//!   client's messages can run: in the same write as them when clients wait for backends
+//!   (`prepare_ahead`), at release when none waits (`release`). So no client sees another's
+//!   state, by any path. Named prepared statements follow the
 //!   client from backend to backend (`statements`). A client that LISTENs is pinned to its
 //!   backend until it leaves.
 //!
@@ -223,7 +224,8 @@ where
     C: AsyncRead + AsyncWrite + Unpin,
 {
     // Keeps the tenant's pool (and so its limits) in place while this client is connected.
-    let _attached = ctx.pools.attach(ctx.tenant).await?;
+    let attached = ctx.pools.attach(ctx.tenant).await?;
+    attached.pool().expect_settings(settings);
     let mut buffers = RelayBuffers::new(ctx.max_client_message_bytes);
     let outcome = match ctx.mode {
         PoolMode::Session => {
@@ -240,7 +242,7 @@ where
             // connects its clients from the thread that drives the others' transactions).
             let cancel = ctx.cancels.register_detached();
             let known = match ctx.pools.get(&ctx.tenant.slug).await {
-                Some(pool) => pool.base_params(),
+                Some(pool) => pool.base_params(settings),
                 None => None,
             };
             let params = if let Some(base) = known {
@@ -488,9 +490,9 @@ fn cancel_target(backend: &BackendConn) -> CancelTarget {
 
 /// What makes `backend` ready for `client_id`: nothing if it served this client last (and
 /// nothing made its statements suspect); otherwise `DISCARD ALL` if a client used it since
-/// its last reset (in transaction pooling the reset was sent at release, so this is rare),
-/// then this client's settings unless the session has them already (a backend opened with
-/// the client's settings in its startup packet has them after the reset too).
+/// its last reset, then this client's settings unless the session has them already (a
+/// backend opened with the client's settings in its startup packet has them after the reset
+/// too).
 ///
 /// Every switch between clients resets: no detection of what a client left behind can see
 /// every path (set_config() in a SELECT, a DO block, a trigger, temp tables made by a
