@@ -565,3 +565,77 @@ async fn a_failed_reset_ahead_runs_nothing_of_a_pipelined_second_batch() {
         "only rounds whose reset succeeded inserted, both batches"
     );
 }
+
+/// A waiting client whose first message is answered by the proxy itself (a `DEALLOCATE ALL`,
+/// as psycopg sends) asks the backend for nothing but the reset: the backend must not go to
+/// the next client before the reset's answers are in, or they reach that client as its own.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reset_ahead_answered_after_a_proxy_answered_message_never_reaches_the_next_client() {
+    let env = one_backend_env().await;
+    let t = env.tenant_with_user("int-ahead-dealloc").await;
+    let slug = t.slug.to_string();
+    let admin = env.admin().await;
+    for round in 0..3 {
+        let a = env.app(&slug).await;
+        a.batch_execute("BEGIN; SET search_path = leaky, public")
+            .await
+            .unwrap();
+        let b = env.app(&slug).await;
+        let c = env.app(&slug).await;
+        let b_task = tokio::spawn(async move { b.batch_execute("DEALLOCATE ALL").await });
+        until_waiting(&admin, &slug, 1).await;
+        let c_task = tokio::spawn(async move {
+            let seen = value(&c, "SELECT 42::text || current_setting('search_path')").await;
+            (c, seen)
+        });
+        until_waiting(&admin, &slug, 2).await;
+        a.batch_execute("COMMIT").await.unwrap();
+        tokio::time::timeout(Duration::from_secs(10), b_task)
+            .await
+            .expect("B answered")
+            .unwrap()
+            .unwrap();
+        let (_c, seen) = tokio::time::timeout(Duration::from_secs(10), c_task)
+            .await
+            .expect("C answered")
+            .unwrap();
+        assert_eq!(seen, "42\"$user\", public", "round {round}");
+    }
+}
+
+/// A client that sets a reported parameter to the value the last client left on the backend
+/// is told of it, as a direct connection would tell it (libpq's escaping follows
+/// `standard_conforming_strings` as reported): the server reports only changes from what it
+/// last reported, so a backend that reported anything is reset with a round trip, whose
+/// reports tenantgate absorbs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_parameter_set_to_the_last_clients_value_is_still_reported() {
+    let env = one_backend_env().await;
+    let t = env.tenant_with_user("int-ahead-report").await;
+    let slug = t.slug.to_string();
+    let admin = env.admin().await;
+    let reported = |answers: &[(u8, Vec<u8>)]| {
+        answers
+            .iter()
+            .any(|(tag, body)| *tag == b'S' && body.as_slice() == b"application_name\0shared\0")
+    };
+    for round in 0..3 {
+        let mut a = RawClient::connect(env.port(), &slug, "app", "secret").await;
+        a.send(&query("BEGIN; SET application_name = 'shared'"))
+            .await;
+        let answers = a.until_ready().await;
+        assert!(reported(&answers), "round {round}: A is told");
+        let mut b = RawClient::connect(env.port(), &slug, "app", "secret").await;
+        b.send(&query("SET application_name = 'shared'")).await;
+        until_waiting(&admin, &slug, 1).await;
+        a.send(&query("COMMIT")).await;
+        a.until_ready().await;
+        let answers = tokio::time::timeout(Duration::from_secs(10), b.until_ready())
+            .await
+            .expect("B answered");
+        assert!(
+            reported(&answers),
+            "round {round}: B is not told application_name changed: {answers:?}"
+        );
+    }
+}

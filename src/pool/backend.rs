@@ -217,6 +217,10 @@ impl ClientFacing for BackendError {
 }
 
 /// A live, authenticated backend connection.
+#[allow(
+    clippy::struct_excessive_bools,
+    reason = "independent facts about one connection's state, each read on its own"
+)]
 pub struct BackendConn {
     pub(crate) stream: BackendStream,
     /// The backend's process id (clients see this one in BackendKeyData).
@@ -250,12 +254,46 @@ pub struct BackendConn {
     /// tenantgate believes prepared here may not be (a client ran DEALLOCATE or DISCARD, or
     /// the server said one is missing or stale).
     pub needs_reset: bool,
+    /// A ParameterStatus reached a client since the last reset whose answer was read here:
+    /// the server's record of what it last reported differs from the startup values, so the
+    /// next reset must be a round trip (its reports absorbed here), not sent ahead of a
+    /// client's messages (whose first ReadyForQuery would carry them, and miss the client's
+    /// own change back to a value the last client left).
+    pub reported_since_reset: bool,
+    /// The server commits a DISCARD ALL run through the extended protocol at once, before
+    /// any message after it (PostgreSQL 15, and 14.5, 13.8, 12.12, 11.17, 10.22 on): only
+    /// then may a reset go ahead of a client's messages.
+    pub reset_ahead_ok: bool,
     /// Named statements tenantgate prepared here (transaction pooling), by server name.
     pub statements: crate::session::statements::BackendStatements,
     /// This connection's share of its server's budget, given back when it closes.
     pub(crate) budget_permit: Option<tokio::sync::OwnedSemaphorePermit>,
     /// The SASL mechanism the login used, if any.
     sasl_mechanism: Option<&'static str>,
+}
+
+/// Whether a server of this `server_version` ("15.18 (Debian 15.18-0+deb12u1)") commits a
+/// statement that cannot run in a transaction block, sent through the extended protocol,
+/// at once (the fix of 2022-07-26): before it, such a statement shared an implicit
+/// transaction with the messages after it, which a later error rolled back.
+fn commits_discard_all_at_once(version: &str) -> bool {
+    let number = version.split_whitespace().next().unwrap_or_default();
+    let mut parts = number.split('.').map(|p| {
+        p.chars()
+            .take_while(char::is_ascii_digit)
+            .collect::<String>()
+    });
+    let major: u32 = parts.next().and_then(|p| p.parse().ok()).unwrap_or(0);
+    let minor: u32 = parts.next().and_then(|p| p.parse().ok()).unwrap_or(0);
+    match major {
+        15.. => true,
+        14 => minor >= 5,
+        13 => minor >= 8,
+        12 => minor >= 12,
+        11 => minor >= 17,
+        10 => minor >= 22,
+        _ => false,
+    }
 }
 
 impl std::fmt::Debug for BackendConn {
@@ -368,6 +406,8 @@ impl BackendConn {
             applied: startup_settings.to_vec(),
             startup_settings,
             needs_reset: false,
+            reported_since_reset: false,
+            reset_ahead_ok: false,
             reset_pending: false,
             statements: crate::session::statements::BackendStatements::default(),
             budget_permit: None,
@@ -376,6 +416,11 @@ impl BackendConn {
             .await
             .map_err(|_| BackendError::Timeout(timeout))??;
         conn.base_params = Arc::new(conn.params.clone());
+        conn.reset_ahead_ok = conn
+            .params
+            .iter()
+            .find(|(name, _)| name == "server_version")
+            .is_some_and(|(_, version)| commits_discard_all_at_once(version));
         conn.broken = false;
         Ok(conn)
     }
@@ -611,6 +656,19 @@ impl BackendConn {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn servers_that_commit_discard_all_at_once() {
+        assert!(commits_discard_all_at_once(
+            "15.18 (Debian 15.18-0+deb12u1)"
+        ));
+        assert!(commits_discard_all_at_once("17devel"));
+        assert!(commits_discard_all_at_once("14.5"));
+        assert!(!commits_discard_all_at_once("14.4"));
+        assert!(commits_discard_all_at_once("10.22"));
+        assert!(!commits_discard_all_at_once("9.6.24"));
+        assert!(!commits_discard_all_at_once(""));
+    }
 
     #[test]
     fn server_error_fields_and_raw_bytes() {

@@ -284,6 +284,12 @@ impl TenantPool {
         self.waiting.load(Ordering::Relaxed)
     }
 
+    /// A backend given back now goes straight to a waiting client: clients wait and every
+    /// turn is taken (so no other backend sits idle for them).
+    pub fn hands_over(&self) -> bool {
+        self.waiting() > 0 && self.queue.available_permits() == 0
+    }
+
     /// True while a client is attached or a backend is checked out.
     pub fn in_use(&self) -> bool {
         let (open, idle) = self.state();

@@ -225,7 +225,12 @@ where
 {
     // Keeps the tenant's pool (and so its limits) in place while this client is connected.
     let attached = ctx.pools.attach(ctx.tenant).await?;
-    attached.pool().expect_settings(settings);
+    if ctx.mode == PoolMode::Transaction {
+        // Every change of client resets; backends opened with the clients' settings need
+        // nothing more. (A session-mode backend serves one client for long: it is opened
+        // bare, for any client, until clients are known to share settings.)
+        attached.pool().expect_settings(settings);
+    }
     let mut buffers = RelayBuffers::new(ctx.max_client_message_bytes);
     let outcome = match ctx.mode {
         PoolMode::Session => {
@@ -399,7 +404,11 @@ where
         let outcome = outcome.map(|end| lost_or(end, &tracker));
         tracing::trace!(?outcome, ?tracker, "transaction relay ended");
         backend.needs_reset |= responses.statements_suspect();
-        let at_boundary = tracker.is_clean() && buffers.at_message_boundary();
+        backend.reported_since_reset |= std::mem::take(&mut tracker.parameter_reported);
+        // A reset sent ahead and not answered yet (the client asked for nothing the backend
+        // answers) leaves answers owed: the backend is not between requests.
+        let at_boundary =
+            tracker.is_clean() && buffers.at_message_boundary() && !responses.reset_in_flight();
         match outcome {
             Ok(SessionEnd::Relay(RelayEnd::Idle)) if at_boundary => {
                 release(&mut lease).await;
@@ -427,10 +436,11 @@ where
 
 /// A backend of the tenant's pool that can take `settings`: one opened with other startup
 /// settings cannot (a reset brings those back, and nothing takes a startup value away), so it
-/// is closed and another is taken; the pool stops opening backends with settings. One opened
-/// without settings, from before the pool knew its clients' common ones, is closed too: the
-/// one that replaces it carries them, and then a switch between clients needs only the reset
-/// (which goes with the next client's first messages, without a round trip).
+/// is closed and another is taken; the pool stops opening backends with settings. In
+/// transaction pooling one opened without settings, from before the pool knew its clients'
+/// common ones, is closed too: the one that replaces it carries them, and then a switch
+/// between clients needs only the reset (which goes with the next client's first messages,
+/// without a round trip).
 async fn checkout(
     ctx: &SessionContext<'_>,
     tenant: &TenantRecord,
@@ -443,7 +453,8 @@ async fn checkout(
             return Ok(lease);
         }
         if startup.is_empty() {
-            let stale = lease.pool().is_some_and(|pool| pool.opens_with(settings));
+            let stale = ctx.mode == PoolMode::Transaction
+                && lease.pool().is_some_and(|pool| pool.opens_with(settings));
             if !stale {
                 return Ok(lease);
             }
@@ -539,6 +550,9 @@ fn setup_done(
     if reset {
         backend.statements.clear();
         backend.needs_reset = false;
+        // A reset sent ahead goes only where nothing was reported since the last one; a
+        // round trip absorbed its reports.
+        backend.reported_since_reset = false;
     }
     settings.clone_into(&mut backend.applied);
     backend.owner = client_id;
@@ -564,7 +578,10 @@ async fn prepare_ahead(
         Some(Setup {
             reset: true,
             settings: false,
-        }) if buffers.prepend_to_backend(statements::RESET_AHEAD) => {
+        }) if backend.reset_ahead_ok
+            && !backend.reported_since_reset
+            && buffers.prepend_to_backend(statements::RESET_AHEAD) =>
+        {
             responses.reset_sent();
             setup_done(backend, ctx.client_id, settings, true);
             Ok(())
@@ -653,7 +670,7 @@ where
 /// lock, temp tables) is gone at once, and the next checkout reads the answer, closing the
 /// backend if the reset failed. Either way no state of this client reaches the next.
 async fn release(lease: &mut Lease) {
-    if lease.pool().is_some_and(|pool| pool.waiting() > 0) {
+    if lease.pool().is_some_and(|pool| pool.hands_over()) {
         lease.reusable();
         return;
     }
@@ -671,6 +688,8 @@ async fn release_resetting(lease: &mut Lease) {
             .clone_into(&mut backend.applied);
         backend.statements.clear();
         backend.needs_reset = false;
+        // The next checkout reads the reset's answer, reports included.
+        backend.reported_since_reset = false;
         lease.reusable();
     }
 }
@@ -685,6 +704,7 @@ async fn release_clean(lease: &mut Lease, timeout: Duration) {
             backend.applied.clear();
             backend.statements.clear();
             backend.needs_reset = false;
+            backend.reported_since_reset = false;
             lease.reusable();
         }
         Ok(SetupOutcome::Failed(e)) => {

@@ -53,6 +53,8 @@ pub struct TxTracker {
     /// The backend's last message was an ErrorResponse (a FATAL before it closes tells the
     /// client why by itself).
     pub backend_error_last: bool,
+    /// A ParameterStatus went to the client (see `BackendConn::reported_since_reset`).
+    pub parameter_reported: bool,
 }
 
 impl Default for TxTracker {
@@ -65,6 +67,7 @@ impl Default for TxTracker {
             pinned: false,
             idle_after_injection: false,
             backend_error_last: false,
+            parameter_reported: false,
         }
     }
 }
@@ -116,6 +119,7 @@ impl TxTracker {
             // Notifications go to the backend that LISTENs: stay with it. (Whatever else a
             // client leaves behind is reset before another client gets the backend.)
             b'C' if head.body.starts_with(b"LISTEN") => self.pinned = true,
+            b'S' => self.parameter_reported = true,
             _ => {}
         }
         Scan::Continue
@@ -590,6 +594,16 @@ impl Inspector for BackendSide<'_, '_> {
             match ctx.responses.on_reset_frame(head.tag, head.body) {
                 statements::ResetFrame::NotReset => {}
                 statements::ResetFrame::Swallow => {
+                    // The reset's CommandComplete, for a client that asked for nothing more
+                    // (a DEALLOCATE answered here): the backend is idle now.
+                    if !ctx.responses.reset_in_flight()
+                        && ctx.responses.is_empty()
+                        && self.tracker.release_at_idle
+                        && !self.tracker.pinned
+                        && self.tracker.is_clean()
+                    {
+                        self.tracker.idle_after_injection = true;
+                    }
                     return Scan::Splice {
                         consume: HEADER_BYTES + head.body_len,
                     };
@@ -619,6 +633,7 @@ impl Inspector for BackendSide<'_, '_> {
                 && tracker.release_at_idle
                 && !tracker.pinned
                 && tracker.is_clean()
+                && !ctx.responses.reset_in_flight()
             {
                 self.tracker.idle_after_injection = true;
             }

@@ -175,14 +175,16 @@ enum ResetAhead {
     Failed,
 }
 
-/// `DISCARD ALL` as Parse, Bind and Execute of the unnamed statement and portal, no Sync:
-/// after an error in any of them the server skips every message up to the next Sync. It
-/// commits at once (DISCARD ALL cannot run in a transaction block, so the server ends its
-/// implicit transaction right after it) and answers ParseComplete, BindComplete and
-/// CommandComplete, which are swallowed.
+/// `DISCARD ALL` as Parse, Bind and Execute of the unnamed statement and portal, then a
+/// Flush, no Sync: after an error in any of them the server skips every message up to the
+/// next Sync. It commits at once (DISCARD ALL cannot run in a transaction block, so the
+/// server ends its implicit transaction right after it) and answers ParseComplete,
+/// BindComplete and CommandComplete, which are swallowed; the Flush makes it answer at once
+/// even when the client's messages ask for nothing (a DEALLOCATE answered here).
 pub const RESET_AHEAD: &[u8] = b"P\0\0\0\x13\0DISCARD ALL\0\0\0\
 B\0\0\0\x0c\0\0\0\0\0\0\0\0\
-E\0\0\0\x09\0\0\0\0\0";
+E\0\0\0\x09\0\0\0\0\0\
+H\0\0\0\x04";
 
 /// What the relay does with a backend message while a reset sent ahead is unanswered.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -604,6 +606,11 @@ impl Responses {
         self.reset = ResetAhead::Sent;
     }
 
+    /// A reset sent ahead has not been answered yet: the backend is not between requests.
+    pub fn reset_in_flight(&self) -> bool {
+        matches!(self.reset, ResetAhead::Sent | ResetAhead::SentHolding)
+    }
+
     /// The reset sent ahead failed: SQLSTATE and message, as the server said them.
     pub fn reset_failure(&self) -> Option<&str> {
         (self.reset == ResetAhead::Failed).then_some(self.reset_failure.as_str())
@@ -749,6 +756,7 @@ mod tests {
         .map_err(|_| "bind")
         .unwrap();
         frontend::execute("", 0, &mut expected).unwrap();
+        frontend::flush(&mut expected);
         assert_eq!(RESET_AHEAD, &expected[..]);
     }
 
