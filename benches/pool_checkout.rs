@@ -94,6 +94,10 @@ fn live(rt: &Runtime) -> Live {
         for _ in 0..POOL_SIZE {
             leases.push(pools.checkout(&tenant).await.unwrap());
         }
+        // Proven reusable (nothing was sent on them), so they go back instead of closing.
+        for lease in &mut leases {
+            lease.reusable();
+        }
         drop(leases);
         let pool = pools.get(&tenant.slug).await.unwrap();
         assert_eq!(pool.state(), (POOL_SIZE, POOL_SIZE));
@@ -113,7 +117,8 @@ fn checkout(c: &mut Criterion) {
 
     group.bench_function("checkout_return/warm", |b| {
         b.to_async(&rt).iter(|| async {
-            let lease = pools.checkout(black_box(tenant)).await.unwrap();
+            let mut lease = pools.checkout(black_box(tenant)).await.unwrap();
+            lease.reusable();
             drop(black_box(lease));
         });
     });
@@ -128,8 +133,9 @@ fn checkout(c: &mut Criterion) {
                     let (pools, tenant) = (pools.clone(), Arc::new(tenant.clone()));
                     tokio::spawn(async move {
                         for _ in 0..mine {
-                            let lease = pools.checkout(&tenant).await.unwrap();
+                            let mut lease = pools.checkout(&tenant).await.unwrap();
                             tokio::task::yield_now().await;
+                            lease.reusable();
                             drop(lease);
                         }
                     })
@@ -150,6 +156,7 @@ fn checkout(c: &mut Criterion) {
                 .run_setup_query("SELECT 1", Duration::from_secs(5))
                 .await
                 .unwrap();
+            lease.reusable();
             drop(lease);
         });
     });
