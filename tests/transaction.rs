@@ -678,3 +678,87 @@ async fn backends_opened_with_shared_settings_never_serve_a_client_with_others()
         assert_eq!((st.as_str(), app.as_str()), ("2222ms", "uniform"));
     }
 }
+
+/// COPY FROM STDIN through the extended protocol (tokio-postgres' `copy_in`, libpq's
+/// `PQexecParams`): the client sends a Sync right after Execute and another after CopyDone,
+/// and the server ignores Syncs while it reads COPY data, so only one ReadyForQuery comes
+/// back. The backend must still go back to the pool when the COPY is over, for this client's
+/// next transaction and for anyone else's (a pool of one backend shows it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_extended_protocol_copy_gives_its_backend_back() {
+    use futures_util::SinkExt;
+    let env = TestEnv::start_with(|c| {
+        c.pool.mode = PoolMode::Transaction;
+        c.pool.pool_size = 1;
+        c.pool.checkout_timeout_ms = 3_000;
+    })
+    .await;
+    let t = env.tenant_with_user("tx-copy").await;
+    let slug = t.slug.as_str();
+    let (a, connection) = env
+        .client_config(slug, "app", "secret")
+        .connect(NoTls)
+        .await
+        .unwrap();
+    let connection = tokio::spawn(connection);
+    a.batch_execute("CREATE TABLE IF NOT EXISTS copied (x int)")
+        .await
+        .unwrap();
+    for round in 0..3 {
+        assert!(
+            !connection.is_finished(),
+            "round {round}: A's connection ended"
+        );
+        let sink = a
+            .copy_in::<_, bytes::Bytes>("COPY copied FROM STDIN")
+            .await
+            .unwrap();
+        let mut sink = std::pin::pin!(sink);
+        sink.send(bytes::Bytes::from_static(b"1\n2\n3\n"))
+            .await
+            .unwrap();
+        let rows = sink.as_mut().finish().await.unwrap();
+        assert_eq!(rows, 3, "round {round}");
+        let b = env.app(slug).await;
+        let seen = tokio::time::timeout(
+            Duration::from_secs(10),
+            b.simple_query("SELECT count(*) FROM copied"),
+        )
+        .await
+        .expect("B got an answer")
+        .unwrap_or_else(|e| panic!("round {round}: B got no backend: {e}"));
+        assert_eq!(first_value(&seen), (3 * (round + 1)).to_string());
+    }
+    // Bad data (the server ends the COPY with an error) and a COPY the client abandons
+    // (CopyFail): the backend comes back all the same.
+    let sink = a
+        .copy_in::<_, bytes::Bytes>("COPY copied FROM STDIN")
+        .await
+        .unwrap();
+    let mut sink = std::pin::pin!(sink);
+    sink.send(bytes::Bytes::from_static(b"not a number\n"))
+        .await
+        .unwrap();
+    let failed = sink.as_mut().finish().await.unwrap_err();
+    assert_eq!(
+        failed.as_db_error().map(|e| e.code().code()),
+        Some("22P02"),
+        "{failed}"
+    );
+    let sink = a
+        .copy_in::<_, bytes::Bytes>("COPY copied FROM STDIN")
+        .await
+        .unwrap();
+    drop(sink);
+    let b = env.app(slug).await;
+    for (who, c) in [("A", &a), ("B", &b)] {
+        let seen = tokio::time::timeout(
+            Duration::from_secs(10),
+            c.simple_query("SELECT count(*) FROM copied"),
+        )
+        .await
+        .expect("an answer")
+        .unwrap_or_else(|e| panic!("{who} got no backend after failed COPYs: {e}"));
+        assert_eq!(first_value(&seen), "9", "{who}");
+    }
+}

@@ -55,6 +55,13 @@ pub struct TxTracker {
     pub backend_error_last: bool,
     /// A ParameterStatus went to the client (see `BackendConn::reported_since_reset`).
     pub parameter_reported: bool,
+    /// The server reads COPY data (after CopyInResponse, until the client's CopyDone or
+    /// CopyFail, or an error): it ignores the client's Syncs then, so they are not counted.
+    pub copy_in: bool,
+    /// Syncs counted since the client's last Execute, Query or FunctionCall: when that
+    /// request turns out to be a COPY FROM STDIN, the server ignores them (libpq and
+    /// tokio-postgres send a Sync right after Execute, and another after CopyDone).
+    pub syncs_since_request: u32,
 }
 
 impl Default for TxTracker {
@@ -68,6 +75,8 @@ impl Default for TxTracker {
             idle_after_injection: false,
             backend_error_last: false,
             parameter_reported: false,
+            copy_in: false,
+            syncs_since_request: 0,
         }
     }
 }
@@ -82,11 +91,18 @@ impl TxTracker {
     fn client_frame(&mut self, head: FrameHead<'_>, pin_named: bool) -> Scan {
         match head.tag {
             b'X' => return Scan::StopBefore,
-            b'Q' | b'F' => self.pending = self.pending.saturating_add(1),
+            b'Q' | b'F' => {
+                self.pending = self.pending.saturating_add(1);
+                self.syncs_since_request = 0;
+            }
+            // Ignored by a server reading COPY data.
+            b'S' if self.copy_in => {}
             b'S' => {
                 self.pending = self.pending.saturating_add(1);
+                self.syncs_since_request = self.syncs_since_request.saturating_add(1);
                 self.extended_open = false;
             }
+            b'c' | b'f' => self.copy_in = false,
             b'P' => {
                 self.extended_open = true;
                 // A named statement lives on this backend only. A name not yet in view
@@ -95,7 +111,11 @@ impl TxTracker {
                     self.pinned = true;
                 }
             }
-            b'B' | b'E' | b'D' | b'C' | b'H' => self.extended_open = true,
+            b'E' => {
+                self.extended_open = true;
+                self.syncs_since_request = 0;
+            }
+            b'B' | b'D' | b'C' | b'H' => self.extended_open = true,
             _ => {}
         }
         Scan::Continue
@@ -120,6 +140,18 @@ impl TxTracker {
             // client leaves behind is reset before another client gets the backend.)
             b'C' if head.body.starts_with(b"LISTEN") => self.pinned = true,
             b'S' => self.parameter_reported = true,
+            // CopyInResponse: the Syncs sent after the COPY's Execute are ignored, and the
+            // extended-protocol cycle stays open until the one after CopyDone.
+            b'G' => {
+                self.copy_in = true;
+                if self.syncs_since_request > 0 {
+                    self.pending = self.pending.saturating_sub(self.syncs_since_request);
+                    self.syncs_since_request = 0;
+                    self.extended_open = true;
+                }
+            }
+            // An error ends COPY FROM STDIN: the server counts Syncs again.
+            b'E' => self.copy_in = false,
             _ => {}
         }
         Scan::Continue

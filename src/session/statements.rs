@@ -156,6 +156,8 @@ pub struct Responses {
     reset: ResetAhead,
     /// Why the reset failed (SQLSTATE and message), when it did.
     reset_failure: String,
+    /// The server reads COPY data and ignores Syncs (see `TxTracker::copy_in`).
+    copy_in: bool,
 }
 
 /// A reset (`DISCARD ALL`, as Parse/Bind/Execute without a Sync: see [`RESET_AHEAD`]) sent
@@ -297,9 +299,15 @@ pub fn on_client_frame(
             ctx.responses.queue.push_back(Expect::Execute);
             Scan::Continue
         }
+        // Ignored by a server reading COPY data: no answer comes.
+        b'S' if ctx.responses.copy_in => Scan::Continue,
         b'S' => {
             ctx.backend.batch_boundary();
             ctx.responses.queue.push_back(Expect::Sync);
+            Scan::Continue
+        }
+        b'c' | b'f' => {
+            ctx.responses.copy_in = false;
             Scan::Continue
         }
         b'Q' => {
@@ -599,6 +607,7 @@ impl Responses {
         self.statements_suspect = false;
         self.reset = ResetAhead::None;
         self.reset_failure.clear();
+        self.copy_in = false;
     }
 
     /// [`RESET_AHEAD`] goes to the backend before the client's first message.
@@ -691,7 +700,19 @@ impl Responses {
                 self.pop_if(|e| matches!(e, Expect::DescribeStatement | Expect::DescribePortal));
             }
             b'C' | b'I' | b's' => self.pop_if(|e| matches!(e, Expect::Execute)),
+            // CopyInResponse: the server ignores the Syncs sent after the COPY's request,
+            // until CopyDone or CopyFail; none of them will be answered.
+            b'G' => {
+                self.copy_in = true;
+                if let Some(request) = self.queue.pop_front() {
+                    while matches!(self.queue.front(), Some(Expect::Sync)) {
+                        self.queue.pop_front();
+                    }
+                    self.queue.push_front(request);
+                }
+            }
             b'E' => {
+                self.copy_in = false;
                 if matches!(self.queue.front(), Some(Expect::Query)) {
                     return false;
                 }
