@@ -113,7 +113,7 @@ async fn routing(tenants: usize, max_pools: u64) -> Routing {
             backend_password_enc: key.encrypt(&Secret::new(format!("pw-{i}-0123456789abcdef"))),
             error_message: None,
             overrides: "{}".to_owned(),
-            read_seq: 0,
+            revision: 0,
         };
         directory.prime(record.clone()).await;
         pools.pool_for(&record).await.unwrap();

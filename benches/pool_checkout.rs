@@ -86,7 +86,7 @@ fn live(rt: &Runtime) -> Live {
         backend_password_enc: key.encrypt(&Secret::new(pg.password())),
         error_message: None,
         overrides: "{}".to_owned(),
-        read_seq: 0,
+        revision: 0,
     };
     rt.block_on(async {
         // Open every backend of the pool once, then give them all back: the pool is warm.

@@ -324,3 +324,81 @@ async fn show_statement_timeout(c: &tokio_postgres::Client) -> String {
         .unwrap()
         .get(0)
 }
+
+/// Issue 11, defect 6: a pool is only ever built from the newest registry row seen of its
+/// tenant. A long-lived client holds the row of its login (or a registry read that crossed a
+/// newer one between two registry connections); once the tenant moved and a newer row was
+/// seen, that old row reaches the new database through the cached pool, after RELOAD rebuilt
+/// the pools, and after the pool was evicted. It never builds a pool to the old database.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_old_registry_row_never_builds_its_tenants_pool_again() {
+    let env = TestEnv::start().await;
+    let t = env.tenant("rev-moving").await;
+    let other = env.tenant("rev-target").await;
+    let third = env.tenant("rev-evictor").await;
+    let old = env.registry.tenant(&t.slug).await.unwrap().unwrap();
+    env.registry
+        .set_target(
+            &t.slug,
+            &other.database,
+            &other.backend_role,
+            &other.backend_password_enc,
+        )
+        .await
+        .unwrap();
+    let new = env.registry.tenant(&t.slug).await.unwrap().unwrap();
+    assert!(
+        new.revision > old.revision,
+        "an update must give the row a larger revision ({} then {})",
+        old.revision,
+        new.revision
+    );
+
+    let pool_config = tenantgate::pool::PoolConfig {
+        // One pool at a time: a second tenant's pool evicts the first.
+        max_pools: 1,
+        ..env.config.pool.clone()
+    };
+    let pools = tenantgate::pool::PoolMap::new(
+        &pool_config,
+        &env.config.servers,
+        &env.config.plans,
+        env.key.clone(),
+        tenantgate::stats::Stats::new(),
+    );
+    let database =
+        |pool: std::sync::Arc<tenantgate::pool::TenantPool>| pool.target().database.clone();
+    assert_eq!(
+        database(pools.pool_for(&new).await.unwrap()),
+        other.database
+    );
+    assert_eq!(
+        database(pools.pool_for(&old).await.unwrap()),
+        other.database,
+        "an old row must get the newest row's pool"
+    );
+
+    pools.reconfigure(&pool_config, &env.config.plans);
+    assert_eq!(
+        database(pools.pool_for(&old).await.unwrap()),
+        other.database,
+        "after RELOAD an old row rebuilt its tenant's pool to the old database"
+    );
+
+    pools.pool_for(&third).await.unwrap();
+    assert!(
+        eventually(Duration::from_secs(5), || async {
+            pools.get(&t.slug).await.is_none()
+        })
+        .await,
+        "the first pool was never evicted"
+    );
+    assert_eq!(
+        database(pools.pool_for(&old).await.unwrap()),
+        other.database,
+        "after an eviction an old row rebuilt its tenant's pool to the old database"
+    );
+    // A checkout through the old row lands on the new database.
+    let lease = pools.checkout(&old).await.unwrap();
+    assert_eq!(database(lease.pool().unwrap()), other.database);
+}

@@ -167,8 +167,10 @@ pub type Params = Arc<Vec<(String, String)>>;
 /// One tenant's pool and the target it connects to.
 pub struct TenantPool {
     source: PoolSource,
-    /// The registry read the pool was built from (`TenantRecord::read_seq`).
-    read_seq: u64,
+    /// The newest revision of the tenant's registry row known to lead to this pool (its
+    /// target, plan and overrides): the one it was built from or a later one that changed
+    /// nothing the pool depends on (`TenantRecord::revision`).
+    revision: std::sync::atomic::AtomicI64,
     /// The stored (encrypted) password the pool's target password was decrypted from, or a
     /// later re-encryption of the same password.
     password_enc: std::sync::RwLock<Vec<u8>>,
@@ -230,6 +232,16 @@ impl TenantPool {
     /// ciphertext is the common case (a read lock and a compare); a different one is
     /// decrypted once: if only the encryption changed (master-key rotation), it is remembered
     /// and the pool, with its backend connections, stays.
+    /// Whether `tenant` (the newest row seen) leads to this pool: same target, plan and
+    /// overrides under the current settings. If so the pool now stands for its revision.
+    fn leads_from(&self, tenant: &TenantRecord, generation: u64, key: &MasterKey) -> bool {
+        let leads = self.source.matches(tenant, generation) && self.same_password(tenant, key);
+        if leads {
+            self.revision.fetch_max(tenant.revision, Ordering::AcqRel);
+        }
+        leads
+    }
+
     fn same_password(&self, tenant: &TenantRecord, key: &MasterKey) -> bool {
         let seen = self
             .password_enc
@@ -523,6 +535,10 @@ pub struct PoolMap {
     built: Arc<std::sync::atomic::AtomicU64>,
     /// Pools that may hold idle connections: where room is made when a budget is spent.
     idle: Arc<IdleSet>,
+    /// The newest registry row seen of each tenant a pool was asked for, by revision: pools
+    /// are built from it, never from an older row a long-lived client still holds (also
+    /// after the pool was evicted or RELOAD rebuilt it). One small record per tenant served.
+    newest: Arc<Mutex<HashMap<TenantSlug, Arc<TenantRecord>>>>,
 }
 
 impl PoolMap {
@@ -607,6 +623,7 @@ impl PoolMap {
             stats,
             built: Arc::default(),
             idle: Arc::default(),
+            newest: Arc::default(),
         }
     }
 
@@ -656,25 +673,29 @@ impl PoolMap {
         })
     }
 
-    /// The tenant's pool, created on first use. If the registry now points the tenant
-    /// elsewhere (database, role, password, server), a new pool replaces the old one; the
-    /// old one closes as its leases come back.
+    /// The tenant's pool, created on first use, always from the newest registry row seen of
+    /// the tenant (the caller's or a newer one). If that row points the tenant elsewhere
+    /// (database, role, password, server, plan), a new pool replaces the old one; the old one
+    /// closes as its leases come back. A caller holding an older row than one already seen
+    /// gets the newest row's pool, never its own row's.
     pub async fn pool_for(&self, tenant: &TenantRecord) -> Result<Arc<TenantPool>, PoolError> {
-        if let Some(existing) = self.pools.get(&tenant.slug).await {
-            let generation = self.settings().generation;
-            if existing.source.matches(tenant, generation)
-                && existing.same_password(tenant, &self.key)
+        let generation = self.settings().generation;
+        let cached = self.pools.get(&tenant.slug).await;
+        if let Some(existing) = &cached {
+            if tenant.revision <= existing.revision.load(Ordering::Acquire)
+                && existing.source.generation == generation
             {
-                return Ok(existing);
+                // The pool stands for this row or a newer one.
+                return Ok(Arc::clone(existing));
             }
-            if tenant.read_seq < existing.read_seq && existing.source.generation == generation {
-                // The caller holds an older read of the tenant than the pool was built from
-                // (a long-lived client that has not seen the change yet): the pool is the
-                // current truth; flipping it back would close the new pool's connections.
+        }
+        let tenant = self.newest_of(tenant);
+        if let Some(existing) = cached {
+            if existing.leads_from(&tenant, generation, &self.key) {
                 return Ok(existing);
             }
             tracing::info!(tenant = %tenant.slug, "tenant target changed; replacing its pool");
-            let fresh = Arc::new(self.build_pool(tenant)?);
+            let fresh = Arc::new(self.build_pool(&tenant)?);
             self.pools
                 .insert(tenant.slug.clone(), Arc::clone(&fresh))
                 .await;
@@ -687,12 +708,9 @@ impl PoolMap {
             let mut parked = self.parked.lock().unwrap_or_else(PoisonError::into_inner);
             parked.remove(&tenant.slug).and_then(|p| p.upgrade())
         };
-        let generation = self.settings().generation;
-        if let Some(pool) = parked.filter(|p| {
-            p.source.matches(tenant, generation)
-                && p.same_password(tenant, &self.key)
-                && p.standing.take_back()
-        }) {
+        if let Some(pool) = parked
+            .filter(|p| p.leads_from(&tenant, generation, &self.key) && p.standing.take_back())
+        {
             self.pools
                 .insert(tenant.slug.clone(), Arc::clone(&pool))
                 .await;
@@ -701,10 +719,23 @@ impl PoolMap {
         // A burst of clients for a cold tenant builds one pool.
         self.pools
             .try_get_with_by_ref(&tenant.slug, async {
-                self.build_pool(tenant).map(Arc::new)
+                self.build_pool(&tenant).map(Arc::new)
             })
             .await
             .map_err(PoolError::Shared)
+    }
+
+    /// The newer of `tenant` and the newest row seen of its tenant, which it becomes.
+    fn newest_of(&self, tenant: &TenantRecord) -> Arc<TenantRecord> {
+        let mut newest = self.newest.lock().unwrap_or_else(PoisonError::into_inner);
+        match newest.get(&tenant.slug) {
+            Some(seen) if seen.revision >= tenant.revision => Arc::clone(seen),
+            _ => {
+                let record = Arc::new(tenant.clone());
+                newest.insert(tenant.slug.clone(), Arc::clone(&record));
+                record
+            }
+        }
     }
 
     /// What a tenant gets: `[pool]`, then its plan, then its overrides. An unknown plan or
@@ -775,7 +806,7 @@ impl PoolMap {
         self.built.fetch_add(1, Ordering::Relaxed);
         Ok(TenantPool {
             source,
-            read_seq: tenant.read_seq,
+            revision: std::sync::atomic::AtomicI64::new(tenant.revision),
             password_enc: std::sync::RwLock::new(tenant.backend_password_enc.clone()),
             target,
             pool,

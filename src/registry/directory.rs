@@ -102,6 +102,8 @@ impl TenantDirectory {
                 return Ok(Some(record));
             }
             return match self.registry.tenant(slug).await {
+                // Two refreshes can cross (two registry connections): keep the newer row.
+                Ok(Some(fresh)) if fresh.revision < record.revision => Ok(Some(record)),
                 Ok(Some(fresh)) => {
                     let fresh = Arc::new(fresh);
                     self.records

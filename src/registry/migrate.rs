@@ -23,6 +23,11 @@ const MIGRATIONS: &[(i32, &str, &str)] = &[
         "client_cert",
         include_str!("../../migrations/registry/0003_client_cert.sql"),
     ),
+    (
+        4,
+        "revision",
+        include_str!("../../migrations/registry/0004_revision.sql"),
+    ),
 ];
 
 /// Arbitrary advisory lock key for registry migrations ("tgregmig").

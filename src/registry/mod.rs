@@ -198,7 +198,7 @@ pub struct Registry {
 }
 
 const TENANT_COLUMNS: &str = "slug, display_name, state, plan, server, database_name, \
-     backend_role, backend_password_enc, error_message, overrides::text";
+     backend_role, backend_password_enc, error_message, overrides::text, revision";
 
 impl Registry {
     /// Connects (lazily) to the registry.
@@ -229,19 +229,16 @@ impl Registry {
     pub async fn tenant(&self, slug: &TenantSlug) -> Result<Option<TenantRecord>, RegistryError> {
         let conn = self.conn().await?;
         let sql = format!("SELECT {TENANT_COLUMNS} FROM tenants WHERE slug = $1");
-        // Numbered before the query starts, not when its row arrives.
-        let read_seq = types::next_read_seq();
         let row = conn.query_opt(&sql, &[&slug.as_str()]).await?;
-        row.map(|r| tenant_from_row(&r, read_seq)).transpose()
+        row.map(|r| tenant_from_row(&r)).transpose()
     }
 
     /// All tenants, by slug.
     pub async fn tenants(&self) -> Result<Vec<TenantRecord>, RegistryError> {
         let conn = self.conn().await?;
         let sql = format!("SELECT {TENANT_COLUMNS} FROM tenants ORDER BY slug");
-        let read_seq = types::next_read_seq();
         let rows = conn.query(&sql, &[]).await?;
-        rows.iter().map(|r| tenant_from_row(r, read_seq)).collect()
+        rows.iter().map(tenant_from_row).collect()
     }
 
     /// The stored SCRAM verifier of a tenant's user.
@@ -581,10 +578,7 @@ impl Registry {
     }
 }
 
-fn tenant_from_row(
-    row: &tokio_postgres::Row,
-    read_seq: u64,
-) -> Result<TenantRecord, RegistryError> {
+fn tenant_from_row(row: &tokio_postgres::Row) -> Result<TenantRecord, RegistryError> {
     let slug_text: String = row.try_get(0)?;
     let bad = |what: &str| RegistryError::BadRow {
         slug: slug_text.clone(),
@@ -604,6 +598,6 @@ fn tenant_from_row(
         backend_password_enc: row.try_get(7)?,
         error_message: row.try_get(8)?,
         overrides: row.try_get(9)?,
-        read_seq,
+        revision: row.try_get(10)?,
     })
 }

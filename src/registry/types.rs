@@ -85,18 +85,12 @@ pub struct TenantRecord {
     pub error_message: Option<String>,
     /// Per-tenant overrides of the plan's values, as the registry's JSON text.
     pub overrides: String,
-    /// When the read of this record from the registry started, as a process-wide sequence
-    /// number ([`next_read_seq`]): a larger number is a read that started later (its
-    /// snapshot is not proven later: two registry connections can still cross). A pool built from a later read
-    /// is never replaced by one from an earlier read (a client still holding an old record
-    /// must not flip its tenant's pool back).
-    pub read_seq: u64,
-}
-
-/// The next registry read's sequence number (see [`TenantRecord::read_seq`]).
-pub(super) fn next_read_seq() -> u64 {
-    static READS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
-    READS.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+    /// The row's revision (registry migration 4): every insert and update of the row takes
+    /// a larger number, assigned after the row is locked, so of two reads of one tenant the
+    /// one with the larger revision saw the newer row, whichever registry connection served it
+    /// and whenever it finished. A pool is never built from an older revision than one already
+    /// seen (a client still holding an old record must not flip its tenant's pool back).
+    pub revision: i64,
 }
 
 #[cfg(test)]

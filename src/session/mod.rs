@@ -95,9 +95,11 @@ impl<'a> Watch<'a> {
             }
             let state = match self.ctx.directory.tenant(&self.ctx.tenant.slug).await {
                 Ok(Some(record)) => {
-                    let state = record.state;
-                    self.latest = Some(record);
-                    state
+                    // Reads can cross: an older row than the one held changes nothing.
+                    if record.revision >= self.tenant().revision {
+                        self.latest = Some(record);
+                    }
+                    self.tenant().state
                 }
                 Ok(None) => TenantState::Deleted,
                 // The registry is away: keep serving; the next change checks again.
