@@ -201,6 +201,11 @@ trait Inspector {
     fn stop_now(&mut self) -> bool {
         false
     }
+    /// Whether a Flush put in front with the bytes of a reset sent ahead must go (see
+    /// `RelayBuffers::prepend_to_backend`); asked once, after the scan before the first write.
+    fn front_flush_needed(&self) -> bool {
+        true
+    }
 }
 
 /// One direction's buffer: bytes `[written, scanned)` are ready to go, `[scanned, filled)` are
@@ -223,6 +228,9 @@ struct Half {
     eof: bool,
     /// Bytes read from this half's reader and not yet added to the tenant's counters.
     unreported_bytes: u64,
+    /// Bytes put in front end with a Flush that may be dropped before they are written:
+    /// where the Flush ends (it starts 5 bytes before).
+    front_flush: Option<usize>,
 }
 
 enum HalfEnd {
@@ -252,6 +260,7 @@ impl Half {
             stopped: false,
             eof: false,
             unreported_bytes: 0,
+            front_flush: None,
         }
     }
 
@@ -288,6 +297,11 @@ impl Half {
                 // those too, so one write carries both.
                 self.scan_more(inspector)?;
             }
+            if let Some(end) = self.front_flush.take() {
+                if !inspector.front_flush_needed() {
+                    self.drop_front_flush(end);
+                }
+            }
             ready!(self.poll_drain(cx, writer))?;
             if self.splice.is_some() {
                 ready!(self.poll_splice(cx, writer))?;
@@ -322,6 +336,21 @@ impl Half {
             ready!(self.poll_fill(cx, reader))?;
             self.scan_more(inspector)?;
         }
+    }
+
+    /// Drops the Flush at `[end - 5, end)` of the bytes put in front, sliding what is before it
+    /// over it. Only before anything of them is written.
+    fn drop_front_flush(&mut self, end: usize) {
+        const FLUSH: &[u8] = b"H\0\0\0\x04";
+        let Some(start) = end.checked_sub(FLUSH.len()) else {
+            return;
+        };
+        if self.written > start || self.buf.get(start..end) != Some(FLUSH) {
+            return;
+        }
+        self.buf
+            .copy_within(self.written..start, self.written + FLUSH.len());
+        self.written += FLUSH.len();
     }
 
     /// Unscanned bytes wait and nothing stands before scanning them (a splice or a stop to
@@ -497,7 +526,9 @@ impl RelayBuffers {
 
     /// Puts `bytes` before everything the client sent that has not gone to a backend yet, to
     /// go in the same write (a reset sent ahead). Returns false, changing nothing, when the
-    /// client's direction is not between messages or the buffer has no room for them.
+    /// client's direction is not between messages or the buffer has no room for them. A Flush
+    /// that ends `bytes` is dropped before the write when the client's messages in it make the
+    /// server send its answers anyway (`Inspector::front_flush_needed`).
     pub fn prepend_to_backend(&mut self, bytes: &[u8]) -> bool {
         let half = &mut self.to_backend;
         let waiting = half.filled - half.written;
@@ -512,6 +543,7 @@ impl RelayBuffers {
         half.scanned = half.scanned - half.written + bytes.len();
         half.filled = waiting + bytes.len();
         half.written = 0;
+        half.front_flush = bytes.ends_with(b"H\0\0\0\x04").then_some(bytes.len());
         true
     }
 
@@ -583,6 +615,12 @@ impl Inspector for ClientSide<'_, '_> {
         }
         decided
     }
+
+    fn front_flush_needed(&self) -> bool {
+        self.statements
+            .as_ref()
+            .is_none_or(|ctx| ctx.responses.reset_needs_flush())
+    }
 }
 
 impl ClientSide<'_, '_> {
@@ -603,11 +641,15 @@ impl ClientSide<'_, '_> {
                 } else {
                     self.tracker.client_frame(head, false)
                 };
-                if decided == Scan::Continue {
+                let forwarded = if decided == Scan::Continue {
                     tracked
                 } else {
                     decided
+                };
+                if forwarded == Scan::Continue {
+                    ctx.responses.forwarded(head.tag);
                 }
+                forwarded
             }
             None => self.tracker.client_frame(head, true),
         }
@@ -918,5 +960,111 @@ mod tests {
             task.await.unwrap(),
             Err(RelayError::ClientProtocol(_))
         ));
+    }
+}
+
+#[cfg(test)]
+mod reset_ahead_tests {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt, duplex};
+
+    use super::*;
+    use crate::session::statements::{BackendStatements, ClientStatements, RESET_AHEAD, Responses};
+
+    fn frame(tag: u8, body: &[u8]) -> Vec<u8> {
+        let mut v = vec![tag];
+        v.extend_from_slice(&u32::try_from(body.len() + 4).unwrap().to_be_bytes());
+        v.extend_from_slice(body);
+        v
+    }
+
+    /// What the backend receives first when a reset goes ahead of the client's `first`.
+    async fn first_write_to_backend(first: Vec<u8>) -> Vec<u8> {
+        let (mut client_far, mut client_near) = duplex(64 * 1024);
+        let (mut backend_near, mut backend_far) = duplex(64 * 1024);
+        client_far.write_all(&first).await.unwrap();
+        let task = tokio::spawn(async move {
+            let stats = TenantStats::default();
+            let mut bufs = RelayBuffers::new(1 << 20);
+            let mut tracker = TxTracker::default();
+            let mut client = ClientStatements::default();
+            let mut backend = BackendStatements::default();
+            let mut responses = Responses::default();
+            // The client's bytes are in the buffer before the reset is put in front.
+            bufs.wait_for_client(&mut client_near, &stats)
+                .await
+                .unwrap();
+            assert!(bufs.prepend_to_backend(RESET_AHEAD));
+            responses.reset_sent();
+            let ctx = StatementContext {
+                client: &mut client,
+                backend: &mut backend,
+                responses: &mut responses,
+            };
+            // Never ends: the test aborts it once the backend has its first write.
+            drop(
+                relay(
+                    &mut client_near,
+                    &mut backend_near,
+                    &mut bufs,
+                    &mut tracker,
+                    Some(ctx),
+                    &stats,
+                )
+                .await,
+            );
+        });
+        let mut got = vec![0u8; 4096];
+        let n = tokio::time::timeout(
+            std::time::Duration::from_secs(5),
+            backend_far.read(&mut got),
+        )
+        .await
+        .unwrap()
+        .unwrap();
+        got.truncate(n);
+        task.abort();
+        got
+    }
+
+    #[tokio::test]
+    async fn a_query_with_the_reset_makes_its_flush_unneeded() {
+        let query = frame(b'Q', b"SELECT 1\0");
+        let got = first_write_to_backend(query.clone()).await;
+        let mut expected = RESET_AHEAD[..RESET_AHEAD.len() - 5].to_vec();
+        expected.extend_from_slice(&query);
+        assert_eq!(got, expected);
+    }
+
+    #[tokio::test]
+    async fn an_extended_batch_with_its_sync_makes_the_flush_unneeded() {
+        let mut batch = frame(b'P', b"\0SELECT 1\0\0\0");
+        batch.extend(frame(b'B', b"\0\0\0\0\0\0\0\0"));
+        batch.extend(frame(b'E', b"\0\0\0\0\0"));
+        batch.extend(frame(b'S', b""));
+        let got = first_write_to_backend(batch.clone()).await;
+        let mut expected = RESET_AHEAD[..RESET_AHEAD.len() - 5].to_vec();
+        expected.extend_from_slice(&batch);
+        assert_eq!(got, expected);
+    }
+
+    #[tokio::test]
+    async fn messages_that_ask_for_no_answer_keep_the_flush() {
+        // Parse and Bind without a Sync: nothing else makes the server answer yet.
+        let mut batch = frame(b'P', b"\0SELECT 1\0\0\0");
+        batch.extend(frame(b'B', b"\0\0\0\0\0\0\0\0"));
+        let got = first_write_to_backend(batch.clone()).await;
+        let mut expected = RESET_AHEAD.to_vec();
+        expected.extend_from_slice(&batch);
+        assert_eq!(got, expected);
+    }
+
+    #[tokio::test]
+    async fn a_deallocate_answered_here_keeps_the_flush() {
+        let query = frame(b'Q', b"DEALLOCATE ALL\0");
+        let got = first_write_to_backend(query).await;
+        assert!(
+            got.starts_with(RESET_AHEAD),
+            "the reset must keep its Flush when the query is answered here: {got:?}"
+        );
     }
 }

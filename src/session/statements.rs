@@ -158,6 +158,10 @@ pub struct Responses {
     reset_failure: String,
     /// The server reads COPY data and ignores Syncs (see `TxTracker::copy_in`).
     copy_in: bool,
+    /// A Sync, Query or FunctionCall of the client's went to the backend with the reset sent
+    /// ahead: the server flushes the reset's answers with the answers to it, so the reset's
+    /// own Flush is not needed (see [`Responses::reset_needs_flush`]).
+    reset_answer_requested: bool,
 }
 
 /// A reset (`DISCARD ALL`, as Parse/Bind/Execute without a Sync: see [`RESET_AHEAD`]) sent
@@ -181,8 +185,10 @@ enum ResetAhead {
 /// Flush, no Sync: after an error in any of them the server skips every message up to the
 /// next Sync. It commits at once (DISCARD ALL cannot run in a transaction block, so the
 /// server ends its implicit transaction right after it) and answers ParseComplete,
-/// BindComplete and CommandComplete, which are swallowed; the Flush makes it answer at once
-/// even when the client's messages ask for nothing (a DEALLOCATE answered here).
+/// BindComplete and CommandComplete, which are swallowed. The Flush makes it answer even
+/// when the client's messages ask for nothing (a DEALLOCATE answered here); when a Sync,
+/// Query or FunctionCall of the client's goes in the same write it is dropped before the
+/// write ([`Responses::reset_needs_flush`]), sparing the server a send of its own.
 pub const RESET_AHEAD: &[u8] = b"P\0\0\0\x13\0DISCARD ALL\0\0\0\
 B\0\0\0\x0c\0\0\0\0\0\0\0\0\
 E\0\0\0\x09\0\0\0\0\0\
@@ -608,11 +614,27 @@ impl Responses {
         self.reset = ResetAhead::None;
         self.reset_failure.clear();
         self.copy_in = false;
+        self.reset_answer_requested = false;
     }
 
     /// [`RESET_AHEAD`] goes to the backend before the client's first message.
     pub fn reset_sent(&mut self) {
         self.reset = ResetAhead::Sent;
+        self.reset_answer_requested = false;
+    }
+
+    /// The client's message `tag` goes to the backend as it is.
+    pub fn forwarded(&mut self, tag: u8) {
+        if matches!(tag, b'S' | b'Q' | b'F') && !self.copy_in && self.reset_in_flight() {
+            self.reset_answer_requested = true;
+        }
+    }
+
+    /// Whether the reset sent ahead needs its Flush: no Sync, Query or FunctionCall of the
+    /// client's has gone to the backend since, so nothing else makes the server send the
+    /// reset's answers, which the relay waits for.
+    pub fn reset_needs_flush(&self) -> bool {
+        !self.reset_answer_requested
     }
 
     /// A reset sent ahead has not been answered yet: the backend is not between requests.
