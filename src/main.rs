@@ -173,10 +173,26 @@ fn main() -> ExitCode {
 }
 
 fn fail(e: &anyhow::Error, code: u8) -> ExitCode {
-    let mut line = String::from("tenantgate: ");
-    line.push_str(&format!("{e:#}").replace('\n', " "));
+    let line = format!("tenantgate: {}", error_line(e));
     drop(writeln!(std::io::stderr().lock(), "{line}"));
     ExitCode::from(code)
+}
+
+/// The error and its causes on one line, each cause once: many errors already show their
+/// source in their own message, and a cause whose text is already on the line is skipped.
+fn error_line(e: &anyhow::Error) -> String {
+    let mut line = String::new();
+    for cause in e.chain() {
+        let text = cause.to_string().replace('\n', " ");
+        if text.is_empty() || line.contains(&text) {
+            continue;
+        }
+        if !line.is_empty() {
+            line.push_str(": ");
+        }
+        line.push_str(&text);
+    }
+    line
 }
 
 fn init_logging(level: &str) {
@@ -525,4 +541,24 @@ fn read_password(prompt: &str) -> anyhow::Result<Secret> {
     };
     anyhow::ensure!(!password.is_empty(), "the password must not be empty");
     Ok(Secret::new(password))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::error_line;
+
+    #[test]
+    fn an_error_chain_prints_each_cause_once() {
+        let io = std::io::Error::new(std::io::ErrorKind::NotFound, "No such file");
+        let e = anyhow::Error::new(io).context("/etc/x: cannot read: No such file");
+        assert_eq!(error_line(&e), "/etc/x: cannot read: No such file");
+        let inner = anyhow::anyhow!("connection refused");
+        let e = inner
+            .context("registry unavailable")
+            .context("cannot start");
+        assert_eq!(
+            error_line(&e),
+            "cannot start: registry unavailable: connection refused"
+        );
+    }
 }

@@ -523,3 +523,20 @@ async fn tenant_and_user_commands_manage_the_registry() {
         .get(0);
     assert_eq!(name, db);
 }
+
+/// Issue 16: a config that cannot be read is one clear line, exit code 2, each cause once.
+#[test]
+fn an_unreadable_config_is_one_line_with_each_cause_once() {
+    let out = Command::new(BIN)
+        .args(["--config", "/nonexistent/tenantgate.toml", "serve"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    assert!(
+        stderr.starts_with("tenantgate: /nonexistent/tenantgate.toml: cannot read"),
+        "{stderr}"
+    );
+    assert_eq!(stderr.matches("os error 2").count(), 1, "{stderr}");
+}
