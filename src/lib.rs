@@ -16,6 +16,8 @@ pub mod clients;
 pub mod config;
 pub mod crypto;
 pub mod error;
+#[cfg(any(test, fuzzing))]
+pub mod fuzz;
 pub mod localpg;
 pub mod pool;
 pub mod protocol;

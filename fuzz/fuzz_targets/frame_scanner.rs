@@ -4,5 +4,5 @@
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
-    tenantgate::protocol::fuzz::frame_scanner(data);
+    tenantgate::fuzz::frame_scanner(data);
 });

@@ -4,5 +4,5 @@
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
-    tenantgate::protocol::fuzz::statement_rewriter(data);
+    tenantgate::fuzz::statement_rewriter(data);
 });

@@ -5,7 +5,6 @@
 //! an ErrorResponse.
 
 pub mod frame;
-pub mod fuzz;
 pub mod messages;
 mod sqlstate;
 pub mod startup;

@@ -7,14 +7,17 @@
 //!
 //! Each function drives the parser the way the proxy does and checks the invariants its
 //! callers rely on; a violated invariant panics, which is what a fuzzer reports.
+//!
+//! Compiled only for tests and fuzzing (`--cfg fuzzing`, which cargo-fuzz sets): it is a
+//! harness over several modules, not part of the proxy, and must not be linked into it.
 
 use futures_util::FutureExt as _;
 
 use bytes::BytesMut;
 
-use super::frame::{FrameHead, FrameScanner, HEADER_BYTES, Scan};
-use super::startup::{self, FirstPacket};
 use crate::auth::scram::{ScramExchange, ScramSecret};
+use crate::protocol::frame::{FrameHead, FrameScanner, HEADER_BYTES, Scan};
+use crate::protocol::startup::{self, FirstPacket};
 use crate::session::statements::{
     BackendStatements, ClientStatements, Responses, StatementContext, on_client_frame,
 };
