@@ -16,11 +16,10 @@ use futures_util::FutureExt as _;
 use bytes::BytesMut;
 
 use crate::auth::scram::{ScramExchange, ScramSecret};
+use crate::pool::BackendStatements;
 use crate::protocol::frame::{FrameHead, FrameScanner, HEADER_BYTES, Scan};
 use crate::protocol::startup::{self, FirstPacket};
-use crate::session::statements::{
-    BackendStatements, ClientStatements, Responses, StatementContext, on_client_frame,
-};
+use crate::session::statements::{ClientStatements, Responses, StatementContext, on_client_frame};
 
 /// Reads `data` as a client's first bytes: length word, then the packet, under a size bound
 /// chosen by the first byte (as `proxy.max_startup_packet_bytes` would be).

@@ -29,3 +29,6 @@ pub mod server;
 pub mod session;
 pub mod stats;
 pub mod tls;
+
+#[cfg(test)]
+mod module_graph;

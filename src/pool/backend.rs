@@ -265,7 +265,7 @@ pub struct BackendConn {
     /// then may a reset go ahead of a client's messages.
     pub reset_ahead_ok: bool,
     /// Named statements tenantgate prepared here (transaction pooling), by server name.
-    pub statements: crate::session::statements::BackendStatements,
+    pub statements: super::statements::BackendStatements,
     /// This connection's share of its server's budget, given back when it closes.
     pub(crate) budget_permit: Option<tokio::sync::OwnedSemaphorePermit>,
     /// The SASL mechanism the login used, if any.
@@ -409,7 +409,7 @@ impl BackendConn {
             reported_since_reset: false,
             reset_ahead_ok: false,
             reset_pending: false,
-            statements: crate::session::statements::BackendStatements::default(),
+            statements: super::statements::BackendStatements::default(),
             budget_permit: None,
         };
         tokio::time::timeout(timeout, conn.startup(target))

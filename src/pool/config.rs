@@ -63,7 +63,7 @@ pub struct PoolConfig {
 }
 
 fn default_prepared_statement_cache_size() -> usize {
-    crate::session::statements::DEFAULT_CACHE_SIZE
+    super::statements::DEFAULT_CACHE_SIZE
 }
 
 /// How long a client holds a backend.

@@ -24,6 +24,7 @@ mod budget;
 mod config;
 mod manager;
 mod pause;
+mod statements;
 
 use std::collections::HashMap;
 use std::sync::atomic::Ordering;
@@ -42,6 +43,7 @@ pub use config::{PlanConfig, PoolConfig, PoolMode, ServerConfig, TenantLimits};
 pub use manager::{BackendManager, StartupSettings};
 use manager::{ConnectErrors, IdleMark, IdleSet, PoolCache, Standing};
 pub use pause::{PauseGate, ResumeError};
+pub use statements::{BackendStatements, DEFAULT_CACHE_SIZE};
 
 use crate::crypto::{CryptoError, MasterKey};
 use crate::error::{ClientFacing, ErrorKind};

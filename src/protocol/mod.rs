@@ -1,12 +1,12 @@
-//! The PostgreSQL v3 wire protocol on raw bytes: startup packets, message framing, the messages
-//! tenantgate writes itself, and the SQLSTATE table.
+//! The PostgreSQL v3 wire protocol on raw bytes: startup packets, message framing and the
+//! messages tenantgate writes itself (with the SQLSTATE table of `error`).
 //!
 //! It knows nothing about tenants, pools or the registry, and it is the only place that encodes
 //! an ErrorResponse.
 
 pub mod frame;
 pub mod messages;
-mod sqlstate;
 pub mod startup;
 
-pub use sqlstate::SqlState;
+/// The SQLSTATE table, owned by `error` (re-exported: the messages here are encoded with it).
+pub use crate::error::SqlState;

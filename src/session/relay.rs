@@ -968,7 +968,8 @@ mod reset_ahead_tests {
     use tokio::io::{AsyncReadExt, AsyncWriteExt, duplex};
 
     use super::*;
-    use crate::session::statements::{BackendStatements, ClientStatements, RESET_AHEAD, Responses};
+    use crate::pool::BackendStatements;
+    use crate::session::statements::{ClientStatements, RESET_AHEAD, Responses};
 
     fn frame(tag: u8, body: &[u8]) -> Vec<u8> {
         let mut v = vec![tag];

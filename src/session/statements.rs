@@ -18,6 +18,7 @@ use std::sync::Arc;
 use bytes::{BufMut, Bytes, BytesMut};
 use sha2::{Digest, Sha256};
 
+use crate::pool::BackendStatements;
 use crate::protocol::frame::{FrameHead, HEADER_BYTES, Scan};
 
 /// One statement as the client prepared it.
@@ -36,83 +37,6 @@ pub struct ClientStatements {
     /// A message too large to rewrite went through untouched (a Parse over the relay
     /// buffer, say): the client must keep its backend from now on.
     pub needs_pin: bool,
-}
-
-/// Statements a backend keeps by default before the least recently used is closed.
-pub const DEFAULT_CACHE_SIZE: usize = 200;
-
-/// The statements prepared on one backend, by server name: a bounded cache. When a new one
-/// would pass `capacity`, the least recently used is closed on the backend first, unless it was
-/// used since the client's last Sync or Query (a portal of this batch may still need it): then
-/// the cache grows for now.
-#[derive(Debug)]
-pub struct BackendStatements {
-    last_used: HashMap<Arc<str>, u64>,
-    clock: u64,
-    /// `clock` at the client's last Sync or simple Query.
-    batch_start: u64,
-    pub capacity: usize,
-}
-
-impl Default for BackendStatements {
-    fn default() -> Self {
-        BackendStatements {
-            last_used: HashMap::new(),
-            clock: 0,
-            batch_start: 0,
-            capacity: DEFAULT_CACHE_SIZE,
-        }
-    }
-}
-
-impl BackendStatements {
-    pub fn contains(&self, name: &str) -> bool {
-        self.last_used.contains_key(name)
-    }
-
-    pub fn len(&self) -> usize {
-        self.last_used.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.last_used.is_empty()
-    }
-
-    pub fn clear(&mut self) {
-        self.last_used.clear();
-    }
-
-    /// Records a use (or a new statement).
-    fn touch(&mut self, name: &Arc<str>) {
-        self.clock += 1;
-        match self.last_used.get_mut(name) {
-            Some(at) => *at = self.clock,
-            None => {
-                self.last_used.insert(Arc::clone(name), self.clock);
-            }
-        }
-    }
-
-    fn remove(&mut self, name: &str) {
-        self.last_used.remove(name);
-    }
-
-    /// The client reached a Sync or a simple Query.
-    fn batch_boundary(&mut self) {
-        self.batch_start = self.clock;
-    }
-
-    /// The statement to close before adding one, if the cache is full and one may go.
-    fn victim(&self) -> Option<Arc<str>> {
-        if self.last_used.len() < self.capacity.max(1) {
-            return None;
-        }
-        self.last_used
-            .iter()
-            .filter(|(_, at)| **at <= self.batch_start)
-            .min_by_key(|(_, at)| **at)
-            .map(|(name, _)| Arc::clone(name))
-    }
 }
 
 /// What a response will be, in request order.
@@ -860,10 +784,8 @@ mod tests {
     #[test]
     fn a_full_cache_closes_its_least_recently_used_statement_between_batches() {
         let mut client = ClientStatements::default();
-        let mut backend = BackendStatements {
-            capacity: 2,
-            ..BackendStatements::default()
-        };
+        let mut backend = BackendStatements::default();
+        backend.capacity = 2;
         let mut responses = Responses::default();
         let mut ctx = StatementContext {
             client: &mut client,

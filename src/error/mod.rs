@@ -2,11 +2,14 @@
 //!
 //! Each module keeps its own `thiserror` enum and implements [`ClientFacing`] with an exhaustive
 //! match, so a new variant forces a decision about its SQLSTATE and the sentence the client reads.
-//! Only `protocol` encodes the ErrorResponse; this file decides nothing about bytes.
+//! Only `protocol` encodes the ErrorResponse; this module decides nothing about bytes. The
+//! SQLSTATE table lives here too (`sqlstate.rs`), so errors depend on nothing else in the crate.
 //! Internal detail (hosts, I/O error text, registry errors, secrets) never goes into
 //! `client_message`; it goes to the log through `Display` and the source chain.
 
-use crate::protocol::SqlState;
+mod sqlstate;
+
+pub use sqlstate::SqlState;
 
 /// Who failed: drives log levels and, later, metrics.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
