@@ -1,6 +1,7 @@
 //! Errors of the admin console and their SQLSTATEs, in one place. An admin is an operator:
 //! messages say what failed and why (a provisioning error names the step and PostgreSQL's
-//! message), but never a secret.
+//! message), but never a secret. Every match names every variant (no catch-all arm), so a new
+//! error cannot silently get another's SQLSTATE, kind, message or hint.
 
 use crate::error::{ClientFacing, ErrorKind};
 use crate::protocol::SqlState;
@@ -76,7 +77,22 @@ impl ClientFacing for AdminError {
             AdminError::Registry(e) | AdminError::Rekey(RekeyError::Registry(e)) => {
                 e.client_message()
             }
-            other => other.to_string(),
+            AdminError::Syntax(_)
+            | AdminError::Unsupported(_)
+            | AdminError::NoSuchTable(_)
+            | AdminError::NoSuchColumn(_)
+            | AdminError::BadValue(_)
+            | AdminError::MissingParameter(_)
+            | AdminError::NoSuchTenant(_)
+            | AdminError::WrongState(_)
+            | AdminError::Duplicate(_)
+            | AdminError::Rekey(
+                RekeyError::EnvSource { .. }
+                | RekeyError::NoKeyFile
+                | RekeyError::NotCurrent { .. }
+                | RekeyError::Undecryptable { .. }
+                | RekeyError::Crypto(_),
+            ) => self.to_string(),
         }
     }
 
@@ -87,7 +103,21 @@ impl ClientFacing for AdminError {
                 ErrorKind::Registry
             }
             AdminError::Rekey(RekeyError::Crypto(_)) => ErrorKind::Internal,
-            _ => ErrorKind::Client,
+            AdminError::Syntax(_)
+            | AdminError::Unsupported(_)
+            | AdminError::NoSuchTable(_)
+            | AdminError::NoSuchColumn(_)
+            | AdminError::BadValue(_)
+            | AdminError::MissingParameter(_)
+            | AdminError::NoSuchTenant(_)
+            | AdminError::WrongState(_)
+            | AdminError::Duplicate(_)
+            | AdminError::Rekey(
+                RekeyError::EnvSource { .. }
+                | RekeyError::NoKeyFile
+                | RekeyError::NotCurrent { .. }
+                | RekeyError::Undecryptable { .. },
+            ) => ErrorKind::Client,
         }
     }
 }
@@ -97,7 +127,16 @@ impl AdminError {
     pub fn hint(&self) -> Option<&'static str> {
         match self {
             AdminError::Unsupported(_) | AdminError::NoSuchTable(_) => Some(SUPPORTED),
-            _ => None,
+            AdminError::Syntax(_)
+            | AdminError::NoSuchColumn(_)
+            | AdminError::BadValue(_)
+            | AdminError::MissingParameter(_)
+            | AdminError::NoSuchTenant(_)
+            | AdminError::WrongState(_)
+            | AdminError::Duplicate(_)
+            | AdminError::Provision(_)
+            | AdminError::Registry(_)
+            | AdminError::Rekey(_) => None,
         }
     }
 }
@@ -105,8 +144,8 @@ impl AdminError {
 /// The error with its causes (PostgreSQL's own message included): an operator needs to know
 /// why `CREATE ROLE` failed, not only that it did. Registry trouble keeps its short message.
 fn with_causes(e: &ProvisionError) -> String {
-    match e {
-        ProvisionError::Registry(r) => r.client_message(),
-        other => crate::provision::error_chain(other),
+    if let ProvisionError::Registry(r) = e {
+        return r.client_message();
     }
+    crate::provision::error_chain(e)
 }
