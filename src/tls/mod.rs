@@ -20,7 +20,7 @@
 //!
 //! This module must not know about tenants beyond turning a server name into a slug string.
 
-mod der;
+mod certificate;
 
 use std::fmt;
 use std::io;
@@ -35,7 +35,7 @@ use tokio::net::TcpStream;
 use tokio_rustls::TlsAcceptor;
 use tokio_rustls::server::TlsStream;
 
-pub use der::{end_point_hash, subject_common_name};
+pub use certificate::{end_point_hash, subject_common_name};
 
 /// The ALPN protocol name PostgreSQL 17 registers for its protocol.
 pub const ALPN_POSTGRESQL: &[u8] = b"postgresql";
