@@ -5,9 +5,14 @@
 //! and the same exchange, so every failure ends in the same 28P01. This module must not query
 //! the registry: the caller hands it the verifier.
 //!
-//! pgwire's SCRAM handler is bound to its own connection loop and sink types and wants the
-//! stream from byte zero; we read the startup packet ourselves (to route and to pool), so the
-//! exchange is driven here with the `hmac`/`sha2` crates postgres-protocol already uses.
+//! Why not pgwire's SCRAM server: since 0.42 its `ScramServerAuth` is a state machine without
+//! I/O, so it could drive this exchange. It is compiled only with pgwire's `_ring`/`_aws-lc-rs`
+//! features, which bring `x509-certificate` (a second X.509 stack beside `x509-cert`) and
+//! take its channel-binding hash from a PEM it parses again; ours uses the `hmac`/`sha2`
+//! crates postgres-protocol already uses and the end-point hash `tls` computed once. The
+//! exchange (`scram.rs`) is fuzzed (`fuzz::scram_exchange`) and tested against tokio-postgres
+//! and psql, with and without channel binding. Revisit if pgwire offers SCRAM without its TLS
+//! features.
 
 pub mod method;
 pub mod scram;

@@ -1,6 +1,6 @@
 //! Encoders for the backend messages tenantgate writes itself (ErrorResponse, authentication,
-//! ParameterStatus, BackendKeyData, ReadyForQuery, NegotiateProtocolVersion) and the frontend
-//! messages it writes to a backend beyond what `postgres-protocol` offers.
+//! ParameterStatus, BackendKeyData, ReadyForQuery, NegotiateProtocolVersion). Frontend
+//! messages to a backend come from `postgres-protocol` (`message::frontend`), not from here.
 //!
 //! Each function appends one whole message to a buffer; none of them allocates beyond it.
 
@@ -120,24 +120,6 @@ pub fn negotiate_protocol_version(buf: &mut BytesMut, newest_minor: i32, unrecog
             cstr(b, opt);
         }
     });
-}
-
-/// A simple Query (frontend message `Q`).
-pub fn query(buf: &mut BytesMut, sql: &str) {
-    message(buf, b'Q', |b| cstr(b, sql));
-}
-
-/// A CancelRequest packet (no tag) for a backend's key.
-pub fn cancel_request(buf: &mut BytesMut, pid: i32, secret: i32) {
-    buf.put_i32(16);
-    buf.put_i32(super::startup::CANCEL_REQUEST_CODE);
-    buf.put_i32(pid);
-    buf.put_i32(secret);
-}
-
-/// Terminate (frontend message `X`).
-pub fn terminate(buf: &mut BytesMut) {
-    message(buf, b'X', |_| {});
 }
 
 #[cfg(test)]
