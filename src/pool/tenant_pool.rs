@@ -1,0 +1,322 @@
+//! One tenant's pool: the bb8 pool of its backend connections, the queue that serves its
+//! clients in order, its limits, target and counters, and the checkout of a connection the
+//! server has not closed. It does not know other tenants' pools (the map does) and never
+//! parses SQL.
+
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, PoisonError};
+use std::time::Duration;
+
+use super::manager::{ConnectErrors, Standing};
+use super::{
+    BackendConn, BackendError, BackendManager, BackendTarget, PoolError, Settings, StartupSettings,
+    TenantLimits,
+};
+use crate::crypto::MasterKey;
+use crate::registry::{TenantRecord, TenantSlug};
+use crate::stats::TenantStats;
+
+/// What a pool was built from, as the registry record says it: compared on every checkout
+/// without decrypting anything. The encrypted password is compared apart (see
+/// [`TenantPool::same_password`]): a master-key rotation re-encrypts it without changing it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) struct PoolSource {
+    pub(super) server: String,
+    pub(super) database: String,
+    pub(super) role: String,
+    pub(super) plan: String,
+    pub(super) overrides: String,
+    /// The pool settings generation it was built under (RELOAD bumps it).
+    pub(super) generation: u64,
+}
+
+impl PoolSource {
+    pub(super) fn of(tenant: &TenantRecord, generation: u64) -> PoolSource {
+        PoolSource {
+            server: tenant.server.clone(),
+            database: tenant.database.clone(),
+            role: tenant.backend_role.clone(),
+            plan: tenant.plan.clone(),
+            overrides: tenant.overrides.clone(),
+            generation,
+        }
+    }
+
+    pub(super) fn matches(&self, tenant: &TenantRecord, generation: u64) -> bool {
+        self.server == tenant.server
+            && self.database == tenant.database
+            && self.role == tenant.backend_role
+            && self.plan == tenant.plan
+            && self.overrides == tenant.overrides
+            && self.generation == generation
+    }
+}
+
+/// ParameterStatus name/value pairs, shared.
+pub type Params = Arc<Vec<(String, String)>>;
+
+/// One tenant's pool and the target it connects to.
+pub struct TenantPool {
+    pub(super) source: PoolSource,
+    /// The newest revision of the tenant's registry row known to lead to this pool (its
+    /// target, plan and overrides): the one it was built from or a later one that changed
+    /// nothing the pool depends on (`TenantRecord::revision`).
+    pub(super) revision: std::sync::atomic::AtomicI64,
+    /// The stored (encrypted) password the pool's target password was decrypted from, or a
+    /// later re-encryption of the same password.
+    pub(super) password_enc: std::sync::RwLock<Vec<u8>>,
+    pub(super) target: BackendTarget,
+    pub(super) limits: TenantLimits,
+    pub(super) pool: bb8::Pool<BackendManager>,
+    /// One permit per connection the pool may open. tokio's semaphore serves waiters in
+    /// order; bb8 alone lets a client that just gave a connection back take it again ahead of
+    /// clients that were waiting, and in transaction pooling that starves them.
+    pub(super) queue: Arc<tokio::sync::Semaphore>,
+    pub(super) connect_errors: ConnectErrors,
+    /// Milliseconds since the pool map started, at the last checkout: reclaim takes idle
+    /// connections from the least recently used pools first.
+    pub(super) last_used_ms: std::sync::atomic::AtomicU64,
+    /// ParameterStatus values of a freshly logged-in backend, once one has been seen, and the
+    /// startup settings it was opened with: enough to greet a transaction-pooling client
+    /// without taking a backend (see `base_params`).
+    pub(super) base_params: std::sync::Mutex<Option<(Settings, Params)>>,
+    /// Clients attached to this pool now (see `PoolMap::attach`).
+    pub(super) users: std::sync::atomic::AtomicUsize,
+    /// Clients waiting for their turn (a backend) now.
+    pub(super) waiting: std::sync::atomic::AtomicUsize,
+    /// The tenant's usage counters (shared with the stats registry; outlive this pool).
+    pub(super) stats: Arc<TenantStats>,
+    /// The startup parameters its backends carry (shared with its connection factory).
+    pub(super) startup: Arc<StartupSettings>,
+    /// In the map, parked or retired; shared with the pool's `BackendManager`.
+    pub(super) standing: Arc<Standing>,
+}
+
+impl TenantPool {
+    /// Out of the map and nobody uses it: close its idle connections now (one that comes back
+    /// later closes then, see `Standing`), in a task because eviction listeners and drops
+    /// cannot wait.
+    pub(super) fn retire(self: &Arc<Self>) {
+        self.standing.retire();
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let pool = Arc::clone(self);
+        runtime.spawn(async move {
+            let (_, idle) = pool.state();
+            for _ in 0..idle {
+                // An idle connection comes back at once; when none is left, the connect bb8
+                // would start is refused (retired).
+                let Ok(Ok(mut conn)) =
+                    tokio::time::timeout(Duration::from_millis(20), pool.pool.get()).await
+                else {
+                    break;
+                };
+                conn.terminate();
+                conn.broken = true;
+            }
+            tracing::debug!(database = %pool.target.database, "retired tenant pool closed its idle connections");
+        });
+    }
+
+    /// Whether the record's stored password is the one this pool connects with. The same
+    /// ciphertext is the common case (a read lock and a compare); a different one is
+    /// decrypted once: if only the encryption changed (master-key rotation), it is remembered
+    /// and the pool, with its backend connections, stays.
+    /// Whether `tenant` (the newest row seen) leads to this pool: same target, plan and
+    /// overrides under the current settings. If so the pool now stands for its revision.
+    pub(super) fn leads_from(
+        &self,
+        tenant: &TenantRecord,
+        generation: u64,
+        key: &MasterKey,
+    ) -> bool {
+        let leads = self.source.matches(tenant, generation) && self.same_password(tenant, key);
+        if leads {
+            self.revision.fetch_max(tenant.revision, Ordering::AcqRel);
+        }
+        leads
+    }
+
+    pub(super) fn same_password(&self, tenant: &TenantRecord, key: &MasterKey) -> bool {
+        let seen = self
+            .password_enc
+            .read()
+            .unwrap_or_else(PoisonError::into_inner);
+        if *seen == tenant.backend_password_enc {
+            return true;
+        }
+        drop(seen);
+        let same = key
+            .decrypt(&tenant.backend_password_enc)
+            .is_ok_and(|p| p == self.target.password);
+        if same {
+            tenant.backend_password_enc.clone_into(
+                &mut self
+                    .password_enc
+                    .write()
+                    .unwrap_or_else(PoisonError::into_inner),
+            );
+        }
+        same
+    }
+
+    pub fn target(&self) -> &BackendTarget {
+        &self.target
+    }
+
+    /// (connections open, idle).
+    pub fn state(&self) -> (u32, u32) {
+        let s = self.pool.state();
+        (s.connections, s.idle_connections)
+    }
+
+    /// What this tenant gets (pool size, mode, ...), from its plan and overrides.
+    pub fn limits(&self) -> &TenantLimits {
+        &self.limits
+    }
+
+    /// Clients attached now.
+    pub fn clients(&self) -> usize {
+        self.users.load(Ordering::Relaxed)
+    }
+
+    /// Clients holding a backend (or connecting one) now.
+    pub fn active(&self) -> u32 {
+        let free = u32::try_from(self.queue.available_permits()).unwrap_or(u32::MAX);
+        self.limits.pool_size.saturating_sub(free)
+    }
+
+    /// Clients waiting for a backend now.
+    pub fn waiting(&self) -> usize {
+        self.waiting.load(Ordering::Relaxed)
+    }
+
+    /// A backend given back now goes straight to a waiting client: clients wait and every
+    /// turn is taken (so no other backend sits idle for them).
+    pub fn hands_over(&self) -> bool {
+        self.waiting() > 0 && self.queue.available_permits() == 0
+    }
+
+    /// True while a client is attached or a backend is checked out.
+    pub fn in_use(&self) -> bool {
+        let (open, idle) = self.state();
+        self.users.load(Ordering::Relaxed) > 0 || open > idle
+    }
+
+    /// The parameters a fresh backend of this pool reports, if one has been seen whose
+    /// startup settings a client with `settings` overrides all of (so that its own values
+    /// replace every one they changed): the client's greeting is these with its settings.
+    pub fn base_params(&self, settings: &[(String, String)]) -> Option<Params> {
+        let slot = self
+            .base_params
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let (opened_with, params) = slot.as_ref()?;
+        let covered = opened_with
+            .iter()
+            .all(|(name, _)| settings.iter().any(|(n, _)| n.eq_ignore_ascii_case(name)));
+        covered.then(|| Arc::clone(params))
+    }
+
+    /// A client with `settings` attached: see [`StartupSettings::expect`].
+    pub fn expect_settings(&self, settings: &[(String, String)]) {
+        self.startup.expect(settings);
+    }
+
+    /// A backend accepted a client's settings: new backends may carry them from now on
+    /// (see [`StartupSettings`]).
+    pub fn settings_accepted(&self, settings: &[(String, String)]) {
+        if self.startup.accepted(settings) {
+            // Clients differ: greet from the parameters of a backend without settings.
+            *self
+                .base_params
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner) = None;
+        }
+    }
+
+    /// Whether new backends of this pool carry exactly `settings` in their startup packet.
+    pub fn opens_with(&self, settings: &[(String, String)]) -> bool {
+        self.startup.opens_with(settings)
+    }
+
+    /// Keeps a fresh backend's parameters for greetings: the first seen, replaced by the first
+    /// from a backend opened without settings (whose parameters suit every client).
+    pub(super) fn remember_params(&self, conn: &BackendConn) {
+        let mut slot = self
+            .base_params
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let better = match slot.as_ref() {
+            None => true,
+            Some((opened_with, _)) => !opened_with.is_empty() && conn.startup_settings.is_empty(),
+        };
+        if better {
+            *slot = Some((
+                Arc::clone(&conn.startup_settings),
+                Arc::clone(&conn.base_params),
+            ));
+        }
+    }
+}
+
+type Pooled = bb8::PooledConnection<'static, BackendManager>;
+
+/// A connection of `pool` the server has not closed. A connection the server closed while it
+/// sat idle (pg_terminate_backend, a restart, an idle timeout on the server) is closed here
+/// and another taken; the client never sees it. Checking costs no round trip: an idle
+/// PostgreSQL backend sends nothing, so any byte or EOF on an idle socket means it is gone.
+///
+/// A connection whose last client released it was sent a reset then (transaction pooling):
+/// its answer is read here instead, and a reset that failed (a statement_timeout the last
+/// client left, say) closes the connection too.
+pub(super) async fn alive_connection(
+    pool: &TenantPool,
+    slug: &TenantSlug,
+    reset_timeout: Duration,
+) -> Result<Pooled, PoolError> {
+    // Each dead connection found leaves the pool, so this ends; the bound only guards
+    // against a server that closes every new connection at once.
+    for _ in 0..=pool.limits.pool_size.saturating_add(1) {
+        let mut conn = pooled_connection(pool, slug).await?;
+        if let Err(e) = conn.finish_reset(reset_timeout).await {
+            tracing::debug!(tenant = %slug, backend_pid = conn.pid, error = %e, "the reset sent at release failed; closing the connection");
+            continue;
+        }
+        // After the reset's answer, nothing more may have come.
+        if !conn.peer_gone() {
+            return Ok(conn);
+        }
+        tracing::debug!(tenant = %slug, backend_pid = conn.pid, "idle backend connection was closed by the server; taking another");
+        conn.broken = true;
+    }
+    Err(PoolError::Backend {
+        slug: slug.clone(),
+        source: Arc::new(BackendError::Closed),
+    })
+}
+
+/// One connection from bb8: an idle one, or a new one. A failed connect fails at once with
+/// the backend's reason (bb8 alone would let the caller wait out the checkout timeout).
+async fn pooled_connection(pool: &TenantPool, slug: &TenantSlug) -> Result<Pooled, PoolError> {
+    // Subscribe before asking, so a failure of the connect our request starts is seen.
+    let mut errors = pool.connect_errors.0.subscribe();
+    let checkout = tokio::select! {
+        biased;
+        checkout = pool.pool.get_owned() => checkout,
+        Ok(source) = errors.recv() => {
+            return Err(PoolError::Backend { slug: slug.clone(), source });
+        }
+    };
+    checkout.map_err(|e| match e {
+        bb8::RunError::TimedOut => PoolError::CheckoutTimeout {
+            slug: slug.clone(),
+            waited: Duration::from_millis(pool.limits.checkout_timeout_ms),
+        },
+        bb8::RunError::User(source) => PoolError::Backend {
+            slug: slug.clone(),
+            source: Arc::new(source),
+        },
+    })
+}
