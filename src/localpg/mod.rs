@@ -20,16 +20,30 @@
 //! Reusing an already initialized data directory just starts it again; the
 //! superuser name and password in [`LocalPgOptions`] are then only reported,
 //! not applied (they were fixed when the cluster was created).
+//!
+//! Parts: `bindir` finds the server binaries, `run_as` runs them as the right
+//! user, `process` watches the server from outside; this file creates, starts
+//! and stops a cluster.
 
 use std::fmt;
-use std::fs::{self, File, OpenOptions};
-use std::io::{self, BufRead, BufReader, Read, Seek, SeekFrom};
+use std::fs::{self, OpenOptions};
+use std::io::{self, BufRead, BufReader};
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpListener, TcpStream};
-use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, Command, ExitStatus, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
+
+mod bindir;
+mod process;
+mod run_as;
+
+pub use bindir::find_bindir;
+use process::{
+    describe_status, one_line_tail, pid_file_names, postmaster_ready, process_exited, read_log_tail,
+};
+use run_as::{PwFile, RunAs};
 
 /// Address the server listens on (loopback only).
 const HOST: &str = "127.0.0.1";
@@ -215,201 +229,6 @@ pub fn free_port() -> Result<u16, LocalPgError> {
         .local_addr()
         .map_err(io_err("reading the address of a bound socket"))?;
     Ok(addr.port())
-}
-
-/// The directory containing `initdb`, `pg_ctl` and `postgres`: PATH first,
-/// then `pg_config --bindir`, then the newest `/usr/lib/postgresql/<N>/bin`.
-/// Symlinked binaries (e.g. in `/usr/local/bin`) resolve to their real directory.
-///
-/// # Errors
-///
-/// [`LocalPgError::BinariesNotFound`] if no such directory exists.
-pub fn find_bindir() -> Result<PathBuf, LocalPgError> {
-    if let Some(path) = std::env::var_os("PATH") {
-        for dir in std::env::split_paths(&path) {
-            if dir.is_absolute() && has_server_binaries(&dir) {
-                return Ok(resolve_bindir(dir));
-            }
-        }
-    }
-    if let Ok(out) = Command::new("pg_config")
-        .arg("--bindir")
-        .stdin(Stdio::null())
-        .stderr(Stdio::null())
-        .output()
-        && out.status.success()
-    {
-        let dir = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());
-        if has_server_binaries(&dir) {
-            return Ok(resolve_bindir(dir));
-        }
-    }
-    let mut versions: Vec<(u32, PathBuf)> = fs::read_dir("/usr/lib/postgresql")
-        .into_iter()
-        .flatten()
-        .flatten()
-        .filter_map(|entry| {
-            let version = entry.file_name().to_str()?.parse::<u32>().ok()?;
-            let bin = entry.path().join("bin");
-            has_server_binaries(&bin).then_some((version, bin))
-        })
-        .collect();
-    versions.sort();
-    versions
-        .pop()
-        .map(|(_, dir)| dir)
-        .ok_or(LocalPgError::BinariesNotFound)
-}
-
-fn has_server_binaries(dir: &Path) -> bool {
-    ["initdb", "pg_ctl", "postgres"].iter().all(|name| {
-        fs::metadata(dir.join(name))
-            .is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
-    })
-}
-
-/// Follow symlinks (e.g. /usr/local/bin/postgres -> /usr/lib/postgresql/15/bin/postgres)
-/// to the real binary directory, if it is complete.
-fn resolve_bindir(dir: PathBuf) -> PathBuf {
-    fs::canonicalize(dir.join("postgres"))
-        .ok()
-        .and_then(|real| real.parent().map(Path::to_path_buf))
-        .filter(|real| has_server_binaries(real))
-        .unwrap_or(dir)
-}
-
-/// How `PostgreSQL` binaries are run: directly, or as the `postgres` user when we are root.
-#[derive(Clone, Debug)]
-enum RunAs {
-    Current,
-    Postgres {
-        uid: u32,
-        gid: u32,
-        runuser: PathBuf,
-    },
-}
-
-impl RunAs {
-    fn detect() -> Result<Self, LocalPgError> {
-        if effective_uid()? != 0 {
-            return Ok(Self::Current);
-        }
-        let (uid, gid) = postgres_ids()?;
-        let runuser = ["/usr/sbin/runuser", "/sbin/runuser", "/usr/bin/runuser"]
-            .iter()
-            .map(PathBuf::from)
-            .find(|p| p.is_file())
-            .unwrap_or_else(|| PathBuf::from("runuser"));
-        Ok(Self::Postgres { uid, gid, runuser })
-    }
-
-    /// A command running `program` as the right user.
-    fn command(&self, program: &Path) -> Command {
-        let mut cmd = match self {
-            Self::Current => Command::new(program),
-            Self::Postgres { runuser, .. } => {
-                let mut cmd = Command::new(runuser);
-                cmd.args(["-u", PG_SYSTEM_USER, "--"]).arg(program);
-                cmd
-            }
-        };
-        // The postgres user may not be able to enter our working directory (e.g. /root).
-        cmd.current_dir("/");
-        cmd
-    }
-
-    /// Give `path` to the postgres user (no-op when not root).
-    fn chown(&self, path: &Path) -> Result<(), LocalPgError> {
-        if let Self::Postgres { uid, gid, .. } = self {
-            std::os::unix::fs::chown(path, Some(*uid), Some(*gid)).map_err(io_err(format!(
-                "changing the owner of {} to the postgres user",
-                path.display()
-            )))?;
-        }
-        Ok(())
-    }
-}
-
-fn effective_uid() -> Result<u32, LocalPgError> {
-    if let Ok(status) = fs::read_to_string("/proc/self/status")
-        && let Some(uid) = status
-            .lines()
-            .find_map(|l| l.strip_prefix("Uid:"))
-            .and_then(|rest| rest.split_whitespace().nth(1))
-            .and_then(|euid| euid.parse().ok())
-    {
-        return Ok(uid);
-    }
-    let out = Command::new("id")
-        .arg("-u")
-        .output()
-        .map_err(io_err("running `id -u` to find the effective user"))?;
-    String::from_utf8_lossy(&out.stdout)
-        .trim()
-        .parse()
-        .map_err(|_| LocalPgError::Io {
-            context: "running `id -u` to find the effective user".to_owned(),
-            source: io::Error::other("unexpected output"),
-        })
-}
-
-fn postgres_ids() -> Result<(u32, u32), LocalPgError> {
-    if let Ok(passwd) = fs::read_to_string("/etc/passwd") {
-        for line in passwd.lines() {
-            let fields: Vec<&str> = line.split(':').collect();
-            if fields.len() >= 4
-                && fields[0] == PG_SYSTEM_USER
-                && let (Ok(uid), Ok(gid)) = (fields[2].parse(), fields[3].parse())
-            {
-                return Ok((uid, gid));
-            }
-        }
-    }
-    // Not in /etc/passwd: ask NSS through `id`.
-    let id = |flag: &str| -> Option<u32> {
-        let out = Command::new("id")
-            .args([flag, PG_SYSTEM_USER])
-            .stderr(Stdio::null())
-            .output()
-            .ok()?;
-        if !out.status.success() {
-            return None;
-        }
-        String::from_utf8_lossy(&out.stdout).trim().parse().ok()
-    };
-    match (id("-u"), id("-g")) {
-        (Some(uid), Some(gid)) => Ok((uid, gid)),
-        _ => Err(LocalPgError::PostgresUserMissing),
-    }
-}
-
-/// A pwfile for initdb, readable by the postgres user and removed on drop.
-struct PwFile(PathBuf);
-
-impl PwFile {
-    fn create(password: &str, run_as: &RunAs) -> Result<Self, LocalPgError> {
-        use std::io::Write as _;
-        let path = std::env::temp_dir().join(format!("localpg-pw-{:016x}", rand::random::<u64>()));
-        let context = format!("writing the initdb password file {}", path.display());
-        let ctx = || context.clone();
-        let mut file = OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .open(&path)
-            .map_err(io_err(ctx()))?;
-        let guard = Self(path);
-        writeln!(file, "{password}").map_err(io_err(ctx()))?;
-        drop(file);
-        run_as.chown(&guard.0)?;
-        Ok(guard)
-    }
-}
-
-impl Drop for PwFile {
-    fn drop(&mut self) {
-        drop(fs::remove_file(&self.0));
-    }
 }
 
 /// A running throwaway `PostgreSQL` cluster; stopped by [`LocalPg::stop`] or on drop.
@@ -970,83 +789,6 @@ fn socket_dir_for(data_dir: &Path) -> Option<PathBuf> {
         .bytes()
         .all(|b| b.is_ascii_alphanumeric() || b"/._-+@".contains(&b));
     (plain && s.len() <= MAX_SOCKET_DIR_LEN).then(|| data_dir.to_path_buf())
-}
-
-/// Whether process `pid` has exited: gone, or a zombie its parent has not
-/// reaped yet.
-fn process_exited(pid: u32) -> bool {
-    match fs::read_to_string(format!("/proc/{pid}/stat")) {
-        // The state follows the command name, which is in parentheses.
-        Ok(stat) => stat
-            .rsplit_once(')')
-            .and_then(|(_, rest)| rest.trim_start().chars().next())
-            .is_some_and(|state| state == 'Z' || state == 'X'),
-        Err(e) if e.kind() == io::ErrorKind::NotFound => true,
-        // No procfs: kill -0 says whether the process exists.
-        Err(_) => !Command::new("kill")
-            .args(["-0", &pid.to_string()])
-            .stderr(Stdio::null())
-            .status()
-            .is_ok_and(|status| status.success()),
-    }
-}
-
-/// `postmaster.pid` exists and names `pid` (its first line).
-fn pid_file_names(pid_file: &Path, pid: u32) -> bool {
-    fs::read_to_string(pid_file).is_ok_and(|text| {
-        text.lines()
-            .next()
-            .and_then(|l| l.trim().parse::<u32>().ok())
-            == Some(pid)
-    })
-}
-
-/// `postmaster.pid` names our server and says `ready` (line 8, `PostgreSQL` 10+).
-fn postmaster_ready(pid_file: &Path, pid: u32) -> bool {
-    let Ok(text) = fs::read_to_string(pid_file) else {
-        return false;
-    };
-    let lines: Vec<&str> = text.lines().collect();
-    lines.first().and_then(|l| l.trim().parse::<u32>().ok()) == Some(pid)
-        && lines.get(7).is_some_and(|l| l.trim() == "ready")
-}
-
-fn describe_status(status: ExitStatus) -> String {
-    match status.code() {
-        Some(code) => format!("exit status {code}"),
-        None => format!("{status}"),
-    }
-}
-
-/// Last lines of the log written since `start` (or of the whole file if
-/// nothing new was written), joined on one line.
-fn read_log_tail(path: &Path, start: u64) -> String {
-    let read_from = |offset: u64| -> Option<String> {
-        let mut file = File::open(path).ok()?;
-        file.seek(SeekFrom::Start(offset)).ok()?;
-        let mut buf = Vec::new();
-        file.read_to_end(&mut buf).ok()?;
-        Some(String::from_utf8_lossy(&buf).into_owned())
-    };
-    let text = match read_from(start) {
-        Some(text) if !text.trim().is_empty() => text,
-        _ => read_from(0).unwrap_or_default(),
-    };
-    let tail = one_line_tail(&text, LOG_TAIL_LINES);
-    if tail.is_empty() {
-        "(log is empty)".to_owned()
-    } else {
-        tail
-    }
-}
-
-fn one_line_tail(text: &str, n: usize) -> String {
-    let lines: Vec<&str> = text
-        .lines()
-        .map(str::trim_end)
-        .filter(|l| !l.is_empty())
-        .collect();
-    lines[lines.len().saturating_sub(n)..].join(" | ")
 }
 
 /// Quote a value for a libpq/tokio-postgres keyword/value connection string.
