@@ -694,3 +694,32 @@ async fn create_tenant_without_a_server_picks_the_least_loaded() {
     }
     assert_eq!(placed, ["local", "second", "local", "second"]);
 }
+
+/// Issue 13, item 10: SHOW CONFIG hides the registry password in every spelling of a
+/// connection string, here a URL with `?password=` (the old masking only knew `user:pw@`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn show_config_hides_a_password_given_as_a_url_parameter() {
+    let pg = common::cluster();
+    let env = TestEnv::start_with(|c| {
+        let parsed: tokio_postgres::Config = c.registry.url.parse().unwrap();
+        let db = parsed.get_dbname().unwrap().to_owned();
+        c.registry.url = format!(
+            "postgresql://{}@127.0.0.1:{}/{db}?password={}",
+            pg.superuser(),
+            pg.port(),
+            pg.password()
+        );
+    })
+    .await;
+    let (ok, out) = psql(&admin_uri(&env), "SHOW CONFIG").await;
+    let line = out
+        .lines()
+        .find(|l| l.trim_start().starts_with("registry.url"))
+        .unwrap_or_default();
+    assert!(ok && line.contains("password=********"), "{out}");
+    let leaked = format!("password={}", pg.password());
+    assert!(
+        !line.contains(&leaked) && !line.contains("?password"),
+        "SHOW CONFIG leaks the registry password: {line}"
+    );
+}

@@ -335,33 +335,52 @@ fn mask(key: &str, value: &str) -> String {
     value.to_owned()
 }
 
+/// A connection string (URL or key/value form) as SHOW CONFIG shows it: parsed, then written
+/// back as key/value pairs from what was parsed, so no password can pass in any spelling
+/// (`user:pw@`, `?password=`, `password = 'a b'`). One that does not parse is hidden whole.
 fn mask_url(url: &str) -> String {
-    // postgres://user:secret@host/db
-    if let Some(scheme_end) = url.find("://") {
-        let rest = &url[scheme_end + 3..];
-        if let Some(at) = rest.find('@') {
-            if let Some(colon) = rest[..at].find(':') {
-                return format!(
-                    "{}{}:********{}",
-                    &url[..scheme_end + 3],
-                    &rest[..colon],
-                    &rest[at..]
-                );
-            }
-        }
-        return url.to_owned();
-    }
-    // key=value form
-    url.split_whitespace()
-        .map(|kv| {
-            if kv.to_ascii_lowercase().starts_with("password=") {
-                "password=********".to_owned()
-            } else {
-                kv.to_owned()
-            }
+    use tokio_postgres::config::{Host, SslMode};
+    let Ok(config) = url.parse::<tokio_postgres::Config>() else {
+        return "******** (not a valid connection string)".to_owned();
+    };
+    let mut parts = Vec::new();
+    let hosts: Vec<String> = config
+        .get_hosts()
+        .iter()
+        .map(|host| match host {
+            Host::Tcp(name) => name.clone(),
+            Host::Unix(path) => path.display().to_string(),
         })
-        .collect::<Vec<_>>()
-        .join(" ")
+        .collect();
+    if !hosts.is_empty() {
+        parts.push(format!("host={}", hosts.join(",")));
+    }
+    let port_list: Vec<String> = config.get_ports().iter().map(u16::to_string).collect();
+    if !port_list.is_empty() {
+        parts.push(format!("port={}", port_list.join(",")));
+    }
+    if let Some(user) = config.get_user() {
+        parts.push(format!("user={user}"));
+    }
+    if config.get_password().is_some() {
+        parts.push("password=********".to_owned());
+    }
+    if let Some(dbname) = config.get_dbname() {
+        parts.push(format!("dbname={dbname}"));
+    }
+    if let Some(name) = config.get_application_name() {
+        parts.push(format!("application_name={name}"));
+    }
+    let sslmode = match config.get_ssl_mode() {
+        SslMode::Disable => Some("disable"),
+        SslMode::Require => Some("require"),
+        // Prefer is the default; the enum is non-exhaustive.
+        _ => None,
+    };
+    if let Some(mode) = sslmode {
+        parts.push(format!("sslmode={mode}"));
+    }
+    parts.join(" ")
 }
 
 fn help() -> Vec<Vec<Value>> {
@@ -461,11 +480,30 @@ mod tests {
     fn urls_lose_their_passwords() {
         assert_eq!(
             mask_url("postgres://tg:s3cret@localhost:5432/registry"),
-            "postgres://tg:********@localhost:5432/registry"
+            "host=localhost port=5432 user=tg password=******** dbname=registry"
         );
         assert_eq!(
             mask_url("host=x user=tg password=s3cret dbname=r"),
             "host=x user=tg password=******** dbname=r"
+        );
+        // Every spelling of a password is hidden (issue 13, item 10).
+        for (url, secret) in [
+            ("postgres://tg@localhost/registry?password=s3cret", "s3cret"),
+            ("postgres://tg:p%40ss%3Aw0rd@localhost/registry", "w0rd"),
+            ("host=x user=tg password = s3cret dbname=r", "s3cret"),
+            (
+                "host=x user=tg password='a s3cret phrase' dbname=r",
+                "s3cret",
+            ),
+            ("host=x password=s3cret sslmode=require", "s3cret"),
+            ("this is not a s3cret connection string", "s3cret"),
+        ] {
+            let shown = mask_url(url);
+            assert!(!shown.contains(secret), "{url} shown as {shown}");
+        }
+        assert_eq!(
+            mask_url("postgres://tg@localhost/registry?password=s3cret&sslmode=disable"),
+            "host=localhost port=5432 user=tg password=******** dbname=registry sslmode=disable"
         );
         assert_eq!(mask("server.main.admin_password", "pw"), "********");
         assert_eq!(mask("server.main.admin_password_env", "PGPASS"), "PGPASS");
