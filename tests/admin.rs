@@ -723,3 +723,24 @@ async fn show_config_hides_a_password_given_as_a_url_parameter() {
         "SHOW CONFIG leaks the registry password: {line}"
     );
 }
+
+/// Issue 13, item 11: a tenant named like the admin console's database could never be
+/// reached (that name routes to the console): creating or registering one is refused with
+/// 42939 and leaves no registry row.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tenant_named_like_the_admin_database_is_refused() {
+    let env = TestEnv::start().await;
+    let admin = env.admin().await;
+    let name = env.config.admin.database.clone();
+    for sql in [
+        format!("CREATE TENANT {name}"),
+        format!(
+            "REGISTER TENANT {name} DATABASE 'postgres' ROLE 'postgres' PASSWORD 'x' SERVER 'local'"
+        ),
+    ] {
+        let e = admin.batch_execute(&sql).await.expect_err(&sql);
+        assert_eq!(sqlstate(&e).as_deref(), Some("42939"), "{sql}: {e}");
+    }
+    let slug = tenantgate::registry::TenantSlug::parse(&name).unwrap();
+    assert!(env.registry.tenant(&slug).await.unwrap().is_none());
+}

@@ -14,6 +14,10 @@ pub enum ProvisionError {
     )]
     BadSlug(String),
     #[error(
+        "{0:?} is the admin console's database name ([admin] database): clients asking for it reach the console, never a tenant"
+    )]
+    ReservedSlug(String),
+    #[error(
         "database name {0:?} is longer than PostgreSQL's 63 bytes: use a shorter slug or database_pattern"
     )]
     NameTooLong(String),
@@ -175,6 +179,7 @@ pub fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
 impl ClientFacing for ProvisionError {
     fn sqlstate(&self) -> SqlState {
         match self {
+            ProvisionError::ReservedSlug(_) => SqlState::RESERVED_NAME,
             ProvisionError::BadSlug(_)
             | ProvisionError::NameTooLong(_)
             | ProvisionError::UnknownServer(_)
@@ -211,6 +216,7 @@ impl ClientFacing for ProvisionError {
         match self {
             ProvisionError::Registry(e) => e.client_message(),
             ProvisionError::BadSlug(_)
+            | ProvisionError::ReservedSlug(_)
             | ProvisionError::NameTooLong(_)
             | ProvisionError::Exists(_)
             | ProvisionError::NoSuchTenant(_)
@@ -243,6 +249,7 @@ impl ClientFacing for ProvisionError {
     fn kind(&self) -> ErrorKind {
         match self {
             ProvisionError::BadSlug(_)
+            | ProvisionError::ReservedSlug(_)
             | ProvisionError::NameTooLong(_)
             | ProvisionError::Exists(_)
             | ProvisionError::NoSuchTenant(_)

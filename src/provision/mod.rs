@@ -137,6 +137,16 @@ fn parse_slug(slug: &str) -> Result<TenantSlug, ProvisionError> {
     TenantSlug::parse(slug).ok_or_else(|| ProvisionError::BadSlug(slug.to_owned()))
 }
 
+/// The slug of a tenant being created or registered: valid, and not the admin console's
+/// database name (a tenant by that name could never be reached: the name routes to the
+/// console).
+fn new_slug(config: &Config, slug: &str) -> Result<TenantSlug, ProvisionError> {
+    if slug == config.admin.database {
+        return Err(ProvisionError::ReservedSlug(slug.to_owned()));
+    }
+    parse_slug(slug)
+}
+
 /// Provisions a new tenant: registry row (`provisioning`), role and database on the server,
 /// `migrating` while the tenant migrations (`provision.migrations_dir`) and the seed file
 /// (`provision.seed_file`) run as the tenant's role, then `active`. Every step is written to
@@ -150,7 +160,7 @@ pub async fn create_tenant(
     slug: &str,
     options: &CreateTenant,
 ) -> Result<TenantRecord, ProvisionError> {
-    let slug = parse_slug(slug)?;
+    let slug = new_slug(config, slug)?;
     if let Some(existing) = registry.tenant(&slug).await? {
         if existing.state != TenantState::Failed {
             return Err(ProvisionError::Exists(slug));
@@ -520,7 +530,7 @@ pub async fn register_tenant(
         role,
         password,
     } = *existing;
-    let slug = parse_slug(slug)?;
+    let slug = new_slug(config, slug)?;
     if registry
         .tenant(&slug)
         .await?
