@@ -762,3 +762,42 @@ async fn an_extended_protocol_copy_gives_its_backend_back() {
         assert_eq!(first_value(&seen), "9", "{who}");
     }
 }
+
+/// README: a session-level SET is "gone by the client's next transaction". Under load a
+/// released backend is handed on without a reset (the next client's first messages carry it);
+/// when the next taker is the client that left the SET, it must be reset all the same. Three
+/// clients keep a pool of two busy while one sets work_mem and reads it back, many times.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_clients_own_set_is_gone_by_its_next_transaction_under_load() {
+    let env = transaction_env(2).await;
+    let t = env.tenant_with_user("tx-own-set").await;
+    let slug = t.slug.as_str();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut noise = Vec::new();
+    for _ in 0..3 {
+        let c = env.app(slug).await;
+        let stop = std::sync::Arc::clone(&stop);
+        noise.push(tokio::spawn(async move {
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                c.simple_query("SELECT pg_sleep(0.001)").await.unwrap();
+            }
+        }));
+    }
+    let a = env.app(slug).await;
+    let default = first_value(&a.simple_query("SHOW work_mem").await.unwrap());
+    let mut kept = 0;
+    for _ in 0..150 {
+        a.batch_execute("SET work_mem = '77kB'").await.unwrap();
+        if first_value(&a.simple_query("SHOW work_mem").await.unwrap()) != default {
+            kept += 1;
+        }
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    for n in noise {
+        n.await.unwrap();
+    }
+    assert_eq!(
+        kept, 0,
+        "the client's own SET survived into its next transaction {kept} times of 150"
+    );
+}

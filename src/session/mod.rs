@@ -673,6 +673,9 @@ where
 /// backend if the reset failed. Either way no state of this client reaches the next.
 async fn release(lease: &mut Lease) {
     if lease.pool().is_some_and(|pool| pool.hands_over()) {
+        // Reset ahead of whoever takes it next, this client included: its own session
+        // state is gone by its next transaction too, whichever backend serves it.
+        lease.conn().needs_reset = true;
         lease.reusable();
         return;
     }
