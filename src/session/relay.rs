@@ -826,7 +826,7 @@ mod tests {
 
     use super::*;
 
-    fn frame(tag: u8, body: &[u8]) -> Vec<u8> {
+    pub(super) fn frame(tag: u8, body: &[u8]) -> Vec<u8> {
         let mut v = vec![tag];
         v.extend_from_slice(&u32::try_from(body.len() + 4).unwrap().to_be_bytes());
         v.extend_from_slice(body);
@@ -967,16 +967,10 @@ mod tests {
 mod reset_ahead_tests {
     use tokio::io::{AsyncReadExt, AsyncWriteExt, duplex};
 
+    use super::tests::frame;
     use super::*;
     use crate::pool::BackendStatements;
     use crate::session::statements::{ClientStatements, RESET_AHEAD, Responses};
-
-    fn frame(tag: u8, body: &[u8]) -> Vec<u8> {
-        let mut v = vec![tag];
-        v.extend_from_slice(&u32::try_from(body.len() + 4).unwrap().to_be_bytes());
-        v.extend_from_slice(body);
-        v
-    }
 
     /// What the backend receives first when a reset goes ahead of the client's `first`.
     async fn first_write_to_backend(first: Vec<u8>) -> Vec<u8> {
