@@ -2,15 +2,12 @@
 //! sessions, client-certificate auth (mTLS) for tenant and admin users, custom domains per
 //! tenant, and TLS in SHOW CLIENTS. psql and tokio-postgres over rustls, real PostgreSQL.
 #![allow(
-    clippy::unwrap_used,
-    clippy::expect_used,
     clippy::too_many_lines,
-    reason = "tests; each test is one scenario, step after step"
+    reason = "each test is one scenario, step after step"
 )]
 
-#[path = "common/certs.rs"]
-mod certs;
-mod common;
+use crate::common;
+use crate::common::certs;
 
 use std::io::Read as _;
 use std::net::IpAddr;

@@ -2,9 +2,8 @@
 //! the migrations (as their own role) and a seed, a failure leaves nothing behind, migrate_all
 //! survives a broken tenant, edited files are refused, two runners never apply a file twice,
 //! and drop_tenant / remove_user clean up. Also the CLI commands.
-#![allow(clippy::unwrap_used, clippy::expect_used, reason = "tests")]
 
-mod common;
+use crate::common;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;

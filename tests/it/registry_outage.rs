@@ -4,9 +4,8 @@
 //!
 //! The registry lives on a dedicated cluster here (tenant databases stay on the shared one):
 //! restarting it must not disturb other tests, nor the tenants' backend pools.
-#![allow(clippy::unwrap_used, clippy::expect_used, reason = "tests")]
 
-mod common;
+use crate::common;
 
 use std::time::Duration;
 

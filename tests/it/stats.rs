@@ -2,9 +2,8 @@
 //! transaction counts in both pooling modes; totals survive the pool's eviction; checkout
 //! waits, backend connects and their errors, and connections reclaimed under a server budget
 //! are counted for the right tenant.
-#![allow(clippy::unwrap_used, clippy::expect_used, reason = "tests")]
 
-mod common;
+use crate::common;
 
 use std::sync::Arc;
 use std::time::Duration;

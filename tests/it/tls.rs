@@ -1,8 +1,7 @@
 //! Client TLS (issue 6): SSLRequest and direct TLS, `tls.mode`, SNI routing and
 //! SCRAM-SHA-256-PLUS, from tokio-postgres (rustls), psql and a raw TLS client.
-#![allow(clippy::unwrap_used, clippy::expect_used, reason = "tests")]
 
-mod common;
+use crate::common;
 
 use std::net::IpAddr;
 use std::path::PathBuf;

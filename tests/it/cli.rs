@@ -1,8 +1,7 @@
 //! The `tenantgate` binary as a user runs it: quickstart from nothing, the tenant and user
 //! commands, and broken configs.
-#![allow(clippy::unwrap_used, clippy::expect_used, reason = "tests")]
 
-mod common;
+use crate::common;
 
 use std::io::{BufRead, BufReader, Write};
 use std::path::Path;

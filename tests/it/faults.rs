@@ -11,9 +11,8 @@
 //!
 //! Tests that crash or restart a server get a dedicated cluster (a crashed backend makes the
 //! postmaster restart every backend of its cluster); the registry stays on the shared one.
-#![allow(clippy::unwrap_used, clippy::expect_used, reason = "tests")]
 
-mod common;
+use crate::common;
 
 use std::future::Future;
 use std::path::Path;

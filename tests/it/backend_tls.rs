@@ -1,19 +1,18 @@
 //! Backend TLS (issue 6): tenantgate's own connections to a backend server with `[[server]]
-//! tls` = disable, prefer, require, verify-ca, verify-full. This binary's cluster runs with
+//! tls` = disable, prefer, require, verify-ca, verify-full. These tests' own cluster runs with
 //! `ssl = on` and a certificate for `localhost` (only: so `127.0.0.1` is a host name the
 //! certificate does not carry) signed by a CA made here, and its pg_hba accepts tenant roles and
 //! the provisioning role only over TLS (`hostnossl ... reject`); only the harness's superuser
 //! (registry, setup) may use plaintext. Plaintext fallback of `prefer` is in
-//! tests/backend_auth.rs, whose cluster has no TLS.
-#![allow(clippy::unwrap_used, clippy::expect_used, reason = "tests")]
+//! `backend_auth`, on the shared cluster, which has no TLS.
 
-mod common;
+use crate::common;
 
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::{TestEnv, admin_client, cluster, eventually, sqlstate, unique};
+use common::{TestEnv, eventually, sqlstate, unique};
 use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair, KeyUsagePurpose};
 use tenantgate::config::Config;
 use tenantgate::crypto::Secret;
@@ -44,6 +43,11 @@ impl Cas {
 
 static SETUP: OnceCell<Cas> = OnceCell::const_new();
 
+/// The cluster these tests reconfigure (TLS on, plaintext refused to all but the superuser).
+fn cluster() -> &'static tenantgate::localpg::LocalPg {
+    common::named_cluster("backend-tls")
+}
+
 fn make_ca(name: &str) -> (rcgen::Certificate, Issuer<'static, KeyPair>) {
     let key = KeyPair::generate().unwrap();
     let mut ca = CertificateParams::new(Vec::<String>::new()).unwrap();
@@ -69,7 +73,7 @@ fn server_write(data_dir: &std::path::Path, name: &str, bytes: &[u8]) {
     std::os::unix::fs::chown(&path, Some(owner.uid()), Some(owner.gid())).unwrap();
 }
 
-/// Once per binary: certificate, key, `ssl = on`, TLS-only pg_hba, the provisioning role.
+/// Once: certificate, key, `ssl = on`, TLS-only pg_hba, the provisioning role.
 async fn setup() -> &'static Cas {
     SETUP
         .get_or_init(|| async {
@@ -91,7 +95,7 @@ async fn setup() -> &'static Cas {
             std::fs::write(dir.join("ca.crt"), ca_cert.pem()).unwrap();
             std::fs::write(dir.join("other-ca.crt"), other_ca.pem()).unwrap();
 
-            let admin = admin_client("postgres").await;
+            let admin = common::admin_client_on(cluster(), "postgres").await;
             let data = pg.data_dir();
             server_write(data, "server.crt", cert.pem().as_bytes());
             server_write(data, "server.key", key.serialize_pem().as_bytes());
@@ -125,7 +129,7 @@ async fn setup() -> &'static Cas {
             // The postmaster rereads its files asynchronously: wait until new sessions see it.
             assert!(
                 eventually(Duration::from_secs(10), || async {
-                    let c = admin_client("postgres").await;
+                    let c = common::admin_client_on(cluster(), "postgres").await;
                     let ssl: String = c.query_one("SHOW ssl", &[]).await.unwrap().get(0);
                     ssl == "on"
                 })
@@ -142,7 +146,7 @@ async fn setup() -> &'static Cas {
 async fn start(tls: BackendTlsMode, ca_file: Option<PathBuf>, host: &str) -> TestEnv {
     setup().await;
     let host = host.to_owned();
-    TestEnv::start_with(move |c| tweak(c, tls, ca_file, &host)).await
+    TestEnv::start_on(cluster(), move |c| tweak(c, tls, ca_file, &host)).await
 }
 
 fn tweak(config: &mut Config, tls: BackendTlsMode, ca_file: Option<PathBuf>, host: &str) {
@@ -216,7 +220,7 @@ async fn require_and_verify_ca_do_not_check_the_host_name() {
 #[tokio::test]
 async fn prefer_is_the_default_and_uses_tls_when_offered() {
     setup().await;
-    let env = TestEnv::start_with(|c| {
+    let env = TestEnv::start_on(cluster(), |c| {
         let server = &mut c.servers[0];
         assert_eq!(server.tls, BackendTlsMode::Prefer);
         PROVISIONER.clone_into(&mut server.admin_user);
@@ -296,7 +300,7 @@ async fn disable_against_a_tls_only_server_gets_the_servers_refusal() {
 async fn backend_login_over_tls_uses_channel_binding() {
     let cas = setup().await;
     let role = unique("cb_role_");
-    admin_client("postgres")
+    common::admin_client_on(cluster(), "postgres")
         .await
         .batch_execute(&format!("CREATE ROLE {role} LOGIN PASSWORD 'cb-secret'"))
         .await
@@ -386,7 +390,7 @@ async fn a_cancel_for_a_tls_backend_goes_over_tls() {
     const CANCEL_REQUEST: [u8; 8] = [0, 0, 0, 16, 0x04, 0xd2, 0x16, 0x2e];
     let cas = setup().await;
     let (port, openings) = recorder(cluster().port()).await;
-    let env = TestEnv::start_with(move |c| {
+    let env = TestEnv::start_on(cluster(), move |c| {
         tweak(
             c,
             BackendTlsMode::VerifyFull,

@@ -5,7 +5,7 @@
 #![allow(
     dead_code,
     unreachable_pub,
-    reason = "each test binary uses a different part of the harness"
+    reason = "not every helper is used by every area"
 )]
 
 use std::path::PathBuf;

@@ -3,9 +3,8 @@
 //! many clients connect to random tenants, first uniformly, then skewed onto a few hot ones.
 //! Pools are evicted (small `max_pools`, short idle timeout) and built again as the load
 //! moves; the registry goes away and comes back under load.
-#![allow(clippy::unwrap_used, clippy::expect_used, reason = "tests")]
 
-mod common;
+use crate::common;
 
 use std::collections::HashSet;
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};

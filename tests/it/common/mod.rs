@@ -1,18 +1,22 @@
-//! Test harness: one private PostgreSQL cluster per test binary (started on first use, stopped
-//! by its watchdog when the binary exits), and per test a fresh registry database and a fresh
-//! proxy on a free port. Helpers create tenants and users through the same provisioning code
-//! the CLI uses, and connect through the proxy with tokio-postgres.
+//! Test harness: one private PostgreSQL cluster for the whole test binary (started on first
+//! use, stopped by its watchdog when the binary exits), private clusters by name for the tests
+//! that reconfigure their server, and per test a fresh registry database and a fresh proxy on
+//! a free port. Helpers create tenants and users through the same provisioning code the CLI
+//! uses, and connect through the proxy with tokio-postgres.
 
 #![allow(
     dead_code,
     unreachable_pub,
-    reason = "each test binary uses a different part of the harness"
+    reason = "not every helper is used by every area"
 )]
 
+pub mod certs;
+
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
-use std::sync::OnceLock;
 use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Mutex, OnceLock};
 use std::time::Duration;
 
 use tenantgate::config::Config;
@@ -24,22 +28,38 @@ use tenantgate::server::Proxy;
 use tokio_postgres::NoTls;
 
 static CLUSTER: OnceLock<LocalPg> = OnceLock::new();
+static NAMED: OnceLock<Mutex<HashMap<&'static str, &'static LocalPg>>> = OnceLock::new();
 static COUNTER: AtomicU32 = AtomicU32::new(0);
 
-/// The shared cluster of this test binary.
+/// The cluster every test shares. Tests must not change its configuration (pg_hba.conf lines
+/// for their own roles aside): a test that does takes a `named_cluster`.
 pub fn cluster() -> &'static LocalPg {
-    CLUSTER.get_or_init(|| {
-        let base = std::env::temp_dir();
-        remove_stale_dirs(&base);
-        let dir = base.join(format!(
-            "tenantgate-test-{}-{}",
-            std::process::id(),
-            rand::random::<u32>()
-        ));
-        let mut options = LocalPgOptions::new(dir.join("pgdata"));
-        options.max_connections = 400;
-        LocalPg::start(options).expect("start the test PostgreSQL cluster")
-    })
+    CLUSTER.get_or_init(start_cluster)
+}
+
+/// A cluster of its own for the tests that name it (e.g. one that turns on `ssl` and makes
+/// pg_hba.conf demand TLS), started on first use and kept for the binary's life.
+pub fn named_cluster(name: &'static str) -> &'static LocalPg {
+    let clusters = NAMED.get_or_init(|| Mutex::new(HashMap::new()));
+    let mut clusters = clusters
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    clusters
+        .entry(name)
+        .or_insert_with(|| Box::leak(Box::new(start_cluster())))
+}
+
+fn start_cluster() -> LocalPg {
+    let base = std::env::temp_dir();
+    remove_stale_dirs(&base);
+    let dir = base.join(format!(
+        "tenantgate-test-{}-{}",
+        std::process::id(),
+        rand::random::<u32>()
+    ));
+    let mut options = LocalPgOptions::new(dir.join("pgdata"));
+    options.max_connections = 400;
+    LocalPg::start(options).expect("start the test PostgreSQL cluster")
 }
 
 /// Removes data directories left by earlier test runs whose process is gone.
@@ -66,7 +86,12 @@ pub fn unique(prefix: &str) -> String {
 
 /// Connects directly to the cluster as the superuser.
 pub async fn admin_client(dbname: &str) -> tokio_postgres::Client {
-    connect_str(&cluster().connection_string(dbname))
+    admin_client_on(cluster(), dbname).await
+}
+
+/// Connects directly to `pg` as the superuser.
+pub async fn admin_client_on(pg: &LocalPg, dbname: &str) -> tokio_postgres::Client {
+    connect_str(&pg.connection_string(dbname))
         .await
         .expect("admin connection")
 }
@@ -98,6 +123,11 @@ impl TestEnv {
 
     /// A proxy whose config `tweak` may change before start.
     pub async fn start_with(tweak: impl FnOnce(&mut Config)) -> TestEnv {
+        TestEnv::start_on(cluster(), tweak).await
+    }
+
+    /// A proxy whose registry and `[[server]]` are on `pg` instead of the shared cluster.
+    pub async fn start_on(pg: &'static LocalPg, tweak: impl FnOnce(&mut Config)) -> TestEnv {
         // TEST_LOG=tenantgate=debug shows the proxy's log for a failing test.
         if let Ok(filter) = std::env::var("TEST_LOG") {
             drop(
@@ -107,9 +137,8 @@ impl TestEnv {
                     .try_init(),
             );
         }
-        let pg = cluster();
         let registry_db = unique("registry_");
-        admin_client("postgres")
+        admin_client_on(pg, "postgres")
             .await
             .batch_execute(&format!("CREATE DATABASE {registry_db}"))
             .await

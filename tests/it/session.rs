@@ -1,8 +1,7 @@
 //! Session mode: a client must not be able to tell tenantgate from a direct connection, and a
 //! backend is reused only clean.
-#![allow(clippy::unwrap_used, clippy::expect_used, reason = "tests")]
 
-mod common;
+use crate::common;
 
 use std::fmt::Write as _;
 use std::time::Duration;

@@ -2,9 +2,8 @@
 //! to a client is clean and at a message boundary, whatever the client before it did. Each
 //! test plays the client that tries hardest to break one promise, with a pool of one backend
 //! so that the next client surely gets the same backend.
-#![allow(clippy::unwrap_used, clippy::expect_used, reason = "tests")]
 
-mod common;
+use crate::common;
 
 use std::fmt::Write as _;
 use std::time::Duration;

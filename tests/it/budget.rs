@@ -1,8 +1,7 @@
 //! The server budget: many tenant pools on one backend server never hold more connections
 //! than the server's budget; idle connections of other tenants are closed to make room.
-#![allow(clippy::unwrap_used, clippy::expect_used, reason = "tests")]
 
-mod common;
+use crate::common;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, Ordering};

@@ -1,8 +1,7 @@
 //! Live registry changes: what another instance (or an operator) changes in the registry
 //! reaches running proxies within a second, with no restart.
-#![allow(clippy::unwrap_used, clippy::expect_used, reason = "tests")]
 
-mod common;
+use crate::common;
 
 use std::time::Duration;
 

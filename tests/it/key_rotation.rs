@@ -3,9 +3,8 @@
 //! clients hold sessions through an in-process proxy and a second proxy process that only
 //! knew the old key. Every stored secret must end under the new key id, clients must keep
 //! working, and no key may appear in any output.
-#![allow(clippy::unwrap_used, clippy::expect_used, reason = "tests")]
 
-mod common;
+use crate::common;
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};

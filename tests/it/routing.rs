@@ -1,8 +1,7 @@
 //! Routing and isolation: the database name picks the tenant, each tenant reaches only its own
 //! database, and every way of being refused ends in the right SQLSTATE.
-#![allow(clippy::unwrap_used, clippy::expect_used, reason = "tests")]
 
-mod common;
+use crate::common;
 
 use std::time::Duration;
 

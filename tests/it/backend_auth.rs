@@ -1,8 +1,7 @@
 //! Backend authentication: tenantgate answers whatever the tenant's server asks for (SCRAM,
 //! md5, cleartext), and a backend that refuses gives the client a clear error.
-#![allow(clippy::unwrap_used, clippy::expect_used, reason = "tests")]
 
-mod common;
+use crate::common;
 
 use common::{TestEnv, admin_client, sqlstate, unique};
 use tenantgate::crypto::Secret;

@@ -1,7 +1,6 @@
 //! What a person sees: psql and pgbench run as subprocesses through the proxy.
-#![allow(clippy::unwrap_used, clippy::expect_used, reason = "tests")]
 
-mod common;
+use crate::common;
 
 use std::process::Command;
 

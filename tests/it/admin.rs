@@ -1,9 +1,8 @@
 //! The admin console through real clients: psql and tokio-postgres (simple and extended
 //! protocol) against the virtual admin database of a running proxy, with tenants provisioned
 //! on the test cluster.
-#![allow(clippy::unwrap_used, clippy::expect_used, reason = "tests")]
 
-mod common;
+use crate::common;
 
 use std::time::Duration;
 use tokio::process::Command;

@@ -1,0 +1,27 @@
+//! The integration tests: one binary, one throwaway PostgreSQL cluster shared by every module
+//! (tests that restart, crash or reconfigure a server start a private one), a module per area.
+//! Helpers live in `common`; `cargo test --test it <area>::` runs one area.
+#![allow(clippy::unwrap_used, clippy::expect_used, reason = "tests")]
+
+mod common;
+
+mod admin;
+mod backend_auth;
+mod backend_tls;
+mod budget;
+mod cli;
+mod faults;
+mod hardening;
+mod integrity;
+mod key_rotation;
+mod migrations;
+mod registry_changes;
+mod registry_outage;
+mod routing;
+mod scale;
+mod session;
+mod stats;
+mod tls;
+mod tls_ops;
+mod tools;
+mod transaction;
