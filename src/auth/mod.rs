@@ -40,8 +40,14 @@ pub enum AuthError {
     UnexpectedMessage(char),
     #[error("malformed SASL message")]
     Malformed,
+    /// The client hung up before sending its first SASL message (psql does, to prompt for a
+    /// password): nothing was tried.
     #[error("client left during authentication")]
     ClientLeft,
+    /// The client hung up or broke the connection after the server's first SCRAM message
+    /// (it has the salt) without sending its proof: counted as a failed attempt.
+    #[error("client abandoned the authentication exchange")]
+    Abandoned,
     #[error("client I/O failed during authentication")]
     Io(#[source] std::io::Error),
     /// A `cert+scram` user gave the right password without a client certificate.
@@ -73,6 +79,7 @@ impl ClientFacing for AuthError {
             | AuthError::UnexpectedMessage(_)
             | AuthError::Malformed
             | AuthError::ClientLeft
+            | AuthError::Abandoned
             | AuthError::Io(_) => SqlState::PROTOCOL_VIOLATION,
         }
     }
@@ -97,7 +104,7 @@ impl ClientFacing for AuthError {
             AuthError::UnexpectedMessage(tag) => {
                 format!("expected a SASL response, got message type '{tag}'")
             }
-            AuthError::ClientLeft | AuthError::Io(_) => {
+            AuthError::ClientLeft | AuthError::Abandoned | AuthError::Io(_) => {
                 "connection lost during authentication".to_owned()
             }
             AuthError::CertificateRequired { user } => format!(
@@ -154,7 +161,10 @@ pub async fn authenticate<S: AsyncRead + AsyncWrite + Unpin>(
     messages::authentication_sasl_continue(&mut out, &server_first);
     send(stream, &mut out).await?;
 
-    let response = read_sasl(stream).await?;
+    let response = read_sasl(stream).await.map_err(|e| match e {
+        AuthError::ClientLeft | AuthError::Io(_) => AuthError::Abandoned,
+        other => other,
+    })?;
     let server_final = exchange
         .client_final(&response)
         .map_err(|e| scram_error(e, user))?;

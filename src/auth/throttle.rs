@@ -17,8 +17,17 @@
 //! A failure is counted when the exchange fails, not when it begins: a burst of honest
 //! clients logging in at once (an application server starting 200 connections) must not look
 //! like 200 failures. Parallel guesses can therefore run ahead of the count by at most the
-//! logins in progress (`max_logins_in_progress`). Success resets the source's counters; a
-//! client that leaves before proving anything counts for nothing.
+//! logins in progress (`max_logins_in_progress`). An exchange the client abandons once it is
+//! running (it read the salt and hung up, or stalled into the login timeout) counts as a
+//! failure: the `Attempt` is armed when the exchange starts and counts when dropped unreported.
+//! A client that leaves before sending anything (psql does, to prompt for a password) is
+//! refunded.
+//!
+//! Success resets only the (source, target) counter. The wide counters are not reset by
+//! success, or one tenant's password would let its holder spray every other tenant from one
+//! address with a login in between; they forget failures older than the quiet period instead.
+//! The admin console has no per-target counter: many sources failing against it must not lock
+//! its operators out (a spray is still stopped per source and per (source, console)).
 //! Counters live in a bounded moka cache and are forgotten after a quiet period. Delays are
 //! async sleeps in the client's own task: they hold no lock and block nobody else.
 
@@ -69,10 +78,27 @@ enum Key {
 
 #[derive(Debug, Default)]
 struct Counter {
-    /// Failed (or still running) attempts in the current window.
+    /// Failed attempts since `since`.
     failures: u32,
+    /// When the current window's first failure was counted.
+    since: Option<Instant>,
     /// Attempts are refused until then.
     locked_until: Option<Instant>,
+}
+
+impl Counter {
+    /// Forgets failures counted longer than `window` ago (outside a lock-out).
+    fn expire(&mut self, now: Instant, window: Duration) {
+        if self.locked_until.is_none() && self.since.is_some_and(|since| now - since > window) {
+            self.failures = 0;
+            self.since = None;
+        }
+    }
+
+    fn count_failure(&mut self) {
+        self.failures = self.failures.saturating_add(1);
+        self.since.get_or_insert_with(Instant::now);
+    }
 }
 
 type Shared = Arc<Mutex<Counter>>;
@@ -89,15 +115,41 @@ pub struct Throttled {
 /// The failed-login counters of one proxy.
 pub struct LoginThrottle {
     settings: ThrottleSettings,
+    /// Failures older than this are forgotten.
+    window: Duration,
     counters: Cache<Key, Shared>,
 }
 
-/// A login attempt that the throttle let through: report how it ended.
+/// A login attempt that the throttle let through: report how it ended. Once `arm`ed (the
+/// exchange is running), dropping it unreported counts a failure.
 #[must_use = "report the attempt's outcome: succeeded, failed or refund"]
 pub struct Attempt {
-    counters: [(Key, Shared); 3],
+    counters: Vec<(Key, Shared)>,
     /// How long to wait before running the exchange.
     pub delay: Duration,
+    armed: bool,
+}
+
+impl Attempt {
+    /// The exchange starts: from now on, an attempt that ends without a report (the client
+    /// stalled into the login timeout) is a failure.
+    pub fn arm(&mut self) {
+        self.armed = true;
+    }
+
+    fn count_failure(&mut self) {
+        for (_, shared) in &self.counters {
+            lock(shared).count_failure();
+        }
+    }
+}
+
+impl Drop for Attempt {
+    fn drop(&mut self) {
+        if self.armed {
+            self.count_failure();
+        }
+    }
 }
 
 impl LoginThrottle {
@@ -105,6 +157,7 @@ impl LoginThrottle {
         let quiet = QUIET_PERIOD.max(settings.lockout.saturating_mul(2));
         LoginThrottle {
             settings,
+            window: quiet,
             counters: Cache::builder()
                 .max_capacity(MAX_COUNTERS)
                 .time_to_idle(quiet)
@@ -128,7 +181,10 @@ impl LoginThrottle {
             .counter(Key::SourceTarget(source, Arc::clone(&name)))
             .await;
         let by_source = self.counter(Key::Source(source)).await;
-        let by_target = self.counter(Key::Target(name)).await;
+        let by_target = match target {
+            Target::Tenant(_) => Some(self.counter(Key::Target(name)).await),
+            Target::Admin => None,
+        };
         let now = Instant::now();
         let base = (
             self.settings.failures_before_delay,
@@ -138,14 +194,17 @@ impl LoginThrottle {
             base.0.saturating_mul(self.settings.wide_factor),
             base.1.saturating_mul(self.settings.wide_factor),
         );
-        let plan = [
+        let mut plan = vec![
             (&narrow.1, base, "source and target"),
             (&by_source.1, wide, "source"),
-            (&by_target.1, wide, "target"),
         ];
+        if let Some((_, shared)) = &by_target {
+            plan.push((shared, wide, "target"));
+        }
         // First pass: any lock-out refuses, and this attempt would start one past the limit.
-        for (shared, (_, lockout_after), scope) in plan {
+        for &(shared, (_, lockout_after), scope) in &plan {
             let mut c = lock(shared);
+            c.expire(now, self.window);
             if let Some(until) = c.locked_until {
                 if until > now {
                     return Err(Throttled {
@@ -156,6 +215,7 @@ impl LoginThrottle {
                 // The cool-down is over: one more failure locks again, success resets.
                 c.locked_until = None;
                 c.failures = lockout_after.saturating_sub(1);
+                c.since = Some(now);
             }
             if c.failures >= lockout_after {
                 c.locked_until = Some(now + self.settings.lockout);
@@ -167,13 +227,16 @@ impl LoginThrottle {
         }
         // Second pass: the longest delay any counter asks for this attempt.
         let mut delay = Duration::ZERO;
-        for (shared, (delay_after, _), _) in plan {
+        for &(shared, (delay_after, _), _) in &plan {
             let attempt = lock(shared).failures.saturating_add(1);
             delay = delay.max(self.delay_for(attempt, delay_after));
         }
+        let mut counters = vec![narrow, by_source];
+        counters.extend(by_target);
         Ok(Attempt {
-            counters: [narrow, by_source, by_target],
+            counters,
             delay,
+            armed: false,
         })
     }
 
@@ -196,25 +259,25 @@ impl LoginThrottle {
             .min(self.settings.max_delay)
     }
 
-    /// The login succeeded: the source's counters start over (other sources' failures
-    /// against the target still count).
-    pub async fn succeeded(&self, attempt: Attempt) {
-        let [(narrow, _), (by_source, _), _] = attempt.counters;
-        self.counters.invalidate(&narrow).await;
-        self.counters.invalidate(&by_source).await;
-    }
-
-    /// The client left before proving anything (no password was tried): nothing to count.
-    pub fn refund(attempt: Attempt) {
-        drop(attempt);
-    }
-
-    /// The password was wrong: one more failure on each counter.
-    pub fn failed(attempt: Attempt) {
-        for (_, shared) in attempt.counters {
-            let mut c = lock(&shared);
-            c.failures = c.failures.saturating_add(1);
+    /// The login succeeded: the (source, target) counter starts over. The per-source and
+    /// per-target counters keep their failures (see the module doc).
+    pub async fn succeeded(&self, mut attempt: Attempt) {
+        attempt.armed = false;
+        if let Some((narrow, _)) = attempt.counters.first() {
+            self.counters.invalidate(narrow).await;
         }
+    }
+
+    /// The client left before sending anything (no password was tried): nothing to count.
+    pub fn refund(mut attempt: Attempt) {
+        attempt.armed = false;
+    }
+
+    /// The password was wrong, or the client abandoned the exchange: one more failure on
+    /// each counter.
+    pub fn failed(mut attempt: Attempt) {
+        attempt.armed = false;
+        attempt.count_failure();
     }
 }
 
@@ -287,7 +350,7 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
-    async fn success_resets_the_source() {
+    async fn success_resets_the_source_and_target_only() {
         let t = LoginThrottle::new(settings());
         let x = Target::Tenant("x");
         for _ in 0..4 {
@@ -296,6 +359,67 @@ mod tests {
         let ok = t.begin(A, x).await.unwrap();
         t.succeeded(ok).await;
         assert_eq!(fail(&t, A, x).await.unwrap(), Duration::ZERO);
+        // A spray with a successful login of its own tenant between guesses: the per-source
+        // counter is not reset, so the spray is refused all the same.
+        let mut refused = None;
+        for i in 0..30 {
+            let name = format!("other{i}");
+            if let Err(e) = fail(&t, A, Target::Tenant(&name)).await {
+                refused = Some((i, e));
+                break;
+            }
+            match t.begin(A, x).await {
+                Ok(ok) => t.succeeded(ok).await,
+                Err(e) => {
+                    refused = Some((i + 1, e));
+                    break;
+                }
+            }
+        }
+        // The wide lock-out comes at 15 failures: the 5 against x plus 10 guesses.
+        let (guesses, e) = refused.unwrap();
+        assert_eq!((guesses, e.scope), (10, "source"));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn wide_counters_forget_old_failures() {
+        let t = LoginThrottle::new(settings());
+        for i in 0..14 {
+            fail(&t, A, Target::Tenant(&format!("t{i}"))).await.unwrap();
+        }
+        tokio::time::advance(QUIET_PERIOD + Duration::from_secs(1)).await;
+        // 14 of 15 allowed, but all older than the window: the count starts again.
+        for i in 0..14 {
+            fail(&t, A, Target::Tenant(&format!("u{i}"))).await.unwrap();
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_armed_attempt_dropped_unreported_counts_as_a_failure() {
+        let t = LoginThrottle::new(settings());
+        let x = Target::Tenant("x");
+        for _ in 0..5 {
+            let mut attempt = t.begin(A, x).await.unwrap();
+            attempt.arm();
+            drop(attempt);
+        }
+        assert_eq!(fail(&t, A, x).await.unwrap_err().scope, "source and target");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn many_sources_never_lock_the_admin_console_for_others() {
+        let t = LoginThrottle::new(settings());
+        for i in 0..50u8 {
+            let ip = IpAddr::V4(std::net::Ipv4Addr::new(10, 2, 0, i));
+            for _ in 0..4 {
+                fail(&t, ip, Target::Admin).await.unwrap();
+            }
+        }
+        assert_eq!(fail(&t, B, Target::Admin).await.unwrap(), Duration::ZERO);
+        // One source is still stopped.
+        let ip = IpAddr::V4(std::net::Ipv4Addr::new(10, 2, 0, 0));
+        fail(&t, ip, Target::Admin).await.unwrap();
+        assert!(fail(&t, ip, Target::Admin).await.is_err());
     }
 
     #[tokio::test(start_paused = true)]

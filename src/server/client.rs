@@ -101,7 +101,8 @@ pub(super) async fn serve_client(
     // Held from here to the end of authentication: stalled or slow logins take slots, not
     // the whole process. Waiting briefly smooths a burst; past that the client is told.
     let slot_wait = Duration::from_millis(state.config.get().proxy.login_slot_wait_ms);
-    let login_slot = match LoginSlot::take(&state.login_slots, slot_wait).await {
+    let source = peer.map(|p| p.ip());
+    let login_slot = match LoginSlot::take(&state.login_slots, source, slot_wait).await {
         Ok(slot) => slot,
         Err(full) => {
             let err = LoginError::from(full);
@@ -360,7 +361,8 @@ where
 async fn fail<S: AsyncWrite + Unpin>(stream: &mut S, err: &LoginError) -> CloseReason {
     if matches!(
         err,
-        LoginError::Auth(AuthError::ClientLeft) | LoginError::Startup(StartupError::Eof)
+        LoginError::Auth(AuthError::ClientLeft | AuthError::Abandoned)
+            | LoginError::Startup(StartupError::Eof)
     ) {
         return CloseReason::LeftDuringLogin;
     }

@@ -56,8 +56,12 @@ pub enum LoginError {
     },
     #[error(transparent)]
     Throttled(#[from] Throttled),
-    #[error("no login slot free within {0:?}")]
-    TooManyLogins(Duration),
+    #[error("no login slot free within {waited:?}{}", if *per_source { " for its address" } else { "" })]
+    TooManyLogins {
+        waited: Duration,
+        /// The client's address had all its own slots taken.
+        per_source: bool,
+    },
     #[error("login did not finish within {0:?}")]
     Timeout(Duration),
     #[error("{0} is not an admin user")]
@@ -77,8 +81,8 @@ pub enum LoginError {
 }
 
 impl From<NoSlot> for LoginError {
-    fn from(NoSlot(waited): NoSlot) -> Self {
-        LoginError::TooManyLogins(waited)
+    fn from(NoSlot { waited, per_source }: NoSlot) -> Self {
+        LoginError::TooManyLogins { waited, per_source }
     }
 }
 
@@ -98,7 +102,7 @@ impl ClientFacing for LoginError {
             LoginError::Auth(e) => e.sqlstate(),
             LoginError::Registry(e) => e.sqlstate(),
             LoginError::TenantNotActive { .. } => SqlState::CANNOT_CONNECT_NOW,
-            LoginError::Throttled(_) | LoginError::TooManyLogins(_) => {
+            LoginError::Throttled(_) | LoginError::TooManyLogins { .. } => {
                 SqlState::TOO_MANY_CONNECTIONS
             }
         }
@@ -115,7 +119,10 @@ impl ClientFacing for LoginError {
                 format!("tenant \"{slug}\" is {state} and does not accept connections")
             }
             LoginError::Timeout(_) => "canceling authentication due to timeout".to_owned(),
-            LoginError::TooManyLogins(_) => {
+            LoginError::TooManyLogins {
+                per_source: true, ..
+            } => "sorry, too many logins in progress from your address; try again later".to_owned(),
+            LoginError::TooManyLogins { .. } => {
                 "sorry, too many logins in progress; try again later".to_owned()
             }
             LoginError::Throttled(t) => format!(
@@ -161,7 +168,7 @@ impl ClientFacing for LoginError {
             LoginError::Registry(e) => e.kind(),
             LoginError::TenantNotActive { .. }
             | LoginError::Throttled(_)
-            | LoginError::TooManyLogins(_) => ErrorKind::Limit,
+            | LoginError::TooManyLogins { .. } => ErrorKind::Limit,
         }
     }
 }
@@ -194,9 +201,10 @@ pub(super) fn audit_login(
             )
             | LoginError::NotAdmin(_),
         ) => ("failed auth", String::new()),
-        Err(LoginError::Auth(AuthError::ClientLeft) | LoginError::Startup(StartupError::Eof)) => {
-            ("abandoned", String::new())
-        }
+        Err(
+            LoginError::Auth(AuthError::ClientLeft | AuthError::Abandoned)
+            | LoginError::Startup(StartupError::Eof),
+        ) => ("abandoned", String::new()),
         Err(e) => ("refused", format!("{} {e}", e.sqlstate().code())),
     };
     audit_line(peer, who, outcome, &reason);
@@ -396,6 +404,7 @@ async fn authenticate_admin<S: AsyncRead + AsyncWrite + Unpin>(
     };
     // A `cert` admin without a certificate fails as a non-admin does (auth::method explains).
     let is_admin = !(credential.is_mock || method == AuthMethod::Cert && proof.client_cn.is_none());
+    let attempt = arm(attempt);
     let result = authenticate_by_method(stream, user, method, credential, mock(), proof).await;
     end_attempt(state, attempt, &result).await;
     match result {
@@ -461,6 +470,7 @@ async fn authenticate<S: AsyncRead + AsyncWrite + Unpin>(
             is_mock: true,
         },
     };
+    let attempt = arm(attempt);
     let result = authenticate_by_method(stream, user, method, credential, mock(), proof).await;
     end_attempt(state, attempt, &result).await;
     result?;
@@ -499,6 +509,15 @@ async fn begin_attempt(
     Ok(Some(attempt))
 }
 
+/// The exchange starts: an attempt dropped from here on without a report (the login timed
+/// out) counts as a failure.
+fn arm(attempt: Option<auth::throttle::Attempt>) -> Option<auth::throttle::Attempt> {
+    attempt.map(|mut attempt| {
+        attempt.arm();
+        attempt
+    })
+}
+
 /// Tells the throttle how the exchange ended.
 async fn end_attempt(
     state: &State,
@@ -510,7 +529,8 @@ async fn end_attempt(
     };
     match result {
         Ok(()) => state.throttle.succeeded(attempt).await,
-        // Nothing was proven or disproven: psql, for one, hangs up to prompt for a password.
+        // Nothing was tried: psql, for one, hangs up to prompt for a password. A client that
+        // leaves after reading the salt is `Abandoned`, a failure.
         Err(AuthError::ClientLeft) => LoginThrottle::refund(attempt),
         Err(_) => LoginThrottle::failed(attempt),
     }

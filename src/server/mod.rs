@@ -36,6 +36,7 @@ use crate::registry::{Registry, TenantDirectory, spawn_change_listener};
 use crate::session::CancelMap;
 use crate::stats::{Stats, spawn_flusher};
 use crate::tls::{SharedTls, TlsServer};
+use login_slot::LoginSlots;
 
 /// `[proxy]`: the client-facing side.
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -78,6 +79,12 @@ pub struct ProxyConfig {
     /// 100. Restart to change.
     #[serde(default = "default_max_logins_in_progress")]
     pub max_logins_in_progress: u32,
+    /// Most of those from one source address: past it, that address's next connection waits
+    /// as above and then gets 53300, while other addresses log in, so one host's silent
+    /// connections cannot hold every slot. Clients behind one NAT share it. Default 20.
+    /// Restart to change.
+    #[serde(default = "default_max_logins_in_progress_per_source")]
+    pub max_logins_in_progress_per_source: u32,
     /// Milliseconds a new connection waits for a login slot before 53300: long enough for a
     /// burst of honest clients to queue, short of the login timeout. Default 5000. Restart to
     /// change.
@@ -109,6 +116,9 @@ pub struct ProxyConfig {
 
 fn default_max_logins_in_progress() -> u32 {
     100
+}
+fn default_max_logins_in_progress_per_source() -> u32 {
+    20
 }
 fn default_login_slot_wait_ms() -> u64 {
     5000
@@ -163,6 +173,7 @@ impl Default for ProxyConfig {
             suspend_grace_seconds: default_shutdown_grace_seconds(),
             log_level: default_log_level(),
             max_logins_in_progress: default_max_logins_in_progress(),
+            max_logins_in_progress_per_source: default_max_logins_in_progress_per_source(),
             login_slot_wait_ms: default_login_slot_wait_ms(),
             auth_failures_before_delay: default_auth_failures_before_delay(),
             auth_failures_before_lockout: default_auth_failures_before_lockout(),
@@ -250,7 +261,7 @@ pub struct State {
     pub throttle: LoginThrottle,
     client_slots: Arc<Semaphore>,
     /// One permit per client between accept and the end of its login.
-    login_slots: Arc<Semaphore>,
+    login_slots: Arc<LoginSlots>,
     /// Key for mock SCRAM secrets of unknown tenants/users; random per process.
     mock_key: [u8; 32],
     next_client_id: AtomicU64,
@@ -339,8 +350,9 @@ impl Proxy {
             client_slots: Arc::new(Semaphore::new(
                 usize::try_from(config.proxy.max_client_connections).unwrap_or(usize::MAX),
             )),
-            login_slots: Arc::new(Semaphore::new(
-                usize::try_from(config.proxy.max_logins_in_progress).unwrap_or(usize::MAX),
+            login_slots: Arc::new(LoginSlots::new(
+                config.proxy.max_logins_in_progress,
+                config.proxy.max_logins_in_progress_per_source,
             )),
             config: live,
             directory,
