@@ -2,7 +2,8 @@
 //! use, stopped by its watchdog when the binary exits), private clusters by name for the tests
 //! that reconfigure their server, and per test a fresh registry database and a fresh proxy on
 //! a free port. Helpers create tenants and users through the same provisioning code the CLI
-//! uses, and connect through the proxy with tokio-postgres.
+//! uses, and connect through the proxy with tokio-postgres. Every other helper the areas share
+//! lives in a module here, one concept each.
 
 #![allow(
     dead_code,
@@ -10,7 +11,12 @@
     reason = "not every helper is used by every area"
 )]
 
+pub mod activity;
 pub mod certs;
+pub mod forward;
+pub mod psql;
+pub mod query;
+pub mod wire;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -23,7 +29,7 @@ use tenantgate::config::Config;
 use tenantgate::crypto::{MasterKey, Secret};
 use tenantgate::localpg::{LocalPg, LocalPgOptions};
 use tenantgate::provision::{self, CreateTenant};
-use tenantgate::registry::{Registry, TenantRecord};
+use tenantgate::registry::{Registry, TenantRecord, TenantSlug};
 use tenantgate::server::Proxy;
 use tokio_postgres::NoTls;
 
@@ -77,6 +83,15 @@ fn remove_stale_dirs(base: &Path) {
             drop(std::fs::remove_dir_all(entry.path()));
         }
     }
+}
+
+/// A free loopback port (bound, then released).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .expect("bind a free port")
+        .local_addr()
+        .expect("its address")
+        .port()
 }
 
 /// A unique name for this process: `prefix` plus a counter.
@@ -267,6 +282,27 @@ admin_password = "{password}"
             drop(connection.await);
         });
         Ok(client)
+    }
+
+    /// Points `slug` in the registry at `target`'s database, with that database's role and
+    /// password, as an operator moving a tenant would.
+    pub async fn move_tenant(&self, slug: &TenantSlug, target: &TenantRecord) {
+        self.registry
+            .set_target(
+                slug,
+                &target.database,
+                &target.backend_role,
+                &target.backend_password_enc,
+            )
+            .await
+            .expect("move the tenant in the registry");
+    }
+
+    /// The name of this proxy's registry database.
+    pub fn registry_database(&self) -> String {
+        let parsed: tokio_postgres::Config =
+            self.config.registry.url.parse().expect("registry url");
+        parsed.get_dbname().expect("registry dbname").to_owned()
     }
 
     /// Connects to the admin console as the bootstrap admin.
