@@ -5,23 +5,11 @@
 use crate::common;
 
 use std::time::Duration;
-use tokio::process::Command;
 
 use chrono::{DateTime, Utc};
-use common::{TestEnv, eventually, sqlstate, unique};
-
-/// Runs psql without blocking the runtime the proxy runs on.
-async fn psql(uri: &str, sql: &str) -> (bool, String) {
-    let psql = common::cluster().bindir().join("psql");
-    let out = Command::new(psql)
-        .args([uri, "-X", "-v", "ON_ERROR_STOP=1", "-c", sql])
-        .output()
-        .await
-        .expect("run psql");
-    let text =
-        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
-    (out.status.success(), text)
-}
+use common::psql::Psql;
+use common::{TestEnv, eventually, unique};
+use tokio_postgres::error::SqlState;
 
 fn admin_uri(env: &TestEnv) -> String {
     env.uri(&env.config.admin.database, "root", "root-secret")
@@ -34,34 +22,34 @@ async fn psql_shows_tenants_pools_and_servers() {
     let app = env.app(t.slug.as_str()).await;
     app.simple_query("SELECT 1").await.expect("query");
 
-    let uri = admin_uri(&env);
-    let (ok, out) = psql(&uri, "SHOW TENANTS").await;
+    let psql = Psql::new(&admin_uri(&env)).aligned();
+    let (ok, out) = psql.run_text("SHOW TENANTS").await;
     assert!(
         ok && out.contains(t.slug.as_str()) && out.contains("active"),
         "{out}"
     );
-    let (ok, out) = psql(&uri, &format!("SHOW POOLS {}", t.slug)).await;
+    let (ok, out) = psql.run_text(&format!("SHOW POOLS {}", t.slug)).await;
     assert!(
         ok && out.contains(t.slug.as_str()) && out.contains("(1 row)"),
         "{out}"
     );
-    let (ok, out) = psql(&uri, "SHOW SERVERS").await;
+    let (ok, out) = psql.run_text("SHOW SERVERS").await;
     assert!(
         ok && out.contains("local") && out.contains("budget"),
         "{out}"
     );
-    let (ok, out) = psql(&uri, "SHOW CONFIG").await;
+    let (ok, out) = psql.run_text("SHOW CONFIG").await;
     assert!(ok && out.contains("admin.database"), "{out}");
     assert!(
         !out.contains("root-secret") && out.contains("password=********"),
         "SHOW CONFIG leaks a password: {out}"
     );
-    let (ok, out) = psql(&uri, "SHOW CLIENTS").await;
+    let (ok, out) = psql.run_text("SHOW CLIENTS").await;
     assert!(
         ok && out.contains(t.slug.as_str()) && out.contains("admin"),
         "{out}"
     );
-    let (ok, out) = psql(&uri, "SHOW STATS").await;
+    let (ok, out) = psql.run_text("SHOW STATS").await;
     assert!(
         ok && out.contains(t.slug.as_str()) && out.contains("avg_wait_us"),
         "{out}"
@@ -78,9 +66,9 @@ async fn psql_shows_tenants_pools_and_servers() {
         (row.get(0), row.get(1), row.get(2), row.get(3));
     assert_eq!((queries, transactions, now), (1, 1, 1));
     assert!(bytes_out > 0);
-    let (ok, out) = psql(&uri, "SHOW HELP").await;
+    let (ok, out) = psql.run_text("SHOW HELP").await;
     assert!(ok && out.contains("MIGRATE ALL TENANTS"), "{out}");
-    let (ok, out) = psql(&uri, "VACUUM").await;
+    let (ok, out) = psql.run_text("VACUUM").await;
     assert!(
         !ok && out.contains("unsupported admin command") && out.contains("HINT"),
         "{out}"
@@ -185,7 +173,7 @@ async fn create_tenant_with_bound_parameters_then_connect() {
         .execute("CREATE TENANT $1", &[&slug])
         .await
         .expect_err("second create");
-    assert_eq!(sqlstate(&again).as_deref(), Some("42710"));
+    assert_eq!(again.code(), Some(&SqlState::DUPLICATE_OBJECT));
     let dup = admin
         .execute(
             &format!("CREATE USER web FOR TENANT {slug} PASSWORD 'x'"),
@@ -193,7 +181,10 @@ async fn create_tenant_with_bound_parameters_then_connect() {
         )
         .await
         .expect_err("duplicate user");
-    assert_eq!(sqlstate(&dup).as_deref(), Some("55000"));
+    assert_eq!(
+        dup.code(),
+        Some(&SqlState::OBJECT_NOT_IN_PREREQUISITE_STATE)
+    );
     admin
         .execute(
             &format!("ALTER USER web FOR TENANT {slug} PASSWORD 'new-pass'"),
@@ -210,7 +201,7 @@ async fn create_tenant_with_bound_parameters_then_connect() {
         .connect(&slug, "web", "new-pass")
         .await
         .expect_err("dropped user");
-    assert_eq!(sqlstate(&gone).as_deref(), Some("28P01"));
+    assert_eq!(gone.code(), Some(&SqlState::INVALID_PASSWORD));
 
     let activity = admin
         .query(
@@ -237,18 +228,21 @@ async fn only_admin_users_reach_the_console() {
         .connect(&db, "app", "secret")
         .await
         .expect_err("tenant user");
-    assert_eq!(sqlstate(&tenant_user).as_deref(), Some("28000"));
+    assert_eq!(
+        tenant_user.code(),
+        Some(&SqlState::INVALID_AUTHORIZATION_SPECIFICATION)
+    );
     let wrong = env
         .connect(&db, "root", "wrong")
         .await
         .expect_err("wrong password");
-    assert_eq!(sqlstate(&wrong).as_deref(), Some("28P01"));
+    assert_eq!(wrong.code(), Some(&SqlState::INVALID_PASSWORD));
     // An admin is not a user of any tenant.
     let admin_as_tenant = env
         .connect(t.slug.as_str(), "root", "root-secret")
         .await
         .expect_err("admin on a tenant");
-    assert_eq!(sqlstate(&admin_as_tenant).as_deref(), Some("28P01"));
+    assert_eq!(admin_as_tenant.code(), Some(&SqlState::INVALID_PASSWORD));
 }
 
 #[tokio::test]
@@ -283,7 +277,7 @@ async fn suspend_resume_and_kill_reach_connected_clients() {
         .connect(slug, "app", "secret")
         .await
         .expect_err("suspended");
-    assert_eq!(sqlstate(&refused).as_deref(), Some("57P03"));
+    assert_eq!(refused.code(), Some(&SqlState::CANNOT_CONNECT_NOW));
     assert!(
         eventually(Duration::from_secs(10), || async {
             connected.simple_query("SELECT 1").await.is_err()
@@ -308,7 +302,10 @@ async fn suspend_resume_and_kill_reach_connected_clients() {
         .batch_execute(&format!("RESUME TENANT {slug}"))
         .await
         .expect_err("resume twice");
-    assert_eq!(sqlstate(&not_suspended).as_deref(), Some("55000"));
+    assert_eq!(
+        not_suspended.code(),
+        Some(&SqlState::OBJECT_NOT_IN_PREREQUISITE_STATE)
+    );
 
     // FORCE disconnects at once, without the grace period.
     admin
@@ -329,19 +326,25 @@ async fn errors_carry_sqlstates() {
     let env = TestEnv::start().await;
     let admin = env.admin().await;
     for (sql, code) in [
-        ("VACUUM", "0A000"),
-        ("CREATE TENANT", "42601"),
-        ("SELECT * FROM nowhere", "42P01"),
-        ("SELECT nope FROM tenants", "42703"),
-        ("SELECT slug FROM tenants GROUP BY slug", "0A000"),
-        ("SUSPEND TENANT no-such-tenant", "42704"),
-        ("SHOW TENANT no-such-tenant", "42704"),
-        ("CREATE TENANT Bad_Slug!", "42601"),
-        ("CREATE TENANT -bad", "42601"),
-        ("CREATE TENANT ok WITH (plan = 'gold')", "22023"),
+        ("VACUUM", SqlState::FEATURE_NOT_SUPPORTED),
+        ("CREATE TENANT", SqlState::SYNTAX_ERROR),
+        ("SELECT * FROM nowhere", SqlState::UNDEFINED_TABLE),
+        ("SELECT nope FROM tenants", SqlState::UNDEFINED_COLUMN),
+        (
+            "SELECT slug FROM tenants GROUP BY slug",
+            SqlState::FEATURE_NOT_SUPPORTED,
+        ),
+        ("SUSPEND TENANT no-such-tenant", SqlState::UNDEFINED_OBJECT),
+        ("SHOW TENANT no-such-tenant", SqlState::UNDEFINED_OBJECT),
+        ("CREATE TENANT Bad_Slug!", SqlState::SYNTAX_ERROR),
+        ("CREATE TENANT -bad", SqlState::SYNTAX_ERROR),
+        (
+            "CREATE TENANT ok WITH (plan = 'gold')",
+            SqlState::INVALID_PARAMETER_VALUE,
+        ),
     ] {
         let e = admin.batch_execute(sql).await.expect_err(sql);
-        assert_eq!(sqlstate(&e).as_deref(), Some(code), "{sql}: {e}");
+        assert_eq!(e.code(), Some(&code), "{sql}: {e}");
     }
     // The session is still usable after errors.
     admin
@@ -450,7 +453,10 @@ async fn migrate_all_reports_progress_and_one_row_per_tenant() {
         .query(&format!("MIGRATE TENANT {}", slugs[0]), &[])
         .await
         .expect_err("checksum changed");
-    assert_eq!(sqlstate(&changed).as_deref(), Some("55000"));
+    assert_eq!(
+        changed.code(),
+        Some(&SqlState::OBJECT_NOT_IN_PREREQUISITE_STATE)
+    );
     assert!(
         changed.to_string().contains("checksum") || format!("{changed:?}").contains("checksum")
     );
@@ -531,7 +537,10 @@ async fn pause_waits_for_running_transactions_and_holds_new_ones() {
         .batch_execute(&format!("RESUME {slug}"))
         .await
         .expect_err("not paused");
-    assert_eq!(sqlstate(&again).as_deref(), Some("55000"));
+    assert_eq!(
+        again.code(),
+        Some(&SqlState::OBJECT_NOT_IN_PREREQUISITE_STATE)
+    );
 }
 
 #[tokio::test]
@@ -710,7 +719,10 @@ async fn show_config_hides_a_password_given_as_a_url_parameter() {
         );
     })
     .await;
-    let (ok, out) = psql(&admin_uri(&env), "SHOW CONFIG").await;
+    let (ok, out) = Psql::new(&admin_uri(&env))
+        .aligned()
+        .run_text("SHOW CONFIG")
+        .await;
     let line = out
         .lines()
         .find(|l| l.trim_start().starts_with("registry.url"))
@@ -738,7 +750,7 @@ async fn a_tenant_named_like_the_admin_database_is_refused() {
         ),
     ] {
         let e = admin.batch_execute(&sql).await.expect_err(&sql);
-        assert_eq!(sqlstate(&e).as_deref(), Some("42939"), "{sql}: {e}");
+        assert_eq!(e.code(), Some(&SqlState::RESERVED_NAME), "{sql}: {e}");
     }
     let slug = tenantgate::registry::TenantSlug::parse(&name).unwrap();
     assert!(env.registry.tenant(&slug).await.unwrap().is_none());

@@ -3,9 +3,12 @@
 
 use crate::common;
 
-use common::{TestEnv, admin_client, sqlstate, unique};
+use common::forward::{Opening, forwarder};
+use common::wire::SSL_REQUEST;
+use common::{TestEnv, admin_client, unique};
 use tenantgate::crypto::Secret;
 use tenantgate::provision::{self, RegisterTenant};
+use tokio_postgres::error::SqlState;
 
 /// Puts `lines` first in the cluster's pg_hba.conf and reloads it.
 async fn prepend_hba(lines: &str) {
@@ -91,7 +94,7 @@ async fn a_backend_that_refuses_gives_the_client_a_clear_error() {
         .connect(t.slug.as_str(), "app", "secret")
         .await
         .unwrap_err();
-    assert_eq!(sqlstate(&err).as_deref(), Some("08006"), "{err}");
+    assert_eq!(err.code(), Some(&SqlState::CONNECTION_FAILURE), "{err}");
     let message = err.as_db_error().unwrap().message().to_owned();
     assert!(message.contains("refused"), "{message}");
     // The proxy is fine.
@@ -111,7 +114,7 @@ async fn past_max_client_connections_a_client_gets_53300() {
     let a = env.app(slug).await;
     let b = env.app(slug).await;
     let err = env.connect(slug, "app", "secret").await.unwrap_err();
-    assert_eq!(sqlstate(&err).as_deref(), Some("53300"), "{err}");
+    assert_eq!(err.code(), Some(&SqlState::TOO_MANY_CONNECTIONS), "{err}");
     drop(a);
     let back = common::eventually(std::time::Duration::from_secs(5), || async {
         env.connect(slug, "app", "secret").await.is_ok()
@@ -132,7 +135,7 @@ async fn past_a_tenants_own_client_limit_its_clients_get_53300_and_others_do_not
         .connect(busy.slug.as_str(), "app", "secret")
         .await
         .unwrap_err();
-    assert_eq!(sqlstate(&err).as_deref(), Some("53300"), "{err}");
+    assert_eq!(err.code(), Some(&SqlState::TOO_MANY_CONNECTIONS), "{err}");
     // Another tenant is not affected.
     env.app(calm.slug.as_str())
         .await
@@ -184,7 +187,7 @@ async fn prefer_falls_back_to_plaintext_and_require_refuses_a_server_without_tls
     let started = Instant::now();
     let err = pg.connect(tokio_postgres::NoTls).await.err().unwrap();
     assert!(started.elapsed() < Duration::from_secs(3));
-    assert_eq!(sqlstate(&err).as_deref(), Some("08006"), "{err}");
+    assert_eq!(err.code(), Some(&SqlState::CONNECTION_FAILURE), "{err}");
     let message = err.as_db_error().unwrap().message().to_owned();
     assert!(
         message.contains("server local does not support TLS but tls = \"require\""),
@@ -199,36 +202,17 @@ async fn prefer_falls_back_to_plaintext_and_require_refuses_a_server_without_tls
 async fn tls_breaker() -> (u16, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
     use std::sync::Arc;
     use std::sync::atomic::{AtomicUsize, Ordering};
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    const SSL_REQUEST: [u8; 8] = [0, 0, 0, 8, 0x04, 0xd2, 0x16, 0x2f];
-    let upstream = common::cluster().port();
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let port = listener.local_addr().unwrap().port();
     let broken = Arc::new(AtomicUsize::new(0));
     let count = Arc::clone(&broken);
-    tokio::spawn(async move {
-        while let Ok((mut client, _)) = listener.accept().await {
-            let count = Arc::clone(&count);
-            tokio::spawn(async move {
-                let mut opening = [0u8; 8];
-                if client.read_exact(&mut opening).await.is_err() {
-                    return;
-                }
-                if opening == SSL_REQUEST {
-                    count.fetch_add(1, Ordering::SeqCst);
-                    drop(client.write_all(b"Snot a TLS server hello\n").await);
-                    return;
-                }
-                let Ok(mut server) = tokio::net::TcpStream::connect(("127.0.0.1", upstream)).await
-                else {
-                    return;
-                };
-                if server.write_all(&opening).await.is_ok() {
-                    drop(tokio::io::copy_bidirectional(&mut client, &mut server).await);
-                }
-            });
+    let port = forwarder(common::cluster().port(), move |opening| {
+        if *opening == SSL_REQUEST {
+            count.fetch_add(1, Ordering::SeqCst);
+            Opening::Answer(b"Snot a TLS server hello\n")
+        } else {
+            Opening::Forward
         }
-    });
+    })
+    .await;
     (port, broken)
 }
 
@@ -287,7 +271,7 @@ async fn prefer_retries_in_plaintext_after_a_failed_tls_handshake() {
             );
         } else {
             let err = connected.err().unwrap();
-            assert_eq!(sqlstate(&err).as_deref(), Some("08006"), "{err}");
+            assert_eq!(err.code(), Some(&SqlState::CONNECTION_FAILURE), "{err}");
             let message = err.as_db_error().unwrap().message().to_owned();
             assert!(
                 message.contains("TLS handshake with server local failed"),

@@ -12,8 +12,11 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::{TestEnv, eventually, sqlstate, unique};
-use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair, KeyUsagePurpose};
+use common::activity::until_running;
+use common::certs::TestCa;
+use common::forward::{Opening, forwarder};
+use common::wire::{CANCEL_REQUEST, SSL_REQUEST};
+use common::{TestEnv, eventually, unique};
 use tenantgate::config::Config;
 use tenantgate::crypto::Secret;
 use tenantgate::pool::{
@@ -21,6 +24,7 @@ use tenantgate::pool::{
 };
 use tenantgate::server::Proxy;
 use tokio::sync::OnceCell;
+use tokio_postgres::error::SqlState;
 
 /// A superuser that may log in over TLS only: provisioning runs as it, so a tenant created
 /// proves provisioning went over TLS.
@@ -48,20 +52,6 @@ fn cluster() -> &'static tenantgate::localpg::LocalPg {
     common::named_cluster("backend-tls")
 }
 
-fn make_ca(name: &str) -> (rcgen::Certificate, Issuer<'static, KeyPair>) {
-    let key = KeyPair::generate().unwrap();
-    let mut ca = CertificateParams::new(Vec::<String>::new()).unwrap();
-    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    ca.distinguished_name.push(DnType::CommonName, name);
-    ca.key_usages = vec![
-        KeyUsagePurpose::KeyCertSign,
-        KeyUsagePurpose::CrlSign,
-        KeyUsagePurpose::DigitalSignature,
-    ];
-    let cert = ca.self_signed(&key).unwrap();
-    (cert, Issuer::new(ca, key))
-}
-
 /// Writes a file in the data directory owned by the server's OS user, mode 0600 (what
 /// PostgreSQL demands of a key file).
 fn server_write(data_dir: &std::path::Path, name: &str, bytes: &[u8]) {
@@ -84,21 +74,16 @@ async fn setup() -> &'static Cas {
                 .expect("cluster dir")
                 .join("backend-tls");
             std::fs::create_dir_all(&dir).unwrap();
-            let (ca_cert, issuer) = make_ca("tenantgate backend test CA");
-            let (other_ca, _) = make_ca("some other CA");
-            let key = KeyPair::generate().unwrap();
-            let mut params = CertificateParams::new(vec!["localhost".to_owned()]).unwrap();
-            params
-                .distinguished_name
-                .push(DnType::CommonName, "localhost");
-            let cert = params.signed_by(&key, &issuer).unwrap();
-            std::fs::write(dir.join("ca.crt"), ca_cert.pem()).unwrap();
-            std::fs::write(dir.join("other-ca.crt"), other_ca.pem()).unwrap();
+            let ca = TestCa::new("tenantgate backend test CA");
+            let other_ca = TestCa::new("some other CA");
+            let server = ca.server(&["localhost"]);
+            std::fs::write(dir.join("ca.crt"), &ca.pem).unwrap();
+            std::fs::write(dir.join("other-ca.crt"), &other_ca.pem).unwrap();
 
             let admin = common::admin_client_on(cluster(), "postgres").await;
             let data = pg.data_dir();
-            server_write(data, "server.crt", cert.pem().as_bytes());
-            server_write(data, "server.key", key.serialize_pem().as_bytes());
+            server_write(data, "server.crt", server.cert.as_bytes());
+            server_write(data, "server.key", server.key.as_bytes());
             let old = std::fs::read_to_string(data.join("pg_hba.conf")).unwrap();
             let hba = format!(
                 "hostnossl all {superuser} 127.0.0.1/32 scram-sha-256\n\
@@ -269,7 +254,7 @@ async fn verify_full_with_the_wrong_ca_fails_quickly_and_says_why() {
     let cas = setup().await;
     let wrong = cas.wrong();
     let (e, took, message) = refused_with(move |c| c.servers[0].ca_file = Some(wrong)).await;
-    assert_eq!(sqlstate(&e).as_deref(), Some("08006"), "{e}");
+    assert_eq!(e.code(), Some(&SqlState::CONNECTION_FAILURE), "{e}");
     assert!(message.contains("certificate verify failed"), "{message}");
     assert!(message.contains("server local"), "{message}");
     assert!(took < Duration::from_secs(3), "took {took:?}");
@@ -278,7 +263,7 @@ async fn verify_full_with_the_wrong_ca_fails_quickly_and_says_why() {
 #[tokio::test]
 async fn verify_full_with_a_host_the_certificate_does_not_name_fails() {
     let (e, took, message) = refused_with(|c| "127.0.0.1".clone_into(&mut c.servers[0].host)).await;
-    assert_eq!(sqlstate(&e).as_deref(), Some("08006"), "{e}");
+    assert_eq!(e.code(), Some(&SqlState::CONNECTION_FAILURE), "{e}");
     assert!(message.contains("certificate verify failed"), "{message}");
     assert!(message.contains("does not name"), "{message}");
     assert!(took < Duration::from_secs(3), "took {took:?}");
@@ -287,7 +272,7 @@ async fn verify_full_with_a_host_the_certificate_does_not_name_fails() {
 #[tokio::test]
 async fn disable_against_a_tls_only_server_gets_the_servers_refusal() {
     let (e, took, message) = refused_with(|c| c.servers[0].tls = BackendTlsMode::Disable).await;
-    assert_eq!(sqlstate(&e).as_deref(), Some("08006"), "{e}");
+    assert_eq!(e.code(), Some(&SqlState::CONNECTION_FAILURE), "{e}");
     // PostgreSQL's own words: "pg_hba.conf rejects connection ... no encryption".
     assert!(message.contains("refused"), "{message}");
     assert!(message.contains("no encryption"), "{message}");
@@ -351,34 +336,15 @@ async fn backend_login_over_tls_uses_channel_binding() {
 /// Opening bytes of every connection a [`Recorder`] forwarded.
 type Openings = Arc<std::sync::Mutex<Vec<Vec<u8>>>>;
 
-/// A TCP forwarder in front of the cluster that keeps the first 8 bytes each connection sent
-/// (SSLRequest, StartupMessage or CancelRequest all announce themselves there).
+/// A forwarder in front of the cluster that keeps the first 8 bytes each connection sent.
 async fn recorder(upstream: u16) -> (u16, Openings) {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let port = listener.local_addr().unwrap().port();
     let openings = Openings::default();
     let seen = Arc::clone(&openings);
-    tokio::spawn(async move {
-        while let Ok((mut client, _)) = listener.accept().await {
-            let seen = Arc::clone(&seen);
-            tokio::spawn(async move {
-                let mut opening = [0u8; 8];
-                if client.read_exact(&mut opening).await.is_err() {
-                    return;
-                }
-                seen.lock().unwrap().push(opening.to_vec());
-                let Ok(mut server) = tokio::net::TcpStream::connect(("127.0.0.1", upstream)).await
-                else {
-                    return;
-                };
-                if server.write_all(&opening).await.is_err() {
-                    return;
-                }
-                drop(tokio::io::copy_bidirectional(&mut client, &mut server).await);
-            });
-        }
-    });
+    let port = forwarder(upstream, move |opening| {
+        seen.lock().unwrap().push(opening.to_vec());
+        Opening::Forward
+    })
+    .await;
     (port, openings)
 }
 
@@ -386,8 +352,6 @@ async fn recorder(upstream: u16) -> (u16, Openings) {
 /// crosses the network in the clear, and the query is still cancelled.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_cancel_for_a_tls_backend_goes_over_tls() {
-    const SSL_REQUEST: [u8; 8] = [0, 0, 0, 8, 0x04, 0xd2, 0x16, 0x2f];
-    const CANCEL_REQUEST: [u8; 8] = [0, 0, 0, 16, 0x04, 0xd2, 0x16, 0x2e];
     let cas = setup().await;
     let (port, openings) = recorder(cluster().port()).await;
     let env = TestEnv::start_on(cluster(), move |c| {
@@ -405,7 +369,10 @@ async fn a_cancel_for_a_tls_backend_goes_over_tls() {
     assert!(backend_ssl(&client).await);
     let token = client.cancel_token();
     let sleeper = tokio::spawn(async move { client.batch_execute("SELECT pg_sleep(30)").await });
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(
+        until_running(cluster(), &[&t.database], "SELECT pg_sleep(30)", 1).await,
+        "the query to cancel never ran"
+    );
     let before = openings.lock().unwrap().len();
     token.cancel_query(tokio_postgres::NoTls).await.unwrap();
     let err = tokio::time::timeout(Duration::from_secs(10), sleeper)
@@ -413,7 +380,7 @@ async fn a_cancel_for_a_tls_backend_goes_over_tls() {
         .expect("the cancel must stop the query")
         .unwrap()
         .unwrap_err();
-    assert_eq!(sqlstate(&err).as_deref(), Some("57014"), "{err}");
+    assert_eq!(err.code(), Some(&SqlState::QUERY_CANCELED), "{err}");
 
     let openings = openings.lock().unwrap().clone();
     assert!(openings.len() > before, "the cancel reached the server");

@@ -8,6 +8,9 @@ use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use common::psql::Psql;
+use tokio_postgres::error::SqlState;
+
 const BIN: &str = env!("CARGO_BIN_EXE_tenantgate");
 
 fn temp_dir(name: &str) -> std::path::PathBuf {
@@ -80,20 +83,6 @@ fn stop(mut child: Child) {
     }
 }
 
-fn psql(uri: &str, sql: &str) -> String {
-    let psql = common::cluster().bindir().join("psql");
-    let out = Command::new(psql)
-        .args([uri, "-XAtc", sql])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "psql {uri}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).trim().to_owned()
-}
-
 #[test]
 fn quickstart_from_nothing_then_again_on_the_same_directory() {
     let dir = temp_dir("quickstart");
@@ -107,14 +96,12 @@ fn quickstart_from_nothing_then_again_on_the_same_directory() {
         uris[0].ends_with("/acme") && uris[1].ends_with("/globex"),
         "{uris:?}"
     );
-    let acme = psql(
-        uris[0],
-        "SELECT string_agg(name, ',' ORDER BY id) FROM products",
-    );
-    let globex = psql(
-        uris[1],
-        "SELECT string_agg(name, ',' ORDER BY id) FROM products",
-    );
+    let acme = Psql::new(uris[0])
+        .run_blocking("SELECT string_agg(name, ',' ORDER BY id) FROM products")
+        .expect_ok();
+    let globex = Psql::new(uris[1])
+        .run_blocking("SELECT string_agg(name, ',' ORDER BY id) FROM products")
+        .expect_ok();
     assert_eq!(acme, "anvil,rocket skates,giant magnet");
     assert_eq!(globex, "hammock,doomsday device");
     let first_uris: Vec<String> = uris
@@ -139,7 +126,12 @@ fn quickstart_from_nothing_then_again_on_the_same_directory() {
         .map(|u| u.split('@').next().unwrap().to_owned())
         .collect();
     assert_eq!(again, first_uris);
-    assert_eq!(psql(uris[0], "SELECT count(*) FROM products"), "3");
+    assert_eq!(
+        Psql::new(uris[0])
+            .run_blocking("SELECT count(*) FROM products")
+            .expect_ok(),
+        "3"
+    );
     stop(child);
     drop(std::fs::remove_dir_all(&dir));
 }
@@ -154,7 +146,12 @@ fn quickstart_with_tls_prints_sslmode_require_uris_that_psql_uses() {
         .collect();
     assert_eq!(uris.len(), 2, "{lines:?}");
     assert!(uris[0].ends_with("/acme?sslmode=require"), "{uris:?}");
-    assert_eq!(psql(uris[0], "SELECT count(*) FROM products"), "3");
+    assert_eq!(
+        Psql::new(uris[0])
+            .run_blocking("SELECT count(*) FROM products")
+            .expect_ok(),
+        "3"
+    );
     let cert = dir.join("server.crt");
     assert!(
         lines
@@ -166,15 +163,17 @@ fn quickstart_with_tls_prints_sslmode_require_uris_that_psql_uses() {
         "sslmode=require",
         &format!("sslmode=verify-full&sslrootcert={}", cert.display()),
     );
-    assert_eq!(psql(&verify_full, "SELECT count(*) FROM products"), "2");
+    assert_eq!(
+        Psql::new(&verify_full)
+            .run_blocking("SELECT count(*) FROM products")
+            .expect_ok(),
+        "2"
+    );
     // Plaintext is refused.
     let plain = uris[0].replace("sslmode=require", "sslmode=disable");
-    let out = Command::new(common::cluster().bindir().join("psql"))
-        .args([plain.as_str(), "-XAtc", "SELECT 1"])
-        .output()
-        .unwrap();
-    assert!(!out.status.success());
-    assert!(String::from_utf8_lossy(&out.stderr).contains("requires TLS"));
+    let out = Psql::new(&plain).run_blocking("SELECT 1");
+    assert!(!out.ok);
+    assert!(out.stderr.contains("requires TLS"), "{}", out.stderr);
 
     // --tls and --listen are command-line settings over the file: SIGHUP and RELOAD re-read
     // the file without undoing them (TLS stays required, nothing is listed as changed).
@@ -187,16 +186,22 @@ fn quickstart_with_tls_prints_sslmode_require_uris_that_psql_uses() {
         .iter()
         .find_map(|l| l.strip_prefix("admin console: "))
         .unwrap();
-    assert_eq!(psql(admin, "RELOAD"), "", "RELOAD lists no change");
-    assert_eq!(psql(uris[0], "SELECT count(*) FROM products"), "3");
-    let out = Command::new(common::cluster().bindir().join("psql"))
-        .args([plain.as_str(), "-XAtc", "SELECT 1"])
-        .output()
-        .unwrap();
+    assert_eq!(
+        Psql::new(admin).run_blocking("RELOAD").expect_ok(),
+        "",
+        "RELOAD lists no change"
+    );
+    assert_eq!(
+        Psql::new(uris[0])
+            .run_blocking("SELECT count(*) FROM products")
+            .expect_ok(),
+        "3"
+    );
+    let out = Psql::new(&plain).run_blocking("SELECT 1");
     assert!(
-        String::from_utf8_lossy(&out.stderr).contains("requires TLS"),
+        out.stderr.contains("requires TLS"),
         "plaintext after SIGHUP: {}",
-        String::from_utf8_lossy(&out.stderr)
+        out.stderr
     );
     stop(child);
     drop(std::fs::remove_dir_all(&dir));
@@ -474,7 +479,7 @@ async fn tenant_and_user_commands_manage_the_registry() {
     assert_eq!(code, Some(0));
     let refused = common::eventually(Duration::from_secs(5), || async {
         matches!(env.connect(&slug, "bob", "hunter2").await,
-            Err(e) if common::sqlstate(&e).as_deref() == Some("57P03"))
+            Err(e) if e.code() == Some(&SqlState::CANNOT_CONNECT_NOW))
     })
     .await;
     assert!(refused);

@@ -5,105 +5,66 @@ use crate::common;
 
 use std::net::IpAddr;
 use std::path::PathBuf;
-use std::process::Command;
 use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::BytesMut;
-use common::{TestEnv, sqlstate, unique};
-use postgres_protocol::authentication::sasl::{ChannelBinding, ScramSha256};
+use common::TestEnv;
+use common::certs::{self, CertDir, TestCa};
+use common::psql::Psql;
+use common::query::current_database;
+use common::wire::{self, RawClient};
 use postgres_protocol::message::frontend;
-use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair, KeyUsagePurpose};
-use rustls::pki_types::{CertificateDer, ServerName};
+use rustls::pki_types::ServerName;
 use tenantgate::config::Config;
 use tenantgate::tls::{TlsConfig, TlsMode};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_postgres::NoTls;
 use tokio_postgres::config::{ChannelBinding as PgChannelBinding, SslMode};
+use tokio_postgres::error::SqlState;
 use tokio_postgres_rustls::MakeRustlsConnect;
 
 const BASE: &str = "db.example.test";
 
 /// A CA and a server certificate it signed, as files.
 struct Certs {
-    dir: PathBuf,
-    ca_der: CertificateDer<'static>,
+    ca: TestCa,
+    files: CertDir,
 }
 
 impl Certs {
     fn new() -> Certs {
-        let dir = std::env::temp_dir().join(format!(
-            "tenantgate-tls-{}-{}",
-            std::process::id(),
-            unique("c")
-        ));
-        std::fs::create_dir_all(&dir).unwrap();
-        let ca_key = KeyPair::generate().unwrap();
-        let mut ca = CertificateParams::new(Vec::<String>::new()).unwrap();
-        ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        ca.distinguished_name
-            .push(DnType::CommonName, "tenantgate test CA");
-        ca.key_usages = vec![
-            KeyUsagePurpose::KeyCertSign,
-            KeyUsagePurpose::CrlSign,
-            KeyUsagePurpose::DigitalSignature,
-        ];
-        let ca_cert = ca.self_signed(&ca_key).unwrap();
-        let issuer = Issuer::new(ca, ca_key);
-        let key = KeyPair::generate().unwrap();
-        let mut params = CertificateParams::new(vec![
-            "localhost".to_owned(),
-            "127.0.0.1".to_owned(),
-            format!("*.{BASE}"),
-        ])
-        .unwrap();
-        params
-            .distinguished_name
-            .push(DnType::CommonName, "localhost");
-        let cert = params.signed_by(&key, &issuer).unwrap();
-        std::fs::write(dir.join("ca.crt"), ca_cert.pem()).unwrap();
-        std::fs::write(dir.join("server.crt"), cert.pem()).unwrap();
-        std::fs::write(dir.join("server.key"), key.serialize_pem()).unwrap();
-        Certs {
-            dir,
-            ca_der: ca_cert.der().clone(),
-        }
+        let ca = TestCa::new("tenantgate test CA");
+        let files = CertDir::new("tls");
+        files.write("ca.crt", &ca.pem);
+        files.write_pair(
+            "server",
+            &ca.server(&["localhost", "127.0.0.1", &format!("*.{BASE}")]),
+        );
+        Certs { ca, files }
     }
 
     fn ca_file(&self) -> PathBuf {
-        self.dir.join("ca.crt")
+        self.files.path("ca.crt")
     }
 
     fn tls_config(&self, mode: TlsMode, sni: bool) -> TlsConfig {
         TlsConfig {
             mode,
-            cert_file: Some(self.dir.join("server.crt")),
-            key_file: Some(self.dir.join("server.key")),
+            cert_file: Some(self.files.path("server.crt")),
+            key_file: Some(self.files.path("server.key")),
             sni_base_domain: sni.then(|| BASE.to_owned()),
             client_ca_file: None,
         }
     }
 
     fn rustls_client(&self, alpn: bool) -> rustls::ClientConfig {
-        let mut roots = rustls::RootCertStore::empty();
-        roots.add(self.ca_der.clone()).unwrap();
-        let provider = Arc::new(rustls::crypto::ring::default_provider());
-        let mut config = rustls::ClientConfig::builder_with_provider(provider)
-            .with_safe_default_protocol_versions()
-            .unwrap()
-            .with_root_certificates(roots)
-            .with_no_client_auth();
+        let mut config = certs::rustls_client(&[&self.ca], None);
         if alpn {
             config.alpn_protocols = vec![b"postgresql".to_vec()];
         }
         config
-    }
-}
-
-impl Drop for Certs {
-    fn drop(&mut self) {
-        drop(std::fs::remove_dir_all(&self.dir));
     }
 }
 
@@ -152,28 +113,6 @@ fn tls_config(
     config
 }
 
-async fn current_database(client: &tokio_postgres::Client) -> String {
-    client
-        .query_one("SELECT current_database()", &[])
-        .await
-        .unwrap()
-        .get(0)
-}
-
-fn psql(conninfo: &str, sql: &str) -> (bool, String, String) {
-    let out = Command::new(common::cluster().bindir().join("psql"))
-        .args([conninfo, "-XAt", "-v", "ON_ERROR_STOP=1", "-c", sql])
-        .env("PGPASSWORD", "secret")
-        .env("PGCONNECT_TIMEOUT", "10")
-        .output()
-        .expect("run psql");
-    (
-        out.status.success(),
-        String::from_utf8_lossy(&out.stdout).trim().to_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn psql_connects_with_each_sslmode_and_channel_binding() {
     let certs = Certs::new();
@@ -200,27 +139,20 @@ async fn psql_connects_with_each_sslmode_and_channel_binding() {
             ca.display()
         ),
     ];
-    let sql = "SELECT current_database()";
-    let expected = t.database.clone();
-    let outcomes = tokio::task::spawn_blocking(move || {
-        cases
-            .iter()
-            .map(|c| (c.clone(), psql(c, sql)))
-            .collect::<Vec<_>>()
-    })
-    .await
-    .unwrap();
-    for (conninfo, (ok, out, err)) in outcomes {
-        assert!(ok, "{conninfo}: {err}");
-        assert_eq!(out, expected, "{conninfo}");
+    for conninfo in cases {
+        let out = Psql::new(&conninfo)
+            .password("secret")
+            .run("SELECT current_database()")
+            .await;
+        assert!(out.ok, "{conninfo}: {}", out.stderr);
+        assert_eq!(out.stdout, t.database, "{conninfo}");
     }
 
     // A plaintext psql is refused before any password is asked for.
     let plain = format!("{base} sslmode=disable");
-    let (ok, _, err) = tokio::task::spawn_blocking(move || psql(&plain, "SELECT 1"))
-        .await
-        .unwrap();
-    assert!(!ok);
+    let out = Psql::new(&plain).password("secret").run("SELECT 1").await;
+    assert!(!out.ok);
+    let err = out.stderr;
     assert!(err.contains("requires TLS"), "{err}");
 }
 
@@ -248,7 +180,7 @@ async fn tokio_postgres_over_rustls_with_and_without_channel_binding() {
         .await
         .err()
         .unwrap();
-    assert_eq!(sqlstate(&err).as_deref(), Some("28P01"), "{err}");
+    assert_eq!(err.code(), Some(&SqlState::INVALID_PASSWORD), "{err}");
 
     // Under `allow`, plaintext clients are still served, and cannot bind to a channel.
     let plain = env.app(slug).await;
@@ -285,7 +217,11 @@ async fn plaintext_is_refused_under_require_before_authentication() {
         .await
         .err()
         .unwrap();
-    assert_eq!(sqlstate(&err).as_deref(), Some("28000"), "{err}");
+    assert_eq!(
+        err.code(),
+        Some(&SqlState::INVALID_AUTHORIZATION_SPECIFICATION),
+        "{err}"
+    );
 
     // On the wire: the first answer to a plaintext StartupMessage is the error, not an
     // authentication request.
@@ -293,30 +229,24 @@ async fn plaintext_is_refused_under_require_before_authentication() {
     let mut out = BytesMut::new();
     frontend::startup_message([("user", "app"), ("database", t.slug.as_str())], &mut out).unwrap();
     raw.write_all(&out).await.unwrap();
-    let (tag, body) = read_message(&mut raw).await;
-    assert_eq!(tag, b'E');
-    assert!(String::from_utf8_lossy(&body).contains("C28000"));
+    let (tag, body) = first_message(&mut raw).await;
+    assert_eq!(
+        wire::error_code(tag, &body),
+        Some(SqlState::INVALID_AUTHORIZATION_SPECIFICATION),
+        "{}",
+        String::from_utf8_lossy(&body)
+    );
 
     // An SSLRequest is answered S.
-    let mut raw = TcpStream::connect(("127.0.0.1", env.port())).await.unwrap();
-    raw.write_all(&[0, 0, 0, 8, 4, 0xd2, 0x16, 0x2f])
-        .await
-        .unwrap();
-    let mut answer = [0u8; 1];
-    raw.read_exact(&mut answer).await.unwrap();
-    assert_eq!(&answer, b"S");
+    let (answer, _raw) = wire::ssl_request(env.port()).await;
+    assert_eq!(answer, b'S');
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn disabled_tls_answers_n_as_before() {
     let env = TestEnv::start().await;
-    let mut raw = TcpStream::connect(("127.0.0.1", env.port())).await.unwrap();
-    raw.write_all(&[0, 0, 0, 8, 4, 0xd2, 0x16, 0x2f])
-        .await
-        .unwrap();
-    let mut answer = [0u8; 1];
-    raw.read_exact(&mut answer).await.unwrap();
-    assert_eq!(&answer, b"N");
+    let (answer, _raw) = wire::ssl_request(env.port()).await;
+    assert_eq!(answer, b'N');
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -346,7 +276,11 @@ async fn sni_routes_to_the_tenant_it_names_and_refuses_a_different_database() {
     .await
     .err()
     .unwrap();
-    assert_eq!(sqlstate(&err).as_deref(), Some("28000"), "{err}");
+    assert_eq!(
+        err.code(),
+        Some(&SqlState::INVALID_AUTHORIZATION_SPECIFICATION),
+        "{err}"
+    );
     let message = err.as_db_error().unwrap().message().to_owned();
     assert!(
         message.contains(a.slug.as_str()) && message.contains(b.slug.as_str()),
@@ -372,12 +306,12 @@ async fn sni_routes_to_the_tenant_it_names_and_refuses_a_different_database() {
         env.port(),
         certs.ca_file().display()
     );
-    let (ok, out, err) =
-        tokio::task::spawn_blocking(move || psql(&conninfo, "SELECT current_database()"))
-            .await
-            .unwrap();
-    assert!(ok, "{err}");
-    assert_eq!(out, a.database);
+    let out = Psql::new(&conninfo)
+        .password("secret")
+        .run("SELECT current_database()")
+        .await;
+    assert!(out.ok, "{}", out.stderr);
+    assert_eq!(out.stdout, a.database);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -386,18 +320,25 @@ async fn direct_tls_with_alpn_logs_in_and_without_alpn_is_refused() {
     let env = start(&certs, TlsMode::Require, false).await;
     let t = env.tenant_with_user("tls-direct").await;
 
-    let mut tls = direct_tls(&env, &certs, true).await;
+    let tls = direct_tls(&env, &certs, true).await;
     assert_eq!(tls.get_ref().1.alpn_protocol(), Some(&b"postgresql"[..]));
-    raw_login(&mut tls, t.slug.as_str()).await;
-    let mut out = BytesMut::new();
-    frontend::query("SELECT current_database()", &mut out).unwrap();
-    tls.write_all(&out).await.unwrap();
+    let mut raw = RawClient::login(tls, t.slug.as_str(), "app", "secret").await;
+    assert!(
+        raw.mechanisms.iter().any(|m| m == "SCRAM-SHA-256-PLUS"),
+        "{:?}",
+        raw.mechanisms
+    );
+    raw.send(&wire::query("SELECT current_database()"))
+        .await
+        .unwrap();
+    let answer = tokio::time::timeout(Duration::from_secs(10), raw.until_ready())
+        .await
+        .unwrap()
+        .unwrap();
     let mut seen = None;
-    loop {
-        let (tag, body) = read_message(&mut tls).await;
+    for (tag, body) in answer {
         match tag {
             b'D' => seen = Some(String::from_utf8_lossy(&body[6..]).into_owned()),
-            b'Z' => break,
             b'E' => panic!("{}", String::from_utf8_lossy(&body)),
             _ => {}
         }
@@ -406,15 +347,19 @@ async fn direct_tls_with_alpn_logs_in_and_without_alpn_is_refused() {
 
     // Direct TLS without ALPN: PostgreSQL 17 refuses it, and so do we.
     let mut tls = direct_tls(&env, &certs, false).await;
-    let (tag, body) = read_message(&mut tls).await;
-    assert_eq!(tag, b'E');
-    assert!(String::from_utf8_lossy(&body).contains("C08P01"));
+    let (tag, body) = first_message(&mut tls).await;
+    assert_eq!(
+        wire::error_code(tag, &body),
+        Some(SqlState::PROTOCOL_VIOLATION),
+        "{}",
+        String::from_utf8_lossy(&body)
+    );
 }
 
 #[test]
 fn unreadable_certificate_is_a_one_line_config_error() {
     let certs = Certs::new();
-    let path = certs.dir.join("tenantgate.toml");
+    let path = certs.files.path("tenantgate.toml");
     std::fs::write(
         &path,
         r#"
@@ -439,7 +384,7 @@ admin_user = "postgres"
     assert!(err.contains("missing.crt"), "{err}");
     assert!(!err.contains('\n'), "{err}");
 
-    std::fs::write(certs.dir.join("garbage.crt"), "not a certificate").unwrap();
+    certs.files.write("garbage.crt", "not a certificate");
     let text = std::fs::read_to_string(&path)
         .unwrap()
         .replace("missing.crt", "garbage.crt");
@@ -462,45 +407,10 @@ async fn direct_tls(
         .unwrap()
 }
 
-/// StartupMessage and SCRAM-SHA-256 (no channel binding) up to ReadyForQuery.
-async fn raw_login<S: AsyncRead + AsyncWrite + Unpin>(stream: &mut S, database: &str) {
-    let mut out = BytesMut::new();
-    frontend::startup_message([("user", "app"), ("database", database)], &mut out).unwrap();
-    stream.write_all(&out).await.unwrap();
-    let mut scram = None;
-    loop {
-        let (tag, body) = read_message(stream).await;
-        match (tag, body.get(..4)) {
-            (b'R', Some([0, 0, 0, 10])) => {
-                assert!(String::from_utf8_lossy(&body).contains("SCRAM-SHA-256-PLUS"));
-                let s = ScramSha256::new(b"secret", ChannelBinding::unsupported());
-                out.clear();
-                frontend::sasl_initial_response("SCRAM-SHA-256", s.message(), &mut out).unwrap();
-                stream.write_all(&out).await.unwrap();
-                scram = Some(s);
-            }
-            (b'R', Some([0, 0, 0, 11])) => {
-                let s = scram.as_mut().unwrap();
-                s.update(&body[4..]).unwrap();
-                out.clear();
-                frontend::sasl_response(s.message(), &mut out).unwrap();
-                stream.write_all(&out).await.unwrap();
-            }
-            (b'Z', _) => return,
-            (b'E', _) => panic!("login failed: {}", String::from_utf8_lossy(&body)),
-            _ => {}
-        }
-    }
-}
-
-async fn read_message<S: AsyncRead + Unpin>(stream: &mut S) -> (u8, Vec<u8>) {
-    let mut head = [0u8; 5];
-    tokio::time::timeout(Duration::from_secs(10), stream.read_exact(&mut head))
+/// The first message the proxy sends on `stream` (within 10 s).
+async fn first_message<S: AsyncRead + Unpin>(stream: &mut S) -> (u8, Vec<u8>) {
+    tokio::time::timeout(Duration::from_secs(10), wire::read_message(stream))
         .await
+        .expect("an answer within 10 s")
         .unwrap()
-        .unwrap();
-    let len = u32::from_be_bytes([head[1], head[2], head[3], head[4]]) as usize;
-    let mut body = vec![0u8; len - 4];
-    stream.read_exact(&mut body).await.unwrap();
-    (head[0], body)
 }

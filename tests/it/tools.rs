@@ -5,6 +5,7 @@ use crate::common;
 use std::process::Command;
 
 use common::TestEnv;
+use common::psql::Psql;
 
 fn run(cmd: &mut Command) -> (bool, String, String) {
     let out = cmd.output().expect("run the client program");
@@ -27,45 +28,32 @@ async fn psql_sees_each_tenants_own_rows() {
     for (t, word) in [(&a, "alpha"), (&b, "beta")] {
         let uri = env.uri(t.slug.as_str(), "app", "secret");
         let sql = format!("CREATE TABLE words (w text); INSERT INTO words VALUES ('{word}');");
-        let (ok, _, err) = tokio::task::spawn_blocking(move || {
-            run(Command::new(bin("psql")).args([&uri, "-v", "ON_ERROR_STOP=1", "-c", &sql]))
-        })
-        .await
-        .unwrap();
-        assert!(ok, "{err}");
+        let out = Psql::new(&uri).run(&sql).await;
+        assert!(out.ok, "{}", out.stderr);
     }
     let uri = env.uri(a.slug.as_str(), "app", "secret");
-    let (ok, out, err) = tokio::task::spawn_blocking(move || {
-        run(Command::new(bin("psql")).args([
-            &uri,
-            "-XAt",
-            "-c",
+    let out = Psql::new(&uri)
+        .run_all(&[
             "SELECT current_database() || ':' || string_agg(w, ',') FROM words",
-            "-c",
             "SHOW client_encoding",
-            "-c",
             "SHOW application_name",
-        ]))
-    })
-    .await
-    .unwrap();
-    assert!(ok, "{err}");
+        ])
+        .await;
+    assert!(out.ok, "{}", out.stderr);
     assert_eq!(
-        out.lines().collect::<Vec<_>>(),
+        out.stdout.lines().collect::<Vec<_>>(),
         vec![format!("{}:alpha", a.database).as_str(), "UTF8", "psql"]
     );
 
     // A wrong password reads as PostgreSQL's own message.
     let bad = env.uri(a.slug.as_str(), "app", "nope");
-    let (ok, _, err) = tokio::task::spawn_blocking(move || {
-        run(Command::new(bin("psql")).args([&bad, "-c", "SELECT 1"]))
-    })
-    .await
-    .unwrap();
-    assert!(!ok);
+    let out = Psql::new(&bad).run("SELECT 1").await;
+    assert!(!out.ok);
     assert!(
-        err.contains("password authentication failed for user \"app\""),
-        "{err}"
+        out.stderr
+            .contains("password authentication failed for user \"app\""),
+        "{}",
+        out.stderr
     );
 }
 
