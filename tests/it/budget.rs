@@ -4,24 +4,11 @@
 use crate::common;
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicI64, Ordering};
 use std::time::Duration;
 
-use common::{TestEnv, admin_client};
+use common::TestEnv;
+use common::activity::{PeakBackends, backend_count};
 use tenantgate::registry::{NewTenant, TenantSlug, TenantState};
-
-/// Backend connections the cluster has open to any of `databases`.
-async fn connections_to(databases: &[String]) -> i64 {
-    admin_client("postgres")
-        .await
-        .query_one(
-            "SELECT count(*) FROM pg_stat_activity WHERE datname = ANY($1)",
-            &[&databases],
-        )
-        .await
-        .unwrap()
-        .get(0)
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_hundred_tenants_never_exceed_a_budget_of_ten() {
@@ -59,16 +46,7 @@ async fn three_hundred_tenants_never_exceed_a_budget_of_ten() {
         slugs.push(slug.as_str().to_owned());
     }
 
-    let peak = Arc::new(AtomicI64::new(0));
-    let watcher = {
-        let (peak, databases) = (peak.clone(), databases.clone());
-        tokio::spawn(async move {
-            loop {
-                peak.fetch_max(connections_to(&databases).await, Ordering::Relaxed);
-                tokio::time::sleep(Duration::from_millis(10)).await;
-            }
-        })
-    };
+    let watcher = PeakBackends::start(databases.clone(), Duration::from_millis(10)).await;
     let env = Arc::new(env);
     let slugs = Arc::new(slugs);
     let mut tasks = Vec::new();
@@ -97,8 +75,7 @@ async fn three_hundred_tenants_never_exceed_a_budget_of_ten() {
             .unwrap()
             .expect("no client error under the budget");
     }
-    watcher.abort();
-    let peak = peak.load(Ordering::Relaxed);
+    let peak = watcher.stop();
     assert!(
         peak <= i64::from(BUDGET),
         "backend connections peaked at {peak}"
@@ -141,7 +118,7 @@ async fn an_idle_pool_is_evicted_after_its_ttl_but_never_while_a_client_uses_it(
         !b.is_finished(),
         "B got a backend while A holds the only one"
     );
-    assert_eq!(common::backend_count(&t.database).await, 1);
+    assert_eq!(backend_count(&t.database).await, 1);
     drop(a);
     tokio::time::timeout(Duration::from_secs(10), b)
         .await
@@ -156,7 +133,7 @@ async fn an_idle_pool_is_evicted_after_its_ttl_but_never_while_a_client_uses_it(
     .await;
     assert!(evicted, "the idle pool was not evicted");
     let closed = common::eventually(Duration::from_secs(10), || async {
-        common::backend_count(&t.database).await == 0
+        backend_count(&t.database).await == 0
     })
     .await;
     assert!(closed, "the evicted pool's backend stayed open");
@@ -189,11 +166,11 @@ async fn a_pool_evicted_while_in_use_closes_its_backends_when_its_last_client_le
     tokio::time::sleep(Duration::from_millis(2500)).await;
     assert_eq!(pools.pool_count().await, 0);
     a.simple_query("SELECT 1").await.unwrap();
-    assert_eq!(common::backend_count(&t.database).await, 2);
+    assert_eq!(backend_count(&t.database).await, 2);
 
     drop(a);
     let closed = common::eventually(Duration::from_secs(10), || async {
-        common::backend_count(&t.database).await == 0
+        backend_count(&t.database).await == 0
     })
     .await;
     assert!(

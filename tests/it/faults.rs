@@ -19,6 +19,9 @@ use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
+use common::activity::{terminate_backends, until_running};
+use common::query::{describe, try_value};
+use common::wire::{RawClient, frame};
 use common::{TestEnv, connect_str};
 use futures_util::future::join_all;
 use tenantgate::config::Config;
@@ -30,8 +33,8 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::sync::watch;
+use tokio_postgres::Client;
 use tokio_postgres::error::SqlState;
-use tokio_postgres::{Client, SimpleQueryMessage};
 
 /// Longest one client step may take before the test calls it a hang.
 const HANG: Duration = Duration::from_secs(10);
@@ -204,30 +207,9 @@ async fn within<T>(limit: Duration, what: &str, step: impl Future<Output = T>) -
         .unwrap_or_else(|_elapsed| panic!("{what}: no answer within {limit:?}; the client hangs"))
 }
 
-fn first_value(messages: &[SimpleQueryMessage]) -> Option<String> {
-    messages.iter().find_map(|m| match m {
-        SimpleQueryMessage::Row(r) => r.get(0).map(str::to_owned),
-        _ => None,
-    })
-}
-
-/// The first value `sql` (simple protocol) returns.
-async fn value(client: &Client, sql: &str) -> Result<String, tokio_postgres::Error> {
-    let rows = client.simple_query(sql).await?;
-    Ok(first_value(&rows).unwrap_or_default())
-}
-
-/// An error as a test report shows it: SQLSTATE and message, or what broke.
-fn describe(e: &tokio_postgres::Error) -> String {
-    match e.as_db_error() {
-        Some(db) => format!("{} {}", db.code().code(), db.message()),
-        None => format!("no SQLSTATE ({e})"),
-    }
-}
-
 /// Runs one statement; it must succeed in a transaction of its own. Records what went wrong.
 async fn expect_clean_answer(client: &Client, who: &str, failures: &mut Vec<String>) {
-    match within(HANG, who, value(client, FRESH_TRANSACTION)).await {
+    match within(HANG, who, try_value(client, FRESH_TRANSACTION)).await {
         Ok(v) if v == "t" => {}
         Ok(v) => failures.push(format!(
             "{who}: ran inside a transaction someone else left open (now() = statement_timestamp() is {v:?})"
@@ -397,90 +379,8 @@ async fn check_settles(
 }
 
 // ---------------------------------------------------------------------------------------------
-// Harness: raw protocol and a freezable network
+// Harness: a freezable network
 // ---------------------------------------------------------------------------------------------
-
-/// One protocol message: tag, length, body.
-fn message(tag: u8, body: &[u8]) -> Vec<u8> {
-    let mut out = vec![tag];
-    out.extend_from_slice(&u32::try_from(body.len() + 4).unwrap().to_be_bytes());
-    out.extend_from_slice(body);
-    out
-}
-
-/// A bare protocol client whose reads report a closed connection instead of panicking, so a
-/// hostile test can misbehave and then see what the proxy did.
-struct Raw {
-    stream: TcpStream,
-}
-
-impl Raw {
-    /// Logs in as `app` / `secret` (SCRAM), up to the first ReadyForQuery.
-    async fn login(port: u16, database: &str) -> Raw {
-        use postgres_protocol::authentication::sasl::{ChannelBinding, ScramSha256};
-        use postgres_protocol::message::frontend;
-        let stream = TcpStream::connect(("127.0.0.1", port))
-            .await
-            .expect("connect");
-        let mut raw = Raw { stream };
-        let mut out = bytes::BytesMut::new();
-        frontend::startup_message([("user", "app"), ("database", database)], &mut out).unwrap();
-        raw.send(&out).await.unwrap();
-        let mut scram = None;
-        loop {
-            let (tag, body) = raw.read().await.expect("login");
-            match (tag, body.get(..4)) {
-                (b'R', Some([0, 0, 0, 10])) => {
-                    let s = ScramSha256::new(b"secret", ChannelBinding::unsupported());
-                    out.clear();
-                    frontend::sasl_initial_response("SCRAM-SHA-256", s.message(), &mut out)
-                        .unwrap();
-                    raw.send(&out).await.unwrap();
-                    scram = Some(s);
-                }
-                (b'R', Some([0, 0, 0, 11])) => {
-                    let s = scram.as_mut().expect("SASL started");
-                    s.update(&body[4..]).unwrap();
-                    out.clear();
-                    frontend::sasl_response(s.message(), &mut out).unwrap();
-                    raw.send(&out).await.unwrap();
-                }
-                (b'Z', _) => return raw,
-                (b'E', _) => panic!("login failed: {}", String::from_utf8_lossy(&body)),
-                _ => {}
-            }
-        }
-    }
-
-    async fn send(&mut self, bytes: &[u8]) -> std::io::Result<()> {
-        self.stream.write_all(bytes).await
-    }
-
-    /// One message: (tag, body).
-    async fn read(&mut self) -> std::io::Result<(u8, Vec<u8>)> {
-        let mut head = [0u8; 5];
-        self.stream.read_exact(&mut head).await?;
-        let len = u32::from_be_bytes([head[1], head[2], head[3], head[4]]);
-        let body_len = usize::try_from(len).unwrap().saturating_sub(4);
-        assert!(body_len < 1 << 20, "absurd message length {len}");
-        let mut body = vec![0u8; body_len];
-        self.stream.read_exact(&mut body).await?;
-        Ok((head[0], body))
-    }
-
-    /// Messages up to and including the next ReadyForQuery.
-    async fn until_ready(&mut self) -> std::io::Result<Vec<(u8, Vec<u8>)>> {
-        let mut got = Vec::new();
-        loop {
-            let message = self.read().await?;
-            let done = message.0 == b'Z';
-            got.push(message);
-            if done {
-                return Ok(got);
-            }
-        }
-    }
-}
 
 /// A loopback TCP relay in front of a server whose forwarding can be frozen (nothing crosses,
 /// in either direction, not even a close) and resumed: a network stall between proxy and
@@ -572,7 +472,7 @@ async fn kill_9_mid_transaction(mode: PoolMode) {
     let bystander = match mode {
         PoolMode::Transaction => {
             let c = env.app(slug).await;
-            value(&c, "SELECT 1").await.unwrap();
+            try_value(&c, "SELECT 1").await.unwrap();
             Some(c)
         }
         PoolMode::Session => None,
@@ -582,7 +482,7 @@ async fn kill_9_mid_transaction(mode: PoolMode) {
     let canary = connect_str(&cluster.conn()).await.unwrap();
     let victim = env.app(slug).await;
     victim.batch_execute("BEGIN").await.unwrap();
-    let pid: i32 = value(&victim, "SELECT pg_backend_pid()")
+    let pid: i32 = try_value(&victim, "SELECT pg_backend_pid()")
         .await
         .unwrap()
         .parse()
@@ -649,15 +549,7 @@ async fn terminated_idle_backends(mode: PoolMode) {
     let t = tenant_on(&env, "term-", "local", mode).await;
     warm(&env, &t, 5).await;
     let direct = common::admin_client("postgres").await;
-    let terminated: i64 = direct
-        .query_one(
-            "SELECT count(*) FILTER (WHERE pg_terminate_backend(pid)) FROM pg_stat_activity \
-             WHERE datname = $1 AND usename = $2",
-            &[&t.database, &t.backend_role],
-        )
-        .await
-        .unwrap()
-        .get(0);
+    let terminated = terminate_backends(&t.database, Some(&t.backend_role)).await;
     assert_eq!(terminated, 5, "five idle pooled backends to terminate");
     let gone = common::eventually(SETTLE, || async {
         server_counts(&direct, &[&t]).await.0 == 0
@@ -761,27 +653,16 @@ async fn server_restart(shutdown: &'static str) {
     let mut idle = Vec::new();
     for _ in 0..2 {
         let c = env.app(transaction.slug.as_str()).await;
-        value(&c, "SELECT 1").await.unwrap();
+        try_value(&c, "SELECT 1").await.unwrap();
         idle.push(c);
     }
     let sleepers = [
         sleeper(&env, session.slug.as_str()).await,
         sleeper(&env, transaction.slug.as_str()).await,
     ];
-    let direct = connect_str(&cluster.conn()).await.unwrap();
-    let sleeping = common::eventually(HANG, || async {
-        direct
-            .query_one(
-                "SELECT count(*) FROM pg_stat_activity \
-                 WHERE state = 'active' AND query = 'SELECT pg_sleep(60)'",
-                &[],
-            )
-            .await
-            .is_ok_and(|row| row.get::<_, i64>(0) == 2)
-    })
-    .await;
+    let databases = [session.database.as_str(), transaction.database.as_str()];
+    let sleeping = until_running(cluster.pg(), &databases, "SELECT pg_sleep(60)", 2).await;
     assert!(sleeping, "both sleepers must be running on the server");
-    drop(direct);
 
     cluster.restart(shutdown).await;
     let mut failures = Vec::new();
@@ -888,7 +769,7 @@ async fn a_network_stall_fails_new_clients_within_the_timeouts_then_recovers() {
     // One backend each, held: the session client's for its life, the transaction client's by
     // an open transaction. A new client needs a new backend, through the frozen network.
     let holder_s = env.app(session.slug.as_str()).await;
-    value(&holder_s, "SELECT 1").await.unwrap();
+    try_value(&holder_s, "SELECT 1").await.unwrap();
     let holder_t = env.app(transaction.slug.as_str()).await;
     holder_t.batch_execute("BEGIN").await.unwrap();
 
@@ -903,9 +784,9 @@ async fn a_network_stall_fails_new_clients_within_the_timeouts_then_recovers() {
     relay.resume();
 
     let after = async {
-        value(&holder_t, "SELECT 1").await?;
+        try_value(&holder_t, "SELECT 1").await?;
         holder_t.batch_execute("COMMIT").await?;
-        value(&holder_s, "SELECT 1").await
+        try_value(&holder_s, "SELECT 1").await
     };
     if let Err(e) = within(HANG, "the holders after the stall", after).await {
         failures.push(format!(
@@ -918,7 +799,7 @@ async fn a_network_stall_fails_new_clients_within_the_timeouts_then_recovers() {
             let who = format!("client {n} of {} after the stall", t.slug);
             let c = within(HANG, &who, env.connect(t.slug.as_str(), "app", "secret")).await;
             let answer = match c {
-                Ok(c) => within(HANG, &who, value(&c, &format!("SELECT 'answer {n}'"))).await,
+                Ok(c) => within(HANG, &who, try_value(&c, &format!("SELECT 'answer {n}'"))).await,
                 Err(e) => Err(e),
             };
             match answer {
@@ -955,16 +836,16 @@ async fn an_oversized_close_in_a_transaction_never_hands_on_the_transaction() {
     let (env, t) = one_backend_env("close-").await;
     let slug = t.slug.as_str();
     let other = env.app(slug).await;
-    value(&other, "SELECT 1").await.unwrap();
+    try_value(&other, "SELECT 1").await.unwrap();
 
-    let mut hostile = Raw::login(env.port(), slug).await;
-    hostile.send(&message(b'Q', b"BEGIN\0")).await.unwrap();
+    let mut hostile = RawClient::connect(env.port(), slug, "app", "secret").await;
+    hostile.send(&frame(b'Q', b"BEGIN\0")).await.unwrap();
     let begun = within(HANG, "BEGIN", hostile.until_ready()).await.unwrap();
     assert_eq!(begun.last().map(|m| m.1.as_slice()), Some(&b"T"[..]));
     let mut close = b"Sfault_statement\0".to_vec();
     close.resize(20 * 1024, b'x');
-    let mut bytes = message(b'C', &close);
-    bytes.extend(message(b'S', b""));
+    let mut bytes = frame(b'C', &close);
+    bytes.extend(frame(b'S', b""));
     // Whatever the proxy answers, or if it hangs up, the client then leaves.
     drop(hostile.send(&bytes).await);
     drop(tokio::time::timeout(Duration::from_secs(3), hostile.until_ready()).await);
@@ -996,9 +877,9 @@ async fn an_oversized_close_in_a_transaction_never_hands_on_the_transaction() {
 async fn half_a_copy_data_left_behind_never_swallows_the_next_query() {
     let (env, t) = one_backend_env("halfcopy-").await;
     let slug = t.slug.as_str();
-    let mut hostile = Raw::login(env.port(), slug).await;
-    let mut bytes = message(b'Q', b"SELECT 1\0");
-    let copy_data = message(b'd', &[b'x'; 5000]);
+    let mut hostile = RawClient::connect(env.port(), slug, "app", "secret").await;
+    let mut bytes = frame(b'Q', b"SELECT 1\0");
+    let copy_data = frame(b'd', &[b'x'; 5000]);
     bytes.extend_from_slice(&copy_data[..100]);
     hostile.send(&bytes).await.unwrap();
     let answer = within(
@@ -1022,7 +903,7 @@ async fn half_a_copy_data_left_behind_never_swallows_the_next_query() {
     let one = within(
         Duration::from_secs(5),
         "the next client's SELECT 1",
-        async { value(&next, "SELECT 1").await },
+        async { try_value(&next, "SELECT 1").await },
     )
     .await;
     assert_eq!(one.map_err(|e| describe(&e)).as_deref(), Ok("1"));
@@ -1157,7 +1038,7 @@ async fn session_state_left_by_any_path_never_reaches_the_next_client() {
         "SHOW application_name",
         "SHOW role",
     ] {
-        clean.push(value(&b, sql).await.unwrap());
+        clean.push(try_value(&b, sql).await.unwrap());
     }
     let leaks = leaks(&clean);
     let mut failures = Vec::new();
@@ -1177,7 +1058,7 @@ async fn session_state_left_by_any_path_never_reaches_the_next_client() {
             ));
             continue;
         }
-        match within(HANG, leak.what, value(&b, &leak.check)).await {
+        match within(HANG, leak.what, try_value(&b, &leak.check)).await {
             Ok(v) if v == leak.clean => {}
             Ok(v) => failures.push(format!(
                 "{}: B sees {v:?} from `{}` (clean: {:?})",
@@ -1188,7 +1069,7 @@ async fn session_state_left_by_any_path_never_reaches_the_next_client() {
     }
     // A's transaction ended long ago: its session lock must be free for anyone.
     let direct = common::admin_client(&t.database).await;
-    let free = value(&direct, "SELECT pg_try_advisory_lock(42)")
+    let free = try_value(&direct, "SELECT pg_try_advisory_lock(42)")
         .await
         .unwrap();
     if free == "t" {
@@ -1331,9 +1212,9 @@ async fn vanish_mid_message(mode: PoolMode) {
     let t = tenant_on(&env, "vanish-", "local", mode).await;
     let slug = t.slug.as_str();
     let shared = common::cluster().connection_string("postgres");
-    let select = message(b'Q', b"SELECT 1\0");
-    let begin = message(b'Q', b"BEGIN\0");
-    let long = message(b'Q', format!("SELECT '{}'\0", "x".repeat(200)).as_bytes());
+    let select = frame(b'Q', b"SELECT 1\0");
+    let begin = frame(b'Q', b"BEGIN\0");
+    let long = frame(b'Q', format!("SELECT '{}'\0", "x".repeat(200)).as_bytes());
     let variants: [(&str, Vec<&[u8]>); 3] = [
         ("part of a Query header", vec![&select, &long[..3]]),
         (
@@ -1346,7 +1227,7 @@ async fn vanish_mid_message(mode: PoolMode) {
         ),
     ];
     for (what, steps) in variants {
-        let mut hostile = Raw::login(env.port(), slug).await;
+        let mut hostile = RawClient::connect(env.port(), slug, "app", "secret").await;
         let (partial, complete) = steps.split_last().unwrap();
         for step in complete {
             hostile.send(step).await.unwrap();

@@ -8,9 +8,12 @@ use crate::common;
 use std::fmt::Write as _;
 use std::time::Duration;
 
-use common::{RawClient, TestEnv};
+use common::TestEnv;
+use common::activity::terminate_all_and_wait;
+use common::query::value;
+use common::wire::{self, RawClient, frame, query};
 use tenantgate::pool::PoolMode;
-use tokio_postgres::SimpleQueryMessage;
+use tokio_postgres::error::SqlState;
 
 async fn one_backend_env() -> TestEnv {
     TestEnv::start_with(|c| {
@@ -19,32 +22,6 @@ async fn one_backend_env() -> TestEnv {
         c.pool.checkout_timeout_ms = 5_000;
     })
     .await
-}
-
-fn frame(tag: u8, body: &[u8]) -> Vec<u8> {
-    let mut v = vec![tag];
-    v.extend_from_slice(&u32::try_from(body.len() + 4).unwrap().to_be_bytes());
-    v.extend_from_slice(body);
-    v
-}
-
-fn query(sql: &str) -> Vec<u8> {
-    let mut body = sql.as_bytes().to_vec();
-    body.push(0);
-    frame(b'Q', &body)
-}
-
-async fn value(c: &tokio_postgres::Client, sql: &str) -> String {
-    let rows = tokio::time::timeout(Duration::from_secs(10), c.simple_query(sql))
-        .await
-        .expect("no answer within 10 s: the backend is stuck")
-        .unwrap();
-    rows.iter()
-        .find_map(|m| match m {
-            SimpleQueryMessage::Row(r) => Some(r.get(0).unwrap_or("").to_owned()),
-            _ => None,
-        })
-        .expect("a row")
 }
 
 /// Defect 2: a Close answered by the proxy whose body (20 kB) is larger than the relay's
@@ -57,18 +34,19 @@ async fn a_close_larger_than_the_relay_buffer_never_leaves_a_transaction_to_the_
     let t = env.tenant_with_user("int-close").await;
     let slug = t.slug.as_str();
     let mut attacker = RawClient::connect(env.port(), slug, "app", "secret").await;
-    attacker.send(&query("BEGIN")).await;
-    let answers = attacker.until_ready().await;
+    attacker.send(&query("BEGIN")).await.unwrap();
+    let answers = attacker.until_ready().await.unwrap();
     assert_eq!(answers.last().unwrap().1, b"T");
     let mut close = vec![b'S'];
     close.extend_from_slice(b"s1\0");
     close.resize(20_000, b'x');
     let mut bytes = frame(b'C', &close);
     bytes.extend(frame(b'S', b""));
-    attacker.send(&bytes).await;
+    attacker.send(&bytes).await.unwrap();
     let answers = tokio::time::timeout(Duration::from_secs(5), attacker.until_ready())
         .await
-        .expect("the proxy answers a large Close");
+        .expect("the proxy answers a large Close")
+        .unwrap();
     assert_eq!(answers.first().unwrap().0, b'3', "CloseComplete first");
     assert_eq!(answers.last().unwrap().1, b"T", "still in the transaction");
     drop(attacker);
@@ -93,8 +71,8 @@ async fn a_client_that_leaves_mid_message_never_hands_its_backend_on() {
     let mut bytes = query("SELECT 1");
     let copy_data = frame(b'd', &[b'z'; 5_000]);
     bytes.extend_from_slice(&copy_data[..100]);
-    attacker.send(&bytes).await;
-    let answers = attacker.until_ready().await;
+    attacker.send(&bytes).await.unwrap();
+    let answers = attacker.until_ready().await.unwrap();
     assert_eq!(answers.last().unwrap().0, b'Z');
     drop(attacker);
 
@@ -293,20 +271,7 @@ async fn clients_with_the_same_settings_still_never_share_session_state() {
     let first = connect().await;
     value(&first, "SELECT 1").await;
     // The pool's only backend is replaced by one opened with the clients' settings.
-    common::admin_client(&t.database)
-        .await
-        .batch_execute(&format!(
-            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
-             WHERE datname = '{}' AND pid <> pg_backend_pid()",
-            t.database
-        ))
-        .await
-        .unwrap();
-    let gone = common::eventually(Duration::from_secs(5), || async {
-        common::backend_count(&t.database).await == 0
-    })
-    .await;
-    assert!(gone, "the terminated backend is still there");
+    terminate_all_and_wait(&t.database).await;
     let a = connect().await;
     let b = connect().await;
     for round in 0..3 {
@@ -464,7 +429,11 @@ async fn a_failed_reset_ahead_never_runs_the_waiting_clients_statement() {
             .unwrap();
         if let Err(e) = answer {
             let db = e.as_db_error().expect("an error from the proxy");
-            assert_eq!(db.code().code(), "08006", "round {round}: {db:?}");
+            assert_eq!(
+                db.code(),
+                &SqlState::CONNECTION_FAILURE,
+                "round {round}: {db:?}"
+            );
             failed += 1;
         }
         drop(a);
@@ -530,27 +499,33 @@ async fn a_failed_reset_ahead_runs_nothing_of_a_pipelined_second_batch() {
     let mut failed = 0;
     for round in 0..3 {
         let mut a = RawClient::connect(env.port(), &slug, "app", "secret").await;
-        a.send(&query(&slow)).await;
-        assert_eq!(a.until_ready().await.last().unwrap().1, b"T");
+        a.send(&query(&slow)).await.unwrap();
+        assert_eq!(a.until_ready().await.unwrap().last().unwrap().1, b"T");
         let mut b = RawClient::connect(env.port(), &slug, "app", "secret").await;
-        b.send(&batches).await;
+        b.send(&batches).await.unwrap();
         until_waiting(&admin, &slug, 1).await;
-        a.send(&query("COMMIT")).await;
-        a.until_ready().await;
+        a.send(&query("COMMIT")).await.unwrap();
+        a.until_ready().await.unwrap();
         let (tag, body) = tokio::time::timeout(Duration::from_secs(10), b.read())
             .await
-            .expect("B got an answer");
+            .expect("B got an answer")
+            .unwrap();
         if tag == b'E' {
             // FATAL, then the proxy closes B's connection.
-            let text = String::from_utf8_lossy(&body);
-            assert!(text.contains("08006"), "round {round}: {text}");
+            assert_eq!(
+                wire::error_code(tag, &body),
+                Some(SqlState::CONNECTION_FAILURE),
+                "round {round}: {}",
+                String::from_utf8_lossy(&body)
+            );
             failed += 1;
             continue;
         }
         for _ in 0..2 {
             let answers = tokio::time::timeout(Duration::from_secs(10), b.until_ready())
                 .await
-                .expect("B's batches answered");
+                .expect("B's batches answered")
+                .unwrap();
             assert!(answers.iter().all(|(tag, _)| *tag != b'E'), "round {round}");
         }
     }
@@ -621,17 +596,21 @@ async fn a_parameter_set_to_the_last_clients_value_is_still_reported() {
     for round in 0..3 {
         let mut a = RawClient::connect(env.port(), &slug, "app", "secret").await;
         a.send(&query("BEGIN; SET application_name = 'shared'"))
-            .await;
-        let answers = a.until_ready().await;
+            .await
+            .unwrap();
+        let answers = a.until_ready().await.unwrap();
         assert!(reported(&answers), "round {round}: A is told");
         let mut b = RawClient::connect(env.port(), &slug, "app", "secret").await;
-        b.send(&query("SET application_name = 'shared'")).await;
+        b.send(&query("SET application_name = 'shared'"))
+            .await
+            .unwrap();
         until_waiting(&admin, &slug, 1).await;
-        a.send(&query("COMMIT")).await;
-        a.until_ready().await;
+        a.send(&query("COMMIT")).await.unwrap();
+        a.until_ready().await.unwrap();
         let answers = tokio::time::timeout(Duration::from_secs(10), b.until_ready())
             .await
-            .expect("B answered");
+            .expect("B answered")
+            .unwrap();
         assert!(
             reported(&answers),
             "round {round}: B is not told application_name changed: {answers:?}"

@@ -10,11 +10,12 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use common::query::{self, value};
 use common::{TestEnv, admin_client, unique};
 use tenantgate::config::Config;
 use tenantgate::crypto::{KeyId, KeyRing, MasterKey, key_id_of};
 use tenantgate::provision::{self, CreateTenant};
-use tokio_postgres::SimpleQueryMessage;
+use tokio_postgres::error::SqlState;
 
 const BIN: &str = env!("CARGO_BIN_EXE_tenantgate");
 
@@ -100,10 +101,7 @@ struct ProxyProcess {
 impl ProxyProcess {
     #[allow(clippy::zombie_processes, reason = "stop() waits for it")]
     fn start(config: &Config, dir: &Path) -> ProxyProcess {
-        let port = {
-            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-            l.local_addr().unwrap().port()
-        };
+        let port = common::free_port();
         let mut config = config.clone();
         config.proxy.listen = format!("127.0.0.1:{port}").parse().unwrap();
         "debug".clone_into(&mut config.proxy.log_level);
@@ -163,16 +161,6 @@ impl ProxyProcess {
     }
 }
 
-async fn one(client: &tokio_postgres::Client) -> String {
-    let rows = client.simple_query("SELECT 1").await.expect("SELECT 1");
-    rows.iter()
-        .find_map(|m| match m {
-            SimpleQueryMessage::Row(r) => r.get(0).map(str::to_owned),
-            _ => None,
-        })
-        .expect("a row")
-}
-
 /// A tenant provisioned by a process that still holds only `old_key` (it missed the
 /// rotation): its secret lands under the old key id.
 async fn tenant_by_stale_process(env: &TestEnv, old_key: &str, prefix: &str) -> String {
@@ -199,12 +187,12 @@ async fn cli_rotation_reencrypts_every_secret_while_clients_and_other_proxies_ke
     let old_id = ring_on_disk(&env).current_id();
     let t1 = env.tenant_with_user("rot").await.slug.to_string();
     let held = env.app(&t1).await;
-    assert_eq!(one(&held).await, "1");
+    assert_eq!(value(&held, "SELECT 1").await, "1");
 
     // A second proxy process that starts with only the old key and serves t1.
     let second = ProxyProcess::start(&env.config, &env.dir);
     let held_second = second.connect(&t1).await;
-    assert_eq!(one(&held_second).await, "1");
+    assert_eq!(value(&held_second, "SELECT 1").await, "1");
 
     let rotated = cli(&file, &["key", "rotate"], &[]);
     assert_eq!(rotated.code, 0, "{}{}", rotated.stdout, rotated.stderr);
@@ -231,12 +219,12 @@ async fn cli_rotation_reencrypts_every_secret_while_clients_and_other_proxies_ke
     }
 
     // Sessions open across the rotation keep working, on both proxies.
-    assert_eq!(one(&held).await, "1");
-    assert_eq!(one(&held_second).await, "1");
+    assert_eq!(value(&held, "SELECT 1").await, "1");
+    assert_eq!(value(&held_second, "SELECT 1").await, "1");
     // New clients of t1 on both; the second proxy meets a secret under a key id it lacks,
     // re-reads the key file and keeps its pool.
-    assert_eq!(one(&env.app(&t1).await).await, "1");
-    assert_eq!(one(&second.connect(&t1).await).await, "1");
+    assert_eq!(value(&env.app(&t1).await, "SELECT 1").await, "1");
+    assert_eq!(value(&second.connect(&t1).await, "SELECT 1").await, "1");
     assert!(
         second.log().contains("key ring re-read"),
         "{}",
@@ -302,8 +290,8 @@ async fn cli_rotation_reencrypts_every_secret_while_clients_and_other_proxies_ke
         );
     }
     let t2 = env.tenant_with_user("rot").await.slug.to_string();
-    assert_eq!(one(&env.app(&t2).await).await, "1");
-    assert_eq!(one(&second.connect(&t2).await).await, "1");
+    assert_eq!(value(&env.app(&t2).await, "SELECT 1").await, "1");
+    assert_eq!(value(&second.connect(&t2).await, "SELECT 1").await, "1");
     for (slug, id) in stored_key_ids(&env).await {
         assert_eq!(id, Some(ring.current_id()), "tenant {slug}");
     }
@@ -325,7 +313,7 @@ async fn cli_rotation_reencrypts_every_secret_while_clients_and_other_proxies_ke
         refused.stderr
     );
     assert_eq!(ring_on_disk(&env).len(), 2);
-    assert_eq!(one(&env.app(&t3).await).await, "1");
+    assert_eq!(value(&env.app(&t3).await, "SELECT 1").await, "1");
 
     // Rotate again (every secret under the newest key), then retire the two old keys.
     let again = cli(&file, &["key", "rotate"], &[]);
@@ -357,11 +345,11 @@ async fn cli_rotation_reencrypts_every_secret_while_clients_and_other_proxies_ke
     }
     // Clients of every tenant still get in, through both proxies.
     for slug in [&t1, &t2, &t3] {
-        assert_eq!(one(&env.app(slug).await).await, "1");
-        assert_eq!(one(&second.connect(slug).await).await, "1");
+        assert_eq!(value(&env.app(slug).await, "SELECT 1").await, "1");
+        assert_eq!(value(&second.connect(slug).await, "SELECT 1").await, "1");
     }
-    assert_eq!(one(&held).await, "1");
-    assert_eq!(one(&held_second).await, "1");
+    assert_eq!(value(&held, "SELECT 1").await, "1");
+    assert_eq!(value(&held_second, "SELECT 1").await, "1");
 
     // No key and no backend password in any output.
     let passwords: Vec<String> = env
@@ -430,8 +418,8 @@ async fn admin_rotation_swaps_the_running_ring_and_reload_picks_up_other_rotatio
     for (slug, id) in stored_key_ids(&env).await {
         assert_eq!(id.map(|i| i.to_string()), Some(key_id.clone()), "{slug}");
     }
-    assert_eq!(one(&held).await, "1");
-    assert_eq!(one(&env.app(&t1).await).await, "1");
+    assert_eq!(value(&held, "SELECT 1").await, "1");
+    assert_eq!(value(&env.app(&t1).await, "SELECT 1").await, "1");
     // Re-encryption did not change the password: the tenant's pool (and its backends) stays.
     assert_eq!(pools_built(), built_before, "the pool was not rebuilt");
 
@@ -441,7 +429,11 @@ async fn admin_rotation_swaps_the_running_ring_and_reload_picks_up_other_rotatio
         .simple_query("RETIRE OLD MASTER KEYS")
         .await
         .expect_err("stale secret");
-    assert_eq!(common::sqlstate(&err).as_deref(), Some("55000"), "{err:?}");
+    assert_eq!(
+        err.code(),
+        Some(&SqlState::OBJECT_NOT_IN_PREREQUISITE_STATE),
+        "{err:?}"
+    );
     assert_eq!(ring_on_disk(&env).len(), 2);
 
     let row = admin.query_one("ROTATE MASTER KEY", &[]).await.unwrap();
@@ -462,7 +454,7 @@ async fn admin_rotation_swaps_the_running_ring_and_reload_picks_up_other_rotatio
         .expect("create tenant after retire");
     drop(created);
     for slug in [&t1, &stale] {
-        assert_eq!(one(&env.app(slug).await).await, "1");
+        assert_eq!(value(&env.app(slug).await, "SELECT 1").await, "1");
     }
     for (slug, id) in stored_key_ids(&env).await {
         assert_eq!(id.map(|i| i.to_string()), Some(newest.clone()), "{slug}");
@@ -484,17 +476,15 @@ async fn admin_rotation_swaps_the_running_ring_and_reload_picks_up_other_rotatio
     );
     assert!(keys_row.get::<_, bool>(3));
     assert_eq!(running().current_id(), done.key_id);
-    assert_eq!(one(&held).await, "1");
+    assert_eq!(value(&held, "SELECT 1").await, "1");
 
     // The admin console never shows a key: SHOW CONFIG, the help, the rotation rows.
     let mut shown = String::new();
     for sql in ["SHOW CONFIG", "SHOW HELP", "SHOW ACTIVITY"] {
-        for m in admin.simple_query(sql).await.unwrap() {
-            if let SimpleQueryMessage::Row(r) = m {
-                for i in 0..r.len() {
-                    shown.push_str(r.get(i).unwrap_or(""));
-                    shown.push('\n');
-                }
+        for row in query::rows(&admin.simple_query(sql).await.unwrap()) {
+            for column in row {
+                shown.push_str(&column);
+                shown.push('\n');
             }
         }
     }

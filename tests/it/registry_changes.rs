@@ -5,8 +5,11 @@ use crate::common;
 
 use std::time::Duration;
 
+use common::activity::{activity_on, let_in, lock_out};
+use common::query::{current_database, query_value};
 use common::{TestEnv, admin_client, connect_str, eventually};
 use tenantgate::crypto::Secret;
+use tokio_postgres::error::SqlState;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_changed_backend_password_and_a_moved_database_take_effect_without_restart() {
@@ -52,25 +55,12 @@ async fn a_changed_backend_password_and_a_moved_database_take_effect_without_res
     assert!(works, "clients fail after a password rotation");
 
     // Move the tenant to another database (with that database's role and password).
-    env.registry
-        .set_target(
-            &t.slug,
-            &other.database,
-            &other.backend_role,
-            &other.backend_password_enc,
-        )
-        .await
-        .unwrap();
+    env.move_tenant(&t.slug, &other).await;
     let moved = eventually(Duration::from_secs(5), || async {
         let Ok(c) = env.connect(slug, "app", "secret").await else {
             return false;
         };
-        let db: String = c
-            .query_one("SELECT current_database()", &[])
-            .await
-            .unwrap()
-            .get(0);
-        db == other.database
+        current_database(&c).await == other.database
     })
     .await;
     assert!(moved, "new clients did not land on the new database");
@@ -113,7 +103,7 @@ async fn suspending_a_tenant_disconnects_its_clients_after_the_grace_period() {
             "{mode:?}: the suspended tenant's client stayed connected"
         );
         let err = c.simple_query("SELECT 1").await.unwrap_err();
-        assert!(err.is_closed() || common::sqlstate(&err).as_deref() == Some("57P03"));
+        assert!(err.is_closed() || err.code() == Some(&SqlState::CANNOT_CONNECT_NOW));
         // Other tenants are untouched.
         other.simple_query("SELECT 1").await.unwrap();
     }
@@ -131,22 +121,8 @@ async fn cached_tenants_keep_working_while_the_registry_is_down_and_it_recovers_
         .unwrap();
 
     // Take the registry away: no new connections, existing ones terminated.
-    let registry_db = env
-        .config
-        .registry
-        .url
-        .split_whitespace()
-        .find_map(|kv| kv.strip_prefix("dbname="))
-        .unwrap()
-        .to_owned();
-    let admin = admin_client("postgres").await;
-    admin
-        .batch_execute(&format!(
-            "ALTER DATABASE {registry_db} ALLOW_CONNECTIONS false; \
-             SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = '{registry_db}'"
-        ))
-        .await
-        .unwrap();
+    let registry_db = env.registry_database();
+    lock_out(&registry_db, None).await;
     tokio::time::sleep(Duration::from_millis(1500)).await;
 
     // The warm tenant's records are stale now and cannot be refreshed: they keep serving.
@@ -159,16 +135,11 @@ async fn cached_tenants_keep_working_while_the_registry_is_down_and_it_recovers_
         .connect(cold.slug.as_str(), "app", "secret")
         .await
         .unwrap_err();
-    assert_eq!(common::sqlstate(&err).as_deref(), Some("57P03"), "{err}");
+    assert_eq!(err.code(), Some(&SqlState::CANNOT_CONNECT_NOW), "{err}");
     assert!(err.as_db_error().unwrap().message().contains("registry"));
 
     // The registry comes back: tenantgate recovers without help.
-    admin
-        .batch_execute(&format!(
-            "ALTER DATABASE {registry_db} ALLOW_CONNECTIONS true"
-        ))
-        .await
-        .unwrap();
+    let_in(&registry_db).await;
     let back = eventually(Duration::from_secs(10), || async {
         env.connect(cold.slug.as_str(), "app", "secret")
             .await
@@ -191,14 +162,7 @@ async fn a_suspension_missed_while_the_listener_was_away_still_closes_running_cl
     let running = env.app(t.slug.as_str()).await;
     running.simple_query("SELECT 1").await.unwrap();
 
-    let registry_db = env
-        .config
-        .registry
-        .url
-        .split_whitespace()
-        .find_map(|kv| kv.strip_prefix("dbname="))
-        .unwrap()
-        .to_owned();
+    let registry_db = env.registry_database();
     assert!(
         eventually(Duration::from_secs(5), || async {
             listeners(&registry_db).await == 1
@@ -208,15 +172,7 @@ async fn a_suspension_missed_while_the_listener_was_away_still_closes_running_cl
     );
     // This connection outlives the lockout below; the listener's does not.
     let direct = connect_str(&env.config.registry.url).await.unwrap();
-    let admin = admin_client("postgres").await;
-    admin
-        .batch_execute(&format!(
-            "ALTER DATABASE {registry_db} ALLOW_CONNECTIONS false; \
-             SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
-             WHERE datname = '{registry_db}' AND application_name = 'tenantgate-listener'"
-        ))
-        .await
-        .unwrap();
+    lock_out(&registry_db, Some("tenantgate-listener")).await;
     assert!(
         eventually(Duration::from_secs(5), || async {
             listeners(&registry_db).await == 0
@@ -234,12 +190,7 @@ async fn a_suspension_missed_while_the_listener_was_away_still_closes_running_cl
         .unwrap();
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert!(!running.is_closed(), "closed before the listener came back");
-    admin
-        .batch_execute(&format!(
-            "ALTER DATABASE {registry_db} ALLOW_CONNECTIONS true"
-        ))
-        .await
-        .unwrap();
+    let_in(&registry_db).await;
 
     // The listener reconnects (back-off at most 5 s), then the client goes after the grace.
     let closed = eventually(Duration::from_secs(15), || async { running.is_closed() }).await;
@@ -277,7 +228,7 @@ async fn a_tenants_plan_and_overrides_apply_and_a_plan_change_needs_no_restart()
         let Ok(c) = env.connect(slug, "app", "secret").await else {
             return false;
         };
-        show_statement_timeout(&c).await == "2500ms"
+        query_value::<String>(&c, "SHOW statement_timeout").await == "2500ms"
     })
     .await;
     assert!(first, "the plan's statement_timeout did not apply");
@@ -285,7 +236,7 @@ async fn a_tenants_plan_and_overrides_apply_and_a_plan_change_needs_no_restart()
     // Pool of 1 in session mode: a second client waits 300 ms, then 53300.
     let holder = env.app(slug).await;
     let err = env.connect(slug, "app", "secret").await.unwrap_err();
-    assert_eq!(common::sqlstate(&err).as_deref(), Some("53300"), "{err}");
+    assert_eq!(err.code(), Some(&SqlState::TOO_MANY_CONNECTIONS), "{err}");
 
     // Move to the big plan with an override: new clients get the new pool at once.
     env.registry
@@ -296,7 +247,7 @@ async fn a_tenants_plan_and_overrides_apply_and_a_plan_change_needs_no_restart()
         let Ok(c) = env.connect(slug, "app", "secret").await else {
             return false;
         };
-        show_statement_timeout(&c).await == "4321ms"
+        query_value::<String>(&c, "SHOW statement_timeout").await == "4321ms"
     })
     .await;
     assert!(upgraded, "the plan change did not take effect");
@@ -305,23 +256,11 @@ async fn a_tenants_plan_and_overrides_apply_and_a_plan_change_needs_no_restart()
 
 /// Change listeners connected to `registry_db`.
 async fn listeners(registry_db: &str) -> i64 {
-    admin_client("postgres")
-        .await
-        .query_one(
-            "SELECT count(*) FROM pg_stat_activity WHERE datname = $1 \
-             AND application_name = 'tenantgate-listener'",
-            &[&registry_db],
-        )
-        .await
-        .unwrap()
-        .get(0)
-}
-
-async fn show_statement_timeout(c: &tokio_postgres::Client) -> String {
-    c.query_one("SHOW statement_timeout", &[])
-        .await
-        .unwrap()
-        .get(0)
+    activity_on(
+        common::cluster(),
+        &format!("datname = '{registry_db}' AND application_name = 'tenantgate-listener'"),
+    )
+    .await
 }
 
 /// Issue 11, defect 6: a pool is only ever built from the newest registry row seen of its
@@ -336,15 +275,7 @@ async fn an_old_registry_row_never_builds_its_tenants_pool_again() {
     let other = env.tenant("rev-target").await;
     let third = env.tenant("rev-evictor").await;
     let old = env.registry.tenant(&t.slug).await.unwrap().unwrap();
-    env.registry
-        .set_target(
-            &t.slug,
-            &other.database,
-            &other.backend_role,
-            &other.backend_password_enc,
-        )
-        .await
-        .unwrap();
+    env.move_tenant(&t.slug, &other).await;
     let new = env.registry.tenant(&t.slug).await.unwrap().unwrap();
     assert!(
         new.revision > old.revision,

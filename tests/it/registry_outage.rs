@@ -9,9 +9,12 @@ use crate::common;
 
 use std::time::Duration;
 
-use common::{TestEnv, connect_str, eventually, sqlstate};
+use common::activity::activity_on;
+use common::query::describe;
+use common::{TestEnv, eventually};
 use tenantgate::localpg::{LocalPg, LocalPgOptions};
 use tenantgate::registry::TenantState;
+use tokio_postgres::error::SqlState;
 
 async fn start_pg(options: LocalPgOptions) -> LocalPg {
     tokio::task::spawn_blocking(move || LocalPg::start(options))
@@ -26,20 +29,6 @@ async fn start_pg(options: LocalPgOptions) -> LocalPg {
 async fn restart_pg(pg: LocalPg, options: &LocalPgOptions) -> LocalPg {
     tokio::task::spawn_blocking(move || drop(pg)).await.unwrap();
     start_pg(options.clone()).await
-}
-
-/// Rows of the registry server's `pg_stat_activity` matching `filter`.
-async fn activity(pg: &LocalPg, filter: &str) -> i64 {
-    let c = connect_str(&pg.connection_string("postgres"))
-        .await
-        .unwrap();
-    c.query_one(
-        &format!("SELECT count(*) FROM pg_stat_activity WHERE {filter}"),
-        &[],
-    )
-    .await
-    .unwrap()
-    .get(0)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -81,7 +70,7 @@ async fn after_a_registry_restart_every_login_succeeds_and_changes_still_arrive(
         login.unwrap().simple_query("SELECT 1").await.unwrap();
     }
     assert!(
-        activity(&pg, "application_name = 'tenantgate' AND state = 'idle'").await >= 2,
+        activity_on(&pg, "application_name = 'tenantgate' AND state = 'idle'").await >= 2,
         "the registry pool is not warm"
     );
 
@@ -97,10 +86,7 @@ async fn after_a_registry_restart_every_login_succeeds_and_changes_still_arrive(
     let refused: Vec<String> = logins
         .iter()
         .filter_map(|login| login.as_ref().err())
-        .map(|e| match e.as_db_error() {
-            Some(db) => format!("{} {}", db.code().code(), db.message()),
-            None => e.to_string(),
-        })
+        .map(describe)
         .collect();
     assert!(
         refused.is_empty(),
@@ -110,7 +96,7 @@ async fn after_a_registry_restart_every_login_succeeds_and_changes_still_arrive(
 
     // The change listener is back...
     let listening = eventually(Duration::from_secs(15), || async {
-        activity(
+        activity_on(
             &pg,
             "application_name = 'tenantgate-listener' AND query LIKE 'LISTEN%'",
         )
@@ -130,7 +116,7 @@ async fn after_a_registry_restart_every_login_succeeds_and_changes_still_arrive(
     let refused = eventually(Duration::from_secs(5), || async {
         match env.connect(warm.slug.as_str(), "app", "secret").await {
             Ok(_) => false,
-            Err(e) => sqlstate(&e).as_deref() == Some("57P03"),
+            Err(e) => e.code() == Some(&SqlState::CANNOT_CONNECT_NOW),
         }
     })
     .await;

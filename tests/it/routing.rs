@@ -5,11 +5,14 @@ use crate::common;
 
 use std::time::Duration;
 
-use common::{TestEnv, eventually, sqlstate};
+use common::query::current_database;
+use common::wire;
+use common::{TestEnv, eventually};
 use tenantgate::provision;
 use tenantgate::registry::TenantState;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
+use tokio_postgres::error::SqlState;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_tenants_reach_two_databases_and_see_only_their_own_tables() {
@@ -19,16 +22,8 @@ async fn two_tenants_reach_two_databases_and_see_only_their_own_tables() {
 
     let ca = env.app(a.slug.as_str()).await;
     let cb = env.app(b.slug.as_str()).await;
-    let db_a: String = ca
-        .query_one("SELECT current_database()", &[])
-        .await
-        .unwrap()
-        .get(0);
-    let db_b: String = cb
-        .query_one("SELECT current_database()", &[])
-        .await
-        .unwrap()
-        .get(0);
+    let db_a = current_database(&ca).await;
+    let db_b = current_database(&cb).await;
     assert_eq!(db_a, a.database);
     assert_eq!(db_b, b.database);
     assert_ne!(db_a, db_b);
@@ -37,7 +32,7 @@ async fn two_tenants_reach_two_databases_and_see_only_their_own_tables() {
         .await
         .unwrap();
     let err = cb.query("SELECT * FROM secrets", &[]).await.unwrap_err();
-    assert_eq!(sqlstate(&err).as_deref(), Some("42P01"));
+    assert_eq!(err.code(), Some(&SqlState::UNDEFINED_TABLE));
     let rows = ca.query("SELECT v FROM secrets", &[]).await.unwrap();
     assert_eq!(rows.len(), 1);
 
@@ -52,7 +47,7 @@ async fn two_tenants_reach_two_databases_and_see_only_their_own_tables() {
         b.database
     );
     let err = common::connect_str(&direct).await.unwrap_err();
-    assert_eq!(sqlstate(&err).as_deref(), Some("42501"), "{err}");
+    assert_eq!(err.code(), Some(&SqlState::INSUFFICIENT_PRIVILEGE), "{err}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -71,8 +66,8 @@ async fn wrong_password_unknown_user_and_unknown_tenant_all_fail_alike() {
     for (db, user, password) in cases {
         let err = env.connect(db, user, password).await.unwrap_err();
         assert_eq!(
-            sqlstate(&err).as_deref(),
-            Some("28P01"),
+            err.code(),
+            Some(&SqlState::INVALID_PASSWORD),
             "{db} {user}: {err}"
         );
         let db_err = err.as_db_error().unwrap();
@@ -97,7 +92,7 @@ async fn suspended_tenant_is_refused_with_57p03_and_resume_lets_clients_back() {
         .unwrap();
     let refused = eventually(Duration::from_secs(5), || async {
         match env.connect(slug, "app", "secret").await {
-            Err(e) => sqlstate(&e).as_deref() == Some("57P03"),
+            Err(e) => e.code() == Some(&SqlState::CANNOT_CONNECT_NOW),
             Ok(_) => false,
         }
     })
@@ -128,12 +123,12 @@ async fn answer_to(bytes: &[u8], port: u16) -> Vec<u8> {
     out
 }
 
-fn sqlstate_of(error_response: &[u8]) -> Option<String> {
-    assert_eq!(error_response.first(), Some(&b'E'), "{error_response:?}");
-    let body = &error_response[5..];
-    let at = body.windows(1).position(|w| w[0] == b'C')?;
-    let code = &body[at + 1..at + 6];
-    Some(String::from_utf8_lossy(code).into_owned())
+/// The SQLSTATE of the ErrorResponse the proxy's answer begins with.
+async fn sqlstate_of(answer: &[u8]) -> Option<SqlState> {
+    let mut bytes = answer;
+    let (tag, body) = wire::read_message(&mut bytes).await.unwrap();
+    assert_eq!(tag, b'E', "{answer:?}");
+    wire::error_code(tag, &body)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -144,30 +139,37 @@ async fn malformed_and_oversized_startup_packets_get_08p01_and_the_proxy_keeps_s
 
     // 1 GiB length prefix: refused without reading (or allocating) it.
     let oversized = answer_to(&[0x40, 0, 0, 0, 0, 3, 0, 0], port).await;
-    assert_eq!(sqlstate_of(&oversized).as_deref(), Some("08P01"));
+    assert_eq!(
+        sqlstate_of(&oversized).await,
+        Some(SqlState::PROTOCOL_VIOLATION)
+    );
     // Too short to hold a code.
     let short = answer_to(&[0, 0, 0, 4], port).await;
-    assert_eq!(sqlstate_of(&short).as_deref(), Some("08P01"));
+    assert_eq!(
+        sqlstate_of(&short).await,
+        Some(SqlState::PROTOCOL_VIOLATION)
+    );
     // Parameters without terminators.
     let mut garbage = vec![0, 0, 0, 16, 0, 3, 0, 0];
     garbage.extend_from_slice(b"user\0abc");
     let unterminated = answer_to(&garbage, port).await;
-    assert_eq!(sqlstate_of(&unterminated).as_deref(), Some("08P01"));
+    assert_eq!(
+        sqlstate_of(&unterminated).await,
+        Some(SqlState::PROTOCOL_VIOLATION)
+    );
     // Protocol 2.0 is not spoken.
     let v2 = answer_to(&[0, 0, 0, 8, 0, 2, 0, 0], port).await;
-    assert_eq!(sqlstate_of(&v2).as_deref(), Some("0A000"));
+    assert_eq!(
+        sqlstate_of(&v2).await,
+        Some(SqlState::FEATURE_NOT_SUPPORTED)
+    );
     // An HTTP request is not a startup packet.
     let http = answer_to(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n", port).await;
-    assert_eq!(sqlstate_of(&http).as_deref(), Some("08P01"));
+    assert_eq!(sqlstate_of(&http).await, Some(SqlState::PROTOCOL_VIOLATION));
 
     // SSLRequest gets 'N' and the connection goes on.
-    let mut s = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
-    s.write_all(&[0, 0, 0, 8, 0x04, 0xd2, 0x16, 0x2f])
-        .await
-        .unwrap();
-    let mut n = [0u8; 1];
-    s.read_exact(&mut n).await.unwrap();
-    assert_eq!(&n, b"N");
+    let (answer, _connection) = wire::ssl_request(port).await;
+    assert_eq!(answer, b'N');
 
     // Others are still served.
     let c = env.app(t.slug.as_str()).await;
@@ -186,18 +188,14 @@ async fn a_newer_protocol_minor_version_is_negotiated_down_to_3_0() {
     packet.extend_from_slice(&body);
     let mut s = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
     s.write_all(&packet).await.unwrap();
-    let mut head = [0u8; 5];
-    s.read_exact(&mut head).await.unwrap();
-    assert_eq!(head[0], b'v', "NegotiateProtocolVersion first");
-    let len = u32::from_be_bytes(head[1..5].try_into().unwrap()) as usize;
-    let mut rest = vec![0u8; len - 4];
-    s.read_exact(&mut rest).await.unwrap();
+    let (tag, rest) = wire::read_message(&mut s).await.unwrap();
+    assert_eq!(tag, b'v', "NegotiateProtocolVersion first");
     // Newest minor version we speak (0), then one unrecognized option.
     assert_eq!(&rest[..8], &[0, 0, 0, 0, 0, 0, 0, 1]);
     assert_eq!(&rest[8..], b"_pq_.test\0");
     // Then authentication starts.
-    s.read_exact(&mut head).await.unwrap();
-    assert_eq!(head[0], b'R');
+    let (tag, _) = wire::read_message(&mut s).await.unwrap();
+    assert_eq!(tag, b'R');
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -210,5 +208,5 @@ async fn a_client_that_never_finishes_startup_is_cut_off_at_the_login_timeout() 
         .await
         .expect("closed at the login timeout")
         .unwrap();
-    assert_eq!(sqlstate_of(&out).as_deref(), Some("08P01"));
+    assert_eq!(sqlstate_of(&out).await, Some(SqlState::PROTOCOL_VIOLATION));
 }

@@ -7,12 +7,14 @@
 use crate::common;
 
 use std::collections::HashSet;
-use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use common::activity::{PeakBackends, activity_on, let_in, lock_out};
 use common::{TestEnv, admin_client, eventually};
 use tenantgate::registry::TenantState;
+use tokio_postgres::error::SqlState;
 
 const TENANTS: usize = 2000;
 const PHYSICAL: usize = 4;
@@ -98,7 +100,7 @@ async fn load(
                         .errors
                         .lock()
                         .unwrap()
-                        .push(format!("{slug}: {:?} {e}", common::sqlstate(&e)));
+                        .push(format!("{slug}: {:?} {e}", e.code().map(SqlState::code)));
                 }
             }
         }));
@@ -165,14 +167,7 @@ async fn two_thousand_tenants_share_a_budget_of_forty_through_moving_load_and_a_
         physical.push(env.tenant_with_user("phys").await);
     }
     let databases: Vec<String> = physical.iter().map(|t| t.database.clone()).collect();
-    let registry_db = env
-        .config
-        .registry
-        .url
-        .split_whitespace()
-        .find_map(|kv| kv.strip_prefix("dbname="))
-        .unwrap()
-        .to_owned();
+    let registry_db = env.registry_database();
     let prefix = common::unique("scale");
     {
         let registry = admin_client(&registry_db).await;
@@ -216,28 +211,7 @@ async fn two_thousand_tenants_share_a_budget_of_forty_through_moving_load_and_a_
     // Sampler: backend connections to the tenant databases every 20 ms, on one direct
     // connection to the `postgres` database (not a tenant database: it is not counted, and
     // it is not in the budget).
-    let peak = Arc::new(AtomicI64::new(0));
-    let sample_count = Arc::new(AtomicU64::new(0));
-    let sampler = {
-        let (peak, sample_count, databases) =
-            (peak.clone(), sample_count.clone(), databases.clone());
-        let direct = admin_client("postgres").await;
-        tokio::spawn(async move {
-            loop {
-                let n: i64 = direct
-                    .query_one(
-                        "SELECT count(*) FROM pg_stat_activity WHERE datname = ANY($1)",
-                        &[&databases],
-                    )
-                    .await
-                    .unwrap()
-                    .get(0);
-                peak.fetch_max(n, Ordering::Relaxed);
-                sample_count.fetch_add(1, Ordering::Relaxed);
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
-        })
-    };
+    let sampler = PeakBackends::start(databases.clone(), Duration::from_millis(20)).await;
 
     // Phase 1: uniform over 2,000 tenants; the pool map holds 150, so pools are evicted
     // (least recently used) and built again all the time.
@@ -293,22 +267,10 @@ async fn two_thousand_tenants_share_a_budget_of_forty_through_moving_load_and_a_
         stop.clone(),
     ));
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let direct = admin_client("postgres").await;
-    direct
-        .batch_execute(&format!(
-            "ALTER DATABASE {registry_db} ALLOW_CONNECTIONS false; \
-             SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = '{registry_db}'"
-        ))
-        .await
-        .unwrap();
+    lock_out(&registry_db, None).await;
     // Longer than the cache TTL: the hot tenants' records are stale and cannot be refreshed.
     tokio::time::sleep(Duration::from_secs(2)).await;
-    direct
-        .batch_execute(&format!(
-            "ALTER DATABASE {registry_db} ALLOW_CONNECTIONS true"
-        ))
-        .await
-        .unwrap();
+    let_in(&registry_db).await;
     tokio::time::sleep(Duration::from_secs(1)).await;
     stop.store(true, Ordering::Relaxed);
     let outage = during_outage.await.unwrap();
@@ -317,16 +279,15 @@ async fn two_thousand_tenants_share_a_budget_of_forty_through_moving_load_and_a_
 
     // The change listener is back: it holds a LISTEN session on the registry again.
     let listening = eventually(Duration::from_secs(15), || async {
-        let n: i64 = direct
-            .query_one(
-                "SELECT count(*) FROM pg_stat_activity WHERE datname = $1 \
-                 AND application_name = 'tenantgate-listener' AND query LIKE 'LISTEN%'",
-                &[&registry_db],
-            )
-            .await
-            .unwrap()
-            .get(0);
-        n > 0
+        activity_on(
+            common::cluster(),
+            &format!(
+                "datname = '{registry_db}' \
+                 AND application_name = 'tenantgate-listener' AND query LIKE 'LISTEN%'"
+            ),
+        )
+        .await
+            > 0
     })
     .await;
     assert!(
@@ -346,7 +307,7 @@ async fn two_thousand_tenants_share_a_budget_of_forty_through_moving_load_and_a_
     let refused = eventually(Duration::from_secs(5), || async {
         matches!(
             env.connect(watched, "app", "secret").await,
-            Err(e) if common::sqlstate(&e).as_deref() == Some("57P03")
+            Err(e) if e.code() == Some(&SqlState::CANNOT_CONNECT_NOW)
         )
     })
     .await;
@@ -360,9 +321,8 @@ async fn two_thousand_tenants_share_a_budget_of_forty_through_moving_load_and_a_
         "the suspended tenant's connected client was not disconnected"
     );
 
-    sampler.abort();
-    let peak = peak.load(Ordering::Relaxed);
-    let sample_total = sample_count.load(Ordering::Relaxed);
+    let peak = sampler.stop();
+    let sample_total = sampler.samples();
     assert!(
         peak <= i64::from(BUDGET),
         "backend connections peaked at {peak} over a budget of {BUDGET} ({sample_total} samples)"

@@ -7,8 +7,11 @@ use std::fmt::Write as _;
 use std::time::Duration;
 
 use bytes::Bytes;
-use common::{TestEnv, admin_client, backend_count, sqlstate};
+use common::activity::{PeakBackends, cancel_a_running_sleep};
+use common::query::query_value;
+use common::{TestEnv, admin_client};
 use futures_util::{SinkExt, StreamExt, TryStreamExt};
+use tokio_postgres::error::SqlState;
 use tokio_postgres::{AsyncMessage, NoTls};
 
 /// A client whose notifications arrive on the returned channel as (pid, payload).
@@ -41,11 +44,7 @@ async fn backend_pid_is_real_and_matches_notify_pid() {
     let env = TestEnv::start().await;
     let t = env.tenant_with_user("pid").await;
     let (client, mut rx) = listening_client(&env, t.slug.as_str()).await;
-    let pid: i32 = client
-        .query_one("SELECT pg_backend_pid()", &[])
-        .await
-        .unwrap()
-        .get(0);
+    let pid: i32 = query_value(&client, "SELECT pg_backend_pid()").await;
     client
         .batch_execute("LISTEN chan; NOTIFY chan, 'hello'")
         .await
@@ -96,22 +95,10 @@ async fn startup_parameters_take_effect_and_do_not_leak_to_the_next_client() {
         .options("-c statement_timeout=4321 -c search_path=audit,public");
     let (c1, conn) = cfg.connect(NoTls).await.unwrap();
     tokio::spawn(conn);
-    let pid1: i32 = c1
-        .query_one("SELECT pg_backend_pid()", &[])
-        .await
-        .unwrap()
-        .get(0);
-    let app: String = c1
-        .query_one("SHOW application_name", &[])
-        .await
-        .unwrap()
-        .get(0);
-    let timeout: String = c1
-        .query_one("SHOW statement_timeout", &[])
-        .await
-        .unwrap()
-        .get(0);
-    let path: String = c1.query_one("SHOW search_path", &[]).await.unwrap().get(0);
+    let pid1: i32 = query_value(&c1, "SELECT pg_backend_pid()").await;
+    let app: String = query_value(&c1, "SHOW application_name").await;
+    let timeout: String = query_value(&c1, "SHOW statement_timeout").await;
+    let path: String = query_value(&c1, "SHOW search_path").await;
     assert_eq!(app, "billing-worker");
     assert_eq!(timeout, "4321ms");
     assert_eq!(path, "audit,public", "as a direct connection shows it");
@@ -124,31 +111,15 @@ async fn startup_parameters_take_effect_and_do_not_leak_to_the_next_client() {
     let c2 = tokio::time::timeout(Duration::from_secs(10), env.app(slug))
         .await
         .unwrap();
-    let pid2: i32 = c2
-        .query_one("SELECT pg_backend_pid()", &[])
-        .await
-        .unwrap()
-        .get(0);
+    let pid2: i32 = query_value(&c2, "SELECT pg_backend_pid()").await;
     assert_eq!(pid1, pid2, "the backend was reused");
-    let app: String = c2
-        .query_one("SHOW application_name", &[])
-        .await
-        .unwrap()
-        .get(0);
-    let timeout: String = c2
-        .query_one("SHOW statement_timeout", &[])
-        .await
-        .unwrap()
-        .get(0);
-    let work_mem: String = c2.query_one("SHOW work_mem", &[]).await.unwrap().get(0);
+    let app: String = query_value(&c2, "SHOW application_name").await;
+    let timeout: String = query_value(&c2, "SHOW statement_timeout").await;
+    let work_mem: String = query_value(&c2, "SHOW work_mem").await;
     assert_eq!(app, "");
     assert_eq!(timeout, "0");
     assert_eq!(work_mem, "4MB");
-    let temp: i64 = c2
-        .query_one("SELECT count(*) FROM pg_class WHERE relname = 't1'", &[])
-        .await
-        .unwrap()
-        .get(0);
+    let temp: i64 = query_value(&c2, "SELECT count(*) FROM pg_class WHERE relname = 't1'").await;
     assert_eq!(temp, 0);
     let prepared: i64 = c2
         // tokio-postgres prepares this very query under its own name: look for ours only.
@@ -182,7 +153,11 @@ async fn an_invalid_startup_setting_is_refused_with_the_backends_error() {
     let Err(err) = cfg.connect(NoTls).await else {
         panic!("an invalid setting must be refused");
     };
-    assert_eq!(sqlstate(&err).as_deref(), Some("22023"), "{err}");
+    assert_eq!(
+        err.code(),
+        Some(&SqlState::INVALID_PARAMETER_VALUE),
+        "{err}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -206,11 +181,7 @@ async fn a_client_leaving_mid_transaction_never_hands_on_a_dirty_backend() {
     let c2 = tokio::time::timeout(Duration::from_secs(10), env.app(slug))
         .await
         .unwrap();
-    let n: i64 = c2
-        .query_one("SELECT count(*) FROM items", &[])
-        .await
-        .unwrap()
-        .get(0);
+    let n: i64 = query_value(&c2, "SELECT count(*) FROM items").await;
     assert_eq!(
         n, 0,
         "the abandoned transaction must not be visible or committed"
@@ -219,11 +190,7 @@ async fn a_client_leaving_mid_transaction_never_hands_on_a_dirty_backend() {
     c2.batch_execute("INSERT INTO items VALUES (2)")
         .await
         .unwrap();
-    let n: i64 = c2
-        .query_one("SELECT count(*) FROM items", &[])
-        .await
-        .unwrap()
-        .get(0);
+    let n: i64 = query_value(&c2, "SELECT count(*) FROM items").await;
     assert_eq!(n, 1);
 }
 
@@ -232,20 +199,10 @@ async fn cancel_reaches_the_running_query_and_the_session_stays_usable() {
     let env = TestEnv::start().await;
     let t = env.tenant_with_user("cancel").await;
     let client = env.app(t.slug.as_str()).await;
-    let token = client.cancel_token();
-    let sleeper = tokio::spawn(async move {
-        let r = client.batch_execute("SELECT pg_sleep(30)").await;
-        (client, r)
-    });
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    token.cancel_query(NoTls).await.unwrap();
-    let (client, result) = tokio::time::timeout(Duration::from_secs(10), sleeper)
-        .await
-        .expect("cancel must stop the query")
-        .unwrap();
+    let (client, result) = cancel_a_running_sleep(client, &t.database).await;
     let err = result.unwrap_err();
-    assert_eq!(sqlstate(&err).as_deref(), Some("57014"), "{err}");
-    let one: i32 = client.query_one("SELECT 1", &[]).await.unwrap().get(0);
+    assert_eq!(err.code(), Some(&SqlState::QUERY_CANCELED), "{err}");
+    let one: i32 = query_value(&client, "SELECT 1").await;
     assert_eq!(one, 1);
 }
 
@@ -255,11 +212,7 @@ async fn a_terminated_backend_fails_its_client_and_the_next_client_gets_a_health
     let t = env.tenant_with_user("term").await;
     let slug = t.slug.as_str();
     let victim = env.app(slug).await;
-    let pid: i32 = victim
-        .query_one("SELECT pg_backend_pid()", &[])
-        .await
-        .unwrap()
-        .get(0);
+    let pid: i32 = query_value(&victim, "SELECT pg_backend_pid()").await;
     admin_client("postgres")
         .await
         .query_one("SELECT pg_terminate_backend($1)", &[&pid])
@@ -267,9 +220,8 @@ async fn a_terminated_backend_fails_its_client_and_the_next_client_gets_a_health
         .unwrap();
     let err = victim.simple_query("SELECT 1").await.unwrap_err();
     // The backend's own FATAL (57P01), or a closed connection if it raced the query.
-    let code = sqlstate(&err);
     assert!(
-        code.as_deref() == Some("57P01") || err.is_closed(),
+        err.code() == Some(&SqlState::ADMIN_SHUTDOWN) || err.is_closed(),
         "unexpected error {err:?}"
     );
     assert!(victim.is_closed() || victim.simple_query("SELECT 1").await.is_err());
@@ -277,11 +229,7 @@ async fn a_terminated_backend_fails_its_client_and_the_next_client_gets_a_health
     let next = tokio::time::timeout(Duration::from_secs(10), env.app(slug))
         .await
         .unwrap();
-    let pid2: i32 = next
-        .query_one("SELECT pg_backend_pid()", &[])
-        .await
-        .unwrap()
-        .get(0);
+    let pid2: i32 = query_value(&next, "SELECT pg_backend_pid()").await;
     assert_ne!(pid, pid2);
 }
 
@@ -291,18 +239,7 @@ async fn two_hundred_clients_share_a_pool_of_ten() {
     let t = env.tenant_with_user("crowd").await;
     let slug = t.slug.as_str().to_owned();
     let env = std::sync::Arc::new(env);
-    let peak = std::sync::Arc::new(std::sync::atomic::AtomicI64::new(0));
-    let watcher = {
-        let peak = peak.clone();
-        let db = t.database.clone();
-        tokio::spawn(async move {
-            loop {
-                let n = backend_count(&db).await;
-                peak.fetch_max(n, std::sync::atomic::Ordering::Relaxed);
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
-        })
-    };
+    let watcher = PeakBackends::start(vec![t.database.clone()], Duration::from_millis(20)).await;
     let mut tasks = Vec::new();
     for i in 0..200i32 {
         let env = env.clone();
@@ -318,8 +255,7 @@ async fn two_hundred_clients_share_a_pool_of_ten() {
     for task in tasks {
         task.await.unwrap().unwrap();
     }
-    watcher.abort();
-    let peak = peak.load(std::sync::atomic::Ordering::Relaxed);
+    let peak = watcher.stop();
     assert!(peak <= 10, "backend connections peaked at {peak}");
 }
 

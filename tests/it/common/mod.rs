@@ -327,24 +327,6 @@ admin_password = "{password}"
     }
 }
 
-/// Backend connections the cluster has open to a database (as pg_stat_activity sees them).
-pub async fn backend_count(database: &str) -> i64 {
-    admin_client("postgres")
-        .await
-        .query_one(
-            "SELECT count(*) FROM pg_stat_activity WHERE datname = $1",
-            &[&database],
-        )
-        .await
-        .expect("pg_stat_activity")
-        .get(0)
-}
-
-/// The SQLSTATE of an error from tokio-postgres, if the server sent one.
-pub fn sqlstate(e: &tokio_postgres::Error) -> Option<String> {
-    e.code().map(|c| c.code().to_owned())
-}
-
 /// Polls `check` until it returns true or `timeout` passes.
 pub async fn eventually<F, Fut>(timeout: Duration, mut check: F) -> bool
 where
@@ -360,81 +342,5 @@ where
             return false;
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
-/// A bare protocol client, for what drivers do not let a test control (statement names).
-pub struct RawClient {
-    stream: tokio::net::TcpStream,
-}
-
-impl RawClient {
-    /// Starts up and authenticates with SCRAM, up to the first ReadyForQuery.
-    pub async fn connect(port: u16, database: &str, user: &str, password: &str) -> RawClient {
-        use postgres_protocol::authentication::sasl::{ChannelBinding, ScramSha256};
-        use postgres_protocol::message::frontend;
-        let stream = tokio::net::TcpStream::connect(("127.0.0.1", port))
-            .await
-            .expect("connect");
-        let mut raw = RawClient { stream };
-        let mut out = bytes::BytesMut::new();
-        frontend::startup_message([("user", user), ("database", database)], &mut out).unwrap();
-        raw.send(&out).await;
-        let mut scram = None;
-        loop {
-            let (tag, body) = raw.read().await;
-            match (tag, body.get(..4)) {
-                (b'R', Some([0, 0, 0, 10])) => {
-                    let s = ScramSha256::new(password.as_bytes(), ChannelBinding::unsupported());
-                    out.clear();
-                    frontend::sasl_initial_response("SCRAM-SHA-256", s.message(), &mut out)
-                        .unwrap();
-                    raw.send(&out).await;
-                    scram = Some(s);
-                }
-                (b'R', Some([0, 0, 0, 11])) => {
-                    let s = scram.as_mut().expect("SASL started");
-                    s.update(&body[4..]).unwrap();
-                    out.clear();
-                    frontend::sasl_response(s.message(), &mut out).unwrap();
-                    raw.send(&out).await;
-                }
-                (b'Z', _) => return raw,
-                (b'E', _) => panic!("login failed: {}", String::from_utf8_lossy(&body)),
-                _ => {}
-            }
-        }
-    }
-
-    pub async fn send(&mut self, bytes: &[u8]) {
-        use tokio::io::AsyncWriteExt;
-        self.stream.write_all(bytes).await.expect("send");
-    }
-
-    /// One message: (tag, body).
-    pub async fn read(&mut self) -> (u8, Vec<u8>) {
-        use tokio::io::AsyncReadExt;
-        let mut head = [0u8; 5];
-        self.stream
-            .read_exact(&mut head)
-            .await
-            .expect("read header");
-        let len = u32::from_be_bytes([head[1], head[2], head[3], head[4]]) as usize;
-        let mut body = vec![0u8; len - 4];
-        self.stream.read_exact(&mut body).await.expect("read body");
-        (head[0], body)
-    }
-
-    /// Messages up to and including the next ReadyForQuery.
-    pub async fn until_ready(&mut self) -> Vec<(u8, Vec<u8>)> {
-        let mut got = Vec::new();
-        loop {
-            let message = self.read().await;
-            let done = message.0 == b'Z';
-            got.push(message);
-            if done {
-                return got;
-            }
-        }
     }
 }
