@@ -9,6 +9,7 @@ use super::error::AdminError;
 use super::exec::{Outcome, known_slug, log};
 use crate::crypto::{Secret, generate_password};
 use crate::provision;
+use crate::provision::ProvisionError;
 use crate::registry::{AuthMethod, DomainError, TenantSlug};
 
 /// The auth method a command names, if any.
@@ -131,6 +132,9 @@ async fn set_admin_user(
     params: &[Option<String>],
 ) -> Result<Outcome, AdminError> {
     let method = method(auth, params)?;
+    if user.len() > crate::registry::MAX_NAME_BYTES {
+        return Err(ProvisionError::UserNameTooLong(user.to_owned()).into());
+    }
     let exists = ctx.registry.admin_login(user).await?.is_some();
     match (exists, replace) {
         (true, false) => {

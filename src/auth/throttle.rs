@@ -1,7 +1,9 @@
 //! Failed-login throttling: counts password failures per source address, per (source, target)
 //! and per target (a tenant's database name, or the admin console), and before any SCRAM work
 //! either lets a login attempt go, makes it wait (exponential delay, capped), or refuses it
-//! during a lock-out.
+//! during a lock-out. It also counts CancelRequests with keys nobody holds per source, and
+//! drops that source's cancels during a lock-out (guessing a cancel secret is guessing a
+//! password that cancels queries).
 //!
 //! Why three counters, and why two sets of thresholds: one source guessing one tenant's
 //! passwords is the common attack, and it hits the (source, target) counter at the base
@@ -74,6 +76,8 @@ enum Key {
     Source(IpAddr),
     SourceTarget(IpAddr, Arc<str>),
     Target(Arc<str>),
+    /// Cancel requests with keys nobody holds, from one source.
+    UnknownCancelKeys(IpAddr),
 }
 
 #[derive(Debug, Default)]
@@ -246,6 +250,37 @@ impl LoginThrottle {
             .get_with(key.clone(), async { Shared::default() })
             .await;
         (key, shared)
+    }
+
+    /// Whether a CancelRequest from `source` may be looked up: not while the source is locked
+    /// out for sending `failures_before_lockout` keys that nobody holds (guessing a 32-bit
+    /// secret for a known backend pid). Its cancels are then dropped, silently, as PostgreSQL
+    /// drops a cancel with a wrong key.
+    pub async fn cancel_allowed(&self, source: IpAddr) -> bool {
+        let (_, shared) = self.counter(Key::UnknownCancelKeys(source)).await;
+        let mut c = lock(&shared);
+        let now = Instant::now();
+        match c.locked_until {
+            Some(until) if until > now => false,
+            Some(_) => {
+                *c = Counter::default();
+                true
+            }
+            None => {
+                c.expire(now, self.window);
+                true
+            }
+        }
+    }
+
+    /// A CancelRequest from `source` named a key nobody holds.
+    pub async fn unknown_cancel_key(&self, source: IpAddr) {
+        let (_, shared) = self.counter(Key::UnknownCancelKeys(source)).await;
+        let mut c = lock(&shared);
+        c.count_failure();
+        if c.failures >= self.settings.failures_before_lockout {
+            c.locked_until = Some(Instant::now() + self.settings.lockout);
+        }
     }
 
     /// The delay of the `attempt`th attempt (1-based) when `delay_after` go free.
@@ -448,6 +483,19 @@ mod tests {
         }
         let refused = fail(&t, B, Target::Tenant("victim")).await.unwrap_err();
         assert_eq!(refused.scope, "target");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn unknown_cancel_keys_lock_their_source_out_of_cancelling() {
+        let t = LoginThrottle::new(settings());
+        for _ in 0..5 {
+            assert!(t.cancel_allowed(A).await);
+            t.unknown_cancel_key(A).await;
+        }
+        assert!(!t.cancel_allowed(A).await, "locked after 5 unknown keys");
+        assert!(t.cancel_allowed(B).await, "another source is not");
+        tokio::time::advance(Duration::from_secs(61)).await;
+        assert!(t.cancel_allowed(A).await, "after the lock-out");
     }
 
     #[test]

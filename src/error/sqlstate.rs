@@ -19,6 +19,7 @@ impl SqlState {
     pub const INTERNAL_ERROR: SqlState = SqlState("XX000");
     pub const SYNTAX_ERROR: SqlState = SqlState("42601");
     pub const RESERVED_NAME: SqlState = SqlState("42939");
+    pub const NAME_TOO_LONG: SqlState = SqlState("42622");
     pub const UNDEFINED_TABLE: SqlState = SqlState("42P01");
     pub const UNDEFINED_COLUMN: SqlState = SqlState("42703");
     pub const UNDEFINED_OBJECT: SqlState = SqlState("42704");

@@ -75,6 +75,8 @@ pub enum ProvisionError {
     },
     #[error("user name must not be empty")]
     EmptyUser,
+    #[error("user name {0:?} is longer than PostgreSQL's 63 bytes")]
+    UserNameTooLong(String),
     #[error("tenant {slug} has no user {user:?}")]
     NoSuchUser { slug: TenantSlug, user: String },
     #[error("cannot read the tenant migrations directory {dir}")]
@@ -184,6 +186,7 @@ impl ClientFacing for ProvisionError {
             | ProvisionError::NameTooLong(_)
             | ProvisionError::UnknownServer(_)
             | ProvisionError::EmptyUser => SqlState::INVALID_PARAMETER_VALUE,
+            ProvisionError::UserNameTooLong(_) => SqlState::NAME_TOO_LONG,
             ProvisionError::Exists(_) => SqlState::DUPLICATE_OBJECT,
             ProvisionError::NoSuchTenant(_) | ProvisionError::NoSuchUser { .. } => {
                 SqlState::UNDEFINED_OBJECT
@@ -231,6 +234,7 @@ impl ClientFacing for ProvisionError {
             | ProvisionError::CannotConnect(_)
             | ProvisionError::Decrypt { .. }
             | ProvisionError::EmptyUser
+            | ProvisionError::UserNameTooLong(_)
             | ProvisionError::NoSuchUser { .. }
             | ProvisionError::MigrationsDir { .. }
             | ProvisionError::MigrationFile { .. }
@@ -258,6 +262,7 @@ impl ClientFacing for ProvisionError {
             | ProvisionError::StateChange { .. }
             | ProvisionError::UnknownServer(_)
             | ProvisionError::EmptyUser
+            | ProvisionError::UserNameTooLong(_)
             | ProvisionError::NoSuchUser { .. } => ErrorKind::Client,
             ProvisionError::BudgetExhausted { .. } => ErrorKind::Limit,
             ProvisionError::Backend { .. }

@@ -31,7 +31,7 @@ pub use server::Budgets;
 use crate::config::Config;
 use crate::crypto::{MasterKey, Secret, generate_password};
 use crate::pool::ServerConfig;
-use crate::registry::{NewTenant, Registry, TenantRecord, TenantSlug, TenantState};
+use crate::registry::{MAX_NAME_BYTES, NewTenant, Registry, TenantRecord, TenantSlug, TenantState};
 use migrations::Ctx;
 
 /// Activity log actor for the lifecycle steps.
@@ -575,6 +575,9 @@ pub async fn add_user(
     let slug = parse_slug(slug)?;
     if user.is_empty() {
         return Err(ProvisionError::EmptyUser);
+    }
+    if user.len() > MAX_NAME_BYTES {
+        return Err(ProvisionError::UserNameTooLong(user.to_owned()));
     }
     if registry.tenant(&slug).await?.is_none() {
         return Err(ProvisionError::NoSuchTenant(slug));

@@ -94,6 +94,18 @@ impl Registry {
         row.map(|r| login_from_row(&r, slug.as_str())).transpose()
     }
 
+    /// The key mock SCRAM salts are derived from (registry migration 5): the same for every
+    /// instance and across restarts.
+    pub async fn mock_scram_key(&self) -> Result<[u8; 32], RegistryError> {
+        let conn = self.conn().await?;
+        let row = conn
+            .query_one("SELECT key FROM proxy_keys WHERE name = 'mock_scram'", &[])
+            .await?;
+        let stored: Vec<u8> = row.try_get(0)?;
+        // Hashed to 32 bytes whatever length is stored (at least 16, by the table's check).
+        Ok(<sha2::Sha256 as sha2::Digest>::digest(&stored).into())
+    }
+
     /// An admin user's auth method and verifier; `None` if there is no such admin user.
     pub async fn admin_login(&self, user: &str) -> Result<Option<UserLogin>, RegistryError> {
         let conn = self.conn().await?;

@@ -34,6 +34,9 @@ pub struct TenantDirectory {
     records: Cache<TenantSlug, (Arc<TenantRecord>, Instant)>,
     unknown: Cache<TenantSlug, ()>,
     verifiers: Cache<UserKey, (Option<Arc<UserLogin>>, Instant)>,
+    /// (tenant, user) pairs the registry did not know, for `negative_cache_ttl_seconds`: kept
+    /// apart so that made-up names never push real verifiers out of `verifiers`.
+    unknown_users: Cache<UserKey, ()>,
     /// Custom domain → tenant (or none), from `tenant_domains`.
     domains: Cache<String, (Option<TenantSlug>, Instant)>,
     /// Slugs whose registry rows changed, for sessions that must react (suspension).
@@ -65,6 +68,13 @@ impl TenantDirectory {
             verifiers: Cache::builder()
                 .max_capacity(config.cache_capacity)
                 .time_to_live(kept)
+                .support_invalidation_closures()
+                .build(),
+            unknown_users: Cache::builder()
+                .max_capacity(config.cache_capacity)
+                .time_to_live(Duration::from_secs(
+                    config.negative_cache_ttl_seconds.max(1),
+                ))
                 .support_invalidation_closures()
                 .build(),
             domains: Cache::builder()
@@ -177,17 +187,26 @@ impl TenantDirectory {
                 }
             };
         }
+        if self.unknown_users.contains_key(&key) {
+            return Ok(None);
+        }
         let registry = &self.registry;
-        self.verifiers
-            .try_get_with(key, async {
+        let (verifier, _) = self
+            .verifiers
+            .try_get_with(key.clone(), async {
                 registry
                     .user_login(slug, user)
                     .await
                     .map(|v| (v.map(Arc::new), Instant::now()))
             })
             .await
-            .map(|(verifier, _)| verifier)
-            .map_err(RegistryError::Shared)
+            .map_err(RegistryError::Shared)?;
+        if verifier.is_none() {
+            // A miss goes to the short negative cache, not among the verifiers.
+            self.verifiers.invalidate(&key).await;
+            self.unknown_users.insert(key, ()).await;
+        }
+        Ok(verifier)
     }
 
     /// The tenant whose custom domain `server_name` is (already normalized), from the cache
@@ -235,9 +254,14 @@ impl TenantDirectory {
         self.domains.invalidate_all();
         let slug = slug.clone();
         // Only fails when closures are not enabled, which `new` does.
+        let same = slug.clone();
         drop(
             self.verifiers
-                .invalidate_entries_if(move |(s, _), _| *s == slug),
+                .invalidate_entries_if(move |(s, _), _| *s == same),
+        );
+        drop(
+            self.unknown_users
+                .invalidate_entries_if(move |(s, _), ()| *s == slug),
         );
         // Nobody listening is fine.
         drop(self.changes.send(slug_for_sessions));
@@ -248,6 +272,7 @@ impl TenantDirectory {
         self.records.invalidate_all();
         self.unknown.invalidate_all();
         self.verifiers.invalidate_all();
+        self.unknown_users.invalidate_all();
         self.domains.invalidate_all();
     }
 

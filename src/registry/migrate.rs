@@ -28,6 +28,11 @@ const MIGRATIONS: &[(i32, &str, &str)] = &[
         "revision",
         include_str!("../../migrations/registry/0004_revision.sql"),
     ),
+    (
+        5,
+        "mock_scram_key",
+        include_str!("../../migrations/registry/0005_mock_scram_key.sql"),
+    ),
 ];
 
 /// Arbitrary advisory lock key for registry migrations ("tgregmig").

@@ -26,7 +26,7 @@ pub use credentials::{AuthMethod, UserLogin};
 pub use directory::{CHANGES_CHANNEL, TenantDirectory, spawn_change_listener};
 pub use domains::{DomainError, normalize_domain};
 pub use listing::{ACTIVITY_LIMIT, ActivityEntry, MigrationEntry, TenantListing};
-pub use types::{TenantRecord, TenantSlug, TenantState};
+pub use types::{MAX_NAME_BYTES, TenantRecord, TenantSlug, TenantState};
 
 use crate::error::{ClientFacing, ErrorKind};
 use crate::protocol::SqlState;

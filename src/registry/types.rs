@@ -2,6 +2,10 @@
 
 use std::fmt;
 
+/// PostgreSQL's identifier limit (NAMEDATALEN - 1), in bytes: the longest user name a
+/// tenant's user (or an admin user) may have, and the longest name worth a registry lookup.
+pub const MAX_NAME_BYTES: usize = 63;
+
 /// A tenant's slug: lowercase letters, digits and hyphens, 1 to 63 characters, not starting
 /// with a hyphen. It is the database name clients connect with.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -10,7 +14,7 @@ pub struct TenantSlug(String);
 impl TenantSlug {
     /// Validates a slug.
     pub fn parse(s: &str) -> Option<TenantSlug> {
-        let ok = (1..=63).contains(&s.len())
+        let ok = (1..=MAX_NAME_BYTES).contains(&s.len())
             && !s.starts_with('-')
             && s.bytes()
                 .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');

@@ -31,8 +31,10 @@ use crate::error::{ClientFacing, ErrorKind};
 use crate::protocol::startup::{self, FirstPacket, StartupError, StartupMessage};
 use crate::protocol::{SqlState, messages};
 use crate::registry::{
-    AuthMethod, RegistryError, TenantRecord, TenantSlug, TenantState, normalize_domain,
+    AuthMethod, MAX_NAME_BYTES, RegistryError, TenantRecord, TenantSlug, TenantState,
+    normalize_domain,
 };
+use crate::session::CancelOutcome;
 use crate::session::settings::{self, SettingsError};
 use crate::tls::{TlsInfo, TlsMode, TlsServer};
 
@@ -274,10 +276,7 @@ pub(super) async fn login<S: AsyncRead + AsyncWrite + Unpin>(
         // A cancel carries its own secret; PostgreSQL accepts it in the clear whatever the
         // encryption policy.
         FirstPacket::Cancel { pid, secret } => {
-            state
-                .cancels
-                .cancel(pid, secret, Duration::from_secs(5))
-                .await;
+            cancel(state, conn.peer.map(|p| p.ip()), pid, secret).await;
             return Ok(Login::Cancel);
         }
         FirstPacket::SslRequest | FirstPacket::GssEncRequest => {
@@ -389,7 +388,11 @@ async fn authenticate_admin<S: AsyncRead + AsyncWrite + Unpin>(
     (source, slot): (Option<IpAddr>, &mut LoginSlot),
 ) -> Result<(), LoginError> {
     let attempt = begin_attempt(state, source, Target::Admin, slot).await?;
-    let login = state.directory.registry().admin_login(user).await?;
+    let login = if user.len() <= MAX_NAME_BYTES {
+        state.directory.registry().admin_login(user).await?
+    } else {
+        None
+    };
     let method = login.as_ref().map_or(AuthMethod::Scram, |l| l.method);
     let mock = || ScramSecret::mock(&state.mock_key, &format!("\0admin\0{user}"));
     let credential = match login.as_ref().and_then(|l| ScramSecret::parse(&l.verifier)) {
@@ -411,6 +414,24 @@ async fn authenticate_admin<S: AsyncRead + AsyncWrite + Unpin>(
         // The exchange ran in full either way; only then is a non-admin told why.
         Err(AuthError::Failed { .. }) if !is_admin => Err(LoginError::NotAdmin(user.to_owned())),
         other => Ok(other?),
+    }
+}
+
+/// Forwards a CancelRequest unless its source is locked out for guessing keys, and counts
+/// a key nobody holds against the source.
+async fn cancel(state: &State, source: Option<IpAddr>, pid: i32, secret: i32) {
+    if let Some(source) = source {
+        if !state.throttle.cancel_allowed(source).await {
+            tracing::debug!(%source, "cancel request dropped: too many unknown keys from its source");
+            return;
+        }
+    }
+    let outcome = state
+        .cancels
+        .cancel(pid, secret, Duration::from_secs(5))
+        .await;
+    if let (CancelOutcome::UnknownKey, Some(source)) = (outcome, source) {
+        state.throttle.unknown_cancel_key(source).await;
     }
 }
 
@@ -453,10 +474,17 @@ async fn authenticate<S: AsyncRead + AsyncWrite + Unpin>(
         Some(slug) => state.directory.tenant(slug).await?,
         None => None,
     };
-    let login = match &record {
-        Some(r) => state.directory.user_login(&r.slug, user).await?,
-        None => None,
+    // The user is looked up for a tenant that does not exist too, so that an unknown tenant
+    // costs what an unknown user of a real one does (timing tells them apart no more than
+    // the answer does). A name longer than any user's can be (63 bytes) is not looked up, nor
+    // cached: it is known not to exist.
+    let login = match &slug {
+        Some(slug) if user.len() <= MAX_NAME_BYTES => {
+            state.directory.user_login(slug, user).await?
+        }
+        _ => None,
     };
+    let login = login.filter(|_| record.is_some());
     let method = login.as_ref().map_or(AuthMethod::Scram, |l| l.method);
     let mock = || ScramSecret::mock(&state.mock_key, &format!("{database}\0{user}"));
     let real = login.as_ref().and_then(|l| ScramSecret::parse(&l.verifier));

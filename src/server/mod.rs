@@ -306,6 +306,12 @@ impl Proxy {
         if !applied.versions.is_empty() {
             tracing::info!(versions = ?applied.versions, "registry migrations applied");
         }
+        // From the registry, so unknown users' mock salts are the same across restarts and
+        // instances (issue 13): a salt that changes tells a probe the user does not exist.
+        let mock_key = registry
+            .mock_scram_key()
+            .await
+            .context("read the mock SCRAM key from the registry")?;
         let listener = TcpListener::bind(config.proxy.listen)
             .await
             .with_context(|| format!("listening on {}", config.proxy.listen))?;
@@ -344,8 +350,6 @@ impl Proxy {
             stats: usage.clone(),
             tls: tls.clone(),
         });
-        let mut mock_key = [0u8; 32];
-        rand::fill(&mut mock_key);
         let state = Arc::new(State {
             client_slots: Arc::new(Semaphore::new(
                 usize::try_from(config.proxy.max_client_connections).unwrap_or(usize::MAX),

@@ -21,6 +21,19 @@ use tokio::net::TcpStream;
 
 use crate::pool::{BackendStream, BackendTls};
 
+/// What became of a CancelRequest.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CancelOutcome {
+    /// The backend's server took it.
+    Delivered,
+    /// No client holds this key.
+    UnknownKey,
+    /// The key's client holds no backend now (between transactions): nothing to cancel.
+    Idle,
+    /// The backend's server could not be reached in time.
+    Failed,
+}
+
 /// The backend a cancel key points at.
 #[derive(Debug, Clone)]
 pub struct CancelTarget {
@@ -115,17 +128,17 @@ impl CancelMap {
     /// Forwards a client's CancelRequest to the backend serving that client now, and waits
     /// until the server has taken it (it closes the connection once the backend is signalled).
     /// Unknown keys, and clients between transactions, are dropped silently, as PostgreSQL
-    /// does. Returns whether a cancel was delivered.
-    pub async fn cancel(&self, pid: i32, secret: i32, timeout: Duration) -> bool {
+    /// does. Says whether the key was known (the failed-login throttle counts unknown ones).
+    pub async fn cancel(&self, pid: i32, secret: i32, timeout: Duration) -> CancelOutcome {
         let Some(slot) = self.slot(pid, secret) else {
             tracing::debug!(pid, "cancel request with an unknown key dropped");
-            return false;
+            return CancelOutcome::UnknownKey;
         };
         // While we hold this, the client's backend stays with the client.
         let _in_flight = slot.in_flight.lock().await;
         let Some(target) = slot.target() else {
             tracing::debug!(pid, "cancel request between transactions dropped");
-            return false;
+            return CancelOutcome::Idle;
         };
         let mut buf = BytesMut::with_capacity(16);
         frontend::cancel_request(target.backend_pid, target.backend_secret, &mut buf);
@@ -133,15 +146,15 @@ impl CancelMap {
         match sent {
             Ok(Ok(())) => {
                 tracing::info!(backend_pid = target.backend_pid, "cancel request forwarded");
-                true
+                CancelOutcome::Delivered
             }
             Ok(Err(e)) => {
                 tracing::warn!(error = %e, "forwarding a cancel request failed");
-                false
+                CancelOutcome::Failed
             }
             Err(_) => {
                 tracing::warn!("forwarding a cancel request timed out");
-                false
+                CancelOutcome::Failed
             }
         }
     }

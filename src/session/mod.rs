@@ -36,7 +36,7 @@ use crate::protocol::{SqlState, messages};
 use crate::registry::{TenantDirectory, TenantRecord, TenantSlug, TenantState};
 use crate::stats::TenantStats;
 
-pub use cancel::{CancelGuard, CancelMap, CancelTarget};
+pub use cancel::{CancelGuard, CancelMap, CancelOutcome, CancelTarget};
 pub use relay::{RelayBuffers, RelayEnd, RelayError, TxTracker};
 use statements::{ClientStatements, Responses, StatementContext};
 

@@ -12,6 +12,7 @@ mod budget;
 mod cli;
 mod faults;
 mod hardening;
+mod hostile;
 mod integrity;
 mod key_rotation;
 mod migrations;
