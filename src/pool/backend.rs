@@ -122,6 +122,16 @@ pub enum BackendError {
     Refused(ServerError),
     #[error("backend asked for an unsupported authentication method {0}")]
     UnsupportedAuth(i32),
+    /// The server asked for a cleartext or md5 password on a connection that fell back to
+    /// plaintext after a failed TLS handshake (`tls = prefer`): whoever broke the handshake
+    /// may be the one asking, so the password is not sent.
+    #[error(
+        "server {server} asked for a {method} password after its TLS handshake failed; not sent"
+    )]
+    PasswordAfterDowngrade {
+        server: String,
+        method: &'static str,
+    },
     #[error("backend SCRAM exchange failed")]
     Scram(#[source] std::io::Error),
     #[error("backend did not answer within {0:?}")]
@@ -165,6 +175,7 @@ impl ClientFacing for BackendError {
             | BackendError::Closed
             | BackendError::Protocol(_)
             | BackendError::UnsupportedAuth(_)
+            | BackendError::PasswordAfterDowngrade { .. }
             | BackendError::Scram(_)
             | BackendError::Timeout(_)
             | BackendError::Tls(_) => SqlState::CONNECTION_FAILURE,
@@ -188,6 +199,11 @@ impl ClientFacing for BackendError {
             BackendError::UnsupportedAuth(_) | BackendError::Scram(_) => {
                 "tenantgate could not log in to the tenant's database server".to_owned()
             }
+            BackendError::PasswordAfterDowngrade { server, method } => format!(
+                "tenantgate could not log in to the tenant's database server: server \"{server}\" \
+                 asked for a {method} password after its TLS handshake failed, and tenantgate does \
+                 not send one over a connection that may have been downgraded"
+            ),
             BackendError::BudgetExhausted { server, max } => format!(
                 "all {max} connections tenantgate may open to server \"{server}\" are busy; try again"
             ),
@@ -209,6 +225,7 @@ impl ClientFacing for BackendError {
             | BackendError::Protocol(_)
             | BackendError::Refused(_)
             | BackendError::UnsupportedAuth(_)
+            | BackendError::PasswordAfterDowngrade { .. }
             | BackendError::Scram(_)
             | BackendError::Timeout(_)
             | BackendError::Tls(_) => ErrorKind::Backend,
@@ -381,12 +398,15 @@ impl BackendConn {
         let negotiated = tokio::time::timeout(timeout, target.tls.negotiate(socket))
             .await
             .map_err(|_| BackendError::Timeout(timeout))?;
+        let mut downgraded = false;
         let stream = match negotiated {
             // libpq's prefer: a failed TLS handshake is retried in plaintext on a new socket.
+            // Unlike libpq, no cleartext or md5 password goes over it (see `answer_auth`).
             Err(NegotiateError::Tls(e @ BackendTlsError::Handshake { .. }))
                 if target.tls.mode() == BackendTlsMode::Prefer =>
             {
                 tracing::warn!(error = %e, "retrying in plaintext (tls = prefer)");
+                downgraded = true;
                 BackendStream::Plain(open_socket(target, timeout).await?)
             }
             other => other?,
@@ -412,7 +432,7 @@ impl BackendConn {
             statements: super::statements::BackendStatements::default(),
             budget_permit: None,
         };
-        tokio::time::timeout(timeout, conn.startup(target))
+        tokio::time::timeout(timeout, conn.startup(target, downgraded))
             .await
             .map_err(|_| BackendError::Timeout(timeout))??;
         conn.base_params = Arc::new(conn.params.clone());
@@ -425,7 +445,12 @@ impl BackendConn {
         Ok(conn)
     }
 
-    async fn startup(&mut self, target: &BackendTarget) -> Result<(), BackendError> {
+    /// Logs in. `downgraded`: this connection is plaintext because a TLS handshake failed.
+    async fn startup(
+        &mut self,
+        target: &BackendTarget,
+        downgraded: bool,
+    ) -> Result<(), BackendError> {
         let mut buf = BytesMut::new();
         let settings = Arc::clone(&self.startup_settings);
         frontend::startup_message(
@@ -442,7 +467,10 @@ impl BackendConn {
         loop {
             let msg = self.read().await?;
             match msg.tag {
-                b'R' => self.answer_auth(&msg, target, &mut scram).await?,
+                b'R' => {
+                    self.answer_auth(&msg, target, &mut scram, downgraded)
+                        .await?;
+                }
                 b'S' => self.record_parameter(&msg.body),
                 b'K' => {
                     let (pid, secret) = msg
@@ -466,6 +494,7 @@ impl BackendConn {
         msg: &Message,
         target: &BackendTarget,
         scram: &mut Option<ScramSha256>,
+        downgraded: bool,
     ) -> Result<(), BackendError> {
         let (code, data) = msg
             .body
@@ -473,7 +502,17 @@ impl BackendConn {
             .ok_or_else(|| BackendError::Protocol("short Authentication message".into()))?;
         let password = target.password.expose().as_bytes();
         let mut out = BytesMut::new();
-        match i32::from_be_bytes(*code) {
+        let code = i32::from_be_bytes(*code);
+        // After a downgrade, whoever broke the handshake may be asking: a cleartext password
+        // would be handed over, an md5 hash of it (with a salt they chose) cracked offline.
+        // SCRAM reveals neither. An operator who accepts plaintext sets `tls = "disable"`.
+        if downgraded && (code == 3 || code == 5) {
+            return Err(BackendError::PasswordAfterDowngrade {
+                server: target.server.clone(),
+                method: if code == 3 { "cleartext" } else { "md5" },
+            });
+        }
+        match code {
             0 => return Ok(()),
             3 => frontend::password_message(password, &mut out)?,
             5 => {

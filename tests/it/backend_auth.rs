@@ -281,3 +281,85 @@ async fn prefer_retries_in_plaintext_after_a_failed_tls_handshake() {
         proxy.shutdown(Duration::from_secs(1)).await;
     }
 }
+
+/// Issue 13 item 3: after a failed TLS handshake under `prefer`, whoever broke it may be the
+/// one asking for the password. tenantgate no longer answers a cleartext or md5 request on the
+/// plaintext retry (SCRAM, which reveals neither, still works: see above); the client gets
+/// 08006 saying why. With `tls = "disable"` the operator has accepted plaintext: answered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_cleartext_or_md5_password_after_a_tls_downgrade() {
+    use std::time::Duration;
+    use tenantgate::pool::BackendTlsMode;
+    let env = TestEnv::start().await;
+    let md5_role = unique("dg_md5_");
+    let clear_role = unique("dg_clear_");
+    prepend_hba(&format!(
+        "host all {md5_role} 127.0.0.1/32 md5\nhost all {clear_role} 127.0.0.1/32 password"
+    ))
+    .await;
+    legacy_database(&md5_role, "md5-pw", true).await;
+    legacy_database(&clear_role, "clear-pw", false).await;
+    let mut slugs = Vec::new();
+    for (role, password) in [(&md5_role, "md5-pw"), (&clear_role, "clear-pw")] {
+        let slug = unique("downgrade-");
+        provision::register_tenant(
+            &env.config,
+            &env.registry,
+            &env.key,
+            &RegisterTenant {
+                slug: &slug,
+                server: None,
+                database: role,
+                role,
+                password: &Secret::new(password),
+            },
+        )
+        .await
+        .unwrap();
+        env.add_user(&slug, "app", "secret").await;
+        slugs.push((
+            slug,
+            if role == &md5_role {
+                "md5"
+            } else {
+                "cleartext"
+            },
+        ));
+    }
+    let (port, _) = tls_breaker().await;
+    for (mode, refused) in [
+        (BackendTlsMode::Prefer, true),
+        (BackendTlsMode::Disable, false),
+    ] {
+        let mut config = env.config.clone();
+        config.servers[0].tls = mode;
+        config.servers[0].port = port;
+        let proxy = tenantgate::server::Proxy::start(config).await.unwrap();
+        for (slug, method) in &slugs {
+            let mut pg = tokio_postgres::Config::new();
+            pg.host("127.0.0.1")
+                .port(proxy.local_addr().port())
+                .user("app")
+                .password("secret")
+                .dbname(slug)
+                .connect_timeout(Duration::from_secs(10));
+            let connected = pg.connect(tokio_postgres::NoTls).await;
+            if refused {
+                let err = connected.err().unwrap();
+                assert_eq!(err.code(), Some(&SqlState::CONNECTION_FAILURE), "{err}");
+                let message = err.as_db_error().unwrap().message().to_owned();
+                assert!(
+                    message.contains(&format!(
+                        "asked for a {method} password after its TLS handshake failed"
+                    )),
+                    "{message}"
+                );
+            } else {
+                let (client, conn) = connected.unwrap();
+                tokio::spawn(conn);
+                client.simple_query("SELECT 1").await.unwrap();
+            }
+        }
+        proxy.shutdown(Duration::from_secs(1)).await;
+    }
+}
