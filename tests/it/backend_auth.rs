@@ -40,6 +40,28 @@ async fn legacy_database(role: &str, password: &str, md5_stored: bool) {
         .unwrap();
 }
 
+/// Registers `role`'s database (made by `legacy_database`) as a new tenant with user
+/// `app`/`secret`; returns its slug.
+async fn register_legacy(env: &TestEnv, prefix: &str, role: &str, password: &str) -> String {
+    let slug = unique(prefix);
+    provision::register_tenant(
+        &env.config,
+        &env.registry,
+        &env.key,
+        &RegisterTenant {
+            slug: &slug,
+            server: None,
+            database: role,
+            role,
+            password: &Secret::new(password),
+        },
+    )
+    .await
+    .unwrap();
+    env.add_user(&slug, "app", "secret").await;
+    slug
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn md5_and_cleartext_backends_are_answered() {
     let env = TestEnv::start().await;
@@ -53,23 +75,7 @@ async fn md5_and_cleartext_backends_are_answered() {
     legacy_database(&clear_role, "clear-pw", false).await;
 
     for (role, password) in [(&md5_role, "md5-pw"), (&clear_role, "clear-pw")] {
-        let slug = unique("legacy-");
-        let secret = Secret::new(password);
-        provision::register_tenant(
-            &env.config,
-            &env.registry,
-            &env.key,
-            &RegisterTenant {
-                slug: &slug,
-                server: None,
-                database: role,
-                role,
-                password: &secret,
-            },
-        )
-        .await
-        .unwrap();
-        env.add_user(&slug, "app", "secret").await;
+        let slug = register_legacy(&env, "legacy-", role, password).await;
         let c = env.app(&slug).await;
         let who: String = c
             .query_one("SELECT current_user", &[])
@@ -301,22 +307,7 @@ async fn no_cleartext_or_md5_password_after_a_tls_downgrade() {
     legacy_database(&clear_role, "clear-pw", false).await;
     let mut slugs = Vec::new();
     for (role, password) in [(&md5_role, "md5-pw"), (&clear_role, "clear-pw")] {
-        let slug = unique("downgrade-");
-        provision::register_tenant(
-            &env.config,
-            &env.registry,
-            &env.key,
-            &RegisterTenant {
-                slug: &slug,
-                server: None,
-                database: role,
-                role,
-                password: &Secret::new(password),
-            },
-        )
-        .await
-        .unwrap();
-        env.add_user(&slug, "app", "secret").await;
+        let slug = register_legacy(&env, "downgrade-", role, password).await;
         slugs.push((
             slug,
             if role == &md5_role {
