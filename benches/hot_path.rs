@@ -114,6 +114,7 @@ async fn routing(tenants: usize, max_pools: u64) -> Routing {
             error_message: None,
             overrides: "{}".to_owned(),
             revision: 0,
+            registered: false,
         };
         directory.prime(record.clone()).await;
         pools.pool_for(&record).await.unwrap();

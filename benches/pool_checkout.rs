@@ -87,6 +87,7 @@ fn live(rt: &Runtime) -> Live {
         error_message: None,
         overrides: "{}".to_owned(),
         revision: 0,
+        registered: false,
     };
     rt.block_on(async {
         // Open every backend of the pool once, then give them all back: the pool is warm.

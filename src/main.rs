@@ -12,7 +12,7 @@ use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 use tenantgate::config::{Config, ConfigError};
 use tenantgate::crypto::{MasterKey, Secret};
-use tenantgate::provision::{self, CreateTenant, RegisterTenant};
+use tenantgate::provision::{self, CreateTenant, DatabaseOnDrop, RegisterTenant};
 use tenantgate::quickstart;
 use tenantgate::registry::{AuthMethod, Registry, TenantSlug, TenantState};
 use tenantgate::rekey;
@@ -120,9 +120,14 @@ enum TenantCommand {
     /// backend role.
     Drop {
         slug: String,
-        /// Keep the database and the role; only mark the tenant deleted.
-        #[arg(long)]
+        /// Keep the database and the role; only mark the tenant deleted (the default for a
+        /// tenant adopted by `tenant register`).
+        #[arg(long, conflicts_with = "drop_database")]
         keep_database: bool,
+        /// Drop the database and the role even of a registered tenant (one whose database
+        /// tenantgate did not create).
+        #[arg(long)]
+        drop_database: bool,
     },
 }
 
@@ -422,14 +427,20 @@ async fn tenant(config: &Config, cmd: TenantCommand) -> anyhow::Result<()> {
         TenantCommand::Drop {
             slug,
             keep_database,
+            drop_database,
         } => {
-            provision::drop_tenant(config, &registry, &slug, keep_database, None).await?;
-            if keep_database {
+            let on_drop = match (keep_database, drop_database) {
+                (true, _) => DatabaseOnDrop::Keep,
+                (false, true) => DatabaseOnDrop::Drop,
+                (false, false) => DatabaseOnDrop::ByOrigin,
+            };
+            let dropped = provision::drop_tenant(config, &registry, &slug, on_drop, None).await?;
+            if dropped {
+                say(&format!("tenant {slug} deleted with its database and role"))
+            } else {
                 say(&format!(
                     "tenant {slug} deleted; its database and role were kept"
                 ))
-            } else {
-                say(&format!("tenant {slug} deleted with its database and role"))
             }
         }
     }

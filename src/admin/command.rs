@@ -9,6 +9,7 @@ use sqlparser::parser::Parser;
 use sqlparser::tokenizer::{Token, Tokenizer, Word};
 
 use super::error::AdminError;
+use crate::provision::DatabaseOnDrop;
 
 /// A value in a command: written inline, or a `$n` parameter bound at execution.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -107,7 +108,7 @@ pub(super) enum Command {
     },
     DropTenant {
         slug: Arg,
-        keep_database: bool,
+        on_drop: DatabaseOnDrop,
     },
     MigrateTenant {
         slug: Arg,
@@ -338,14 +339,16 @@ fn parse_statement(tokens: &[Token]) -> Result<Command, AdminError> {
 fn parse_drop(c: &mut Cursor<'_>, tokens: &[Token]) -> Result<Command, AdminError> {
     if c.eat("TENANT") {
         let slug = c.arg("tenant slug")?;
-        let keep_database = c.eat("KEEP");
-        if keep_database {
+        let on_drop = if c.eat("KEEP") {
             c.expect("DATABASE")?;
-        }
-        c.end(Command::DropTenant {
-            slug,
-            keep_database,
-        })
+            DatabaseOnDrop::Keep
+        } else if c.eat("DROP") {
+            c.expect("DATABASE")?;
+            DatabaseOnDrop::Drop
+        } else {
+            DatabaseOnDrop::ByOrigin
+        };
+        c.end(Command::DropTenant { slug, on_drop })
     } else if c.eat("USER") {
         let user = c.arg("user name")?;
         c.expect("FOR")?;
@@ -782,7 +785,7 @@ mod tests {
             one("DROP TENANT \"acme\" KEEP DATABASE"),
             Command::DropTenant {
                 slug: lit("acme"),
-                keep_database: true
+                on_drop: DatabaseOnDrop::Keep
             }
         );
         assert_eq!(

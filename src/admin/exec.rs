@@ -535,10 +535,7 @@ async fn tenant_command(
             progress.say(format!("disconnected {n} client(s) of tenant {slug}"));
             Ok(Outcome::Done("KILL"))
         }
-        Command::DropTenant {
-            slug,
-            keep_database,
-        } => {
+        Command::DropTenant { slug, on_drop } => {
             let slug = known_slug(ctx, &arg(slug)?).await?;
             progress.say(format!("dropping tenant {slug}"));
             // Marked deleted first; its clients go now rather than after the grace period.
@@ -546,14 +543,14 @@ async fn tenant_command(
                 &ctx.config.get(),
                 &ctx.registry,
                 slug.as_str(),
-                *keep_database,
+                *on_drop,
                 Some(&budgets(ctx)),
             )
             .await;
             ctx.directory.invalidate(&slug).await;
             let n = ctx.clients.kill_tenant(&slug);
-            result?;
-            let detail = keep_database.then_some("keep database");
+            let dropped = result?;
+            let detail = (!dropped).then_some("database kept");
             log(ctx, Some(&slug), actor, "admin.drop_tenant", detail).await;
             progress.say(format!(
                 "tenant {slug} is deleted; {n} client(s) disconnected"

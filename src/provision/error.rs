@@ -75,6 +75,17 @@ pub enum ProvisionError {
     },
     #[error("user name must not be empty")]
     EmptyUser,
+    #[error("role {role} has {attribute}: a tenant's role must reach only its own database")]
+    PowerfulRole {
+        role: String,
+        attribute: &'static str,
+    },
+    #[error("database {database} on server {server} already belongs to tenant {owner}")]
+    DatabaseTaken {
+        database: String,
+        server: String,
+        owner: TenantSlug,
+    },
     #[error("user name {0:?} is longer than PostgreSQL's 63 bytes")]
     UserNameTooLong(String),
     #[error("tenant {slug} has no user {user:?}")]
@@ -185,9 +196,12 @@ impl ClientFacing for ProvisionError {
             ProvisionError::BadSlug(_)
             | ProvisionError::NameTooLong(_)
             | ProvisionError::UnknownServer(_)
-            | ProvisionError::EmptyUser => SqlState::INVALID_PARAMETER_VALUE,
+            | ProvisionError::EmptyUser
+            | ProvisionError::PowerfulRole { .. } => SqlState::INVALID_PARAMETER_VALUE,
             ProvisionError::UserNameTooLong(_) => SqlState::NAME_TOO_LONG,
-            ProvisionError::Exists(_) => SqlState::DUPLICATE_OBJECT,
+            ProvisionError::Exists(_) | ProvisionError::DatabaseTaken { .. } => {
+                SqlState::DUPLICATE_OBJECT
+            }
             ProvisionError::NoSuchTenant(_) | ProvisionError::NoSuchUser { .. } => {
                 SqlState::UNDEFINED_OBJECT
             }
@@ -235,6 +249,8 @@ impl ClientFacing for ProvisionError {
             | ProvisionError::Decrypt { .. }
             | ProvisionError::EmptyUser
             | ProvisionError::UserNameTooLong(_)
+            | ProvisionError::PowerfulRole { .. }
+            | ProvisionError::DatabaseTaken { .. }
             | ProvisionError::NoSuchUser { .. }
             | ProvisionError::MigrationsDir { .. }
             | ProvisionError::MigrationFile { .. }
@@ -263,6 +279,8 @@ impl ClientFacing for ProvisionError {
             | ProvisionError::UnknownServer(_)
             | ProvisionError::EmptyUser
             | ProvisionError::UserNameTooLong(_)
+            | ProvisionError::PowerfulRole { .. }
+            | ProvisionError::DatabaseTaken { .. }
             | ProvisionError::NoSuchUser { .. } => ErrorKind::Client,
             ProvisionError::BudgetExhausted { .. } => ErrorKind::Limit,
             ProvisionError::Backend { .. }

@@ -204,6 +204,7 @@ pub async fn create_tenant(
             database: &database,
             backend_role: &role,
             backend_password_enc: &encrypted,
+            registered: false,
         })
         .await?;
     // The upsert only replaces failed rows: make sure the row is ours now.
@@ -391,18 +392,30 @@ async fn undo_provisioning(
     }
 }
 
+/// What DROP TENANT does with the tenant's database and backend role.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum DatabaseOnDrop {
+    /// Drop them if tenantgate created them; keep a registered tenant's (REGISTER TENANT
+    /// adopted a database someone else made).
+    #[default]
+    ByOrigin,
+    Keep,
+    /// Drop them, registered or not.
+    Drop,
+}
+
 /// Drops a tenant: marks it `deleted` first (running proxies disconnect its clients when the
-/// registry's NOTIFY reaches them), then, unless `keep_database`, drops its database (`WITH
+/// registry's NOTIFY reaches them), then, as `on_drop` says, drops its database (`WITH
 /// (FORCE)`, disconnecting what is left) and its backend role, and forgets its migration
-/// ledger. Unknown and already deleted tenants are errors. `budgets`: see [`Budgets`]; `None`
-/// from the CLI.
+/// ledger. Returns whether the database was dropped. Unknown and already deleted tenants are
+/// errors. `budgets`: see [`Budgets`]; `None` from the CLI.
 pub async fn drop_tenant(
     config: &Config,
     registry: &Registry,
     slug: &str,
-    keep_database: bool,
+    on_drop: DatabaseOnDrop,
     budgets: Option<&Budgets>,
-) -> Result<(), ProvisionError> {
+) -> Result<bool, ProvisionError> {
     let slug = parse_slug(slug)?;
     let tenant = registry
         .tenant(&slug)
@@ -411,6 +424,11 @@ pub async fn drop_tenant(
     if tenant.state == TenantState::Deleted {
         return Err(ProvisionError::AlreadyDeleted(slug));
     }
+    let keep_database = match on_drop {
+        DatabaseOnDrop::ByOrigin => tenant.registered,
+        DatabaseOnDrop::Keep => true,
+        DatabaseOnDrop::Drop => false,
+    };
     registry
         .set_state(&slug, TenantState::Deleted, None)
         .await?;
@@ -423,7 +441,7 @@ pub async fn drop_tenant(
         .log_activity(Some(&slug), ACTOR, "drop", Some(&detail))
         .await?;
     if keep_database {
-        return Ok(());
+        return Ok(false);
     }
     let dropped = match config.server(&tenant.server) {
         Some(server) => {
@@ -446,7 +464,7 @@ pub async fn drop_tenant(
     registry
         .log_activity(Some(&slug), ACTOR, "drop.database", Some(&tenant.database))
         .await?;
-    Ok(())
+    Ok(true)
 }
 
 /// Records a failure in the activity log. Best effort: the failure is what the caller returns,
@@ -543,6 +561,17 @@ pub async fn register_tenant(
         None => config.default_server(),
     }
     .ok_or_else(|| ProvisionError::UnknownServer(server.unwrap_or_default().to_owned()))?;
+    if let Some(owner) = registry
+        .tenant_of_database(&server.name, database)
+        .await?
+        .filter(|owner| *owner != slug)
+    {
+        return Err(ProvisionError::DatabaseTaken {
+            database: database.to_owned(),
+            server: server.name.clone(),
+            owner,
+        });
+    }
     server::check_login(server, database, role, password).await?;
     registry
         .insert_tenant(&NewTenant {
@@ -554,6 +583,7 @@ pub async fn register_tenant(
             database,
             backend_role: role,
             backend_password_enc: &key.encrypt(password),
+            registered: true,
         })
         .await?;
     registry

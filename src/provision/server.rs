@@ -230,7 +230,33 @@ pub(super) async fn check_login(
     let client = connect_budgeted(&mut pg, server, None)
         .await?
         .map_err(ProvisionError::CannotConnect)?;
+    let powers = client
+        .query_one(
+            "SELECT rolsuper, rolcreaterole, rolreplication, rolbypassrls \
+             FROM pg_roles WHERE rolname = current_user",
+            &[],
+        )
+        .await;
     client.close().await;
+    let powers = powers.map_err(|source| ProvisionError::Backend {
+        server: server.name.clone(),
+        what: format!("reading the attributes of role {role}"),
+        source,
+    })?;
+    // Each reaches past the tenant's own database: a superuser anywhere, CREATEROLE into
+    // other roles (before PostgreSQL 16, almost a superuser), REPLICATION the whole cluster's
+    // WAL, BYPASSRLS every row-level policy.
+    for (index, attribute) in ["SUPERUSER", "CREATEROLE", "REPLICATION", "BYPASSRLS"]
+        .into_iter()
+        .enumerate()
+    {
+        if powers.try_get::<_, bool>(index).unwrap_or(true) {
+            return Err(ProvisionError::PowerfulRole {
+                role: role.to_owned(),
+                attribute,
+            });
+        }
+    }
     Ok(())
 }
 

@@ -33,6 +33,11 @@ const MIGRATIONS: &[(i32, &str, &str)] = &[
         "mock_scram_key",
         include_str!("../../migrations/registry/0005_mock_scram_key.sql"),
     ),
+    (
+        6,
+        "registered",
+        include_str!("../../migrations/registry/0006_registered.sql"),
+    ),
 ];
 
 /// Arbitrary advisory lock key for registry migrations ("tgregmig").

@@ -163,6 +163,8 @@ pub struct NewTenant<'a> {
     pub database: &'a str,
     pub backend_role: &'a str,
     pub backend_password_enc: &'a [u8],
+    /// Adopted by REGISTER TENANT (tenantgate did not create its database and role).
+    pub registered: bool,
 }
 
 /// One row of a tenant's migration ledger (`tenant_migrations`).
@@ -198,7 +200,7 @@ pub struct Registry {
 }
 
 const TENANT_COLUMNS: &str = "slug, display_name, state, plan, server, database_name, \
-     backend_role, backend_password_enc, error_message, overrides::text, revision";
+     backend_role, backend_password_enc, error_message, overrides::text, revision, registered";
 
 impl Registry {
     /// Connects (lazily) to the registry.
@@ -257,16 +259,44 @@ impl Registry {
         Ok(row.map(|r| r.get(0)))
     }
 
+    /// The tenant (not deleted) whose database on `server` is `database`, if any.
+    pub async fn tenant_of_database(
+        &self,
+        server: &str,
+        database: &str,
+    ) -> Result<Option<TenantSlug>, RegistryError> {
+        let conn = self.conn().await?;
+        let row = conn
+            .query_opt(
+                "SELECT slug FROM tenants WHERE server = $1 AND database_name = $2 \
+                 AND state <> 'deleted' ORDER BY slug LIMIT 1",
+                &[&server, &database],
+            )
+            .await?;
+        let Some(row) = row else {
+            return Ok(None);
+        };
+        let slug: String = row.try_get(0)?;
+        TenantSlug::parse(&slug)
+            .map(Some)
+            .ok_or(RegistryError::BadRow {
+                slug,
+                what: "slug".to_owned(),
+            })
+    }
+
     /// Inserts a tenant, or replaces one in state `failed`.
     pub async fn insert_tenant(&self, t: &NewTenant<'_>) -> Result<(), RegistryError> {
         let conn = self.conn().await?;
         conn.execute(
             "INSERT INTO tenants (slug, display_name, state, plan, server, database_name, \
-             backend_role, backend_password_enc) VALUES ($1, $2, $3, $4, $5, $6, $7, $8) \
+             backend_role, backend_password_enc, registered) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) \
              ON CONFLICT (slug) DO UPDATE SET display_name = EXCLUDED.display_name, \
              state = EXCLUDED.state, plan = EXCLUDED.plan, server = EXCLUDED.server, \
              database_name = EXCLUDED.database_name, backend_role = EXCLUDED.backend_role, \
              backend_password_enc = EXCLUDED.backend_password_enc, error_message = NULL, \
+             registered = EXCLUDED.registered, \
              updated_at = now() WHERE tenants.state = 'failed'",
             &[
                 &t.slug.as_str(),
@@ -277,6 +307,7 @@ impl Registry {
                 &t.database,
                 &t.backend_role,
                 &t.backend_password_enc,
+                &t.registered,
             ],
         )
         .await?;
@@ -599,5 +630,6 @@ fn tenant_from_row(row: &tokio_postgres::Row) -> Result<TenantRecord, RegistryEr
         error_message: row.try_get(8)?,
         overrides: row.try_get(9)?,
         revision: row.try_get(10)?,
+        registered: row.try_get(11)?,
     })
 }

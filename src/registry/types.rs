@@ -95,6 +95,8 @@ pub struct TenantRecord {
     /// and whenever it finished. A pool is never built from an older revision than one already
     /// seen (a client still holding an old record must not flip its tenant's pool back).
     pub revision: i64,
+    /// Adopted by REGISTER TENANT: DROP TENANT keeps its database and role unless asked.
+    pub registered: bool,
 }
 
 #[cfg(test)]

@@ -755,3 +755,109 @@ async fn a_tenant_named_like_the_admin_database_is_refused() {
     let slug = tenantgate::registry::TenantSlug::parse(&name).unwrap();
     assert!(env.registry.tenant(&slug).await.unwrap().is_none());
 }
+
+/// Issue 13, item 11: REGISTER TENANT adopted any role and any database. A role that reaches
+/// past its database (superuser, CREATEROLE, ...) and a database another tenant already has
+/// are refused; DROP TENANT keeps a registered tenant's database and role unless told DROP
+/// DATABASE, while a created tenant's go as before.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn register_refuses_powerful_roles_and_taken_databases_and_drop_keeps_what_it_adopted() {
+    let env = TestEnv::start().await;
+    let admin = env.admin().await;
+    let pg = common::cluster();
+    let direct = common::admin_client("postgres").await;
+    // A superuser (the cluster's own) and a CREATEROLE role are refused.
+    let mighty = common::unique("mighty_");
+    for sql in [
+        format!("CREATE ROLE {mighty} LOGIN CREATEROLE PASSWORD 'pw'"),
+        format!("CREATE DATABASE {mighty} OWNER {mighty}"),
+    ] {
+        direct.batch_execute(&sql).await.unwrap();
+    }
+    for (role, password, attribute) in [
+        (
+            pg.superuser().to_owned(),
+            pg.password().to_owned(),
+            "SUPERUSER",
+        ),
+        (mighty.clone(), "pw".to_owned(), "CREATEROLE"),
+    ] {
+        let slug = common::unique("mighty-");
+        let sql = format!(
+            "REGISTER TENANT {slug} DATABASE '{mighty}' ROLE '{role}' PASSWORD '{password}'"
+        );
+        let e = admin.batch_execute(&sql).await.expect_err(&sql);
+        assert_eq!(e.code(), Some(&SqlState::INVALID_PARAMETER_VALUE), "{e}");
+        let message = e.as_db_error().unwrap().message().to_owned();
+        assert!(message.contains(attribute), "{message}");
+    }
+
+    // A plain role and its own database register once; a second tenant on it is refused.
+    let plain = common::unique("plain_");
+    for sql in [
+        format!("CREATE ROLE {plain} LOGIN PASSWORD 'pw'"),
+        format!("CREATE DATABASE {plain} OWNER {plain}"),
+    ] {
+        direct.batch_execute(&sql).await.unwrap();
+    }
+    let first = common::unique("adopted-");
+    admin
+        .batch_execute(&format!(
+            "REGISTER TENANT {first} DATABASE '{plain}' ROLE '{plain}' PASSWORD 'pw'"
+        ))
+        .await
+        .unwrap();
+    let created = env.tenant("created-").await;
+    for (slug, database) in [
+        (common::unique("second-"), plain.clone()),
+        (common::unique("thief-"), created.database.clone()),
+    ] {
+        let sql =
+            format!("REGISTER TENANT {slug} DATABASE '{database}' ROLE '{plain}' PASSWORD 'pw'");
+        let e = admin.batch_execute(&sql).await.expect_err(&sql);
+        assert_eq!(e.code(), Some(&SqlState::DUPLICATE_OBJECT), "{e}");
+    }
+
+    let exists = |database: String| async move {
+        common::admin_client("postgres")
+            .await
+            .query_one(
+                "SELECT count(*) FROM pg_database WHERE datname = $1",
+                &[&database],
+            )
+            .await
+            .unwrap()
+            .get::<_, i64>(0)
+            == 1
+    };
+    // DROP of the registered tenant keeps its database; DROP of the created one drops it.
+    admin
+        .batch_execute(&format!("DROP TENANT {first}"))
+        .await
+        .unwrap();
+    assert!(
+        exists(plain.clone()).await,
+        "a registered database was dropped"
+    );
+    admin
+        .batch_execute(&format!("DROP TENANT {}", created.slug))
+        .await
+        .unwrap();
+    assert!(!exists(created.database.clone()).await);
+    // Registered again (its old tenant is deleted), then dropped on request.
+    let again = common::unique("again-");
+    admin
+        .batch_execute(&format!(
+            "REGISTER TENANT {again} DATABASE '{plain}' ROLE '{plain}' PASSWORD 'pw'"
+        ))
+        .await
+        .unwrap();
+    admin
+        .batch_execute(&format!("DROP TENANT {again} DROP DATABASE"))
+        .await
+        .unwrap();
+    assert!(
+        !exists(plain).await,
+        "DROP DATABASE drops a registered database"
+    );
+}

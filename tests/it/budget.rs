@@ -39,6 +39,7 @@ async fn three_hundred_tenants_never_exceed_a_budget_of_ten() {
                 database: &base.database,
                 backend_role: &base.backend_role,
                 backend_password_enc: &base.backend_password_enc,
+                registered: false,
             })
             .await
             .unwrap();

@@ -14,7 +14,7 @@ use common::{TestEnv, admin_client, connect_str, unique};
 use futures_util::StreamExt as _;
 use tenantgate::pool::ServerBudget;
 use tenantgate::provision::{
-    self, Budgets, CreateTenant, MigrateAll, MigrateProgress, ProvisionError,
+    self, Budgets, CreateTenant, DatabaseOnDrop, MigrateAll, MigrateProgress, ProvisionError,
 };
 use tenantgate::registry::TenantState;
 use tenantgate::registry::migrate::checksum;
@@ -290,9 +290,15 @@ async fn migrate_all_carries_on_past_a_broken_tenant() {
     .unwrap();
     let deleted = unique("gone-");
     create(&env, &deleted).await.unwrap();
-    provision::drop_tenant(&env.config, &env.registry, &deleted, true, None)
-        .await
-        .unwrap();
+    provision::drop_tenant(
+        &env.config,
+        &env.registry,
+        &deleted,
+        DatabaseOnDrop::Keep,
+        None,
+    )
+    .await
+    .unwrap();
 
     let seen: Arc<Mutex<Vec<MigrateProgress>>> = Arc::default();
     let started = Instant::now();
@@ -420,9 +426,15 @@ async fn drop_tenant_removes_the_database_unless_kept_and_remove_user_works() {
     env.add_user(gone.slug.as_str(), "app", "secret").await;
     // A connected client does not stop the drop (WITH (FORCE)).
     let client = admin_client(&gone.database).await;
-    provision::drop_tenant(&env.config, &env.registry, gone.slug.as_str(), false, None)
-        .await
-        .unwrap();
+    provision::drop_tenant(
+        &env.config,
+        &env.registry,
+        gone.slug.as_str(),
+        DatabaseOnDrop::Drop,
+        None,
+    )
+    .await
+    .unwrap();
     drop(client);
     assert_eq!(exists_on_server(&gone.database).await, (false, false));
     let row = env.registry.tenant(&gone.slug).await.unwrap().unwrap();
@@ -434,23 +446,41 @@ async fn drop_tenant_removes_the_database_unless_kept_and_remove_user_works() {
         "{log:?}"
     );
 
-    let err = provision::drop_tenant(&env.config, &env.registry, gone.slug.as_str(), false, None)
-        .await
-        .unwrap_err();
+    let err = provision::drop_tenant(
+        &env.config,
+        &env.registry,
+        gone.slug.as_str(),
+        DatabaseOnDrop::Drop,
+        None,
+    )
+    .await
+    .unwrap_err();
     assert!(matches!(err, ProvisionError::AlreadyDeleted(_)), "{err:?}");
     let err = provision::set_state(&env.registry, gone.slug.as_str(), TenantState::Active)
         .await
         .unwrap_err();
     assert!(matches!(err, ProvisionError::StateChange { .. }), "{err:?}");
-    let err = provision::drop_tenant(&env.config, &env.registry, "no-such-tenant", false, None)
-        .await
-        .unwrap_err();
+    let err = provision::drop_tenant(
+        &env.config,
+        &env.registry,
+        "no-such-tenant",
+        DatabaseOnDrop::Drop,
+        None,
+    )
+    .await
+    .unwrap_err();
     assert!(matches!(err, ProvisionError::NoSuchTenant(_)), "{err:?}");
 
     let kept = create(&env, &unique("keep-")).await.unwrap();
-    provision::drop_tenant(&env.config, &env.registry, kept.slug.as_str(), true, None)
-        .await
-        .unwrap();
+    provision::drop_tenant(
+        &env.config,
+        &env.registry,
+        kept.slug.as_str(),
+        DatabaseOnDrop::Keep,
+        None,
+    )
+    .await
+    .unwrap();
     assert_eq!(exists_on_server(&kept.database).await, (true, true));
     let row = env.registry.tenant(&kept.slug).await.unwrap().unwrap();
     assert_eq!(row.state, TenantState::Deleted);
@@ -523,7 +553,7 @@ async fn provisioning_connections_count_in_the_server_budget() {
         &env.config,
         &env.registry,
         &slug,
-        false,
+        DatabaseOnDrop::ByOrigin,
         Some(&budgets),
     ))
     .await
