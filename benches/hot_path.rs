@@ -25,7 +25,7 @@ use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_m
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::runtime::Runtime;
 
-use tenantgate::crypto::{MasterKey, Secret};
+use tenantgate::crypto::{Binding, MasterKey, Secret};
 use tenantgate::pool::{PoolConfig, PoolMap, ServerConfig};
 use tenantgate::protocol::frame::{FrameScanner, Scan};
 use tenantgate::registry::{
@@ -110,7 +110,10 @@ async fn routing(tenants: usize, max_pools: u64) -> Routing {
             server: "main".to_owned(),
             database: format!("tenant_t{i}"),
             backend_role: format!("tenant_t{i}_owner"),
-            backend_password_enc: key.encrypt(&Secret::new(format!("pw-{i}-0123456789abcdef"))),
+            backend_password_enc: key.encrypt(
+                &Secret::new(format!("pw-{i}-0123456789abcdef")),
+                &Binding::backend_password(slug.as_str()),
+            ),
             error_message: None,
             overrides: "{}".to_owned(),
             revision: 0,

@@ -22,7 +22,7 @@ use std::time::{Duration, Instant};
 use criterion::{Criterion, criterion_group, criterion_main};
 use tokio::runtime::Runtime;
 
-use tenantgate::crypto::{MasterKey, Secret};
+use tenantgate::crypto::{Binding, MasterKey, Secret};
 use tenantgate::localpg::{LocalPg, LocalPgOptions};
 use tenantgate::pool::{PoolConfig, PoolMap, ServerConfig};
 use tenantgate::registry::{TenantRecord, TenantSlug, TenantState};
@@ -83,7 +83,10 @@ fn live(rt: &Runtime) -> Live {
         server: "main".to_owned(),
         database: "postgres".to_owned(),
         backend_role: pg.superuser().to_owned(),
-        backend_password_enc: key.encrypt(&Secret::new(pg.password())),
+        backend_password_enc: key.encrypt(
+            &Secret::new(pg.password()),
+            &Binding::backend_password("bench"),
+        ),
         error_message: None,
         overrides: "{}".to_owned(),
         revision: 0,

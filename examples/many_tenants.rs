@@ -28,7 +28,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use clap::Parser;
-use tenantgate::crypto::{MasterKey, Secret};
+use tenantgate::crypto::{Binding, MasterKey, Secret};
 use tenantgate::localpg::{LocalPg, LocalPgOptions, free_port};
 use tokio_postgres::NoTls;
 
@@ -393,23 +393,28 @@ max_connections = {budget}
         );
     }
 
-    // Register the tenants: two statements (tenantgate created the schema at start-up).
+    // Register the tenants in one statement (tenantgate created the schema at start-up). Each
+    // secret is bound to its tenant's row, so each is encrypted on its own.
     let registry = connect(&pg.connection_string("tg_registry")).await?;
-    let tenants = i64::try_from(args.tenants)?;
-    let databases = i64::try_from(args.databases)?;
-    for (j, (db, password)) in physical.iter().enumerate() {
-        let enc = key.encrypt(&Secret::new(password.clone()));
-        registry
-            .execute(
-                "INSERT INTO tenants (slug, state, server, database_name, backend_role, \
-                                      backend_password_enc) \
-                 SELECT 't' || i, 'active', 'local', $1, $1, $2 \
-                 FROM generate_series(0, $3::int8 - 1) AS i WHERE i % $4::int8 = $5::int8",
-                &[db, &enc, &tenants, &databases, &i64::try_from(j)?],
-            )
-            .await
-            .context("registering tenants")?;
+    let (mut slugs, mut dbs, mut blobs) = (Vec::new(), Vec::new(), Vec::new());
+    for i in 0..args.tenants {
+        let (db, password) = &physical[i % args.databases];
+        let slug = format!("t{i}");
+        let binding = Binding::backend_password(&slug);
+        blobs.push(key.encrypt(&Secret::new(password.clone()), &binding));
+        dbs.push(db.clone());
+        slugs.push(slug);
     }
+    registry
+        .execute(
+            "INSERT INTO tenants (slug, state, server, database_name, backend_role, \
+                                  backend_password_enc) \
+             SELECT slug, 'active', 'local', db, db, enc \
+             FROM unnest($1::text[], $2::text[], $3::bytea[]) AS u(slug, db, enc)",
+            &[&slugs, &dbs, &blobs],
+        )
+        .await
+        .context("registering tenants")?;
     let verifier = postgres_protocol::password::scram_sha_256(b"secret");
     registry
         .execute(

@@ -28,7 +28,7 @@ use tokio::signal::unix::{Signal, SignalKind, signal};
 use tokio_postgres::NoTls;
 
 use crate::config::{Config, Overrides, TlsOverride};
-use crate::crypto::{MasterKey, Secret, generate_password};
+use crate::crypto::{Binding, MasterKey, Secret, generate_password};
 use crate::localpg::{LocalPg, LocalPgOptions, free_port};
 use crate::provision::{self, CreateTenant};
 use crate::registry::{Registry, TenantSlug};
@@ -495,7 +495,10 @@ async fn seed(
     let Some(server) = config.server(&record.server) else {
         bail!("server {} is not in the config", record.server);
     };
-    let password: Secret = key.decrypt(&record.backend_password_enc)?;
+    let password: Secret = key.decrypt(
+        &record.backend_password_enc,
+        &Binding::backend_password(record.slug.as_str()),
+    )?;
     let mut pg = tokio_postgres::Config::new();
     pg.host(&server.host)
         .port(server.port)

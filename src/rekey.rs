@@ -14,7 +14,9 @@
 
 use std::path::PathBuf;
 
-use crate::crypto::{CryptoError, KeyId, KeyRing, KeySource, MasterKey, write_key_file};
+use crate::crypto::{
+    Binding, CryptoError, KeyId, KeyRing, KeySource, MasterKey, Secret, is_bound, write_key_file,
+};
 use crate::registry::{Registry, RegistryError, StoredSecret, TenantSlug};
 
 #[derive(Debug, thiserror::Error)]
@@ -98,15 +100,16 @@ pub async fn rotate(registry: &Registry, key: &MasterKey) -> Result<Rotated, Rek
             // the rotation with nothing changed.
             let mut replaced = Vec::with_capacity(secrets.len());
             for secret in secrets {
-                let plain =
-                    next.decrypt(&secret.blob)
-                        .map_err(|source| RekeyError::Undecryptable {
-                            slug: secret.slug.clone(),
-                            source,
-                        })?;
+                let binding = Binding::backend_password(secret.slug.as_str());
+                let plain = open(&next, &secret.blob, &binding).map_err(|source| {
+                    RekeyError::Undecryptable {
+                        slug: secret.slug.clone(),
+                        source,
+                    }
+                })?;
                 replaced.push(StoredSecret {
+                    blob: next.encrypt(&plain, &binding),
                     slug: secret.slug,
-                    blob: next.encrypt(&plain),
                 });
             }
             write_key_file(&path, &next)?;
@@ -123,6 +126,51 @@ pub async fn rotate(registry: &Registry, key: &MasterKey) -> Result<Rotated, Rek
     key.replace(next);
     tracing::info!(key_id = %outcome.key_id, reencrypted, keys = outcome.keys, "master key rotated");
     Ok(outcome)
+}
+
+/// A stored secret in plain, bound (v3) or from before secrets were bound (v1, v2).
+fn open(ring: &KeyRing, blob: &[u8], binding: &Binding<'_>) -> Result<Secret, CryptoError> {
+    if is_bound(blob) {
+        ring.decrypt(blob, binding)
+    } else {
+        ring.decrypt_unbound(blob)
+    }
+}
+
+/// Binds every stored secret written before secrets were bound to their registry row
+/// (formats v1 and v2, issue 13): each is re-encrypted in format v3 under the current key with
+/// its row as associated data, so a ciphertext copied into another row no longer decrypts.
+/// Runs at every start; cheap when nothing is left to bind (one count, no lock). Works with
+/// any key source (it does not touch the key file). A secret no key opens is left as it is,
+/// with a warning: its tenant fails at connect with the reason, the others start. Returns how
+/// many were bound.
+pub async fn bind_unbound(registry: &Registry, key: &MasterKey) -> Result<usize, RekeyError> {
+    if registry.unbound_secrets().await? == 0 {
+        return Ok(0);
+    }
+    let bound = registry
+        .rewrite_secrets(|secrets: Vec<StoredSecret>| {
+            let ring = key.ring();
+            let mut replaced = Vec::new();
+            for secret in secrets.into_iter().filter(|s| !is_bound(&s.blob)) {
+                let plain = match ring.decrypt_unbound(&secret.blob) {
+                    Ok(plain) => plain,
+                    Err(e) => {
+                        tracing::warn!(tenant = %secret.slug, error = %e, "stored secret left unbound: no key opens it");
+                        continue;
+                    }
+                };
+                let binding = Binding::backend_password(secret.slug.as_str());
+                replaced.push(StoredSecret {
+                    blob: ring.encrypt(&plain, &binding),
+                    slug: secret.slug,
+                });
+            }
+            Ok::<_, RekeyError>(replaced)
+        })
+        .await?;
+    tracing::info!(bound, "stored secrets bound to their registry rows");
+    Ok(bound)
 }
 
 /// Drops every key but the current one from the key file, after checking (rows locked) that
@@ -146,11 +194,14 @@ pub async fn retire(registry: &Registry, key: &MasterKey) -> Result<Retired, Rek
             }
             let kept = ring.current_only();
             for secret in &secrets {
-                kept.decrypt(&secret.blob)
-                    .map_err(|source| RekeyError::Undecryptable {
-                        slug: secret.slug.clone(),
-                        source,
-                    })?;
+                kept.decrypt(
+                    &secret.blob,
+                    &Binding::backend_password(secret.slug.as_str()),
+                )
+                .map_err(|source| RekeyError::Undecryptable {
+                    slug: secret.slug.clone(),
+                    source,
+                })?;
             }
             if ring.len() > 1 {
                 write_key_file(&path, &kept)?;

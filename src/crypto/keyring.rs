@@ -1,13 +1,17 @@
 //! The keyring: every master key tenantgate knows, the first one current, and the stored
 //! format of a secret encrypted under it.
 //!
-//! Format v2 (written): version byte `2` || 8-byte key id (the first 8 bytes of SHA-256 of the
-//! key) || 12-byte random nonce || ciphertext with its 16-byte tag, so decryption picks its key
-//! without trying them all. Format v1 (read only, before key rotation existed): version byte
-//! `1` || nonce || ciphertext+tag; each key is tried. This module must not log keys or
-//! plaintext, and key bytes leave it only through [`KeyRing::encoded`] for the key file.
+//! Format v3 (written): version byte `3` || 8-byte key id (the first 8 bytes of SHA-256 of the
+//! key) || 12-byte random nonce || ciphertext with its 16-byte tag, sealed with the secret's
+//! [`Binding`] (which registry field of which row it belongs to) as associated data: a
+//! ciphertext copied into another row or field does not decrypt there. The key id lets
+//! decryption pick its key without trying them all. Formats v2 (the same without associated
+//! data) and v1 (no key id: each key is tried) were written by earlier versions: `decrypt`
+//! refuses them, and only [`KeyRing::decrypt_unbound`] reads them, to bind them (rotation and
+//! the upgrade at start). This module must not log keys or plaintext, and key bytes leave it
+//! only through [`KeyRing::encoded`] for the key file.
 
-use aes_gcm::aead::{Aead, KeyInit};
+use aes_gcm::aead::{Aead, KeyInit, Payload};
 use aes_gcm::{Aes256Gcm, Nonce};
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as BASE64;
@@ -17,9 +21,33 @@ use super::{CryptoError, Secret};
 
 const FORMAT_V1: u8 = 1;
 const FORMAT_V2: u8 = 2;
+const FORMAT_V3: u8 = 3;
 const NONCE_BYTES: usize = 12;
 const KEY_ID_BYTES: usize = 8;
 const KEY_BYTES: usize = 32;
+
+/// Where a secret is stored: the registry field and the row. Sealed into the ciphertext as
+/// associated data, so a ciphertext decrypts only where it was written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Binding<'a> {
+    field: &'static str,
+    row: &'a str,
+}
+
+impl<'a> Binding<'a> {
+    /// A tenant's backend password (`tenants.backend_password_enc` of `slug`).
+    pub const fn backend_password(slug: &'a str) -> Binding<'a> {
+        Binding {
+            field: "tenants.backend_password_enc",
+            row: slug,
+        }
+    }
+
+    fn aad(&self) -> Vec<u8> {
+        // NUL cannot occur in a field name or a slug: the two parts cannot run together.
+        format!("tenantgate\0{}\0{}", self.field, self.row).into_bytes()
+    }
+}
 
 /// A key's public name: the first 8 bytes of SHA-256 of the key, shown as 16 hex digits.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -60,8 +88,9 @@ impl Key {
         }
     }
 
-    fn open(&self, nonce: &[u8; NONCE_BYTES], sealed: &[u8]) -> Option<Vec<u8>> {
-        self.cipher.decrypt(Nonce::from_slice(nonce), sealed).ok()
+    fn open(&self, nonce: &[u8; NONCE_BYTES], sealed: &[u8], aad: &[u8]) -> Option<Vec<u8>> {
+        let payload = Payload { msg: sealed, aad };
+        self.cipher.decrypt(Nonce::from_slice(nonce), payload).ok()
     }
 }
 
@@ -168,68 +197,100 @@ impl KeyRing {
         text
     }
 
-    /// Encrypts under the current key, format v2.
-    pub fn encrypt(&self, secret: &Secret) -> Vec<u8> {
+    /// Encrypts under the current key, format v3, bound to `binding`.
+    pub fn encrypt(&self, secret: &Secret, binding: &Binding<'_>) -> Vec<u8> {
         let key = self.current();
         let mut nonce = [0u8; NONCE_BYTES];
         rand::fill(&mut nonce);
+        let aad = binding.aad();
+        let payload = Payload {
+            msg: secret.expose().as_bytes(),
+            aad: &aad,
+        };
         // AES-GCM encryption fails only for plaintexts over 64 GiB.
         let sealed = key
             .cipher
-            .encrypt(Nonce::from_slice(&nonce), secret.expose().as_bytes())
+            .encrypt(Nonce::from_slice(&nonce), payload)
             .unwrap_or_default();
         let mut out = Vec::with_capacity(1 + KEY_ID_BYTES + NONCE_BYTES + sealed.len());
-        out.push(FORMAT_V2);
+        out.push(FORMAT_V3);
         out.extend_from_slice(&key.id.0);
         out.extend_from_slice(&nonce);
         out.extend_from_slice(&sealed);
         out
     }
 
-    /// Decrypts a stored secret of either format.
-    pub fn decrypt(&self, stored: &[u8]) -> Result<Secret, CryptoError> {
+    /// Decrypts a secret stored (format v3) where `binding` says. A v3 ciphertext from any
+    /// other field or row fails with `Decrypt`; v1 and v2 ciphertexts, which carry no binding,
+    /// fail with `Unbound`.
+    pub fn decrypt(&self, stored: &[u8], binding: &Binding<'_>) -> Result<Secret, CryptoError> {
         let (version, rest) = stored.split_first().ok_or(CryptoError::Malformed)?;
-        let plain = match *version {
+        match *version {
+            FORMAT_V3 => self.open_with_id(rest, &binding.aad()),
+            FORMAT_V1 | FORMAT_V2 => Err(CryptoError::Unbound),
+            _ => Err(CryptoError::Malformed),
+        }
+    }
+
+    /// Decrypts a v1 or v2 secret, written before secrets were bound to their place: only to
+    /// re-encrypt it bound. A v3 secret is refused (`Malformed`): it needs its binding.
+    pub fn decrypt_unbound(&self, stored: &[u8]) -> Result<Secret, CryptoError> {
+        let (version, rest) = stored.split_first().ok_or(CryptoError::Malformed)?;
+        match *version {
             FORMAT_V1 => {
                 let (nonce, sealed) = rest
                     .split_first_chunk::<NONCE_BYTES>()
                     .ok_or(CryptoError::Malformed)?;
-                self.keys
-                    .iter()
-                    .find_map(|k| k.open(nonce, sealed))
-                    .ok_or(CryptoError::Decrypt)?
-            }
-            FORMAT_V2 => {
-                let (id, rest) = rest
-                    .split_first_chunk::<KEY_ID_BYTES>()
-                    .ok_or(CryptoError::Malformed)?;
-                let (nonce, sealed) = rest
-                    .split_first_chunk::<NONCE_BYTES>()
-                    .ok_or(CryptoError::Malformed)?;
-                let key = self
+                let plain = self
                     .keys
                     .iter()
-                    .find(|k| k.id.0 == *id)
-                    .ok_or(CryptoError::UnknownKey { id: KeyId(*id) })?;
-                key.open(nonce, sealed).ok_or(CryptoError::Decrypt)?
+                    .find_map(|k| k.open(nonce, sealed, &[]))
+                    .ok_or(CryptoError::Decrypt)?;
+                utf8(plain)
             }
-            _ => return Err(CryptoError::Malformed),
-        };
-        String::from_utf8(plain)
-            .map(Secret::new)
-            .map_err(|_| CryptoError::Malformed)
+            FORMAT_V2 => self.open_with_id(rest, &[]),
+            _ => Err(CryptoError::Malformed),
+        }
     }
 
-    /// Whether `stored` is in format v2 under the current key (nothing left to re-encrypt).
+    /// Opens `key id || nonce || sealed` with `aad`.
+    fn open_with_id(&self, rest: &[u8], aad: &[u8]) -> Result<Secret, CryptoError> {
+        let (id, rest) = rest
+            .split_first_chunk::<KEY_ID_BYTES>()
+            .ok_or(CryptoError::Malformed)?;
+        let (nonce, sealed) = rest
+            .split_first_chunk::<NONCE_BYTES>()
+            .ok_or(CryptoError::Malformed)?;
+        let key = self
+            .keys
+            .iter()
+            .find(|k| k.id.0 == *id)
+            .ok_or(CryptoError::UnknownKey { id: KeyId(*id) })?;
+        utf8(key.open(nonce, sealed, aad).ok_or(CryptoError::Decrypt)?)
+    }
+
+    /// Whether `stored` is bound (format v3) and under the current key: nothing left to
+    /// re-encrypt.
     pub fn is_current(&self, stored: &[u8]) -> bool {
-        key_id_of(stored) == Some(self.current_id())
+        is_bound(stored) && key_id_of(stored) == Some(self.current_id())
     }
 }
 
-/// The key id a v2 blob names; `None` for v1 or malformed blobs.
+fn utf8(plain: Vec<u8>) -> Result<Secret, CryptoError> {
+    String::from_utf8(plain)
+        .map(Secret::new)
+        .map_err(|_| CryptoError::Malformed)
+}
+
+/// Whether `stored` is format v3 (bound to its place).
+pub fn is_bound(stored: &[u8]) -> bool {
+    stored.first() == Some(&FORMAT_V3)
+}
+
+/// The key id a v2 or v3 blob names; `None` for v1 or malformed blobs.
 pub fn key_id_of(stored: &[u8]) -> Option<KeyId> {
     match stored.split_first() {
-        Some((&FORMAT_V2, rest)) => rest
+        Some((&(FORMAT_V2 | FORMAT_V3), rest)) => rest
             .split_first_chunk::<KEY_ID_BYTES>()
             .map(|(id, _)| KeyId(*id)),
         _ => None,

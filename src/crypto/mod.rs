@@ -13,7 +13,7 @@ mod keyring;
 
 use keyfile::FileStamp;
 pub use keyfile::KeySource;
-pub use keyring::{KeyId, KeyRing, key_id_of};
+pub use keyring::{Binding, KeyId, KeyRing, is_bound, key_id_of};
 
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, PoisonError, RwLock};
@@ -109,6 +109,10 @@ pub enum CryptoError {
     Decrypt,
     #[error("stored secret is encrypted under master key {id}, which is not in the key ring")]
     UnknownKey { id: KeyId },
+    #[error(
+        "stored secret is in a format without its registry binding (written before version 6 of the registry schema); restart tenantgate or run `tenantgate key rotate` to bind it"
+    )]
+    Unbound,
 }
 
 /// The shared master-key handle: cheap to clone, and every clone sees a new ring at once
@@ -218,20 +222,20 @@ impl MasterKey {
     /// Encrypts a secret for storage under the current key. The key file is re-read first
     /// (this is rare: provisioning), so a process that missed a rotation by another process
     /// still writes under the newest key and a later retire does not strand its secret.
-    pub fn encrypt(&self, secret: &Secret) -> Vec<u8> {
+    pub fn encrypt(&self, secret: &Secret, binding: &Binding<'_>) -> Vec<u8> {
         if matches!(self.shared.source, KeySource::File(_)) {
             if let Err(e) = self.reload() {
                 tracing::warn!(error = %e, "master key file not re-read; encrypting with the keys in memory");
             }
         }
-        self.ring().encrypt(secret)
+        self.ring().encrypt(secret, binding)
     }
 
     /// Decrypts a stored secret. A secret under a key id this ring lacks (another process
     /// rotated the shared key file) makes the source be re-read, and the decryption retried:
     /// at once when the key file has changed since it was read, else at most once a second.
-    pub fn decrypt(&self, stored: &[u8]) -> Result<Secret, CryptoError> {
-        match self.ring().decrypt(stored) {
+    pub fn decrypt(&self, stored: &[u8], binding: &Binding<'_>) -> Result<Secret, CryptoError> {
+        match self.ring().decrypt(stored, binding) {
             Err(CryptoError::UnknownKey { id }) if self.may_reread() => {
                 match self.reload() {
                     Ok(ring) => tracing::info!(
@@ -244,7 +248,7 @@ impl MasterKey {
                         tracing::warn!(unknown = %id, error = %e, "master key source not re-read");
                     }
                 }
-                self.ring().decrypt(stored)
+                self.ring().decrypt(stored, binding)
             }
             other => other,
         }
@@ -309,46 +313,69 @@ mod tests {
         MasterKey::decode(&MasterKey::generate_encoded(), "test").unwrap()
     }
 
+    const ACME: Binding<'static> = Binding::backend_password("acme");
+
     #[test]
-    fn round_trip_v2_names_the_current_key() {
+    fn round_trip_v3_names_the_current_key() {
         let key = key();
-        let blob = key.encrypt(&Secret::new("hunter2"));
-        assert_eq!(blob[0], 2);
+        let blob = key.encrypt(&Secret::new("hunter2"), &ACME);
+        assert_eq!(blob[0], 3);
         assert_eq!(key_id_of(&blob), Some(key.ring().current_id()));
         assert!(key.ring().is_current(&blob));
-        assert_eq!(key.decrypt(&blob).unwrap().expose(), "hunter2");
+        assert_eq!(key.decrypt(&blob, &ACME).unwrap().expose(), "hunter2");
         assert!(!blob.windows(7).any(|w| w == b"hunter2"));
     }
 
     #[test]
-    fn v1_blobs_still_decrypt_with_any_key_of_the_ring() {
+    fn a_secret_decrypts_only_in_the_row_it_was_written_for() {
+        let key = key();
+        let blob = key.encrypt(&Secret::new("acme's"), &ACME);
+        assert!(matches!(
+            key.decrypt(&blob, &Binding::backend_password("globex")),
+            Err(CryptoError::Decrypt)
+        ));
+        assert!(matches!(
+            key.decrypt(&blob, &Binding::backend_password("acm")),
+            Err(CryptoError::Decrypt)
+        ));
+    }
+
+    #[test]
+    fn v1_blobs_are_unbound_and_open_only_for_binding_with_any_key_of_the_ring() {
         let old = KeyRing::parse(&MasterKey::generate_encoded(), "old").unwrap();
         let blob = keyring::encrypt_v1(&old, &Secret::new("legacy"));
         assert_eq!(blob[0], 1);
         let ring = old.with_current(&KeyRing::generate());
         assert_eq!(ring.len(), 2);
-        assert_eq!(ring.decrypt(&blob).unwrap().expose(), "legacy");
+        assert!(matches!(
+            ring.decrypt(&blob, &ACME),
+            Err(CryptoError::Unbound)
+        ));
+        assert_eq!(ring.decrypt_unbound(&blob).unwrap().expose(), "legacy");
         assert!(!ring.is_current(&blob));
         let other = KeyRing::generate();
-        assert!(matches!(other.decrypt(&blob), Err(CryptoError::Decrypt)));
+        assert!(matches!(
+            other.decrypt_unbound(&blob),
+            Err(CryptoError::Decrypt)
+        ));
     }
 
     #[test]
     fn unknown_key_id_is_named_and_tampering_fails() {
         let a = key();
         let b = key();
-        let mut blob = a.encrypt(&Secret::new("x"));
-        match b.decrypt(&blob) {
+        let mut blob = a.encrypt(&Secret::new("x"), &ACME);
+        match b.decrypt(&blob, &ACME) {
             Err(CryptoError::UnknownKey { id }) => assert_eq!(id, a.ring().current_id()),
             other => panic!("expected UnknownKey, got {other:?}"),
         }
         let last = blob.len() - 1;
         blob[last] ^= 1;
-        assert!(matches!(a.decrypt(&blob), Err(CryptoError::Decrypt)));
-        assert!(a.decrypt(&[]).is_err());
-        assert!(a.decrypt(&[1, 2, 3]).is_err());
-        assert!(a.decrypt(&[2, 1, 2, 3]).is_err());
-        assert!(a.decrypt(&[9; 40]).is_err());
+        assert!(matches!(a.decrypt(&blob, &ACME), Err(CryptoError::Decrypt)));
+        assert!(a.decrypt(&[], &ACME).is_err());
+        assert!(a.decrypt(&[1, 2, 3], &ACME).is_err());
+        assert!(a.decrypt(&[2, 1, 2, 3], &ACME).is_err());
+        assert!(a.decrypt(&[9; 40], &ACME).is_err());
     }
 
     #[test]
@@ -367,8 +394,10 @@ mod tests {
             KeyRing::parse(&k1, "1").unwrap().current_id()
         );
         // What one ring encrypts, a ring holding that key anywhere decrypts.
-        let blob = KeyRing::parse(&k3, "3").unwrap().encrypt(&Secret::new("s"));
-        assert_eq!(lines.decrypt(&blob).unwrap().expose(), "s");
+        let blob = KeyRing::parse(&k3, "3")
+            .unwrap()
+            .encrypt(&Secret::new("s"), &ACME);
+        assert_eq!(lines.decrypt(&blob, &ACME).unwrap().expose(), "s");
         // The encoded ring parses back to the same keys, current first.
         assert_eq!(
             KeyRing::parse(&lines.encoded(), "x").unwrap().ids(),
@@ -401,20 +430,23 @@ mod tests {
         let handle = MasterKey::load(&config).unwrap();
         let other_process = handle.clone();
         let rotated = old.with_current(&KeyRing::generate());
-        let blob = rotated.encrypt(&Secret::new("after rotation"));
+        let blob = rotated.encrypt(&Secret::new("after rotation"), &ACME);
         write_key_file(&path, &rotated).unwrap();
-        assert_eq!(handle.decrypt(&blob).unwrap().expose(), "after rotation");
+        assert_eq!(
+            handle.decrypt(&blob, &ACME).unwrap().expose(),
+            "after rotation"
+        );
         // Every clone sees the re-read ring.
         assert_eq!(other_process.ring().current_id(), rotated.current_id());
         // A second rotation within the second: the file changed, so it is read again.
         let newer = rotated.with_current(&KeyRing::generate());
         write_key_file(&path, &newer).unwrap();
-        let blob = newer.encrypt(&Secret::new("later"));
-        assert_eq!(handle.decrypt(&blob).unwrap().expose(), "later");
+        let blob = newer.encrypt(&Secret::new("later"), &ACME);
+        assert_eq!(handle.decrypt(&blob, &ACME).unwrap().expose(), "later");
         // An id no file holds, within the second and with the file unchanged: not re-read.
-        let stray = KeyRing::generate().encrypt(&Secret::new("stray"));
+        let stray = KeyRing::generate().encrypt(&Secret::new("stray"), &ACME);
         assert!(matches!(
-            handle.decrypt(&stray),
+            handle.decrypt(&stray, &ACME),
             Err(CryptoError::UnknownKey { .. })
         ));
         let mode = std::fs::metadata(&path).unwrap().permissions().mode();

@@ -19,7 +19,7 @@ use super::{
     Lease, PauseGate, PlanConfig, PoolConfig, PoolError, PoolUse, ServerBudget, ServerConfig,
     StartupSettings, TenantLimits, TenantPool,
 };
-use crate::crypto::MasterKey;
+use crate::crypto::{Binding, MasterKey};
 use crate::registry::{TenantRecord, TenantSlug};
 use crate::stats::Stats;
 
@@ -178,7 +178,10 @@ impl PoolMap {
         };
         let password = self
             .key
-            .decrypt(&tenant.backend_password_enc)
+            .decrypt(
+                &tenant.backend_password_enc,
+                &Binding::backend_password(tenant.slug.as_str()),
+            )
             .map_err(|source| PoolError::Secret {
                 slug: tenant.slug.clone(),
                 source,

@@ -12,7 +12,7 @@ use super::{
     BackendConn, BackendError, BackendManager, BackendTarget, PoolError, Settings, StartupSettings,
     TenantLimits,
 };
-use crate::crypto::MasterKey;
+use crate::crypto::{Binding, MasterKey};
 use crate::registry::{TenantRecord, TenantSlug};
 use crate::stats::TenantStats;
 
@@ -148,7 +148,10 @@ impl TenantPool {
         }
         drop(seen);
         let same = key
-            .decrypt(&tenant.backend_password_enc)
+            .decrypt(
+                &tenant.backend_password_enc,
+                &Binding::backend_password(tenant.slug.as_str()),
+            )
             .is_ok_and(|p| p == self.target.password);
         if same {
             tenant.backend_password_enc.clone_into(

@@ -21,7 +21,7 @@ use futures_util::StreamExt as _;
 use super::server::{self, BackendClient, Budgets};
 use super::{ProvisionError, error_chain, parse_slug};
 use crate::config::Config;
-use crate::crypto::MasterKey;
+use crate::crypto::{Binding, MasterKey};
 use crate::registry::migrate::checksum;
 use crate::registry::{AppliedMigration, Registry, TenantRecord, TenantSlug, TenantState};
 
@@ -301,7 +301,10 @@ pub(super) async fn connect_locked(
         .ok_or_else(|| ProvisionError::UnknownServer(tenant.server.clone()))?;
     let password = ctx
         .key
-        .decrypt(&tenant.backend_password_enc)
+        .decrypt(
+            &tenant.backend_password_enc,
+            &Binding::backend_password(tenant.slug.as_str()),
+        )
         .map_err(|source| ProvisionError::Decrypt {
             slug: tenant.slug.clone(),
             source,

@@ -29,7 +29,7 @@ pub use migrations::{
 pub use server::Budgets;
 
 use crate::config::Config;
-use crate::crypto::{MasterKey, Secret, generate_password};
+use crate::crypto::{Binding, MasterKey, Secret, generate_password};
 use crate::pool::ServerConfig;
 use crate::registry::{MAX_NAME_BYTES, NewTenant, Registry, TenantRecord, TenantSlug, TenantState};
 use migrations::Ctx;
@@ -193,7 +193,7 @@ pub async fn create_tenant(
         .plan
         .clone()
         .unwrap_or_else(|| config.provision.default_plan.clone());
-    let encrypted = key.encrypt(&password);
+    let encrypted = key.encrypt(&password, &Binding::backend_password(slug.as_str()));
     registry
         .insert_tenant(&NewTenant {
             slug: &slug,
@@ -582,7 +582,7 @@ pub async fn register_tenant(
             server: &server.name,
             database,
             backend_role: role,
-            backend_password_enc: &key.encrypt(password),
+            backend_password_enc: &key.encrypt(password, &Binding::backend_password(slug.as_str())),
             registered: true,
         })
         .await?;

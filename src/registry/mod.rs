@@ -259,6 +259,20 @@ impl Registry {
         Ok(row.map(|r| r.get(0)))
     }
 
+    /// How many stored secrets are not bound to their row yet (formats v1 and v2; bound ones
+    /// start with the byte 3).
+    pub async fn unbound_secrets(&self) -> Result<i64, RegistryError> {
+        let conn = self.conn().await?;
+        let row = conn
+            .query_one(
+                "SELECT count(*) FROM tenants \
+                 WHERE substring(backend_password_enc FROM 1 FOR 1) IS DISTINCT FROM '\\x03'::bytea",
+                &[],
+            )
+            .await?;
+        Ok(row.try_get(0)?)
+    }
+
     /// The tenant (not deleted) whose database on `server` is `database`, if any.
     pub async fn tenant_of_database(
         &self,

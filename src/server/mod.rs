@@ -290,28 +290,38 @@ fn load_tls(config: &Config) -> anyhow::Result<SharedTls> {
     Ok(SharedTls::new(tls))
 }
 
+/// Connects to the registry, applies its migrations, binds stored secrets written by an
+/// earlier version to their rows (reads refuse unbound ones), and reads the mock SCRAM key:
+/// from the registry, so unknown users' mock salts are the same across restarts and instances
+/// (a salt that changes tells a probe the user does not exist).
+async fn open_registry(config: &Config, key: &MasterKey) -> anyhow::Result<(Registry, [u8; 32])> {
+    let registry = Registry::connect(&config.registry)
+        .await
+        .context("connecting to the registry")?;
+    let applied = registry
+        .migrate()
+        .await
+        .context("applying registry migrations")?;
+    if !applied.versions.is_empty() {
+        tracing::info!(versions = ?applied.versions, "registry migrations applied");
+    }
+    crate::rekey::bind_unbound(&registry, key)
+        .await
+        .context("binding stored secrets to their registry rows")?;
+    let mock_key = registry
+        .mock_scram_key()
+        .await
+        .context("read the mock SCRAM key from the registry")?;
+    Ok((registry, mock_key))
+}
+
 impl Proxy {
     /// Connects to the registry (applying its migrations), binds the listener and starts
     /// serving.
     pub async fn start(config: Config) -> anyhow::Result<Proxy> {
         let key = MasterKey::load(&config.secrets)?;
         let tls = load_tls(&config)?;
-        let registry = Registry::connect(&config.registry)
-            .await
-            .context("connecting to the registry")?;
-        let applied = registry
-            .migrate()
-            .await
-            .context("applying registry migrations")?;
-        if !applied.versions.is_empty() {
-            tracing::info!(versions = ?applied.versions, "registry migrations applied");
-        }
-        // From the registry, so unknown users' mock salts are the same across restarts and
-        // instances (issue 13): a salt that changes tells a probe the user does not exist.
-        let mock_key = registry
-            .mock_scram_key()
-            .await
-            .context("read the mock SCRAM key from the registry")?;
+        let (registry, mock_key) = open_registry(&config, &key).await?;
         let listener = TcpListener::bind(config.proxy.listen)
             .await
             .with_context(|| format!("listening on {}", config.proxy.listen))?;

@@ -2,6 +2,7 @@
 //! and no password in the log.
 
 use crate::common;
+use tenantgate::crypto::Binding;
 
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
@@ -260,12 +261,19 @@ fn audit_lines_name_logins_and_admin_commands_and_no_password_is_logged() {
     CAPTURING.set(false);
 }
 
+#[allow(
+    clippy::too_many_lines,
+    reason = "one scenario: logins and admin commands, then every check of the log"
+)]
 async fn audit_lines_and_no_password(log: &Mutex<Vec<u8>>) {
     let env = TestEnv::start().await;
     let t = env.tenant_with_user("audit").await;
     let slug = t.slug.as_str();
     env.add_user(slug, "auditor", "Cl1ent-Pw-7781").await;
-    let backend_password = env.key.decrypt(&t.backend_password_enc).unwrap();
+    let backend_password = env
+        .key
+        .decrypt(&t.backend_password_enc, &Binding::backend_password(slug))
+        .unwrap();
 
     let client = env
         .connect(slug, "auditor", "Cl1ent-Pw-7781")
@@ -304,7 +312,13 @@ async fn audit_lines_and_no_password(log: &Mutex<Vec<u8>>) {
         .await
         .unwrap()
         .unwrap();
-    let fresh_password = env.key.decrypt(&fresh_record.backend_password_enc).unwrap();
+    let fresh_password = env
+        .key
+        .decrypt(
+            &fresh_record.backend_password_enc,
+            &Binding::backend_password(&fresh),
+        )
+        .unwrap();
     drop(client);
     drop(admin);
     tokio::time::sleep(Duration::from_millis(200)).await;

@@ -421,3 +421,103 @@ async fn a_source_guessing_cancel_keys_is_ignored_and_others_still_cancel() {
     let err = result.unwrap_err();
     assert_eq!(err.code(), Some(&SqlState::QUERY_CANCELED), "{err}");
 }
+
+/// Issue 13 item 12: backend passwords were sealed without associated data, so whoever can
+/// write the registry could copy tenant A's ciphertext, role and database into their own
+/// tenant's row and log in to A's database with their own tenant's user. Each ciphertext is
+/// now bound to its row: copied, it does not decrypt, and the client gets an error.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backend_password_copied_into_another_tenants_row_does_not_open_anything() {
+    let env = TestEnv::start().await;
+    let victim = env.tenant_with_user("victim-").await;
+    let thief = env.tenant_with_user("thief-").await;
+    env.registry
+        .set_target(
+            &thief.slug,
+            &victim.database,
+            &victim.backend_role,
+            &victim.backend_password_enc,
+        )
+        .await
+        .unwrap();
+    // The change reaches the proxy (NOTIFY); from then on the thief's logins build a pool from
+    // the copied row, which must fail.
+    let refused = common::eventually(Duration::from_secs(10), || async {
+        match env.connect(thief.slug.as_str(), "app", "secret").await {
+            Ok(client) => {
+                let database = common::query::current_database(&client).await;
+                assert_ne!(
+                    database, victim.database,
+                    "the thief reached the victim's database"
+                );
+                false
+            }
+            Err(e) => {
+                let message = e
+                    .as_db_error()
+                    .map(|d| d.message().to_owned())
+                    .unwrap_or_default();
+                e.code() == Some(&SqlState::CANNOT_CONNECT_NOW) && message.contains("misconfigured")
+            }
+        }
+    })
+    .await;
+    assert!(refused, "the copied secret was never refused");
+    // The victim is untouched.
+    let client = env.app(victim.slug.as_str()).await;
+    assert_eq!(
+        common::query::current_database(&client).await,
+        victim.database
+    );
+}
+
+/// Secrets written by an earlier version (format v2: no binding) are bound at the next start
+/// and keep working; the registry then holds only bound ones.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn secrets_from_before_binding_are_bound_at_start_and_keep_working() {
+    use aes_gcm::aead::{Aead, KeyInit};
+    use sha2::Digest;
+    let mut env = TestEnv::start().await;
+    let t = env.tenant_with_user("legacy-").await;
+    let password = env
+        .key
+        .decrypt(
+            &t.backend_password_enc,
+            &tenantgate::crypto::Binding::backend_password(t.slug.as_str()),
+        )
+        .unwrap();
+    // Format v2, as the previous version wrote it: 2 || key id || nonce || sealed, no AAD.
+    let text = std::fs::read_to_string(env.dir.join("master.key")).unwrap();
+    let key: [u8; 32] = base64::Engine::decode(
+        &base64::engine::general_purpose::STANDARD,
+        text.lines().next().unwrap().trim(),
+    )
+    .unwrap()
+    .try_into()
+    .unwrap();
+    let nonce = [7u8; 12];
+    let sealed = aes_gcm::Aes256Gcm::new(&key.into())
+        .encrypt(
+            aes_gcm::Nonce::from_slice(&nonce),
+            password.expose().as_bytes(),
+        )
+        .unwrap();
+    let mut legacy = vec![2u8];
+    legacy.extend_from_slice(&sha2::Sha256::digest(key)[..8]);
+    legacy.extend_from_slice(&nonce);
+    legacy.extend_from_slice(&sealed);
+    env.registry
+        .set_target(&t.slug, &t.database, &t.backend_role, &legacy)
+        .await
+        .unwrap();
+    env.stop().await;
+    env.proxy = Some(
+        tenantgate::server::Proxy::start(env.config.clone())
+            .await
+            .unwrap(),
+    );
+    let row = env.registry.tenant(&t.slug).await.unwrap().unwrap();
+    assert_eq!(row.backend_password_enc.first(), Some(&3), "bound at start");
+    let client = env.app(t.slug.as_str()).await;
+    assert_eq!(common::query::current_database(&client).await, t.database);
+}

@@ -5,6 +5,7 @@
 //! working, and no key may appear in any output.
 
 use crate::common;
+use tenantgate::crypto::Binding;
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -339,9 +340,30 @@ async fn cli_rotation_reencrypts_every_secret_while_clients_and_other_proxies_ke
     let old_only = KeyRing::parse(&old_keys[0], "old").unwrap();
     let first_new = KeyRing::parse(&all_keys[1], "first new").unwrap();
     for t in env.registry.tenants().await.unwrap() {
-        assert!(old_only.decrypt(&t.backend_password_enc).is_err());
-        assert!(first_new.decrypt(&t.backend_password_enc).is_err());
-        assert!(current.decrypt(&t.backend_password_enc).is_ok());
+        assert!(
+            old_only
+                .decrypt(
+                    &t.backend_password_enc,
+                    &Binding::backend_password(t.slug.as_str())
+                )
+                .is_err()
+        );
+        assert!(
+            first_new
+                .decrypt(
+                    &t.backend_password_enc,
+                    &Binding::backend_password(t.slug.as_str())
+                )
+                .is_err()
+        );
+        assert!(
+            current
+                .decrypt(
+                    &t.backend_password_enc,
+                    &Binding::backend_password(t.slug.as_str())
+                )
+                .is_ok()
+        );
     }
     // Clients of every tenant still get in, through both proxies.
     for slug in [&t1, &t2, &t3] {
@@ -360,7 +382,10 @@ async fn cli_rotation_reencrypts_every_secret_while_clients_and_other_proxies_ke
         .iter()
         .map(|t| {
             current
-                .decrypt(&t.backend_password_enc)
+                .decrypt(
+                    &t.backend_password_enc,
+                    &Binding::backend_password(t.slug.as_str()),
+                )
                 .unwrap()
                 .expose()
                 .to_owned()

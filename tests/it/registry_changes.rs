@@ -2,6 +2,7 @@
 //! reaches running proxies within a second, with no restart.
 
 use crate::common;
+use tenantgate::crypto::Binding;
 
 use std::time::Duration;
 
@@ -39,7 +40,8 @@ async fn a_changed_backend_password_and_a_moved_database_take_effect_without_res
             &t.slug,
             &t.database,
             &t.backend_role,
-            &env.key.encrypt(&new_password),
+            &env.key
+                .encrypt(&new_password, &Binding::backend_password(t.slug.as_str())),
         )
         .await
         .unwrap();

@@ -2,6 +2,7 @@
 //! database, and every way of being refused ends in the right SQLSTATE.
 
 use crate::common;
+use tenantgate::crypto::Binding;
 
 use std::time::Duration;
 
@@ -37,7 +38,13 @@ async fn two_tenants_reach_two_databases_and_see_only_their_own_tables() {
     assert_eq!(rows.len(), 1);
 
     // A's backend role cannot even connect to B's database: CONNECT is revoked from PUBLIC.
-    let a_password = env.key.decrypt(&a.backend_password_enc).unwrap();
+    let a_password = env
+        .key
+        .decrypt(
+            &a.backend_password_enc,
+            &Binding::backend_password(a.slug.as_str()),
+        )
+        .unwrap();
     let pg = common::cluster();
     let direct = format!(
         "host=127.0.0.1 port={} user={} password={} dbname={}",

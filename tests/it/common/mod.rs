@@ -26,7 +26,7 @@ use std::sync::{Mutex, OnceLock};
 use std::time::Duration;
 
 use tenantgate::config::Config;
-use tenantgate::crypto::{MasterKey, Secret};
+use tenantgate::crypto::{Binding, MasterKey, Secret};
 use tenantgate::localpg::{LocalPg, LocalPgOptions};
 use tenantgate::provision::{self, CreateTenant};
 use tenantgate::registry::{Registry, TenantRecord, TenantSlug};
@@ -287,13 +287,20 @@ admin_password = "{password}"
     /// Points `slug` in the registry at `target`'s database, with that database's role and
     /// password, as an operator moving a tenant would.
     pub async fn move_tenant(&self, slug: &TenantSlug, target: &TenantRecord) {
-        self.registry
-            .set_target(
-                slug,
-                &target.database,
-                &target.backend_role,
+        // As an operator does: the password in plain, encrypted again for this tenant's row
+        // (a ciphertext copied from another row does not decrypt here).
+        let password = self
+            .key
+            .decrypt(
                 &target.backend_password_enc,
+                &Binding::backend_password(target.slug.as_str()),
             )
+            .expect("the target's backend password");
+        let encrypted = self
+            .key
+            .encrypt(&password, &Binding::backend_password(slug.as_str()));
+        self.registry
+            .set_target(slug, &target.database, &target.backend_role, &encrypted)
             .await
             .expect("move the tenant in the registry");
     }
