@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use common::TestEnv;
 use common::activity::{PeakBackends, backend_count};
+use tenantgate::crypto::Binding;
 use tenantgate::registry::{NewTenant, TenantSlug, TenantState};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -29,6 +30,17 @@ async fn three_hundred_tenants_never_exceed_a_budget_of_ten() {
     for i in 0..300usize {
         let base = &physical[i % 3];
         let slug = TenantSlug::parse(&common::unique("many-")).unwrap();
+        // The base's password, encrypted for this row (a copied ciphertext would not open).
+        let password = env
+            .key
+            .decrypt(
+                &base.backend_password_enc,
+                &Binding::backend_password(base.slug.as_str()),
+            )
+            .unwrap();
+        let encrypted = env
+            .key
+            .encrypt(&password, &Binding::backend_password(slug.as_str()));
         env.registry
             .insert_tenant(&NewTenant {
                 slug: &slug,
@@ -38,7 +50,7 @@ async fn three_hundred_tenants_never_exceed_a_budget_of_ten() {
                 server: &base.server,
                 database: &base.database,
                 backend_role: &base.backend_role,
-                backend_password_enc: &base.backend_password_enc,
+                backend_password_enc: &encrypted,
                 registered: false,
             })
             .await

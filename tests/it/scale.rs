@@ -13,6 +13,7 @@ use std::time::Duration;
 
 use common::activity::{PeakBackends, activity_on, let_in, lock_out};
 use common::{TestEnv, admin_client, eventually};
+use tenantgate::crypto::Binding;
 use tenantgate::registry::TenantState;
 use tokio_postgres::error::SqlState;
 
@@ -175,20 +176,41 @@ async fn two_thousand_tenants_share_a_budget_of_forty_through_moving_load_and_a_
             .iter()
             .map(|t| t.slug.as_str().to_owned())
             .collect();
+        // Each row's password encrypted for that row (ciphertexts are bound to their row).
+        let passwords: Vec<_> = physical
+            .iter()
+            .map(|p| {
+                env.key
+                    .decrypt(
+                        &p.backend_password_enc,
+                        &Binding::backend_password(p.slug.as_str()),
+                    )
+                    .unwrap()
+            })
+            .collect();
+        let (slugs, blobs): (Vec<String>, Vec<Vec<u8>>) = (0..TENANTS)
+            .map(|i| {
+                let slug = format!("{prefix}-{i}");
+                let blob = env
+                    .key
+                    .encrypt(&passwords[i % PHYSICAL], &Binding::backend_password(&slug));
+                (slug, blob)
+            })
+            .unzip();
         let inserted = registry
             .execute(
                 "INSERT INTO tenants (slug, state, plan, server, database_name, backend_role, \
                                       backend_password_enc) \
-                 SELECT $1 || '-' || i, 'active', \
-                        CASE WHEN i % 2 = 1 THEN 'tx' ELSE p.plan END, p.server, p.database_name, \
-                        p.backend_role, p.backend_password_enc \
-                 FROM generate_series(0, $2 - 1) AS i \
-                 JOIN tenants p ON p.slug = ($3::text[])[1 + i % $4]",
+                 SELECT u.slug, 'active', \
+                        CASE WHEN (u.n - 1) % 2 = 1 THEN 'tx' ELSE p.plan END, p.server, \
+                        p.database_name, p.backend_role, u.enc \
+                 FROM unnest($1::text[], $2::bytea[]) WITH ORDINALITY AS u(slug, enc, n) \
+                 JOIN tenants p ON p.slug = ($3::text[])[(1 + (u.n - 1) % $4)::int]",
                 &[
-                    &prefix,
-                    &i32::try_from(TENANTS).unwrap(),
+                    &slugs,
+                    &blobs,
                     &phys_slugs,
-                    &i32::try_from(PHYSICAL).unwrap(),
+                    &i64::try_from(PHYSICAL).unwrap(),
                 ],
             )
             .await
