@@ -17,7 +17,7 @@ use bytes::BytesMut;
 use postgres_protocol::authentication::md5_hash;
 use postgres_protocol::authentication::sasl::{ChannelBinding, ScramSha256};
 use postgres_protocol::message::frontend;
-use tokio::io::AsyncWriteExt;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 use super::backend_tls::{
@@ -320,12 +320,55 @@ impl std::fmt::Debug for BackendConn {
 }
 
 impl Drop for BackendConn {
-    /// Says goodbye politely when the pool drops us; a full socket buffer just closes.
+    /// Says goodbye politely when the pool drops us; a full socket buffer just closes. The
+    /// server's budget slot is given back only once the server has closed the connection
+    /// (its backend process has exited), so a connection opened in its place never runs
+    /// beside the old one: see [`release_when_closed`].
     fn drop(&mut self) {
         if !self.broken {
             self.terminate();
         }
+        if let Some(permit) = self.budget_permit.take() {
+            release_when_closed(self.stream.socket_handle(), permit);
+        }
     }
+}
+
+/// Longest wait for a dropped connection's server to close it before its budget slot is given
+/// back anyway.
+const CLOSE_WAIT: Duration = Duration::from_secs(2);
+
+/// Holds `permit` until the server closes `socket` (a duplicate of a connection being
+/// dropped), at most [`CLOSE_WAIT`]. The write side is shut down first (FIN even though the
+/// duplicate keeps the socket open), so a server not told Terminate sees the end too. The
+/// server closes its socket when its backend process exits, after it has left
+/// `pg_stat_activity` and given back its connection slot. Without a runtime (or a
+/// duplicate), the permit goes at once.
+fn release_when_closed(
+    socket: Option<std::net::TcpStream>,
+    permit: tokio::sync::OwnedSemaphorePermit,
+) {
+    let (Some(socket), Ok(runtime)) = (socket, tokio::runtime::Handle::try_current()) else {
+        return;
+    };
+    runtime.spawn(async move {
+        let _permit = permit;
+        drop(socket.shutdown(std::net::Shutdown::Write));
+        if socket.set_nonblocking(true).is_err() {
+            return;
+        }
+        let Ok(mut socket) = tokio::net::TcpStream::from_std(socket) else {
+            return;
+        };
+        let mut sink = [0u8; 256];
+        drop(
+            tokio::time::timeout(CLOSE_WAIT, async {
+                // Whatever the server still sends (a FATAL, TLS close_notify), until EOF.
+                while matches!(socket.read(&mut sink).await, Ok(n) if n > 0) {}
+            })
+            .await,
+        );
+    });
 }
 
 /// Outcome of a setup query.

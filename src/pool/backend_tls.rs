@@ -453,6 +453,20 @@ impl BackendStream {
         tcp.poll_peek(&mut cx, &mut buf).is_ready()
     }
 
+    /// A second handle on the TCP socket under this stream (a duplicated descriptor, not
+    /// registered with any runtime yet), to watch for the server closing it after this stream
+    /// is dropped. `None` if the descriptor cannot be duplicated.
+    pub fn socket_handle(&self) -> Option<std::net::TcpStream> {
+        let tcp = match self {
+            BackendStream::Plain(tcp) => tcp,
+            BackendStream::Tls(tls) => tls.get_ref().0,
+        };
+        socket2::SockRef::from(tcp)
+            .try_clone()
+            .ok()
+            .map(std::net::TcpStream::from)
+    }
+
     /// Best effort, never waits: queues `bytes` (and, for TLS, close_notify) and writes what
     /// the socket takes now. Used to say Terminate from `Drop`.
     pub fn try_send_final(&mut self, bytes: &[u8]) {
