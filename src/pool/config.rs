@@ -60,6 +60,22 @@ pub struct PoolConfig {
     /// Default 200.
     #[serde(default = "default_prepared_statement_cache_size")]
     pub prepared_statement_cache_size: usize,
+    /// Transaction pooling: named prepared statements one client may keep; a client that
+    /// prepares one more is closed with 54000. 0: no limit. Default 10000.
+    #[serde(default = "default_max_prepared_statements_per_client")]
+    pub max_prepared_statements_per_client: usize,
+    /// Transaction pooling: bytes (names and statement text) of one client's prepared
+    /// statements; past it the client is closed with 54000. 0: no limit. Default 16 MiB.
+    #[serde(default = "default_max_prepared_statement_bytes_per_client")]
+    pub max_prepared_statement_bytes_per_client: usize,
+}
+
+fn default_max_prepared_statements_per_client() -> usize {
+    10_000
+}
+
+fn default_max_prepared_statement_bytes_per_client() -> usize {
+    16 << 20
 }
 
 fn default_prepared_statement_cache_size() -> usize {
@@ -127,6 +143,9 @@ impl Default for PoolConfig {
             max_pools: default_max_pools(),
             max_clients_per_tenant: 0,
             prepared_statement_cache_size: default_prepared_statement_cache_size(),
+            max_prepared_statements_per_client: default_max_prepared_statements_per_client(),
+            max_prepared_statement_bytes_per_client:
+                default_max_prepared_statement_bytes_per_client(),
         }
     }
 }

@@ -31,7 +31,7 @@ use crate::clients::ClientEntry;
 use crate::error::{ClientFacing, log_error};
 use crate::protocol::startup::{self, FirstPacket, StartupError};
 use crate::protocol::{SqlState, messages};
-use crate::session::{self, RelayEnd, SessionContext, SessionEnd, SessionError};
+use crate::session::{self, RelayEnd, SessionContext, SessionEnd, SessionError, StatementLimits};
 use crate::tls::{ALPN_POSTGRESQL, TLS_HANDSHAKE_RECORD, TlsServer};
 
 /// Why a client connection ended; logged once when its task ends.
@@ -272,6 +272,10 @@ where
         reset_timeout: Duration::from_millis(state.pools.config().reset_timeout_ms),
         max_client_message_bytes: state.config.get().proxy.max_message_bytes,
         statement_cache_size: state.pools.config().prepared_statement_cache_size,
+        statement_limits: StatementLimits {
+            count: state.pools.config().max_prepared_statements_per_client,
+            bytes: state.pools.config().max_prepared_statement_bytes_per_client,
+        },
         shutdown: &stop,
         stats: counted.stats(),
     };

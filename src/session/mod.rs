@@ -38,6 +38,7 @@ use crate::stats::TenantStats;
 
 pub use cancel::{CancelGuard, CancelMap, CancelOutcome, CancelTarget};
 pub use relay::{RelayBuffers, RelayEnd, RelayError, TxTracker};
+pub use statements::StatementLimits;
 use statements::{ClientStatements, Responses, StatementContext};
 
 /// Watches the registry for this client's tenant leaving `active`.
@@ -131,6 +132,8 @@ pub struct SessionContext<'a> {
     /// Transaction pooling: named statements a backend keeps before closing the least
     /// recently used (`pool.prepared_statement_cache_size`).
     pub statement_cache_size: usize,
+    /// What one client may keep prepared (transaction pooling).
+    pub statement_limits: StatementLimits,
     pub shutdown: &'a CancellationToken,
     /// The tenant's usage counters; the relay counts into them.
     pub stats: &'a TenantStats,
@@ -173,6 +176,7 @@ impl ClientFacing for SessionError {
             SessionError::Backend(e) => e.sqlstate(),
             SessionError::Pool(e) => e.sqlstate(),
             SessionError::Relay(RelayError::ClientProtocol(_)) => SqlState::PROTOCOL_VIOLATION,
+            SessionError::Relay(RelayError::Limit(_)) => SqlState::PROGRAM_LIMIT_EXCEEDED,
             SessionError::Relay(
                 RelayError::Backend(_) | RelayError::BackendProtocol(_) | RelayError::Client(_),
             )
@@ -190,6 +194,7 @@ impl ClientFacing for SessionError {
             SessionError::Relay(RelayError::ClientProtocol(e)) => {
                 format!("invalid message from the client: {e}")
             }
+            SessionError::Relay(RelayError::Limit(e)) => e.to_string(),
             SessionError::Relay(
                 RelayError::Backend(_) | RelayError::BackendProtocol(_) | RelayError::Client(_),
             )
@@ -203,9 +208,9 @@ impl ClientFacing for SessionError {
         match self {
             SessionError::SettingRejected(_)
             | SessionError::ClientIo(_)
-            | SessionError::Relay(RelayError::Client(_) | RelayError::ClientProtocol(_)) => {
-                ErrorKind::Client
-            }
+            | SessionError::Relay(
+                RelayError::Client(_) | RelayError::ClientProtocol(_) | RelayError::Limit(_),
+            ) => ErrorKind::Client,
             SessionError::Backend(_)
             | SessionError::ResetFailed(_)
             | SessionError::Relay(RelayError::Backend(_) | RelayError::BackendProtocol(_)) => {
@@ -342,6 +347,7 @@ where
         ..TxTracker::default()
     };
     let mut client_statements = ClientStatements::default();
+    client_statements.limits = ctx.statement_limits;
     let mut watch = Watch::new(ctx);
     // The pool has been told once that a backend took this client's settings.
     let mut settings_accepted = false;

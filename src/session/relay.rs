@@ -21,7 +21,7 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 use bytes::BytesMut;
 
-use super::statements::{self, StatementContext};
+use super::statements::{self, LimitExceeded, StatementContext};
 use crate::protocol::frame::{FrameError, FrameHead, FrameScanner, HEADER_BYTES, Scan, SpliceAt};
 use crate::stats::TenantStats;
 
@@ -184,6 +184,9 @@ pub enum RelayError {
     ClientProtocol(#[source] FrameError),
     #[error("backend sent an invalid message")]
     BackendProtocol(#[source] FrameError),
+    /// The client went over a limit on what the proxy keeps for it.
+    #[error(transparent)]
+    Limit(#[from] LimitExceeded),
 }
 
 /// What one direction looks at, and what it adds.
@@ -796,6 +799,12 @@ where
                 tally: &mut buffers.tally,
             },
         );
+        if let Some(exceeded) = statements
+            .as_ref()
+            .and_then(|ctx| ctx.responses.limit_exceeded())
+        {
+            return Poll::Ready(Err(RelayError::Limit(exceeded)));
+        }
         return match from_client {
             // The client's messages may have queued made-up responses (a Close, a
             // DEALLOCATE answered here) while the backend side sleeps on a read that no

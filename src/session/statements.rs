@@ -34,9 +34,84 @@ pub struct Statement {
 #[derive(Debug, Default)]
 pub struct ClientStatements {
     by_name: HashMap<String, Arc<Statement>>,
+    /// Bytes kept for them (names and Parse bodies).
+    bytes: usize,
     /// A message too large to rewrite went through untouched (a Parse over the relay
     /// buffer, say): the client must keep its backend from now on.
     pub needs_pin: bool,
+    pub limits: StatementLimits,
+}
+
+/// How much one client may keep prepared (`[pool] max_prepared_statements_per_client`,
+/// `max_prepared_statement_bytes_per_client`). 0 is no limit.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct StatementLimits {
+    pub count: usize,
+    pub bytes: usize,
+}
+
+/// Most responses one client may have owed at once (requests sent and not yet answered):
+/// a client that pipelines more without reading its answers is closed with 54000, so the
+/// queue cannot grow without bound. About 32 bytes each.
+pub const MAX_OWED_RESPONSES: usize = 100_000;
+
+/// What a client went over.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum LimitExceeded {
+    #[error(
+        "too many prepared statements for one client (limit {0}): close some (Close, DEALLOCATE) or raise [pool] max_prepared_statements_per_client"
+    )]
+    Statements(usize),
+    #[error(
+        "prepared statements of one client over {0} bytes: close some (Close, DEALLOCATE) or raise [pool] max_prepared_statement_bytes_per_client"
+    )]
+    StatementBytes(usize),
+    #[error(
+        "too many statements prepared on one backend connection within one batch (limit {0}): send a Sync"
+    )]
+    BackendStatements(usize),
+    #[error(
+        "more than {MAX_OWED_RESPONSES} requests sent without reading their answers: read the answers as they come"
+    )]
+    OwedResponses,
+}
+
+impl ClientStatements {
+    fn forget(&mut self, name: &str) -> bool {
+        match self.by_name.remove(name) {
+            Some(old) => {
+                self.bytes = self.bytes.saturating_sub(weight(name, &old));
+                true
+            }
+            None => false,
+        }
+    }
+
+    fn forget_all(&mut self) {
+        self.by_name.clear();
+        self.bytes = 0;
+    }
+
+    /// Keeps `statement` under `name`, or says which limit it would break.
+    fn keep(&mut self, name: &str, statement: &Arc<Statement>) -> Result<(), LimitExceeded> {
+        let old = self.by_name.get(name).map_or(0, |old| weight(name, old));
+        let bytes = self.bytes - old + weight(name, statement);
+        let count = self.by_name.len() + usize::from(old == 0);
+        if self.limits.count > 0 && count > self.limits.count {
+            return Err(LimitExceeded::Statements(self.limits.count));
+        }
+        if self.limits.bytes > 0 && bytes > self.limits.bytes {
+            return Err(LimitExceeded::StatementBytes(self.limits.bytes));
+        }
+        self.by_name.insert(name.to_owned(), Arc::clone(statement));
+        self.bytes = bytes;
+        Ok(())
+    }
+}
+
+/// What keeping `statement` under `name` costs.
+fn weight(name: &str, statement: &Statement) -> usize {
+    name.len() + statement.parse_rest.len()
 }
 
 /// What a response will be, in request order.
@@ -86,6 +161,9 @@ pub struct Responses {
     /// ahead: the server flushes the reset's answers with the answers to it, so the reset's
     /// own Flush is not needed (see [`Responses::reset_needs_flush`]).
     reset_answer_requested: bool,
+    /// The client went over a limit: the relay ends with this error (the frame that broke it
+    /// is held, never forwarded).
+    limit_exceeded: Option<LimitExceeded>,
 }
 
 /// A reset (`DISCARD ALL`, as Parse/Bind/Execute without a Sync: see [`RESET_AHEAD`]) sent
@@ -221,6 +299,9 @@ pub fn on_client_frame(
         }
         ResetAhead::Sent | ResetAhead::None => {}
     }
+    if ctx.responses.queue.len() >= MAX_OWED_RESPONSES {
+        return refuse(ctx, LimitExceeded::OwedResponses);
+    }
     match head.tag {
         b'P' => on_parse(ctx, head, splice),
         b'B' => on_bind(ctx, head, splice),
@@ -295,10 +376,10 @@ fn on_query(ctx: &mut StatementContext<'_>, head: &FrameHead<'_>) -> Scan {
     if head.body.len() == head.body_len {
         let handled = match parse_deallocate(head.body) {
             Some(Deallocate::All) => {
-                ctx.client.by_name.clear();
+                ctx.client.forget_all();
                 true
             }
-            Some(Deallocate::Name(name)) => ctx.client.by_name.remove(&name).is_some(),
+            Some(Deallocate::Name(name)) => ctx.client.forget(&name),
             None => false,
         };
         if handled {
@@ -343,9 +424,14 @@ fn on_parse(ctx: &mut StatementContext<'_>, head: &FrameHead<'_>, splice: &mut B
         server_name: server_name(rest),
         parse_rest: Bytes::copy_from_slice(rest),
     });
-    ctx.client
-        .by_name
-        .insert(name.to_owned(), Arc::clone(&statement));
+    // Within a batch nothing is evicted on the backend: bound what one batch may add.
+    let backend_limit = ctx.backend.capacity.max(1) + ctx.client.limits.count;
+    if ctx.client.limits.count > 0 && ctx.backend.len() >= backend_limit {
+        return refuse(ctx, LimitExceeded::BackendStatements(backend_limit));
+    }
+    if let Err(exceeded) = ctx.client.keep(name, &statement) {
+        return refuse(ctx, exceeded);
+    }
     if ctx.backend.contains(&statement.server_name) {
         // Prepared here before, maybe before a DDL changed what it means (a table altered, a
         // type dropped and made again): a client that parses now must get what a direct
@@ -363,6 +449,12 @@ fn on_parse(ctx: &mut StatementContext<'_>, head: &FrameHead<'_>, splice: &mut B
     Scan::Splice {
         consume: HEADER_BYTES + head.body_len,
     }
+}
+
+/// Holds the frame and ends the relay with `exceeded` (see `Responses::limit_exceeded`).
+fn refuse(ctx: &mut StatementContext<'_>, exceeded: LimitExceeded) -> Scan {
+    ctx.responses.limit_exceeded = Some(exceeded);
+    Scan::Hold
 }
 
 /// Bind: prepare the statement here first if needed, and use its server name.
@@ -421,7 +513,7 @@ fn on_describe_or_close(
     }
     if head.tag == b'C' {
         if let Ok(name) = std::str::from_utf8(name) {
-            ctx.client.by_name.remove(name);
+            ctx.client.forget(name);
         }
         ctx.responses.queue.push_back(Expect::Inject(b'3'));
         return Scan::Splice {
@@ -524,6 +616,11 @@ impl Responses {
     }
 
     /// True when a made-up response is due before the next backend message.
+    /// The limit a client went over, if it did: the relay must end.
+    pub fn limit_exceeded(&self) -> Option<LimitExceeded> {
+        self.limit_exceeded
+    }
+
     pub fn injection_due(&self) -> bool {
         matches!(
             self.queue.front(),
@@ -705,6 +802,39 @@ impl Responses {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn statement_limits_count_what_is_kept_and_forgetting_gives_it_back() {
+        let mut client = ClientStatements {
+            limits: StatementLimits {
+                count: 2,
+                bytes: 100,
+            },
+            ..ClientStatements::default()
+        };
+        let statement = |text: &str| {
+            Arc::new(Statement {
+                server_name: Arc::from("tg_x"),
+                parse_rest: Bytes::copy_from_slice(text.as_bytes()),
+            })
+        };
+        client.keep("a", &statement("SELECT 1")).unwrap();
+        // Parsed again under the same name: replaced, not counted twice.
+        client.keep("a", &statement("SELECT 2")).unwrap();
+        client.keep("b", &statement("SELECT 3")).unwrap();
+        assert_eq!(
+            client.keep("c", &statement("SELECT 4")),
+            Err(LimitExceeded::Statements(2))
+        );
+        assert!(client.forget("a"));
+        assert_eq!(
+            client.keep("c", &statement(&"x".repeat(100))),
+            Err(LimitExceeded::StatementBytes(100))
+        );
+        client.keep("c", &statement("SELECT 4")).unwrap();
+        client.forget_all();
+        assert_eq!(client.bytes, 0);
+    }
 
     #[test]
     fn the_reset_sent_ahead_is_discard_all_as_parse_bind_execute() {

@@ -521,3 +521,65 @@ async fn secrets_from_before_binding_are_bound_at_start_and_keep_working() {
     let client = env.app(t.slug.as_str()).await;
     assert_eq!(common::query::current_database(&client).await, t.database);
 }
+
+/// Issue 13 item 6: in transaction mode the proxy keeps every named statement a client
+/// prepares (to prepare it again on whichever backend the client gets next), with no bound: one
+/// client could grow the proxy's memory until it failed. Past
+/// `max_prepared_statements_per_client` (or the byte limit) the client is closed with 54000
+/// saying which limit; statements it closes do not count, and other clients carry on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_preparing_without_bound_is_stopped_with_54000() {
+    let env = TestEnv::start_with(|c| {
+        c.pool.mode = tenantgate::pool::PoolMode::Transaction;
+        c.pool.max_prepared_statements_per_client = 5;
+        c.pool.max_prepared_statement_bytes_per_client = 4096;
+    })
+    .await;
+    let t = env.tenant_with_user("prepare-").await;
+    let bystander = env.app(t.slug.as_str()).await;
+
+    // Closed statements give their place back.
+    let client = env.app(t.slug.as_str()).await;
+    for round in 0..3 {
+        let mut held = Vec::new();
+        for i in 0..5 {
+            held.push(
+                client
+                    .prepare(&format!("SELECT {round} + {i}"))
+                    .await
+                    .unwrap(),
+            );
+        }
+        drop(held);
+        // tokio-postgres sends the Closes with its next request.
+        client.simple_query("SELECT 1").await.unwrap();
+    }
+
+    // Held statements: the sixth is one too many.
+    let greedy = env.app(t.slug.as_str()).await;
+    let mut held = Vec::new();
+    for i in 0..5 {
+        held.push(greedy.prepare(&format!("SELECT {i}")).await.unwrap());
+    }
+    let err = greedy.prepare("SELECT 'one too many'").await.unwrap_err();
+    assert_eq!(err.code(), Some(&SqlState::PROGRAM_LIMIT_EXCEEDED), "{err}");
+    let message = err.as_db_error().unwrap().message().to_owned();
+    assert!(
+        message.contains("max_prepared_statements_per_client"),
+        "{message}"
+    );
+    assert!(greedy.is_closed() || greedy.simple_query("SELECT 1").await.is_err());
+
+    // One statement over the byte limit.
+    let wordy = env.app(t.slug.as_str()).await;
+    let long = format!("SELECT '{}'", "x".repeat(5000));
+    let err = wordy.prepare(&long).await.unwrap_err();
+    assert_eq!(err.code(), Some(&SqlState::PROGRAM_LIMIT_EXCEEDED), "{err}");
+
+    // Nobody else noticed.
+    assert_eq!(
+        common::query::value(&bystander, "SELECT 41 + 1").await,
+        "42"
+    );
+    drop(held);
+}
