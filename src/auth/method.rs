@@ -1,5 +1,6 @@
 //! Logging a user in by its auth method (`scram`, `cert`, `cert+scram`, as pg_hba's
-//! `scram-sha-256` and `cert`): the verified client certificate's CN against the user name,
+//! `scram-sha-256` and `cert`): the verified client certificate's CN against the user name and
+//! its OU against the database it is for (the tenant's slug, or the admin console's name),
 //! SCRAM, or both.
 //!
 //! What an unauthenticated client may learn: a client without a certificate is never told that
@@ -23,6 +24,12 @@ pub struct Proof<'a> {
     pub channel_binding: Option<&'a [u8]>,
     /// The subject CN of the client certificate rustls verified, if any.
     pub client_cn: Option<&'a str>,
+    /// That certificate's subject OU: what it was issued for.
+    pub client_ou: Option<&'a str>,
+    /// What the OU must be: the tenant's slug, or the admin console's database name. One
+    /// client CA serves every tenant; the OU keeps acme's certificate out of globex and out of
+    /// the admin console.
+    pub scope: &'a str,
 }
 
 /// Logs `user` in by `method`: `credential` is the user's (or a mock) SCRAM secret, `mock` the
@@ -40,6 +47,13 @@ pub async fn authenticate_by_method<S: AsyncRead + AsyncWrite + Unpin>(
         return authenticate(stream, user, credential, cb).await;
     }
     match proof.client_cn {
+        Some(cn) if cn == user && proof.client_ou != Some(proof.scope) => {
+            Err(AuthError::CertificateForElsewhere {
+                user: user.to_owned(),
+                ou: proof.client_ou.map(str::to_owned),
+                scope: proof.scope.to_owned(),
+            })
+        }
         Some(cn) if cn == user => {
             if method.needs_password() {
                 authenticate(stream, user, credential, cb).await

@@ -56,6 +56,14 @@ pub enum AuthError {
     /// The verified client certificate names someone else.
     #[error("client certificate CN {cn:?} is not user {user:?}")]
     CertificateMismatch { user: String, cn: String },
+    /// The certificate's CN is the user, but its OU names another tenant (or none, or the
+    /// admin console at a tenant): it was not issued for this database.
+    #[error("client certificate for {user} is for {ou:?}, not for {scope}")]
+    CertificateForElsewhere {
+        user: String,
+        ou: Option<String>,
+        scope: String,
+    },
 }
 
 impl From<ReadError> for AuthError {
@@ -72,9 +80,9 @@ impl ClientFacing for AuthError {
     fn sqlstate(&self) -> SqlState {
         match self {
             AuthError::Failed { .. } => SqlState::INVALID_PASSWORD,
-            AuthError::CertificateRequired { .. } | AuthError::CertificateMismatch { .. } => {
-                SqlState::INVALID_AUTHORIZATION
-            }
+            AuthError::CertificateRequired { .. }
+            | AuthError::CertificateMismatch { .. }
+            | AuthError::CertificateForElsewhere { .. } => SqlState::INVALID_AUTHORIZATION,
             AuthError::Scram(_)
             | AuthError::UnexpectedMessage(_)
             | AuthError::Malformed
@@ -115,6 +123,13 @@ impl ClientFacing for AuthError {
             AuthError::CertificateMismatch { user, cn } => format!(
                 "certificate authentication failed for user \"{user}\": the client \
                  certificate's CN is \"{cn}\""
+            ),
+            AuthError::CertificateForElsewhere { user, ou, scope } => format!(
+                "certificate authentication failed for user \"{user}\": the client \
+                 certificate is not for database \"{scope}\" (its OU is {}; it must be \
+                 \"{scope}\")",
+                ou.as_deref()
+                    .map_or("missing".to_owned(), |ou| format!("\"{ou}\""))
             ),
         }
     }

@@ -199,7 +199,8 @@ pub(super) fn audit_login(
             LoginError::Auth(
                 AuthError::Failed { .. }
                 | AuthError::CertificateRequired { .. }
-                | AuthError::CertificateMismatch { .. },
+                | AuthError::CertificateMismatch { .. }
+                | AuthError::CertificateForElsewhere { .. },
             )
             | LoginError::NotAdmin(_),
         ) => ("failed auth", String::new()),
@@ -302,9 +303,13 @@ pub(super) async fn login<S: AsyncRead + AsyncWrite + Unpin>(
     let settings = settings::client_settings(&startup.params)?;
     let source = conn.peer.map(|p| p.ip());
     let server_name = conn.tls.as_ref().and_then(|t| t.server_name.as_deref());
-    let proof = Proof {
+    // A certificate must be for the database asked for (the admin console's name, or a
+    // tenant's slug); a tenant reached by TLS server name is scoped below.
+    let mut proof = Proof {
         channel_binding: conn.tls.as_ref().and_then(|t| t.channel_binding.as_deref()),
         client_cn: conn.tls.as_ref().and_then(|t| t.client_cn.as_deref()),
+        client_ou: conn.tls.as_ref().and_then(|t| t.client_ou.as_deref()),
+        scope: database,
     };
     let sni_tenant = match server_name {
         Some(name) => tenant_for_server_name(state, &conn.tls_setup, name).await?,
@@ -322,6 +327,7 @@ pub(super) async fn login<S: AsyncRead + AsyncWrite + Unpin>(
         return tenant_login(record, user, settings);
     };
     who.tenant.clone_from(&sni_tenant);
+    proof.scope = &sni_tenant;
     let record = authenticate(state, stream, &sni_tenant, user, proof, (source, slot)).await?;
     if database != sni_tenant {
         if let Some(other) = TenantSlug::parse(database) {

@@ -21,6 +21,7 @@ const ECDSA_WITH_SHA256: ObjectIdentifier = ObjectIdentifier::new_unwrap("1.2.84
 const ECDSA_WITH_SHA384: ObjectIdentifier = ObjectIdentifier::new_unwrap("1.2.840.10045.4.3.3");
 const ECDSA_WITH_SHA512: ObjectIdentifier = ObjectIdentifier::new_unwrap("1.2.840.10045.4.3.4");
 const COMMON_NAME: ObjectIdentifier = ObjectIdentifier::new_unwrap("2.5.4.3");
+const ORGANIZATIONAL_UNIT: ObjectIdentifier = ObjectIdentifier::new_unwrap("2.5.4.11");
 
 /// tls-server-end-point (RFC 5929 §4.1): the certificate hashed with its signature's hash
 /// function, SHA-256 when that is MD5 or SHA-1. None for algorithms without one (Ed25519,
@@ -52,15 +53,29 @@ enum Hash {
 /// PrintableString, IA5String, T61String) without NUL bytes. PostgreSQL refuses a CN with an
 /// embedded NUL too: it could make "admin\0.evil" read as "admin".
 pub fn subject_common_name(der: &[u8]) -> Option<String> {
-    let cert = Certificate::from_der(der).ok()?;
-    let value = &cert
-        .tbs_certificate
-        .subject
-        .0
-        .iter()
-        .flat_map(|rdn| rdn.0.iter())
-        .find(|atv| atv.oid == COMMON_NAME)?
-        .value;
+    subject_names(der).0
+}
+
+/// The subject's first commonName and first organizationalUnitName (same rules as
+/// [`subject_common_name`]). The OU names what the certificate is for: the tenant slug, or
+/// the admin console's database name.
+pub fn subject_names(der: &[u8]) -> (Option<String>, Option<String>) {
+    let Ok(cert) = Certificate::from_der(der) else {
+        return (None, None);
+    };
+    let first = |oid: ObjectIdentifier| {
+        cert.tbs_certificate
+            .subject
+            .0
+            .iter()
+            .flat_map(|rdn| rdn.0.iter())
+            .find(|atv| atv.oid == oid)
+            .and_then(|atv| string_value(&atv.value))
+    };
+    (first(COMMON_NAME), first(ORGANIZATIONAL_UNIT))
+}
+
+fn string_value(value: &x509_cert::der::Any) -> Option<String> {
     let text = value.value();
     let string_type = matches!(
         value.tag(),

@@ -35,7 +35,7 @@ use tokio::net::TcpStream;
 use tokio_rustls::TlsAcceptor;
 use tokio_rustls::server::TlsStream;
 
-pub use certificate::{end_point_hash, subject_common_name};
+pub use certificate::{end_point_hash, subject_common_name, subject_names};
 
 /// The ALPN protocol name PostgreSQL 17 registers for its protocol.
 pub const ALPN_POSTGRESQL: &[u8] = b"postgresql";
@@ -301,6 +301,8 @@ pub struct TlsInfo {
     /// The subject CN of the client certificate, which rustls has verified against
     /// `client_ca_file`; `None` without one (or without a readable CN).
     pub client_cn: Option<String>,
+    /// The subject OU of that certificate: the tenant (or the admin console) it is for.
+    pub client_ou: Option<String>,
 }
 
 impl TlsServer {
@@ -317,19 +319,16 @@ impl TlsServer {
             .negotiated_cipher_suite()
             .map(|s| format!("{:?}", s.suite()))
             .unwrap_or_default();
-        let client_cn = if self.client_auth {
-            session
-                .peer_certificates()
-                .and_then(<[_]>::first)
-                .and_then(|leaf| subject_common_name(leaf))
-        } else {
-            None
+        let (client_cn, client_ou) = match session.peer_certificates().and_then(<[_]>::first) {
+            Some(leaf) if self.client_auth => subject_names(leaf),
+            _ => (None, None),
         };
         TlsInfo {
             server_name: session.server_name().map(str::to_owned),
             channel_binding: self.end_point.clone(),
             cipher: format!("{version} {suite}").trim().to_owned(),
             client_cn,
+            client_ou,
         }
     }
 }

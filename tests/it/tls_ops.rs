@@ -388,11 +388,13 @@ async fn client_certificates_log_in_cert_users_and_refuse_the_rest() {
         .await
         .unwrap();
     let with = |pair: &Pair| rustls_client(&[&server_ca], Some(pair));
+    // Each certificate names what it is for in its OU: the tenant, or the console.
+    let for_slug = Some(slug.as_str());
     let (certy, both, app, ops) = (
-        client_ca.client("certy"),
-        client_ca.client("both"),
-        client_ca.client("app"),
-        client_ca.client("ops"),
+        client_ca.client_for("certy", for_slug),
+        client_ca.client_for("both", for_slug),
+        client_ca.client_for("app", for_slug),
+        client_ca.client_for("ops", Some("tenantgate")),
     );
 
     // `cert`: the certificate alone, no password.
@@ -537,6 +539,56 @@ async fn client_certificates_log_in_cert_users_and_refuse_the_rest() {
         Some(&SqlState::INVALID_AUTHORIZATION_SPECIFICATION),
         "{err}"
     );
+
+    // Issue 13 item 1: one client CA serves every tenant and the console, so a certificate
+    // is bound to the database in its OU. acme's `certy` certificate does not open globex's
+    // `certy` (also AUTH cert), a certificate for acme with CN `ops` does not open the console
+    // as `ops`, and a certificate with no OU opens nothing.
+    let globex = env.tenant("globex").await;
+    admin
+        .batch_execute(&format!(
+            "CREATE USER certy FOR TENANT {} AUTH cert",
+            globex.slug
+        ))
+        .await
+        .unwrap();
+    let cross = [
+        (globex.slug.as_str(), "certy", with(&certy)),
+        (
+            "tenantgate",
+            "ops",
+            with(&client_ca.client_for("ops", for_slug)),
+        ),
+        (&slug, "certy", with(&client_ca.client("certy"))),
+    ];
+    for (database, user, tls) in cross {
+        let err = connect(port, "localhost", database, user, None, tls)
+            .await
+            .unwrap_err();
+        assert_eq!(
+            err.code(),
+            Some(&SqlState::INVALID_AUTHORIZATION_SPECIFICATION),
+            "{user}@{database}: {err}"
+        );
+        let message = err.as_db_error().unwrap().message().to_owned();
+        assert!(
+            message.contains(&format!("not for database \"{database}\"")),
+            "{message}"
+        );
+    }
+    // globex's own certificate does.
+    let globex_certy = client_ca.client_for("certy", Some(globex.slug.as_str()));
+    let c = connect(
+        port,
+        "localhost",
+        globex.slug.as_str(),
+        "certy",
+        None,
+        with(&globex_certy),
+    )
+    .await
+    .unwrap();
+    assert_eq!(current_database(&c).await, globex.database);
 
     // Switching a user back to scram: the certificate no longer stands in for a password.
     admin

@@ -67,11 +67,22 @@ impl TestCa {
         }
     }
 
-    /// A client certificate whose subject CN is `cn`.
+    /// A client certificate whose subject CN is `cn`, with no OU (for no database).
     pub fn client(&self, cn: &str) -> Pair {
+        self.client_for(cn, None)
+    }
+
+    /// A client certificate whose subject CN is `cn` and OU `ou` (the database it is for: a
+    /// tenant slug, or the admin console's name).
+    pub fn client_for(&self, cn: &str, ou: Option<&str>) -> Pair {
         let key = KeyPair::generate().unwrap();
         let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
         params.distinguished_name.push(DnType::CommonName, cn);
+        if let Some(ou) = ou {
+            params
+                .distinguished_name
+                .push(DnType::OrganizationalUnitName, ou);
+        }
         params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
         let cert = params.signed_by(&key, &self.issuer).unwrap();
         Pair {
