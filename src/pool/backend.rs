@@ -285,6 +285,8 @@ pub struct BackendConn {
     pub statements: super::statements::BackendStatements,
     /// This connection's share of its server's budget, given back when it closes.
     pub(crate) budget_permit: Option<tokio::sync::OwnedSemaphorePermit>,
+    /// Its place among its pool's `pool_size`, given back like the budget's (see `Drop`).
+    pub(crate) pool_slot: Option<tokio::sync::OwnedSemaphorePermit>,
     /// The SASL mechanism the login used, if any.
     sasl_mechanism: Option<&'static str>,
 }
@@ -321,15 +323,16 @@ impl std::fmt::Debug for BackendConn {
 
 impl Drop for BackendConn {
     /// Says goodbye politely when the pool drops us; a full socket buffer just closes. The
-    /// server's budget slot is given back only once the server has closed the connection
-    /// (its backend process has exited), so a connection opened in its place never runs
-    /// beside the old one: see [`release_when_closed`].
+    /// server's budget slot and the pool's are given back only once the server has closed
+    /// the connection (its backend process has exited), so a connection opened in its place
+    /// never runs beside the old one: see [`release_when_closed`].
     fn drop(&mut self) {
         if !self.broken {
             self.terminate();
         }
-        if let Some(permit) = self.budget_permit.take() {
-            release_when_closed(self.stream.socket_handle(), permit);
+        let permits = [self.budget_permit.take(), self.pool_slot.take()];
+        if permits.iter().any(Option::is_some) {
+            release_when_closed(self.stream.socket_handle(), permits);
         }
     }
 }
@@ -338,21 +341,21 @@ impl Drop for BackendConn {
 /// back anyway.
 const CLOSE_WAIT: Duration = Duration::from_secs(2);
 
-/// Holds `permit` until the server closes `socket` (a duplicate of a connection being
+/// Holds `permits` until the server closes `socket` (a duplicate of a connection being
 /// dropped), at most [`CLOSE_WAIT`]. The write side is shut down first (FIN even though the
 /// duplicate keeps the socket open), so a server not told Terminate sees the end too. The
 /// server closes its socket when its backend process exits, after it has left
 /// `pg_stat_activity` and given back its connection slot. Without a runtime (or a
-/// duplicate), the permit goes at once.
+/// duplicate), the permits go at once.
 fn release_when_closed(
     socket: Option<std::net::TcpStream>,
-    permit: tokio::sync::OwnedSemaphorePermit,
+    permits: [Option<tokio::sync::OwnedSemaphorePermit>; 2],
 ) {
     let (Some(socket), Ok(runtime)) = (socket, tokio::runtime::Handle::try_current()) else {
         return;
     };
     runtime.spawn(async move {
-        let _permit = permit;
+        let _permits = permits;
         drop(socket.shutdown(std::net::Shutdown::Write));
         if socket.set_nonblocking(true).is_err() {
             return;
@@ -474,6 +477,7 @@ impl BackendConn {
             reset_pending: false,
             statements: super::statements::BackendStatements::default(),
             budget_permit: None,
+            pool_slot: None,
         };
         tokio::time::timeout(timeout, conn.startup(target, downgraded))
             .await

@@ -92,6 +92,10 @@ pub struct BackendManager {
     pub(super) startup: Arc<StartupSettings>,
     /// Shared with the pool: a retired pool's connections close and it opens none.
     pub(super) standing: Arc<Standing>,
+    /// `pool_size` places, each held by a connection until the server has closed it: bb8
+    /// replaces a dropped connection at once, and the replacement must not run beside the
+    /// old backend while it exits.
+    pub(super) slots: Arc<tokio::sync::Semaphore>,
 }
 
 /// The startup parameters a pool opens its backends with. While every client of the pool
@@ -321,6 +325,14 @@ impl bb8::ManageConnection for BackendManager {
             return Err(BackendError::Closed);
         }
         let conn = async {
+            let slot = tokio::time::timeout(
+                self.budget_wait,
+                Arc::clone(&self.slots).acquire_owned(),
+            )
+            .await
+            .ok()
+            .and_then(Result::ok)
+            .ok_or(BackendError::Timeout(self.budget_wait))?;
             let permit = self.budget_permit().await?;
             let startup = self.startup.for_new_connection();
             let with_settings = !startup.is_empty();
@@ -337,6 +349,7 @@ impl bb8::ManageConnection for BackendManager {
                 other => other?,
             };
             conn.budget_permit = Some(permit);
+            conn.pool_slot = Some(slot);
             Ok(conn)
         }
         .await

@@ -310,6 +310,9 @@ impl PoolMap {
             connect_timeout: Duration::from_millis(settings.config.connect_timeout_ms),
             budget,
             budget_wait: Duration::from_millis(limits.checkout_timeout_ms),
+            slots: Arc::new(tokio::sync::Semaphore::new(
+                usize::try_from(limits.pool_size).unwrap_or(usize::MAX),
+            )),
         };
         let (errors, _) = tokio::sync::broadcast::channel(4);
         let connect_errors = ConnectErrors(errors);
