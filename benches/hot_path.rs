@@ -31,6 +31,7 @@ use tenantgate::protocol::frame::{FrameScanner, Scan};
 use tenantgate::registry::{
     Registry, RegistryConfig, TenantDirectory, TenantRecord, TenantSlug, TenantState,
 };
+use tenantgate::session::ceilings::PhaseClock;
 use tenantgate::session::relay::{RelayBuffers, RelayEnd, TxTracker, relay};
 use tenantgate::stats::{Stats, TenantStats};
 
@@ -362,6 +363,7 @@ async fn relay_rounds(query: &[u8], answer: &[u8], rounds: usize, sink: &mut [u8
     let mut buffers = RelayBuffers::new(1 << 20);
     let mut tracker = TxTracker::default();
     let stats = TenantStats::default();
+    let clock = PhaseClock::default();
     let relayed = relay(
         &mut client_near,
         &mut backend_near,
@@ -369,6 +371,7 @@ async fn relay_rounds(query: &[u8], answer: &[u8], rounds: usize, sink: &mut [u8
         &mut tracker,
         None,
         &stats,
+        &clock,
     );
     let client = async {
         for _ in 0..rounds {

@@ -21,6 +21,8 @@ impl SqlState {
     pub const RESERVED_NAME: SqlState = SqlState("42939");
     pub const NAME_TOO_LONG: SqlState = SqlState("42622");
     pub const PROGRAM_LIMIT_EXCEEDED: SqlState = SqlState("54000");
+    pub const IDLE_IN_TRANSACTION_SESSION_TIMEOUT: SqlState = SqlState("25P03");
+    pub const IDLE_SESSION_TIMEOUT: SqlState = SqlState("57P05");
     pub const UNDEFINED_TABLE: SqlState = SqlState("42P01");
     pub const UNDEFINED_COLUMN: SqlState = SqlState("42703");
     pub const UNDEFINED_OBJECT: SqlState = SqlState("42704");

@@ -257,6 +257,15 @@ pub struct PlanConfig {
     /// How long a client waits for a backend connection, in milliseconds.
     #[serde(alias = "query_wait_timeout_ms")]
     pub checkout_timeout_ms: Option<u64>,
+    /// Ceiling on one statement, in milliseconds: tenantgate cancels it (57014), whatever
+    /// statement_timeout the client set. 0: none.
+    pub max_statement_ms: Option<u64>,
+    /// Ceiling on idle time inside a transaction, in milliseconds: the client is closed
+    /// (25P03) and its backend with it. 0: none.
+    pub max_idle_in_transaction_ms: Option<u64>,
+    /// Ceiling on idle time between transactions, in milliseconds: the client is closed
+    /// (57P05). 0: none.
+    pub max_client_idle_ms: Option<u64>,
 }
 
 /// What one tenant gets: `[pool]`, then its plan, then its overrides.
@@ -267,6 +276,9 @@ pub struct TenantLimits {
     pub mode: PoolMode,
     pub statement_timeout_ms: Option<u64>,
     pub checkout_timeout_ms: u64,
+    pub max_statement_ms: Option<u64>,
+    pub max_idle_in_transaction_ms: Option<u64>,
+    pub max_client_idle_ms: Option<u64>,
 }
 
 impl TenantLimits {
@@ -277,6 +289,9 @@ impl TenantLimits {
             mode: pool.mode,
             statement_timeout_ms: None,
             checkout_timeout_ms: pool.checkout_timeout_ms,
+            max_statement_ms: None,
+            max_idle_in_transaction_ms: None,
+            max_client_idle_ms: None,
         }
     }
 
@@ -296,6 +311,19 @@ impl TenantLimits {
         }
         if let Some(ms) = plan.checkout_timeout_ms.filter(|ms| *ms > 0) {
             self.checkout_timeout_ms = ms;
+        }
+        // 0 in an override lifts a plan's ceiling.
+        for (field, set) in [
+            (&mut self.max_statement_ms, plan.max_statement_ms),
+            (
+                &mut self.max_idle_in_transaction_ms,
+                plan.max_idle_in_transaction_ms,
+            ),
+            (&mut self.max_client_idle_ms, plan.max_client_idle_ms),
+        ] {
+            if let Some(ms) = set {
+                *field = (ms > 0).then_some(ms);
+            }
         }
     }
 }

@@ -31,7 +31,9 @@ use crate::clients::ClientEntry;
 use crate::error::{ClientFacing, log_error};
 use crate::protocol::startup::{self, FirstPacket, StartupError};
 use crate::protocol::{SqlState, messages};
-use crate::session::{self, RelayEnd, SessionContext, SessionEnd, SessionError, StatementLimits};
+use crate::session::{
+    self, Ceilings, RelayEnd, SessionContext, SessionEnd, SessionError, StatementLimits,
+};
 use crate::tls::{ALPN_POSTGRESQL, TLS_HANDSHAKE_RECORD, TlsServer};
 
 /// Why a client connection ended; logged once when its task ends.
@@ -275,6 +277,11 @@ where
         statement_limits: StatementLimits {
             count: state.pools.config().max_prepared_statements_per_client,
             bytes: state.pools.config().max_prepared_statement_bytes_per_client,
+        },
+        ceilings: Ceilings {
+            statement: limits.max_statement_ms.map(Duration::from_millis),
+            idle_in_transaction: limits.max_idle_in_transaction_ms.map(Duration::from_millis),
+            client_idle: limits.max_client_idle_ms.map(Duration::from_millis),
         },
         shutdown: &stop,
         stats: counted.stats(),

@@ -18,6 +18,7 @@
 //! This module must not decode row data.
 
 pub mod cancel;
+pub mod ceilings;
 pub mod relay;
 pub mod settings;
 pub mod statements;
@@ -37,6 +38,8 @@ use crate::registry::{TenantDirectory, TenantRecord, TenantSlug, TenantState};
 use crate::stats::TenantStats;
 
 pub use cancel::{CancelGuard, CancelMap, CancelOutcome, CancelTarget};
+pub use ceilings::Ceilings;
+use ceilings::{PhaseClock, Reached, Watchdog};
 pub use relay::{RelayBuffers, RelayEnd, RelayError, TxTracker};
 pub use statements::StatementLimits;
 use statements::{ClientStatements, Responses, StatementContext};
@@ -134,6 +137,8 @@ pub struct SessionContext<'a> {
     pub statement_cache_size: usize,
     /// What one client may keep prepared (transaction pooling).
     pub statement_limits: StatementLimits,
+    /// The plan's ceilings the client cannot raise.
+    pub ceilings: Ceilings,
     pub shutdown: &'a CancellationToken,
     /// The tenant's usage counters; the relay counts into them.
     pub stats: &'a TenantStats,
@@ -167,6 +172,12 @@ pub enum SessionError {
     Pool(#[from] PoolError),
     #[error("writing to the client failed")]
     ClientIo(#[source] std::io::Error),
+    /// The client sat idle inside a transaction past its plan's ceiling.
+    #[error("idle in a transaction for longer than {0:?}")]
+    IdleInTransactionTimeout(Duration),
+    /// The client sat idle past its plan's ceiling.
+    #[error("idle for longer than {0:?}")]
+    ClientIdleTimeout(Duration),
 }
 
 impl ClientFacing for SessionError {
@@ -182,6 +193,10 @@ impl ClientFacing for SessionError {
             )
             | SessionError::ResetFailed(_)
             | SessionError::ClientIo(_) => SqlState::CONNECTION_FAILURE,
+            SessionError::IdleInTransactionTimeout(_) => {
+                SqlState::IDLE_IN_TRANSACTION_SESSION_TIMEOUT
+            }
+            SessionError::ClientIdleTimeout(_) => SqlState::IDLE_SESSION_TIMEOUT,
         }
     }
 
@@ -201,6 +216,16 @@ impl ClientFacing for SessionError {
             | SessionError::ClientIo(_) => {
                 "the connection to the tenant's database server was lost".to_owned()
             }
+            SessionError::IdleInTransactionTimeout(limit) => format!(
+                "terminating connection due to idle-in-transaction timeout (the plan's \
+                 max_idle_in_transaction_ms: {} ms)",
+                limit.as_millis()
+            ),
+            SessionError::ClientIdleTimeout(limit) => format!(
+                "terminating connection due to idle-session timeout (the plan's \
+                 max_client_idle_ms: {} ms)",
+                limit.as_millis()
+            ),
         }
     }
 
@@ -208,6 +233,8 @@ impl ClientFacing for SessionError {
         match self {
             SessionError::SettingRejected(_)
             | SessionError::ClientIo(_)
+            | SessionError::IdleInTransactionTimeout(_)
+            | SessionError::ClientIdleTimeout(_)
             | SessionError::Relay(
                 RelayError::Client(_) | RelayError::ClientProtocol(_) | RelayError::Limit(_),
             ) => ErrorKind::Client,
@@ -312,10 +339,18 @@ where
     let mut tracker = TxTracker::default();
     let backend = lease.conn();
     let mut watch = Watch::new(ctx);
-    let outcome = tokio::select! {
-        end = relay::relay(client, &mut backend.stream, buffers, &mut tracker, None, ctx.stats) => end.map(SessionEnd::Relay),
-        () = ctx.shutdown.cancelled() => Ok(SessionEnd::Shutdown),
-        state = watch.must_go() => Ok(SessionEnd::TenantNotActive(state)),
+    let clock = PhaseClock::default();
+    let watchdog = Watchdog::new(ctx.ceilings, &clock);
+    let outcome = loop {
+        break tokio::select! {
+            end = relay::relay(client, &mut backend.stream, buffers, &mut tracker, None, ctx.stats, &clock) => end.map(SessionEnd::Relay).map_err(SessionError::from),
+            () = ctx.shutdown.cancelled() => Ok(SessionEnd::Shutdown),
+            state = watch.must_go() => Ok(SessionEnd::TenantNotActive(state)),
+            reached = watchdog.next() => match ceiling_reached(reached, cancel, ctx).await {
+                Some(err) => Err(err),
+                None => continue,
+            },
+        };
     };
     cancel.detach().await;
     let outcome = outcome.map(|end| lost_or(end, &tracker));
@@ -328,7 +363,7 @@ where
     if client_left_cleanly && tracker.is_clean() && buffers.at_message_boundary() {
         release_clean(&mut lease, ctx.reset_timeout).await;
     }
-    Ok(outcome?)
+    outcome
 }
 
 /// Transaction pooling: a backend per transaction, none in between.
@@ -353,11 +388,19 @@ where
     let mut settings_accepted = false;
     // Reused for every transaction: no allocation per transaction once warm.
     let mut responses = Responses::default();
+    let clock = PhaseClock::default();
+    let watchdog = Watchdog::new(ctx.ceilings, &clock);
     loop {
+        // Between transactions: idle (a pinned client's idle time is counted by its relay).
+        clock.observe(ceilings::Phase::Idle);
         let waited = tokio::select! {
             waited = buffers.wait_for_client(client, ctx.stats) => waited?,
             () = ctx.shutdown.cancelled() => return Ok(SessionEnd::Shutdown),
             state = watch.must_go() => return Ok(SessionEnd::TenantNotActive(state)),
+            reached = watchdog.next() => match ceiling_reached(reached, cancel, ctx).await {
+                Some(err) => return Err(err),
+                None => continue,
+            },
         };
         if let Some(end) = waited {
             return Ok(SessionEnd::Relay(end));
@@ -386,9 +429,13 @@ where
                 responses: &mut responses,
             };
             let outcome = tokio::select! {
-                end = relay::relay(client, &mut backend.stream, buffers, &mut tracker, Some(statements), ctx.stats) => end.map(SessionEnd::Relay),
+                end = relay::relay(client, &mut backend.stream, buffers, &mut tracker, Some(statements), ctx.stats, &clock) => end.map(SessionEnd::Relay).map_err(SessionError::from),
                 () = ctx.shutdown.cancelled() => Ok(SessionEnd::Shutdown),
                 state = watch.must_go() => Ok(SessionEnd::TenantNotActive(state)),
+                reached = watchdog.next() => match ceiling_reached(reached, cancel, ctx).await {
+                    Some(err) => Err(err),
+                    None => continue,
+                },
             };
             // Idle, but part of a message went one way and not the rest (a client that sent
             // half a CopyData): this backend stays with this client until it is whole.
@@ -436,7 +483,7 @@ where
             // drops unproven and the backend is closed.
             other => {
                 tracing::debug!(outcome = ?other, ?tracker, at_boundary, "transaction relay ended without a clean backend");
-                return Ok(other?);
+                return other;
             }
         }
     }
@@ -489,6 +536,28 @@ fn accepted(lease: &Lease, settings: &[(String, String)]) {
 }
 
 /// `BackendLost` for a backend that closed without its own last word (an ErrorResponse).
+/// Acts on a ceiling: a statement past `max_statement_ms` is cancelled on its backend (the
+/// client gets 57014 from the server, and the relay goes on: `None`); an idle ceiling ends
+/// the session with its error.
+async fn ceiling_reached(
+    reached: Reached,
+    cancel: &CancelGuard,
+    ctx: &SessionContext<'_>,
+) -> Option<SessionError> {
+    match reached {
+        Reached::Statement => {
+            let (pid, secret) = cancel.key();
+            tracing::info!(tenant = %ctx.tenant.slug, "statement past the plan's max_statement_ms; cancelling it");
+            ctx.cancels
+                .cancel(pid, secret, Duration::from_secs(5))
+                .await;
+            None
+        }
+        Reached::IdleInTransaction(limit) => Some(SessionError::IdleInTransactionTimeout(limit)),
+        Reached::ClientIdle(limit) => Some(SessionError::ClientIdleTimeout(limit)),
+    }
+}
+
 fn lost_or(end: SessionEnd, tracker: &TxTracker) -> SessionEnd {
     match end {
         SessionEnd::Relay(RelayEnd::BackendClosed) if !tracker.backend_error_last => {

@@ -21,6 +21,7 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 use bytes::BytesMut;
 
+use super::ceilings::{Phase, PhaseClock};
 use super::statements::{self, LimitExceeded, StatementContext};
 use crate::protocol::frame::{FrameError, FrameHead, FrameScanner, HEADER_BYTES, Scan, SpliceAt};
 use crate::stats::TenantStats;
@@ -739,6 +740,7 @@ pub async fn relay<C, B>(
     tracker: &mut TxTracker,
     mut statements: Statements<'_>,
     stats: &TenantStats,
+    clock: &PhaseClock,
 ) -> Result<RelayEnd, RelayError>
 where
     C: AsyncRead + AsyncWrite + Unpin,
@@ -747,6 +749,8 @@ where
     poll_fn(|cx| {
         let polled = poll_relay(cx, client, backend, buffers, tracker, &mut statements);
         buffers.report(stats);
+        // For the plan's ceilings: a comparison per wakeup, a clock read per phase change.
+        clock.observe(Phase::of(tracker.pending, tracker.status));
         polled
     })
     .await
@@ -858,6 +862,7 @@ mod tests {
                 &mut tracker,
                 None,
                 &counted,
+                &PhaseClock::default(),
             )
             .await;
             (end.unwrap(), tracker)
@@ -916,6 +921,7 @@ mod tests {
                 &mut tracker,
                 None,
                 &counted,
+                &PhaseClock::default(),
             )
             .await;
             (end.unwrap(), tracker)
@@ -961,6 +967,7 @@ mod tests {
                 &mut tracker,
                 None,
                 &TenantStats::default(),
+                &PhaseClock::default(),
             )
             .await
         });
@@ -1013,6 +1020,7 @@ mod reset_ahead_tests {
                     &mut tracker,
                     Some(ctx),
                     &stats,
+                    &PhaseClock::default(),
                 )
                 .await,
             );

@@ -583,3 +583,108 @@ async fn a_client_preparing_without_bound_is_stopped_with_54000() {
     );
     drop(held);
 }
+
+/// A proxy whose tenants get a plan with the given ceilings, in pooling `mode`.
+async fn capped_env(
+    mode: tenantgate::pool::PoolMode,
+    plan: tenantgate::pool::PlanConfig,
+) -> TestEnv {
+    TestEnv::start_with(move |c| {
+        c.pool.mode = mode;
+        c.plans.insert("capped".to_owned(), plan);
+        "capped".clone_into(&mut c.provision.default_plan);
+    })
+    .await
+}
+
+/// Issue 13 item 9: a plan's statement_timeout was a default the client could SET away. A
+/// plan's `max_statement_ms` is a ceiling: tenantgate cancels the statement (57014) whatever
+/// the client set, in both pooling modes, and the connection goes on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_plans_statement_ceiling_cannot_be_set_away() {
+    use tenantgate::pool::{PlanConfig, PoolMode};
+    for mode in [PoolMode::Session, PoolMode::Transaction] {
+        let env = capped_env(
+            mode,
+            PlanConfig {
+                max_statement_ms: Some(300),
+                ..PlanConfig::default()
+            },
+        )
+        .await;
+        let t = env.tenant_with_user("ceiling-").await;
+        let client = env.app(t.slug.as_str()).await;
+        let started = std::time::Instant::now();
+        let err = client
+            .batch_execute("BEGIN; SET LOCAL statement_timeout = 0; SELECT pg_sleep(10)")
+            .await
+            .unwrap_err();
+        assert_eq!(
+            err.code(),
+            Some(&SqlState::QUERY_CANCELED),
+            "{mode:?}: {err}"
+        );
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "{mode:?}: cancelled after {:?}",
+            started.elapsed()
+        );
+        client.batch_execute("ROLLBACK").await.unwrap();
+        // Short statements are not touched, and the connection goes on.
+        for _ in 0..3 {
+            assert_eq!(common::query::value(&client, "SELECT 1").await, "1");
+        }
+    }
+}
+
+/// A plan's `max_idle_in_transaction_ms` closes a client that sits in an open transaction
+/// (FATAL 25P03) and its backend with it (no session is left idle in transaction holding
+/// locks); `max_client_idle_ms` closes one idle between transactions (57P05). Both modes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_plans_idle_ceilings_close_idle_clients_and_their_transactions() {
+    use tenantgate::pool::{PlanConfig, PoolMode};
+    for mode in [PoolMode::Session, PoolMode::Transaction] {
+        let env = capped_env(
+            mode,
+            PlanConfig {
+                max_idle_in_transaction_ms: Some(300),
+                max_client_idle_ms: Some(600),
+                ..PlanConfig::default()
+            },
+        )
+        .await;
+        let t = env.tenant_with_user("idle-").await;
+        let thinker = env.app(t.slug.as_str()).await;
+        thinker
+            .batch_execute("BEGIN; CREATE TABLE held (id int)")
+            .await
+            .unwrap();
+        let closed =
+            common::eventually(Duration::from_secs(5), || async { thinker.is_closed() }).await;
+        assert!(
+            closed,
+            "{mode:?}: a client idle in a transaction was not closed"
+        );
+        let left = common::activity::activity_on(
+            common::cluster(),
+            &format!(
+                "datname = '{}' AND state LIKE 'idle in transaction%'",
+                t.database
+            ),
+        )
+        .await;
+        assert_eq!(left, 0, "{mode:?}: a backend is left idle in a transaction");
+
+        let idler = env.app(t.slug.as_str()).await;
+        idler.batch_execute("SELECT 1").await.unwrap();
+        let closed =
+            common::eventually(Duration::from_secs(5), || async { idler.is_closed() }).await;
+        assert!(closed, "{mode:?}: an idle client was not closed");
+        // A busy one is not.
+        let busy = env.app(t.slug.as_str()).await;
+        for _ in 0..8 {
+            busy.batch_execute("SELECT 1").await.unwrap();
+            tokio::time::sleep(Duration::from_millis(150)).await;
+        }
+    }
+}
