@@ -15,6 +15,7 @@
 
 mod error;
 mod migrations;
+mod no_plain_password;
 mod server;
 
 use std::path::PathBuf;

@@ -16,6 +16,7 @@ use postgres_protocol::escape::{escape_identifier, escape_literal};
 use tokio::sync::OwnedSemaphorePermit;
 
 use super::ProvisionError;
+use super::no_plain_password::NoPlainPassword;
 use crate::crypto::Secret;
 use crate::pool::{BackendTls, ServerBudget, ServerConfig};
 
@@ -120,24 +121,51 @@ async fn connect_budgeted(
         Some(b) => b.permit(&server.name).await?,
         None => None,
     };
-    let mut connected = pg.connect(connector.clone()).await;
-    // libpq's prefer, as tenant pools do it: a failed TLS handshake is retried in plaintext.
+    let connected = pg.connect(connector).await;
+    // libpq's prefer, as tenant pools do it: a failed TLS handshake is retried in plaintext,
+    // where no cleartext or md5 password is sent (see `no_plain_password`).
     if ssl_mode == tokio_postgres::config::SslMode::Prefer
         && connected.as_ref().is_err_and(is_tls_failure)
     {
         tracing::warn!(server = %server.name, "TLS handshake failed; retrying in plaintext (tls = prefer)");
         pg.ssl_mode(tokio_postgres::config::SslMode::Disable);
-        connected = pg.connect(connector).await;
-    }
-    Ok(connected.map(|(client, connection)| {
-        let task = tokio::spawn(async move {
-            if let Err(e) = connection.await {
-                tracing::debug!(error = %e, "provisioning connection ended");
+        let tcp = match tokio::net::TcpStream::connect((server.host.as_str(), server.port)).await {
+            Ok(tcp) => tcp,
+            Err(e) => {
+                // Let tokio-postgres say it, as for any other connect failure.
+                tracing::debug!(error = %e, "plaintext retry could not connect");
+                return Ok(pg
+                    .connect(tokio_postgres::NoTls)
+                    .await
+                    .map(|(client, connection)| spawned(client, connection, permit)));
             }
-            drop(permit);
-        });
-        BackendClient { client, task }
-    }))
+        };
+        let guarded = NoPlainPassword::new(tcp);
+        return Ok(pg
+            .connect_raw(guarded, tokio_postgres::NoTls)
+            .await
+            .map(|(client, connection)| spawned(client, connection, permit)));
+    }
+    Ok(connected.map(|(client, connection)| spawned(client, connection, permit)))
+}
+
+/// Drives `connection` in a task that gives the budget permit back when it ends.
+fn spawned<S, T>(
+    client: tokio_postgres::Client,
+    connection: tokio_postgres::Connection<S, T>,
+    permit: Option<OwnedSemaphorePermit>,
+) -> BackendClient
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let task = tokio::spawn(async move {
+        if let Err(e) = connection.await {
+            tracing::debug!(error = %e, "provisioning connection ended");
+        }
+        drop(permit);
+    });
+    BackendClient { client, task }
 }
 
 /// Whether a connection failed in the TLS handshake (rustls' error somewhere in its causes).

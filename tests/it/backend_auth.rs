@@ -353,4 +353,27 @@ async fn no_cleartext_or_md5_password_after_a_tls_downgrade() {
         }
         proxy.shutdown(Duration::from_secs(1)).await;
     }
+    // Provisioning connections (tokio-postgres) refuse the same: registering the cleartext
+    // role's database through the breaker under `prefer` fails with the reason.
+    let clear_again = unique("dg_clear_again_");
+    prepend_hba(&format!("host all {clear_again} 127.0.0.1/32 password")).await;
+    legacy_database(&clear_again, "clear-pw", false).await;
+    let mut config = env.config.clone();
+    config.servers[0].port = port;
+    let err = provision::register_tenant(
+        &config,
+        &env.registry,
+        &env.key,
+        &RegisterTenant {
+            slug: &unique("downgrade-reg-"),
+            server: None,
+            database: &clear_again,
+            role: &clear_again,
+            password: &Secret::new("clear-pw"),
+        },
+    )
+    .await
+    .unwrap_err();
+    let chain = format!("{:?}", anyhow::Error::from(err));
+    assert!(chain.contains("cleartext or md5 password"), "{chain}");
 }
