@@ -89,6 +89,8 @@ pub enum Reached {
 /// The phase and when it began, shared by the relay (writer) and the watchdog (reader).
 #[derive(Debug)]
 pub struct PhaseClock {
+    /// False when the tenant's plan sets no ceiling: nothing is recorded.
+    watching: bool,
     base: Instant,
     phase: AtomicU8,
     /// When the phase began, in microseconds since `base`.
@@ -99,19 +101,25 @@ pub struct PhaseClock {
 
 impl Default for PhaseClock {
     fn default() -> Self {
+        PhaseClock::watching(true)
+    }
+}
+
+impl PhaseClock {
+    /// A clock that records phases only when `watching` (some ceiling is set).
+    pub fn watching(watching: bool) -> PhaseClock {
         PhaseClock {
+            watching,
             base: Instant::now(),
             phase: AtomicU8::new(Phase::Idle.code()),
             since: AtomicU64::new(0),
             cancelled: AtomicU64::new(u64::MAX),
         }
     }
-}
 
-impl PhaseClock {
     /// Records `phase`; the clock is read only when it differs from the last one.
     pub fn observe(&self, phase: Phase) {
-        if self.phase.load(Ordering::Relaxed) != phase.code() {
+        if self.watching && self.phase.load(Ordering::Relaxed) != phase.code() {
             let micros = u64::try_from(self.base.elapsed().as_micros()).unwrap_or(u64::MAX - 1);
             self.since.store(micros, Ordering::Relaxed);
             self.phase.store(phase.code(), Ordering::Relaxed);

@@ -339,7 +339,7 @@ where
     let mut tracker = TxTracker::default();
     let backend = lease.conn();
     let mut watch = Watch::new(ctx);
-    let clock = PhaseClock::default();
+    let clock = PhaseClock::watching(!ctx.ceilings.is_empty());
     let watchdog = Watchdog::new(ctx.ceilings, &clock);
     let outcome = loop {
         break tokio::select! {
@@ -388,7 +388,7 @@ where
     let mut settings_accepted = false;
     // Reused for every transaction: no allocation per transaction once warm.
     let mut responses = Responses::default();
-    let clock = PhaseClock::default();
+    let clock = PhaseClock::watching(!ctx.ceilings.is_empty());
     let watchdog = Watchdog::new(ctx.ceilings, &clock);
     loop {
         // Between transactions: idle (a pinned client's idle time is counted by its relay).
