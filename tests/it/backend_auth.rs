@@ -40,6 +40,20 @@ async fn legacy_database(role: &str, password: &str, md5_stored: bool) {
         .unwrap();
 }
 
+/// An md5 role and a cleartext-password role (pg_hba lines for each), each owning a database
+/// of its name: (md5 role, cleartext role); passwords "md5-pw" and "clear-pw".
+async fn legacy_roles(prefix: &str) -> (String, String) {
+    let md5_role = unique(&format!("{prefix}md5_"));
+    let clear_role = unique(&format!("{prefix}clear_"));
+    prepend_hba(&format!(
+        "host all {md5_role} 127.0.0.1/32 md5\nhost all {clear_role} 127.0.0.1/32 password"
+    ))
+    .await;
+    legacy_database(&md5_role, "md5-pw", true).await;
+    legacy_database(&clear_role, "clear-pw", false).await;
+    (md5_role, clear_role)
+}
+
 /// Registers `role`'s database (made by `legacy_database`) as a new tenant with user
 /// `app`/`secret`; returns its slug.
 async fn register_legacy(env: &TestEnv, prefix: &str, role: &str, password: &str) -> String {
@@ -65,14 +79,7 @@ async fn register_legacy(env: &TestEnv, prefix: &str, role: &str, password: &str
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn md5_and_cleartext_backends_are_answered() {
     let env = TestEnv::start().await;
-    let md5_role = unique("md5_role_");
-    let clear_role = unique("clear_role_");
-    prepend_hba(&format!(
-        "host all {md5_role} 127.0.0.1/32 md5\nhost all {clear_role} 127.0.0.1/32 password"
-    ))
-    .await;
-    legacy_database(&md5_role, "md5-pw", true).await;
-    legacy_database(&clear_role, "clear-pw", false).await;
+    let (md5_role, clear_role) = legacy_roles("legacy_").await;
 
     for (role, password) in [(&md5_role, "md5-pw"), (&clear_role, "clear-pw")] {
         let slug = register_legacy(&env, "legacy-", role, password).await;
@@ -297,14 +304,7 @@ async fn no_cleartext_or_md5_password_after_a_tls_downgrade() {
     use std::time::Duration;
     use tenantgate::pool::BackendTlsMode;
     let env = TestEnv::start().await;
-    let md5_role = unique("dg_md5_");
-    let clear_role = unique("dg_clear_");
-    prepend_hba(&format!(
-        "host all {md5_role} 127.0.0.1/32 md5\nhost all {clear_role} 127.0.0.1/32 password"
-    ))
-    .await;
-    legacy_database(&md5_role, "md5-pw", true).await;
-    legacy_database(&clear_role, "clear-pw", false).await;
+    let (md5_role, clear_role) = legacy_roles("dg_").await;
     let mut slugs = Vec::new();
     for (role, password) in [(&md5_role, "md5-pw"), (&clear_role, "clear-pw")] {
         let slug = register_legacy(&env, "downgrade-", role, password).await;
