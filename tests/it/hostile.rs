@@ -100,6 +100,17 @@ async fn read_the_salt_at(port: u16, database: &str, user: &str) -> (TcpStream, 
     (stream, salt)
 }
 
+/// Closes our side and waits until the proxy closes its own: by then it has finished with
+/// the login (and counted it), so the next step cannot overtake it.
+async fn hang_up(mut stream: TcpStream) {
+    stream.shutdown().await.unwrap();
+    let mut rest = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut rest))
+        .await
+        .expect("the proxy closes the connection of a client that hung up")
+        .ok();
+}
+
 fn is_too_many(e: &tokio_postgres::Error) -> bool {
     e.code() == Some(&SqlState::TOO_MANY_CONNECTIONS)
 }
@@ -117,7 +128,7 @@ async fn reading_the_salt_and_hanging_up_counts_as_a_failed_login() {
     let t = env.tenant_with_user("salt-").await;
     for _ in 0..3 {
         let (stream, _) = read_the_salt(&env, t.slug.as_str(), "app").await;
-        drop(stream);
+        hang_up(stream).await;
     }
     let err = env
         .connect(t.slug.as_str(), "app", "secret")
