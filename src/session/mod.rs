@@ -20,6 +20,7 @@
 pub mod cancel;
 pub mod ceilings;
 pub mod relay;
+mod relay_buffer;
 pub mod settings;
 pub mod statements;
 

@@ -1,8 +1,8 @@
 //! The relay loop: moves bytes between a client and its backend in both directions at once,
 //! looking only at frame headers.
 //!
-//! Each direction owns one fixed buffer for the life of the session, reads as much as the socket
-//! has, finds frame boundaries with [`FrameScanner`] and writes whole runs in one call: no
+//! Each direction holds one fixed buffer while bytes are in it (a quiet direction gives it back:
+//! `relay_buffer`), reads as much as the socket has, finds frame boundaries with [`FrameScanner`] and writes whole runs in one call: no
 //! per-message allocation, no copy of row data, no lock. Both directions are polled in the same
 //! task so a client that streams COPY data while the backend streams NOTICEs cannot deadlock us.
 //! The relay inspects only: client `X` (Terminate, swallowed), `Q`/`S`/`F` (answered by a
@@ -22,12 +22,10 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use bytes::BytesMut;
 
 use super::ceilings::{Phase, PhaseClock};
+use super::relay_buffer::{RELAY_BUFFER_BYTES, RelayBuffer};
 use super::statements::{self, LimitExceeded, StatementContext};
 use crate::protocol::frame::{FrameError, FrameHead, FrameScanner, HEADER_BYTES, Scan, SpliceAt};
 use crate::stats::TenantStats;
-
-/// Bytes of each direction's buffer.
-pub const RELAY_BUFFER_BYTES: usize = 16 * 1024;
 
 /// What the backend still owes, as seen from the messages that crossed, and what the client
 /// left behind on it.
@@ -216,7 +214,8 @@ trait Inspector {
 /// an incomplete header (or bytes after a stop) waiting to be scanned again. A splice replaces
 /// bytes at `scanned` with `splice_out`.
 struct Half {
-    buf: Box<[u8]>,
+    /// Held only while bytes are in it (see `relay_buffer`).
+    buf: RelayBuffer,
     filled: usize,
     scanned: usize,
     written: usize,
@@ -251,7 +250,7 @@ enum HalfError {
 impl Half {
     fn new(max_body_bytes: usize) -> Half {
         Half {
-            buf: vec![0u8; RELAY_BUFFER_BYTES].into_boxed_slice(),
+            buf: RelayBuffer::default(),
             filled: 0,
             scanned: 0,
             written: 0,
@@ -349,10 +348,11 @@ impl Half {
         let Some(start) = end.checked_sub(FLUSH.len()) else {
             return;
         };
-        if self.written > start || self.buf.get(start..end) != Some(FLUSH) {
+        if self.written > start || self.buf.bytes().get(start..end) != Some(FLUSH) {
             return;
         }
         self.buf
+            .bytes_mut()
             .copy_within(self.written..start, self.written + FLUSH.len());
         self.written += FLUSH.len();
     }
@@ -370,7 +370,11 @@ impl Half {
         writer: &mut W,
     ) -> Poll<Result<(), HalfError>> {
         while self.written < self.scanned {
-            let out = self.buf.get(self.written..self.scanned).unwrap_or_default();
+            let out = self
+                .buf
+                .bytes()
+                .get(self.written..self.scanned)
+                .unwrap_or_default();
             let n = ready!(poll_write_some(cx, writer, out))?;
             self.written += n;
             self.needs_flush = true;
@@ -417,26 +421,52 @@ impl Half {
     ) -> Poll<Result<(), HalfError>> {
         if self.written > 0 {
             // Keep what is not sent yet at the front; everything before it is gone.
-            self.buf.copy_within(self.written..self.filled, 0);
+            self.buf
+                .bytes_mut()
+                .copy_within(self.written..self.filled, 0);
             self.filled -= self.written;
             self.scanned -= self.written;
             self.written = 0;
         }
-        let space = self.buf.get_mut(self.filled..).unwrap_or_default();
+        let space = self
+            .buf
+            .bytes_mut()
+            .get_mut(self.filled..)
+            .unwrap_or_default();
         if space.is_empty() {
             // A full buffer of messages held until the backend answers (a reset sent ahead):
             // its answer wakes the relay, which polls both directions.
             return Poll::Pending;
         }
         let mut read_buf = ReadBuf::new(space);
-        ready!(Pin::new(&mut *reader).poll_read(cx, &mut read_buf)).map_err(HalfError::Read)?;
+        let read = Pin::new(&mut *reader).poll_read(cx, &mut read_buf);
         let n = read_buf.filled().len();
+        if read.is_pending() {
+            // Nothing came: a direction with nothing buffered waits without its buffer.
+            self.release_if_empty();
+            return Poll::Pending;
+        }
+        if let Poll::Ready(Err(e)) = read {
+            return Poll::Ready(Err(HalfError::Read(e)));
+        }
         if n == 0 {
             self.eof = true;
         }
         self.filled += n;
         self.unreported_bytes += u64::try_from(n).unwrap_or(u64::MAX);
         Poll::Ready(Ok(()))
+    }
+
+    /// Gives the buffer back if every byte in it was scanned and written: a quiet client
+    /// (or backend) holds none.
+    fn release_if_empty(&mut self) {
+        if self.written == self.filled && self.scanned == self.filled && self.buf.is_held() {
+            self.filled = 0;
+            self.scanned = 0;
+            self.written = 0;
+            self.front_flush = None;
+            self.buf.release();
+        }
     }
 
     /// Scans `[scanned, filled)`; returns whether anything became forwardable, a stop or a
@@ -453,7 +483,11 @@ impl Half {
                 return Ok(false);
             }
         }
-        let fresh = self.buf.get(self.scanned..self.filled).unwrap_or_default();
+        let fresh = self
+            .buf
+            .bytes()
+            .get(self.scanned..self.filled)
+            .unwrap_or_default();
         let splice_out = &mut self.splice_out;
         let scanned = self
             .scanner
@@ -536,11 +570,12 @@ impl RelayBuffers {
     pub fn prepend_to_backend(&mut self, bytes: &[u8]) -> bool {
         let half = &mut self.to_backend;
         let waiting = half.filled - half.written;
-        if !half.writer_at_boundary() || waiting + bytes.len() > half.buf.len() {
+        if !half.writer_at_boundary() || waiting + bytes.len() > RELAY_BUFFER_BYTES {
             return false;
         }
-        half.buf.copy_within(half.written..half.filled, bytes.len());
-        let Some(front) = half.buf.get_mut(..bytes.len()) else {
+        let buf = half.buf.bytes_mut();
+        buf.copy_within(half.written..half.filled, bytes.len());
+        let Some(front) = buf.get_mut(..bytes.len()) else {
             return false;
         };
         front.copy_from_slice(bytes);
@@ -574,7 +609,11 @@ impl RelayBuffers {
             if half.written < half.scanned {
                 return Poll::Ready(Ok(None));
             }
-            let unscanned = half.buf.get(half.scanned..half.filled).unwrap_or_default();
+            let unscanned = half
+                .buf
+                .bytes()
+                .get(half.scanned..half.filled)
+                .unwrap_or_default();
             if let Some(tag) = unscanned.first() {
                 if !half.scanner.at_boundary() {
                     return Poll::Ready(Ok(None));
@@ -749,6 +788,11 @@ where
     poll_fn(|cx| {
         let polled = poll_relay(cx, client, backend, buffers, tracker, &mut statements);
         buffers.report(stats);
+        if polled.is_ready() {
+            // The backend goes back (or away): what it sent last was all forwarded.
+            buffers.to_client.release_if_empty();
+            buffers.to_backend.release_if_empty();
+        }
         // For the plan's ceilings: a comparison per wakeup, a clock read per phase change.
         clock.observe(Phase::of(tracker.pending, tracker.status));
         polled

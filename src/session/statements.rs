@@ -543,7 +543,7 @@ fn hold(ctx: &mut StatementContext<'_>, head: &FrameHead<'_>) -> Scan {
         // All of it is here and still malformed: more bytes would not help. The backend
         // answers it with its own protocol error (holding it would hang the client).
         Scan::Continue
-    } else if head.body.len() + HEADER_BYTES < crate::session::relay::RELAY_BUFFER_BYTES {
+    } else if head.body.len() + HEADER_BYTES < super::relay_buffer::RELAY_BUFFER_BYTES {
         Scan::Hold
     } else {
         ctx.client.needs_pin = true;
