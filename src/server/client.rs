@@ -118,15 +118,19 @@ pub(super) async fn serve_client(
     // One deadline for the whole login: encryption, TLS handshake, startup and SCRAM.
     let deadline = Instant::now() + login_timeout;
     let tls_setup = state.tls.current();
-    let opening =
-        match tokio::time::timeout_at(deadline, encryption(state, &tls_setup, &mut stream)).await {
-            Ok(Ok(opening)) => opening,
-            Ok(Err(e)) => return fail(&mut stream, &e).await,
-            Err(_) => {
-                fail(&mut stream, &LoginError::Timeout(login_timeout)).await;
-                return CloseReason::LoginTimeout;
-            }
-        };
+    let opening = match Box::pin(tokio::time::timeout_at(
+        deadline,
+        encryption(state, &tls_setup, &mut stream),
+    ))
+    .await
+    {
+        Ok(Ok(opening)) => opening,
+        Ok(Err(e)) => return fail(&mut stream, &e).await,
+        Err(_) => {
+            fail(&mut stream, &LoginError::Timeout(login_timeout)).await;
+            return CloseReason::LoginTimeout;
+        }
+    };
     let direct = match opening {
         Opening::Tls { direct } => direct,
         Opening::Plain(first) => {
@@ -198,10 +202,12 @@ where
 {
     let login_timeout = Duration::from_millis(state.config.get().proxy.login_timeout_ms);
     let mut who = LoginAttempt::default();
-    let login = tokio::time::timeout_at(
+    // Boxed, like every phase a connected client is done with: its state is freed when it
+    // ends, so an idle session's task stays small (issue 12).
+    let login = Box::pin(tokio::time::timeout_at(
         deadline,
         login(state, &mut conn, first, &mut who, &mut login_slot),
-    )
+    ))
     .await;
     drop(login_slot);
     let login = login.unwrap_or(Err(LoginError::Timeout(login_timeout)));

@@ -98,7 +98,7 @@ impl<'a> Watch<'a> {
                     }
                 }
             }
-            let state = match self.ctx.directory.tenant(&self.ctx.tenant.slug).await {
+            let state = match Box::pin(self.ctx.directory.tenant(&self.ctx.tenant.slug)).await {
                 Ok(Some(record)) => {
                     // Reads can cross: an older row than the one held changes nothing.
                     if record.revision >= self.tenant().revision {
@@ -259,7 +259,7 @@ where
     C: AsyncRead + AsyncWrite + Unpin,
 {
     // Keeps the tenant's pool (and so its limits) in place while this client is connected.
-    let attached = ctx.pools.attach(ctx.tenant).await?;
+    let attached = Box::pin(ctx.pools.attach(ctx.tenant)).await?;
     if ctx.mode == PoolMode::Transaction {
         // Every change of client resets; backends opened with the clients' settings need
         // nothing more. (A session-mode backend serves one client for long: it is opened
@@ -269,33 +269,14 @@ where
     let mut buffers = RelayBuffers::new(ctx.max_client_message_bytes);
     let outcome = match ctx.mode {
         PoolMode::Session => {
-            let mut lease = checkout(ctx, ctx.tenant, settings).await?;
-            prepare(lease.conn(), ctx.client_id, settings, ctx.reset_timeout).await?;
-            accepted(&lease, settings);
+            let mut lease = Box::pin(ready_backend(ctx, settings)).await?;
             let cancel = ctx.cancels.register(cancel_target(lease.conn()));
             greet(client, &lease.conn().params, cancel.key()).await?;
             session_mode(client, lease, &mut buffers, &cancel, ctx).await
         }
         PoolMode::Transaction => {
-            // Greet without holding a backend when the pool already knows what a backend
-            // reports: a client must be able to log in while every backend is busy (pgbench
-            // connects its clients from the thread that drives the others' transactions).
             let cancel = ctx.cancels.register_detached();
-            let known = match ctx.pools.get(&ctx.tenant.slug).await {
-                Some(pool) => pool.base_params(settings),
-                None => None,
-            };
-            let params = if let Some(base) = known {
-                with_settings(&base, settings)
-            } else {
-                let mut lease = checkout(ctx, ctx.tenant, settings).await?;
-                prepare(lease.conn(), ctx.client_id, settings, ctx.reset_timeout).await?;
-                accepted(&lease, settings);
-                let params = lease.conn().params.clone();
-                // Only setup queries ran, each answered through ReadyForQuery `I`.
-                lease.reusable();
-                params
-            };
+            let params = Box::pin(greeting_params(ctx, settings)).await?;
             greet(client, &params, cancel.key()).await?;
             transaction_mode(client, settings, &mut buffers, &cancel, ctx).await
         }
@@ -326,6 +307,39 @@ where
     outcome
 }
 
+/// A backend of the tenant's pool made ready for this client (reset, its settings).
+async fn ready_backend(
+    ctx: &SessionContext<'_>,
+    settings: &[(String, String)],
+) -> Result<Lease, SessionError> {
+    let mut lease = checkout(ctx, ctx.tenant, settings).await?;
+    prepare(lease.conn(), ctx.client_id, settings, ctx.reset_timeout).await?;
+    accepted(&lease, settings);
+    Ok(lease)
+}
+
+/// Transaction pooling: the parameters to greet the client with, without holding a backend
+/// when the pool already knows what a backend reports (a client must be able to log in while
+/// every backend is busy: pgbench connects its clients from the thread that drives the
+/// others' transactions). Otherwise from a backend made ready for it, given back at once.
+async fn greeting_params(
+    ctx: &SessionContext<'_>,
+    settings: &[(String, String)],
+) -> Result<Vec<(String, String)>, SessionError> {
+    let known = match ctx.pools.get(&ctx.tenant.slug).await {
+        Some(pool) => pool.base_params(settings),
+        None => None,
+    };
+    if let Some(base) = known {
+        return Ok(with_settings(&base, settings));
+    }
+    let mut lease = ready_backend(ctx, settings).await?;
+    let params = lease.conn().params.clone();
+    // Only setup queries ran, each answered through ReadyForQuery `I`.
+    lease.reusable();
+    Ok(params)
+}
+
 /// Session pooling: one backend for the client's whole life.
 async fn session_mode<C>(
     client: &mut C,
@@ -347,7 +361,7 @@ where
             end = relay::relay(client, &mut backend.stream, buffers, &mut tracker, None, ctx.stats, &clock) => end.map(SessionEnd::Relay).map_err(SessionError::from),
             () = ctx.shutdown.cancelled() => Ok(SessionEnd::Shutdown),
             state = watch.must_go() => Ok(SessionEnd::TenantNotActive(state)),
-            reached = watchdog.next() => match ceiling_reached(reached, cancel, ctx).await {
+            reached = watchdog.next() => match Box::pin(ceiling_reached(reached, cancel, ctx)).await {
                 Some(err) => Err(err),
                 None => continue,
             },
@@ -367,6 +381,16 @@ where
     outcome
 }
 
+/// What a transaction-pooling client keeps from one transaction to the next.
+struct TxState {
+    tracker: TxTracker,
+    client_statements: ClientStatements,
+    /// The pool has been told once that a backend took this client's settings.
+    settings_accepted: bool,
+    /// Reused for every transaction: no allocation per transaction once warm.
+    responses: Responses,
+}
+
 /// Transaction pooling: a backend per transaction, none in between.
 async fn transaction_mode<C>(
     client: &mut C,
@@ -378,17 +402,17 @@ async fn transaction_mode<C>(
 where
     C: AsyncRead + AsyncWrite + Unpin,
 {
-    let mut tracker = TxTracker {
-        release_at_idle: true,
-        ..TxTracker::default()
+    let mut tx = TxState {
+        tracker: TxTracker {
+            release_at_idle: true,
+            ..TxTracker::default()
+        },
+        client_statements: ClientStatements::default(),
+        settings_accepted: false,
+        responses: Responses::default(),
     };
-    let mut client_statements = ClientStatements::default();
-    client_statements.limits = ctx.statement_limits;
+    tx.client_statements.limits = ctx.statement_limits;
     let mut watch = Watch::new(ctx);
-    // The pool has been told once that a backend took this client's settings.
-    let mut settings_accepted = false;
-    // Reused for every transaction: no allocation per transaction once warm.
-    let mut responses = Responses::default();
     let clock = PhaseClock::watching(!ctx.ceilings.is_empty());
     let watchdog = Watchdog::new(ctx.ceilings, &clock);
     loop {
@@ -398,7 +422,7 @@ where
             waited = buffers.wait_for_client(client, ctx.stats) => waited?,
             () = ctx.shutdown.cancelled() => return Ok(SessionEnd::Shutdown),
             state = watch.must_go() => return Ok(SessionEnd::TenantNotActive(state)),
-            reached = watchdog.next() => match ceiling_reached(reached, cancel, ctx).await {
+            reached = watchdog.next() => match Box::pin(ceiling_reached(reached, cancel, ctx)).await {
                 Some(err) => return Err(err),
                 None => continue,
             },
@@ -410,82 +434,126 @@ where
             // No new transactions for a tenant that is no longer active.
             return Ok(SessionEnd::TenantNotActive(state));
         }
-        // The tenant as the registry says now (a long-lived client must follow a moved
-        // database or a rotated password), not as it was at login.
-        let tenant = watch.tenant();
-        let mut lease = checkout(ctx, tenant, settings).await?;
-        responses.clear();
-        prepare_ahead(lease.conn(), ctx, settings, buffers, &mut responses).await?;
-        if !settings_accepted {
-            accepted(&lease, settings);
-            settings_accepted = true;
+        let served = Box::pin(serve_transaction(
+            client,
+            settings,
+            buffers,
+            cancel,
+            ctx,
+            &mut tx,
+            &mut watch,
+            (&clock, &watchdog),
+        ))
+        .await?;
+        if let Some(end) = served {
+            return Ok(end);
         }
-        let backend = lease.conn();
-        cancel.attach(cancel_target(backend));
-        backend.statements.capacity = ctx.statement_cache_size;
-        let outcome = loop {
-            let statements = StatementContext {
-                client: &mut client_statements,
-                backend: &mut backend.statements,
-                responses: &mut responses,
-            };
-            let outcome = tokio::select! {
-                end = relay::relay(client, &mut backend.stream, buffers, &mut tracker, Some(statements), ctx.stats, &clock) => end.map(SessionEnd::Relay).map_err(SessionError::from),
-                () = ctx.shutdown.cancelled() => Ok(SessionEnd::Shutdown),
-                state = watch.must_go() => Ok(SessionEnd::TenantNotActive(state)),
-                reached = watchdog.next() => match ceiling_reached(reached, cancel, ctx).await {
-                    Some(err) => Err(err),
-                    None => continue,
-                },
-            };
-            // Idle, but part of a message went one way and not the rest (a client that sent
-            // half a CopyData): this backend stays with this client until it is whole.
-            if matches!(outcome, Ok(SessionEnd::Relay(RelayEnd::Idle)))
-                && !buffers.at_message_boundary()
-            {
-                continue;
-            }
-            break outcome;
+    }
+}
+
+/// One transaction (or a pinned client's run of them): a backend, its setup sent ahead, the
+/// relay until the backend is idle, the release. Boxed by the caller, so a client between
+/// transactions holds none of this state (issue 12: an idle client costs its socket and a
+/// small struct). `Ok(None)`: the backend went back and the client may send more.
+#[allow(
+    clippy::too_many_arguments,
+    reason = "the transaction loop's state, lent for one turn"
+)]
+async fn serve_transaction<C>(
+    client: &mut C,
+    settings: &[(String, String)],
+    buffers: &mut RelayBuffers,
+    cancel: &CancelGuard,
+    ctx: &SessionContext<'_>,
+    tx: &mut TxState,
+    watch: &mut Watch<'_>,
+    (clock, watchdog): (&PhaseClock, &Watchdog<'_>),
+) -> Result<Option<SessionEnd>, SessionError>
+where
+    C: AsyncRead + AsyncWrite + Unpin,
+{
+    let TxState {
+        tracker,
+        client_statements,
+        settings_accepted,
+        responses,
+    } = tx;
+    // The tenant as the registry says now (a long-lived client must follow a moved
+    // database or a rotated password), not as it was at login.
+    let tenant = watch.tenant();
+    let mut lease = checkout(ctx, tenant, settings).await?;
+    responses.clear();
+    prepare_ahead(lease.conn(), ctx, settings, buffers, responses).await?;
+    if !*settings_accepted {
+        accepted(&lease, settings);
+        *settings_accepted = true;
+    }
+    let backend = lease.conn();
+    cancel.attach(cancel_target(backend));
+    backend.statements.capacity = ctx.statement_cache_size;
+    let outcome = loop {
+        let statements = StatementContext {
+            client: client_statements,
+            backend: &mut backend.statements,
+            responses,
         };
-        cancel.detach().await;
-        if let Some(failure) = responses.reset_failure() {
-            // Nothing of the client's ran; its first messages were spent on this backend.
-            tracing::warn!(
-                backend_pid = backend.pid,
-                reason = failure,
-                "the reset before a client's transaction failed; closing the backend and the client"
-            );
-            return Err(SessionError::ResetFailed(failure.to_owned()));
+        let outcome = tokio::select! {
+            end = relay::relay(client, &mut backend.stream, buffers, tracker, Some(statements), ctx.stats, clock) => end.map(SessionEnd::Relay).map_err(SessionError::from),
+            () = ctx.shutdown.cancelled() => Ok(SessionEnd::Shutdown),
+            state = watch.must_go() => Ok(SessionEnd::TenantNotActive(state)),
+            reached = watchdog.next() => match Box::pin(ceiling_reached(reached, cancel, ctx)).await {
+                Some(err) => Err(err),
+                None => continue,
+            },
+        };
+        // Idle, but part of a message went one way and not the rest (a client that sent
+        // half a CopyData): this backend stays with this client until it is whole.
+        if matches!(outcome, Ok(SessionEnd::Relay(RelayEnd::Idle)))
+            && !buffers.at_message_boundary()
+        {
+            continue;
         }
-        let outcome = outcome.map(|end| lost_or(end, &tracker));
-        tracing::trace!(?outcome, ?tracker, "transaction relay ended");
-        backend.needs_reset |= responses.statements_suspect();
-        backend.reported_since_reset |= std::mem::take(&mut tracker.parameter_reported);
-        // A reset sent ahead and not answered yet (the client asked for nothing the backend
-        // answers) leaves answers owed: the backend is not between requests.
-        let at_boundary =
-            tracker.is_clean() && buffers.at_message_boundary() && !responses.reset_in_flight();
-        match outcome {
-            Ok(SessionEnd::Relay(RelayEnd::Idle)) if at_boundary => {
-                release(&mut lease).await;
+        break outcome;
+    };
+    cancel.detach().await;
+    if let Some(failure) = responses.reset_failure() {
+        // Nothing of the client's ran; its first messages were spent on this backend.
+        tracing::warn!(
+            backend_pid = backend.pid,
+            reason = failure,
+            "the reset before a client's transaction failed; closing the backend and the client"
+        );
+        return Err(SessionError::ResetFailed(failure.to_owned()));
+    }
+    let outcome = outcome.map(|end| lost_or(end, tracker));
+    tracing::trace!(?outcome, ?tracker, "transaction relay ended");
+    backend.needs_reset |= responses.statements_suspect();
+    backend.reported_since_reset |= std::mem::take(&mut tracker.parameter_reported);
+    // A reset sent ahead and not answered yet (the client asked for nothing the backend
+    // answers) leaves answers owed: the backend is not between requests.
+    let at_boundary =
+        tracker.is_clean() && buffers.at_message_boundary() && !responses.reset_in_flight();
+    match outcome {
+        Ok(SessionEnd::Relay(RelayEnd::Idle)) if at_boundary => {
+            release(&mut lease).await;
+            Ok(None)
+        }
+        Ok(SessionEnd::Relay(end @ (RelayEnd::ClientTerminated | RelayEnd::ClientClosed)))
+            if at_boundary =>
+        {
+            if tracker.pinned {
+                // Named statements, LISTEN: a pinned backend is reset like a session's.
+                release_clean(&mut lease, ctx.reset_timeout).await;
+            } else {
+                release_resetting(&mut lease).await;
             }
-            Ok(SessionEnd::Relay(end @ (RelayEnd::ClientTerminated | RelayEnd::ClientClosed)))
-                if at_boundary =>
-            {
-                if tracker.pinned {
-                    // Named statements, LISTEN: a pinned backend is reset like a session's.
-                    release_clean(&mut lease, ctx.reset_timeout).await;
-                } else {
-                    release_resetting(&mut lease).await;
-                }
-                return Ok(SessionEnd::Relay(end));
-            }
-            // Left mid-transaction or mid-message, backend gone, shutdown or error: the lease
-            // drops unproven and the backend is closed.
-            other => {
-                tracing::debug!(outcome = ?other, ?tracker, at_boundary, "transaction relay ended without a clean backend");
-                return other;
-            }
+            Ok(Some(SessionEnd::Relay(end)))
+        }
+        // Left mid-transaction or mid-message, backend gone, shutdown or error: the lease
+        // drops unproven and the backend is closed.
+        other => {
+            tracing::debug!(outcome = ?other, ?tracker, at_boundary, "transaction relay ended without a clean backend");
+            other.map(Some)
         }
     }
 }
