@@ -4,8 +4,11 @@
 //! TENANT, MIGRATE, SUSPEND, KILL...
 //!
 //! Moving parts: `command` (parsing, with sqlparser), `select` (SELECT over a virtual
-//! table), `catalog` (the virtual tables), `exec` (what commands do), `handler` (pgwire's
-//! query handlers), `table` (typed values), `usage` (SHOW STATS), `error` (SQLSTATEs).
+//! table), `catalog` (the virtual tables), `exec` (dispatch: which file runs a command),
+//! `lifecycle` (create, register, suspend, resume, kill, drop and migrate tenants), `users`
+//! (users, auth methods, domains), `reload` (RELOAD and the config diff), `keys` (master key
+//! rotation), `pause` (PAUSE/RESUME), `handler` (pgwire's query handlers), `table` (typed
+//! values), `usage` (SHOW STATS), `error` (SQLSTATEs).
 //! The server module authenticates the admin and hands the socket to [`serve`], which drives
 //! pgwire's per-message processing. This module must not reach into a session's internals;
 //! it sees clients through the roster and pools through the pool map.
@@ -15,6 +18,10 @@ mod command;
 mod error;
 mod exec;
 mod handler;
+mod keys;
+mod lifecycle;
+mod pause;
+mod reload;
 mod select;
 mod table;
 mod usage;
@@ -147,7 +154,7 @@ pub struct AdminContext {
 pub async fn reload(ctx: &AdminContext, actor: &str) -> Result<String, AdminError> {
     let (sender, receiver) = tokio::sync::mpsc::unbounded_channel();
     let progress = exec::Progress::new(sender);
-    exec::reload_config(ctx, actor, &progress).await?;
+    reload::reload_config(ctx, actor, &progress).await?;
     drop(progress);
     let mut receiver = receiver;
     let mut said = Vec::new();

@@ -1,5 +1,6 @@
 //! How each user logs in: the auth method (`scram`, `cert`, `cert+scram`) next to its SCRAM
-//! verifier, for tenant users and admin users. Read on the login path (through the directory's
+//! verifier, for tenant users and admin users, and the tenant users' rows themselves (a
+//! verifier set or replaced, a user removed). Read on the login path (through the directory's
 //! cache for tenant users), written by the admin console and the CLI.
 //!
 //! This module stores and reads; it must not decide whether a login succeeds (`server::client`
@@ -92,6 +93,52 @@ impl Registry {
             )
             .await?;
         row.map(|r| login_from_row(&r, slug.as_str())).transpose()
+    }
+
+    /// The stored SCRAM verifier of a tenant's user.
+    pub async fn user_verifier(
+        &self,
+        slug: &TenantSlug,
+        user: &str,
+    ) -> Result<Option<String>, RegistryError> {
+        let conn = self.conn().await?;
+        let row = conn
+            .query_opt(
+                "SELECT scram_verifier FROM tenant_users WHERE tenant_slug = $1 AND username = $2",
+                &[&slug.as_str(), &user],
+            )
+            .await?;
+        Ok(row.map(|r| r.get(0)))
+    }
+
+    /// Creates or replaces a tenant user's verifier.
+    pub async fn set_user(
+        &self,
+        slug: &TenantSlug,
+        user: &str,
+        verifier: &str,
+    ) -> Result<(), RegistryError> {
+        let conn = self.conn().await?;
+        conn.execute(
+            "INSERT INTO tenant_users (tenant_slug, username, scram_verifier) VALUES ($1, $2, $3) \
+             ON CONFLICT (tenant_slug, username) DO UPDATE \
+             SET scram_verifier = EXCLUDED.scram_verifier, updated_at = now()",
+            &[&slug.as_str(), &user, &verifier],
+        )
+        .await?;
+        Ok(())
+    }
+
+    /// Removes a tenant user. Returns false if there was no such user.
+    pub async fn delete_user(&self, slug: &TenantSlug, user: &str) -> Result<bool, RegistryError> {
+        let conn = self.conn().await?;
+        let n = conn
+            .execute(
+                "DELETE FROM tenant_users WHERE tenant_slug = $1 AND username = $2",
+                &[&slug.as_str(), &user],
+            )
+            .await?;
+        Ok(n > 0)
     }
 
     /// The key mock SCRAM salts are derived from (registry migration 5): the same for every

@@ -1,0 +1,104 @@
+//! The command line: the top-level clap types, and the dispatch from a parsed command to the
+//! file that runs its family (`serve`, `tenant`, `user`, `key`; the quickstart is the library's
+//! `quickstart`). Shared by the families: where the config file is, the log set-up, opening the
+//! registry. This module must not hold a command's logic, and must not choose exit codes
+//! (`main` does, from the error it gets back).
+
+mod key;
+mod serve;
+mod tenant;
+mod terminal;
+mod user;
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use anyhow::Context as _;
+use clap::{Parser, Subcommand};
+use tenantgate::config::Config;
+use tenantgate::quickstart;
+use tenantgate::registry::Registry;
+
+#[derive(Parser)]
+#[command(
+    name = "tenantgate",
+    version,
+    about = "PostgreSQL proxy for database-per-tenant SaaS"
+)]
+pub(crate) struct Cli {
+    /// Config file (default: $TENANTGATE_CONFIG, else ./tenantgate.toml).
+    #[arg(long, global = true)]
+    config: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the proxy.
+    Serve,
+    /// Start a private PostgreSQL, a registry, two demo tenants and the proxy.
+    Quickstart {
+        /// Directory for the private PostgreSQL, keys and config.
+        #[arg(long, default_value = ".tenantgate")]
+        dir: PathBuf,
+        /// Address to listen on (default: the config's, 127.0.0.1:6432 on a first run).
+        #[arg(long)]
+        listen: Option<SocketAddr>,
+        /// Require TLS from clients, with a self-signed certificate generated into DIR, and
+        /// print sslmode=require URIs.
+        #[arg(long)]
+        tls: bool,
+    },
+    /// Manage tenants.
+    #[command(subcommand)]
+    Tenant(tenant::TenantCommand),
+    /// Manage a tenant's users.
+    #[command(subcommand)]
+    User(user::UserCommand),
+    /// Rotate the master key that encrypts stored secrets (needs secrets.master_key_file).
+    #[command(subcommand)]
+    Key(key::KeyCommand),
+}
+
+/// Runs a parsed command line. The quickstart writes its own config, so it is the one command
+/// that does not load one.
+pub(crate) async fn run(cli: Cli) -> anyhow::Result<()> {
+    if let Command::Quickstart { dir, listen, tls } = cli.command {
+        init_logging("info");
+        return quickstart::run(quickstart::Options { dir, listen, tls }).await;
+    }
+    let config = Config::load(&config_path(cli.config.as_deref()))?;
+    init_logging(&config.proxy.log_level);
+    match cli.command {
+        Command::Serve => serve::run(config).await,
+        Command::Tenant(cmd) => tenant::run(&config, cmd).await,
+        Command::User(cmd) => user::run(&config, cmd).await,
+        Command::Key(cmd) => key::run(&config, cmd).await,
+        Command::Quickstart { .. } => Ok(()),
+    }
+}
+
+fn config_path(cli: Option<&Path>) -> PathBuf {
+    cli.map(Path::to_path_buf)
+        .or_else(|| std::env::var_os("TENANTGATE_CONFIG").map(PathBuf::from))
+        .unwrap_or_else(|| PathBuf::from("tenantgate.toml"))
+}
+
+fn init_logging(level: &str) {
+    let filter = tenantgate::config::log_filter(level, true);
+    drop(
+        tracing_subscriber::fmt()
+            .with_env_filter(filter)
+            .with_writer(std::io::stderr)
+            .try_init(),
+    );
+}
+
+/// The registry, its own schema brought up to date first: the management commands may be the
+/// first thing ever run against it.
+async fn open_registry(config: &Config) -> anyhow::Result<Registry> {
+    let registry = Registry::connect(&config.registry).await?;
+    registry.migrate().await.context("registry")?;
+    Ok(registry)
+}

@@ -1,0 +1,64 @@
+//! `tenantgate user add|remove`: a tenant's users, through `provision` and the registry. Only
+//! a SCRAM verifier is stored; this module must not keep, log or print a password.
+
+use anyhow::Context as _;
+use clap::Subcommand;
+use tenantgate::config::Config;
+use tenantgate::provision;
+use tenantgate::registry::{AuthMethod, TenantSlug};
+
+use super::open_registry;
+use super::terminal::{read_password, say};
+
+#[derive(Subcommand)]
+pub(super) enum UserCommand {
+    /// Add a user to a tenant or change its password. The password is read from a prompt, or
+    /// from standard input when it is not a terminal. Only a SCRAM verifier is stored.
+    Add {
+        slug: String,
+        user: String,
+        /// How the user logs in: `scram` (password), `cert` (a client certificate whose CN is
+        /// the user name, no password: none is asked for) or `cert+scram` (both). Default:
+        /// unchanged for an existing user, `scram` for a new one.
+        #[arg(long, value_parser = parse_auth_method)]
+        auth: Option<AuthMethod>,
+    },
+    /// Remove a user from a tenant.
+    Remove {
+        /// The tenant's slug.
+        #[arg(long)]
+        tenant: String,
+        user: String,
+    },
+}
+
+fn parse_auth_method(text: &str) -> Result<AuthMethod, String> {
+    AuthMethod::parse(text).ok_or_else(|| "expected scram, cert or cert+scram".to_owned())
+}
+
+pub(super) async fn run(config: &Config, cmd: UserCommand) -> anyhow::Result<()> {
+    let registry = open_registry(config).await?;
+    match cmd {
+        UserCommand::Add { slug, user, auth } => {
+            let password = if auth == Some(AuthMethod::Cert) {
+                // Nobody will type it: the certificate is the credential.
+                tenantgate::crypto::generate_password(32)
+            } else {
+                read_password(&format!("Password for {user} of {slug}: "))?
+            };
+            provision::add_user(&registry, &slug, &user, &password).await?;
+            if let Some(method) = auth {
+                let tenant = TenantSlug::parse(&slug).context("invalid tenant slug")?;
+                registry.set_user_auth(&tenant, &user, method).await?;
+                return say(&format!(
+                    "user {user} of tenant {slug} saved (auth {method})"
+                ));
+            }
+            say(&format!("user {user} of tenant {slug} saved"))
+        }
+        UserCommand::Remove { tenant, user } => {
+            provision::remove_user(&registry, &tenant, &user).await?;
+            say(&format!("user {user} removed from tenant {tenant}"))
+        }
+    }
+}
