@@ -31,9 +31,7 @@ use crate::clients::ClientEntry;
 use crate::error::{ClientFacing, log_error};
 use crate::protocol::startup::{self, FirstPacket, StartupError};
 use crate::protocol::{SqlState, messages};
-use crate::session::{
-    self, Ceilings, RelayEnd, SessionContext, SessionEnd, SessionError, StatementLimits,
-};
+use crate::session::{self, Admission, RelayEnd, Services, SessionEnd, SessionError, SetupError};
 use crate::tls::{ALPN_POSTGRESQL, TLS_HANDSHAKE_RECORD, TlsServer};
 
 /// Why a client connection ended; logged once when its task ends.
@@ -223,7 +221,7 @@ where
         Err(e) => return fail(&mut conn.stream, &e).await,
     };
     let peer = conn.peer;
-    let (record, user, mut settings) = match login {
+    let (record, user, settings) = match login {
         Login::Cancel => return CloseReason::CancelRequest,
         Login::Admin { user } => {
             return serve_admin(state, client_id, conn, &user, shutdown).await;
@@ -234,65 +232,37 @@ where
             settings,
         } => (record, user, settings),
     };
-    let mut stream = conn.stream;
-    let limits = state.pools.limits_for(&record);
-    // KILL and shutdown end the session through this token.
-    let stop = shutdown.child_token();
-    let _on_roster = state.clients.join(ClientEntry {
-        id: client_id,
-        tenant: Some(record.slug.clone()),
+    tracing::Span::current().record("tenant", record.slug.as_str());
+    let services = Services {
+        directory: &state.directory,
+        pools: &state.pools,
+        cancels: &state.cancels,
+        clients: &state.clients,
+        stats: &state.stats,
+        suspend_grace: Duration::from_secs(state.config.get().proxy.suspend_grace_seconds),
+        max_client_message_bytes: state.config.get().proxy.max_message_bytes,
+        shutdown,
+    };
+    let admission = Admission {
+        client_id,
+        tenant: record,
         user,
-        addr: peer,
-        application_name: settings
-            .iter()
-            .find(|(k, _)| k == "application_name")
-            .map(|(_, v)| v.clone())
-            .unwrap_or_default(),
-        mode: limits.mode.as_str(),
-        connected_at: chrono::Utc::now(),
+        settings,
+        peer,
         tls: conn
             .tls
             .as_ref()
             .map(|t| t.cipher.clone())
             .unwrap_or_default(),
-        stop: stop.clone(),
-    });
-    if let Some(ms) = limits.statement_timeout_ms {
-        // The plan's statement_timeout, unless the client chose its own.
-        if !settings
-            .iter()
-            .any(|(name, _)| name.eq_ignore_ascii_case("statement_timeout"))
-        {
-            settings.insert(0, ("statement_timeout".to_owned(), format!("{ms}ms")));
-        }
-    }
-    tracing::Span::current().record("tenant", record.slug.as_str());
-    // Counted from here until this task ends, however the session ends.
-    let counted = state.stats.for_tenant(&record.slug).client_connected();
-    let ctx = SessionContext {
-        tenant: &record,
-        directory: &state.directory,
-        suspend_grace: Duration::from_secs(state.config.get().proxy.suspend_grace_seconds),
-        pools: &state.pools,
-        mode: limits.mode,
-        client_id,
-        cancels: &state.cancels,
-        reset_timeout: Duration::from_millis(state.pools.config().reset_timeout_ms),
-        max_client_message_bytes: state.config.get().proxy.max_message_bytes,
-        statement_cache_size: state.pools.config().prepared_statement_cache_size,
-        statement_limits: StatementLimits {
-            count: state.pools.config().max_prepared_statements_per_client,
-            bytes: state.pools.config().max_prepared_statement_bytes_per_client,
-        },
-        ceilings: Ceilings {
-            statement: limits.max_statement_ms.map(Duration::from_millis),
-            idle_in_transaction: limits.max_idle_in_transaction_ms.map(Duration::from_millis),
-            client_idle: limits.max_client_idle_ms.map(Duration::from_millis),
-        },
-        shutdown: &stop,
-        stats: counted.stats(),
     };
-    match session::run(&mut stream, &settings, &ctx).await {
+    let mut stream = conn.stream;
+    // Boxed: setup's state is freed before the client's first message.
+    let started = Box::pin(session::start(&mut stream, services, admission)).await;
+    let session = match started {
+        Ok(session) => session,
+        Err(e) => return fail_setup(&mut stream, &e).await,
+    };
+    match session.run(&mut stream).await {
         Ok(SessionEnd::Relay(end)) => CloseReason::Session(end),
         Ok(SessionEnd::Shutdown) => CloseReason::Shutdown,
         Ok(SessionEnd::TenantNotActive(_)) => CloseReason::Error(SqlState::CANNOT_CONNECT_NOW),
@@ -388,15 +358,24 @@ async fn fail<S: AsyncWrite + Unpin>(stream: &mut S, err: &LoginError) -> CloseR
     CloseReason::Error(err.sqlstate())
 }
 
-async fn fail_session<S: AsyncWrite + Unpin>(stream: &mut S, err: &SessionError) -> CloseReason {
-    log_error(err, "session failed");
+async fn fail_setup<S: AsyncWrite + Unpin>(stream: &mut S, err: &SetupError) -> CloseReason {
+    log_error(err, "session setup failed");
     match err {
         // The backend's own ErrorResponse says it best.
-        SessionError::SettingRejected(server_error) => {
+        SetupError::SettingRejected(server_error) => {
             drop(stream.write_all(&server_error.raw).await);
         }
         _ => send_fatal(stream, err).await,
     }
+    CloseReason::Error(err.sqlstate())
+}
+
+async fn fail_session<S: AsyncWrite + Unpin>(stream: &mut S, err: &SessionError) -> CloseReason {
+    if let SessionError::Setup(setup) = err {
+        return fail_setup(stream, setup).await;
+    }
+    log_error(err, "session failed");
+    send_fatal(stream, err).await;
     CloseReason::Error(err.sqlstate())
 }
 

@@ -22,8 +22,10 @@ pub mod ceilings;
 pub mod relay;
 mod relay_buffer;
 pub mod settings;
+mod start;
 pub mod statements;
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::BytesMut;
@@ -42,6 +44,7 @@ pub use cancel::{CancelGuard, CancelMap, CancelOutcome, CancelTarget};
 pub use ceilings::Ceilings;
 use ceilings::{PhaseClock, Reached, Watchdog};
 pub use relay::{RelayBuffers, RelayEnd, RelayError, TxTracker};
+pub use start::{Admission, Services, Session, start};
 pub use statements::StatementLimits;
 use statements::{ClientStatements, Responses, StatementContext};
 
@@ -70,7 +73,7 @@ impl<'a> Watch<'a> {
 
     /// The tenant's record as the registry says now, as far as its changes were seen.
     fn tenant(&self) -> &TenantRecord {
-        self.latest.as_deref().unwrap_or(self.ctx.tenant)
+        self.latest.as_deref().unwrap_or(&self.ctx.tenant)
     }
 
     /// Known to have left `active`.
@@ -121,7 +124,8 @@ impl<'a> Watch<'a> {
 
 /// What a session needs besides its socket.
 pub struct SessionContext<'a> {
-    pub tenant: &'a TenantRecord,
+    /// The tenant as it was at login (a session follows changes through its `Watch`).
+    pub tenant: Arc<TenantRecord>,
     /// To learn when the tenant leaves `active`.
     pub directory: &'a TenantDirectory,
     /// How long a client of a suspended tenant may go on before it is disconnected.
@@ -140,9 +144,10 @@ pub struct SessionContext<'a> {
     pub statement_limits: StatementLimits,
     /// The plan's ceilings the client cannot raise.
     pub ceilings: Ceilings,
-    pub shutdown: &'a CancellationToken,
+    /// Cancelled to end this session (KILL, shutdown).
+    pub shutdown: CancellationToken,
     /// The tenant's usage counters; the relay counts into them.
-    pub stats: &'a TenantStats,
+    pub stats: Arc<TenantStats>,
 }
 
 /// How a session ended, when it ended without error.
@@ -157,22 +162,62 @@ pub enum SessionEnd {
     BackendLost,
 }
 
+/// Why a client's session could not be set up, or a backend not made ready for one of its
+/// transactions: nothing of the client's ran.
 #[derive(Debug, thiserror::Error)]
-pub enum SessionError {
+pub enum SetupError {
     #[error("backend rejected the client's startup settings: {} {}", .0.code, .0.message)]
     SettingRejected(ServerError),
     #[error("preparing the backend failed")]
     Backend(#[from] BackendError),
+    #[error(transparent)]
+    Pool(#[from] PoolError),
+    #[error("writing to the client failed")]
+    ClientIo(#[source] std::io::Error),
+}
+
+impl ClientFacing for SetupError {
+    fn sqlstate(&self) -> SqlState {
+        match self {
+            SetupError::SettingRejected(_) => SqlState::INVALID_PARAMETER_VALUE,
+            SetupError::Backend(e) => e.sqlstate(),
+            SetupError::Pool(e) => e.sqlstate(),
+            SetupError::ClientIo(_) => SqlState::CONNECTION_FAILURE,
+        }
+    }
+
+    fn client_message(&self) -> String {
+        match self {
+            SetupError::SettingRejected(e) => e.message.clone(),
+            SetupError::Backend(e) => e.client_message(),
+            SetupError::Pool(e) => e.client_message(),
+            SetupError::ClientIo(_) => {
+                "the connection to the tenant's database server was lost".to_owned()
+            }
+        }
+    }
+
+    fn kind(&self) -> ErrorKind {
+        match self {
+            SetupError::SettingRejected(_) | SetupError::ClientIo(_) => ErrorKind::Client,
+            SetupError::Backend(_) => ErrorKind::Backend,
+            SetupError::Pool(e) => e.kind(),
+        }
+    }
+}
+
+/// Why a running session ended in error.
+#[derive(Debug, thiserror::Error)]
+pub enum SessionError {
+    /// A transaction's backend could not be made ready (transaction pooling).
+    #[error(transparent)]
+    Setup(#[from] SetupError),
     #[error("relay failed")]
     Relay(#[from] RelayError),
     /// The reset sent ahead of the client's first messages failed (SQLSTATE and message);
     /// the server skipped them.
     #[error("the backend's reset before the client's transaction failed: {0}")]
     ResetFailed(String),
-    #[error(transparent)]
-    Pool(#[from] PoolError),
-    #[error("writing to the client failed")]
-    ClientIo(#[source] std::io::Error),
     /// The client sat idle inside a transaction past its plan's ceiling.
     #[error("idle in a transaction for longer than {0:?}")]
     IdleInTransactionTimeout(Duration),
@@ -184,16 +229,13 @@ pub enum SessionError {
 impl ClientFacing for SessionError {
     fn sqlstate(&self) -> SqlState {
         match self {
-            SessionError::SettingRejected(_) => SqlState::INVALID_PARAMETER_VALUE,
-            SessionError::Backend(e) => e.sqlstate(),
-            SessionError::Pool(e) => e.sqlstate(),
+            SessionError::Setup(e) => e.sqlstate(),
             SessionError::Relay(RelayError::ClientProtocol(_)) => SqlState::PROTOCOL_VIOLATION,
             SessionError::Relay(RelayError::Limit(_)) => SqlState::PROGRAM_LIMIT_EXCEEDED,
             SessionError::Relay(
                 RelayError::Backend(_) | RelayError::BackendProtocol(_) | RelayError::Client(_),
             )
-            | SessionError::ResetFailed(_)
-            | SessionError::ClientIo(_) => SqlState::CONNECTION_FAILURE,
+            | SessionError::ResetFailed(_) => SqlState::CONNECTION_FAILURE,
             SessionError::IdleInTransactionTimeout(_) => {
                 SqlState::IDLE_IN_TRANSACTION_SESSION_TIMEOUT
             }
@@ -203,18 +245,15 @@ impl ClientFacing for SessionError {
 
     fn client_message(&self) -> String {
         match self {
-            SessionError::SettingRejected(e) => e.message.clone(),
-            SessionError::Backend(e) => e.client_message(),
+            SessionError::Setup(e) => e.client_message(),
             SessionError::ResetFailed(_) => "the pooled server connection could not be reset for this transaction, which did not run; reconnect and retry".to_owned(),
-            SessionError::Pool(e) => e.client_message(),
             SessionError::Relay(RelayError::ClientProtocol(e)) => {
                 format!("invalid message from the client: {e}")
             }
             SessionError::Relay(RelayError::Limit(e)) => e.to_string(),
             SessionError::Relay(
                 RelayError::Backend(_) | RelayError::BackendProtocol(_) | RelayError::Client(_),
-            )
-            | SessionError::ClientIo(_) => {
+            ) => {
                 "the connection to the tenant's database server was lost".to_owned()
             }
             SessionError::IdleInTransactionTimeout(limit) => format!(
@@ -232,87 +271,73 @@ impl ClientFacing for SessionError {
 
     fn kind(&self) -> ErrorKind {
         match self {
-            SessionError::SettingRejected(_)
-            | SessionError::ClientIo(_)
-            | SessionError::IdleInTransactionTimeout(_)
+            SessionError::IdleInTransactionTimeout(_)
             | SessionError::ClientIdleTimeout(_)
             | SessionError::Relay(
                 RelayError::Client(_) | RelayError::ClientProtocol(_) | RelayError::Limit(_),
             ) => ErrorKind::Client,
-            SessionError::Backend(_)
-            | SessionError::ResetFailed(_)
+            SessionError::ResetFailed(_)
             | SessionError::Relay(RelayError::Backend(_) | RelayError::BackendProtocol(_)) => {
                 ErrorKind::Backend
             }
-            SessionError::Pool(e) => e.kind(),
+            SessionError::Setup(e) => e.kind(),
         }
     }
 }
 
-/// Serves a logged-in client until it leaves.
-pub async fn run<C>(
-    client: &mut C,
-    settings: &[(String, String)],
-    ctx: &SessionContext<'_>,
-) -> Result<SessionEnd, SessionError>
-where
-    C: AsyncRead + AsyncWrite + Unpin,
-{
-    // Keeps the tenant's pool (and so its limits) in place while this client is connected.
-    let attached = Box::pin(ctx.pools.attach(ctx.tenant)).await?;
-    if ctx.mode == PoolMode::Transaction {
-        // Every change of client resets; backends opened with the clients' settings need
-        // nothing more. (A session-mode backend serves one client for long: it is opened
-        // bare, for any client, until clients are known to share settings.)
-        attached.pool().expect_settings(settings);
-    }
-    let mut buffers = RelayBuffers::new(ctx.max_client_message_bytes);
-    let outcome = match ctx.mode {
-        PoolMode::Session => {
-            let mut lease = Box::pin(ready_backend(ctx, settings)).await?;
-            let cancel = ctx.cancels.register(cancel_target(lease.conn()));
-            greet(client, &lease.conn().params, cancel.key()).await?;
-            session_mode(client, lease, &mut buffers, &cancel, ctx).await
+impl Session<'_> {
+    /// Relays for a client that [`start`] made ready, until it leaves. Ends with a FATAL
+    /// to the client when the proxy ends the session (shutdown, the tenant no longer
+    /// active, its backend lost).
+    pub async fn run<C>(self, client: &mut C) -> Result<SessionEnd, SessionError>
+    where
+        C: AsyncRead + AsyncWrite + Unpin,
+    {
+        let Session {
+            ctx,
+            settings,
+            cancel,
+            mut buffers,
+            backend,
+            ..
+        } = self;
+        let outcome = match backend {
+            Some(lease) => session_mode(client, lease, &mut buffers, &cancel, &ctx).await,
+            None => transaction_mode(client, &settings, &mut buffers, &cancel, &ctx).await,
+        };
+        let farewell = match &outcome {
+            Ok(SessionEnd::Shutdown) => Some((
+                SqlState::ADMIN_SHUTDOWN,
+                "terminating connection due to administrator command".to_owned(),
+            )),
+            Ok(SessionEnd::TenantNotActive(state)) => Some((
+                SqlState::CANNOT_CONNECT_NOW,
+                format!(
+                    "terminating connection: tenant \"{}\" is {state}",
+                    ctx.tenant.slug
+                ),
+            )),
+            Ok(SessionEnd::BackendLost) => Some((
+                SqlState::CONNECTION_FAILURE,
+                "the connection to the tenant's database server was lost".to_owned(),
+            )),
+            _ => None,
+        };
+        if let Some((code, text)) = farewell {
+            let mut out = BytesMut::new();
+            messages::error_response(&mut out, messages::Severity::Fatal, code, &text, None);
+            drop(client.write_all(&out).await);
         }
-        PoolMode::Transaction => {
-            let cancel = ctx.cancels.register_detached();
-            let params = Box::pin(greeting_params(ctx, settings)).await?;
-            greet(client, &params, cancel.key()).await?;
-            transaction_mode(client, settings, &mut buffers, &cancel, ctx).await
-        }
-    };
-    let farewell = match &outcome {
-        Ok(SessionEnd::Shutdown) => Some((
-            SqlState::ADMIN_SHUTDOWN,
-            "terminating connection due to administrator command".to_owned(),
-        )),
-        Ok(SessionEnd::TenantNotActive(state)) => Some((
-            SqlState::CANNOT_CONNECT_NOW,
-            format!(
-                "terminating connection: tenant \"{}\" is {state}",
-                ctx.tenant.slug
-            ),
-        )),
-        Ok(SessionEnd::BackendLost) => Some((
-            SqlState::CONNECTION_FAILURE,
-            "the connection to the tenant's database server was lost".to_owned(),
-        )),
-        _ => None,
-    };
-    if let Some((code, text)) = farewell {
-        let mut out = BytesMut::new();
-        messages::error_response(&mut out, messages::Severity::Fatal, code, &text, None);
-        drop(client.write_all(&out).await);
+        outcome
     }
-    outcome
 }
 
 /// A backend of the tenant's pool made ready for this client (reset, its settings).
 async fn ready_backend(
     ctx: &SessionContext<'_>,
     settings: &[(String, String)],
-) -> Result<Lease, SessionError> {
-    let mut lease = checkout(ctx, ctx.tenant, settings).await?;
+) -> Result<Lease, SetupError> {
+    let mut lease = checkout(ctx, &ctx.tenant, settings).await?;
     prepare(lease.conn(), ctx.client_id, settings, ctx.reset_timeout).await?;
     accepted(&lease, settings);
     Ok(lease)
@@ -325,7 +350,7 @@ async fn ready_backend(
 async fn greeting_params(
     ctx: &SessionContext<'_>,
     settings: &[(String, String)],
-) -> Result<Vec<(String, String)>, SessionError> {
+) -> Result<Vec<(String, String)>, SetupError> {
     let known = match ctx.pools.get(&ctx.tenant.slug).await {
         Some(pool) => pool.base_params(settings),
         None => None,
@@ -358,7 +383,7 @@ where
     let watchdog = Watchdog::new(ctx.ceilings, &clock);
     let outcome = loop {
         break tokio::select! {
-            end = relay::relay(client, &mut backend.stream, buffers, &mut tracker, None, ctx.stats, &clock) => end.map(SessionEnd::Relay).map_err(SessionError::from),
+            end = relay::relay(client, &mut backend.stream, buffers, &mut tracker, None, &ctx.stats, &clock) => end.map(SessionEnd::Relay).map_err(SessionError::from),
             () = ctx.shutdown.cancelled() => Ok(SessionEnd::Shutdown),
             state = watch.must_go() => Ok(SessionEnd::TenantNotActive(state)),
             reached = watchdog.next() => match Box::pin(ceiling_reached(reached, cancel, ctx)).await {
@@ -419,7 +444,7 @@ where
         // Between transactions: idle (a pinned client's idle time is counted by its relay).
         clock.observe(ceilings::Phase::Idle);
         let waited = tokio::select! {
-            waited = buffers.wait_for_client(client, ctx.stats) => waited?,
+            waited = buffers.wait_for_client(client, &ctx.stats) => waited?,
             () = ctx.shutdown.cancelled() => return Ok(SessionEnd::Shutdown),
             state = watch.must_go() => return Ok(SessionEnd::TenantNotActive(state)),
             reached = watchdog.next() => match Box::pin(ceiling_reached(reached, cancel, ctx)).await {
@@ -498,7 +523,7 @@ where
             responses,
         };
         let outcome = tokio::select! {
-            end = relay::relay(client, &mut backend.stream, buffers, tracker, Some(statements), ctx.stats, clock) => end.map(SessionEnd::Relay).map_err(SessionError::from),
+            end = relay::relay(client, &mut backend.stream, buffers, tracker, Some(statements), &ctx.stats, clock) => end.map(SessionEnd::Relay).map_err(SessionError::from),
             () = ctx.shutdown.cancelled() => Ok(SessionEnd::Shutdown),
             state = watch.must_go() => Ok(SessionEnd::TenantNotActive(state)),
             reached = watchdog.next() => match Box::pin(ceiling_reached(reached, cancel, ctx)).await {
@@ -569,7 +594,7 @@ async fn checkout(
     ctx: &SessionContext<'_>,
     tenant: &TenantRecord,
     settings: &[(String, String)],
-) -> Result<Lease, SessionError> {
+) -> Result<Lease, SetupError> {
     loop {
         let mut lease = ctx.pools.checkout(tenant).await?;
         let startup = &lease.conn().startup_settings;
@@ -715,7 +740,7 @@ async fn prepare_ahead(
     settings: &[(String, String)],
     buffers: &mut RelayBuffers,
     responses: &mut Responses,
-) -> Result<(), SessionError> {
+) -> Result<(), SetupError> {
     match needed_setup(backend, ctx.client_id, settings) {
         None => {
             backend.owner = ctx.client_id;
@@ -744,7 +769,7 @@ async fn prepare(
     client_id: u64,
     settings: &[(String, String)],
     timeout: Duration,
-) -> Result<(), SessionError> {
+) -> Result<(), SetupError> {
     let Some(setup) = needed_setup(backend, client_id, settings) else {
         // Nothing to send, but the backend now serves this client: the next one resets it.
         backend.owner = client_id;
@@ -753,14 +778,14 @@ async fn prepare(
     if setup.reset {
         if let SetupOutcome::Failed(err) = backend.run_setup_query("DISCARD ALL", timeout).await? {
             backend.broken = true;
-            return Err(SessionError::Backend(BackendError::Refused(err)));
+            return Err(SetupError::Backend(BackendError::Refused(err)));
         }
     }
     if let Some(sql) = settings::settings_query(settings).filter(|_| setup.settings) {
         if let SetupOutcome::Failed(err) = backend.run_setup_query(&sql, timeout).await? {
             // The backend may now carry part of the settings: never reuse it.
             backend.broken = true;
-            return Err(SessionError::SettingRejected(err));
+            return Err(SetupError::SettingRejected(err));
         }
     }
     setup_done(backend, client_id, settings, setup.reset);
@@ -791,7 +816,7 @@ async fn greet<C>(
     client: &mut C,
     params: &[(String, String)],
     (pid, secret): (i32, i32),
-) -> Result<(), SessionError>
+) -> Result<(), SetupError>
 where
     C: AsyncWrite + Unpin,
 {
@@ -801,11 +826,8 @@ where
     }
     messages::backend_key_data(&mut out, pid, secret);
     messages::ready_for_query(&mut out, b'I');
-    client
-        .write_all(&out)
-        .await
-        .map_err(SessionError::ClientIo)?;
-    client.flush().await.map_err(SessionError::ClientIo)?;
+    client.write_all(&out).await.map_err(SetupError::ClientIo)?;
+    client.flush().await.map_err(SetupError::ClientIo)?;
     Ok(())
 }
 
