@@ -186,53 +186,33 @@ pub(super) async fn serve_client(
     .await
 }
 
-/// Login and session over the chosen stream.
+/// Login, then the tenant's session (or the admin console) over the chosen stream.
 async fn serve_login<S>(
     state: &State,
     client_id: u64,
-    mut conn: Conn<S>,
+    conn: Conn<S>,
     first: Option<FirstPacket>,
-    (deadline, mut login_slot): (Instant, LoginSlot),
+    deadline_and_slot: (Instant, LoginSlot),
     shutdown: &CancellationToken,
 ) -> CloseReason
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + Sync + 'static,
 {
-    let login_timeout = Duration::from_millis(state.config.get().proxy.login_timeout_ms);
-    let mut who = LoginAttempt::default();
     // Boxed, like every phase a connected client is done with: its state is freed when it
-    // ends, so an idle session's task stays small (issue 12).
-    let login = Box::pin(tokio::time::timeout_at(
-        deadline,
-        login(state, &mut conn, first, &mut who, &mut login_slot),
+    // ends, so an idle session's task holds only the stream and the session (issue 12).
+    let logged_in = Box::pin(log_in(
+        state,
+        client_id,
+        conn,
+        first,
+        deadline_and_slot,
+        shutdown,
     ))
     .await;
-    drop(login_slot);
-    let login = login.unwrap_or(Err(LoginError::Timeout(login_timeout)));
-    if !who.user.is_empty() {
-        audit_login(conn.peer, &who, &login);
-    }
-    let login = match login {
-        Ok(login) => login,
-        Err(e @ LoginError::Timeout(_)) => {
-            fail(&mut conn.stream, &e).await;
-            return CloseReason::LoginTimeout;
-        }
-        Err(e) => return fail(&mut conn.stream, &e).await,
+    let (mut stream, admission) = match logged_in {
+        LoggedIn::Tenant(stream, admission) => (stream, admission),
+        LoggedIn::Ended(reason) => return reason,
     };
-    let peer = conn.peer;
-    let (record, user, settings) = match login {
-        Login::Cancel => return CloseReason::CancelRequest,
-        Login::Admin { user } => {
-            return serve_admin(state, client_id, conn, &user, shutdown).await;
-        }
-        Login::Tenant {
-            record,
-            user,
-            settings,
-        } => (record, user, settings),
-    };
-    tracing::Span::current().record("tenant", record.slug.as_str());
     let services = Services {
         directory: &state.directory,
         pools: &state.pools,
@@ -243,22 +223,7 @@ where
         max_client_message_bytes: state.config.get().proxy.max_message_bytes,
         shutdown,
     };
-    let admission = Admission {
-        client_id,
-        tenant: record,
-        user,
-        settings,
-        peer,
-        tls: conn
-            .tls
-            .as_ref()
-            .map(|t| t.cipher.clone())
-            .unwrap_or_default(),
-    };
-    let mut stream = conn.stream;
-    // Boxed: setup's state is freed before the client's first message.
-    let started = Box::pin(session::start(&mut stream, services, admission)).await;
-    let session = match started {
+    let mut session = match Box::pin(session::start(&mut stream, services, admission)).await {
         Ok(session) => session,
         Err(e) => return fail_setup(&mut stream, &e).await,
     };
@@ -269,6 +234,73 @@ where
         Ok(SessionEnd::BackendLost) => CloseReason::Error(SqlState::CONNECTION_FAILURE),
         Err(e) => fail_session(&mut stream, &e).await,
     }
+}
+
+/// How a login ended: a tenant's client to set up a session for, or done (an error was sent,
+/// a cancel request was handled, an admin console session ran).
+enum LoggedIn<S> {
+    Tenant(S, Admission),
+    Ended(CloseReason),
+}
+
+/// Startup and authentication under the login deadline, audited; an admin user's console
+/// session is served from here.
+async fn log_in<S>(
+    state: &State,
+    client_id: u64,
+    mut conn: Conn<S>,
+    first: Option<FirstPacket>,
+    (deadline, mut login_slot): (Instant, LoginSlot),
+    shutdown: &CancellationToken,
+) -> LoggedIn<S>
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + Sync + 'static,
+{
+    let login_timeout = Duration::from_millis(state.config.get().proxy.login_timeout_ms);
+    let mut who = LoginAttempt::default();
+    let login = tokio::time::timeout_at(
+        deadline,
+        login(state, &mut conn, first, &mut who, &mut login_slot),
+    )
+    .await;
+    drop(login_slot);
+    let login = login.unwrap_or(Err(LoginError::Timeout(login_timeout)));
+    if !who.user.is_empty() {
+        audit_login(conn.peer, &who, &login);
+    }
+    let login = match login {
+        Ok(login) => login,
+        Err(e @ LoginError::Timeout(_)) => {
+            fail(&mut conn.stream, &e).await;
+            return LoggedIn::Ended(CloseReason::LoginTimeout);
+        }
+        Err(e) => return LoggedIn::Ended(fail(&mut conn.stream, &e).await),
+    };
+    let (record, user, settings) = match login {
+        Login::Cancel => return LoggedIn::Ended(CloseReason::CancelRequest),
+        Login::Admin { user } => {
+            return LoggedIn::Ended(serve_admin(state, client_id, conn, &user, shutdown).await);
+        }
+        Login::Tenant {
+            record,
+            user,
+            settings,
+        } => (record, user, settings),
+    };
+    tracing::Span::current().record("tenant", record.slug.as_str());
+    let admission = Admission {
+        client_id,
+        tenant: record,
+        user,
+        settings,
+        peer: conn.peer,
+        tls: conn
+            .tls
+            .as_ref()
+            .map(|t| t.cipher.clone())
+            .unwrap_or_default(),
+    };
+    LoggedIn::Tenant(conn.stream, admission)
 }
 
 /// Decides on the raw socket whether the client speaks TLS: a direct TLS ClientHello, or

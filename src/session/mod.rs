@@ -289,21 +289,19 @@ impl Session<'_> {
     /// Relays for a client that [`start`] made ready, until it leaves. Ends with a FATAL
     /// to the client when the proxy ends the session (shutdown, the tenant no longer
     /// active, its backend lost).
-    pub async fn run<C>(self, client: &mut C) -> Result<SessionEnd, SessionError>
+    ///
+    /// Takes `&mut self`, not `self`: the session's state is stored once, in the caller,
+    /// and this future holds a reference (an idle client's task stays small, issue 12).
+    pub async fn run<C>(&mut self, client: &mut C) -> Result<SessionEnd, SessionError>
     where
         C: AsyncRead + AsyncWrite + Unpin,
     {
-        let Session {
-            ctx,
-            settings,
-            cancel,
-            mut buffers,
-            backend,
-            ..
-        } = self;
-        let outcome = match backend {
-            Some(lease) => session_mode(client, lease, &mut buffers, &cancel, &ctx).await,
-            None => transaction_mode(client, &settings, &mut buffers, &cancel, &ctx).await,
+        let ctx = &self.ctx;
+        let outcome = match self.backend.take() {
+            Some(lease) => session_mode(client, *lease, &mut self.buffers, &self.cancel, ctx).await,
+            None => {
+                transaction_mode(client, &self.settings, &mut self.buffers, &self.cancel, ctx).await
+            }
         };
         let farewell = match &outcome {
             Ok(SessionEnd::Shutdown) => Some((

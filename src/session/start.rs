@@ -60,8 +60,9 @@ pub struct Session<'a> {
     pub(super) settings: Vec<(String, String)>,
     pub(super) cancel: CancelGuard,
     pub(super) buffers: RelayBuffers,
-    /// Session pooling: the client's backend for its whole life.
-    pub(super) backend: Option<Lease>,
+    /// Session pooling: the client's backend for its whole life (boxed: most sessions are
+    /// transaction-pooled and carry only the pointer).
+    pub(super) backend: Option<Box<Lease>>,
     /// Keeps the tenant's pool (and so its limits) in place while this client is connected.
     pub(super) _attached: PoolUse,
     pub(super) _on_roster: RosterGuard,
@@ -145,7 +146,7 @@ where
             let mut lease = ready_backend(&ctx, &settings).await?;
             let cancel = ctx.cancels.register(cancel_target(lease.conn()));
             greet(client, &lease.conn().params, cancel.key()).await?;
-            (cancel, Some(lease))
+            (cancel, Some(Box::new(lease)))
         }
         PoolMode::Transaction => {
             // Every change of client resets; backends opened with the clients' settings
