@@ -1,8 +1,9 @@
 //! A client's life after login: take backends from its tenant's pool, apply its settings,
 //! greet it, relay, and give backends back clean or not at all.
 //!
-//! Moving parts: `settings` (startup parameters → backend settings), `relay` (the byte pump),
-//! `cancel` (the cancel map). Two pooling modes:
+//! Moving parts: `start` (from a logged-in client to a ready [`Session`]), `settings` (startup
+//! parameters → backend settings), `relay` (the byte pump), `cancel` (the cancel map). Setup
+//! fails with a [`SetupError`]; a running session with a [`SessionError`]. Two pooling modes:
 //! - session: the client keeps one backend until it leaves; the backend goes back only when the
 //!   last ReadyForQuery said idle, nothing is owed in either direction and the reset (DISCARD
 //!   ALL) succeeded; anything else closes it.
