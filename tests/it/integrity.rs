@@ -8,10 +8,10 @@ use crate::common;
 use std::fmt::Write as _;
 use std::time::Duration;
 
-use common::TestEnv;
 use common::activity::terminate_all_and_wait;
 use common::query::value;
 use common::wire::{self, RawClient, frame, query};
+use common::{TestEnv, until_waiting};
 use tenantgate::pool::PoolMode;
 use tokio_postgres::error::SqlState;
 
@@ -317,18 +317,6 @@ async fn a_reset_that_fails_never_lets_the_next_client_into_the_last_session() {
             "0"
         );
     }
-}
-
-/// Waits until `n` clients of `slug` wait for a backend, as `SHOW POOLS` reports it.
-async fn until_waiting(admin: &tokio_postgres::Client, slug: &str, n: i64) {
-    let seen = common::eventually(Duration::from_secs(10), || async {
-        admin
-            .query_one("SELECT waiting FROM pools WHERE tenant = $1", &[&slug])
-            .await
-            .is_ok_and(|row| row.get::<_, i64>(0) == n)
-    })
-    .await;
-    assert!(seen, "{n} clients of {slug} never waited for a backend");
 }
 
 /// A backend given straight to a client that waited for it is reset by that client's own

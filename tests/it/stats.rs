@@ -187,10 +187,14 @@ async fn time_waited_for_a_contended_backend_is_counted() {
     let a = env.app(&slug).await;
     a.simple_query("SELECT 1").await.unwrap();
     let alone = counters(&stats, &slug).wait_us;
+    let admin = env.admin().await;
     let b = {
         let (env, slug) = (env.clone(), slug.clone());
         tokio::spawn(async move { env.app(&slug).await })
     };
+    // B's wait begins only once its login is through (a loaded machine takes hundreds of
+    // milliseconds for that): from the moment the pool has it waiting, it waits 600 ms.
+    common::until_waiting(&admin, &slug, 1).await;
     tokio::time::sleep(Duration::from_millis(600)).await;
     assert!(
         !b.is_finished(),

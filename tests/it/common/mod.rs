@@ -340,14 +340,72 @@ where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = bool>,
 {
+    eventually_some(timeout, || {
+        let checked = check();
+        async move { checked.await.then_some(()) }
+    })
+    .await
+    .is_some()
+}
+
+/// Polls `check` until it returns something, and returns that (e.g. the client that finally
+/// saw a change, to go on using it); None if `timeout` passes first.
+pub async fn eventually_some<T, F, Fut>(timeout: Duration, mut check: F) -> Option<T>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
     let deadline = tokio::time::Instant::now() + timeout;
     loop {
-        if check().await {
-            return true;
+        if let Some(found) = check().await {
+            return Some(found);
         }
         if tokio::time::Instant::now() > deadline {
-            return false;
+            return None;
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+}
+
+/// Waits (10 s at most) until `n` clients of `slug` wait for a backend, as the admin
+/// console's `pools` table (`SHOW POOLS`) reports it; `admin` is a console session.
+pub async fn until_waiting(admin: &tokio_postgres::Client, slug: &str, n: i64) {
+    let seen = eventually(Duration::from_secs(10), || async {
+        admin
+            .query_one("SELECT waiting FROM pools WHERE tenant = $1", &[&slug])
+            .await
+            .is_ok_and(|row| row.get::<_, i64>(0) == n)
+    })
+    .await;
+    assert!(seen, "{n} clients of {slug} never waited for a backend");
+}
+
+/// A TCP connection to `env`'s proxy from `source`, a loopback address (Linux answers all of
+/// 127.0.0.0/8 without setup): how a test plays several client hosts.
+pub async fn connect_from(env: &TestEnv, source: std::net::Ipv4Addr) -> tokio::net::TcpStream {
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket
+        .bind(std::net::SocketAddr::from((source, 0)))
+        .unwrap();
+    socket
+        .connect(std::net::SocketAddr::from(([127, 0, 0, 1], env.port())))
+        .await
+        .unwrap()
+}
+
+/// Logs in as `user` of `database` with `password` from `source` (see [`connect_from`]).
+pub async fn login_from(
+    env: &TestEnv,
+    source: std::net::Ipv4Addr,
+    database: &str,
+    user: &str,
+    password: &str,
+) -> Result<tokio_postgres::Client, tokio_postgres::Error> {
+    let stream = connect_from(env, source).await;
+    let (client, connection) = env
+        .client_config(database, user, password)
+        .connect_raw(stream, NoTls)
+        .await?;
+    tokio::spawn(connection);
+    Ok(client)
 }

@@ -63,6 +63,16 @@ pub async fn read_message<S: AsyncRead + Unpin>(stream: &mut S) -> io::Result<(u
 
 /// The SQLSTATE (field `C`) of an ErrorResponse; None for any other message.
 pub fn error_code(tag: u8, body: &[u8]) -> Option<SqlState> {
+    error_field(tag, body, b'C').map(|code| SqlState::from_code(&code))
+}
+
+/// The message (field `M`) of an ErrorResponse; None for any other message.
+pub fn error_message(tag: u8, body: &[u8]) -> Option<String> {
+    error_field(tag, body, b'M')
+}
+
+/// Field `wanted` of an ErrorResponse.
+fn error_field(tag: u8, body: &[u8], wanted: u8) -> Option<String> {
     if tag != b'E' {
         return None;
     }
@@ -72,12 +82,72 @@ pub fn error_code(tag: u8, body: &[u8]) -> Option<SqlState> {
             break;
         }
         let end = tail.iter().position(|b| *b == 0)?;
-        if field == b'C' {
-            return Some(SqlState::from_code(std::str::from_utf8(&tail[..end]).ok()?));
+        if field == wanted {
+            return Some(std::str::from_utf8(&tail[..end]).ok()?.to_owned());
         }
         rest = &tail[end + 1..];
     }
     None
+}
+
+/// A connection the server refused before it said anything else: its ErrorResponse, after
+/// which the server hung up.
+#[derive(Debug)]
+pub struct Refusal {
+    /// Which of the streams given to [`until_refused`].
+    pub index: usize,
+    pub code: SqlState,
+    pub message: String,
+}
+
+/// Reads all of `streams` at once (connections that sent nothing, e.g. to hold login slots)
+/// until `n` of them have been refused: an ErrorResponse, then EOF. Returns the refusals in
+/// the order they came, fewer than `n` if `timeout` passed first. Panics if a stream gets
+/// anything else, or closes without an ErrorResponse. The streams not refused are left open
+/// and unread: a server that has not answered them is still holding them.
+pub async fn until_refused(
+    streams: &mut [TcpStream],
+    n: usize,
+    timeout: std::time::Duration,
+) -> Vec<Refusal> {
+    use futures_util::StreamExt as _;
+    let mut reads: futures_util::stream::FuturesUnordered<_> = streams
+        .iter_mut()
+        .enumerate()
+        .map(|(index, stream)| async move {
+            let answer = read_message(stream).await;
+            let mut after = [0u8; 1];
+            (index, answer, stream.read(&mut after).await)
+        })
+        .collect();
+    let deadline = tokio::time::Instant::now() + timeout;
+    let mut refused = Vec::new();
+    while refused.len() < n {
+        let Ok(Some((index, answer, after))) =
+            tokio::time::timeout_at(deadline, reads.next()).await
+        else {
+            break;
+        };
+        let (tag, body) =
+            answer.unwrap_or_else(|e| panic!("connection {index} closed without a word: {e}"));
+        let (Some(code), Some(message)) = (error_code(tag, &body), error_message(tag, &body))
+        else {
+            panic!(
+                "connection {index} got {:?} instead of an ErrorResponse",
+                char::from(tag)
+            );
+        };
+        assert!(
+            matches!(after, Ok(0)),
+            "connection {index} was not closed after {message:?}: {after:?}"
+        );
+        refused.push(Refusal {
+            index,
+            code,
+            message,
+        });
+    }
+    refused
 }
 
 /// A bare protocol client over `S` (TCP unless said otherwise). Reads report a closed
