@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use common::activity::{activity_on, let_in, lock_out};
 use common::query::{current_database, query_value};
-use common::{TestEnv, admin_client, connect_str, eventually};
+use common::{TestEnv, admin_client, connect_str, eventually, eventually_some};
 use tenantgate::crypto::Secret;
 use tokio_postgres::error::SqlState;
 
@@ -74,9 +74,12 @@ async fn suspending_a_tenant_disconnects_its_clients_after_the_grace_period() {
         tenantgate::pool::PoolMode::Session,
         tenantgate::pool::PoolMode::Transaction,
     ] {
+        // A grace of 3 s: the query below, 300 ms after the suspension, must land inside it,
+        // and the grace starts only when the session has handled the NOTIFY (with 1 s, a
+        // loaded machine closed the client first).
         let env = TestEnv::start_with(|c| {
             c.pool.mode = mode;
-            c.proxy.suspend_grace_seconds = 1;
+            c.proxy.suspend_grace_seconds = 3;
         })
         .await;
         let t = env.tenant_with_user("susp-live").await;
@@ -99,7 +102,7 @@ async fn suspending_a_tenant_disconnects_its_clients_after_the_grace_period() {
             c.simple_query("SELECT 1").await.unwrap();
         }
         // ...then it is disconnected with 57P03.
-        let gone = eventually(Duration::from_secs(5), || async { c.is_closed() }).await;
+        let gone = eventually(Duration::from_secs(10), || async { c.is_closed() }).await;
         assert!(
             gone,
             "{mode:?}: the suspended tenant's client stayed connected"
@@ -226,17 +229,16 @@ async fn a_tenants_plan_and_overrides_apply_and_a_plan_change_needs_no_restart()
     let t = env.tenant_with_user("planned").await;
     let slug = t.slug.as_str();
     env.registry.set_plan(&t.slug, "tiny", "{}").await.unwrap();
-    let first = eventually(Duration::from_secs(5), || async {
-        let Ok(c) = env.connect(slug, "app", "secret").await else {
-            return false;
-        };
-        query_value::<String>(&c, "SHOW statement_timeout").await == "2500ms"
+    // The client that sees the plan is kept: it holds the tiny pool's only backend. (Dropping
+    // it and connecting again raced with its session giving that backend back.)
+    let holder = eventually_some(Duration::from_secs(5), || async {
+        let c = env.connect(slug, "app", "secret").await.ok()?;
+        (query_value::<String>(&c, "SHOW statement_timeout").await == "2500ms").then_some(c)
     })
-    .await;
-    assert!(first, "the plan's statement_timeout did not apply");
+    .await
+    .expect("the plan's statement_timeout did not apply");
 
     // Pool of 1 in session mode: a second client waits 300 ms, then 53300.
-    let holder = env.app(slug).await;
     let err = env.connect(slug, "app", "secret").await.unwrap_err();
     assert_eq!(err.code(), Some(&SqlState::TOO_MANY_CONNECTIONS), "{err}");
 
