@@ -6,20 +6,65 @@ use crate::common;
 use common::forward::{Opening, forwarder};
 use common::wire::SSL_REQUEST;
 use common::{TestEnv, admin_client, unique};
+use std::time::Duration;
 use tenantgate::crypto::Secret;
 use tenantgate::provision::{self, RegisterTenant};
 use tokio_postgres::error::SqlState;
 
-/// Puts `lines` first in the cluster's pg_hba.conf and reloads it.
-async fn prepend_hba(lines: &str) {
+/// Puts a line `host all {role} 127.0.0.1/32 {method}` per `(role, method)` first in the
+/// shared cluster's pg_hba.conf, reloads it, and waits (10 s at most) until the server asks
+/// each role for its method's password. pg_reload_conf() only signals the postmaster, which
+/// re-reads the file when it gets to it; and the tests of this area edit the same file, so
+/// one edit (read, write, reload, wait) at a time. An `md5` role must exist already, with an
+/// md5 password: the server asks any other for SCRAM even on an md5 line.
+async fn prepend_hba(rules: &[(&str, &str)]) {
+    static HBA: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+    let _one_at_a_time = HBA.lock().await;
     let path = common::cluster().data_dir().join("pg_hba.conf");
     let old = std::fs::read_to_string(&path).unwrap();
-    std::fs::write(&path, format!("{lines}\n{old}")).unwrap();
+    let lines: Vec<String> = rules
+        .iter()
+        .map(|(role, method)| format!("host all {role} 127.0.0.1/32 {method}"))
+        .collect();
+    std::fs::write(&path, format!("{}\n{old}", lines.join("\n"))).unwrap();
     admin_client("postgres")
         .await
         .query_one("SELECT pg_reload_conf()", &[])
         .await
         .unwrap();
+    for (role, method) in rules {
+        let code = match *method {
+            "md5" => 5,
+            "password" => 3,
+            other => panic!("no authentication request known for {other}"),
+        };
+        let asked = common::eventually(Duration::from_secs(10), || async {
+            authentication_request(role).await == code
+        })
+        .await;
+        assert!(
+            asked,
+            "pg_hba.conf's {method} line for {role} never took effect"
+        );
+    }
+}
+
+/// The authentication request (AuthenticationCleartextPassword 3, MD5Password 5, SASL 10...)
+/// the shared cluster answers a startup packet for `role` with.
+async fn authentication_request(role: &str) -> i32 {
+    use postgres_protocol::message::frontend;
+    use tokio::io::AsyncWriteExt as _;
+    let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", common::cluster().port()))
+        .await
+        .expect("connect to the cluster");
+    let mut startup = bytes::BytesMut::new();
+    frontend::startup_message([("user", role), ("database", "postgres")], &mut startup).unwrap();
+    stream.write_all(&startup).await.unwrap();
+    let (tag, body) = common::wire::read_message(&mut stream)
+        .await
+        .expect("an answer to the startup packet");
+    assert_eq!(tag, b'R', "{}", String::from_utf8_lossy(&body));
+    i32::from_be_bytes(body[..4].try_into().unwrap())
 }
 
 async fn legacy_database(role: &str, password: &str, md5_stored: bool) {
@@ -45,12 +90,9 @@ async fn legacy_database(role: &str, password: &str, md5_stored: bool) {
 async fn legacy_roles(prefix: &str) -> (String, String) {
     let md5_role = unique(&format!("{prefix}md5_"));
     let clear_role = unique(&format!("{prefix}clear_"));
-    prepend_hba(&format!(
-        "host all {md5_role} 127.0.0.1/32 md5\nhost all {clear_role} 127.0.0.1/32 password"
-    ))
-    .await;
     legacy_database(&md5_role, "md5-pw", true).await;
     legacy_database(&clear_role, "clear-pw", false).await;
+    prepend_hba(&[(&md5_role, "md5"), (&clear_role, "password")]).await;
     (md5_role, clear_role)
 }
 
@@ -171,7 +213,7 @@ async fn past_a_tenants_own_client_limit_its_clients_get_53300_and_others_do_not
 /// the TLS cases are in tests/backend_tls.rs).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn prefer_falls_back_to_plaintext_and_require_refuses_a_server_without_tls() {
-    use std::time::{Duration, Instant};
+    use std::time::Instant;
     use tenantgate::pool::BackendTlsMode;
     let env = TestEnv::start().await;
     assert_eq!(env.config.servers[0].tls, BackendTlsMode::Prefer);
@@ -235,7 +277,6 @@ async fn tls_breaker() -> (u16, std::sync::Arc<std::sync::atomic::AtomicUsize>) 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn prefer_retries_in_plaintext_after_a_failed_tls_handshake() {
     use std::sync::atomic::Ordering;
-    use std::time::Duration;
     use tenantgate::pool::BackendTlsMode;
     let env = TestEnv::start().await;
     let t = env.tenant_with_user("tlsbreak").await;
@@ -301,7 +342,6 @@ async fn prefer_retries_in_plaintext_after_a_failed_tls_handshake() {
 /// 08006 saying why. With `tls = "disable"` the operator has accepted plaintext: answered.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn no_cleartext_or_md5_password_after_a_tls_downgrade() {
-    use std::time::Duration;
     use tenantgate::pool::BackendTlsMode;
     let env = TestEnv::start().await;
     let (md5_role, clear_role) = legacy_roles("dg_").await;
@@ -356,8 +396,8 @@ async fn no_cleartext_or_md5_password_after_a_tls_downgrade() {
     // Provisioning connections (tokio-postgres) refuse the same: registering the cleartext
     // role's database through the breaker under `prefer` fails with the reason.
     let clear_again = unique("dg_clear_again_");
-    prepend_hba(&format!("host all {clear_again} 127.0.0.1/32 password")).await;
     legacy_database(&clear_again, "clear-pw", false).await;
+    prepend_hba(&[(&clear_again, "password")]).await;
     let mut config = env.config.clone();
     config.servers[0].port = port;
     let err = provision::register_tenant(

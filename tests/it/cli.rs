@@ -25,20 +25,35 @@ fn temp_dir(name: &str) -> std::path::PathBuf {
 
 /// Starts the quickstart and returns it with the lines it printed up to "ready".
 fn start_quickstart(dir: &Path) -> (Child, Vec<String>) {
-    start_quickstart_with(dir, &[])
+    let (child, lines, _log) = start_quickstart_with(dir, &[]);
+    (child, lines)
 }
 
+/// Starts the quickstart with `extra` arguments; returns it with the lines it printed up to
+/// "ready", and its log (stderr, at its default level, info) line by line from then on.
 #[allow(clippy::zombie_processes, reason = "the caller waits for it in stop()")]
-fn start_quickstart_with(dir: &Path, extra: &[&str]) -> (Child, Vec<String>) {
+fn start_quickstart_with(
+    dir: &Path,
+    extra: &[&str],
+) -> (Child, Vec<String>, std::sync::mpsc::Receiver<String>) {
     let mut child = Command::new(BIN)
         .args(["quickstart", "--dir"])
         .arg(dir)
         .args(["--listen", "127.0.0.1:0"])
         .args(extra)
+        .env_remove("RUST_LOG")
         .stdout(Stdio::piped())
-        .stderr(Stdio::null())
+        .stderr(Stdio::piped())
         .spawn()
         .unwrap();
+    // Read to the end whether anyone listens or not: a full pipe would stop the quickstart.
+    let stderr = child.stderr.take().unwrap();
+    let (log_tx, log) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            drop(log_tx.send(line));
+        }
+    });
     let stdout = child.stdout.take().unwrap();
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
@@ -59,7 +74,7 @@ fn start_quickstart_with(dir: &Path, extra: &[&str]) -> (Child, Vec<String>) {
         let ready = line.contains("is ready");
         lines.push(line);
         if ready {
-            return (child, lines);
+            return (child, lines, log);
         }
     }
 }
@@ -139,7 +154,7 @@ fn quickstart_from_nothing_then_again_on_the_same_directory() {
 #[test]
 fn quickstart_with_tls_prints_sslmode_require_uris_that_psql_uses() {
     let dir = temp_dir("quickstart-tls");
-    let (child, lines) = start_quickstart_with(&dir, &["--tls"]);
+    let (child, lines, log) = start_quickstart_with(&dir, &["--tls"]);
     let uris: Vec<&String> = lines
         .iter()
         .filter(|l| l.starts_with("postgresql://"))
@@ -177,11 +192,14 @@ fn quickstart_with_tls_prints_sslmode_require_uris_that_psql_uses() {
 
     // --tls and --listen are command-line settings over the file: SIGHUP and RELOAD re-read
     // the file without undoing them (TLS stays required, nothing is listed as changed).
+    // The reload is done when the quickstart logs its outcome ("SIGHUP: ..."), not after a
+    // guessed second.
     Command::new("kill")
         .args(["-HUP", &child.id().to_string()])
         .status()
         .unwrap();
-    std::thread::sleep(Duration::from_secs(1));
+    let reloaded = wait_for_line(&log, "SIGHUP: ");
+    assert!(!reloaded.contains("ERROR"), "{reloaded}");
     let admin = lines
         .iter()
         .find_map(|l| l.strip_prefix("admin console: "))
@@ -239,14 +257,15 @@ fn spawn_quickstart_job(dir: &Path) -> (Child, std::sync::mpsc::Receiver<String>
     (child, rx)
 }
 
-/// Waits for a line containing `needle`; panics with the lines seen if the job ends first.
-fn wait_for_line(lines: &std::sync::mpsc::Receiver<String>, needle: &str) {
+/// Waits for a line containing `needle` and returns it; panics with the lines seen if the job
+/// ends first.
+fn wait_for_line(lines: &std::sync::mpsc::Receiver<String>, needle: &str) -> String {
     let deadline = Instant::now() + Duration::from_secs(90);
     let mut seen = Vec::new();
     loop {
         let left = deadline.saturating_duration_since(Instant::now());
         match lines.recv_timeout(left) {
-            Ok(line) if line.contains(needle) => return,
+            Ok(line) if line.contains(needle) => return line,
             Ok(line) => seen.push(line),
             Err(e) => panic!("no line with {needle:?} ({e}); the quickstart printed: {seen:#?}"),
         }
