@@ -15,14 +15,20 @@ pub async fn backend_count(database: &str) -> i64 {
     connections_to(&[database.to_owned()]).await
 }
 
-/// Backend connections the shared cluster has open to any of `databases`.
+/// Which rows of `pg_stat_activity` are connections, to any of the databases in `$1`: client
+/// backends only. Autovacuum workers (and parallel workers) show the database they work in
+/// too, and a busy tenant database gets an autovacuum worker now and then: counting those as
+/// the proxy's connections made a pool of 5 "peak at 6". (A backend the proxy closed still
+/// counts until it exits, as it should: the proxy keeps its pool slot until the server closes
+/// the socket, which comes after the row has gone.)
+const CONNECTIONS_TO: &str = "SELECT count(*) FROM pg_stat_activity \
+     WHERE datname = ANY($1) AND backend_type = 'client backend'";
+
+/// Backend connections (client backends) the shared cluster has open to any of `databases`.
 pub async fn connections_to(databases: &[String]) -> i64 {
     admin_client("postgres")
         .await
-        .query_one(
-            "SELECT count(*) FROM pg_stat_activity WHERE datname = ANY($1)",
-            &[&databases],
-        )
+        .query_one(CONNECTIONS_TO, &[&databases])
         .await
         .expect("pg_stat_activity")
         .get(0)
@@ -146,8 +152,9 @@ pub async fn let_in(database: &str) {
         .expect("let the database in");
 }
 
-/// Samples, on one direct connection, how many backends the shared cluster has open to some
-/// databases, until stopped or dropped; keeps the peak and the number of samples.
+/// Samples, on one direct connection, how many backend connections (client backends) the
+/// shared cluster has open to some databases, until stopped or dropped; keeps the peak and the
+/// number of samples.
 pub struct PeakBackends {
     peak: Arc<AtomicI64>,
     samples: Arc<AtomicU64>,
@@ -165,10 +172,7 @@ impl PeakBackends {
             tokio::spawn(async move {
                 loop {
                     let n: i64 = direct
-                        .query_one(
-                            "SELECT count(*) FROM pg_stat_activity WHERE datname = ANY($1)",
-                            &[&databases],
-                        )
+                        .query_one(CONNECTIONS_TO, &[&databases])
                         .await
                         .expect("pg_stat_activity")
                         .get(0);
