@@ -13,7 +13,7 @@ use serde::{Deserialize, Serialize};
 use crate::admin::AdminConfig;
 use crate::crypto::SecretsConfig;
 use crate::pool::{BackendTls, PlanConfig, PoolConfig, ServerConfig};
-use crate::provision::ProvisionConfig;
+use crate::provision::{self, ProvisionConfig};
 use crate::registry::RegistryConfig;
 use crate::server::ProxyConfig;
 use crate::stats::StatsConfig;
@@ -280,6 +280,15 @@ impl Config {
 
     pub fn server(&self, name: &str) -> Option<&ServerConfig> {
         self.servers.iter().find(|s| s.name == name)
+    }
+
+    /// What provisioning reads: its section, the servers, the admin database name.
+    pub fn provisioning(&self) -> provision::Setup<'_> {
+        provision::Setup {
+            provision: &self.provision,
+            servers: &self.servers,
+            admin_database: &self.admin.database,
+        }
     }
 }
 

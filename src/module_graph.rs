@@ -10,11 +10,8 @@ use std::path::{Path, PathBuf};
 /// `admin`, `provision` and `server` still take the whole `Config` back.
 const KNOWN: &[(&str, &str)] = &[
     ("admin", "config"),
-    ("admin", "provision"),
     ("config", "admin"),
-    ("config", "provision"),
     ("config", "server"),
-    ("provision", "config"),
     ("server", "admin"),
     ("server", "config"),
 ];

@@ -433,7 +433,7 @@ async fn ensure_demo_tenants(
         }
         if registry.tenant(&parsed).await?.is_none() {
             let record = provision::create_tenant(
-                config,
+                config.provisioning(),
                 registry,
                 key,
                 slug,

@@ -40,7 +40,7 @@ pub(super) async fn provision_command(
             check_plan(ctx, options.plan.as_deref())?;
             progress.say(format!("provisioning tenant {slug}"));
             let record = provision::create_tenant(
-                &ctx.config.get(),
+                ctx.config.get().provisioning(),
                 &ctx.registry,
                 &ctx.key,
                 &slug,
@@ -65,7 +65,7 @@ pub(super) async fn provision_command(
             let password = Secret::from(arg(password)?);
             let server = opt(server)?;
             let record = provision::register_tenant(
-                &ctx.config.get(),
+                ctx.config.get().provisioning(),
                 &ctx.registry,
                 &ctx.key,
                 &RegisterTenant {
@@ -151,7 +151,7 @@ pub(super) async fn tenant_command(
             progress.say(format!("dropping tenant {slug}"));
             // Marked deleted first; its clients go now rather than after the grace period.
             let result = provision::drop_tenant(
-                &ctx.config.get(),
+                ctx.config.get().provisioning(),
                 &ctx.registry,
                 slug.as_str(),
                 *on_drop,
@@ -185,7 +185,7 @@ pub(super) async fn migrate_command(
         Command::MigrateTenant { slug } => {
             let slug = known_slug(ctx, &arg(slug)?).await?;
             let result = provision::migrate_tenant(
-                &ctx.config.get(),
+                ctx.config.get().provisioning(),
                 &ctx.registry,
                 &ctx.key,
                 slug.as_str(),
@@ -205,7 +205,7 @@ pub(super) async fn migrate_command(
             let budgets = budgets(ctx);
             let reporter = progress.clone();
             let results = provision::migrate_all(
-                &ctx.config.get(),
+                ctx.config.get().provisioning(),
                 &ctx.registry,
                 &ctx.key,
                 provision::MigrateAll {

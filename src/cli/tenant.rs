@@ -77,6 +77,7 @@ pub(super) enum TenantCommand {
 
 pub(super) async fn run(config: &Config, cmd: TenantCommand) -> anyhow::Result<()> {
     let registry = open_registry(config).await?;
+    let setup = config.provisioning();
     match cmd {
         TenantCommand::Create {
             slug,
@@ -107,7 +108,7 @@ pub(super) async fn run(config: &Config, cmd: TenantCommand) -> anyhow::Result<(
                 role: &role,
                 password: &password,
             };
-            let t = provision::register_tenant(config, &registry, &key, &existing).await?;
+            let t = provision::register_tenant(setup, &registry, &key, &existing).await?;
             say(&format!(
                 "tenant {} registered for database {}",
                 t.slug, t.database
@@ -141,7 +142,7 @@ pub(super) async fn run(config: &Config, cmd: TenantCommand) -> anyhow::Result<(
             slug: Some(slug), ..
         } => {
             let key = MasterKey::load(&config.secrets)?;
-            let outcome = provision::migrate_tenant(config, &registry, &key, &slug, None).await?;
+            let outcome = provision::migrate_tenant(setup, &registry, &key, &slug, None).await?;
             say(&describe_outcome(&slug, &outcome)?)
         }
         TenantCommand::Migrate {
@@ -162,7 +163,7 @@ pub(super) async fn run(config: &Config, cmd: TenantCommand) -> anyhow::Result<(
                 (false, true) => DatabaseOnDrop::Drop,
                 (false, false) => DatabaseOnDrop::ByOrigin,
             };
-            let dropped = provision::drop_tenant(config, &registry, &slug, on_drop, None).await?;
+            let dropped = provision::drop_tenant(setup, &registry, &slug, on_drop, None).await?;
             if dropped {
                 say(&format!("tenant {slug} deleted with its database and role"))
             } else {
@@ -181,7 +182,7 @@ async fn create(
     options: &CreateTenant,
 ) -> anyhow::Result<()> {
     let key = MasterKey::load(&config.secrets)?;
-    let t = provision::create_tenant(config, registry, &key, slug, options).await?;
+    let t = provision::create_tenant(config.provisioning(), registry, &key, slug, options).await?;
     let version = registry
         .schema_version(&t.slug)
         .await?
@@ -216,7 +217,8 @@ async fn migrate_all(
             ));
         }
     };
-    let results = provision::migrate_all(config, registry, key, options, progress).await?;
+    let results =
+        provision::migrate_all(config.provisioning(), registry, key, options, progress).await?;
     let mut out = String::new();
     let mut failed = 0;
     let mut applied = 0;

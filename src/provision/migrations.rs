@@ -19,8 +19,7 @@ use std::time::Instant;
 use futures_util::StreamExt as _;
 
 use super::server::{self, BackendClient, Budgets};
-use super::{ProvisionError, error_chain, parse_slug};
-use crate::config::Config;
+use super::{ProvisionError, Setup, error_chain, parse_slug};
 use crate::crypto::{Binding, MasterKey};
 use crate::registry::migrate::checksum;
 use crate::registry::{AppliedMigration, Registry, TenantRecord, TenantSlug, TenantState};
@@ -179,7 +178,7 @@ pub struct MigrateAll<'a> {
 /// What a migration run needs besides the files.
 #[derive(Clone, Copy)]
 pub(super) struct Ctx<'a> {
-    pub(super) config: &'a Config,
+    pub(super) setup: Setup<'a>,
     pub(super) registry: &'a Registry,
     pub(super) key: &'a MasterKey,
     pub(super) budgets: Option<&'a Budgets>,
@@ -190,14 +189,14 @@ pub(super) struct Ctx<'a> {
 /// the files before it stay applied and recorded; the error names the tenant, the file and
 /// PostgreSQL's message. `budgets`: see [`Budgets`]; `None` from the CLI.
 pub async fn migrate_tenant(
-    config: &Config,
+    setup: Setup<'_>,
     registry: &Registry,
     key: &MasterKey,
     slug: &str,
     budgets: Option<&Budgets>,
 ) -> Result<MigrateOutcome, ProvisionError> {
     let slug = parse_slug(slug)?;
-    let set = MigrationSet::load(&config.provision.migrations_dir)?;
+    let set = MigrationSet::load(&setup.provision.migrations_dir)?;
     let tenant = registry
         .tenant(&slug)
         .await?
@@ -209,7 +208,7 @@ pub async fn migrate_tenant(
         });
     }
     let ctx = Ctx {
-        config,
+        setup,
         registry,
         key,
         budgets,
@@ -221,13 +220,13 @@ pub async fn migrate_tenant(
 /// failure does not stop the others. `progress` is called after every tenant. Returns one
 /// result per tenant, by slug; an error only when the files or the tenant list cannot be read.
 pub async fn migrate_all(
-    config: &Config,
+    setup: Setup<'_>,
     registry: &Registry,
     key: &MasterKey,
     options: MigrateAll<'_>,
     progress: impl Fn(MigrateProgress) + Send + Sync,
 ) -> Result<Vec<TenantMigration>, ProvisionError> {
-    let set = MigrationSet::load(&config.provision.migrations_dir)?;
+    let set = MigrationSet::load(&setup.provision.migrations_dir)?;
     let tenants: Vec<TenantRecord> = registry
         .tenants()
         .await?
@@ -235,14 +234,14 @@ pub async fn migrate_all(
         .filter(|t| matches!(t.state, TenantState::Active | TenantState::Suspended))
         .collect();
     let ctx = Ctx {
-        config,
+        setup,
         registry,
         key,
         budgets: options.budgets,
     };
     let concurrency = options
         .concurrency
-        .unwrap_or(config.provision.migrate_concurrency)
+        .unwrap_or(setup.provision.migrate_concurrency)
         .max(1);
     let total = tenants.len();
     let set = &set;
@@ -296,7 +295,7 @@ pub(super) async fn connect_locked(
     tenant: &TenantRecord,
 ) -> Result<BackendClient, ProvisionError> {
     let server = ctx
-        .config
+        .setup
         .server(&tenant.server)
         .ok_or_else(|| ProvisionError::UnknownServer(tenant.server.clone()))?;
     let password = ctx

@@ -11,7 +11,9 @@
 //!
 //! Every identifier and literal that reaches SQL goes through postgres-protocol's escaping.
 //! The generated backend password is sent to the server only as a SCRAM verifier and stored
-//! only encrypted. This module must not run on the connection hot path.
+//! only encrypted. This module must not run on the connection hot path. It reads the config
+//! through [`Setup`] (its own section, the servers, the console's database name), never the
+//! whole `Config`: `config` gathers this module's section, so the arrow points one way.
 
 mod error;
 mod migrations;
@@ -29,7 +31,6 @@ pub use migrations::{
 };
 pub use server::Budgets;
 
-use crate::config::Config;
 use crate::crypto::{Binding, MasterKey, Secret, generate_password};
 use crate::pool::ServerConfig;
 use crate::registry::{MAX_NAME_BYTES, NewTenant, Registry, TenantRecord, TenantSlug, TenantState};
@@ -118,6 +119,29 @@ impl ProvisionConfig {
     }
 }
 
+/// What provisioning reads from the running config (`Config::provisioning` gathers it):
+/// `[provision]`, the backend servers tenants go to, and the admin console's database name,
+/// which no tenant may take. Borrowed for one call, so a RELOAD between calls is seen.
+#[derive(Debug, Clone, Copy)]
+pub struct Setup<'a> {
+    pub provision: &'a ProvisionConfig,
+    /// The `[[server]]` sections, in file order: the first is the default.
+    pub servers: &'a [ServerConfig],
+    /// `admin.database`: that name routes to the console, so it is no tenant's slug.
+    pub admin_database: &'a str,
+}
+
+impl<'a> Setup<'a> {
+    /// The server a new tenant goes to when none is named: the first one.
+    pub fn default_server(self) -> Option<&'a ServerConfig> {
+        self.servers.first()
+    }
+
+    pub fn server(self, name: &str) -> Option<&'a ServerConfig> {
+        self.servers.iter().find(|s| s.name == name)
+    }
+}
+
 /// The database (and role) name for a slug.
 pub fn database_name(pattern: &str, slug: &str) -> String {
     pattern.replace("{slug}", &slug.replace('-', "_"))
@@ -141,8 +165,8 @@ fn parse_slug(slug: &str) -> Result<TenantSlug, ProvisionError> {
 /// The slug of a tenant being created or registered: valid, and not the admin console's
 /// database name (a tenant by that name could never be reached: the name routes to the
 /// console).
-fn new_slug(config: &Config, slug: &str) -> Result<TenantSlug, ProvisionError> {
-    if slug == config.admin.database {
+fn new_slug(setup: Setup<'_>, slug: &str) -> Result<TenantSlug, ProvisionError> {
+    if slug == setup.admin_database {
         return Err(ProvisionError::ReservedSlug(slug.to_owned()));
     }
     parse_slug(slug)
@@ -155,30 +179,30 @@ fn new_slug(config: &Config, slug: &str) -> Result<TenantSlug, ProvisionError> {
 /// dropped, the row is marked `failed` with the error, and the error is returned.
 /// Re-running for a `failed` tenant retries from the start.
 pub async fn create_tenant(
-    config: &Config,
+    setup: Setup<'_>,
     registry: &Registry,
     key: &MasterKey,
     slug: &str,
     options: &CreateTenant,
 ) -> Result<TenantRecord, ProvisionError> {
-    let slug = new_slug(config, slug)?;
+    let slug = new_slug(setup, slug)?;
     if let Some(existing) = registry.tenant(&slug).await? {
         if existing.state != TenantState::Failed {
             return Err(ProvisionError::Exists(slug));
         }
     }
     let server = match &options.server {
-        Some(name) => config.server(name),
-        None => least_loaded_server(config, registry).await?,
+        Some(name) => setup.server(name),
+        None => least_loaded_server(setup, registry).await?,
     }
     .ok_or_else(|| ProvisionError::UnknownServer(options.server.clone().unwrap_or_default()))?;
-    let database = database_name(&config.provision.database_pattern, slug.as_str());
+    let database = database_name(&setup.provision.database_pattern, slug.as_str());
     if database.len() > 63 {
         return Err(ProvisionError::NameTooLong(database));
     }
     // Files are read before anything exists, so a missing directory creates nothing.
-    let set = MigrationSet::load(&config.provision.migrations_dir)?;
-    let seed = match &config.provision.seed_file {
+    let set = MigrationSet::load(&setup.provision.migrations_dir)?;
+    let seed = match &setup.provision.seed_file {
         Some(path) => Some(Seed {
             file: path.display().to_string(),
             sql: std::fs::read_to_string(path).map_err(|source| ProvisionError::SeedFile {
@@ -193,7 +217,7 @@ pub async fn create_tenant(
     let plan = options
         .plan
         .clone()
-        .unwrap_or_else(|| config.provision.default_plan.clone());
+        .unwrap_or_else(|| setup.provision.default_plan.clone());
     let encrypted = key.encrypt(&password, &Binding::backend_password(slug.as_str()));
     registry
         .insert_tenant(&NewTenant {
@@ -214,7 +238,7 @@ pub async fn create_tenant(
         _ => return Err(ProvisionError::Exists(slug)),
     };
     let ctx = Ctx {
-        config,
+        setup,
         registry,
         key,
         budgets: options.budgets.as_ref(),
@@ -411,7 +435,7 @@ pub enum DatabaseOnDrop {
 /// ledger. Returns whether the database was dropped. Unknown and already deleted tenants are
 /// errors. `budgets`: see [`Budgets`]; `None` from the CLI.
 pub async fn drop_tenant(
-    config: &Config,
+    setup: Setup<'_>,
     registry: &Registry,
     slug: &str,
     on_drop: DatabaseOnDrop,
@@ -444,7 +468,7 @@ pub async fn drop_tenant(
     if keep_database {
         return Ok(false);
     }
-    let dropped = match config.server(&tenant.server) {
+    let dropped = match setup.server(&tenant.server) {
         Some(server) => {
             server::drop_database_and_role(server, &tenant.database, &tenant.backend_role, budgets)
                 .await
@@ -505,14 +529,14 @@ pub async fn remove_user(
 /// The server with the fewest tenants (not deleted) per connection of its budget; the first
 /// one on a tie.
 async fn least_loaded_server<'c>(
-    config: &'c Config,
+    setup: Setup<'c>,
     registry: &Registry,
 ) -> Result<Option<&'c ServerConfig>, ProvisionError> {
-    if config.servers.len() < 2 {
-        return Ok(config.default_server());
+    if setup.servers.len() < 2 {
+        return Ok(setup.default_server());
     }
     let counts = registry.tenant_counts_by_server().await?;
-    Ok(config.servers.iter().min_by(|a, b| {
+    Ok(setup.servers.iter().min_by(|a, b| {
         let load = |s: &ServerConfig| {
             let tenants = counts.get(&s.name).copied().unwrap_or(0);
             // Compare tenants/max_connections without floats: a.t * b.max vs b.t * a.max.
@@ -537,7 +561,7 @@ pub struct RegisterTenant<'a> {
 /// Registers a tenant for a database that already exists, after checking that the role and
 /// password can log in to it.
 pub async fn register_tenant(
-    config: &Config,
+    setup: Setup<'_>,
     registry: &Registry,
     key: &MasterKey,
     existing: &RegisterTenant<'_>,
@@ -549,7 +573,7 @@ pub async fn register_tenant(
         role,
         password,
     } = *existing;
-    let slug = new_slug(config, slug)?;
+    let slug = new_slug(setup, slug)?;
     if registry
         .tenant(&slug)
         .await?
@@ -558,8 +582,8 @@ pub async fn register_tenant(
         return Err(ProvisionError::Exists(slug));
     }
     let server = match server {
-        Some(name) => config.server(name),
-        None => config.default_server(),
+        Some(name) => setup.server(name),
+        None => setup.default_server(),
     }
     .ok_or_else(|| ProvisionError::UnknownServer(server.unwrap_or_default().to_owned()))?;
     if let Some(owner) = registry
@@ -579,7 +603,7 @@ pub async fn register_tenant(
             slug: &slug,
             display_name: None,
             state: TenantState::Active,
-            plan: &config.provision.default_plan,
+            plan: &setup.provision.default_plan,
             server: &server.name,
             database,
             backend_role: role,

@@ -84,7 +84,7 @@ async fn select_filters_orders_and_limits_with_typed_columns() {
     for i in 0..3 {
         let slug = format!("{prefix}-{i}");
         tenantgate::provision::create_tenant(
-            &env.config,
+            env.config.provisioning(),
             &env.registry,
             &env.key,
             &slug,

@@ -101,7 +101,7 @@ async fn legacy_roles(prefix: &str) -> (String, String) {
 async fn register_legacy(env: &TestEnv, prefix: &str, role: &str, password: &str) -> String {
     let slug = unique(prefix);
     provision::register_tenant(
-        &env.config,
+        env.config.provisioning(),
         &env.registry,
         &env.key,
         &RegisterTenant {
@@ -401,7 +401,7 @@ async fn no_cleartext_or_md5_password_after_a_tls_downgrade() {
     let mut config = env.config.clone();
     config.servers[0].port = port;
     let err = provision::register_tenant(
-        &config,
+        config.provisioning(),
         &env.registry,
         &env.key,
         &RegisterTenant {

@@ -91,9 +91,15 @@ async fn tenant_on(env: &TestEnv, prefix: &str, server: &str, mode: PoolMode) ->
         plan: Some(mode.as_str().to_owned()),
         ..CreateTenant::default()
     };
-    let tenant = provision::create_tenant(&env.config, &env.registry, &env.key, &slug, &options)
-        .await
-        .expect("create tenant");
+    let tenant = provision::create_tenant(
+        env.config.provisioning(),
+        &env.registry,
+        &env.key,
+        &slug,
+        &options,
+    )
+    .await
+    .expect("create tenant");
     env.add_user(&slug, "app", "secret").await;
     tenant
 }

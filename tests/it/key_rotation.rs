@@ -168,7 +168,7 @@ async fn tenant_by_stale_process(env: &TestEnv, old_key: &str, prefix: &str) -> 
     let stale = MasterKey::decode(old_key, "stale").unwrap();
     let slug = unique(prefix);
     provision::create_tenant(
-        &env.config,
+        env.config.provisioning(),
         &env.registry,
         &stale,
         &slug,

@@ -52,7 +52,7 @@ async fn create(
     slug: &str,
 ) -> Result<tenantgate::registry::TenantRecord, ProvisionError> {
     provision::create_tenant(
-        &env.config,
+        env.config.provisioning(),
         &env.registry,
         &env.key,
         slug,
@@ -192,9 +192,15 @@ async fn a_new_tenant_gets_the_migrations_as_its_own_role_and_the_seed() {
     );
 
     // Nothing is pending now.
-    let again = provision::migrate_tenant(&env.config, &env.registry, &env.key, &slug, None)
-        .await
-        .unwrap();
+    let again = provision::migrate_tenant(
+        env.config.provisioning(),
+        &env.registry,
+        &env.key,
+        &slug,
+        None,
+    )
+    .await
+    .unwrap();
     assert!(again.applied.is_empty());
     assert_eq!(again.already_applied, 2);
     assert_eq!(again.schema_version, Some(2));
@@ -291,7 +297,7 @@ async fn migrate_all_carries_on_past_a_broken_tenant() {
     let deleted = unique("gone-");
     create(&env, &deleted).await.unwrap();
     provision::drop_tenant(
-        &env.config,
+        env.config.provisioning(),
         &env.registry,
         &deleted,
         DatabaseOnDrop::Keep,
@@ -305,7 +311,7 @@ async fn migrate_all_carries_on_past_a_broken_tenant() {
     let results = {
         let seen = seen.clone();
         send(provision::migrate_all(
-            &env.config,
+            env.config.provisioning(),
             &env.registry,
             &env.key,
             MigrateAll {
@@ -367,9 +373,15 @@ async fn an_edited_migration_is_refused_and_nothing_is_applied() {
     let edited = format!("{ORDERS}\n-- changed later\n");
     std::fs::write(dir.join("0001_orders.sql"), &edited).unwrap();
     std::fs::write(dir.join("0002_items.sql"), ITEMS).unwrap();
-    let err = provision::migrate_tenant(&env.config, &env.registry, &env.key, &slug, None)
-        .await
-        .unwrap_err();
+    let err = provision::migrate_tenant(
+        env.config.provisioning(),
+        &env.registry,
+        &env.key,
+        &slug,
+        None,
+    )
+    .await
+    .unwrap_err();
     assert!(
         matches!(err, ProvisionError::ChecksumMismatch { .. }),
         "{err:?}"
@@ -401,7 +413,15 @@ async fn two_runners_on_one_tenant_apply_each_file_once() {
     .unwrap();
     std::fs::write(dir.join("0003_more.sql"), "CREATE TABLE more (x int);").unwrap();
 
-    let run = || provision::migrate_tenant(&env.config, &env.registry, &env.key, &slug, None);
+    let run = || {
+        provision::migrate_tenant(
+            env.config.provisioning(),
+            &env.registry,
+            &env.key,
+            &slug,
+            None,
+        )
+    };
     let (a, b) = tokio::join!(run(), run());
     let (a, b) = (a.unwrap(), b.unwrap());
     assert_eq!(a.applied.len() + b.applied.len(), 2, "{a:?} {b:?}");
@@ -427,7 +447,7 @@ async fn drop_tenant_removes_the_database_unless_kept_and_remove_user_works() {
     // A connected client does not stop the drop (WITH (FORCE)).
     let client = admin_client(&gone.database).await;
     provision::drop_tenant(
-        &env.config,
+        env.config.provisioning(),
         &env.registry,
         gone.slug.as_str(),
         DatabaseOnDrop::Drop,
@@ -447,7 +467,7 @@ async fn drop_tenant_removes_the_database_unless_kept_and_remove_user_works() {
     );
 
     let err = provision::drop_tenant(
-        &env.config,
+        env.config.provisioning(),
         &env.registry,
         gone.slug.as_str(),
         DatabaseOnDrop::Drop,
@@ -461,7 +481,7 @@ async fn drop_tenant_removes_the_database_unless_kept_and_remove_user_works() {
         .unwrap_err();
     assert!(matches!(err, ProvisionError::StateChange { .. }), "{err:?}");
     let err = provision::drop_tenant(
-        &env.config,
+        env.config.provisioning(),
         &env.registry,
         "no-such-tenant",
         DatabaseOnDrop::Drop,
@@ -473,7 +493,7 @@ async fn drop_tenant_removes_the_database_unless_kept_and_remove_user_works() {
 
     let kept = create(&env, &unique("keep-")).await.unwrap();
     provision::drop_tenant(
-        &env.config,
+        env.config.provisioning(),
         &env.registry,
         kept.slug.as_str(),
         DatabaseOnDrop::Keep,
@@ -514,7 +534,7 @@ async fn provisioning_connections_count_in_the_server_budget() {
         ..CreateTenant::default()
     };
     let err = send(provision::create_tenant(
-        &env.config,
+        env.config.provisioning(),
         &env.registry,
         &env.key,
         &slug,
@@ -533,14 +553,20 @@ async fn provisioning_connections_count_in_the_server_budget() {
     drop(held);
 
     // Free: it works, and every permit is back afterwards.
-    let t = provision::create_tenant(&env.config, &env.registry, &env.key, &slug, &options)
-        .await
-        .unwrap();
+    let t = provision::create_tenant(
+        env.config.provisioning(),
+        &env.registry,
+        &env.key,
+        &slug,
+        &options,
+    )
+    .await
+    .unwrap();
     assert_eq!(t.state, TenantState::Active);
     assert_eq!(budget.in_use(), 0);
     std::fs::write(dir.join("0002_items.sql"), ITEMS).unwrap();
     send(provision::migrate_tenant(
-        &env.config,
+        env.config.provisioning(),
         &env.registry,
         &env.key,
         &slug,
@@ -550,7 +576,7 @@ async fn provisioning_connections_count_in_the_server_budget() {
     .unwrap();
     assert_eq!(budget.in_use(), 0);
     send(provision::drop_tenant(
-        &env.config,
+        env.config.provisioning(),
         &env.registry,
         &slug,
         DatabaseOnDrop::ByOrigin,

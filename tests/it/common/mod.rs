@@ -225,7 +225,7 @@ admin_password = "{password}"
     pub async fn tenant(&self, prefix: &str) -> TenantRecord {
         let slug = unique(prefix);
         provision::create_tenant(
-            &self.config,
+            self.config.provisioning(),
             &self.registry,
             &self.key,
             &slug,
