@@ -1,16 +1,22 @@
 //! The configuration file: TOML types gathered from their subjects, defaults, validation,
 //! environment overrides for secrets.
 //!
-//! Each section's type lives with the module it configures (`server::ProxyConfig`,
-//! `pool::PoolConfig`, ...); this file only gathers them, loads the file and validates across
-//! sections. A broken config is one line naming the key, and exit code 2 (see `main`).
+//! Each section's type lives with the module it configures (`pool::PoolConfig`,
+//! `provision::ProvisionConfig`, ...); this file only gathers them, loads the file and
+//! validates across sections. The exception is a module that reads the whole config, which
+//! therefore depends on this one: its section lives here, so no arrow points back. That is
+//! `[admin]` (`admin.rs`: SHOW CONFIG lists the whole config and RELOAD diffs it).
+//! A broken config is one line naming the key, and exit code 2 (see `main`).
 //! It must not touch sockets.
+
+mod admin;
 
 use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 
-use crate::admin::AdminConfig;
+pub use admin::AdminConfig;
+
 use crate::crypto::SecretsConfig;
 use crate::pool::{BackendTls, PlanConfig, PoolConfig, ServerConfig};
 use crate::provision::{self, ProvisionConfig};

@@ -10,7 +10,6 @@ use std::path::{Path, PathBuf};
 /// `admin`, `provision` and `server` still take the whole `Config` back.
 const KNOWN: &[(&str, &str)] = &[
     ("admin", "config"),
-    ("config", "admin"),
     ("config", "server"),
     ("server", "admin"),
     ("server", "config"),

@@ -11,7 +11,9 @@
 //! values), `usage` (SHOW STATS), `error` (SQLSTATEs).
 //! The server module authenticates the admin and hands the socket to [`serve`], which drives
 //! pgwire's per-message processing. This module must not reach into a session's internals;
-//! it sees clients through the roster and pools through the pool map.
+//! it sees clients through the roster and pools through the pool map. Its `[admin]` section,
+//! [`AdminConfig`], lives in `config`: the console reads the whole config (SHOW CONFIG,
+//! RELOAD), so the arrow points from here to `config` and not back.
 
 mod catalog;
 mod command;
@@ -35,7 +37,6 @@ use futures_util::StreamExt as _;
 use pgwire::api::{ClientInfo as _, DefaultClient, NoopHandler, PgWireConnectionState};
 use pgwire::messages::PgWireFrontendMessage;
 use pgwire::tokio::server::{PgWireMessageServerCodec, process_error, process_message};
-use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt as _};
 use tokio_util::codec::Framed;
 use tokio_util::sync::CancellationToken;
@@ -43,7 +44,7 @@ use tokio_util::sync::CancellationToken;
 pub use error::AdminError;
 
 use crate::clients::ClientRoster;
-use crate::config::LiveConfig;
+use crate::config::{AdminConfig, LiveConfig};
 use crate::crypto::{MasterKey, Secret};
 use crate::pool::PoolMap;
 use crate::protocol::{SqlState, messages};
@@ -52,88 +53,29 @@ use crate::stats::Stats;
 use crate::tls::SharedTls;
 use handler::AdminHandler;
 
-/// `[admin]`: the admin console.
-#[derive(Debug, Clone, Deserialize, Serialize)]
-#[serde(deny_unknown_fields)]
-pub struct AdminConfig {
-    /// Database name that reaches the admin console instead of a tenant. It cannot be a
-    /// tenant slug too. Default "tenantgate".
-    #[serde(default = "default_database")]
-    pub database: String,
-    /// Admin user created at start-up when it does not exist yet (an existing user keeps its
-    /// password). Default: none.
-    #[serde(default)]
-    pub bootstrap_user: Option<String>,
-    /// Password of `bootstrap_user`. Prefer `bootstrap_password_env`. Default: none.
-    #[serde(default)]
-    pub bootstrap_password: Option<Secret>,
-    /// Environment variable holding `bootstrap_user`'s password; overrides
-    /// `bootstrap_password`. Default: none.
-    #[serde(default)]
-    pub bootstrap_password_env: Option<String>,
-}
-
-fn default_database() -> String {
-    "tenantgate".to_owned()
-}
-
-impl Default for AdminConfig {
-    fn default() -> Self {
-        AdminConfig {
-            database: default_database(),
-            bootstrap_user: None,
-            bootstrap_password: None,
-            bootstrap_password_env: None,
-        }
+/// Creates the bootstrap admin user (`admin.bootstrap_user`) if the config names one and it
+/// does not exist; an existing user keeps its password.
+pub async fn bootstrap(config: &AdminConfig, registry: &Registry) -> Result<(), RegistryError> {
+    let Some(user) = &config.bootstrap_user else {
+        return Ok(());
+    };
+    let from_env = config
+        .bootstrap_password_env
+        .as_ref()
+        .and_then(|var| std::env::var(var).ok())
+        .map(Secret::from);
+    let Some(password) = from_env.or_else(|| config.bootstrap_password.clone()) else {
+        tracing::warn!(
+            user,
+            "admin.bootstrap_user has no password set; not created"
+        );
+        return Ok(());
+    };
+    let verifier = crate::auth::scram_verifier(&password).await;
+    if registry.set_admin_user(user, &verifier, false).await? {
+        tracing::info!(user, "admin user created from the config");
     }
-}
-
-impl AdminConfig {
-    pub(crate) fn validate(&self) -> Result<(), (String, String)> {
-        if self.database.is_empty() {
-            return Err(("admin.database".to_owned(), "must not be empty".to_owned()));
-        }
-        if self.bootstrap_user.as_deref() == Some("") {
-            return Err((
-                "admin.bootstrap_user".to_owned(),
-                "must not be empty".to_owned(),
-            ));
-        }
-        if self.bootstrap_user.is_some()
-            && self.bootstrap_password.is_none()
-            && self.bootstrap_password_env.is_none()
-        {
-            return Err((
-                "admin.bootstrap_user".to_owned(),
-                "needs bootstrap_password or bootstrap_password_env".to_owned(),
-            ));
-        }
-        Ok(())
-    }
-
-    /// Creates the bootstrap admin user if the config names one and it does not exist.
-    pub async fn bootstrap(&self, registry: &Registry) -> Result<(), RegistryError> {
-        let Some(user) = &self.bootstrap_user else {
-            return Ok(());
-        };
-        let from_env = self
-            .bootstrap_password_env
-            .as_ref()
-            .and_then(|var| std::env::var(var).ok())
-            .map(Secret::from);
-        let Some(password) = from_env.or_else(|| self.bootstrap_password.clone()) else {
-            tracing::warn!(
-                user,
-                "admin.bootstrap_user has no password set; not created"
-            );
-            return Ok(());
-        };
-        let verifier = crate::auth::scram_verifier(&password).await;
-        if registry.set_admin_user(user, &verifier, false).await? {
-            tracing::info!(user, "admin user created from the config");
-        }
-        Ok(())
-    }
+    Ok(())
 }
 
 /// What the console works on; built once by the server and shared by admin sessions.

@@ -328,9 +328,7 @@ impl Proxy {
         let local_addr = listener.local_addr()?;
         let usage = Stats::new();
 
-        config
-            .admin
-            .bootstrap(&registry)
+        crate::admin::bootstrap(&config.admin, &registry)
             .await
             .context("creating the bootstrap admin user")?;
         let stop_flusher = CancellationToken::new();
