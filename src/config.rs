@@ -4,24 +4,26 @@
 //! Each section's type lives with the module it configures (`pool::PoolConfig`,
 //! `provision::ProvisionConfig`, ...); this file only gathers them, loads the file and
 //! validates across sections. The exception is a module that reads the whole config, which
-//! therefore depends on this one: its section lives here, so no arrow points back. That is
-//! `[admin]` (`admin.rs`: SHOW CONFIG lists the whole config and RELOAD diffs it).
+//! therefore depends on this one: its section lives here, so no arrow points back. Those are
+//! `[admin]` (`admin.rs`: SHOW CONFIG lists the whole config and RELOAD diffs it) and
+//! `[proxy]` (`proxy.rs`: the server builds everything from the whole config).
 //! A broken config is one line naming the key, and exit code 2 (see `main`).
 //! It must not touch sockets.
 
 mod admin;
+mod proxy;
 
 use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 
 pub use admin::AdminConfig;
+pub use proxy::ProxyConfig;
 
 use crate::crypto::SecretsConfig;
 use crate::pool::{BackendTls, PlanConfig, PoolConfig, ServerConfig};
 use crate::provision::{self, ProvisionConfig};
 use crate::registry::RegistryConfig;
-use crate::server::ProxyConfig;
 use crate::stats::StatsConfig;
 use crate::tls::{TlsConfig, TlsMode, TlsServer};
 
