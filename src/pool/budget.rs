@@ -5,12 +5,14 @@
 //! Every backend connection holds one permit for its whole life (idle ones included) and gives
 //! it back when it closes. Waiters are served in order (tokio's semaphore is fair). Making room
 //! by closing another pool's idle connection is the pool's job (`BackendManager`); this type
-//! only counts.
+//! only counts, and tells those waiting for room when a connection on the server went idle
+//! (one they may close), so they need not poll.
 
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::sync::futures::Notified;
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
 
 /// The budget of one backend server.
 #[derive(Debug)]
@@ -18,6 +20,8 @@ pub struct ServerBudget {
     server: String,
     max_connections: u32,
     permits: Arc<Semaphore>,
+    /// Woken when a connection on this server goes back to its pool idle.
+    went_idle: Notify,
 }
 
 impl ServerBudget {
@@ -28,6 +32,7 @@ impl ServerBudget {
             permits: Arc::new(Semaphore::new(
                 usize::try_from(max_connections).unwrap_or(usize::MAX),
             )),
+            went_idle: Notify::new(),
         }
     }
 
@@ -55,6 +60,20 @@ impl ServerBudget {
         Arc::clone(&self.permits).try_acquire_owned().ok()
     }
 
+    /// A connection on this server went back to its pool idle: whoever waits for room may
+    /// close it now. Only a spent budget has such waiters, so otherwise this is one load.
+    pub fn connection_went_idle(&self) {
+        if self.permits.available_permits() == 0 {
+            self.went_idle.notify_waiters();
+        }
+    }
+
+    /// Resolves at the next [`ServerBudget::connection_went_idle`]; `enable` it before looking
+    /// for idle connections so that none going idle meanwhile is missed.
+    pub fn idle_connection(&self) -> Notified<'_> {
+        self.went_idle.notified()
+    }
+
     /// Waits (in order) up to `wait` for a permit.
     pub async fn acquire(&self, wait: Duration) -> Option<OwnedSemaphorePermit> {
         tokio::time::timeout(wait, Arc::clone(&self.permits).acquire_owned())
@@ -67,6 +86,19 @@ impl ServerBudget {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn a_connection_going_idle_wakes_those_waiting_for_room() {
+        let budget = ServerBudget::new("main", 1);
+        let _held = budget.try_acquire().unwrap();
+        let went_idle = budget.idle_connection();
+        tokio::pin!(went_idle);
+        went_idle.as_mut().enable();
+        budget.connection_went_idle();
+        tokio::time::timeout(Duration::from_secs(5), went_idle)
+            .await
+            .expect("woken without polling");
+    }
 
     #[tokio::test(start_paused = true)]
     async fn permits_count_and_wait_in_order() {

@@ -5,8 +5,11 @@
 //!
 //! Making room looks first at the pools a lease was returned to ([`IdleSet`]), and scans
 //! every pool only when that finds nothing: with 10,000 pools known, scanning them all on every
-//! wait for a permit (each waiter every 50 ms) took the proxy's CPU and made cold connects
-//! seconds long (issue 4).
+//! wait for a permit took the proxy's CPU and made cold connects seconds long (issue 4). A
+//! waiter looks again when a connection on its server goes back idle (the budget wakes it:
+//! `ServerBudget::connection_went_idle`), not on a timer, so room made by a lease returned
+//! elsewhere is taken at once (issue 12); a slow tick covers the rare idle connection no lease
+//! reports.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU8, Ordering};
@@ -97,6 +100,10 @@ pub struct BackendManager {
     /// old backend while it exits.
     pub(super) slots: Arc<tokio::sync::Semaphore>,
 }
+
+/// How often a connect waiting for room in a spent budget looks for idle connections when
+/// none is reported going idle (see `BackendManager::budget_permit`).
+const RECLAIM_TICK: Duration = Duration::from_millis(250);
 
 /// The startup parameters a pool opens its backends with. While every client of the pool
 /// whose settings a backend accepted used the same settings, new backends carry them in
@@ -199,6 +206,9 @@ pub(super) type IdleSet = Mutex<HashMap<usize, (TenantSlug, Weak<TenantPool>)>>;
 /// the return and the mark).
 pub(super) struct IdleMark {
     pub(super) set: Arc<IdleSet>,
+    /// The pool's server budget: told when the connection went back, for connects waiting
+    /// for room.
+    pub(super) budget: Arc<ServerBudget>,
     pub(super) slug: TenantSlug,
     pub(super) pool: Weak<TenantPool>,
 }
@@ -211,6 +221,7 @@ impl Drop for IdleMark {
             .unwrap_or_else(PoisonError::into_inner)
             .entry(key)
             .or_insert_with(|| (self.slug.clone(), Weak::clone(&self.pool)));
+        self.budget.connection_went_idle();
     }
 }
 
@@ -224,15 +235,22 @@ impl BackendManager {
             if let Some(permit) = self.budget.try_acquire() {
                 return Ok(permit);
             }
+            // Armed before looking, so a connection going idle meanwhile wakes this wait.
+            let went_idle = self.budget.idle_connection();
+            tokio::pin!(went_idle);
+            went_idle.as_mut().enable();
             if let (Some(idle), Some(pools)) = (self.idle.upgrade(), self.pools.upgrade()) {
                 reclaim_idle(&idle, &pools, &self.target.server, &self.slug).await;
             }
             let left = deadline.saturating_duration_since(tokio::time::Instant::now());
-            if let Some(permit) = self
-                .budget
-                .acquire(left.min(Duration::from_millis(50)))
-                .await
-            {
+            // A permit given back, or a connection gone idle that may be closed to make room;
+            // the slow tick only covers one that went idle without a lease going back (bb8
+            // finishing a connect after its waiter left).
+            let permit = tokio::select! {
+                permit = self.budget.acquire(left.min(RECLAIM_TICK)) => permit,
+                () = &mut went_idle => None,
+            };
+            if let Some(permit) = permit {
                 return Ok(permit);
             }
             if tokio::time::Instant::now() >= deadline {

@@ -308,7 +308,7 @@ impl PoolMap {
             pools: Arc::downgrade(&self.pools),
             target: target.clone(),
             connect_timeout: Duration::from_millis(settings.config.connect_timeout_ms),
-            budget,
+            budget: Arc::clone(&budget),
             budget_wait: Duration::from_millis(limits.checkout_timeout_ms),
             slots: Arc::new(tokio::sync::Semaphore::new(
                 usize::try_from(limits.pool_size).unwrap_or(usize::MAX),
@@ -337,6 +337,7 @@ impl PoolMap {
             password_enc: std::sync::RwLock::new(tenant.backend_password_enc.clone()),
             target,
             pool,
+            budget,
             queue: Arc::new(tokio::sync::Semaphore::new(
                 usize::try_from(limits.pool_size).unwrap_or(usize::MAX),
             )),
@@ -382,6 +383,7 @@ impl PoolMap {
             _turn: turn,
             idle_mark: IdleMark {
                 set: Arc::clone(&self.idle),
+                budget: Arc::clone(&pool.budget),
                 slug: tenant.slug.clone(),
                 pool: Arc::downgrade(&pool),
             },

@@ -9,8 +9,8 @@ use std::time::Duration;
 
 use super::manager::{ConnectErrors, Standing};
 use super::{
-    BackendConn, BackendError, BackendManager, BackendTarget, PoolError, Settings, StartupSettings,
-    TenantLimits,
+    BackendConn, BackendError, BackendManager, BackendTarget, PoolError, ServerBudget, Settings,
+    StartupSettings, TenantLimits,
 };
 use crate::crypto::{Binding, MasterKey};
 use crate::registry::{TenantRecord, TenantSlug};
@@ -68,6 +68,8 @@ pub struct TenantPool {
     pub(super) target: BackendTarget,
     pub(super) limits: TenantLimits,
     pub(super) pool: bb8::Pool<BackendManager>,
+    /// Its server's connection budget (shared with every pool on that server).
+    pub(super) budget: Arc<ServerBudget>,
     /// One permit per connection the pool may open. tokio's semaphore serves waiters in
     /// order; bb8 alone lets a client that just gave a connection back take it again ahead of
     /// clients that were waiting, and in transaction pooling that starves them.
