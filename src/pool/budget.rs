@@ -64,7 +64,8 @@ impl ServerBudget {
     /// close it now. Only a spent budget has such waiters, so otherwise this is one load.
     pub fn connection_went_idle(&self) {
         if self.permits.available_permits() == 0 {
-            self.went_idle.notify_waiters();
+            // One waiter per idle connection: waking all would have each close one.
+            self.went_idle.notify_one();
         }
     }
 
