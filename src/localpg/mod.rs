@@ -22,28 +22,27 @@
 //! not applied (they were fixed when the cluster was created).
 //!
 //! Parts: `bindir` finds the server binaries, `run_as` runs them as the right
-//! user, `process` watches the server from outside; this file creates, starts
-//! and stops a cluster.
+//! user, `initdb` creates a cluster, `watchdog` spawns the server under its
+//! watchdog and stops it, `process` watches the server from outside; this file
+//! holds the options, errors and the [`LocalPg`] handle with its public API.
 
 use std::fmt;
-use std::fs::{self, OpenOptions};
-use std::io::{self, BufRead, BufReader};
-use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpListener, TcpStream};
-use std::os::unix::fs::OpenOptionsExt;
+use std::fs;
+use std::io;
+use std::net::{Ipv4Addr, TcpListener};
 use std::path::{Path, PathBuf};
-use std::process::{Child, ChildStdin, Command, ExitStatus, Stdio};
-use std::sync::mpsc;
-use std::time::{Duration, Instant};
+use std::process::{Child, ChildStdin};
+use std::time::Duration;
 
 mod bindir;
+mod initdb;
 mod process;
 mod run_as;
+mod watchdog;
 
 pub use bindir::find_bindir;
-use process::{
-    describe_status, one_line_tail, pid_file_names, postmaster_ready, process_exited, read_log_tail,
-};
-use run_as::{PwFile, RunAs};
+use initdb::{check_accessible, initdb};
+use run_as::RunAs;
 
 /// Address the server listens on (loopback only).
 const HOST: &str = "127.0.0.1";
@@ -61,37 +60,6 @@ const LOG_TAIL_LINES: usize = 20;
 const MAX_SOCKET_DIR_LEN: usize = 80;
 /// Attempts when an automatically chosen port turns out to be taken.
 const PORT_ATTEMPTS: u32 = 3;
-
-/// Watchdog script, run as `sh -c SCRIPT localpg-watchdog LOGFILE POSTGRES ARGS...`.
-///
-/// It starts postgres in the background (stdin from /dev/null, output to the
-/// log file), prints its pid on stdout, and starts a reader on the original
-/// stdin (our pipe). When the pipe reaches EOF (the `LocalPg` was stopped or
-/// dropped, or its process died), the reader sends SIGINT (fast shutdown).
-/// The main shell waits for postgres, so it exits as soon as postgres does,
-/// and TERM/INT/HUP sent to the shell also trigger a fast shutdown.
-const WATCHDOG_SCRIPT: &str = r#"log="$1"; shift
-pg_pid=
-on_signal() { if [ -n "$pg_pid" ]; then kill -INT "$pg_pid" 2>/dev/null; fi; }
-trap on_signal TERM INT HUP
-exec 3<&0 </dev/null
-"$@" </dev/null >>"$log" 2>&1 3<&- &
-pg_pid=$!
-echo "$pg_pid"
-exec >/dev/null
-( read -r _line; kill -INT "$pg_pid" 2>/dev/null ) <&3 &
-reader=$!
-exec 3<&-
-while :; do
-  wait "$pg_pid"
-  status=$?
-  if kill -0 "$pg_pid" 2>/dev/null; then continue; fi
-  break
-done
-kill "$reader" 2>/dev/null
-wait "$reader" 2>/dev/null
-exit "$status"
-"#;
 
 /// Options for [`LocalPg::start`].
 #[derive(Clone)]
@@ -355,169 +323,6 @@ impl LocalPg {
         }
     }
 
-    fn spawn_and_wait(
-        run_as: &RunAs,
-        bindir: &Path,
-        data_dir: &Path,
-        log_file: &Path,
-        socket_dir: Option<&Path>,
-        port: u16,
-        opts: &LocalPgOptions,
-    ) -> Result<LocalPg, LocalPgError> {
-        let log = OpenOptions::new()
-            .create(true)
-            .append(true)
-            .mode(0o600)
-            .open(log_file)
-            .map_err(io_err(format!("opening server log {}", log_file.display())))?;
-        run_as.chown(log_file)?;
-        let log_start = log
-            .metadata()
-            .map_err(io_err(format!("reading server log {}", log_file.display())))?
-            .len();
-
-        let socket_setting = socket_dir
-            .map(|d| d.to_string_lossy().into_owned())
-            .unwrap_or_default();
-        let mut cmd = run_as.command(Path::new("/bin/sh"));
-        cmd.arg("-c")
-            .arg(WATCHDOG_SCRIPT)
-            .arg("localpg-watchdog")
-            .arg(log_file)
-            .arg(bindir.join("postgres"))
-            .arg("-D")
-            .arg(data_dir);
-        for setting in [
-            format!("listen_addresses={HOST}"),
-            format!("port={port}"),
-            format!("unix_socket_directories={socket_setting}"),
-            "fsync=off".to_owned(),
-            "synchronous_commit=off".to_owned(),
-            "full_page_writes=off".to_owned(),
-            format!("max_connections={}", opts.max_connections),
-            "logging_collector=off".to_owned(),
-        ] {
-            cmd.arg("-c").arg(setting);
-        }
-        cmd.stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::from(log));
-        tracing::debug!(data_dir = %data_dir.display(), port, "starting local PostgreSQL");
-        let mut child = cmd
-            .spawn()
-            .map_err(io_err("spawning the PostgreSQL watchdog shell"))?;
-        let watchdog_stdin = child.stdin.take();
-        let stdout = child.stdout.take();
-
-        let mut pg = LocalPg {
-            bindir: bindir.to_path_buf(),
-            data_dir: data_dir.to_path_buf(),
-            log_file: log_file.to_path_buf(),
-            socket_dir: socket_dir.map(Path::to_path_buf),
-            port,
-            superuser: opts.superuser.clone(),
-            password: opts.password.clone(),
-            server_pid: 0,
-            watchdog: Some(child),
-            watchdog_stdin,
-        };
-        // On any error below, dropping `pg` shuts the watchdog and server down.
-        match pg.wait_ready(stdout, log_start) {
-            Ok(()) => {
-                tracing::info!(port, data_dir = %data_dir.display(), "local PostgreSQL is ready");
-                Ok(pg)
-            }
-            Err(e) => Err(e),
-        }
-    }
-
-    fn wait_ready(
-        &mut self,
-        stdout: Option<std::process::ChildStdout>,
-        log_start: u64,
-    ) -> Result<(), LocalPgError> {
-        let deadline = Instant::now() + START_TIMEOUT;
-        // The watchdog prints the postgres pid first; read it off-thread so a
-        // hung runuser cannot block us past the deadline.
-        let (tx, rx) = mpsc::channel();
-        if let Some(stdout) = stdout {
-            std::thread::spawn(move || {
-                let mut line = String::new();
-                drop(BufReader::new(stdout).read_line(&mut line));
-                drop(tx.send(line));
-            });
-        }
-        let pid_line = rx
-            .recv_timeout(deadline.saturating_duration_since(Instant::now()))
-            .unwrap_or_default();
-        if let Ok(pid) = pid_line.trim().parse::<u32>() {
-            self.server_pid = pid;
-        } else {
-            return Err(self.startup_failure(log_start, deadline));
-        }
-
-        let pid_file = self.data_dir.join("postmaster.pid");
-        let addr = SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::LOCALHOST, self.port));
-        loop {
-            if self.watchdog_exited()? {
-                return Err(self.startup_failure(log_start, deadline));
-            }
-            if postmaster_ready(&pid_file, self.server_pid)
-                && TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok()
-            {
-                return Ok(());
-            }
-            if Instant::now() >= deadline {
-                return Err(self.startup_failure(log_start, deadline));
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-
-    fn watchdog_exited(&mut self) -> Result<bool, LocalPgError> {
-        match &mut self.watchdog {
-            Some(child) => Ok(child
-                .try_wait()
-                .map_err(io_err("checking the PostgreSQL watchdog process"))?
-                .is_some()),
-            None => Ok(true),
-        }
-    }
-
-    /// Build the error for a failed start (after giving an exiting server a
-    /// moment to finish writing its log).
-    fn startup_failure(&mut self, log_start: u64, deadline: Instant) -> LocalPgError {
-        let status = self.watchdog.as_mut().and_then(|child| {
-            let until = Instant::now() + Duration::from_secs(2);
-            loop {
-                match child.try_wait() {
-                    Ok(Some(status)) => return Some(status),
-                    Ok(None) if Instant::now() < until && Instant::now() < deadline => {
-                        std::thread::sleep(Duration::from_millis(20));
-                    }
-                    _ => return None,
-                }
-            }
-        });
-        let log_tail = read_log_tail(&self.log_file, log_start);
-        match status {
-            Some(status) => {
-                self.watchdog = None;
-                LocalPgError::ServerExited {
-                    status: describe_status(status),
-                    log: self.log_file.clone(),
-                    log_tail,
-                }
-            }
-            None => LocalPgError::StartTimeout {
-                port: self.port,
-                timeout: START_TIMEOUT,
-                log: self.log_file.clone(),
-                log_tail,
-            },
-        }
-    }
-
     /// TCP port on 127.0.0.1.
     #[must_use]
     pub fn port(&self) -> u16 {
@@ -607,92 +412,6 @@ impl LocalPg {
         let server_stopped = self.wait_server_exit(left);
         stopped.and(server_stopped)
     }
-
-    /// Waits for the watchdog to exit, escalating after [`STOP_TIMEOUT`].
-    fn stop_watchdog(&self, child: &mut Child) -> Result<(), LocalPgError> {
-        let wait =
-            |child: &mut Child, timeout: Duration| -> Result<Option<ExitStatus>, LocalPgError> {
-                let until = Instant::now() + timeout;
-                loop {
-                    if let Some(status) = child
-                        .try_wait()
-                        .map_err(io_err("waiting for the PostgreSQL watchdog process"))?
-                    {
-                        return Ok(Some(status));
-                    }
-                    if Instant::now() >= until {
-                        return Ok(None);
-                    }
-                    std::thread::sleep(Duration::from_millis(20));
-                }
-            };
-        if let Some(status) = wait(child, STOP_TIMEOUT)? {
-            if !status.success() {
-                tracing::warn!(status = %describe_status(status), log = %self.log_file.display(),
-                    "local PostgreSQL exited unsuccessfully");
-            }
-            tracing::debug!(data_dir = %self.data_dir.display(), "local PostgreSQL stopped");
-            return Ok(());
-        }
-        // Escalate: TERM makes runuser/sh forward a shutdown; then KILL.
-        tracing::warn!(data_dir = %self.data_dir.display(), "local PostgreSQL did not stop in time, terminating");
-        drop(
-            Command::new("kill")
-                .args(["-TERM", &child.id().to_string()])
-                .stderr(Stdio::null())
-                .status(),
-        );
-        if wait(child, Duration::from_secs(5))?.is_none() {
-            drop(child.kill());
-            drop(child.wait());
-        }
-        Err(LocalPgError::StopTimeout {
-            data_dir: self.data_dir.clone(),
-            timeout: STOP_TIMEOUT,
-        })
-    }
-
-    /// Waits (at most `timeout`, then an immediate shutdown and 5 s more) until
-    /// the server has exited.
-    fn wait_server_exit(&self, timeout: Duration) -> Result<(), LocalPgError> {
-        let exited_within = |timeout: Duration| {
-            let until = Instant::now() + timeout;
-            while self.server_running() {
-                if Instant::now() >= until {
-                    return false;
-                }
-                std::thread::sleep(Duration::from_millis(20));
-            }
-            true
-        };
-        if exited_within(timeout) {
-            return Ok(());
-        }
-        tracing::warn!(pid = self.server_pid, data_dir = %self.data_dir.display(),
-            "local PostgreSQL still running after its watchdog exited, requesting immediate shutdown");
-        // SIGQUIT is PostgreSQL's immediate shutdown.
-        drop(
-            Command::new("kill")
-                .args(["-QUIT", &self.server_pid.to_string()])
-                .stderr(Stdio::null())
-                .status(),
-        );
-        exited_within(Duration::from_secs(5));
-        Err(LocalPgError::StopTimeout {
-            data_dir: self.data_dir.clone(),
-            timeout,
-        })
-    }
-
-    /// Whether our server still runs: its process is alive and `postmaster.pid`
-    /// names it (the pid alone may belong to another process by now). The
-    /// server removes `postmaster.pid` as it exits, after closing its ports.
-    fn server_running(&self) -> bool {
-        // 0: the pid was never learnt.
-        self.server_pid != 0
-            && pid_file_names(&self.data_dir.join("postmaster.pid"), self.server_pid)
-            && !process_exited(self.server_pid)
-    }
 }
 
 impl Drop for LocalPg {
@@ -701,83 +420,6 @@ impl Drop for LocalPg {
             tracing::warn!(error = %e, "stopping local PostgreSQL");
         }
     }
-}
-
-/// Run initdb on an empty (or new) data directory.
-fn initdb(
-    run_as: &RunAs,
-    bindir: &Path,
-    data_dir: &Path,
-    opts: &LocalPgOptions,
-) -> Result<(), LocalPgError> {
-    let pwfile = PwFile::create(&opts.password, run_as)?;
-    let mut cmd = run_as.command(&bindir.join("initdb"));
-    cmd.arg("-D")
-        .arg(data_dir)
-        .arg(format!("--username={}", opts.superuser))
-        .arg(format!("--pwfile={}", pwfile.0.display()))
-        .args([
-            "--auth-local=trust",
-            "--auth-host=scram-sha-256",
-            "-E",
-            "UTF8",
-            "--locale=C",
-            "--no-sync",
-        ])
-        .stdin(Stdio::null());
-    tracing::debug!(data_dir = %data_dir.display(), "running initdb");
-    let command = format!("{cmd:?}");
-    let out = cmd
-        .output()
-        .map_err(io_err(format!("running initdb ({command})")))?;
-    drop(pwfile);
-    if out.status.success() {
-        return Ok(());
-    }
-    let mut text = String::from_utf8_lossy(&out.stderr).into_owned();
-    text.push_str(&String::from_utf8_lossy(&out.stdout));
-    Err(LocalPgError::CommandFailed {
-        command,
-        status: describe_status(out.status),
-        stderr: one_line_tail(&text, LOG_TAIL_LINES),
-    })
-}
-
-/// As root, make sure the postgres user can reach and write the data directory.
-fn check_accessible(run_as: &RunAs, data_dir: &Path) -> Result<(), LocalPgError> {
-    let RunAs::Postgres { uid, .. } = run_as else {
-        return Ok(());
-    };
-    let ok = run_as
-        .command(Path::new("/bin/sh"))
-        .args(["-c", r#"test -x "$1" && test -w "$1""#, "localpg-check"])
-        .arg(data_dir)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .map_err(io_err("running runuser to check data directory access"))?
-        .success();
-    if ok {
-        return Ok(());
-    }
-    let blocking = data_dir.ancestors().skip(1).find_map(|dir| {
-        let meta = fs::metadata(dir).ok()?;
-        let mode = std::os::unix::fs::MetadataExt::mode(&meta);
-        let owner = std::os::unix::fs::MetadataExt::uid(&meta);
-        (owner != *uid && mode & 0o001 == 0).then(|| (dir.to_path_buf(), mode & 0o7777))
-    });
-    let reason = match blocking {
-        Some((dir, mode)) => format!(
-            "parent directory {} (mode {mode:04o}) is not traversable by others; use a data directory elsewhere (e.g. under /tmp or /var/tmp) or `chmod o+x` it",
-            dir.display()
-        ),
-        None => "it is not writable/traversable by that user; check its owner and mode".to_owned(),
-    };
-    Err(LocalPgError::NotAccessible {
-        path: data_dir.to_path_buf(),
-        reason,
-    })
 }
 
 /// The data directory doubles as the socket directory, unless its path is too
@@ -823,7 +465,10 @@ mod tests {
     )]
 
     use super::*;
+    use std::net::{SocketAddr, SocketAddrV4, TcpStream};
+    use std::process::{Command, Stdio};
     use std::sync::OnceLock;
+    use std::time::Instant;
 
     /// A scratch directory under the system temp dir, removed on drop.
     struct TempDir(PathBuf);
