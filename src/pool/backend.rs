@@ -642,10 +642,12 @@ impl BackendConn {
         }
     }
 
-    /// Sends `DISCARD ALL` without waiting for its answer (transaction pooling, when a client
-    /// releases the connection): the server resets while the connection sits in the pool,
-    /// and the next checkout reads the answer ([`BackendConn::finish_reset`]), usually
-    /// already there. A connection that fails here is not reused.
+    /// Sends `DISCARD ALL` without waiting for its answer (transaction pooling: a client
+    /// that leaves, a backend the sweeper finds left unreset, one whose reset cannot go ahead
+    /// of the next client's messages): the server resets while the connection sits in the
+    /// pool, and the next checkout reads the answer ([`BackendConn::finish_reset`]), usually
+    /// already there. The connection then serves nobody in particular, with its startup
+    /// settings. A connection that fails here is marked broken and not reused.
     pub async fn start_reset(&mut self) -> Result<(), BackendError> {
         const DISCARD_ALL: &[u8] = b"Q\0\0\0\x10DISCARD ALL\0";
         if let Err(e) = self.send(DISCARD_ALL).await {
@@ -653,6 +655,14 @@ impl BackendConn {
             return Err(e);
         }
         self.reset_pending = true;
+        self.owner = 0;
+        self.startup_settings
+            .as_slice()
+            .clone_into(&mut self.applied);
+        self.statements.clear();
+        self.needs_reset = false;
+        // The next checkout reads the reset's answer, reports included.
+        self.reported_since_reset = false;
         Ok(())
     }
 

@@ -40,6 +40,16 @@ impl Lease {
     pub fn reusable(&mut self) {
         self.proven = true;
     }
+
+    /// Like [`Lease::reusable`], for a connection going back without the reset its next
+    /// client needs (`BackendConn::needs_reset` set): that client's first messages carry it,
+    /// or the pool's sweeper sends it if nobody takes the connection soon (`SWEEP_EVERY`).
+    ///
+    /// [`SWEEP_EVERY`]: super::SWEEP_EVERY
+    pub fn reusable_unreset(&mut self) {
+        self.proven = true;
+        self.idle_mark.unreset = true;
+    }
 }
 
 impl Drop for Lease {

@@ -211,16 +211,27 @@ pub(super) struct IdleMark {
     pub(super) budget: Arc<ServerBudget>,
     pub(super) slug: TenantSlug,
     pub(super) pool: Weak<TenantPool>,
+    /// The connection went back without its reset: the pool's sweeper looks at it.
+    pub(super) unreset: bool,
 }
 
 impl Drop for IdleMark {
     fn drop(&mut self) {
-        let key = self.pool.as_ptr() as usize;
-        self.set
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .entry(key)
-            .or_insert_with(|| (self.slug.clone(), Weak::clone(&self.pool)));
+        if let Some(pool) = self.pool.upgrade() {
+            if self.unreset {
+                pool.left_unreset.store(true, Ordering::Release);
+            }
+            // The set's lock only when the pool is not in it already: not once per
+            // transaction from every client.
+            if !pool.in_idle_set.swap(true, Ordering::SeqCst) {
+                let key = self.pool.as_ptr() as usize;
+                self.set
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .entry(key)
+                    .or_insert_with(|| (self.slug.clone(), Weak::clone(&self.pool)));
+            }
+        }
         self.budget.connection_went_idle();
     }
 }
@@ -282,9 +293,13 @@ async fn reclaim_idle(
             let Some(pool) = pool.upgrade() else {
                 return false;
             };
+            // Cleared before looking: a lease going back after the look finds it clear and
+            // puts the pool back in (see `IdleMark`).
+            pool.in_idle_set.store(false, Ordering::SeqCst);
             if pool.state().1 == 0 {
                 return false;
             }
+            pool.in_idle_set.store(true, Ordering::SeqCst);
             if *slug != *except && pool.target.server == server {
                 candidates.push((pool.last_used_ms.load(Ordering::Relaxed), pool));
             }
@@ -304,6 +319,7 @@ async fn reclaim_idle(
             .map(|(slug, pool)| {
                 set.entry(Arc::as_ptr(&pool) as usize)
                     .or_insert_with(|| ((*slug).clone(), Arc::downgrade(&pool)));
+                pool.in_idle_set.store(true, Ordering::SeqCst);
                 (pool.last_used_ms.load(Ordering::Relaxed), pool)
             })
             .collect()

@@ -127,7 +127,7 @@ impl PoolMap {
                 (s.name.clone(), built)
             })
             .collect();
-        PoolMap {
+        let map = PoolMap {
             pools: Arc::new(pools),
             tls: Arc::new(tls),
             settings: Arc::new(std::sync::RwLock::new(Arc::new(PoolSettings {
@@ -145,7 +145,9 @@ impl PoolMap {
             built: Arc::default(),
             idle: Arc::default(),
             newest: Arc::default(),
-        }
+        };
+        spawn_sweeper(&map.idle);
+        map
     }
 
     /// Where a tenant's connections go, with its password decrypted.
@@ -350,6 +352,8 @@ impl PoolMap {
             stats,
             startup,
             standing,
+            left_unreset: std::sync::atomic::AtomicBool::new(false),
+            in_idle_set: std::sync::atomic::AtomicBool::new(false),
         })
     }
 
@@ -386,6 +390,7 @@ impl PoolMap {
                 budget: Arc::clone(&pool.budget),
                 slug: tenant.slug.clone(),
                 pool: Arc::downgrade(&pool),
+                unreset: false,
             },
             proven: false,
         })
@@ -492,4 +497,40 @@ impl PoolMap {
             generation,
         });
     }
+}
+
+/// How often idle connections left unreset by their last client are reset (see
+/// [`TenantPool::sweep`]): the longest a transaction-pooling client's session advisory lock
+/// or temp tables outlast its transaction when no other client takes its backend, give or
+/// take one sweep.
+pub const SWEEP_EVERY: Duration = Duration::from_millis(100);
+
+/// Starts the sweeper of the pools in `idle` (the pools that may hold idle connections),
+/// when a runtime runs this; it ends with the pool map.
+fn spawn_sweeper(idle: &Arc<IdleSet>) {
+    let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+        return;
+    };
+    let idle = Arc::downgrade(idle);
+    runtime.spawn(async move {
+        let mut tick = tokio::time::interval(SWEEP_EVERY);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            let Some(set) = idle.upgrade() else {
+                return;
+            };
+            let due: Vec<Arc<TenantPool>> = set
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .values()
+                .filter_map(|(_, pool)| pool.upgrade())
+                .filter(|pool| pool.left_unreset.swap(false, Ordering::AcqRel))
+                .collect();
+            drop(set);
+            for pool in due {
+                pool.sweep().await;
+            }
+        }
+    });
 }

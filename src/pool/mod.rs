@@ -44,5 +44,5 @@ pub use statements::{BackendStatements, DEFAULT_CACHE_SIZE};
 
 pub use error::PoolError;
 pub use lease::{Lease, PoolUse};
-pub use map::PoolMap;
+pub use map::{PoolMap, SWEEP_EVERY};
 pub use tenant_pool::{Params, TenantPool};

@@ -92,6 +92,11 @@ pub struct TenantPool {
     pub(super) startup: Arc<StartupSettings>,
     /// In the map, parked or retired; shared with the pool's `BackendManager`.
     pub(super) standing: Arc<Standing>,
+    /// A connection went back without its reset since the sweeper last looked (see
+    /// [`TenantPool::sweep`]).
+    pub(super) left_unreset: std::sync::atomic::AtomicBool,
+    /// In the pool map's set of pools that may hold idle connections (`IdleSet`).
+    pub(super) in_idle_set: std::sync::atomic::AtomicBool,
 }
 
 impl TenantPool {
@@ -119,6 +124,42 @@ impl TenantPool {
             }
             tracing::debug!(database = %pool.target.database, "retired tenant pool closed its idle connections");
         });
+    }
+
+    /// Sends the reset to every idle connection whose last client left it unreset
+    /// (`Lease::reusable_unreset`), so what that client left (a session advisory lock, temp
+    /// tables) goes within about [`SWEEP_EVERY`](super::SWEEP_EVERY) when no other client takes the connection
+    /// (which would reset it ahead of its own first messages). Each one is taken like a
+    /// client would, with a turn: a pool whose turns are all taken is busy, its idle
+    /// connections go to clients now, and it is left alone. Sending does not wait for the
+    /// answer: the next checkout reads it. Never opens a connection.
+    pub(super) async fn sweep(&self) {
+        let (_, idle) = self.state();
+        for _ in 0..idle {
+            if self.standing.is_retired() {
+                return;
+            }
+            let Ok(turn) = Arc::clone(&self.queue).try_acquire_owned() else {
+                self.left_unreset.store(true, Ordering::Release);
+                return;
+            };
+            // With no idle connection left, bb8 would open one.
+            if self.state().1 == 0 {
+                return;
+            }
+            // An idle connection comes back at the first poll.
+            let Ok(Ok(mut conn)) = tokio::time::timeout(Duration::ZERO, self.pool.get()).await
+            else {
+                return;
+            };
+            if conn.needs_reset && !conn.reset_pending {
+                if let Err(e) = conn.start_reset().await {
+                    tracing::debug!(backend_pid = conn.pid, error = %e, "sending the reset to an idle backend failed; closing it");
+                }
+            }
+            drop(conn);
+            drop(turn);
+        }
     }
 
     /// Whether the record's stored password is the one this pool connects with. The same
@@ -195,12 +236,6 @@ impl TenantPool {
     /// Clients waiting for a backend now.
     pub fn waiting(&self) -> usize {
         self.waiting.load(Ordering::Relaxed)
-    }
-
-    /// A backend given back now goes straight to a waiting client: clients wait and every
-    /// turn is taken (so no other backend sits idle for them).
-    pub fn hands_over(&self) -> bool {
-        self.waiting() > 0 && self.queue.available_permits() == 0
     }
 
     /// True while a client is attached or a backend is checked out.

@@ -9,10 +9,9 @@
 //!   ALL) succeeded; anything else closes it.
 //! - transaction: the client holds a backend from its first message of a transaction to the
 //!   ReadyForQuery that leaves it idle with nothing owed and both directions between
-//!   messages. A backend that changes client is reset (DISCARD ALL) before any of the next
-//!   client's messages can run: in the same write as them when clients wait for backends
-//!   (`prepare_ahead`), at release when none waits (`release`). So no client sees another's
-//!   state, by any path. Named prepared statements follow the
+//!   messages. A backend is reset (DISCARD ALL) before any of the next client's messages can
+//!   run, in the same write as them (`prepare_ahead`); one nobody takes is reset by its pool's
+//!   sweeper within about 100 ms (`release`). So no client sees another's state, by any path. Named prepared statements follow the
 //!   client from backend to backend (`statements`). A client that LISTENs is pinned to its
 //!   backend until it leaves.
 //!
@@ -830,36 +829,28 @@ where
     Ok(())
 }
 
-/// Transaction pooling: releases a backend the client left idle and at a message boundary.
-/// When clients wait for one, it goes as it is: the next client's first messages carry its
-/// reset ([`prepare_ahead`]). When none waits, it may sit in the pool a while, so the reset
-/// goes now (see `BackendConn::start_reset`): what this client left (a session advisory
-/// lock, temp tables) is gone at once, and the next checkout reads the answer, closing the
-/// backend if the reset failed. Either way no state of this client reaches the next.
+/// Transaction pooling: releases a backend the client left idle and at a message boundary,
+/// unreset: the next checkout sends the reset in the same write as its client's first
+/// messages ([`prepare_ahead`]), this client's included (its own session state is gone by
+/// its next transaction too, whichever backend serves it). One the next client cannot take
+/// that way (a ParameterStatus reached this client, or a server that runs an extended-protocol
+/// DISCARD ALL inside the next transaction) is reset now instead. A backend nobody takes is
+/// reset by its pool's sweeper within about [`crate::pool::SWEEP_EVERY`], so what this client
+/// left (a session advisory lock) does not outlast it for long. Either way no state of this
+/// client reaches the next.
 async fn release(lease: &mut Lease) {
-    if lease.pool().is_some_and(|pool| pool.hands_over()) {
-        // Reset ahead of whoever takes it next, this client included: its own session
-        // state is gone by its next transaction too, whichever backend serves it.
-        lease.conn().needs_reset = true;
-        lease.reusable();
+    let backend = lease.conn();
+    if backend.reset_ahead_ok && !backend.reported_since_reset {
+        backend.needs_reset = true;
+        lease.reusable_unreset();
         return;
     }
     release_resetting(lease).await;
 }
 
-/// Releases a backend with its reset on the way: see [`release`].
+/// Releases a backend with its reset on the way (`BackendConn::start_reset`).
 async fn release_resetting(lease: &mut Lease) {
-    let backend = lease.conn();
-    if backend.start_reset().await.is_ok() {
-        backend.owner = 0;
-        backend
-            .startup_settings
-            .as_slice()
-            .clone_into(&mut backend.applied);
-        backend.statements.clear();
-        backend.needs_reset = false;
-        // The next checkout reads the reset's answer, reports included.
-        backend.reported_since_reset = false;
+    if lease.conn().start_reset().await.is_ok() {
         lease.reusable();
     }
 }

@@ -291,6 +291,8 @@ async fn clients_with_the_same_settings_still_never_share_session_state() {
 /// A reset that fails must not let the next client run in the last one's session: the last
 /// client leaves a 1 ms statement_timeout and enough temporary tables that DISCARD ALL takes
 /// longer (found by review, when the reset went out in the same write as the next query).
+/// The reset goes with B's first query, or earlier from the pool's sweeper: B either gets a
+/// clean session or, once, 08006 for a query that did not run (and a new connection is clean).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_reset_that_fails_never_lets_the_next_client_into_the_last_session() {
     let env = one_backend_env().await;
@@ -303,7 +305,21 @@ async fn a_reset_that_fails_never_lets_the_next_client_into_the_last_session() {
     }
     sql.push_str("SET search_path = leaky, public; SET statement_timeout = '1ms'");
     a.batch_execute(&sql).await.unwrap();
-    let b = env.app(slug).await;
+    let mut b = env.app(slug).await;
+    match b.simple_query("SHOW search_path").await {
+        Ok(rows) => {
+            let shown = rows.iter().find_map(|m| match m {
+                tokio_postgres::SimpleQueryMessage::Row(r) => r.get(0).map(str::to_owned),
+                _ => None,
+            });
+            assert_eq!(shown.as_deref(), Some("\"$user\", public"));
+        }
+        Err(e) => {
+            let db = e.as_db_error().expect("an error from the proxy");
+            assert_eq!(db.code(), &SqlState::CONNECTION_FAILURE, "{db:?}");
+            b = env.app(slug).await;
+        }
+    }
     for _ in 0..3 {
         assert_eq!(value(&b, "SHOW search_path").await, "\"$user\", public");
         assert_eq!(value(&b, "SHOW statement_timeout").await, "0");
@@ -604,4 +620,79 @@ async fn a_parameter_set_to_the_last_clients_value_is_still_reported() {
             "round {round}: B is not told application_name changed: {answers:?}"
         );
     }
+}
+
+/// Promise attacked: "a backend nobody takes is reset by its pool's sweeper within about
+/// 100 ms" (release sends no reset; the next client's first messages carry it). A client
+/// takes a session advisory lock and makes a temp table in transaction pooling, then stays
+/// connected and silent, with no other client of its tenant: its lock must be free for
+/// anyone soon after its transaction, the sweep must not open a second backend, must not
+/// touch a backend inside a transaction, and the client's own next transaction starts clean.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backend_nobody_takes_is_reset_soon_after_its_client_let_it_go() {
+    let env = TestEnv::start_with(|c| {
+        c.pool.mode = PoolMode::Transaction;
+        c.pool.pool_size = 2;
+        c.pool.checkout_timeout_ms = 5_000;
+    })
+    .await;
+    let t = env.tenant_with_user("int-sweep").await;
+    let slug = t.slug.to_string();
+    let a = env.app(&slug).await;
+    let check = "SELECT (SELECT count(*) FROM pg_class WHERE relnamespace = pg_my_temp_schema()) \
+                 || '|' || (SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' \
+                 AND pid = pg_backend_pid()) || '|' || current_setting('work_mem')";
+    let clean = value(&a, check).await;
+    assert!(clean.starts_with("0|0|"), "{clean}");
+    let direct = common::admin_client(&t.database).await;
+    for round in 0..3 {
+        a.batch_execute(
+            "SELECT pg_advisory_lock(4242); CREATE TEMP TABLE mine (x int); SET work_mem = '9MB'",
+        )
+        .await
+        .unwrap();
+        let freed = common::eventually(Duration::from_secs(3), || async {
+            let got = value(&direct, "SELECT pg_try_advisory_lock(4242)::text").await;
+            if got == "true" {
+                direct
+                    .batch_execute("SELECT pg_advisory_unlock(4242)")
+                    .await
+                    .unwrap();
+            }
+            got == "true"
+        })
+        .await;
+        assert!(
+            freed,
+            "round {round}: A's session lock still held 3 s after its transaction"
+        );
+        let others = "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() \
+                      AND backend_type = 'client backend' AND pid <> pg_backend_pid()";
+        assert_eq!(
+            value(&direct, others).await,
+            "1",
+            "round {round}: the sweep opened a backend"
+        );
+        assert_eq!(
+            value(&a, check).await,
+            clean,
+            "round {round}: A's next transaction"
+        );
+    }
+    // A backend inside a transaction is never swept: the transaction keeps its state across
+    // several sweeps.
+    a.batch_execute("BEGIN; SET LOCAL work_mem = '11MB'; CREATE TEMP TABLE t2 (x int)")
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(350)).await;
+    assert_eq!(
+        value(
+            &a,
+            "SELECT current_setting('work_mem') || '|' || count(*) FROM t2"
+        )
+        .await,
+        "11MB|0"
+    );
+    a.batch_execute("COMMIT").await.unwrap();
+    assert_eq!(value(&a, check).await, clean);
 }
