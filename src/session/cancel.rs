@@ -11,6 +11,7 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
@@ -50,6 +51,9 @@ pub struct CancelTarget {
 struct Slot {
     target: Mutex<Option<CancelTarget>>,
     in_flight: tokio::sync::Mutex<()>,
+    /// The client sent a transaction's first messages and has not had its answer
+    /// (transaction pooling; see [`CancelGuard::underway`]).
+    underway: AtomicBool,
 }
 
 impl Slot {
@@ -62,6 +66,20 @@ impl Slot {
 
     fn set(&self, target: Option<CancelTarget>) {
         *self.target.lock().unwrap_or_else(PoisonError::into_inner) = target;
+    }
+
+    /// The backend a cancel must go to now. None if the client is between transactions: a
+    /// cancel then has nothing to cancel. A client whose transaction is underway but holds no
+    /// backend yet (waiting for one, or for the answer to a reset sent at release) is waited
+    /// for: its statement is on its way, and goes to the backend right after it is attached.
+    async fn ready_for_cancel(&self) -> Option<CancelTarget> {
+        loop {
+            match self.target() {
+                Some(target) => return Some(target),
+                None if !self.underway.load(Ordering::Acquire) => return None,
+                None => tokio::time::sleep(UNDERWAY_POLL).await,
+            }
+        }
     }
 }
 
@@ -136,7 +154,14 @@ impl CancelMap {
         };
         // While we hold this, the client's backend stays with the client.
         let _in_flight = slot.in_flight.lock().await;
-        let Some(target) = slot.target() else {
+        let Ok(target) = tokio::time::timeout(timeout, slot.ready_for_cancel()).await else {
+            tracing::warn!(
+                pid,
+                "cancel request dropped: the client's backend was not ready for it in time"
+            );
+            return CancelOutcome::Failed;
+        };
+        let Some(target) = target else {
             tracing::debug!(pid, "cancel request between transactions dropped");
             return CancelOutcome::Idle;
         };
@@ -159,6 +184,9 @@ impl CancelMap {
         }
     }
 }
+
+/// How often a cancel for a client waiting for its backend looks again.
+const UNDERWAY_POLL: Duration = Duration::from_millis(1);
 
 /// Sends a CancelRequest to the backend's server, over TLS when the backend connection uses it,
 /// and waits for the server to close the connection (it does once the backend is signalled).
@@ -196,6 +224,14 @@ impl CancelGuard {
         self.key
     }
 
+    /// The client's transaction is underway (its first messages arrived) until the guard
+    /// drops: a cancel that comes before a backend serves it waits for one instead of being
+    /// dropped.
+    pub fn underway(&self) -> Underway<'_> {
+        self.slot.underway.store(true, Ordering::Release);
+        Underway(&self.slot)
+    }
+
     /// Points the key at the backend that now serves the client.
     pub fn attach(&self, target: CancelTarget) {
         self.slot.set(Some(target));
@@ -206,6 +242,15 @@ impl CancelGuard {
     pub async fn detach(&self) {
         let _in_flight = self.slot.in_flight.lock().await;
         self.slot.set(None);
+    }
+}
+
+/// See [`CancelGuard::underway`].
+pub struct Underway<'a>(&'a Slot);
+
+impl Drop for Underway<'_> {
+    fn drop(&mut self) {
+        self.0.underway.store(false, Ordering::Release);
     }
 }
 

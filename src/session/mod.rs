@@ -504,6 +504,9 @@ where
     // The tenant as the registry says now (a long-lived client must follow a moved
     // database or a rotated password), not as it was at login.
     let tenant = watch.tenant();
+    // Declared before the lease: it drops after the lease went back (or closed), so a cancel
+    // is never sent to a backend serving another client.
+    let _underway = cancel.underway();
     let mut lease = checkout(ctx, tenant, settings).await?;
     responses.clear();
     prepare_ahead(lease.conn(), ctx, settings, buffers, responses).await?;

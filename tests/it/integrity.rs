@@ -696,3 +696,49 @@ async fn a_backend_nobody_takes_is_reset_soon_after_its_client_let_it_go() {
     a.batch_execute("COMMIT").await.unwrap();
     assert_eq!(value(&a, check).await, clean);
 }
+
+/// Promise attacked: "a cancel reaches the client's statement". In transaction pooling a
+/// client's statement can wait for a backend (the pool is busy) while the client cancels it:
+/// the cancel was dropped as if the client were between transactions, and the statement ran
+/// in full once a backend came. The cancel must wait with the statement and reach it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cancel_sent_while_the_statement_waits_for_a_backend_cancels_it() {
+    let env = one_backend_env().await;
+    let t = env.tenant_with_user("int-cancel-wait").await;
+    let slug = t.slug.to_string();
+    let admin = env.admin().await;
+    let b = env.app(&slug).await;
+    for round in 0..3 {
+        let a = env.app(&slug).await;
+        a.batch_execute("BEGIN; SELECT 1").await.unwrap();
+        let token = b.cancel_token();
+        let sleeping = b.simple_query("SELECT pg_sleep(5)");
+        let rest = async {
+            until_waiting(&admin, &slug, 1).await;
+            let cancel =
+                tokio::spawn(async move { token.cancel_query(tokio_postgres::NoTls).await });
+            // The cancel is in the proxy, waiting with the statement; then A lets go.
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            a.batch_execute("COMMIT").await.unwrap();
+            cancel.await.unwrap().unwrap();
+        };
+        let started = std::time::Instant::now();
+        let (answer, ()) = tokio::time::timeout(Duration::from_secs(10), async {
+            tokio::join!(sleeping, rest)
+        })
+        .await
+        .expect("B got an answer");
+        let err = answer.expect_err("B's sleep was cancelled");
+        let db = err.as_db_error().expect("an error from the server");
+        assert_eq!(
+            db.code(),
+            &SqlState::QUERY_CANCELED,
+            "round {round}: {db:?}"
+        );
+        assert!(
+            started.elapsed() < Duration::from_secs(4),
+            "round {round}: the sleep ran"
+        );
+        assert_eq!(value(&b, "SELECT 1").await, "1", "round {round}: B goes on");
+    }
+}
