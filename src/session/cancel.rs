@@ -54,6 +54,9 @@ struct Slot {
     /// The client sent a transaction's first messages and has not had its answer
     /// (transaction pooling; see [`CancelGuard::underway`]).
     underway: AtomicBool,
+    /// A cancel of the client's reached its backend's server during the transaction
+    /// underway.
+    delivered: AtomicBool,
 }
 
 impl Slot {
@@ -73,11 +76,24 @@ impl Slot {
     /// backend yet (waiting for one, or for the answer to a reset sent at release) is waited
     /// for: its statement is on its way, and goes to the backend right after it is attached.
     async fn ready_for_cancel(&self) -> Option<CancelTarget> {
+        let mut waited = false;
         loop {
             match self.target() {
-                Some(target) => return Some(target),
+                Some(target) => {
+                    if waited {
+                        // The statement goes to the backend in the poll that attached it,
+                        // behind the reset sent ahead. A cancel that reached the backend before
+                        // the statement began (idle, or between the reset and the statement)
+                        // would be dropped by the server: let the statement begin.
+                        tokio::time::sleep(HELD_CANCEL_DELAY).await;
+                    }
+                    return Some(target);
+                }
                 None if !self.underway.load(Ordering::Acquire) => return None,
-                None => tokio::time::sleep(UNDERWAY_POLL).await,
+                None => {
+                    waited = true;
+                    tokio::time::sleep(UNDERWAY_POLL).await;
+                }
             }
         }
     }
@@ -170,6 +186,7 @@ impl CancelMap {
         let sent = tokio::time::timeout(timeout, deliver(&target, &buf)).await;
         match sent {
             Ok(Ok(())) => {
+                slot.delivered.store(true, Ordering::Release);
                 tracing::info!(backend_pid = target.backend_pid, "cancel request forwarded");
                 CancelOutcome::Delivered
             }
@@ -187,6 +204,10 @@ impl CancelMap {
 
 /// How often a cancel for a client waiting for its backend looks again.
 const UNDERWAY_POLL: Duration = Duration::from_millis(1);
+
+/// How long a cancel that waited for its client's backend lets the client's statement begin
+/// once the backend is attached.
+const HELD_CANCEL_DELAY: Duration = Duration::from_millis(1);
 
 /// Sends a CancelRequest to the backend's server, over TLS when the backend connection uses it,
 /// and waits for the server to close the connection (it does once the backend is signalled).
@@ -228,8 +249,15 @@ impl CancelGuard {
     /// drops: a cancel that comes before a backend serves it waits for one instead of being
     /// dropped.
     pub fn underway(&self) -> Underway<'_> {
+        self.slot.delivered.store(false, Ordering::Release);
         self.slot.underway.store(true, Ordering::Release);
         Underway(&self.slot)
+    }
+
+    /// Whether a cancel of this client's reached its backend's server since its transaction
+    /// got underway.
+    pub fn delivered(&self) -> bool {
+        self.slot.delivered.load(Ordering::Acquire)
     }
 
     /// Points the key at the backend that now serves the client.

@@ -543,6 +543,17 @@ where
     };
     cancel.detach().await;
     if let Some(failure) = responses.reset_failure() {
+        if failure.starts_with(SqlState::QUERY_CANCELED.code())
+            && cancel.delivered()
+            && buffers.forget_backend_input()
+        {
+            tracing::debug!(
+                backend_pid = backend.pid,
+                "a client's cancel hit the reset sent ahead of its statement; closing the backend"
+            );
+            cancelled_before_it_began(client, tracker).await?;
+            return Ok(None);
+        }
         // Nothing of the client's ran; its first messages were spent on this backend.
         tracing::warn!(
             backend_pid = backend.pid,
@@ -582,6 +593,36 @@ where
             other.map(Some)
         }
     }
+}
+
+/// The client's own cancel hit the reset sent ahead of its statement (the server then skipped
+/// everything up to the client's first Sync): its statement is cancelled, as it asked, with
+/// what PostgreSQL answers a cancelled request (ErrorResponse 57014, ReadyForQuery), and it
+/// goes on with another backend. Whatever it sent after that request waits in the relay's
+/// buffer for the next one.
+async fn cancelled_before_it_began<C>(
+    client: &mut C,
+    tracker: &mut TxTracker,
+) -> Result<(), SessionError>
+where
+    C: AsyncWrite + Unpin,
+{
+    *tracker = TxTracker {
+        release_at_idle: true,
+        ..TxTracker::default()
+    };
+    let mut out = BytesMut::with_capacity(128);
+    messages::error_response(
+        &mut out,
+        messages::Severity::Error,
+        SqlState::QUERY_CANCELED,
+        "canceling statement due to user request",
+        None,
+    );
+    messages::ready_for_query(&mut out, b'I');
+    let io = |e| SessionError::Relay(RelayError::Client(e));
+    client.write_all(&out).await.map_err(io)?;
+    client.flush().await.map_err(io)
 }
 
 /// A backend of the tenant's pool that can take `settings`: one opened with other startup

@@ -562,6 +562,20 @@ impl RelayBuffers {
             && self.to_client.scanned == self.to_client.filled
     }
 
+    /// After a reset sent ahead failed (the backend is being closed): drops whatever that
+    /// backend sent and was not forwarded, and keeps what the client sent and nothing went out
+    /// of yet, for the next backend. Returns false, changing nothing, unless everything
+    /// forwarded to the client went whole and the client's direction is between messages.
+    pub fn forget_backend_input(&mut self) -> bool {
+        if !self.to_backend.writer_at_boundary() || !self.to_client.nothing_to_write() {
+            return false;
+        }
+        let unreported = self.to_client.unreported_bytes;
+        self.to_client = Half::new(usize::MAX);
+        self.to_client.unreported_bytes = unreported;
+        true
+    }
+
     /// Puts `bytes` before everything the client sent that has not gone to a backend yet, to
     /// go in the same write (a reset sent ahead). Returns false, changing nothing, when the
     /// client's direction is not between messages or the buffer has no room for them. A Flush

@@ -728,17 +728,81 @@ async fn a_cancel_sent_while_the_statement_waits_for_a_backend_cancels_it() {
         })
         .await
         .expect("B got an answer");
-        let err = answer.expect_err("B's sleep was cancelled");
-        let db = err.as_db_error().expect("an error from the server");
-        assert_eq!(
-            db.code(),
-            &SqlState::QUERY_CANCELED,
-            "round {round}: {db:?}"
-        );
-        assert!(
-            started.elapsed() < Duration::from_secs(4),
-            "round {round}: the sleep ran"
-        );
+        cancelled_soon(answer.map(drop), started, round);
         assert_eq!(value(&b, "SELECT 1").await, "1", "round {round}: B goes on");
     }
+}
+
+/// Promise attacked: "a client's cancel reaches its own statement, never ends its session".
+/// The last client leaves 400 temp tables, so the DISCARD ALL that goes in the same write as
+/// B's `pg_sleep` (simple and extended protocol) runs for milliseconds, and B cancels at
+/// once (and again, as a user would, until the answer comes): the cancel (held until B's
+/// backend is attached) lands while the reset runs. The reset failed with 57014, the server
+/// skipped B's statement, and B was disconnected with 08006. B must get 57014 for its
+/// statement, as from PostgreSQL, and keep its connection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cancel_that_lands_on_the_reset_ahead_cancels_the_clients_statement() {
+    let env = one_backend_env().await;
+    let t = env.tenant_with_user("int-cancel-reset").await;
+    let slug = t.slug.to_string();
+    let mut heavy = String::new();
+    for i in 0..400 {
+        write!(heavy, "CREATE TEMP TABLE leak{i} (x int);").unwrap();
+    }
+    let b = env.app(&slug).await;
+    for round in 0..5 {
+        let a = env.app(&slug).await;
+        a.batch_execute(&heavy).await.unwrap();
+        let token = b.cancel_token();
+        let sleeping = async {
+            if round % 2 == 0 {
+                b.simple_query("SELECT pg_sleep(5)").await.map(drop)
+            } else {
+                b.query("SELECT pg_sleep(5)", &[]).await.map(drop)
+            }
+        };
+        // Cancel at once, and again every 20 ms until the answer comes: PostgreSQL drops a
+        // cancel that reaches a backend between two commands (here, between the reset and
+        // B's statement), as it would between two statements of a pipeline.
+        let cancels = async {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+            loop {
+                token.cancel_query(tokio_postgres::NoTls).await.unwrap();
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        };
+        let started = std::time::Instant::now();
+        let answer = tokio::time::timeout(Duration::from_secs(10), async {
+            tokio::select! {
+                answer = sleeping => answer,
+                () = cancels => unreachable!(),
+            }
+        })
+        .await
+        .expect("B got an answer");
+        cancelled_soon(answer.map(drop), started, round);
+        // A repeat cancel already on its way finds B between transactions and is dropped.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert_eq!(value(&b, "SELECT 1").await, "1", "round {round}: B goes on");
+        drop(a);
+    }
+}
+
+/// B's 5 s sleep ended early with 57014.
+fn cancelled_soon(
+    answer: Result<(), tokio_postgres::Error>,
+    started: std::time::Instant,
+    round: usize,
+) {
+    let err = answer.expect_err("B's sleep was cancelled");
+    let db = err.as_db_error().expect("an error from the server");
+    assert_eq!(
+        db.code(),
+        &SqlState::QUERY_CANCELED,
+        "round {round}: {db:?}"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(4),
+        "round {round}: the sleep ran"
+    );
 }
