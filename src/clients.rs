@@ -71,6 +71,13 @@ impl ClientRoster {
         all
     }
 
+    /// (admin console clients, tenant clients), counted without copying the roster.
+    pub fn counts(&self) -> (usize, usize) {
+        let clients = self.lock();
+        let admin = clients.values().filter(|c| c.tenant.is_none()).count();
+        (admin, clients.len() - admin)
+    }
+
     /// Ends every client of a tenant; returns how many.
     pub fn kill_tenant(&self, slug: &TenantSlug) -> usize {
         let clients = self.lock();

@@ -21,6 +21,7 @@ pub use admin::AdminConfig;
 pub use proxy::ProxyConfig;
 
 use crate::crypto::SecretsConfig;
+use crate::metrics::MetricsConfig;
 use crate::pool::{BackendTls, PlanConfig, PoolConfig, ServerConfig};
 use crate::provision::{self, ProvisionConfig};
 use crate::registry::RegistryConfig;
@@ -58,6 +59,8 @@ pub struct Config {
     pub overrides: Overrides,
     #[serde(default)]
     pub stats: StatsConfig,
+    #[serde(default)]
+    pub metrics: MetricsConfig,
 }
 
 /// Settings the command line gives over the file (`quickstart --listen`, `--tls`). They win

@@ -19,6 +19,7 @@ pub mod error;
 #[cfg(any(test, fuzzing))]
 pub mod fuzz;
 pub mod localpg;
+pub mod metrics;
 pub mod pool;
 pub mod protocol;
 pub mod provision;

@@ -245,6 +245,12 @@ async fn serve(
             cert.display()
         )?;
     }
+    if let Some(metrics) = proxy.metrics_addr() {
+        writeln!(
+            out,
+            "metrics: http://{metrics}/metrics (health: /healthz, readiness: /readyz)"
+        )?;
+    }
     writeln!(
         out,
         "tenantgate is ready on {addr} (config {}); press Ctrl-C to stop",
@@ -328,6 +334,7 @@ fn write_first_config(dir: &Path, config_path: &Path) -> anyhow::Result<()> {
     let key_path = dir.join("master.key");
     write_private(&key_path, &MasterKey::generate_encoded())?;
     let port = free_port()?;
+    let metrics_port = free_port()?;
     let password = generate_password(24);
     // Tenant migrations live beside the config, so the quickstart works from any directory.
     let migrations = dir.join("migrations");
@@ -356,6 +363,10 @@ master_key_file = "master.key"
 
 [pool]
 pool_size = 20
+
+[metrics]
+# Prometheus metrics and health checks: /metrics, /healthz, /readyz.
+listen = "127.0.0.1:{metrics_port}"
 
 [provision]
 # Tenant migrations (NNNN_name.sql), applied to every new tenant and by `tenant migrate`.

@@ -23,6 +23,7 @@ use super::error::AdminError;
 use super::exec::{self, Outcome, Progress};
 use super::table::{ColumnType, Table, Value};
 use crate::error::{ClientFacing, log_error};
+use crate::stats::ProcessCounters;
 
 /// A parsed statement of the extended protocol: one command and its text.
 #[derive(Debug, Clone)]
@@ -33,7 +34,10 @@ pub(super) struct AdminStatement {
 
 /// Parses Parse messages into [`AdminStatement`]s and describes them.
 #[derive(Debug)]
-pub(super) struct AdminParser;
+pub(super) struct AdminParser {
+    /// Counts a statement that does not parse as a failed command.
+    process: Arc<ProcessCounters>,
+}
 
 #[async_trait]
 impl QueryParser for AdminParser {
@@ -48,7 +52,10 @@ impl QueryParser for AdminParser {
     where
         C: ClientInfo + Unpin + Send + Sync,
     {
-        let mut commands = command::parse(sql).map_err(|e| user_error(&e))?;
+        let mut commands = command::parse(sql).map_err(|e| {
+            self.process.admin_command(false);
+            user_error(&e)
+        })?;
         if commands.len() > 1 {
             return Err(user_error(&AdminError::Syntax(
                 "cannot insert multiple commands into a prepared statement".to_owned(),
@@ -87,7 +94,9 @@ pub(super) struct AdminHandler {
 impl AdminHandler {
     pub(super) fn new(ctx: Arc<AdminContext>, user: &str) -> AdminHandler {
         AdminHandler {
-            parser: Arc::new(AdminParser),
+            parser: Arc::new(AdminParser {
+                process: Arc::clone(ctx.stats.process()),
+            }),
             ctx,
             user: user.to_owned(),
         }
@@ -122,6 +131,7 @@ impl AdminHandler {
         while let Ok(text) = notices.try_recv() {
             futures_util::SinkExt::send(client, notice(&text)).await?;
         }
+        self.ctx.stats.process().admin_command(result.is_ok());
         // The audit line: kind and tenant only, never the arguments (passwords).
         let (outcome, reason) = match &result {
             Ok(_) => ("ok", ""),
@@ -161,7 +171,10 @@ impl SimpleQueryHandler for AdminHandler {
     {
         let commands = match command::parse(query) {
             Ok(commands) => commands,
-            Err(e) => return Ok(vec![Response::Error(Box::new(error_info(&e)))]),
+            Err(e) => {
+                self.ctx.stats.process().admin_command(false);
+                return Ok(vec![Response::Error(Box::new(error_info(&e)))]);
+            }
         };
         let mut responses = Vec::with_capacity(commands.len());
         for command in &commands {

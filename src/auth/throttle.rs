@@ -122,6 +122,8 @@ pub struct LoginThrottle {
     /// Failures older than this are forgotten.
     window: Duration,
     counters: Cache<Key, Shared>,
+    /// Lock-outs started since start-up (logins and cancel keys), for `/metrics`.
+    lockouts: std::sync::atomic::AtomicU64,
 }
 
 /// A login attempt that the throttle let through: report how it ended. Once `arm`ed (the
@@ -166,6 +168,7 @@ impl LoginThrottle {
                 .max_capacity(MAX_COUNTERS)
                 .time_to_idle(quiet)
                 .build(),
+            lockouts: std::sync::atomic::AtomicU64::new(0),
         }
     }
 
@@ -223,6 +226,7 @@ impl LoginThrottle {
             }
             if c.failures >= lockout_after {
                 c.locked_until = Some(now + self.settings.lockout);
+                self.lockout_started();
                 return Err(Throttled {
                     scope,
                     retry_after: self.settings.lockout,
@@ -273,12 +277,25 @@ impl LoginThrottle {
         }
     }
 
+    fn lockout_started(&self) {
+        self.lockouts
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Lock-outs started since start-up.
+    pub fn lockouts(&self) -> u64 {
+        self.lockouts.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
     /// A CancelRequest from `source` named a key nobody holds.
     pub async fn unknown_cancel_key(&self, source: IpAddr) {
         let (_, shared) = self.counter(Key::UnknownCancelKeys(source)).await;
         let mut c = lock(&shared);
         c.count_failure();
         if c.failures >= self.settings.failures_before_lockout {
+            if c.locked_until.is_none_or(|until| until <= Instant::now()) {
+                self.lockout_started();
+            }
             c.locked_until = Some(Instant::now() + self.settings.lockout);
         }
     }

@@ -67,6 +67,12 @@ impl Registry {
         self.pool.get().await
     }
 
+    /// Whether the registry answers a trivial query (readiness probes).
+    pub async fn ping(&self) -> Result<(), RegistryError> {
+        self.conn().await?.simple_query("SELECT 1").await?;
+        Ok(())
+    }
+
     /// Applies pending registry migrations.
     pub async fn migrate(&self) -> Result<migrate::Applied, RegistryError> {
         let mut conn = self.conn().await?;

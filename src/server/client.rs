@@ -23,7 +23,9 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use super::State;
-use super::login::{Conn, Login, LoginAttempt, LoginError, audit_line, audit_login, login};
+use super::login::{
+    Conn, Login, LoginAttempt, LoginError, audit_line, audit_login, login, login_outcome,
+};
 use super::login_slot::LoginSlot;
 use crate::admin;
 use crate::auth::AuthError;
@@ -32,6 +34,7 @@ use crate::error::{ClientFacing, log_error};
 use crate::protocol::startup::{self, FirstPacket, StartupError};
 use crate::protocol::{SqlState, messages};
 use crate::session::{self, Admission, RelayEnd, Services, SessionEnd, SessionError, SetupError};
+use crate::stats::LoginOutcome;
 use crate::tls::{ALPN_POSTGRESQL, TLS_HANDSHAKE_RECORD, TlsServer};
 
 /// Why a client connection ended; logged once when its task ends.
@@ -109,6 +112,7 @@ pub(super) async fn serve_client(
             // Nothing is known yet but where it came from.
             let reason = format!("{} {err}", err.sqlstate().code());
             audit_line(peer, &LoginAttempt::default(), "refused", &reason);
+            state.stats.process().login(LoginOutcome::TooManyLogins);
             return fail(&mut stream, &err).await;
         }
     };
@@ -123,8 +127,12 @@ pub(super) async fn serve_client(
     .await
     {
         Ok(Ok(opening)) => opening,
-        Ok(Err(e)) => return fail(&mut stream, &e).await,
+        Ok(Err(e)) => {
+            state.stats.process().login(LoginOutcome::Refused);
+            return fail(&mut stream, &e).await;
+        }
         Err(_) => {
+            state.stats.process().login(LoginOutcome::Timeout);
             fail(&mut stream, &LoginError::Timeout(login_timeout)).await;
             return CloseReason::LoginTimeout;
         }
@@ -157,13 +165,18 @@ pub(super) async fn serve_client(
         Ok(Ok(tls)) => tls,
         Ok(Err(e)) => {
             tracing::info!(error = %e, direct, "TLS handshake failed");
+            state.stats.process().login(LoginOutcome::Refused);
             return CloseReason::TlsHandshakeFailed;
         }
-        Err(_) => return CloseReason::LoginTimeout,
+        Err(_) => {
+            state.stats.process().login(LoginOutcome::Timeout);
+            return CloseReason::LoginTimeout;
+        }
     };
     // PostgreSQL 17 insists on ALPN for direct TLS, so that a TLS connection meant for another
     // protocol cannot be replayed at a PostgreSQL server.
     if direct && tls.get_ref().1.alpn_protocol() != Some(ALPN_POSTGRESQL) {
+        state.stats.process().login(LoginOutcome::Refused);
         return fail(&mut tls, &LoginError::DirectTlsWithoutAlpn).await;
     }
     let info = tls_setup.info(&tls);
@@ -265,6 +278,9 @@ where
     .await;
     drop(login_slot);
     let login = login.unwrap_or(Err(LoginError::Timeout(login_timeout)));
+    if let Some(outcome) = login_outcome(&login) {
+        state.stats.process().login(outcome);
+    }
     if !who.user.is_empty() {
         audit_login(conn.peer, &who, &login);
     }

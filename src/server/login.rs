@@ -36,6 +36,7 @@ use crate::registry::{
 };
 use crate::session::CancelOutcome;
 use crate::session::settings::{self, SettingsError};
+use crate::stats::LoginOutcome;
 use crate::tls::{TlsInfo, TlsMode, TlsServer};
 
 /// Everything that can stop a client before its session starts.
@@ -185,16 +186,11 @@ pub(super) struct LoginAttempt {
     pub(super) user: String,
 }
 
-/// The audit line of one login (target `tenantgate::audit`, info): who, from where, and how it
-/// ended. No secret is in any of these fields.
-pub(super) fn audit_login(
-    peer: Option<SocketAddr>,
-    who: &LoginAttempt,
-    result: &Result<Login, LoginError>,
-) {
-    let (outcome, reason) = match result {
-        Ok(Login::Cancel) => return,
-        Ok(Login::Tenant { .. } | Login::Admin { .. }) => ("ok", String::new()),
+/// How a login ended, for `tenantgate_logins_total`; `None` for a CancelRequest.
+pub(super) fn login_outcome(result: &Result<Login, LoginError>) -> Option<LoginOutcome> {
+    Some(match result {
+        Ok(Login::Cancel) => return None,
+        Ok(Login::Tenant { .. } | Login::Admin { .. }) => LoginOutcome::Ok,
         Err(
             LoginError::Auth(
                 AuthError::Failed { .. }
@@ -203,12 +199,33 @@ pub(super) fn audit_login(
                 | AuthError::CertificateForElsewhere { .. },
             )
             | LoginError::NotAdmin(_),
-        ) => ("failed auth", String::new()),
+        ) => LoginOutcome::AuthFailed,
         Err(
             LoginError::Auth(AuthError::ClientLeft | AuthError::Abandoned)
             | LoginError::Startup(StartupError::Eof),
-        ) => ("abandoned", String::new()),
-        Err(e) => ("refused", format!("{} {e}", e.sqlstate().code())),
+        ) => LoginOutcome::Abandoned,
+        Err(LoginError::Throttled(_)) => LoginOutcome::Throttled,
+        Err(LoginError::TenantNotActive { .. }) => LoginOutcome::TenantUnavailable,
+        Err(LoginError::TooManyLogins { .. }) => LoginOutcome::TooManyLogins,
+        Err(LoginError::Timeout(_)) => LoginOutcome::Timeout,
+        Err(_) => LoginOutcome::Refused,
+    })
+}
+
+/// The audit line of one login (target `tenantgate::audit`, info): who, from where, and how it
+/// ended. No secret is in any of these fields.
+pub(super) fn audit_login(
+    peer: Option<SocketAddr>,
+    who: &LoginAttempt,
+    result: &Result<Login, LoginError>,
+) {
+    let (outcome, reason) = match (login_outcome(result), result) {
+        (None, _) => return,
+        (Some(LoginOutcome::Ok), _) => ("ok", String::new()),
+        (Some(LoginOutcome::AuthFailed), _) => ("failed auth", String::new()),
+        (Some(LoginOutcome::Abandoned), _) => ("abandoned", String::new()),
+        (_, Err(e)) => ("refused", format!("{} {e}", e.sqlstate().code())),
+        (_, Ok(_)) => ("refused", String::new()),
     };
     audit_line(peer, who, outcome, &reason);
 }

@@ -4,7 +4,8 @@
 //! Moving parts: [`Proxy`] (start-up: registry migrations, shared [`State`], background tasks,
 //! graceful shutdown), `listener` (accept loop, client limit), `client` (one client's path:
 //! startup → auth → tenant → pool → session). Background loops started here: the accept loop,
-//! the registry change listener, the usage flusher (`stats`, when configured). This module holds no business rules.
+//! the registry change listener, the usage flusher (`stats`, when configured), the metrics
+//! endpoint (`metrics`, when configured). This module holds no business rules.
 //! It builds everything from the whole config, so its `[proxy]` section is `config`'s
 //! ([`ProxyConfig`](crate::config::ProxyConfig)), which keeps the arrow pointing one way.
 
@@ -32,6 +33,7 @@ use crate::auth::throttle::LoginThrottle;
 use crate::clients::ClientRoster;
 use crate::config::{Config, LiveConfig};
 use crate::crypto::MasterKey;
+use crate::metrics::{MetricsServer, Sources};
 use crate::pool::PoolMap;
 use crate::registry::{Registry, TenantDirectory, spawn_change_listener};
 use crate::session::CancelMap;
@@ -53,7 +55,7 @@ pub struct State {
     /// so each connection reads it once at accept.
     pub tls: SharedTls,
     /// Failed-login counters: delays and lock-outs before SCRAM.
-    pub throttle: LoginThrottle,
+    pub throttle: Arc<LoginThrottle>,
     client_slots: Arc<Semaphore>,
     /// One permit per client between accept and the end of its login.
     login_slots: Arc<LoginSlots>,
@@ -72,6 +74,8 @@ pub struct Proxy {
     /// Stops the usage flusher, which then writes one last time.
     stop_flusher: CancellationToken,
     flusher: Option<tokio::task::JoinHandle<()>>,
+    /// `/metrics`, `/healthz`, `/readyz`, when `[metrics] listen` is set.
+    metrics: Option<MetricsServer>,
 }
 
 /// The client-facing TLS setup, after checking that every backend server's TLS settings load
@@ -108,6 +112,33 @@ async fn open_registry(config: &Config, key: &MasterKey) -> anyhow::Result<(Regi
         .await
         .context("read the mock SCRAM key from the registry")?;
     Ok((registry, mock_key))
+}
+
+/// The HTTP endpoint for monitoring, if configured. It reads the proxy's own handles and
+/// reports draining as soon as `stop_accepting` is cancelled.
+async fn start_metrics(
+    config: &Config,
+    state: &Arc<State>,
+    stop_accepting: &CancellationToken,
+) -> anyhow::Result<Option<MetricsServer>> {
+    let Some(listen) = config.metrics.listen else {
+        return Ok(None);
+    };
+    let sources = Sources {
+        stats: state.stats.clone(),
+        pools: state.pools.clone(),
+        clients: state.clients.clone(),
+        throttle: Arc::clone(&state.throttle),
+        registry: state.admin.registry.clone(),
+        draining: stop_accepting.clone(),
+        stale_window: Duration::from_secs(config.registry.stale_ttl_seconds),
+        registry_timeout: Duration::from_millis(config.registry.timeout_ms),
+        tenant_series: config.metrics.tenant_series,
+    };
+    let server = MetricsServer::start(listen, sources)
+        .await
+        .with_context(|| format!("serving metrics on {listen}"))?;
+    Ok(Some(server))
 }
 
 impl Proxy {
@@ -169,7 +200,7 @@ impl Proxy {
             admin,
             stats: usage,
             tls,
-            throttle: LoginThrottle::new(config.proxy.throttle_settings()),
+            throttle: Arc::new(LoginThrottle::new(config.proxy.throttle_settings())),
             mock_key,
             next_client_id: AtomicU64::new(1),
         });
@@ -190,6 +221,7 @@ impl Proxy {
             tasks.clone(),
         ));
         tracing::info!(%local_addr, "tenantgate is accepting connections");
+        let metrics = start_metrics(&config, &state, &stop_accepting).await?;
         Ok(Proxy {
             local_addr,
             state,
@@ -198,7 +230,13 @@ impl Proxy {
             tasks,
             stop_flusher,
             flusher,
+            metrics,
         })
+    }
+
+    /// Where `/metrics` is served, when `[metrics] listen` is set.
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.metrics.as_ref().map(MetricsServer::local_addr)
     }
 
     pub fn local_addr(&self) -> SocketAddr {

@@ -17,6 +17,10 @@
 //! taken when a client logs in, when a tenant pool is built, and by readers (SHOW STATS);
 //! never per message or per transaction.
 //!
+//! Process-wide counters (logins by outcome, admin commands, the checkout-wait histogram)
+//! are in `process`; every tenant's counters point at the one [`ProcessCounters`] of their
+//! [`Stats`], so a checkout counts both without a lookup.
+//!
 //! Counters only grow (except the `clients_now` gauge) and live as long as the process: they
 //! are totals since start-up. A snapshot reads each counter on its own, so it is not a
 //! consistent cut across counters (a transaction may show in `queries` before it shows in
@@ -31,6 +35,10 @@ use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
 
 use crate::registry::{Registry, TenantSlug, UsageDelta};
+
+mod process;
+
+pub use process::{LoginOutcome, ProcessCounters, WAIT_BUCKETS_US, WaitHistogram, WaitSnapshot};
 
 /// `[stats]`: usage counters.
 #[derive(Debug, Clone, Default, Deserialize, Serialize)]
@@ -57,6 +65,9 @@ pub struct TenantStats {
     backend_connect_errors: AtomicU64,
     pool_evictions: AtomicU64,
     reclaimed_connections: AtomicU64,
+    /// The process's counters (the checkout-wait histogram); `None` for counters made
+    /// outside a [`Stats`].
+    process: Option<Arc<ProcessCounters>>,
 }
 
 /// Adds `n` unless it is zero (a relay wakeup that moved nothing writes nothing).
@@ -88,6 +99,9 @@ impl TenantStats {
 
     /// A client waited `waited` for a backend checkout (whether it got one or not).
     pub fn add_wait(&self, waited: Duration) {
+        if let Some(process) = &self.process {
+            process.checkout_wait.record(waited);
+        }
         add(
             &self.wait_us,
             u64::try_from(waited.as_micros()).unwrap_or(u64::MAX),
@@ -257,7 +271,7 @@ impl Counters {
     }
 
     /// Adds `other` into `self`, saturating.
-    fn accumulate(&mut self, other: &Counters) {
+    pub fn accumulate(&mut self, other: &Counters) {
         let add = |a: &mut u64, b: u64| *a = a.saturating_add(b);
         add(&mut self.clients_now, other.clients_now);
         add(&mut self.clients_total, other.clients_total);
@@ -295,6 +309,7 @@ pub struct TenantStatsRow {
 #[derive(Debug, Clone, Default)]
 pub struct Stats {
     tenants: Arc<RwLock<HashMap<TenantSlug, Arc<TenantStats>>>>,
+    process: Arc<ProcessCounters>,
 }
 
 impl Stats {
@@ -314,7 +329,17 @@ impl Stats {
             return Arc::clone(found);
         }
         let mut tenants = self.tenants.write().unwrap_or_else(PoisonError::into_inner);
-        Arc::clone(tenants.entry(slug.clone()).or_default())
+        Arc::clone(tenants.entry(slug.clone()).or_insert_with(|| {
+            Arc::new(TenantStats {
+                process: Some(Arc::clone(&self.process)),
+                ..TenantStats::default()
+            })
+        }))
+    }
+
+    /// The counters of the whole process.
+    pub fn process(&self) -> &Arc<ProcessCounters> {
+        &self.process
     }
 
     /// Every tenant seen since start-up with its counters, sorted by slug.
