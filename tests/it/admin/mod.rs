@@ -2,6 +2,8 @@
 //! protocol) against the virtual admin database of a running proxy, with tenants provisioned
 //! on the test cluster.
 
+mod plans;
+
 use crate::common;
 
 use std::time::Duration;
