@@ -424,8 +424,8 @@ fn help() -> Vec<Vec<Value>> {
             "adopt an existing database",
         ),
         (
-            "CREATE USER name FOR TENANT slug [PASSWORD 'pw'] [AUTH scram|cert|cert+scram]",
-            "add a tenant user (a SCRAM verifier; AUTH cert: a client certificate with CN = name)",
+            "CREATE USER name FOR TENANT slug [PASSWORD 'pw' | 'SCRAM-SHA-256$...'] [AUTH scram|cert|cert+scram]",
+            "add a tenant user (a SCRAM verifier, made here or given as is; AUTH cert: a client certificate with CN = name)",
         ),
         (
             "ALTER USER name FOR TENANT slug [PASSWORD 'pw'] [AUTH scram|cert|cert+scram]",

@@ -3,6 +3,7 @@
 //! message), but never a secret. Every match names every variant (no catch-all arm), so a new
 //! error cannot silently get another's SQLSTATE, kind, message or hint.
 
+use crate::auth::PasswordError;
 use crate::error::{ClientFacing, ErrorKind};
 use crate::pool::OverrideError;
 use crate::protocol::SqlState;
@@ -45,6 +46,10 @@ pub enum AdminError {
     /// A plan setting or value ALTER TENANT ... SET/RESET refused.
     #[error(transparent)]
     Override(#[from] OverrideError),
+    /// A password given to CREATE/ALTER (ADMIN) USER that cannot be stored (a malformed
+    /// SCRAM verifier, an md5 hash).
+    #[error(transparent)]
+    Password(#[from] PasswordError),
     #[error(transparent)]
     Provision(#[from] ProvisionError),
     #[error(transparent)]
@@ -67,6 +72,7 @@ impl ClientFacing for AdminError {
             AdminError::WrongState(_) => SqlState::OBJECT_NOT_IN_PREREQUISITE_STATE,
             AdminError::Duplicate(_) => SqlState::DUPLICATE_OBJECT,
             AdminError::UnknownPlan { .. }
+            | AdminError::Password(_)
             | AdminError::Override(
                 OverrideError::UnknownKey(_)
                 | OverrideError::OutOfRange { .. }
@@ -105,6 +111,7 @@ impl ClientFacing for AdminError {
             | AdminError::Duplicate(_)
             | AdminError::UnknownPlan { .. }
             | AdminError::Override(_)
+            | AdminError::Password(_)
             | AdminError::Rekey(
                 RekeyError::EnvSource { .. }
                 | RekeyError::NoKeyFile
@@ -133,6 +140,7 @@ impl ClientFacing for AdminError {
             | AdminError::Duplicate(_)
             | AdminError::UnknownPlan { .. }
             | AdminError::Override(_)
+            | AdminError::Password(_)
             | AdminError::Rekey(
                 RekeyError::EnvSource { .. }
                 | RekeyError::NoKeyFile
@@ -157,6 +165,7 @@ impl AdminError {
             | AdminError::Duplicate(_)
             | AdminError::UnknownPlan { .. }
             | AdminError::Override(_)
+            | AdminError::Password(_)
             | AdminError::Provision(_)
             | AdminError::Registry(_)
             | AdminError::Rekey(_) => None,

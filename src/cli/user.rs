@@ -1,8 +1,11 @@
-//! `tenantgate user add|remove`: a tenant's users, through `provision` and the registry. Only
-//! a SCRAM verifier is stored; this module must not keep, log or print a password.
+//! `tenantgate user add|remove`: a tenant's users, through `provision` and the registry.
+//! Only a SCRAM verifier is stored: `add` hashes the password it reads (or stores it as it is
+//! when it is already a SCRAM-SHA-256 verifier, as PostgreSQL's CREATE ROLE does). This
+//! module must not keep, log or print a password or a verifier.
 
 use anyhow::Context as _;
 use clap::Subcommand;
+use tenantgate::auth::Password;
 use tenantgate::config::Config;
 use tenantgate::provision;
 use tenantgate::registry::{AuthMethod, TenantSlug};
@@ -42,11 +45,13 @@ pub(super) async fn run(config: &Config, cmd: UserCommand) -> anyhow::Result<()>
         UserCommand::Add { slug, user, auth } => {
             let password = if auth == Some(AuthMethod::Cert) {
                 // Nobody will type it: the certificate is the credential.
-                tenantgate::crypto::generate_password(32)
+                Password::Plain(tenantgate::crypto::generate_password(32))
             } else {
-                read_password(&format!("Password for {user} of {slug}: "))?
+                let text = read_password(&format!("Password for {user} of {slug}: "))?;
+                Password::classify(text.expose().to_owned())?
             };
-            provision::add_user(&registry, &slug, &user, &password).await?;
+            let verifier = password.into_verifier().await;
+            provision::set_user_verifier(&registry, &slug, &user, &verifier).await?;
             if let Some(method) = auth {
                 let tenant = TenantSlug::parse(&slug).context("invalid tenant slug")?;
                 registry.set_user_auth(&tenant, &user, method).await?;

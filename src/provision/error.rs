@@ -88,6 +88,12 @@ pub enum ProvisionError {
     },
     #[error("user name {0:?} is longer than PostgreSQL's 63 bytes")]
     UserNameTooLong(String),
+    /// A verifier given for a user (e.g. copied from `pg_authid`) is not a valid one.
+    #[error("the verifier given for user {user:?} is not a SCRAM-SHA-256 verifier: {reason}")]
+    BadVerifier {
+        user: String,
+        reason: crate::auth::VerifierError,
+    },
     #[error("tenant {slug} has no user {user:?}")]
     NoSuchUser { slug: TenantSlug, user: String },
     #[error("cannot read the tenant migrations directory {dir}")]
@@ -197,6 +203,7 @@ impl ClientFacing for ProvisionError {
             | ProvisionError::NameTooLong(_)
             | ProvisionError::UnknownServer(_)
             | ProvisionError::EmptyUser
+            | ProvisionError::BadVerifier { .. }
             | ProvisionError::PowerfulRole { .. } => SqlState::INVALID_PARAMETER_VALUE,
             ProvisionError::UserNameTooLong(_) => SqlState::NAME_TOO_LONG,
             ProvisionError::Exists(_) | ProvisionError::DatabaseTaken { .. } => {
@@ -249,6 +256,7 @@ impl ClientFacing for ProvisionError {
             | ProvisionError::Decrypt { .. }
             | ProvisionError::EmptyUser
             | ProvisionError::UserNameTooLong(_)
+            | ProvisionError::BadVerifier { .. }
             | ProvisionError::PowerfulRole { .. }
             | ProvisionError::DatabaseTaken { .. }
             | ProvisionError::NoSuchUser { .. }
@@ -279,6 +287,7 @@ impl ClientFacing for ProvisionError {
             | ProvisionError::UnknownServer(_)
             | ProvisionError::EmptyUser
             | ProvisionError::UserNameTooLong(_)
+            | ProvisionError::BadVerifier { .. }
             | ProvisionError::PowerfulRole { .. }
             | ProvisionError::DatabaseTaken { .. }
             | ProvisionError::NoSuchUser { .. } => ErrorKind::Client,

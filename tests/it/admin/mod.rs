@@ -3,6 +3,7 @@
 //! on the test cluster.
 
 mod plans;
+pub(crate) mod verifiers;
 
 use crate::common;
 
