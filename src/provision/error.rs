@@ -94,6 +94,14 @@ pub enum ProvisionError {
         user: String,
         reason: crate::auth::VerifierError,
     },
+    /// The server's admin role may not read `pg_authid` (`user import --from-server`).
+    #[error(
+        "server {server}: its admin_user {role} may not read pg_authid (a superuser can); nothing imported"
+    )]
+    CannotReadAuthid { server: String, role: String },
+    /// Some of the roles to import cannot be; nothing was.
+    #[error("nothing imported: {0}")]
+    NotImported(super::ImportProblems),
     #[error("tenant {slug} has no user {user:?}")]
     NoSuchUser { slug: TenantSlug, user: String },
     #[error("cannot read the tenant migrations directory {dir}")]
@@ -204,7 +212,9 @@ impl ClientFacing for ProvisionError {
             | ProvisionError::UnknownServer(_)
             | ProvisionError::EmptyUser
             | ProvisionError::BadVerifier { .. }
+            | ProvisionError::NotImported(_)
             | ProvisionError::PowerfulRole { .. } => SqlState::INVALID_PARAMETER_VALUE,
+            ProvisionError::CannotReadAuthid { .. } => SqlState::INSUFFICIENT_PRIVILEGE,
             ProvisionError::UserNameTooLong(_) => SqlState::NAME_TOO_LONG,
             ProvisionError::Exists(_) | ProvisionError::DatabaseTaken { .. } => {
                 SqlState::DUPLICATE_OBJECT
@@ -257,6 +267,8 @@ impl ClientFacing for ProvisionError {
             | ProvisionError::EmptyUser
             | ProvisionError::UserNameTooLong(_)
             | ProvisionError::BadVerifier { .. }
+            | ProvisionError::CannotReadAuthid { .. }
+            | ProvisionError::NotImported(_)
             | ProvisionError::PowerfulRole { .. }
             | ProvisionError::DatabaseTaken { .. }
             | ProvisionError::NoSuchUser { .. }
@@ -288,6 +300,8 @@ impl ClientFacing for ProvisionError {
             | ProvisionError::EmptyUser
             | ProvisionError::UserNameTooLong(_)
             | ProvisionError::BadVerifier { .. }
+            | ProvisionError::CannotReadAuthid { .. }
+            | ProvisionError::NotImported(_)
             | ProvisionError::PowerfulRole { .. }
             | ProvisionError::DatabaseTaken { .. }
             | ProvisionError::NoSuchUser { .. } => ErrorKind::Client,

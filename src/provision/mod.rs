@@ -5,7 +5,7 @@
 //! CLI calls this today; the admin console will call the same functions.
 //!
 //! Moving parts: this file (the lifecycle steps, each recorded in the activity log),
-//! `migrations` (tenant schema migrations and their ledger), `server` (connections to backend
+//! `import` (users copied with their SCRAM verifiers from a server's `pg_authid`), `migrations` (tenant schema migrations and their ledger), `server` (connections to backend
 //! servers under their connection budgets, CREATE/DROP of roles and databases), `error`
 //! ([`ProvisionError`] and how it reaches an admin client).
 //!
@@ -16,6 +16,7 @@
 //! whole `Config`: `config` gathers this module's section, so the arrow points one way.
 
 mod error;
+mod import;
 mod migrations;
 mod no_plain_password;
 mod server;
@@ -25,6 +26,7 @@ use std::path::PathBuf;
 use serde::{Deserialize, Serialize};
 
 pub use error::{ProvisionError, error_chain};
+pub use import::{ImportProblem, ImportProblems, ImportUsers, import_users};
 pub use migrations::{
     AppliedFile, MigrateAll, MigrateOutcome, MigrateProgress, Migration, MigrationSet,
     TenantMigration, migrate_all, migrate_tenant,
