@@ -1,5 +1,5 @@
 //! The console's virtual tables, built on demand from live state (pools, budgets, connected
-//! clients, the config) and from the registry (tenants, activity, migrations). SHOW commands
+//! clients, the config) and from the registry (tenants, activity, migrations, plans). SHOW commands
 //! and SELECTs read the same tables. Nothing here changes state, and no secret (backend
 //! password, admin password, password in a URL) is ever put in a row.
 
@@ -86,6 +86,7 @@ pub(super) fn columns(name: &str) -> Result<Vec<Column>, AdminError> {
         ],
         "config" => vec![c("key", Text), c("value", Text)],
         "domains" => vec![c("domain", Text), c("tenant", Text)],
+        "plans" => super::plans::columns(),
         "help" => vec![c("command", Text), c("description", Text)],
         "version" => vec![c("version", Text)],
         other => return Err(AdminError::NoSuchTable(other.to_owned())),
@@ -116,6 +117,7 @@ pub(super) async fn load(
             .filter(|(_, t)| tenant.is_none_or(|want| want == t))
             .map(|(d, t)| vec![Value::text(d), Value::text(t)])
             .collect(),
+        "plans" => super::plans::rows(ctx).await?,
         "help" => help(),
         "version" => vec![vec![Value::text(version_string())]],
         other => return Err(AdminError::NoSuchTable(other.to_owned())),
@@ -406,7 +408,11 @@ fn help() -> Vec<Vec<Value>> {
             "custom domains: a TLS server name that routes to a tenant",
         ),
         (
-            "SELECT ... FROM tenants|pools|clients|servers|stats|activity|migrations|config|domains",
+            "SHOW PLANS",
+            "plans: the values a tenant on each gets before its own overrides, and its tenants",
+        ),
+        (
+            "SELECT ... FROM tenants|pools|clients|servers|stats|activity|migrations|config|domains|plans",
             "read the same tables with WHERE, ORDER BY, LIMIT, count(*)",
         ),
         (
@@ -418,8 +424,8 @@ fn help() -> Vec<Vec<Value>> {
             "adopt an existing database",
         ),
         (
-            "CREATE USER name FOR TENANT slug [PASSWORD 'pw'] [AUTH scram|cert|cert+scram]",
-            "add a tenant user (a SCRAM verifier; AUTH cert: a client certificate with CN = name)",
+            "CREATE USER name FOR TENANT slug [PASSWORD 'pw' | 'SCRAM-SHA-256$...'] [AUTH scram|cert|cert+scram]",
+            "add a tenant user (a SCRAM verifier, made here or given as is; AUTH cert: a client certificate with CN = name)",
         ),
         (
             "ALTER USER name FOR TENANT slug [PASSWORD 'pw'] [AUTH scram|cert|cert+scram]",
@@ -428,6 +434,14 @@ fn help() -> Vec<Vec<Value>> {
         (
             "CREATE|ALTER ADMIN USER name [PASSWORD 'pw'] [AUTH scram|cert|cert+scram]",
             "add or change an admin user",
+        ),
+        (
+            "ALTER TENANT slug SET PLAN 'name'",
+            "move a tenant to another plan: its new clients get a pool built to it",
+        ),
+        (
+            "ALTER TENANT slug SET (pool_size = 8, mode = 'transaction', ...) | RESET (key, ...) | RESET ALL",
+            "set or drop the tenant's own values of single plan settings",
         ),
         (
             "ALTER TENANT slug ADD DOMAIN 'name' | DROP DOMAIN 'name'",
@@ -511,8 +525,9 @@ mod tests {
 
     #[test]
     fn every_listed_table_has_columns() {
-        const TABLES: [&str; 11] = [
+        const TABLES: [&str; 12] = [
             "domains",
+            "plans",
             "tenants",
             "pools",
             "clients",

@@ -46,6 +46,7 @@ pub(super) enum ShowWhat {
     Activity,
     Migrations,
     Domains,
+    Plans,
 }
 
 /// One admin statement.
@@ -94,6 +95,22 @@ pub(super) enum Command {
         slug: Arg,
         domain: Arg,
         add: bool,
+    },
+    /// ALTER TENANT slug SET PLAN 'name'.
+    SetPlan {
+        slug: Arg,
+        plan: Arg,
+    },
+    /// ALTER TENANT slug SET (key = value, ...): the tenant's own values of single plan
+    /// settings. Keys are lower-cased as written; `exec` checks them.
+    SetOverrides {
+        slug: Arg,
+        values: Vec<(String, Arg)>,
+    },
+    /// ALTER TENANT slug RESET (key, ...), or RESET ALL (`keys` is `None`).
+    ResetOverrides {
+        slug: Arg,
+        keys: Option<Vec<String>>,
     },
     DropUser {
         user: Arg,
@@ -152,6 +169,9 @@ impl Command {
             Command::SetAdminUser { replace: true, .. } => "alter admin user",
             Command::TenantDomain { add: true, .. } => "add domain",
             Command::TenantDomain { add: false, .. } => "drop domain",
+            Command::SetPlan { .. } => "set plan",
+            Command::SetOverrides { .. } => "set overrides",
+            Command::ResetOverrides { .. } => "reset overrides",
             Command::SuspendTenant { .. } => "suspend tenant",
             Command::ResumeTenant { .. } => "resume tenant",
             Command::DropTenant { .. } => "drop tenant",
@@ -177,6 +197,9 @@ impl Command {
             | Command::DropTenant { slug, .. }
             | Command::MigrateTenant { slug }
             | Command::TenantDomain { slug, .. }
+            | Command::SetPlan { slug, .. }
+            | Command::SetOverrides { slug, .. }
+            | Command::ResetOverrides { slug, .. }
             | Command::Kill { slug } => Some(slug),
             Command::SetUser { tenant, .. } | Command::DropUser { tenant, .. } => Some(tenant),
             Command::Pause { slug } | Command::Unpause { slug } => slug.as_ref(),
@@ -411,6 +434,7 @@ fn parse_show(c: &mut Cursor<'_>) -> Result<Command, AdminError> {
         "ACTIVITY" => ShowWhat::Activity,
         "MIGRATIONS" => ShowWhat::Migrations,
         "DOMAINS" => ShowWhat::Domains,
+        "PLANS" => ShowWhat::Plans,
         other => {
             return Err(AdminError::Unsupported(format!("SHOW {other}")));
         }
@@ -549,19 +573,67 @@ fn parse_user_options(c: &mut Cursor<'_>) -> Result<(Option<Arg>, Option<Arg>), 
     Ok((password, auth))
 }
 
-/// ALTER TENANT slug ADD DOMAIN 'name' | DROP DOMAIN 'name'.
+/// ALTER TENANT slug ADD DOMAIN 'name' | DROP DOMAIN 'name' | SET PLAN 'name' |
+/// SET (key = value, ...) | RESET (key, ...) | RESET ALL.
 fn parse_alter_tenant(c: &mut Cursor<'_>) -> Result<Command, AdminError> {
     let slug = c.arg("tenant slug")?;
     let add = if c.eat("ADD") {
         true
     } else if c.eat("DROP") {
         false
+    } else if c.eat("SET") {
+        return parse_tenant_set(c, slug);
+    } else if c.eat("RESET") {
+        return parse_tenant_reset(c, slug);
     } else {
-        return Err(c.syntax("ADD DOMAIN or DROP DOMAIN"));
+        return Err(c.syntax("ADD DOMAIN, DROP DOMAIN, SET PLAN, SET (...) or RESET (...)"));
     };
     c.expect("DOMAIN")?;
     let domain = c.arg("domain")?;
     c.end(Command::TenantDomain { slug, domain, add })
+}
+
+/// After ALTER TENANT slug SET: `PLAN 'name'` or `(key = value, ...)`.
+fn parse_tenant_set(c: &mut Cursor<'_>, slug: Arg) -> Result<Command, AdminError> {
+    if c.eat("PLAN") {
+        c.eat_token(&Token::Eq);
+        let plan = c.arg("plan name")?;
+        return c.end(Command::SetPlan { slug, plan });
+    }
+    c.expect_token(&Token::LParen, "PLAN or (")?;
+    let mut values = Vec::new();
+    loop {
+        let key = c.key()?;
+        // `SET (pool_size 8)` reads as well as `SET (pool_size = 8)`, as in CREATE TENANT.
+        c.eat_token(&Token::Eq);
+        let value = c.value(&key)?;
+        values.push((key, value));
+        if c.eat_token(&Token::RParen) {
+            break;
+        }
+        c.expect_token(&Token::Comma, ", or )")?;
+    }
+    c.end(Command::SetOverrides { slug, values })
+}
+
+/// After ALTER TENANT slug RESET: `(key, ...)` or `ALL`.
+fn parse_tenant_reset(c: &mut Cursor<'_>, slug: Arg) -> Result<Command, AdminError> {
+    if c.eat("ALL") {
+        return c.end(Command::ResetOverrides { slug, keys: None });
+    }
+    c.expect_token(&Token::LParen, "ALL or (")?;
+    let mut keys = Vec::new();
+    loop {
+        keys.push(c.key()?);
+        if c.eat_token(&Token::RParen) {
+            break;
+        }
+        c.expect_token(&Token::Comma, ", or )")?;
+    }
+    c.end(Command::ResetOverrides {
+        slug,
+        keys: Some(keys),
+    })
 }
 
 /// An unquoted word or a number.
@@ -715,6 +787,35 @@ impl Cursor<'_> {
         text
     }
 
+    /// A setting's name: a word, bare (lower-cased) or "quoted" (as written).
+    fn key(&mut self) -> Result<String, AdminError> {
+        let key = match self.peek() {
+            Some(Token::Word(Word {
+                value,
+                quote_style: None,
+                ..
+            })) => value.to_lowercase(),
+            Some(Token::Word(Word { value, .. })) => value.clone(),
+            _ => return Err(self.syntax("a setting name")),
+        };
+        self.pos += 1;
+        Ok(key)
+    }
+
+    /// A setting's value: as [`Cursor::arg`], and a negative number (which the executor
+    /// refuses by name rather than as a syntax error).
+    fn value(&mut self, key: &str) -> Result<Arg, AdminError> {
+        if self.eat_token(&Token::Minus) {
+            if let Some(Token::Number(n, _)) = self.peek() {
+                let negative = format!("-{n}");
+                self.pos += 1;
+                return Ok(Arg::Literal(negative));
+            }
+            return Err(self.syntax(&format!("a value for {key}")));
+        }
+        self.arg(&format!("a value for {key}"))
+    }
+
     fn opt_arg(&mut self, what: &str) -> Result<Option<Arg>, AdminError> {
         if self.at_end() {
             Ok(None)
@@ -861,6 +962,71 @@ mod tests {
             }
         );
         assert!(parse("ALTER TENANT acme RENAME TO x").is_err());
+    }
+
+    #[test]
+    fn plans_and_overrides() {
+        assert_eq!(
+            one("ALTER TENANT acme-co SET PLAN 'business'"),
+            Command::SetPlan {
+                slug: lit("acme-co"),
+                plan: lit("business")
+            }
+        );
+        assert_eq!(
+            one("alter tenant $1 set plan $2"),
+            Command::SetPlan {
+                slug: Arg::Param(1),
+                plan: Arg::Param(2)
+            }
+        );
+        assert_eq!(
+            one(
+                "ALTER TENANT acme SET (pool_size = 8, mode = 'transaction', \"MAX_CLIENTS\" $1, x = -5)"
+            ),
+            Command::SetOverrides {
+                slug: lit("acme"),
+                values: vec![
+                    ("pool_size".to_owned(), lit("8")),
+                    ("mode".to_owned(), lit("transaction")),
+                    ("MAX_CLIENTS".to_owned(), Arg::Param(1)),
+                    ("x".to_owned(), lit("-5")),
+                ]
+            }
+        );
+        assert_eq!(
+            one("ALTER TENANT acme RESET (Pool_Size, mode)"),
+            Command::ResetOverrides {
+                slug: lit("acme"),
+                keys: Some(vec!["pool_size".to_owned(), "mode".to_owned()])
+            }
+        );
+        assert_eq!(
+            one("ALTER TENANT acme RESET ALL"),
+            Command::ResetOverrides {
+                slug: lit("acme"),
+                keys: None
+            }
+        );
+        assert_eq!(
+            one("SHOW PLANS"),
+            Command::Show {
+                what: ShowWhat::Plans,
+                tenant: None
+            }
+        );
+        for bad in [
+            "ALTER TENANT acme SET",
+            "ALTER TENANT acme SET ()",
+            "ALTER TENANT acme SET (pool_size = 8",
+            "ALTER TENANT acme SET (pool_size = 8) extra",
+            "ALTER TENANT acme SET PLAN",
+            "ALTER TENANT acme RESET",
+            "ALTER TENANT acme RESET (pool_size",
+        ] {
+            assert!(matches!(parse(bad), Err(AdminError::Syntax(_))), "{bad}");
+        }
+        assert_eq!(parameter_count("ALTER TENANT $1 SET (pool_size = $2)"), 2);
     }
 
     #[test]

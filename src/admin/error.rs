@@ -3,7 +3,9 @@
 //! message), but never a secret. Every match names every variant (no catch-all arm), so a new
 //! error cannot silently get another's SQLSTATE, kind, message or hint.
 
+use crate::auth::PasswordError;
 use crate::error::{ClientFacing, ErrorKind};
+use crate::pool::OverrideError;
 use crate::protocol::SqlState;
 use crate::provision::ProvisionError;
 use crate::registry::RegistryError;
@@ -12,9 +14,10 @@ use crate::rekey::RekeyError;
 /// What the console supports, listed in the hint of an unsupported command.
 pub(super) const SUPPORTED: &str = "supported: SHOW HELP|TENANTS|TENANT slug|POOLS|CLIENTS|SERVERS|STATS|CONFIG|\
 VERSION|ACTIVITY [slug]|MIGRATIONS [slug]; SELECT ... FROM tenants|pools|clients|servers|stats|\
-activity|migrations|config|domains; CREATE TENANT; REGISTER TENANT; CREATE|ALTER|DROP USER ... FOR \
+activity|migrations|config|domains|plans; CREATE TENANT; REGISTER TENANT; CREATE|ALTER|DROP USER ... FOR \
 TENANT [PASSWORD '...'] [AUTH scram|cert|cert+scram]; CREATE|ALTER ADMIN USER; ALTER TENANT slug \
-ADD|DROP DOMAIN 'name'; SHOW DOMAINS [slug]; SUSPEND|RESUME|DROP TENANT; MIGRATE TENANT slug; \
+ADD|DROP DOMAIN 'name'; ALTER TENANT slug SET PLAN 'name' | SET (key = value, ...) | RESET (key, ...) | \
+RESET ALL; SHOW PLANS; SHOW DOMAINS [slug]; SUSPEND|RESUME|DROP TENANT; MIGRATE TENANT slug; \
 MIGRATE ALL TENANTS; KILL slug; PAUSE|RESUME [slug]; RELOAD; ROTATE MASTER KEY; RETIRE OLD MASTER KEYS";
 
 #[derive(Debug, thiserror::Error)]
@@ -37,6 +40,16 @@ pub enum AdminError {
     WrongState(String),
     #[error("{0}")]
     Duplicate(String),
+    /// A plan name that is neither in the config nor the default plan.
+    #[error("plan \"{plan}\" does not exist (plans: {known})")]
+    UnknownPlan { plan: String, known: String },
+    /// A plan setting or value ALTER TENANT ... SET/RESET refused.
+    #[error(transparent)]
+    Override(#[from] OverrideError),
+    /// A password given to CREATE/ALTER (ADMIN) USER that cannot be stored (a malformed
+    /// SCRAM verifier, an md5 hash).
+    #[error(transparent)]
+    Password(#[from] PasswordError),
     #[error(transparent)]
     Provision(#[from] ProvisionError),
     #[error(transparent)]
@@ -58,6 +71,16 @@ impl ClientFacing for AdminError {
             AdminError::NoSuchTenant(_) => SqlState::UNDEFINED_OBJECT,
             AdminError::WrongState(_) => SqlState::OBJECT_NOT_IN_PREREQUISITE_STATE,
             AdminError::Duplicate(_) => SqlState::DUPLICATE_OBJECT,
+            AdminError::UnknownPlan { .. }
+            | AdminError::Password(_)
+            | AdminError::Override(
+                OverrideError::UnknownKey(_)
+                | OverrideError::OutOfRange { .. }
+                | OverrideError::BadMode(_),
+            ) => SqlState::INVALID_PARAMETER_VALUE,
+            AdminError::Override(OverrideError::NotANumber { .. }) => {
+                SqlState::INVALID_TEXT_REPRESENTATION
+            }
             AdminError::Provision(e) => e.sqlstate(),
             AdminError::Registry(e) => e.sqlstate(),
             AdminError::Rekey(e) => match e {
@@ -86,6 +109,9 @@ impl ClientFacing for AdminError {
             | AdminError::NoSuchTenant(_)
             | AdminError::WrongState(_)
             | AdminError::Duplicate(_)
+            | AdminError::UnknownPlan { .. }
+            | AdminError::Override(_)
+            | AdminError::Password(_)
             | AdminError::Rekey(
                 RekeyError::EnvSource { .. }
                 | RekeyError::NoKeyFile
@@ -112,6 +138,9 @@ impl ClientFacing for AdminError {
             | AdminError::NoSuchTenant(_)
             | AdminError::WrongState(_)
             | AdminError::Duplicate(_)
+            | AdminError::UnknownPlan { .. }
+            | AdminError::Override(_)
+            | AdminError::Password(_)
             | AdminError::Rekey(
                 RekeyError::EnvSource { .. }
                 | RekeyError::NoKeyFile
@@ -134,6 +163,9 @@ impl AdminError {
             | AdminError::NoSuchTenant(_)
             | AdminError::WrongState(_)
             | AdminError::Duplicate(_)
+            | AdminError::UnknownPlan { .. }
+            | AdminError::Override(_)
+            | AdminError::Password(_)
             | AdminError::Provision(_)
             | AdminError::Registry(_)
             | AdminError::Rekey(_) => None,

@@ -1,6 +1,6 @@
 //! What each admin command does, at the top: the dispatch from a parsed [`Command`] to the
-//! file that runs it (SHOW and SELECT read a virtual table here; `lifecycle`, `users`, `reload`,
-//! `keys` and `pause` run the rest), the result columns a command announces before it runs, and
+//! file that runs it (SHOW and SELECT read a virtual table here; `lifecycle`, `users`, `plans`,
+//! `reload`, `keys` and `pause` run the rest), the result columns a command announces before it runs, and
 //! what those files share: [`Outcome`], [`Progress`] (NOTICE text while a command runs),
 //! [`known_slug`] and [`log`] (the activity log). This module does not speak the wire protocol
 //! and must not grow a command's body: that goes beside its kind.
@@ -10,7 +10,7 @@ use super::catalog;
 use super::command::{Arg, Command, ShowWhat};
 use super::error::AdminError;
 use super::table::{Column, Table};
-use super::{keys, lifecycle, pause, reload, select, users};
+use super::{keys, lifecycle, pause, plans, reload, select, users};
 use crate::registry::TenantSlug;
 
 /// What a command produced.
@@ -79,6 +79,7 @@ fn show_table(what: ShowWhat) -> &'static str {
         ShowWhat::Activity => "activity",
         ShowWhat::Migrations => "migrations",
         ShowWhat::Domains => "domains",
+        ShowWhat::Plans => "plans",
     }
 }
 
@@ -116,6 +117,9 @@ pub(super) async fn execute(
         }
         Command::SetUser { .. } | Command::DropUser { .. } | Command::SetAdminUser { .. } => {
             users::user_command(ctx, actor, command, params).await
+        }
+        Command::SetPlan { .. } | Command::SetOverrides { .. } | Command::ResetOverrides { .. } => {
+            plans::plan_command(ctx, actor, command, params).await
         }
         Command::TenantDomain { slug, domain, add } => {
             let (slug, domain) = (slug.resolve(params)?, domain.resolve(params)?);

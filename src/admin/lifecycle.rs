@@ -37,7 +37,9 @@ pub(super) async fn provision_command(
                 plan: opt(plan)?,
                 budgets: Some(budgets(ctx)),
             };
-            check_plan(ctx, options.plan.as_deref())?;
+            if let Some(plan) = options.plan.as_deref() {
+                super::plans::check_plan(ctx, plan)?;
+            }
             progress.say(format!("provisioning tenant {slug}"));
             let record = provision::create_tenant(
                 ctx.config.get().provisioning(),
@@ -229,27 +231,6 @@ pub(super) async fn migrate_command(
             Ok(Outcome::Rows(table))
         }
         _ => Err(AdminError::Unsupported("this command".to_owned())),
-    }
-}
-
-fn check_plan(ctx: &AdminContext, plan: Option<&str>) -> Result<(), AdminError> {
-    match plan {
-        Some(p)
-            if p != ctx.config.get().provision.default_plan
-                && !ctx.config.get().plans.contains_key(p) =>
-        {
-            let config = ctx.config.get();
-            let known: Vec<&str> = config.plans.keys().map(String::as_str).collect();
-            Err(AdminError::BadValue(format!(
-                "plan \"{p}\" is not in the config (known: {})",
-                if known.is_empty() {
-                    "none".to_owned()
-                } else {
-                    known.join(", ")
-                }
-            )))
-        }
-        _ => Ok(()),
     }
 }
 

@@ -6,7 +6,8 @@
 //! Moving parts: `command` (parsing, with sqlparser), `select` (SELECT over a virtual
 //! table), `catalog` (the virtual tables), `exec` (dispatch: which file runs a command),
 //! `lifecycle` (create, register, suspend, resume, kill, drop and migrate tenants), `users`
-//! (users, auth methods, domains), `reload` (RELOAD and the config diff), `keys` (master key
+//! (users, auth methods, domains), `plans` (ALTER TENANT ... SET PLAN / SET / RESET, SHOW
+//! PLANS), `reload` (RELOAD and the config diff), `keys` (master key
 //! rotation), `pause` (PAUSE/RESUME), `handler` (pgwire's query handlers), `table` (typed
 //! values), `usage` (SHOW STATS), `error` (SQLSTATEs).
 //! The server module authenticates the admin and hands the socket to [`serve`], which drives
@@ -23,6 +24,7 @@ mod handler;
 mod keys;
 mod lifecycle;
 mod pause;
+mod plans;
 mod reload;
 mod select;
 mod table;

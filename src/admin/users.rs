@@ -1,12 +1,15 @@
 //! Who may log in, and how: CREATE/ALTER/DROP USER for tenant users, CREATE/ALTER ADMIN USER,
 //! auth methods (`AUTH scram|cert|cert+scram`), and a tenant's custom domains (ALTER TENANT
 //! ... ADD/DROP DOMAIN). Passwords become SCRAM verifiers at once and never reach the activity
-//! log. This module does not speak the wire protocol.
+//! log; a PASSWORD that is already a SCRAM-SHA-256 verifier (`pg_authid.rolpassword` of
+//! another server) is checked and stored as it is, as PostgreSQL's CREATE ROLE does
+//! (`auth::Password`). This module does not speak the wire protocol.
 
 use super::AdminContext;
 use super::command::{Arg, Command};
 use super::error::AdminError;
 use super::exec::{Outcome, known_slug, log};
+use crate::auth::Password;
 use crate::crypto::{Secret, generate_password};
 use crate::provision;
 use crate::provision::ProvisionError;
@@ -72,12 +75,14 @@ pub(super) async fn user_command(
                 _ => {}
             }
             let password = match (password, *replace) {
-                (Some(pw), _) => Some(Secret::from(pw)),
+                (Some(pw), _) => Some(Password::classify(pw)?),
                 (None, true) => None,
-                (None, false) => Some(new_password(method, "CREATE USER")?),
+                (None, false) => Some(Password::Plain(new_password(method, "CREATE USER")?)),
             };
             if let Some(password) = password {
-                provision::add_user(&ctx.registry, slug.as_str(), &user, &password).await?;
+                let verifier = password.into_verifier().await;
+                provision::set_user_verifier(&ctx.registry, slug.as_str(), &user, &verifier)
+                    .await?;
             }
             if let Some(method) = method {
                 ctx.registry.set_user_auth(&slug, &user, method).await?;
@@ -150,12 +155,12 @@ async fn set_admin_user(
         _ => {}
     }
     let password = match (password, replace) {
-        (Some(pw), _) => Some(Secret::from(pw)),
+        (Some(pw), _) => Some(Password::classify(pw)?),
         (None, true) => None,
-        (None, false) => Some(new_password(method, "CREATE ADMIN USER")?),
+        (None, false) => Some(Password::Plain(new_password(method, "CREATE ADMIN USER")?)),
     };
     if let Some(password) = password {
-        let verifier = crate::auth::scram_verifier(&password).await;
+        let verifier = password.into_verifier().await;
         ctx.registry.set_admin_user(user, &verifier, true).await?;
     }
     if let Some(method) = method {

@@ -17,6 +17,7 @@
 pub mod method;
 pub mod scram;
 pub mod throttle;
+pub mod verifier;
 
 use bytes::BytesMut;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
@@ -25,7 +26,8 @@ use crate::error::{ClientFacing, ErrorKind};
 use crate::protocol::frame::{self, ReadError, take_cstr};
 use crate::protocol::{SqlState, messages};
 
-pub use scram::{ScramError, ScramSecret};
+pub use scram::{ScramError, ScramSecret, VerifierError};
+pub use verifier::{Password, PasswordError};
 
 /// Largest SASL message accepted from a client.
 const MAX_SASL_MESSAGE_BYTES: usize = 8 * 1024;

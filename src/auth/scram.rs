@@ -74,25 +74,36 @@ impl ScramSecret {
     /// count, invalid base64, empty salt, or keys that are not exactly 32 bytes.
     #[must_use]
     pub fn parse(verifier: &str) -> Option<ScramSecret> {
-        let rest = verifier.strip_prefix(MECHANISM)?.strip_prefix('$')?;
-        let (iter_salt, keys) = rest.split_once('$')?;
-        let (iterations, salt) = iter_salt.split_once(':')?;
-        let (stored_key, server_key) = keys.split_once(':')?;
+        ScramSecret::from_verifier(verifier).ok()
+    }
+
+    /// As [`ScramSecret::parse`], saying what is wrong (for an operator who pasted one, e.g.
+    /// from `pg_authid.rolpassword`; as `parse_scram_secret` in auth-scram.c checks it).
+    pub fn from_verifier(verifier: &str) -> Result<ScramSecret, VerifierError> {
+        let rest = verifier
+            .strip_prefix(MECHANISM)
+            .and_then(|r| r.strip_prefix('$'))
+            .ok_or(VerifierError::Prefix)?;
+        let (iter_salt, keys) = rest.split_once('$').ok_or(VerifierError::Shape)?;
+        let (iterations, salt) = iter_salt.split_once(':').ok_or(VerifierError::Shape)?;
+        let (stored_key, server_key) = keys.split_once(':').ok_or(VerifierError::Shape)?;
 
         if iterations.is_empty() || !iterations.bytes().all(|b| b.is_ascii_digit()) {
-            return None;
+            return Err(VerifierError::Iterations);
         }
-        let iterations: u32 = iterations.parse().ok()?;
-        if iterations == 0 {
-            return None;
-        }
-        let salt = B64.decode(salt).ok()?;
-        if salt.is_empty() {
-            return None;
-        }
-        let stored_key = decode_key(stored_key)?;
-        let server_key = decode_key(server_key)?;
-        Some(ScramSecret {
+        let iterations: u32 = iterations
+            .parse()
+            .ok()
+            .filter(|n| *n > 0)
+            .ok_or(VerifierError::Iterations)?;
+        let salt = B64
+            .decode(salt)
+            .ok()
+            .filter(|s| !s.is_empty())
+            .ok_or(VerifierError::Salt)?;
+        let stored_key = decode_key(stored_key).ok_or(VerifierError::Key("StoredKey"))?;
+        let server_key = decode_key(server_key).ok_or(VerifierError::Key("ServerKey"))?;
+        Ok(ScramSecret {
             iterations,
             salt,
             stored_key,
@@ -131,6 +142,21 @@ impl fmt::Debug for ScramSecret {
 
 fn decode_key(b64: &str) -> Option<[u8; KEY_LEN]> {
     B64.decode(b64).ok()?.try_into().ok()
+}
+
+/// Why a stored verifier is not one: each says which part, never the verifier itself.
+#[derive(Debug, Clone, Copy, thiserror::Error, PartialEq, Eq)]
+pub enum VerifierError {
+    #[error("it does not start with SCRAM-SHA-256$")]
+    Prefix,
+    #[error("it is not of the form SCRAM-SHA-256$<iterations>:<salt>$<StoredKey>:<ServerKey>")]
+    Shape,
+    #[error("its iteration count is not a whole number from 1 to 4294967295")]
+    Iterations,
+    #[error("its salt is not non-empty base64")]
+    Salt,
+    #[error("its {0} is not base64 of 32 bytes")]
+    Key(&'static str),
 }
 
 /// Why an exchange failed.
@@ -1082,6 +1108,24 @@ mod tests {
         for b in bad {
             assert!(ScramSecret::parse(&b).is_none(), "{b}");
         }
+        let reason = |v: &str| ScramSecret::from_verifier(v).err();
+        assert_eq!(reason("md5abc"), Some(VerifierError::Prefix));
+        assert_eq!(
+            reason(&format!("SCRAM-SHA-256$4096:{salt}${key}")),
+            Some(VerifierError::Shape)
+        );
+        assert_eq!(
+            reason(&format!("SCRAM-SHA-256$x:{salt}${key}:{key}")),
+            Some(VerifierError::Iterations)
+        );
+        assert_eq!(
+            reason(&format!("SCRAM-SHA-256$4096:!!${key}:{key}")),
+            Some(VerifierError::Salt)
+        );
+        assert_eq!(
+            reason(&format!("SCRAM-SHA-256$4096:{salt}${key}:{short}")),
+            Some(VerifierError::Key("ServerKey"))
+        );
     }
 
     #[test]

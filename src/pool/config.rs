@@ -194,7 +194,8 @@ pub struct ServerConfig {
     /// TCP port. Default 5432.
     #[serde(default = "default_port")]
     pub port: u16,
-    /// Role used to provision tenants (needs CREATEDB and CREATEROLE). Default "postgres".
+    /// Role used to provision tenants (needs CREATEDB and CREATEROLE). `user import
+    /// --from-server` reads `pg_authid` as this role (a superuser may). Default "postgres".
     #[serde(default = "default_admin_user")]
     pub admin_user: String,
     /// Password of `admin_user`. Prefer `admin_password_env`. Default: none.

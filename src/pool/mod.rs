@@ -4,7 +4,8 @@
 //! servers: `[[server]] tls`, SSLRequest, the plain-or-TLS stream), `manager` ([`BackendManager`],
 //! bb8's connection factory: a connection marked broken is dropped instead of reused, and
 //! every connection holds a permit of its server's budget), `budget` (per-server connection
-//! budgets), `config` (`[pool]`, `[[server]]`, `[plans]`), `map` ([`PoolMap`]: moka cache slug →
+//! budgets), `config` (`[pool]`, `[[server]]`, `[plans]`), `overrides` (the plan keys a tenant
+//! may override and the values each takes), `map` ([`PoolMap`]: moka cache slug →
 //! pool, created on first use with one creation per burst, evicted when idle or least recently
 //! used but never away from its clients; a pool out of the map with no client left is
 //! retired: its idle connections close with Terminate, and it keeps and opens no other),
@@ -28,6 +29,7 @@ mod error;
 mod lease;
 mod manager;
 mod map;
+mod overrides;
 mod pause;
 mod statements;
 mod tenant_pool;
@@ -45,4 +47,5 @@ pub use statements::{BackendStatements, DEFAULT_CACHE_SIZE};
 pub use error::PoolError;
 pub use lease::{Lease, PoolUse};
 pub use map::{PoolMap, SWEEP_EVERY};
+pub use overrides::{OverrideError, known_keys, override_key, override_value, spellings};
 pub use tenant_pool::{Params, TenantPool};

@@ -88,6 +88,20 @@ pub enum ProvisionError {
     },
     #[error("user name {0:?} is longer than PostgreSQL's 63 bytes")]
     UserNameTooLong(String),
+    /// A verifier given for a user (e.g. copied from `pg_authid`) is not a valid one.
+    #[error("the verifier given for user {user:?} is not a SCRAM-SHA-256 verifier: {reason}")]
+    BadVerifier {
+        user: String,
+        reason: crate::auth::VerifierError,
+    },
+    /// The server's admin role may not read `pg_authid` (`user import --from-server`).
+    #[error(
+        "server {server}: its admin_user {role} may not read pg_authid (a superuser can); nothing imported"
+    )]
+    CannotReadAuthid { server: String, role: String },
+    /// Some of the roles to import cannot be; nothing was.
+    #[error("nothing imported: {0}")]
+    NotImported(super::ImportProblems),
     #[error("tenant {slug} has no user {user:?}")]
     NoSuchUser { slug: TenantSlug, user: String },
     #[error("cannot read the tenant migrations directory {dir}")]
@@ -197,7 +211,10 @@ impl ClientFacing for ProvisionError {
             | ProvisionError::NameTooLong(_)
             | ProvisionError::UnknownServer(_)
             | ProvisionError::EmptyUser
+            | ProvisionError::BadVerifier { .. }
+            | ProvisionError::NotImported(_)
             | ProvisionError::PowerfulRole { .. } => SqlState::INVALID_PARAMETER_VALUE,
+            ProvisionError::CannotReadAuthid { .. } => SqlState::INSUFFICIENT_PRIVILEGE,
             ProvisionError::UserNameTooLong(_) => SqlState::NAME_TOO_LONG,
             ProvisionError::Exists(_) | ProvisionError::DatabaseTaken { .. } => {
                 SqlState::DUPLICATE_OBJECT
@@ -249,6 +266,9 @@ impl ClientFacing for ProvisionError {
             | ProvisionError::Decrypt { .. }
             | ProvisionError::EmptyUser
             | ProvisionError::UserNameTooLong(_)
+            | ProvisionError::BadVerifier { .. }
+            | ProvisionError::CannotReadAuthid { .. }
+            | ProvisionError::NotImported(_)
             | ProvisionError::PowerfulRole { .. }
             | ProvisionError::DatabaseTaken { .. }
             | ProvisionError::NoSuchUser { .. }
@@ -279,6 +299,9 @@ impl ClientFacing for ProvisionError {
             | ProvisionError::UnknownServer(_)
             | ProvisionError::EmptyUser
             | ProvisionError::UserNameTooLong(_)
+            | ProvisionError::BadVerifier { .. }
+            | ProvisionError::CannotReadAuthid { .. }
+            | ProvisionError::NotImported(_)
             | ProvisionError::PowerfulRole { .. }
             | ProvisionError::DatabaseTaken { .. }
             | ProvisionError::NoSuchUser { .. } => ErrorKind::Client,

@@ -5,7 +5,7 @@
 //! CLI calls this today; the admin console will call the same functions.
 //!
 //! Moving parts: this file (the lifecycle steps, each recorded in the activity log),
-//! `migrations` (tenant schema migrations and their ledger), `server` (connections to backend
+//! `import` (users copied with their SCRAM verifiers from a server's `pg_authid`), `migrations` (tenant schema migrations and their ledger), `server` (connections to backend
 //! servers under their connection budgets, CREATE/DROP of roles and databases), `error`
 //! ([`ProvisionError`] and how it reaches an admin client).
 //!
@@ -16,6 +16,7 @@
 //! whole `Config`: `config` gathers this module's section, so the arrow points one way.
 
 mod error;
+mod import;
 mod migrations;
 mod no_plain_password;
 mod server;
@@ -25,6 +26,7 @@ use std::path::PathBuf;
 use serde::{Deserialize, Serialize};
 
 pub use error::{ProvisionError, error_chain};
+pub use import::{ImportProblem, ImportProblems, ImportUsers, import_users};
 pub use migrations::{
     AppliedFile, MigrateAll, MigrateOutcome, MigrateProgress, Migration, MigrationSet,
     TenantMigration, migrate_all, migrate_tenant,
@@ -627,6 +629,40 @@ pub async fn add_user(
     user: &str,
     password: &Secret,
 ) -> Result<(), ProvisionError> {
+    check_user(registry, slug, user).await?;
+    let verifier = crate::auth::scram_verifier(password).await;
+    set_user_verifier(registry, slug, user, &verifier).await
+}
+
+/// Adds a user to a tenant, or replaces its verifier, with a SCRAM-SHA-256 verifier made
+/// elsewhere (PostgreSQL's `pg_authid.rolpassword`, or another tenantgate): the user keeps the
+/// password nobody here knows. The verifier is checked before it is stored.
+pub async fn set_user_verifier(
+    registry: &Registry,
+    slug: &str,
+    user: &str,
+    verifier: &str,
+) -> Result<(), ProvisionError> {
+    let tenant = check_user(registry, slug, user).await?;
+    crate::auth::ScramSecret::from_verifier(verifier).map_err(|reason| {
+        ProvisionError::BadVerifier {
+            user: user.to_owned(),
+            reason,
+        }
+    })?;
+    registry.set_user(&tenant, user, verifier).await?;
+    registry
+        .log_activity(Some(&tenant), "tenantgate", "user.set", Some(user))
+        .await?;
+    Ok(())
+}
+
+/// A user name that fits PostgreSQL's limits, of a tenant that exists.
+async fn check_user(
+    registry: &Registry,
+    slug: &str,
+    user: &str,
+) -> Result<TenantSlug, ProvisionError> {
     let slug = parse_slug(slug)?;
     if user.is_empty() {
         return Err(ProvisionError::EmptyUser);
@@ -637,12 +673,7 @@ pub async fn add_user(
     if registry.tenant(&slug).await?.is_none() {
         return Err(ProvisionError::NoSuchTenant(slug));
     }
-    let verifier = crate::auth::scram_verifier(password).await;
-    registry.set_user(&slug, user, &verifier).await?;
-    registry
-        .log_activity(Some(&slug), "tenantgate", "user.set", Some(user))
-        .await?;
-    Ok(())
+    Ok(slug)
 }
 
 /// Suspends or resumes a tenant: moves it between `active` and `suspended` only (a deleted,

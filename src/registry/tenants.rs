@@ -1,6 +1,6 @@
 //! The `tenants` table: one tenant by slug (the login path, through the directory's cache),
 //! all of them, the tenant of a database, and the writes the lifecycle makes (insert, state,
-//! plan, target database). This module stores and reads rows; it must not decide a lifecycle
+//! plan and overrides, target database). This module stores and reads rows; it must not decide a lifecycle
 //! step (`provision` does) nor cache (`directory` does).
 
 use super::{Registry, RegistryError, TenantRecord, TenantSlug, TenantState};
@@ -129,6 +129,86 @@ impl Registry {
             )
             .await?;
         Ok(n > 0)
+    }
+
+    /// Moves a tenant to another plan; its overrides stay. Returns false if there is no such
+    /// tenant.
+    pub async fn set_plan_name(
+        &self,
+        slug: &TenantSlug,
+        plan: &str,
+    ) -> Result<bool, RegistryError> {
+        let conn = self.conn().await?;
+        let n = conn
+            .execute(
+                "UPDATE tenants SET plan = $2, updated_at = now() WHERE slug = $1",
+                &[&slug.as_str(), &plan],
+            )
+            .await?;
+        Ok(n > 0)
+    }
+
+    /// Adds or replaces single overrides (`values_json`, a JSON object) after removing the
+    /// keys in `replaced` (other spellings of the same settings), in one statement, so two
+    /// admins changing different keys at once both keep theirs. Returns false if there is no
+    /// such tenant.
+    pub async fn merge_overrides(
+        &self,
+        slug: &TenantSlug,
+        values_json: &str,
+        replaced: &[&str],
+    ) -> Result<bool, RegistryError> {
+        let conn = self.conn().await?;
+        let n = conn
+            .execute(
+                "UPDATE tenants SET overrides = (overrides - $3::text[]) || $2::text::jsonb, \
+                 updated_at = now() WHERE slug = $1",
+                &[&slug.as_str(), &values_json, &replaced],
+            )
+            .await?;
+        Ok(n > 0)
+    }
+
+    /// Removes the named overrides, or all of them (`keys` is `None`). Returns false if there
+    /// is no such tenant.
+    pub async fn remove_overrides(
+        &self,
+        slug: &TenantSlug,
+        keys: Option<&[&str]>,
+    ) -> Result<bool, RegistryError> {
+        let conn = self.conn().await?;
+        let n = match keys {
+            Some(keys) => {
+                conn.execute(
+                    "UPDATE tenants SET overrides = overrides - $2::text[], updated_at = now() \
+                     WHERE slug = $1",
+                    &[&slug.as_str(), &keys],
+                )
+                .await?
+            }
+            None => {
+                conn.execute(
+                    "UPDATE tenants SET overrides = '{}'::jsonb, updated_at = now() WHERE slug = $1",
+                    &[&slug.as_str()],
+                )
+                .await?
+            }
+        };
+        Ok(n > 0)
+    }
+
+    /// How many tenants (not deleted) each plan has.
+    pub async fn plan_counts(&self) -> Result<Vec<(String, i64)>, RegistryError> {
+        let conn = self.conn().await?;
+        let rows = conn
+            .query(
+                "SELECT plan, count(*) FROM tenants WHERE state <> 'deleted' GROUP BY plan",
+                &[],
+            )
+            .await?;
+        rows.iter()
+            .map(|r| Ok((r.try_get(0)?, r.try_get(1)?)))
+            .collect()
     }
 
     /// Points a tenant at a database (and backend role and password).

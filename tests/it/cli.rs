@@ -547,6 +547,155 @@ async fn tenant_and_user_commands_manage_the_registry() {
     assert_eq!(name, db);
 }
 
+/// Runs the binary with `config` and `args`; the server's admin password comes from
+/// `TG_TEST_ADMIN_PW`. Returns the exit code, stdout and stderr.
+async fn run_cli(
+    config: &Path,
+    args: &[&str],
+    admin_password: &str,
+) -> (Option<i32>, String, String) {
+    let mut command = Command::new(BIN);
+    command
+        .arg("--config")
+        .arg(config)
+        .args(args)
+        .env("TG_TEST_ADMIN_PW", admin_password)
+        .stdin(Stdio::null());
+    let out = tokio::task::spawn_blocking(move || command.output().unwrap())
+        .await
+        .unwrap();
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// A CLI config for `env`'s registry whose `[[server]] local` is the test cluster, reached as
+/// `admin_user` (password in `TG_TEST_ADMIN_PW`).
+fn cli_config(env: &common::TestEnv, name: &str, admin_user: &str) -> std::path::PathBuf {
+    let path = env.dir.join(name);
+    std::fs::write(
+        &path,
+        format!(
+            "[registry]\nurl = \"{}\"\n\n[secrets]\nmaster_key_env = \"TENANTGATE_TEST_KEY_IS_IN_THE_FILE\"\nmaster_key_file = \"master.key\"\n\n[[server]]\nname = \"local\"\nhost = \"127.0.0.1\"\nport = {}\nadmin_user = \"{admin_user}\"\nadmin_password_env = \"TG_TEST_ADMIN_PW\"\n",
+            env.config.registry.url,
+            common::cluster().port(),
+        ),
+    )
+    .unwrap();
+    path
+}
+
+/// Issue 14 part 4: `user import --from-server` copies roles' SCRAM verifiers from the server's
+/// pg_authid; the users log in through the proxy with their old passwords. A missing role
+/// imports nothing; an admin_user that may not read pg_authid is told so.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn user_import_copies_verifiers_from_pg_authid() {
+    let env = common::TestEnv::start().await;
+    let pg = common::cluster();
+    let config = cli_config(&env, "import.toml", pg.superuser());
+    let t = env.tenant("imp-").await;
+    let slug = t.slug.as_str();
+    let alice = common::unique("imp_alice_");
+    let bob = common::unique("imp_bob_");
+    crate::admin::verifiers::postgres_verifier(&alice, "alice-pw").await;
+    crate::admin::verifiers::postgres_verifier(&bob, "bob-pw").await;
+
+    // One role missing: nothing imported, every problem named.
+    let (code, _, err) = run_cli(
+        &config,
+        &[
+            "user",
+            "import",
+            "--tenant",
+            slug,
+            "--from-server",
+            "--role",
+            &alice,
+            "--role",
+            "imp_nobody",
+        ],
+        pg.password(),
+    )
+    .await;
+    assert_eq!(code, Some(1), "{err}");
+    assert!(
+        err.contains("nothing imported") && err.contains("imp_nobody"),
+        "{err}"
+    );
+    assert!(
+        env.registry
+            .user_verifier(&t.slug, &alice)
+            .await
+            .unwrap()
+            .is_none()
+    );
+
+    let roles = format!("{alice},{bob}");
+    let (code, out, err) = run_cli(
+        &config,
+        &[
+            "user",
+            "import",
+            "--tenant",
+            slug,
+            "--from-server",
+            "local",
+            "--role",
+            &roles,
+        ],
+        pg.password(),
+    )
+    .await;
+    assert_eq!(code, Some(0), "{out}{err}");
+    assert!(out.contains("imported 2 user(s)"), "{out}");
+    for (user, password) in [(&alice, "alice-pw"), (&bob, "bob-pw")] {
+        let c = env
+            .connect(slug, user, password)
+            .await
+            .unwrap_or_else(|e| panic!("{user} logs in with the old password: {e}"));
+        let me: String = c
+            .query_one("SELECT current_database()", &[])
+            .await
+            .unwrap()
+            .get(0);
+        assert_eq!(me, t.database);
+        let wrong = env.connect(slug, user, "nope").await.unwrap_err();
+        assert_eq!(wrong.code(), Some(&SqlState::INVALID_PASSWORD));
+    }
+
+    // An admin_user that may not read pg_authid.
+    let weak = common::unique("imp_weak_");
+    common::admin_client("postgres")
+        .await
+        .batch_execute(&format!(
+            "CREATE ROLE {weak} LOGIN CREATEROLE PASSWORD 'weak-pw'"
+        ))
+        .await
+        .unwrap();
+    let weak_config = cli_config(&env, "weak.toml", &weak);
+    let (code, _, err) = run_cli(
+        &weak_config,
+        &[
+            "user",
+            "import",
+            "--tenant",
+            slug,
+            "--from-server",
+            "--role",
+            &alice,
+        ],
+        "weak-pw",
+    )
+    .await;
+    assert_eq!(code, Some(1), "{err}");
+    assert!(
+        err.contains("may not read pg_authid") && err.contains(&weak),
+        "{err}"
+    );
+}
+
 /// Issue 16: a config that cannot be read is one clear line, exit code 2, each cause once.
 #[test]
 fn an_unreadable_config_is_one_line_with_each_cause_once() {

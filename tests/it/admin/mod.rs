@@ -2,6 +2,9 @@
 //! protocol) against the virtual admin database of a running proxy, with tenants provisioned
 //! on the test cluster.
 
+mod plans;
+pub(crate) mod verifiers;
+
 use crate::common;
 
 use std::time::Duration;
