@@ -283,7 +283,10 @@ async fn set_up(dir: &Path, config: &Config, pg: &LocalPg) -> anyhow::Result<Rea
     registry.migrate().await?;
     let credentials = ensure_demo_tenants(dir, config, &registry, &key).await?;
     let admin_password = ensure_admin_user(dir, &registry).await?;
-    let proxy = Proxy::start(config.clone()).await?;
+    // A second quickstart on the same address must fail loudly, not share the port.
+    let mut config = config.clone();
+    config.proxy.reuse_port = false;
+    let proxy = Proxy::start(config).await?;
     Ok(Ready {
         proxy,
         credentials,

@@ -16,6 +16,12 @@ pub struct ProxyConfig {
     /// Address clients connect to. Default "127.0.0.1:6432". Restart to change.
     #[serde(default = "default_listen")]
     pub listen: SocketAddr,
+    /// Bind `listen` with SO_REUSEPORT, so a new tenantgate (new binary or config) can start
+    /// on the same address while this one runs and drains: the upgrade refuses no
+    /// connection. Two instances of the same user may then share a port without an error.
+    /// Default true; the quickstart turns it off. Restart to change.
+    #[serde(default = "default_true")]
+    pub reuse_port: bool,
     /// Most client connections at once; past it a client gets 53300. Default 10000.
     #[serde(default = "default_max_clients")]
     pub max_client_connections: u32,
@@ -125,6 +131,9 @@ fn default_max_startup_packet_bytes() -> usize {
 fn default_max_message_bytes() -> usize {
     1 << 30
 }
+fn default_true() -> bool {
+    true
+}
 fn default_shutdown_grace_seconds() -> u64 {
     10
 }
@@ -136,6 +145,7 @@ impl Default for ProxyConfig {
     fn default() -> Self {
         ProxyConfig {
             listen: default_listen(),
+            reuse_port: true,
             max_client_connections: default_max_clients(),
             login_timeout_ms: default_login_timeout_ms(),
             max_startup_packet_bytes: default_max_startup_packet_bytes(),

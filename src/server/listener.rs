@@ -1,5 +1,6 @@
 //! The accept loop: one task per client, a global client limit that answers instead of
-//! stalling, and accept errors (EMFILE) logged and backed off, never fatal.
+//! stalling, and accept errors (EMFILE) logged and backed off, never fatal. When it stops, the
+//! connections already queued for it are accepted and served, not reset with the listener.
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -26,7 +27,10 @@ pub(super) async fn run(
 ) {
     loop {
         let accepted = tokio::select! {
-            () = stop_accepting.cancelled() => return,
+            () = stop_accepting.cancelled() => {
+                serve_backlog(&listener, &state, &stop_sessions, &tasks);
+                return;
+            }
             accepted = listener.accept() => accepted,
         };
         let (stream, peer) = match accepted {
@@ -37,30 +41,65 @@ pub(super) async fn run(
                 continue;
             }
         };
-        tune_socket(&stream);
-        let id = state.next_client_id.fetch_add(1, Ordering::Relaxed);
-        let span = tracing::info_span!(
-            "client",
-            id,
-            %peer,
-            tenant = tracing::field::Empty,
-            user = tracing::field::Empty
-        );
-        let Ok(permit) = Arc::clone(&state.client_slots).try_acquire_owned() else {
-            tasks.spawn(refuse_too_many(stream).instrument(span));
-            continue;
-        };
-        let state = Arc::clone(&state);
-        let stop = stop_sessions.clone();
-        tasks.spawn(
-            async move {
-                let reason = serve_client(&state, id, stream, &stop).await;
-                reason.log();
-                drop(permit);
-            }
-            .instrument(span),
+        spawn_client(stream, peer, &state, &stop_sessions, &tasks);
+    }
+}
+
+/// Stopping: the connections the kernel already queued for this listener are accepted and
+/// served (they get the shutdown grace like every session) before the listener closes,
+/// instead of being reset with it. With `reuse_port`, connections that arrive after this go
+/// to the other process on the address.
+fn serve_backlog(
+    listener: &TcpListener,
+    state: &Arc<State>,
+    stop_sessions: &CancellationToken,
+    tasks: &TaskTracker,
+) {
+    let waker = std::task::Waker::noop();
+    let mut cx = std::task::Context::from_waker(waker);
+    let mut served = 0u32;
+    while let std::task::Poll::Ready(Ok((stream, peer))) = listener.poll_accept(&mut cx) {
+        spawn_client(stream, peer, state, stop_sessions, tasks);
+        served += 1;
+    }
+    if served > 0 {
+        tracing::info!(
+            served,
+            "accepted the connections queued before the listener closed"
         );
     }
+}
+
+fn spawn_client(
+    stream: TcpStream,
+    peer: std::net::SocketAddr,
+    state: &Arc<State>,
+    stop_sessions: &CancellationToken,
+    tasks: &TaskTracker,
+) {
+    tune_socket(&stream);
+    let id = state.next_client_id.fetch_add(1, Ordering::Relaxed);
+    let span = tracing::info_span!(
+        "client",
+        id,
+        %peer,
+        tenant = tracing::field::Empty,
+        user = tracing::field::Empty
+    );
+    let Ok(permit) = Arc::clone(&state.client_slots).try_acquire_owned() else {
+        tasks.spawn(refuse_too_many(stream).instrument(span));
+        return;
+    };
+    let state = Arc::clone(state);
+    let stop = stop_sessions.clone();
+    tasks.spawn(
+        async move {
+            let reason = serve_client(&state, id, stream, &stop).await;
+            reason.log();
+            drop(permit);
+        }
+        .instrument(span),
+    );
 }
 
 fn tune_socket(stream: &TcpStream) {

@@ -114,6 +114,22 @@ async fn open_registry(config: &Config, key: &MasterKey) -> anyhow::Result<(Regi
     Ok((registry, mock_key))
 }
 
+/// The client listener, bound with `SO_REUSEPORT` when `reuse_port`: a second tenantgate (a new binary or
+/// config) can start on the same address while this one runs, and the kernel spreads new
+/// connections over both until one stops listening. That is how an upgrade avoids refusing
+/// connections (README, "Restarts and upgrades"). Two unrelated processes of the same user
+/// can therefore share a port without an error: give each instance its own `listen`.
+fn bind(addr: SocketAddr, reuse_port: bool) -> std::io::Result<TcpListener> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    socket.set_reuse_address(true)?;
+    socket.set_reuse_port(reuse_port)?;
+    socket.set_nonblocking(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(1024)?;
+    TcpListener::from_std(socket.into())
+}
+
 /// The HTTP endpoint for monitoring, if configured. It reads the proxy's own handles and
 /// reports draining as soon as `stop_accepting` is cancelled.
 async fn start_metrics(
@@ -148,8 +164,7 @@ impl Proxy {
         let key = MasterKey::load(&config.secrets)?;
         let tls = load_tls(&config)?;
         let (registry, mock_key) = open_registry(&config, &key).await?;
-        let listener = TcpListener::bind(config.proxy.listen)
-            .await
+        let listener = bind(config.proxy.listen, config.proxy.reuse_port)
             .with_context(|| format!("listening on {}", config.proxy.listen))?;
         let local_addr = listener.local_addr()?;
         let usage = Stats::new();

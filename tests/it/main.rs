@@ -27,3 +27,4 @@ mod tls;
 mod tls_ops;
 mod tools;
 mod transaction;
+mod upgrade;
