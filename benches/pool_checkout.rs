@@ -12,6 +12,13 @@
 //!   of four, so half of them wait in the queue; time per checkout.
 //! - `pool_checkout/checkout_query_return/warm`: checkout, one `SELECT 1` round trip on the
 //!   backend, return: puts the checkout cost next to the cheapest real work.
+//! - `pool_checkout/checkout_return/warm_attached`: like `warm`, through
+//!   `PoolMap::checkout_attached` (what a transaction-pooling session does: its pool without a
+//!   map lookup).
+//! - `routing/map_lookup_100k` and `routing/attached_100k`: routing alone, with 100,000 tenant
+//!   pools in the map (no backend: pools open connections lazily): a map lookup per
+//!   checkout (`PoolMap::pool_for`) against the attached client's check
+//!   (`PoolMap::still_routes_to`).
 
 #![allow(clippy::unwrap_used, clippy::expect_used, reason = "benchmark setup")]
 
@@ -24,7 +31,7 @@ use tokio::runtime::Runtime;
 
 use tenantgate::crypto::{Binding, MasterKey, Secret};
 use tenantgate::localpg::{LocalPg, LocalPgOptions};
-use tenantgate::pool::{PoolConfig, PoolMap, ServerConfig};
+use tenantgate::pool::{PoolConfig, PoolMap, ServerConfig, TenantPool};
 use tenantgate::registry::{TenantRecord, TenantSlug, TenantState};
 
 const POOL_SIZE: u32 = 4;
@@ -127,6 +134,18 @@ fn checkout(c: &mut Criterion) {
         });
     });
 
+    let attached = rt.block_on(pools.pool_for(tenant)).unwrap();
+    group.bench_function("checkout_return/warm_attached", |b| {
+        b.to_async(&rt).iter(|| async {
+            let mut lease = pools
+                .checkout_attached(&attached, black_box(tenant))
+                .await
+                .unwrap();
+            lease.reusable();
+            drop(black_box(lease));
+        });
+    });
+
     group.bench_function("checkout_return/warm_8_tasks", |b| {
         b.to_async(&rt).iter_custom(|iters| async move {
             let start = Instant::now();
@@ -174,9 +193,89 @@ fn checkout(c: &mut Criterion) {
     });
 }
 
+/// A pool map of `n` tenants on an unreachable server, each with its pool built.
+fn many_tenants(rt: &Runtime, n: usize) -> (PoolMap, Vec<(TenantRecord, Arc<TenantPool>)>) {
+    let key = MasterKey::decode(&MasterKey::generate_encoded(), "bench").unwrap();
+    let server = ServerConfig {
+        name: "main".to_owned(),
+        host: "127.0.0.1".to_owned(),
+        port: 9,
+        admin_user: "nobody".to_owned(),
+        admin_password: None,
+        admin_password_env: None,
+        admin_database: "postgres".to_owned(),
+        max_connections: 80,
+        tls: tenantgate::pool::BackendTlsMode::default(),
+        ca_file: None,
+    };
+    let pool_config = PoolConfig {
+        max_pools: u64::try_from(n).unwrap() + 1,
+        ..PoolConfig::default()
+    };
+    let pools = PoolMap::new(
+        &pool_config,
+        &[server],
+        &std::collections::BTreeMap::new(),
+        key.clone(),
+        tenantgate::stats::Stats::new(),
+    );
+    let tenants = rt.block_on(async {
+        let mut out = Vec::with_capacity(n);
+        for i in 0..n {
+            let slug = format!("t{i}");
+            let tenant = TenantRecord {
+                slug: TenantSlug::parse(&slug).unwrap(),
+                display_name: None,
+                state: TenantState::Active,
+                plan: "default".to_owned(),
+                server: "main".to_owned(),
+                database: slug.clone(),
+                backend_role: slug.clone(),
+                backend_password_enc: key
+                    .encrypt(&Secret::new("x"), &Binding::backend_password(&slug)),
+                error_message: None,
+                overrides: "{}".to_owned(),
+                revision: 0,
+                registered: false,
+            };
+            let pool = pools.pool_for(&tenant).await.unwrap();
+            out.push((tenant, pool));
+        }
+        out
+    });
+    (pools, tenants)
+}
+
+fn routing(c: &mut Criterion) {
+    const TENANTS: usize = 100_000;
+    let rt = Runtime::new().unwrap();
+    let (pools, tenants) = many_tenants(&rt, TENANTS);
+    let mut group = c.benchmark_group("routing");
+    let mut next = 0usize;
+    let mut pick = move || {
+        // A stride through the tenants: every lookup misses the CPU cache like a real mix.
+        next = (next + 7_919) % TENANTS;
+        next
+    };
+    group.bench_function("map_lookup_100k", |b| {
+        b.to_async(&rt).iter(|| {
+            let (tenant, _) = &tenants[pick()];
+            let pools = &pools;
+            async move { black_box(pools.pool_for(black_box(tenant)).await.unwrap()) }
+        });
+    });
+    group.bench_function("attached_100k", |b| {
+        b.iter(|| {
+            let (tenant, pool) = &tenants[pick()];
+            black_box(pools.still_routes_to(black_box(pool), black_box(tenant)))
+        });
+    });
+    group.finish();
+}
+
 criterion_group! {
     name = benches;
     config = configure();
-    targets = checkout
+    targets = checkout, routing
 }
 criterion_main!(benches);

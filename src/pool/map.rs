@@ -40,6 +40,8 @@ pub struct PoolMap {
     pools: Arc<PoolCache>,
     /// `[pool]` and the plans, replaced by RELOAD.
     settings: Arc<std::sync::RwLock<Arc<PoolSettings>>>,
+    /// `settings`' generation, readable without its lock (every checkout compares it).
+    generation: Arc<std::sync::atomic::AtomicU64>,
     /// Pools evicted while clients still used them, until those clients come back or leave.
     parked: Arc<Mutex<HashMap<TenantSlug, Weak<TenantPool>>>>,
     servers: Arc<Vec<ServerConfig>>,
@@ -135,6 +137,7 @@ impl PoolMap {
                 plans: plans.clone(),
                 generation: 0,
             }))),
+            generation: Arc::new(std::sync::atomic::AtomicU64::new(0)),
             parked,
             servers: Arc::new(servers.to_vec()),
             budgets: Arc::new(budgets),
@@ -205,7 +208,7 @@ impl PoolMap {
     /// closes as its leases come back. A caller holding an older row than one already seen
     /// gets the newest row's pool, never its own row's.
     pub async fn pool_for(&self, tenant: &TenantRecord) -> Result<Arc<TenantPool>, PoolError> {
-        let generation = self.settings().generation;
+        let generation = self.generation.load(Ordering::Acquire);
         let cached = self.pools.get(&tenant.slug).await;
         if let Some(existing) = &cached {
             if tenant.revision <= existing.revision.load(Ordering::Acquire)
@@ -346,6 +349,8 @@ impl PoolMap {
             limits,
             connect_errors,
             last_used_ms: std::sync::atomic::AtomicU64::new(self.now_ms()),
+            last_routed_ms: std::sync::atomic::AtomicU64::new(self.now_ms()),
+            reset_timeout: Duration::from_millis(settings.config.reset_timeout_ms),
             base_params: std::sync::Mutex::new(None),
             users: std::sync::atomic::AtomicUsize::new(0),
             waiting: std::sync::atomic::AtomicUsize::new(0),
@@ -364,6 +369,52 @@ impl PoolMap {
     pub async fn checkout(&self, tenant: &TenantRecord) -> Result<Lease, PoolError> {
         self.pause.wait(&tenant.slug).await;
         let pool = self.pool_for(tenant).await?;
+        self.checkout_from(&pool, tenant).await
+    }
+
+    /// [`PoolMap::checkout`] for a client attached to `attached` (`PoolMap::attach`): while
+    /// that pool still stands for `tenant` (same row or newer, same settings generation, not
+    /// retired), it is used without looking the tenant up in the map. The lookup (a hash of
+    /// the slug and the map's read bookkeeping, slower the more tenants are cached) then runs
+    /// at most once per `ROUTE_REFRESH_MS` (1 s) per pool, which keeps the pool's recency (idle TTL,
+    /// LRU) current in the map. Otherwise it routes as `checkout` does.
+    pub async fn checkout_attached(
+        &self,
+        attached: &Arc<TenantPool>,
+        tenant: &TenantRecord,
+    ) -> Result<Lease, PoolError> {
+        self.pause.wait(&tenant.slug).await;
+        if self.still_routes_to(attached, tenant) {
+            return self.checkout_from(attached, tenant).await;
+        }
+        let pool = self.pool_for(tenant).await?;
+        self.checkout_from(&pool, tenant).await
+    }
+
+    /// Whether `pool` is where `tenant`'s checkouts go, without a map lookup; false also
+    /// when the lookup is due for the pool's recency in the map.
+    pub fn still_routes_to(&self, pool: &TenantPool, tenant: &TenantRecord) -> bool {
+        let current = tenant.revision <= pool.revision.load(Ordering::Acquire)
+            && pool.source.generation == self.generation.load(Ordering::Acquire)
+            && !pool.standing.is_retired();
+        if !current {
+            return false;
+        }
+        let now = self.now_ms();
+        let last = pool.last_routed_ms.load(Ordering::Relaxed);
+        if now.saturating_sub(last) < ROUTE_REFRESH_MS {
+            return true;
+        }
+        pool.last_routed_ms.store(now, Ordering::Relaxed);
+        false
+    }
+
+    /// A checkout from `pool`, which routing chose for `tenant`.
+    async fn checkout_from(
+        &self,
+        pool: &Arc<TenantPool>,
+        tenant: &TenantRecord,
+    ) -> Result<Lease, PoolError> {
         let _timer = WaitTimer {
             stats: &pool.stats,
             started: tokio::time::Instant::now(),
@@ -379,8 +430,7 @@ impl PoolMap {
         // The semaphore is never closed.
         let turn = turn.map_err(|_| timed_out())?.map_err(|_| timed_out())?;
         pool.last_used_ms.store(self.now_ms(), Ordering::Relaxed);
-        let reset_timeout = Duration::from_millis(self.settings().config.reset_timeout_ms);
-        let conn = alive_connection(&pool, &tenant.slug, reset_timeout).await?;
+        let conn = alive_connection(pool, &tenant.slug, pool.reset_timeout).await?;
         pool.remember_params(&conn);
         Ok(Lease {
             conn,
@@ -389,7 +439,7 @@ impl PoolMap {
                 set: Arc::clone(&self.idle),
                 budget: Arc::clone(&pool.budget),
                 slug: tenant.slug.clone(),
-                pool: Arc::downgrade(&pool),
+                pool: Arc::downgrade(pool),
                 unreset: false,
             },
             proven: false,
@@ -491,6 +541,7 @@ impl PoolMap {
             .write()
             .unwrap_or_else(PoisonError::into_inner);
         let generation = settings.generation + 1;
+        self.generation.store(generation, Ordering::Release);
         *settings = Arc::new(PoolSettings {
             config: config.clone(),
             plans: plans.clone(),
@@ -498,6 +549,11 @@ impl PoolMap {
         });
     }
 }
+
+/// How often a client attached to its pool has its checkout looked up in the pool map anyway
+/// (see [`PoolMap::checkout_attached`]): often enough to keep a busy pool's recency current
+/// for an idle TTL of seconds or more, rare enough to cost nothing per transaction.
+const ROUTE_REFRESH_MS: u64 = 1_000;
 
 /// How often idle connections left unreset by their last client are reset (see
 /// [`TenantPool::sweep`]): the longest a transaction-pooling client's session advisory lock

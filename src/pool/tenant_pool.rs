@@ -78,6 +78,11 @@ pub struct TenantPool {
     /// Milliseconds since the pool map started, at the last checkout: reclaim takes idle
     /// connections from the least recently used pools first.
     pub(super) last_used_ms: std::sync::atomic::AtomicU64,
+    /// Milliseconds since the pool map started, when a checkout for an attached client last
+    /// looked the tenant up in the map (`PoolMap::checkout_attached`).
+    pub(super) last_routed_ms: std::sync::atomic::AtomicU64,
+    /// `[pool] reset_timeout_ms` when the pool was built (RELOAD builds new pools).
+    pub(super) reset_timeout: Duration,
     /// ParameterStatus values of a freshly logged-in backend, once one has been seen, and the
     /// startup settings it was opened with: enough to greet a transaction-pooling client
     /// without taking a backend (see `base_params`).

@@ -35,6 +35,7 @@ use tokio_util::sync::CancellationToken;
 use crate::error::{ClientFacing, ErrorKind};
 use crate::pool::{
     BackendConn, BackendError, Lease, PoolError, PoolMap, PoolMode, ServerError, SetupOutcome,
+    TenantPool,
 };
 use crate::protocol::{SqlState, messages};
 use crate::registry::{TenantDirectory, TenantRecord, TenantSlug, TenantState};
@@ -300,7 +301,15 @@ impl Session<'_> {
         let outcome = match self.backend.take() {
             Some(lease) => session_mode(client, *lease, &mut self.buffers, &self.cancel, ctx).await,
             None => {
-                transaction_mode(client, &self.settings, &mut self.buffers, &self.cancel, ctx).await
+                transaction_mode(
+                    client,
+                    &self.settings,
+                    &mut self.buffers,
+                    &self.cancel,
+                    ctx,
+                    self.attached.pool(),
+                )
+                .await
             }
         };
         let farewell = match &outcome {
@@ -335,7 +344,7 @@ async fn ready_backend(
     ctx: &SessionContext<'_>,
     settings: &[(String, String)],
 ) -> Result<Lease, SetupError> {
-    let mut lease = checkout(ctx, &ctx.tenant, settings).await?;
+    let mut lease = checkout(ctx, &ctx.tenant, settings, None).await?;
     prepare(lease.conn(), ctx.client_id, settings, ctx.reset_timeout).await?;
     accepted(&lease, settings);
     Ok(lease)
@@ -412,6 +421,9 @@ struct TxState {
     settings_accepted: bool,
     /// Reused for every transaction: no allocation per transaction once warm.
     responses: Responses,
+    /// The pool the client is attached to: its checkouts go there without a map lookup
+    /// while it stands for the tenant (`PoolMap::checkout_attached`).
+    pool: Arc<TenantPool>,
 }
 
 /// Transaction pooling: a backend per transaction, none in between.
@@ -421,11 +433,13 @@ async fn transaction_mode<C>(
     buffers: &mut RelayBuffers,
     cancel: &CancelGuard,
     ctx: &SessionContext<'_>,
+    pool: &Arc<TenantPool>,
 ) -> Result<SessionEnd, SessionError>
 where
     C: AsyncRead + AsyncWrite + Unpin,
 {
     let mut tx = TxState {
+        pool: Arc::clone(pool),
         tracker: TxTracker {
             release_at_idle: true,
             ..TxTracker::default()
@@ -500,6 +514,7 @@ where
         client_statements,
         settings_accepted,
         responses,
+        pool,
     } = tx;
     // The tenant as the registry says now (a long-lived client must follow a moved
     // database or a rotated password), not as it was at login.
@@ -507,7 +522,7 @@ where
     // Declared before the lease: it drops after the lease went back (or closed), so a cancel
     // is never sent to a backend serving another client.
     let _underway = cancel.underway();
-    let mut lease = checkout(ctx, tenant, settings).await?;
+    let mut lease = checkout(ctx, tenant, settings, Some(pool)).await?;
     responses.clear();
     prepare_ahead(lease.conn(), ctx, settings, buffers, responses).await?;
     if !*settings_accepted {
@@ -636,9 +651,13 @@ async fn checkout(
     ctx: &SessionContext<'_>,
     tenant: &TenantRecord,
     settings: &[(String, String)],
+    attached: Option<&Arc<TenantPool>>,
 ) -> Result<Lease, SetupError> {
     loop {
-        let mut lease = ctx.pools.checkout(tenant).await?;
+        let mut lease = match attached {
+            Some(pool) => ctx.pools.checkout_attached(pool, tenant).await?,
+            None => ctx.pools.checkout(tenant).await?,
+        };
         let startup = &lease.conn().startup_settings;
         if startup.as_slice() == settings {
             return Ok(lease);

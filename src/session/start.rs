@@ -64,7 +64,7 @@ pub struct Session<'a> {
     /// transaction-pooled and carry only the pointer).
     pub(super) backend: Option<Box<Lease>>,
     /// Keeps the tenant's pool (and so its limits) in place while this client is connected.
-    pub(super) _attached: PoolUse,
+    pub(super) attached: PoolUse,
     pub(super) _on_roster: RosterGuard,
     pub(super) _counted: ClientGuard,
 }
@@ -165,7 +165,7 @@ where
         settings,
         cancel,
         backend,
-        _attached: attached,
+        attached,
         _on_roster: on_roster,
         _counted: counted,
     })
