@@ -5,8 +5,12 @@
 # ratios tenantgate/PgBouncer and tenantgate/direct. A benchmark, not a test: numbers on a shared
 # 2-core machine move; compare ratios from one run.
 #
-#   bash benches/load_compare.sh            # defaults: 5 s per run, pool size 20
-#   DURATION=10 POOL_SIZE=20 CLIENTS="10 50 150" bash benches/load_compare.sh
+#   bash benches/load_compare.sh            # defaults: 5 s per run, pool size 20, 3 repeats
+#   DURATION=10 POOL_SIZE=20 CLIENTS="10 50 150" REPEATS=5 bash benches/load_compare.sh
+#
+# Each configuration runs REPEATS times, the three targets interleaved within each repeat
+# (direct, tenantgate, PgBouncer, direct, ...), and the table shows the median tps and latency
+# of each target (failed transactions summed over the repeats).
 #   TENANTGATE_BIN=/tmp/tenantgate-before bash benches/load_compare.sh   # another build
 #
 # Everything runs on loopback and stops by itself; the working directory is removed at exit.
@@ -29,6 +33,7 @@ if [ "${1:-}" = "--many-tenants" ]; then
 fi
 
 DURATION=${DURATION:-5}
+REPEATS=${REPEATS:-3}
 POOL_SIZE=${POOL_SIZE:-20}
 CLIENTS=${CLIENTS:-"10 50 150"}
 MODES=${MODES:-"simple extended prepared"}
@@ -126,6 +131,31 @@ run() {
     if [ -z "$tps" ]; then echo "fail - -"; else echo "$tps $lat ${failed:-0}"; fi
 }
 
+# medians: lines of "tps latency_ms failed" (or "fail - -") -> their median tps, median
+# latency and summed failures; "fail - -" when every run failed.
+medians() {
+    awk '$1 != "fail" { n++; t[n] = $1; l[n] = $2; f += $3 }
+        function med(a, n,   i, j, x) {
+            for (i = 2; i <= n; i++) { x = a[i]; for (j = i - 1; j > 0 && a[j] > x; j--) a[j + 1] = a[j]; a[j + 1] = x }
+            return (n % 2) ? a[(n + 1) / 2] : (a[n / 2] + a[n / 2 + 1]) / 2
+        }
+        END { if (n == 0) print "fail - -"; else printf "%.1f %.3f %d\n", med(t, n), med(l, n), f }'
+}
+
+# compare NAME PGBENCH_ARGS...: REPEATS interleaved rounds over the targets, one report line.
+compare() {
+    local name=$1; shift
+    local d="" t="" p="" r
+    for r in $(seq 1 "$REPEATS"); do
+        d+="$(run "$DIRECT_URI" "$@")"$'\n'
+        t+="$(run "$TG_URI" "$@")"$'\n'
+        if [ -n "$PGB_URI" ]; then p+="$(run "$PGB_URI" "$@")"$'\n'; fi
+    done
+    local pm="- - -"
+    [ -n "$PGB_URI" ] && pm=$(printf '%s' "$p" | medians)
+    report "$name" "$(printf '%s' "$d" | medians)" "$(printf '%s' "$t" | medians)" "$pm"
+}
+
 ratio() { awk -v a="$1" -v b="$2" 'BEGIN { if (a+0 > 0 && b+0 > 0) printf "%.2f", a / b; else printf "-" }'; }
 
 printf '%-28s %10s %8s %10s %8s %10s %8s %8s %8s\n' workload direct_tps ms tg_tps ms pgb_tps ms tg/pgb tg/direct
@@ -139,16 +169,8 @@ report() {
 
 for mode in $MODES; do
     for c in $CLIENTS; do
-        args=(-S -M "$mode" -c "$c" -j 2)
-        d=$(run "$DIRECT_URI" "${args[@]}")
-        t=$(run "$TG_URI" "${args[@]}")
-        p="- - -"; [ -n "$PGB_URI" ] && p=$(run "$PGB_URI" "${args[@]}")
-        report "-S -M $mode -c $c" "$d" "$t" "$p"
+        compare "-S -M $mode -c $c" -S -M "$mode" -c "$c" -j 2
     done
 done
-args=(-S -C -c 10 -j 2)
-d=$(run "$DIRECT_URI" "${args[@]}")
-t=$(run "$TG_URI" "${args[@]}")
-p="- - -"; [ -n "$PGB_URI" ] && p=$(run "$PGB_URI" "${args[@]}")
-report "-S -C -c 10 (connect/tx)" "$d" "$t" "$p"
-echo "pool size $POOL_SIZE, $DURATION s per run, pgbench scale 10; 'fail' = pgbench exited with an error"
+compare "-S -C -c 10 (connect/tx)" -S -C -c 10 -j 2
+echo "pool size $POOL_SIZE, $DURATION s per run, medians of $REPEATS interleaved repeats, pgbench scale 10; 'fail' = every run of pgbench exited with an error"
