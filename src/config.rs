@@ -18,7 +18,7 @@ use std::path::Path;
 use serde::{Deserialize, Serialize};
 
 pub use admin::AdminConfig;
-pub use proxy::ProxyConfig;
+pub use proxy::{LogFormat, ProxyConfig};
 
 use crate::crypto::SecretsConfig;
 use crate::metrics::MetricsConfig;
@@ -358,6 +358,26 @@ admin_user = "postgres"
         let c = Config::parse(&text, "t").unwrap();
         let (key, _) = c.validate().unwrap_err();
         assert_eq!(key, "pool.pool_size");
+    }
+
+    /// Issue 14: `log_format` is text or json; anything else is one line naming the key.
+    #[test]
+    fn log_format_is_text_or_json_and_anything_else_names_the_key() {
+        assert_eq!(
+            Config::parse(MINIMAL, "t").unwrap().proxy.log_format,
+            LogFormat::Text
+        );
+        let json = format!("[proxy]\nlog_format = \"json\"\n{MINIMAL}");
+        let c = Config::parse(&json, "t").unwrap();
+        assert_eq!(c.proxy.log_format, LogFormat::Json);
+        // It writes back as it reads (SHOW CONFIG, the tests' config files).
+        let again = Config::parse(&toml::to_string(&c).unwrap(), "t").unwrap();
+        assert_eq!(again.proxy.log_format, LogFormat::Json);
+        let xml = format!("[proxy]\nlog_format = \"xml\"\n{MINIMAL}");
+        let err = Config::parse(&xml, "t").unwrap_err().to_string();
+        assert!(err.contains("proxy.log_format"), "{err}");
+        assert!(err.contains("line 2"), "{err}");
+        assert!(!err.contains('\n'), "{err}");
     }
 
     #[test]

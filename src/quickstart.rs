@@ -72,6 +72,11 @@ pub struct Options {
     pub tls: bool,
 }
 
+/// The config file the quickstart writes into (and on later runs reads from) `dir`.
+pub fn config_file(dir: &Path) -> PathBuf {
+    dir.join(CONFIG_FILE)
+}
+
 /// Runs the quickstart until Ctrl-C or SIGTERM.
 pub async fn run(options: Options) -> anyhow::Result<()> {
     let mut signals = Signals::install()?;

@@ -15,6 +15,7 @@ mod hardening;
 mod hostile;
 mod integrity;
 mod key_rotation;
+mod logs;
 mod metrics;
 mod migrations;
 mod registry_changes;
