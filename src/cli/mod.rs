@@ -6,6 +6,7 @@
 
 mod key;
 mod serve;
+mod systemd;
 mod tenant;
 mod terminal;
 mod user;

@@ -30,8 +30,8 @@ pub struct ProxyConfig {
     /// (1 GiB, PostgreSQL's own limit). The relay never buffers a whole message.
     #[serde(default = "default_max_message_bytes")]
     pub max_message_bytes: usize,
-    /// On shutdown, sessions get this many seconds to finish before they are closed.
-    /// Default 10.
+    /// On a draining shutdown (SIGTERM), sessions get this many seconds to finish before
+    /// they are closed with 57P01; SIGINT closes them at once. Default 10.
     #[serde(default = "default_shutdown_grace_seconds")]
     pub shutdown_grace_seconds: u64,
     /// When a tenant leaves `active` (suspended, deleted...), its connected clients get this

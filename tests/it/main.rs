@@ -23,6 +23,7 @@ mod registry_outage;
 mod routing;
 mod scale;
 mod session;
+mod signals;
 mod stats;
 mod tls;
 mod tls_ops;
