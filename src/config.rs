@@ -399,6 +399,25 @@ admin_user = "postgres"
         std::fs::remove_dir_all(&dir).unwrap();
     }
 
+    /// Issue 14: the example systemd unit waits for READY=1, reloads with SIGHUP, drains
+    /// with SIGTERM, and gives the drain more time than the example config's grace.
+    #[test]
+    fn example_systemd_unit_outlasts_the_shutdown_grace() {
+        let unit = include_str!("../config/tenantgate.service");
+        let value = |key: &str| {
+            unit.lines()
+                .find_map(|l| l.strip_prefix(key)?.strip_prefix('='))
+                .unwrap_or_else(|| panic!("{key} is not set"))
+        };
+        assert_eq!(value("Type"), "notify");
+        assert_eq!(value("ExecReload"), "/bin/kill -HUP $MAINPID");
+        assert_eq!(value("KillSignal"), "SIGTERM");
+        assert!(value("ExecStart").ends_with("--config /etc/tenantgate/tenantgate.toml serve"));
+        let stop: u64 = value("TimeoutStopSec").parse().unwrap();
+        let config = Config::parse(include_str!("../config/tenantgate.toml"), "example").unwrap();
+        assert!(stop > config.proxy.shutdown_grace_seconds + 5, "{stop}");
+    }
+
     #[test]
     fn example_config_is_valid() {
         let text = include_str!("../config/tenantgate.toml");
