@@ -18,7 +18,7 @@ use std::path::Path;
 use serde::{Deserialize, Serialize};
 
 pub use admin::AdminConfig;
-pub use proxy::ProxyConfig;
+pub use proxy::{LogFormat, ProxyConfig};
 
 use crate::crypto::SecretsConfig;
 use crate::metrics::MetricsConfig;
@@ -360,6 +360,26 @@ admin_user = "postgres"
         assert_eq!(key, "pool.pool_size");
     }
 
+    /// Issue 14: `log_format` is text or json; anything else is one line naming the key.
+    #[test]
+    fn log_format_is_text_or_json_and_anything_else_names_the_key() {
+        assert_eq!(
+            Config::parse(MINIMAL, "t").unwrap().proxy.log_format,
+            LogFormat::Text
+        );
+        let json = format!("[proxy]\nlog_format = \"json\"\n{MINIMAL}");
+        let c = Config::parse(&json, "t").unwrap();
+        assert_eq!(c.proxy.log_format, LogFormat::Json);
+        // It writes back as it reads (SHOW CONFIG, the tests' config files).
+        let again = Config::parse(&toml::to_string(&c).unwrap(), "t").unwrap();
+        assert_eq!(again.proxy.log_format, LogFormat::Json);
+        let xml = format!("[proxy]\nlog_format = \"xml\"\n{MINIMAL}");
+        let err = Config::parse(&xml, "t").unwrap_err().to_string();
+        assert!(err.contains("proxy.log_format"), "{err}");
+        assert!(err.contains("line 2"), "{err}");
+        assert!(!err.contains('\n'), "{err}");
+    }
+
     #[test]
     fn backend_verify_modes_need_a_usable_ca_file() {
         let text = MINIMAL.replace("port = 5432", "port = 5432\ntls = \"verify-full\"");
@@ -377,6 +397,25 @@ admin_user = "postgres"
             assert!(!err.contains('\n'), "{err}");
         }
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// Issue 14: the example systemd unit waits for READY=1, reloads with SIGHUP, drains
+    /// with SIGTERM, and gives the drain more time than the example config's grace.
+    #[test]
+    fn example_systemd_unit_outlasts_the_shutdown_grace() {
+        let unit = include_str!("../config/tenantgate.service");
+        let value = |key: &str| {
+            unit.lines()
+                .find_map(|l| l.strip_prefix(key)?.strip_prefix('='))
+                .unwrap_or_else(|| panic!("{key} is not set"))
+        };
+        assert_eq!(value("Type"), "notify");
+        assert_eq!(value("ExecReload"), "/bin/kill -HUP $MAINPID");
+        assert_eq!(value("KillSignal"), "SIGTERM");
+        assert!(value("ExecStart").ends_with("--config /etc/tenantgate/tenantgate.toml serve"));
+        let stop: u64 = value("TimeoutStopSec").parse().unwrap();
+        let config = Config::parse(include_str!("../config/tenantgate.toml"), "example").unwrap();
+        assert!(stop > config.proxy.shutdown_grace_seconds + 5, "{stop}");
     }
 
     #[test]

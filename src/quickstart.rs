@@ -6,7 +6,8 @@
 //! then provisions `acme` and `globex`, each with a user and a small table. Later runs reuse DIR
 //! and load `DIR/tenantgate.toml` as it is, so edits to it are honoured. Ctrl-C or SIGTERM, at
 //! any point, stops the proxy and the private PostgreSQL, and tenantgate exits only once that
-//! PostgreSQL has, so a new run on DIR can start at once. Not for production: the cluster runs
+//! PostgreSQL has, so a new run on DIR can start at once (SIGTERM lets sessions finish within
+//! `shutdown_grace_seconds`; Ctrl-C closes them at once). Not for production: the cluster runs
 //! with fsync off.
 //!
 //! With `--tls`, clients must use TLS (`tls.mode = "require"` unless the config file sets a
@@ -70,6 +71,11 @@ pub struct Options {
     pub listen: Option<SocketAddr>,
     /// Serve clients over TLS with a self-signed certificate.
     pub tls: bool,
+}
+
+/// The config file the quickstart writes into (and on later runs reads from) `dir`.
+pub fn config_file(dir: &Path) -> PathBuf {
+    dir.join(CONFIG_FILE)
 }
 
 /// Runs the quickstart until Ctrl-C or SIGTERM.
@@ -171,13 +177,13 @@ impl Signals {
             .is_ok()
     }
 
-    /// Waits for Ctrl-C or SIGTERM; SIGHUP meanwhile reloads the config and TLS files, as
-    /// `tenantgate serve` does.
-    async fn serve_until_stop(&mut self, proxy: &Proxy) {
+    /// Waits for Ctrl-C or SIGTERM and says which: true for Ctrl-C (SIGINT). SIGHUP meanwhile
+    /// reloads the config and TLS files, as `tenantgate serve` does.
+    async fn serve_until_stop(&mut self, proxy: &Proxy) -> bool {
         loop {
             tokio::select! {
-                _ = self.interrupt.recv() => return,
-                _ = self.terminate.recv() => return,
+                _ = self.interrupt.recv() => return true,
+                _ = self.terminate.recv() => return false,
                 _ = self.hangup.recv() => match proxy.reload("signal:SIGHUP").await {
                     Ok(summary) => tracing::info!("SIGHUP: {summary}"),
                     Err(e) => tracing::error!("SIGHUP: {e}"),
@@ -259,11 +265,16 @@ async fn serve(
     out.flush()?;
     drop(out);
 
-    signals.serve_until_stop(&proxy).await;
-    tracing::info!("stopping");
-    proxy
-        .shutdown(Duration::from_secs(config.proxy.shutdown_grace_seconds))
-        .await;
+    // As `tenantgate serve`: SIGTERM drains within the grace, Ctrl-C closes sessions at once
+    // (a terminal's Ctrl-C has reached the private PostgreSQL too, so there is nothing to
+    // finish there). Either way PostgreSQL is stopped after the proxy, by the caller.
+    let grace = if signals.serve_until_stop(&proxy).await {
+        Duration::ZERO
+    } else {
+        Duration::from_secs(config.proxy.shutdown_grace_seconds)
+    };
+    tracing::info!(grace_seconds = grace.as_secs(), "stopping");
+    proxy.shutdown(grace).await;
     Ok(())
 }
 

@@ -6,6 +6,7 @@
 
 mod key;
 mod serve;
+mod systemd;
 mod tenant;
 mod terminal;
 mod user;
@@ -15,7 +16,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
-use tenantgate::config::Config;
+use tenantgate::config::{Config, LogFormat};
 use tenantgate::quickstart;
 use tenantgate::registry::Registry;
 
@@ -65,11 +66,16 @@ enum Command {
 /// that does not load one.
 pub(crate) async fn run(cli: Cli) -> anyhow::Result<()> {
     if let Command::Quickstart { dir, listen, tls } = cli.command {
-        init_logging("info");
+        // The log settings of the quickstart's own config when an earlier run wrote one (a
+        // broken file is reported by the quickstart itself, in the default format).
+        let proxy = Config::load(&quickstart::config_file(&dir))
+            .map(|c| c.proxy)
+            .unwrap_or_default();
+        init_logging(&proxy.log_level, proxy.log_format);
         return quickstart::run(quickstart::Options { dir, listen, tls }).await;
     }
     let config = Config::load(&config_path(cli.config.as_deref()))?;
-    init_logging(&config.proxy.log_level);
+    init_logging(&config.proxy.log_level, config.proxy.log_format);
     match cli.command {
         Command::Serve => serve::run(config).await,
         Command::Tenant(cmd) => tenant::run(&config, cmd).await,
@@ -85,14 +91,24 @@ fn config_path(cli: Option<&Path>) -> PathBuf {
         .unwrap_or_else(|| PathBuf::from("tenantgate.toml"))
 }
 
-fn init_logging(level: &str) {
-    let filter = tenantgate::config::log_filter(level, true);
-    drop(
-        tracing_subscriber::fmt()
-            .with_env_filter(filter)
-            .with_writer(std::io::stderr)
+/// The process's log on stderr, filtered by `[proxy] log_level` (or `RUST_LOG`), in the
+/// `[proxy] log_format`. JSON lines carry the current span's fields (`span`) and every
+/// enclosing span's (`spans`), so a line logged anywhere inside a client's task names its
+/// connection id, address (`peer`), user and tenant, however deep the call that logged it.
+fn init_logging(level: &str, format: LogFormat) {
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(tenantgate::config::log_filter(level, true))
+        .with_writer(std::io::stderr);
+    let installed = match format {
+        LogFormat::Text => builder.try_init(),
+        LogFormat::Json => builder
+            .json()
+            .with_current_span(true)
+            .with_span_list(true)
             .try_init(),
-    );
+    };
+    // Only fails when a subscriber is already set, and then that one logs.
+    drop(installed);
 }
 
 /// The registry, its own schema brought up to date first: the management commands may be the

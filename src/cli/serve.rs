@@ -1,34 +1,136 @@
-//! `tenantgate serve`: start the proxy, reload on SIGHUP, drain and stop on Ctrl-C or SIGTERM.
+//! `tenantgate serve`: start the proxy, reload on SIGHUP, and stop on a signal: SIGTERM
+//! drains (no new clients; connected ones get `[proxy] shutdown_grace_seconds` to finish
+//! their work and leave, then the rest are closed with 57P01), SIGINT (Ctrl-C) stops at once
+//! (every session closed with 57P01 now), also in the middle of a drain. Under systemd it
+//! tells the service manager (`systemd`): ready, reloading, stopping.
 //! The proxy itself is the library's `server::Proxy`; this file only wires it to the process's
 //! signals and must not hold any of its set-up.
 
 use std::time::Duration;
 
+use anyhow::Context as _;
+use tenantgate::clients::ClientRoster;
 use tenantgate::config::Config;
 use tenantgate::server::Proxy;
+use tokio::signal::unix::{Signal, SignalKind, signal};
 
-pub(super) async fn run(config: Config) -> anyhow::Result<()> {
-    use tokio::signal::unix::{SignalKind, signal};
-    let grace = Duration::from_secs(config.proxy.shutdown_grace_seconds);
-    let proxy = Proxy::start(config).await?;
-    let mut term = signal(SignalKind::terminate())?;
-    let mut hangup = signal(SignalKind::hangup())?;
-    loop {
+use super::systemd::Notifier;
+
+/// How often a SIGINT during a drain closes the sessions that logged in since the last
+/// sweep (a login in progress when the signal came joins the roster later).
+const SWEEP_INTERVAL: Duration = Duration::from_millis(100);
+
+/// The signals `serve` obeys, registered before the proxy starts: a signal during start-up
+/// stops it instead of killing the process half-started.
+struct Signals {
+    interrupt: Signal,
+    terminate: Signal,
+    hangup: Signal,
+}
+
+/// How the process was asked to stop.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Stop {
+    /// SIGTERM: drain within the grace.
+    Drain,
+    /// SIGINT: now.
+    Now,
+}
+
+impl Signals {
+    fn install() -> anyhow::Result<Signals> {
+        Ok(Signals {
+            interrupt: signal(SignalKind::interrupt()).context("handling SIGINT")?,
+            terminate: signal(SignalKind::terminate()).context("handling SIGTERM")?,
+            hangup: signal(SignalKind::hangup()).context("handling SIGHUP")?,
+        })
+    }
+
+    /// Resolves at SIGINT or SIGTERM.
+    async fn stop(&mut self) -> Stop {
         tokio::select! {
-            r = tokio::signal::ctrl_c() => break r?,
-            _ = term.recv() => break,
-            _ = hangup.recv() => reload_on_sighup(&proxy).await,
+            _ = self.interrupt.recv() => Stop::Now,
+            _ = self.terminate.recv() => Stop::Drain,
         }
     }
-    tracing::info!("shutting down");
-    proxy.shutdown(grace).await;
+
+    /// Serves until SIGINT or SIGTERM; SIGHUP meanwhile does what the admin console's RELOAD
+    /// does, the outcome in the log.
+    async fn serve_until_stop(&mut self, proxy: &Proxy, notifier: &Notifier) -> Stop {
+        loop {
+            tokio::select! {
+                _ = self.interrupt.recv() => return Stop::Now,
+                _ = self.terminate.recv() => return Stop::Drain,
+                _ = self.hangup.recv() => {
+                    notifier.reloading();
+                    match proxy.reload("signal:SIGHUP").await {
+                        Ok(summary) => tracing::info!("SIGHUP: {summary}"),
+                        Err(e) => tracing::error!("SIGHUP: {e}"),
+                    }
+                    notifier.ready(&ready_status(proxy));
+                }
+            }
+        }
+    }
+}
+
+pub(super) async fn run(config: Config) -> anyhow::Result<()> {
+    let grace = Duration::from_secs(config.proxy.shutdown_grace_seconds);
+    let mut signals = Signals::install()?;
+    let notifier = Notifier::from_env();
+    let proxy = tokio::select! {
+        proxy = Box::pin(Proxy::start(config)) => proxy?,
+        stop = signals.stop() => {
+            tracing::info!(?stop, "stopped before the proxy was ready");
+            return Ok(());
+        }
+    };
+    notifier.ready(&ready_status(&proxy));
+    match signals.serve_until_stop(&proxy, &notifier).await {
+        Stop::Now => {
+            notifier.stopping("stopping: closing every session");
+            tracing::info!("SIGINT: stopping now, closing every session");
+            proxy.shutdown(Duration::ZERO).await;
+        }
+        Stop::Drain => {
+            notifier.stopping("draining: no new clients, sessions finishing");
+            tracing::info!(
+                grace_seconds = grace.as_secs(),
+                "SIGTERM: draining, no new clients; sessions still open after the grace \
+                 are closed (SIGINT closes them now)"
+            );
+            drain(proxy, grace, &mut signals.interrupt).await;
+        }
+    }
+    tracing::info!("stopped");
     Ok(())
 }
 
-/// SIGHUP does what the admin console's RELOAD does; the outcome goes to the log.
-async fn reload_on_sighup(proxy: &Proxy) {
-    match proxy.reload("signal:SIGHUP").await {
-        Ok(summary) => tracing::info!("SIGHUP: {summary}"),
-        Err(e) => tracing::error!("SIGHUP: {e}"),
+fn ready_status(proxy: &Proxy) -> String {
+    format!("accepting connections on {}", proxy.local_addr())
+}
+
+/// `Proxy::shutdown(grace)`, cut short by SIGINT: from then on every session on the roster
+/// is stopped (57P01), as KILL does, so the drain ends as soon as their tasks do.
+async fn drain(proxy: Proxy, grace: Duration, interrupt: &mut Signal) {
+    let roster: ClientRoster = proxy.state().clients.clone();
+    let shutdown = proxy.shutdown(grace);
+    tokio::pin!(shutdown);
+    tokio::select! {
+        () = &mut shutdown => return,
+        _ = interrupt.recv() => {
+            tracing::info!("SIGINT while draining: closing every session now");
+        }
+    }
+    let mut sweep = tokio::time::interval(SWEEP_INTERVAL);
+    loop {
+        tokio::select! {
+            () = &mut shutdown => return,
+            _ = sweep.tick() => {
+                for client in roster.list() {
+                    client.stop.cancel();
+                }
+            }
+        }
     }
 }

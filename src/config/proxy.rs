@@ -36,8 +36,8 @@ pub struct ProxyConfig {
     /// (1 GiB, PostgreSQL's own limit). The relay never buffers a whole message.
     #[serde(default = "default_max_message_bytes")]
     pub max_message_bytes: usize,
-    /// On shutdown, sessions get this many seconds to finish before they are closed.
-    /// Default 10.
+    /// On a draining shutdown (SIGTERM), sessions get this many seconds to finish before
+    /// they are closed with 57P01; SIGINT closes them at once. Default 10.
     #[serde(default = "default_shutdown_grace_seconds")]
     pub shutdown_grace_seconds: u64,
     /// When a tenant leaves `active` (suspended, deleted...), its connected clients get this
@@ -49,6 +49,12 @@ pub struct ProxyConfig {
     /// `tenantgate=debug`). `RUST_LOG` overrides it. Default "info".
     #[serde(default = "default_log_level")]
     pub log_level: String,
+    /// How log lines are written to stderr: `text` (one human-readable line per event) or
+    /// `json` (one JSON object per line: timestamp, level, target, the event's fields with
+    /// its message, and the fields of the spans it happened in, such as a client's tenant,
+    /// user and address). Default "text". Restart to change.
+    #[serde(default)]
+    pub log_format: LogFormat,
     /// Most clients between accept and the end of authentication at once; past it a new
     /// connection waits up to `login_slot_wait_ms` for a slot, then gets 53300 "too many
     /// logins in progress", so a storm of slow or stalled logins cannot starve the process.
@@ -89,6 +95,32 @@ pub struct ProxyConfig {
     /// or a tenant. Default 5. Restart to change.
     #[serde(default = "default_auth_failure_limit_factor")]
     pub auth_failure_limit_factor: u32,
+}
+
+/// `[proxy] log_format`: how the log is written.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase", try_from = "String")]
+pub enum LogFormat {
+    /// One human-readable line per event (tracing-subscriber's default format).
+    #[default]
+    Text,
+    /// One JSON object per line, for log collectors.
+    Json,
+}
+
+impl TryFrom<String> for LogFormat {
+    type Error = String;
+
+    /// The message names the key: serde reports it as the value's error, on the value's line.
+    fn try_from(value: String) -> Result<LogFormat, String> {
+        match value.as_str() {
+            "text" => Ok(LogFormat::Text),
+            "json" => Ok(LogFormat::Json),
+            other => Err(format!(
+                "proxy.log_format must be \"text\" or \"json\", not {other:?}"
+            )),
+        }
+    }
 }
 
 fn default_max_logins_in_progress() -> u32 {
@@ -153,6 +185,7 @@ impl Default for ProxyConfig {
             shutdown_grace_seconds: default_shutdown_grace_seconds(),
             suspend_grace_seconds: default_shutdown_grace_seconds(),
             log_level: default_log_level(),
+            log_format: LogFormat::default(),
             max_logins_in_progress: default_max_logins_in_progress(),
             max_logins_in_progress_per_source: default_max_logins_in_progress_per_source(),
             login_slot_wait_ms: default_login_slot_wait_ms(),

@@ -362,6 +362,26 @@ fn a_broken_config_is_one_line_naming_the_key_and_exit_code_2() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("pool.pool_size"), "{err}");
 
+    // Issue 14: a log format that is neither text nor json.
+    std::fs::write(
+        &path,
+        "[proxy]\nlog_format = \"xml\"\n\n[registry]\nurl = \"host=x\"\n",
+    )
+    .unwrap();
+    let out = Command::new(BIN)
+        .arg("--config")
+        .arg(&path)
+        .arg("serve")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
+    assert!(
+        err.contains("proxy.log_format") && err.contains("line 2"),
+        "{err}"
+    );
+
     let out = Command::new(BIN)
         .arg("--config")
         .arg(dir.join("missing.toml"))

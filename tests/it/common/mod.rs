@@ -16,6 +16,7 @@ pub mod certs;
 pub mod forward;
 pub mod psql;
 pub mod query;
+pub mod serve;
 pub mod wire;
 
 use std::collections::HashMap;
