@@ -63,12 +63,15 @@ pub struct Config {
     pub metrics: MetricsConfig,
 }
 
-/// Settings the command line gives over the file (`quickstart --listen`, `--tls`). They win
+/// Settings the command line gives over the file (`quickstart --listen`, `--tls`, and the
+/// quickstart's exclusive bind). They win
 /// over the file when the process starts and again whenever the file is re-read, so a reload
 /// never quietly undoes them (a `--tls` quickstart must not fall back to plaintext on SIGHUP).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Overrides {
     pub listen: Option<std::net::SocketAddr>,
+    /// The quickstart binds its address alone (`[proxy] reuse_port = false`).
+    pub reuse_port: Option<bool>,
     pub tls: Option<TlsOverride>,
 }
 
@@ -86,6 +89,9 @@ impl Overrides {
     pub fn apply(&self, config: &mut Config) {
         if let Some(listen) = self.listen {
             config.proxy.listen = listen;
+        }
+        if let Some(reuse_port) = self.reuse_port {
+            config.proxy.reuse_port = reuse_port;
         }
         if let Some(tls) = &self.tls {
             if config.tls.mode == TlsMode::Disable {

@@ -91,6 +91,8 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
     // Kept in the running config, so RELOAD and SIGHUP apply them again over the file.
     let overrides = Overrides {
         listen: options.listen,
+        // A second quickstart on the same address must fail loudly, not share the port.
+        reuse_port: Some(false),
         tls: if options.tls {
             Some(tls_override(&dir, &config)?)
         } else {
@@ -294,10 +296,7 @@ async fn set_up(dir: &Path, config: &Config, pg: &LocalPg) -> anyhow::Result<Rea
     registry.migrate().await?;
     let credentials = ensure_demo_tenants(dir, config, &registry, &key).await?;
     let admin_password = ensure_admin_user(dir, &registry).await?;
-    // A second quickstart on the same address must fail loudly, not share the port.
-    let mut config = config.clone();
-    config.proxy.reuse_port = false;
-    let proxy = Proxy::start(config).await?;
+    let proxy = Proxy::start(config.clone()).await?;
     Ok(Ready {
         proxy,
         credentials,
