@@ -18,6 +18,7 @@ pub mod crypto;
 pub mod error;
 #[cfg(any(test, fuzzing))]
 pub mod fuzz;
+pub mod handover;
 pub mod localpg;
 pub mod metrics;
 pub mod pool;

@@ -95,9 +95,13 @@ fn config_path(cli: Option<&Path>) -> PathBuf {
 /// `[proxy] log_format`. JSON lines carry the current span's fields (`span`) and every
 /// enclosing span's (`spans`), so a line logged anywhere inside a client's task names its
 /// connection id, address (`peer`), user and tenant, however deep the call that logged it.
+/// Text is coloured only when stderr is a terminal.
 fn init_logging(level: &str, format: LogFormat) {
+    use std::io::IsTerminal as _;
     let builder = tracing_subscriber::fmt()
         .with_env_filter(tenantgate::config::log_filter(level, true))
+        // Colours only for a person at a terminal: a log file or journald gets plain text.
+        .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr);
     let installed = match format {
         LogFormat::Text => builder.try_init(),

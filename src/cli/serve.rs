@@ -1,8 +1,10 @@
 //! `tenantgate serve`: start the proxy, reload on SIGHUP, and stop on a signal: SIGTERM
 //! drains (no new clients; connected ones get `[proxy] shutdown_grace_seconds` to finish
 //! their work and leave, then the rest are closed with 57P01), SIGINT (Ctrl-C) stops at once
-//! (every session closed with 57P01 now), also in the middle of a drain. Under systemd it
-//! tells the service manager (`systemd`): ready, reloading, stopping.
+//! (every session closed with 57P01 now), also in the middle of a drain. SIGUSR2 hands the
+//! clients that can move to a newer tenantgate on `[proxy] handover_socket`, then drains the
+//! rest as SIGTERM does (or, when no newer process answers, logs why and goes on serving).
+//! Under systemd it tells the service manager (`systemd`): ready, reloading, stopping.
 //! The proxy itself is the library's `server::Proxy`; this file only wires it to the process's
 //! signals and must not hold any of its set-up.
 
@@ -26,6 +28,8 @@ struct Signals {
     interrupt: Signal,
     terminate: Signal,
     hangup: Signal,
+    /// SIGUSR2: hand clients over to a newer process.
+    user2: Signal,
 }
 
 /// How the process was asked to stop.
@@ -35,6 +39,8 @@ enum Stop {
     Drain,
     /// SIGINT: now.
     Now,
+    /// SIGUSR2, and a newer process took the handover: drain what stays.
+    HandedOver,
 }
 
 impl Signals {
@@ -43,6 +49,7 @@ impl Signals {
             interrupt: signal(SignalKind::interrupt()).context("handling SIGINT")?,
             terminate: signal(SignalKind::terminate()).context("handling SIGTERM")?,
             hangup: signal(SignalKind::hangup()).context("handling SIGHUP")?,
+            user2: signal(SignalKind::user_defined2()).context("handling SIGUSR2")?,
         })
     }
 
@@ -54,8 +61,8 @@ impl Signals {
         }
     }
 
-    /// Serves until SIGINT or SIGTERM; SIGHUP meanwhile does what the admin console's RELOAD
-    /// does, the outcome in the log.
+    /// Serves until SIGINT, SIGTERM or a SIGUSR2 handover that a newer process took; SIGHUP
+    /// meanwhile does what the admin console's RELOAD does, the outcome in the log.
     async fn serve_until_stop(&mut self, proxy: &Proxy, notifier: &Notifier) -> Stop {
         loop {
             tokio::select! {
@@ -69,6 +76,10 @@ impl Signals {
                     }
                     notifier.ready(&ready_status(proxy));
                 }
+                _ = self.user2.recv() => match proxy.hand_over().await {
+                    Ok(()) => return Stop::HandedOver,
+                    Err(e) => tracing::error!("SIGUSR2: {e}; still serving"),
+                },
             }
         }
     }
@@ -98,6 +109,15 @@ pub(super) async fn run(config: Config) -> anyhow::Result<()> {
                 grace_seconds = grace.as_secs(),
                 "SIGTERM: draining, no new clients; sessions still open after the grace \
                  are closed (SIGINT closes them now)"
+            );
+            drain(proxy, grace, &mut signals.interrupt).await;
+        }
+        Stop::HandedOver => {
+            notifier.stopping("handing clients over to a newer process");
+            tracing::info!(
+                grace_seconds = grace.as_secs(),
+                "SIGUSR2: a newer tenantgate takes the clients that can move; the others \
+                 finish here within the grace (SIGINT closes them now)"
             );
             drain(proxy, grace, &mut signals.interrupt).await;
         }

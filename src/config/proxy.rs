@@ -22,6 +22,14 @@ pub struct ProxyConfig {
     /// Default true; the quickstart turns it off. Restart to change.
     #[serde(default = "default_true")]
     pub reuse_port: bool,
+    /// A Unix socket path for handing clients over to a newer process on an upgrade: the
+    /// newest tenantgate binds it at start (replacing an older process's), and SIGUSR2 to the
+    /// old process sends its idle transaction-pooling plaintext clients there, socket and
+    /// state, so they never see a disconnect (README, "Restarts and upgrades"). Both
+    /// processes must run as the same user. Unset (the default): no handover, and SIGUSR2
+    /// does nothing but log. Restart to change.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub handover_socket: Option<std::path::PathBuf>,
     /// Most client connections at once; past it a client gets 53300. Default 10000.
     #[serde(default = "default_max_clients")]
     pub max_client_connections: u32,
@@ -178,6 +186,7 @@ impl Default for ProxyConfig {
         ProxyConfig {
             listen: default_listen(),
             reuse_port: true,
+            handover_socket: None,
             max_client_connections: default_max_clients(),
             login_timeout_ms: default_login_timeout_ms(),
             max_startup_packet_bytes: default_max_startup_packet_bytes(),

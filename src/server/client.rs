@@ -33,7 +33,9 @@ use crate::clients::ClientEntry;
 use crate::error::{ClientFacing, log_error};
 use crate::protocol::startup::{self, FirstPacket, StartupError};
 use crate::protocol::{SqlState, messages};
-use crate::session::{self, Admission, RelayEnd, Services, SessionEnd, SessionError, SetupError};
+use crate::session::{
+    self, Admission, RelayEnd, Services, Session, SessionEnd, SessionError, SetupError,
+};
 use crate::stats::LoginOutcome;
 use crate::tls::{ALPN_POSTGRESQL, TLS_HANDSHAKE_RECORD, TlsServer};
 
@@ -54,6 +56,8 @@ pub enum CloseReason {
     TlsHandshakeFailed,
     /// An error was sent to the client (its SQLSTATE).
     Error(SqlState),
+    /// The client went to a newer process (an upgrade's handover).
+    HandedOver,
 }
 
 impl CloseReason {
@@ -81,6 +85,7 @@ impl fmt::Display for CloseReason {
             CloseReason::LeftDuringLogin => f.write_str("client left during login"),
             CloseReason::TlsHandshakeFailed => f.write_str("TLS handshake failed"),
             CloseReason::Error(code) => write!(f, "error {}", code.code()),
+            CloseReason::HandedOver => f.write_str("handed over to a newer process"),
         }
     }
 }
@@ -199,18 +204,43 @@ pub(super) async fn serve_client(
     .await
 }
 
+/// A client's stream after the encryption decision, and whether its socket can go to another
+/// process as it is (an upgrade's handover): a bare TCP socket can, a TLS session cannot
+/// (its keys live in this process).
+pub(super) trait ClientStream:
+    AsyncRead + AsyncWrite + Unpin + Send + Sync + 'static
+{
+    const TRANSFERABLE: bool;
+
+    /// The bare socket, for a handover; None when it cannot be handed over.
+    fn into_socket(self) -> Option<TcpStream>;
+}
+
+impl ClientStream for TcpStream {
+    const TRANSFERABLE: bool = true;
+
+    fn into_socket(self) -> Option<TcpStream> {
+        Some(self)
+    }
+}
+
+impl ClientStream for tokio_rustls::server::TlsStream<TcpStream> {
+    const TRANSFERABLE: bool = false;
+
+    fn into_socket(self) -> Option<TcpStream> {
+        None
+    }
+}
+
 /// Login, then the tenant's session (or the admin console) over the chosen stream.
-async fn serve_login<S>(
+async fn serve_login<S: ClientStream>(
     state: &State,
     client_id: u64,
     conn: Conn<S>,
     first: Option<FirstPacket>,
     deadline_and_slot: (Instant, LoginSlot),
     shutdown: &CancellationToken,
-) -> CloseReason
-where
-    S: AsyncRead + AsyncWrite + Unpin + Send + Sync + 'static,
-{
+) -> CloseReason {
     // Boxed, like every phase a connected client is done with: its state is freed when it
     // ends, so an idle session's task holds only the stream and the session (issue 12).
     let logged_in = Box::pin(log_in(
@@ -226,26 +256,81 @@ where
         LoggedIn::Tenant(stream, admission) => (stream, admission),
         LoggedIn::Ended(reason) => return reason,
     };
-    let services = Services {
+    let services = services(state, shutdown, S::TRANSFERABLE);
+    // What a newer process would need to know of the client besides its session.
+    let who = services.handover.map(|_| Who::of(&admission));
+    let session = match Box::pin(session::start(&mut stream, services, admission)).await {
+        Ok(session) => session,
+        Err(e) => return fail_setup(&mut stream, &e).await,
+    };
+    serve_session(state, stream, session, who).await
+}
+
+/// What sessions use of the proxy; the handover token only for a client that can be handed
+/// over, when this process may hand clients over at all.
+pub(super) fn services<'a>(
+    state: &'a State,
+    shutdown: &'a CancellationToken,
+    transferable: bool,
+) -> Services<'a> {
+    let config = state.config.get();
+    Services {
         directory: &state.directory,
         pools: &state.pools,
         cancels: &state.cancels,
         clients: &state.clients,
         stats: &state.stats,
-        suspend_grace: Duration::from_secs(state.config.get().proxy.suspend_grace_seconds),
-        max_client_message_bytes: state.config.get().proxy.max_message_bytes,
+        suspend_grace: Duration::from_secs(config.proxy.suspend_grace_seconds),
+        max_client_message_bytes: config.proxy.max_message_bytes,
         shutdown,
-    };
-    let mut session = match Box::pin(session::start(&mut stream, services, admission)).await {
-        Ok(session) => session,
-        Err(e) => return fail_setup(&mut stream, &e).await,
-    };
+        handover: (transferable && state.handover.is_configured())
+            .then(|| state.handover.requested()),
+    }
+}
+
+/// Runs a ready session to its end, and hands the client over when it ends that way.
+pub(super) async fn serve_session<S: ClientStream>(
+    state: &State,
+    mut stream: S,
+    mut session: Session<'_>,
+    who: Option<Who>,
+) -> CloseReason {
     match session.run(&mut stream).await {
         Ok(SessionEnd::Relay(end)) => CloseReason::Session(end),
         Ok(SessionEnd::Shutdown) => CloseReason::Shutdown,
         Ok(SessionEnd::TenantNotActive(_)) => CloseReason::Error(SqlState::CANNOT_CONNECT_NOW),
         Ok(SessionEnd::BackendLost) => CloseReason::Error(SqlState::CONNECTION_FAILURE),
+        Ok(SessionEnd::HandedOver) => {
+            let carried = session.carried();
+            // Off this process's roster, counters and cancel map before the newer one has it.
+            drop(session);
+            match (stream.into_socket(), who) {
+                (Some(socket), Some(who)) => {
+                    super::handover::depart(state, socket, who, carried).await
+                }
+                _ => CloseReason::Shutdown,
+            }
+        }
         Err(e) => fail_session(&mut stream, &e).await,
+    }
+}
+
+/// Who a client is, as a newer process needs it after a handover.
+pub(super) struct Who {
+    pub tenant: String,
+    pub user: String,
+    pub settings: Vec<(String, String)>,
+    pub peer: Option<SocketAddr>,
+}
+
+impl Who {
+    fn of(admission: &Admission) -> Who {
+        Who {
+            tenant: admission.tenant.slug.as_str().to_owned(),
+            user: admission.user.clone(),
+            settings: admission.settings.clone(),
+            peer: admission.peer,
+        }
     }
 }
 
@@ -393,7 +478,7 @@ where
 }
 
 /// Sends a setup error to the client as FATAL and logs it.
-async fn fail<S: AsyncWrite + Unpin>(stream: &mut S, err: &LoginError) -> CloseReason {
+pub(super) async fn fail<S: AsyncWrite + Unpin>(stream: &mut S, err: &LoginError) -> CloseReason {
     if matches!(
         err,
         LoginError::Auth(AuthError::ClientLeft | AuthError::Abandoned)
@@ -406,7 +491,10 @@ async fn fail<S: AsyncWrite + Unpin>(stream: &mut S, err: &LoginError) -> CloseR
     CloseReason::Error(err.sqlstate())
 }
 
-async fn fail_setup<S: AsyncWrite + Unpin>(stream: &mut S, err: &SetupError) -> CloseReason {
+pub(super) async fn fail_setup<S: AsyncWrite + Unpin>(
+    stream: &mut S,
+    err: &SetupError,
+) -> CloseReason {
     log_error(err, "session setup failed");
     match err {
         // The backend's own ErrorResponse says it best.

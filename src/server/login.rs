@@ -440,8 +440,9 @@ async fn authenticate_admin<S: AsyncRead + AsyncWrite + Unpin>(
     }
 }
 
-/// Forwards a CancelRequest unless its source is locked out for guessing keys, and counts
-/// a key nobody holds against the source.
+/// Forwards a CancelRequest unless its source is locked out for guessing keys (to an older
+/// process handing its clients over when no client here holds the key), and counts a key
+/// nobody holds against the source.
 async fn cancel(state: &State, source: Option<IpAddr>, pid: i32, secret: i32) {
     if let Some(source) = source {
         if !state.throttle.cancel_allowed(source).await {
@@ -449,10 +450,16 @@ async fn cancel(state: &State, source: Option<IpAddr>, pid: i32, secret: i32) {
             return;
         }
     }
-    let outcome = state
+    let mut outcome = state
         .cancels
         .cancel(pid, secret, Duration::from_secs(5))
         .await;
+    if outcome == CancelOutcome::UnknownKey {
+        // During an upgrade the key may be a client's still on the older process.
+        if let Some(true) = state.handover.forward_cancel(pid, secret).await {
+            outcome = CancelOutcome::Delivered;
+        }
+    }
     if let (CancelOutcome::UnknownKey, Some(source)) = (outcome, source) {
         state.throttle.unknown_cancel_key(source).await;
     }

@@ -10,6 +10,7 @@
 //! ([`ProxyConfig`](crate::config::ProxyConfig)), which keeps the arrow pointing one way.
 
 mod client;
+mod handover;
 mod listener;
 mod login;
 mod login_slot;
@@ -22,6 +23,7 @@ use std::time::Duration;
 use anyhow::Context as _;
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
+use tokio::sync::mpsc::UnboundedReceiver;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -33,6 +35,7 @@ use crate::auth::throttle::LoginThrottle;
 use crate::clients::ClientRoster;
 use crate::config::{Config, LiveConfig};
 use crate::crypto::MasterKey;
+use crate::handover::{Arrival, Handover, HandoverError};
 use crate::metrics::{MetricsServer, Sources};
 use crate::pool::PoolMap;
 use crate::registry::{Registry, TenantDirectory, spawn_change_listener};
@@ -56,6 +59,8 @@ pub struct State {
     pub tls: SharedTls,
     /// Failed-login counters: delays and lock-outs before SCRAM.
     pub throttle: Arc<LoginThrottle>,
+    /// Upgrades: clients coming from an older process, and leaving for a newer one.
+    pub handover: Handover,
     client_slots: Arc<Semaphore>,
     /// One permit per client between accept and the end of its login.
     login_slots: Arc<LoginSlots>,
@@ -130,6 +135,18 @@ fn bind(addr: SocketAddr, reuse_port: bool) -> std::io::Result<TcpListener> {
     TcpListener::from_std(socket.into())
 }
 
+/// The handover socket, when configured: clients of older processes come in through it.
+fn bind_handover(
+    config: &Config,
+    stop: &CancellationToken,
+) -> anyhow::Result<(Handover, Option<UnboundedReceiver<Arrival>>)> {
+    let path = config.proxy.handover_socket.as_deref();
+    Handover::bind(path, stop).with_context(|| {
+        let shown = path.map(|p| p.display().to_string()).unwrap_or_default();
+        format!("binding proxy.handover_socket {shown}")
+    })
+}
+
 /// The HTTP endpoint for monitoring, if configured. It reads the proxy's own handles and
 /// reports draining as soon as `stop_accepting` is cancelled.
 async fn start_metrics(
@@ -167,6 +184,9 @@ impl Proxy {
         let listener = bind(config.proxy.listen, config.proxy.reuse_port)
             .with_context(|| format!("listening on {}", config.proxy.listen))?;
         let local_addr = listener.local_addr()?;
+        let stop_accepting = CancellationToken::new();
+        let stop_sessions = CancellationToken::new();
+        let (handover, arrivals) = bind_handover(&config, &stop_sessions)?;
         let usage = Stats::new();
 
         crate::admin::bootstrap(&config.admin, &registry)
@@ -216,12 +236,11 @@ impl Proxy {
             stats: usage,
             tls,
             throttle: Arc::new(LoginThrottle::new(config.proxy.throttle_settings())),
+            handover,
             mock_key,
             next_client_id: AtomicU64::new(1),
         });
 
-        let stop_accepting = CancellationToken::new();
-        let stop_sessions = CancellationToken::new();
         let tasks = TaskTracker::new();
         spawn_change_listener(
             state.config.get().registry.url.clone(),
@@ -235,6 +254,14 @@ impl Proxy {
             stop_sessions.clone(),
             tasks.clone(),
         ));
+        if let Some(arrivals) = arrivals {
+            tokio::spawn(handover::resume_arrivals(
+                arrivals,
+                Arc::clone(&state),
+                stop_sessions.clone(),
+                tasks.clone(),
+            ));
+        }
         tracing::info!(%local_addr, "tenantgate is accepting connections");
         let metrics = start_metrics(&config, &state, &stop_accepting).await?;
         Ok(Proxy {
@@ -268,6 +295,20 @@ impl Proxy {
         crate::admin::reload(&self.state.admin, actor).await
     }
 
+    /// SIGUSR2: hands this process's clients to the newer tenantgate on
+    /// `[proxy] handover_socket`. Once one answers, this process stops accepting and each
+    /// plaintext transaction-pooling client leaves for it at its next point between
+    /// transactions; the caller then shuts down with the grace, in which the other clients
+    /// finish here. Fails, changing nothing, when no newer process answers.
+    pub async fn hand_over(&self) -> Result<(), HandoverError> {
+        self.state
+            .handover
+            .begin(self.state.cancels.clone())
+            .await?;
+        self.stop_accepting.cancel();
+        Ok(())
+    }
+
     /// Stops accepting, gives sessions `grace` to finish, then closes the rest.
     pub async fn shutdown(self, grace: Duration) {
         self.stop_accepting.cancel();
@@ -283,6 +324,7 @@ impl Proxy {
         }
         self.stop_sessions.cancel();
         drop(tokio::time::timeout(Duration::from_secs(5), self.tasks.wait()).await);
+        self.state.handover.unbind();
         // Sessions have counted their last: flush once more.
         self.stop_flusher.cancel();
         if let Some(flusher) = self.flusher {

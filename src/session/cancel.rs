@@ -120,6 +120,22 @@ impl CancelMap {
         self.register_with(rand::random::<i32>() & 0x3fff_ffff, None)
     }
 
+    /// Keeps the key a client was given by another process (an upgrade's handover), with no
+    /// backend yet. None when a client of this process holds that key already.
+    pub fn register_carried(&self, key: (i32, i32)) -> Option<CancelGuard> {
+        let mut map = self.inner.lock().unwrap_or_else(PoisonError::into_inner);
+        let std::collections::hash_map::Entry::Vacant(entry) = map.entry(key) else {
+            return None;
+        };
+        let slot = Arc::new(Slot::default());
+        entry.insert(Arc::clone(&slot));
+        Some(CancelGuard {
+            map: self.clone(),
+            key,
+            slot,
+        })
+    }
+
     fn register_with(&self, pid: i32, target: Option<CancelTarget>) -> CancelGuard {
         let mut map = self.inner.lock().unwrap_or_else(PoisonError::into_inner);
         loop {

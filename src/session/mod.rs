@@ -45,7 +45,7 @@ pub use cancel::{CancelGuard, CancelMap, CancelOutcome, CancelTarget};
 pub use ceilings::Ceilings;
 use ceilings::{PhaseClock, Reached, Watchdog};
 pub use relay::{RelayBuffers, RelayEnd, RelayError, TxTracker};
-pub use start::{Admission, Services, Session, start};
+pub use start::{Admission, Carried, Services, Session, resume, start};
 pub use statements::StatementLimits;
 use statements::{ClientStatements, Responses, StatementContext};
 
@@ -147,6 +147,9 @@ pub struct SessionContext<'a> {
     pub ceilings: Ceilings,
     /// Cancelled to end this session (KILL, shutdown).
     pub shutdown: CancellationToken,
+    /// Cancelled when the process hands its clients to a newer one; None for a client whose
+    /// socket cannot change hands (TLS).
+    pub handover: Option<&'a CancellationToken>,
     /// The tenant's usage counters; the relay counts into them.
     pub stats: Arc<TenantStats>,
 }
@@ -161,6 +164,9 @@ pub enum SessionEnd {
     /// The backend closed the connection without a last ErrorResponse of its own (killed,
     /// an immediate shutdown, the network): the client is told, as libpq would tell it.
     BackendLost,
+    /// Transaction pooling, during a handover: the client is between transactions with
+    /// nothing of its held here, and its socket may go to the newer process.
+    HandedOver,
 }
 
 /// Why a client's session could not be set up, or a backend not made ready for one of its
@@ -175,6 +181,9 @@ pub enum SetupError {
     Pool(#[from] PoolError),
     #[error("writing to the client failed")]
     ClientIo(#[source] std::io::Error),
+    /// A handed-over client's prepared statements break this process's limits.
+    #[error(transparent)]
+    CarriedStatements(statements::LimitExceeded),
 }
 
 impl ClientFacing for SetupError {
@@ -184,6 +193,7 @@ impl ClientFacing for SetupError {
             SetupError::Backend(e) => e.sqlstate(),
             SetupError::Pool(e) => e.sqlstate(),
             SetupError::ClientIo(_) => SqlState::CONNECTION_FAILURE,
+            SetupError::CarriedStatements(_) => SqlState::PROGRAM_LIMIT_EXCEEDED,
         }
     }
 
@@ -195,12 +205,15 @@ impl ClientFacing for SetupError {
             SetupError::ClientIo(_) => {
                 "the connection to the tenant's database server was lost".to_owned()
             }
+            SetupError::CarriedStatements(e) => e.to_string(),
         }
     }
 
     fn kind(&self) -> ErrorKind {
         match self {
-            SetupError::SettingRejected(_) | SetupError::ClientIo(_) => ErrorKind::Client,
+            SetupError::SettingRejected(_)
+            | SetupError::ClientIo(_)
+            | SetupError::CarriedStatements(_) => ErrorKind::Client,
             SetupError::Backend(_) => ErrorKind::Backend,
             SetupError::Pool(e) => e.kind(),
         }
@@ -287,6 +300,15 @@ impl ClientFacing for SessionError {
 }
 
 impl Session<'_> {
+    /// What a newer process needs to go on with this client after a handover: its cancel
+    /// key and its named prepared statements.
+    pub fn carried(&self) -> Carried {
+        Carried {
+            cancel_key: self.cancel.key(),
+            statements: self.statements.export(),
+        }
+    }
+
     /// Relays for a client that [`start`] made ready, until it leaves. Ends with a FATAL
     /// to the client when the proxy ends the session (shutdown, the tenant no longer
     /// active, its backend lost).
@@ -305,7 +327,7 @@ impl Session<'_> {
                     client,
                     &self.settings,
                     &mut self.buffers,
-                    &self.cancel,
+                    (&self.cancel, &mut self.statements),
                     ctx,
                     self.attached.pool(),
                 )
@@ -414,9 +436,9 @@ where
 }
 
 /// What a transaction-pooling client keeps from one transaction to the next.
-struct TxState {
+struct TxState<'s> {
     tracker: TxTracker,
-    client_statements: ClientStatements,
+    client_statements: &'s mut ClientStatements,
     /// The pool has been told once that a backend took this client's settings.
     settings_accepted: bool,
     /// Reused for every transaction: no allocation per transaction once warm.
@@ -431,7 +453,7 @@ async fn transaction_mode<C>(
     client: &mut C,
     settings: &[(String, String)],
     buffers: &mut RelayBuffers,
-    cancel: &CancelGuard,
+    (cancel, client_statements): (&CancelGuard, &mut ClientStatements),
     ctx: &SessionContext<'_>,
     pool: &Arc<TenantPool>,
 ) -> Result<SessionEnd, SessionError>
@@ -444,7 +466,7 @@ where
             release_at_idle: true,
             ..TxTracker::default()
         },
-        client_statements: ClientStatements::default(),
+        client_statements,
         settings_accepted: false,
         responses: Responses::default(),
     };
@@ -455,8 +477,15 @@ where
     loop {
         // Between transactions: idle (a pinned client's idle time is counted by its relay).
         clock.observe(ceilings::Phase::Idle);
+        // A handover takes the client here, once nothing of it is held in this process (a
+        // message read in part waits for its transaction, which frees the buffers).
+        let handing_over = ctx.handover.is_some_and(CancellationToken::is_cancelled);
+        if handing_over && buffers.holds_nothing() && !tx.client_statements.needs_pin {
+            return Ok(SessionEnd::HandedOver);
+        }
         let waited = tokio::select! {
             waited = buffers.wait_for_client(client, &ctx.stats) => waited?,
+            () = handover_requested(ctx.handover), if !handing_over => continue,
             () = ctx.shutdown.cancelled() => return Ok(SessionEnd::Shutdown),
             state = watch.must_go() => return Ok(SessionEnd::TenantNotActive(state)),
             reached = watchdog.next() => match Box::pin(ceiling_reached(reached, cancel, ctx)).await {
@@ -488,6 +517,14 @@ where
     }
 }
 
+/// Resolves when a handover starts; never for a client that cannot be handed over.
+async fn handover_requested(handover: Option<&CancellationToken>) {
+    match handover {
+        Some(token) => token.cancelled().await,
+        None => std::future::pending().await,
+    }
+}
+
 /// One transaction (or a pinned client's run of them): a backend, its setup sent ahead, the
 /// relay until the backend is idle, the release. Boxed by the caller, so a client between
 /// transactions holds none of this state (issue 12: an idle client costs its socket and a
@@ -502,7 +539,7 @@ async fn serve_transaction<C>(
     buffers: &mut RelayBuffers,
     cancel: &CancelGuard,
     ctx: &SessionContext<'_>,
-    tx: &mut TxState,
+    tx: &mut TxState<'_>,
     watch: &mut Watch<'_>,
     (clock, watchdog): (&PhaseClock, &Watchdog<'_>),
 ) -> Result<Option<SessionEnd>, SessionError>

@@ -562,6 +562,16 @@ impl RelayBuffers {
             && self.to_client.scanned == self.to_client.filled
     }
 
+    /// Nothing of either direction is held here: every byte read has been written on, both
+    /// directions are between messages, and the client has not closed its side. A client's
+    /// socket may change hands (an upgrade's handover) only then: what the client sends next
+    /// is still in the socket, for the new owner to read.
+    pub fn holds_nothing(&self) -> bool {
+        [&self.to_backend, &self.to_client]
+            .into_iter()
+            .all(|half| half.filled == half.written && half.writer_at_boundary() && !half.eof)
+    }
+
     /// After a reset sent ahead failed (the backend is being closed): drops whatever that
     /// backend sent and was not forwarded, and keeps what the client sent and nothing went out
     /// of yet, for the next backend. Returns false, changing nothing, unless everything

@@ -5,6 +5,9 @@
 //! before its first message is here, in order; [`Session::run`] takes it ready and only
 //! relays.
 //!
+//! [`resume`] does the same for a client another tenantgate process handed over (an upgrade),
+//! without the greeting it already had.
+//!
 //! It does not authenticate (the server's login did) and does not relay. Its errors are
 //! [`SetupError`]s, sent to the client as a FATAL before any query ran.
 
@@ -12,13 +15,14 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use bytes::Bytes;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio_util::sync::CancellationToken;
 
 use super::cancel::{CancelGuard, CancelMap};
 use super::ceilings::Ceilings;
 use super::relay::RelayBuffers;
-use super::statements::StatementLimits;
+use super::statements::{ClientStatements, StatementLimits};
 use super::{SessionContext, SetupError, cancel_target, greet, greeting_params, ready_backend};
 use crate::clients::{ClientEntry, ClientRoster, RosterGuard};
 use crate::pool::{Lease, PoolMap, PoolMode, PoolUse};
@@ -38,6 +42,9 @@ pub struct Services<'a> {
     pub max_client_message_bytes: usize,
     /// Shutdown of the proxy's sessions; each session ends through a child of it (KILL).
     pub shutdown: &'a CancellationToken,
+    /// Cancelled when this process hands its clients to a newer one (an upgrade); only for
+    /// clients whose socket can change hands (plaintext TCP).
+    pub handover: Option<&'a CancellationToken>,
 }
 
 /// Who logged in, as the login established it.
@@ -63,6 +70,9 @@ pub struct Session<'a> {
     /// Session pooling: the client's backend for its whole life (boxed: most sessions are
     /// transaction-pooled and carry only the pointer).
     pub(super) backend: Option<Box<Lease>>,
+    /// Transaction pooling: the client's named prepared statements (boxed away from the
+    /// relay's state so a handover can carry them).
+    pub(super) statements: ClientStatements,
     /// Keeps the tenant's pool (and so its limits) in place while this client is connected.
     pub(super) attached: PoolUse,
     pub(super) _on_roster: RosterGuard,
@@ -78,6 +88,99 @@ pub async fn start<'a, C>(
 where
     C: AsyncRead + AsyncWrite + Unpin,
 {
+    let opened = open(services, admission).await?;
+    let ctx = &opened.ctx;
+    let (cancel, backend) = match ctx.mode {
+        PoolMode::Session => {
+            let mut lease = ready_backend(ctx, &opened.settings).await?;
+            let cancel = ctx.cancels.register(cancel_target(lease.conn()));
+            greet(client, &lease.conn().params, cancel.key()).await?;
+            (cancel, Some(Box::new(lease)))
+        }
+        PoolMode::Transaction => {
+            let cancel = ctx.cancels.register_detached();
+            let params = greeting_params(ctx, &opened.settings).await?;
+            greet(client, &params, cancel.key()).await?;
+            (cancel, None)
+        }
+    };
+    Ok(opened.into_session(cancel, backend, ClientStatements::default()))
+}
+
+/// What a client handed over by another tenantgate process (an upgrade) brings besides its
+/// login: the cancel key it was given, and its named prepared statements.
+pub struct Carried {
+    pub cancel_key: (i32, i32),
+    /// (name, Parse body after the name), as `ClientStatements::export` gave them.
+    pub statements: Vec<(String, Bytes)>,
+}
+
+/// Sets up the session of a client another process served until now, without greeting it
+/// (it was greeted there): the same steps as [`start`], its cancel key and its prepared
+/// statements kept. Its next message is read from its socket as if nothing happened.
+pub async fn resume(
+    services: Services<'_>,
+    admission: Admission,
+    carried: Carried,
+) -> Result<Session<'_>, SetupError> {
+    let opened = open(services, admission).await?;
+    let ctx = &opened.ctx;
+    let mut statements = ClientStatements::default();
+    statements.limits = ctx.statement_limits;
+    statements
+        .import(carried.statements)
+        .map_err(SetupError::CarriedStatements)?;
+    let cancel = ctx
+        .cancels
+        .register_carried(carried.cancel_key)
+        .unwrap_or_else(|| {
+            tracing::warn!("a client of this process holds the handed-over client's cancel key; it gets a new one it cannot learn");
+            ctx.cancels.register_detached()
+        });
+    let backend = match ctx.mode {
+        PoolMode::Session => {
+            let mut lease = ready_backend(ctx, &opened.settings).await?;
+            cancel.attach(cancel_target(lease.conn()));
+            Some(Box::new(lease))
+        }
+        PoolMode::Transaction => None,
+    };
+    Ok(opened.into_session(cancel, backend, statements))
+}
+
+/// A session set up up to its backend and greeting.
+struct Opened<'a> {
+    ctx: SessionContext<'a>,
+    settings: Vec<(String, String)>,
+    attached: PoolUse,
+    on_roster: RosterGuard,
+    counted: ClientGuard,
+}
+
+impl<'a> Opened<'a> {
+    fn into_session(
+        self,
+        cancel: CancelGuard,
+        backend: Option<Box<Lease>>,
+        statements: ClientStatements,
+    ) -> Session<'a> {
+        Session {
+            buffers: RelayBuffers::new(self.ctx.max_client_message_bytes),
+            ctx: self.ctx,
+            settings: self.settings,
+            cancel,
+            backend,
+            statements,
+            attached: self.attached,
+            _on_roster: self.on_roster,
+            _counted: self.counted,
+        }
+    }
+}
+
+/// The tenant's limits, the roster, the counters, the session's context and its pool
+/// attached: everything before a backend.
+async fn open(services: Services<'_>, admission: Admission) -> Result<Opened<'_>, SetupError> {
     let Admission {
         client_id,
         tenant,
@@ -138,35 +241,21 @@ where
             client_idle: limits.max_client_idle_ms.map(Duration::from_millis),
         },
         shutdown: stop,
+        handover: services.handover,
         stats,
     };
     let attached = ctx.pools.attach(&ctx.tenant).await?;
-    let (cancel, backend) = match ctx.mode {
-        PoolMode::Session => {
-            let mut lease = ready_backend(&ctx, &settings).await?;
-            let cancel = ctx.cancels.register(cancel_target(lease.conn()));
-            greet(client, &lease.conn().params, cancel.key()).await?;
-            (cancel, Some(Box::new(lease)))
-        }
-        PoolMode::Transaction => {
-            // Every change of client resets; backends opened with the clients' settings
-            // need nothing more. (A session-mode backend serves one client for long: it is
-            // opened bare, for any client, until clients are known to share settings.)
-            attached.pool().expect_settings(&settings);
-            let cancel = ctx.cancels.register_detached();
-            let params = greeting_params(&ctx, &settings).await?;
-            greet(client, &params, cancel.key()).await?;
-            (cancel, None)
-        }
-    };
-    Ok(Session {
-        buffers: RelayBuffers::new(ctx.max_client_message_bytes),
+    if ctx.mode == PoolMode::Transaction {
+        // Every change of client resets; backends opened with the clients' settings
+        // need nothing more. (A session-mode backend serves one client for long: it is
+        // opened bare, for any client, until clients are known to share settings.)
+        attached.pool().expect_settings(&settings);
+    }
+    Ok(Opened {
         ctx,
         settings,
-        cancel,
-        backend,
         attached,
-        _on_roster: on_roster,
-        _counted: counted,
+        on_roster,
+        counted,
     })
 }

@@ -77,6 +77,32 @@ pub enum LimitExceeded {
 }
 
 impl ClientStatements {
+    /// The client's statements as (name, Parse body after the name), to carry them to
+    /// another process (handover).
+    pub fn export(&self) -> Vec<(String, Bytes)> {
+        self.by_name
+            .iter()
+            .map(|(name, statement)| (name.clone(), statement.parse_rest.clone()))
+            .collect()
+    }
+
+    /// Statements carried from another process, under this process's limits: each gets its
+    /// backend-side name from its text, as if the client had prepared it here. Fails, keeping
+    /// what fit, when they break a limit.
+    pub fn import(
+        &mut self,
+        carried: impl IntoIterator<Item = (String, Bytes)>,
+    ) -> Result<(), LimitExceeded> {
+        for (name, parse_rest) in carried {
+            let statement = Arc::new(Statement {
+                server_name: server_name(&parse_rest),
+                parse_rest,
+            });
+            self.keep(&name, &statement)?;
+        }
+        Ok(())
+    }
+
     fn forget(&mut self, name: &str) -> bool {
         match self.by_name.remove(name) {
             Some(old) => {

@@ -11,6 +11,7 @@ mod backend_tls;
 mod budget;
 mod cli;
 mod faults;
+mod handover;
 mod hardening;
 mod hostile;
 mod integrity;

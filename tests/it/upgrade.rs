@@ -5,24 +5,11 @@
 
 use crate::common;
 
-use std::process::Command;
 use std::time::Duration;
 
-use common::TestEnv;
+use common::{TestEnv, pgbench};
 use tenantgate::pool::PoolMode;
 use tenantgate::server::Proxy;
-
-fn pgbench(args: &[&str]) -> (bool, String, String) {
-    let out = Command::new(common::cluster().bindir().join("pgbench"))
-        .args(args)
-        .output()
-        .expect("run pgbench");
-    (
-        out.status.success(),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_second_instance_on_the_address_takes_new_clients_while_the_first_drains() {

@@ -87,6 +87,19 @@ fn remove_stale_dirs(base: &Path) {
 }
 
 /// A free loopback port (bound, then released).
+/// Runs the cluster's `pgbench` with `args`: (succeeded, stdout, stderr).
+pub fn pgbench<S: AsRef<std::ffi::OsStr>>(args: &[S]) -> (bool, String, String) {
+    let out = std::process::Command::new(cluster().bindir().join("pgbench"))
+        .args(args)
+        .output()
+        .expect("run pgbench");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .expect("bind a free port")
