@@ -192,16 +192,20 @@ async fn receive(stream: UnixStream, intake: Intake, arrivals: mpsc::UnboundedSe
     loop {
         match link.recv().await {
             Ok(Some(Incoming {
-                message: Message::Client(client),
+                message: Message::Client { id, client },
                 mut fds,
             })) => {
                 let (Some(socket), true) = (fds.pop(), fds.is_empty()) else {
+                    // Not taken: the older process tells the client when the link closes.
                     tracing::warn!("a handed-over client came without exactly one socket; dropped");
                     continue;
                 };
-                received += 1;
                 if arrivals.send(Arrival { client, socket }).is_err() {
                     return;
+                }
+                received += 1;
+                if let Err(e) = link.send(&Message::Taken { id }, None).await {
+                    tracing::warn!(error = %e, "confirming a handed-over client failed");
                 }
             }
             Ok(Some(Incoming {

@@ -22,7 +22,11 @@ pub(super) enum Message {
     /// Newer → older: no (the socket is the asker's own: no newer process bound it).
     Refused { reason: String },
     /// Older → newer: a client, its socket on this message.
-    Client(CarriedClient),
+    Client { id: u64, client: CarriedClient },
+    /// Newer → older: the client `id` is the newer process's now; the older one may close
+    /// its copy of the socket. Until then it keeps it, to tell the client if the newer process
+    /// dies with the client in flight.
+    Taken { id: u64 },
     /// Newer → older: a CancelRequest with a key the newer process did not issue.
     Cancel { id: u64, pid: i32, secret: i32 },
     /// Older → newer: whether a client held that key.
@@ -80,18 +84,25 @@ mod tests {
 
     #[test]
     fn a_client_survives_the_round_trip() {
-        let message = Message::Client(CarriedClient {
-            tenant: "acme".into(),
-            user: "app".into(),
-            settings: vec![("application_name".into(), "pgbench".into())],
-            peer: Some("127.0.0.1:5000".parse().unwrap()),
-            cancel_key: (12, -7),
-            statements: vec![CarriedStatement::new(
-                "s1".into(),
-                b"SELECT $1\0\0\x01\0\0\0\x17",
-            )],
-        });
-        let Message::Client(back) = Message::decode(&message.encode().unwrap()).unwrap() else {
+        let message = Message::Client {
+            id: 3,
+            client: CarriedClient {
+                tenant: "acme".into(),
+                user: "app".into(),
+                settings: vec![("application_name".into(), "pgbench".into())],
+                peer: Some("127.0.0.1:5000".parse().unwrap()),
+                cancel_key: (12, -7),
+                statements: vec![CarriedStatement::new(
+                    "s1".into(),
+                    b"SELECT $1\0\0\x01\0\0\0\x17",
+                )],
+            },
+        };
+        let Message::Client {
+            id: 3,
+            client: back,
+        } = Message::decode(&message.encode().unwrap()).unwrap()
+        else {
             panic!("not a client");
         };
         assert_eq!(back.cancel_key, (12, -7));

@@ -11,6 +11,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use common::serve::ServeProcess;
+use common::wire::{self, RawClient};
 use common::{TestEnv, pgbench};
 use tenantgate::config::Config;
 use tenantgate::pool::PoolMode;
@@ -187,4 +188,138 @@ async fn sigusr2_hands_clients_to_the_new_process_under_pgbench_without_a_failur
     assert!(received >= 17, "received {received}:\n{}", new.log_text());
     drop(new);
     assert!(!socket.exists() || std::fs::remove_file(&socket).is_ok());
+}
+
+/// Tenant clients on `proxy`'s roster.
+fn tenant_clients(proxy: &tenantgate::server::Proxy) -> usize {
+    proxy
+        .state()
+        .clients
+        .list()
+        .iter()
+        .filter(|c| c.tenant.is_some())
+        .count()
+}
+
+/// A test environment whose proxy (the "old" process) binds a handover socket.
+async fn env_with_handover(socket: &Path) -> TestEnv {
+    let socket = socket.to_owned();
+    TestEnv::start_with(move |c| {
+        c.pool.mode = PoolMode::Transaction;
+        c.pool.pool_size = 2;
+        c.proxy.handover_socket = Some(socket);
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_with_half_a_message_sent_moves_only_once_the_message_is_whole() {
+    let socket = PathBuf::from(format!("/tmp/{}.sock", common::unique("tg-half-")));
+    let mut env = env_with_handover(&socket).await;
+    let t = env.tenant_with_user("halfmove").await;
+    let mut half = RawClient::connect(env.port(), t.slug.as_str(), "app", "secret").await;
+    let query = wire::query("SELECT 40 + 2");
+    half.send(&query[..3]).await.unwrap();
+    let mut idle = RawClient::connect(env.port(), t.slug.as_str(), "app", "secret").await;
+
+    let new = tenantgate::server::Proxy::start(env.config.clone())
+        .await
+        .unwrap();
+    let old = env.proxy.take().unwrap();
+    old.hand_over().await.unwrap();
+    // The idle client moves at once; the one with three bytes of a Query in the old
+    // process's buffer stays there.
+    assert!(
+        common::eventually(Duration::from_secs(5), || async {
+            tenant_clients(&new) == 1 && tenant_clients(&old) == 1
+        })
+        .await,
+        "new {} old {}",
+        tenant_clients(&new),
+        tenant_clients(&old)
+    );
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!((tenant_clients(&new), tenant_clients(&old)), (1, 1));
+    // The rest of the message: the old process answers it, then the client moves.
+    half.send(&query[3..]).await.unwrap();
+    let answer = half.until_ready().await.unwrap();
+    assert!(
+        answer
+            .iter()
+            .any(|(tag, body)| *tag == b'D' && body.ends_with(b"42")),
+        "{answer:?}"
+    );
+    assert!(
+        common::eventually(Duration::from_secs(5), || async {
+            tenant_clients(&new) == 2 && tenant_clients(&old) == 0
+        })
+        .await
+    );
+    for client in [&mut half, &mut idle] {
+        client.send(&wire::query("SELECT 7")).await.unwrap();
+        let answer = client.until_ready().await.unwrap();
+        assert!(answer.iter().any(|(tag, _)| *tag == b'D'), "{answer:?}");
+    }
+    tokio::time::timeout(
+        Duration::from_secs(10),
+        old.shutdown(Duration::from_secs(30)),
+    )
+    .await
+    .expect("the old process had nobody left to wait for");
+    new.shutdown(Duration::from_secs(1)).await;
+}
+
+/// Reads one length-prefixed frame of the handover link (any descriptor with it is closed).
+async fn read_link_frame(stream: &mut tokio::net::UnixStream) -> Vec<u8> {
+    use tokio::io::AsyncReadExt as _;
+    let mut head = [0u8; 4];
+    stream.read_exact(&mut head).await.unwrap();
+    let mut body = vec![0u8; u32::from_be_bytes(head) as usize];
+    stream.read_exact(&mut body).await.unwrap();
+    body
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_newer_process_that_dies_with_a_client_in_flight_costs_that_client_a_clear_57p01() {
+    use tokio::io::AsyncWriteExt as _;
+    let socket = PathBuf::from(format!("/tmp/{}.sock", common::unique("tg-dies-")));
+    let env = env_with_handover(&socket).await;
+    let t = env.tenant_with_user("handdies").await;
+    let (client, connection) = env
+        .client_config(t.slug.as_str(), "app", "secret")
+        .connect(tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    let connection = tokio::spawn(connection);
+    client.simple_query("SELECT 1").await.unwrap();
+
+    // A "newer process" that greets, reads the client it is sent, and dies without taking it.
+    std::fs::remove_file(&socket).unwrap();
+    let listener = tokio::net::UnixListener::bind(&socket).unwrap();
+    let fake = tokio::spawn(async move {
+        let (mut stream, _) = listener.accept().await.unwrap();
+        let hello = read_link_frame(&mut stream).await;
+        assert!(String::from_utf8_lossy(&hello).contains("\"hello\""));
+        let welcome = br#"{"type":"welcome","instance":1,"version":"fake"}"#;
+        let mut frame = u32::try_from(welcome.len()).unwrap().to_be_bytes().to_vec();
+        frame.extend_from_slice(welcome);
+        stream.write_all(&frame).await.unwrap();
+        let sent = read_link_frame(&mut stream).await;
+        assert!(String::from_utf8_lossy(&sent).contains("\"client\""));
+    });
+    let proxy = env.proxy.as_ref().unwrap();
+    proxy.hand_over().await.unwrap();
+    fake.await.unwrap();
+    let ended = tokio::time::timeout(Duration::from_secs(15), connection)
+        .await
+        .expect("the client was told within the take timeout")
+        .unwrap();
+    let err = ended.expect_err("the client's connection ended with an error");
+    let db = err.as_db_error().expect("a FATAL from tenantgate");
+    assert_eq!(db.code(), &SqlState::ADMIN_SHUTDOWN, "{db}");
+    assert!(
+        db.message().contains("could not hand this connection"),
+        "{db}"
+    );
+    assert_eq!(tenant_clients(proxy), 0);
 }
