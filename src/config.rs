@@ -18,7 +18,7 @@ use std::path::Path;
 use serde::{Deserialize, Serialize};
 
 pub use admin::AdminConfig;
-pub use proxy::{LogFormat, ProxyConfig};
+pub use proxy::{LogFormat, Networks, ProxyConfig};
 
 use crate::crypto::SecretsConfig;
 use crate::metrics::MetricsConfig;
@@ -384,6 +384,42 @@ admin_user = "postgres"
         assert!(err.contains("proxy.log_format"), "{err}");
         assert!(err.contains("line 2"), "{err}");
         assert!(!err.contains('\n'), "{err}");
+    }
+
+    /// Issue 15: `proxy_protocol_from` takes CIDR ranges and single addresses; a bad entry is
+    /// one line naming the key and its line.
+    #[test]
+    fn proxy_protocol_from_takes_ranges_and_names_the_key_when_wrong() {
+        let c = Config::parse(MINIMAL, "t").unwrap();
+        assert!(c.proxy.proxy_protocol_from.is_empty());
+        let text = format!(
+            "[proxy]\nproxy_protocol_from = [\"10.0.0.0/8\", \"192.0.2.7\", \"2001:db8::/32\"]\n{MINIMAL}"
+        );
+        let c = Config::parse(&text, "t").unwrap();
+        c.validate().unwrap();
+        let trusted = &c.proxy.proxy_protocol_from;
+        for yes in ["10.1.2.3", "192.0.2.7", "2001:db8::1", "::ffff:10.9.9.9"] {
+            assert!(trusted.contains(yes.parse().unwrap()), "{yes}");
+        }
+        for no in ["11.0.0.1", "192.0.2.8", "2001:db9::1", "127.0.0.1"] {
+            assert!(!trusted.contains(no.parse().unwrap()), "{no}");
+        }
+        // It writes back as it reads (SHOW CONFIG, the tests' config files).
+        let again = Config::parse(&toml::to_string(&c).unwrap(), "t").unwrap();
+        assert_eq!(&again.proxy.proxy_protocol_from, trusted);
+        for (bad, says) in [
+            ("10.0.0/8", "not an IP address or a CIDR range"),
+            ("10.0.0.0/33", "not an IP address or a CIDR range"),
+            ("balancer.internal", "not an IP address or a CIDR range"),
+            ("10.1.2.3/8", "host bits set; the range is \"10.0.0.0/8\""),
+        ] {
+            let text = format!("[proxy]\nproxy_protocol_from = [\"{bad}\"]\n{MINIMAL}");
+            let err = Config::parse(&text, "t").unwrap_err().to_string();
+            assert!(err.contains("proxy.proxy_protocol_from"), "{err}");
+            assert!(err.contains(says), "{err}");
+            assert!(err.contains("line 2"), "{err}");
+            assert!(!err.contains('\n'), "{err}");
+        }
     }
 
     #[test]

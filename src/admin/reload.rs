@@ -22,7 +22,8 @@ pub(super) fn reload_columns() -> Vec<Column> {
 }
 
 /// `[proxy]` keys that new clients read from the running config.
-const LIVE_PROXY_KEYS: [&str; 4] = [
+const LIVE_PROXY_KEYS: [&str; 5] = [
+    "proxy.proxy_protocol_from",
     "proxy.login_timeout_ms",
     "proxy.max_startup_packet_bytes",
     "proxy.max_message_bytes",
@@ -96,6 +97,7 @@ pub(super) async fn reload_config(
     next.proxy.max_startup_packet_bytes = fresh.proxy.max_startup_packet_bytes;
     next.proxy.max_message_bytes = fresh.proxy.max_message_bytes;
     next.proxy.suspend_grace_seconds = fresh.proxy.suspend_grace_seconds;
+    next.proxy.proxy_protocol_from = fresh.proxy.proxy_protocol_from.clone();
     next.tls = fresh.tls.clone();
 
     let before: std::collections::BTreeMap<String, String> =

@@ -2,8 +2,10 @@
 //! because the server builds everything from the whole config and hands it to the console,
 //! so `server` depends on `config`. Sessions get the values they need from the server.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
+
+use ipnet::IpNet;
 
 use serde::{Deserialize, Serialize};
 
@@ -103,6 +105,69 @@ pub struct ProxyConfig {
     /// or a tenant. Default 5. Restart to change.
     #[serde(default = "default_auth_failure_limit_factor")]
     pub auth_failure_limit_factor: u32,
+    /// Load balancers that send a PROXY protocol header (v1 or v2) before the client's first
+    /// byte: addresses or CIDR ranges. A connection from one of them must start with the
+    /// header, and the client address it names is the client's for everything (throttle,
+    /// login slots, audit lines, SHOW CLIENTS, cancel requests); a header from any other
+    /// address is refused. Default empty: no PROXY protocol. Read by each new connection,
+    /// so RELOAD applies it.
+    #[serde(default)]
+    pub proxy_protocol_from: Networks,
+}
+
+/// IP address ranges, written as CIDR ranges ("10.0.0.0/8") or single addresses.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(try_from = "Vec<String>", into = "Vec<String>")]
+pub struct Networks(Vec<IpNet>);
+
+impl Networks {
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    /// Whether `addr` is in one of the ranges. An IPv4 client of a dual-stack listener
+    /// (`::ffff:10.1.2.3`) counts as its IPv4 address.
+    pub fn contains(&self, addr: IpAddr) -> bool {
+        let addr = addr.to_canonical();
+        self.0.iter().any(|net| net.contains(&addr))
+    }
+}
+
+impl TryFrom<Vec<String>> for Networks {
+    type Error = String;
+
+    /// The message names the key: serde reports it as the value's error, on the value's line.
+    fn try_from(items: Vec<String>) -> Result<Networks, String> {
+        let key = "proxy.proxy_protocol_from";
+        items
+            .iter()
+            .map(|item| {
+                let net = match item.parse::<IpAddr>() {
+                    Ok(addr) => IpNet::from(addr),
+                    Err(_) => item.parse::<IpNet>().map_err(|_| {
+                        format!(
+                            "{key}: {item:?} is not an IP address or a CIDR range such as \"10.0.0.0/8\""
+                        )
+                    })?,
+                };
+                // "10.1.2.3/8" is a typo or a misunderstanding; a silent widening is worse.
+                if net.trunc() != net {
+                    return Err(format!(
+                        "{key}: {item:?} has host bits set; the range is \"{}\"",
+                        net.trunc()
+                    ));
+                }
+                Ok(net)
+            })
+            .collect::<Result<_, _>>()
+            .map(Networks)
+    }
+}
+
+impl From<Networks> for Vec<String> {
+    fn from(networks: Networks) -> Vec<String> {
+        networks.0.iter().map(ToString::to_string).collect()
+    }
 }
 
 /// `[proxy] log_format`: how the log is written.
@@ -203,6 +268,7 @@ impl Default for ProxyConfig {
             auth_lockout_seconds: default_auth_lockout_seconds(),
             auth_max_delay_ms: default_auth_max_delay_ms(),
             auth_failure_limit_factor: default_auth_failure_limit_factor(),
+            proxy_protocol_from: Networks::default(),
         }
     }
 }

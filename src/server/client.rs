@@ -1,4 +1,5 @@
-//! One client's connection, top to bottom: encryption (SSLRequest, direct TLS) → login
+//! One client's connection, top to bottom: the PROXY protocol header when the peer is a
+//! trusted load balancer (`proxy_header`) → encryption (SSLRequest, direct TLS) → login
 //! (`login`: startup, routing, authentication) → tenant session or admin console. Errors from
 //! setup are sent to the client here, in one place, as a FATAL ErrorResponse with the error's
 //! own SQLSTATE.
@@ -27,6 +28,7 @@ use super::login::{
     Conn, Login, LoginAttempt, LoginError, audit_line, audit_login, login, login_outcome,
 };
 use super::login_slot::LoginSlot;
+use super::proxy_header::{self, ProxyHeaderError, Source};
 use crate::admin;
 use crate::auth::AuthError;
 use crate::clients::ClientEntry;
@@ -98,14 +100,27 @@ enum Opening {
     Tls { direct: bool },
 }
 
+/// Who is at the other end of an accepted connection.
+#[derive(Debug, Clone, Copy)]
+pub(super) enum Peer {
+    /// The client itself.
+    Client(SocketAddr),
+    /// A load balancer in `[proxy] proxy_protocol_from`: its PROXY header names the client.
+    Balancer(SocketAddr),
+}
+
 /// Serves one client connection to its end.
 pub(super) async fn serve_client(
     state: &State,
     client_id: u64,
     mut stream: TcpStream,
+    from: Peer,
     shutdown: &CancellationToken,
 ) -> CloseReason {
-    let peer = stream.peer_addr().ok();
+    let peer = match client_address(state, &mut stream, from).await {
+        Ok(address) => Some(address),
+        Err(reason) => return reason,
+    };
     // Held from here to the end of authentication: stalled or slow logins take slots, not
     // the whole process. Waiting briefly smooths a burst; past that the client is told.
     let slot_wait = Duration::from_millis(state.config.get().proxy.login_slot_wait_ms);
@@ -230,6 +245,42 @@ impl ClientStream for tokio_rustls::server::TlsStream<TcpStream> {
     fn into_socket(self) -> Option<TcpStream> {
         None
     }
+}
+
+/// The client's address: the peer's, or the one a trusted balancer's PROXY header names.
+/// The header is read under the login timeout, before a login slot is taken: the per-source
+/// slots are the client's, not the balancer's. On failure the connection ends (the error was
+/// sent to the peer).
+async fn client_address(
+    state: &State,
+    stream: &mut TcpStream,
+    from: Peer,
+) -> Result<SocketAddr, CloseReason> {
+    let balancer = match from {
+        Peer::Client(address) => return Ok(address),
+        Peer::Balancer(address) => address,
+    };
+    let login_timeout = Duration::from_millis(state.config.get().proxy.login_timeout_ms);
+    let client = match tokio::time::timeout(login_timeout, proxy_header::read_header(stream)).await
+    {
+        Ok(Ok(Source::Client(address))) => address,
+        Ok(Ok(Source::Balancer)) => balancer,
+        Ok(Err(e)) => {
+            let outcome = match e {
+                ProxyHeaderError::Closed => LoginOutcome::Abandoned,
+                _ => LoginOutcome::Refused,
+            };
+            state.stats.process().login(outcome);
+            return Err(fail(stream, &LoginError::from(e)).await);
+        }
+        Err(_) => {
+            state.stats.process().login(LoginOutcome::Timeout);
+            fail(stream, &LoginError::Timeout(login_timeout)).await;
+            return Err(CloseReason::LoginTimeout);
+        }
+    };
+    tracing::Span::current().record("peer", tracing::field::display(client));
+    Ok(client)
 }
 
 /// Login, then the tenant's session (or the admin console) over the chosen stream.
@@ -421,7 +472,14 @@ async fn encryption(
     }
     let max = state.config.get().proxy.max_startup_packet_bytes;
     loop {
-        match startup::read_first_packet(stream, max).await? {
+        let packet = match startup::read_first_packet(stream, max).await {
+            // Said plainly: a balancer in front that nobody listed in proxy_protocol_from.
+            Err(StartupError::BadLength(word)) if proxy_header::is_header_start(word) => {
+                return Err(ProxyHeaderError::Untrusted.into());
+            }
+            read => read?,
+        };
+        match packet {
             FirstPacket::SslRequest if tls.acceptor().is_some() => {
                 // Nothing after the SSLRequest has been read: whatever the client sent next
                 // goes to the TLS handshake (no plaintext injected before it, CVE-2021-23222).
@@ -483,6 +541,7 @@ pub(super) async fn fail<S: AsyncWrite + Unpin>(stream: &mut S, err: &LoginError
         err,
         LoginError::Auth(AuthError::ClientLeft | AuthError::Abandoned)
             | LoginError::Startup(StartupError::Eof)
+            | LoginError::ProxyHeader(ProxyHeaderError::Closed)
     ) {
         return CloseReason::LeftDuringLogin;
     }

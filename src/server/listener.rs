@@ -1,5 +1,6 @@
 //! The accept loop: one task per client, a global client limit that answers instead of
-//! stalling, and accept errors (EMFILE) logged and backed off, never fatal. When it stops, the
+//! stalling, and accept errors (EMFILE) logged and backed off, never fatal. A peer in
+//! `[proxy] proxy_protocol_from` is marked a balancer here; its client task reads the header. When it stops, the
 //! connections already queued for it are accepted and served, not reset with the listener.
 
 use std::sync::Arc;
@@ -15,7 +16,7 @@ use tokio_util::task::TaskTracker;
 use tracing::Instrument as _;
 
 use super::State;
-use super::client::serve_client;
+use super::client::{Peer, serve_client};
 use crate::protocol::{SqlState, messages};
 
 pub(super) async fn run(
@@ -79,13 +80,29 @@ fn spawn_client(
 ) {
     tune_socket(&stream);
     let id = state.next_client_id.fetch_add(1, Ordering::Relaxed);
+    // `peer` is the client's address. From a trusted balancer it is known only once the
+    // PROXY header is read (`client` records it then); until then the line names the balancer.
     let span = tracing::info_span!(
         "client",
         id,
-        %peer,
+        peer = tracing::field::Empty,
+        balancer = tracing::field::Empty,
         tenant = tracing::field::Empty,
         user = tracing::field::Empty
     );
+    let from = if state
+        .config
+        .get()
+        .proxy
+        .proxy_protocol_from
+        .contains(peer.ip())
+    {
+        span.record("balancer", tracing::field::display(peer));
+        Peer::Balancer(peer)
+    } else {
+        span.record("peer", tracing::field::display(peer));
+        Peer::Client(peer)
+    };
     let Ok(permit) = Arc::clone(&state.client_slots).try_acquire_owned() else {
         tasks.spawn(refuse_too_many(stream).instrument(span));
         return;
@@ -94,7 +111,7 @@ fn spawn_client(
     let stop = stop_sessions.clone();
     tasks.spawn(
         async move {
-            let reason = serve_client(&state, id, stream, &stop).await;
+            let reason = serve_client(&state, id, stream, from, &stop).await;
             reason.log();
             drop(permit);
         }

@@ -24,6 +24,7 @@ use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 
 use super::State;
 use super::login_slot::{LoginSlot, NoSlot};
+use super::proxy_header::ProxyHeaderError;
 use crate::auth::method::{Proof, authenticate_by_method};
 use crate::auth::throttle::{LoginThrottle, Target, Throttled};
 use crate::auth::{self, AuthError, Credential, ScramSecret};
@@ -42,6 +43,8 @@ use crate::tls::{TlsInfo, TlsMode, TlsServer};
 /// Everything that can stop a client before its session starts.
 #[derive(Debug, thiserror::Error)]
 pub enum LoginError {
+    #[error(transparent)]
+    ProxyHeader(#[from] ProxyHeaderError),
     #[error(transparent)]
     Startup(#[from] StartupError),
     #[error("no user name in the startup packet")]
@@ -92,6 +95,7 @@ impl From<NoSlot> for LoginError {
 impl ClientFacing for LoginError {
     fn sqlstate(&self) -> SqlState {
         match self {
+            LoginError::ProxyHeader(e) => e.sqlstate(),
             LoginError::Startup(e) => e.sqlstate(),
             LoginError::NoUser
             | LoginError::NotAdmin(_)
@@ -113,6 +117,7 @@ impl ClientFacing for LoginError {
 
     fn client_message(&self) -> String {
         match self {
+            LoginError::ProxyHeader(e) => e.client_message(),
             LoginError::Startup(e) => e.client_message(),
             LoginError::NoUser => "no PostgreSQL user name specified in startup packet".to_owned(),
             LoginError::Settings(e) => e.to_string(),
@@ -158,6 +163,7 @@ impl ClientFacing for LoginError {
 
     fn kind(&self) -> ErrorKind {
         match self {
+            LoginError::ProxyHeader(e) => e.kind(),
             LoginError::Startup(e) => e.kind(),
             LoginError::NoUser
             | LoginError::Settings(_)

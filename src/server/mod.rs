@@ -2,7 +2,8 @@
 //! its first byte to a relaying session.
 //!
 //! Moving parts: [`Proxy`] (start-up: registry migrations, shared [`State`], background tasks,
-//! graceful shutdown), `listener` (accept loop, client limit), `client` (one client's path:
+//! graceful shutdown), `listener` (accept loop, client limit), `proxy_header` (the PROXY
+//! protocol header of a trusted load balancer), `client` (one client's path:
 //! startup → auth → tenant → pool → session). Background loops started here: the accept loop,
 //! the registry change listener, the usage flusher (`stats`, when configured), the metrics
 //! endpoint (`metrics`, when configured). This module holds no business rules.
@@ -14,6 +15,7 @@ mod handover;
 mod listener;
 mod login;
 mod login_slot;
+mod proxy_header;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -29,6 +31,7 @@ use tokio_util::task::TaskTracker;
 
 pub use client::CloseReason;
 pub use login::LoginError;
+pub use proxy_header::ProxyHeaderError;
 
 use crate::admin::AdminContext;
 use crate::auth::throttle::LoginThrottle;

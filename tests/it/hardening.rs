@@ -289,7 +289,7 @@ fn captured_log() -> Arc<Mutex<Vec<u8>>> {
         let sink = Arc::clone(&buffer);
         let layer = tracing_subscriber::fmt::layer()
             .with_ansi(false)
-            .with_writer(move || LogWriter(Arc::clone(&sink)))
+            .with_writer(move || common::LogWriter(Arc::clone(&sink)))
             .with_filter(tenantgate::config::log_filter("trace", false))
             // Dynamic: asked on every event (a plain filter_fn caches its answer per callsite).
             .with_filter(filter::dynamic_filter_fn(|_, _| CAPTURING.get()));
@@ -309,18 +309,6 @@ fn capturing_runtime() -> tokio::runtime::Runtime {
         .on_thread_start(|| CAPTURING.set(true))
         .build()
         .unwrap()
-}
-
-struct LogWriter(Arc<Mutex<Vec<u8>>>);
-
-impl std::io::Write for LogWriter {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(buf);
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
 }
 
 /// Issue 6: every login and admin command leaves one `tenantgate::audit` line, and nothing

@@ -19,6 +19,7 @@ mod key_rotation;
 mod logs;
 mod metrics;
 mod migrations;
+mod proxy_protocol;
 mod registry_changes;
 mod registry_outage;
 mod routing;

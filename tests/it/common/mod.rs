@@ -348,6 +348,19 @@ admin_password = "{password}"
     }
 }
 
+/// A tracing writer that appends the log to a shared buffer, for tests that read it.
+pub struct LogWriter(pub std::sync::Arc<Mutex<Vec<u8>>>);
+
+impl std::io::Write for LogWriter {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
 /// Polls `check` until it returns true or `timeout` passes.
 pub async fn eventually<F, Fut>(timeout: Duration, mut check: F) -> bool
 where
@@ -415,7 +428,25 @@ pub async fn login_from(
     user: &str,
     password: &str,
 ) -> Result<tokio_postgres::Client, tokio_postgres::Error> {
-    let stream = connect_from(env, source).await;
+    login_over(
+        env,
+        connect_from(env, source).await,
+        database,
+        user,
+        password,
+    )
+    .await
+}
+
+/// Logs in as `user` of `database` with `password` over `stream`, a connection to `env`'s
+/// proxy that may already carry bytes of its own (a PROXY protocol header).
+pub async fn login_over(
+    env: &TestEnv,
+    stream: tokio::net::TcpStream,
+    database: &str,
+    user: &str,
+    password: &str,
+) -> Result<tokio_postgres::Client, tokio_postgres::Error> {
     let (client, connection) = env
         .client_config(database, user, password)
         .connect_raw(stream, NoTls)
