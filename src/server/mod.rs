@@ -5,7 +5,7 @@
 //! graceful shutdown), `listener` (accept loop, client limit), `client` (one client's path:
 //! startup → auth → tenant → pool → session). Background loops started here: the accept loop,
 //! the registry change listener, the usage flusher (`stats`, when configured), the metrics
-//! endpoint (`metrics`, when configured). This module holds no business rules.
+//! endpoint (`metrics`, when configured), the instance heartbeat (`instance`). This module holds no business rules.
 //! It builds everything from the whole config, so its `[proxy]` section is `config`'s
 //! ([`ProxyConfig`](crate::config::ProxyConfig)), which keeps the arrow pointing one way.
 
@@ -33,6 +33,7 @@ use crate::auth::throttle::LoginThrottle;
 use crate::clients::ClientRoster;
 use crate::config::{Config, LiveConfig};
 use crate::crypto::MasterKey;
+use crate::instance::{InstanceSetup, Instances, Load};
 use crate::metrics::{MetricsServer, Sources};
 use crate::pool::PoolMap;
 use crate::registry::{Registry, TenantDirectory, spawn_change_listener};
@@ -47,6 +48,8 @@ pub struct State {
     pub directory: TenantDirectory,
     pub pools: PoolMap,
     pub cancels: CancelMap,
+    /// This instance among those sharing the registry: cancel forwarding.
+    pub instances: Instances,
     pub clients: ClientRoster,
     pub admin: Arc<AdminContext>,
     /// Per-tenant usage counters (SHOW STATS, billing); outlive the tenants' pools.
@@ -112,6 +115,50 @@ async fn open_registry(config: &Config, key: &MasterKey) -> anyhow::Result<(Regi
         .await
         .context("read the mock SCRAM key from the registry")?;
     Ok((registry, mock_key))
+}
+
+/// Registers this instance in the registry and starts its heartbeat. Its load is read from
+/// the roster (clients) and the server budgets (backends open); its budget is the sum of the
+/// `[[server]]` budgets.
+async fn start_instance(
+    config: &Config,
+    listen: SocketAddr,
+    registry: &Registry,
+    key: &MasterKey,
+    cancels: &CancelMap,
+    (clients, pools): (&ClientRoster, &PoolMap),
+) -> Instances {
+    let (clients, pools) = (clients.clone(), pools.clone());
+    let count = |n: usize| i64::try_from(n).unwrap_or(i64::MAX);
+    let load = move || {
+        let (admin, tenant) = clients.counts();
+        let backends: u64 = pools
+            .servers()
+            .iter()
+            .filter_map(|s| pools.budget(&s.name))
+            .map(|b| u64::from(b.in_use()))
+            .sum();
+        Load {
+            clients: count(admin.saturating_add(tenant)),
+            backends: i64::try_from(backends).unwrap_or(i64::MAX),
+        }
+    };
+    let budget = config
+        .servers
+        .iter()
+        .map(|s| i64::from(s.max_connections))
+        .sum();
+    Instances::start(InstanceSetup {
+        config: config.instance.clone(),
+        listen,
+        budget: Some(budget),
+        registry: registry.clone(),
+        key: key.clone(),
+        cancels: cancels.clone(),
+        load: Box::new(load),
+        timeout: Duration::from_millis(config.registry.timeout_ms),
+    })
+    .await
 }
 
 /// The client listener, bound with `SO_REUSEPORT` when `reuse_port`: a second tenantgate (a new binary or
@@ -189,6 +236,16 @@ impl Proxy {
         );
         let live = LiveConfig::new(config.clone());
         let clients = ClientRoster::default();
+        let cancels = CancelMap::default();
+        let instances = start_instance(
+            &config,
+            local_addr,
+            &registry,
+            &key,
+            &cancels,
+            (&clients, &pools),
+        )
+        .await;
         let admin = Arc::new(AdminContext {
             config: live.clone(),
             registry,
@@ -198,6 +255,7 @@ impl Proxy {
             key,
             stats: usage.clone(),
             tls: tls.clone(),
+            instance_id: instances.id().to_owned(),
         });
         let state = Arc::new(State {
             client_slots: Arc::new(Semaphore::new(
@@ -210,7 +268,8 @@ impl Proxy {
             config: live,
             directory,
             pools,
-            cancels: CancelMap::default(),
+            cancels,
+            instances,
             clients,
             admin,
             stats: usage,
@@ -296,5 +355,7 @@ impl Proxy {
             );
             drop(tokio::time::timeout(bound, flusher).await);
         }
+        // Last: cancels for the sessions above could still come through other instances.
+        self.state.instances.stop().await;
     }
 }

@@ -13,6 +13,7 @@ mod cli;
 mod faults;
 mod hardening;
 mod hostile;
+mod instances;
 mod integrity;
 mod key_rotation;
 mod logs;
