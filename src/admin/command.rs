@@ -1017,6 +1017,13 @@ mod tests {
                 tenant: None
             }
         );
+        assert_eq!(
+            one("show instances"),
+            Command::Show {
+                what: ShowWhat::Instances,
+                tenant: None
+            }
+        );
         for bad in [
             "ALTER TENANT acme SET",
             "ALTER TENANT acme SET ()",

@@ -59,6 +59,19 @@ async fn cancel_key(token: &CancelToken) -> (i32, i32) {
     (word(8), word(12))
 }
 
+/// Sends a forwarded cancel request to `to`; returns what came back before the instance
+/// closed the connection (within 5 s).
+async fn send_forward(to: SocketAddr, packet: &[u8]) -> Vec<u8> {
+    let mut stream = TcpStream::connect(to).await.unwrap();
+    stream.write_all(packet).await.unwrap();
+    let mut answer = Vec::new();
+    tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut answer))
+        .await
+        .expect("the instance closes a forward")
+        .unwrap();
+    answer
+}
+
 /// SHOW INSTANCES as rows of text: id, tag, address, started_at, last_heartbeat, clients,
 /// backends, budget_share, version, local.
 async fn show_instances(admin: &Client) -> Vec<Vec<String>> {
@@ -82,16 +95,8 @@ async fn a_cancel_sent_to_another_instance_cancels_the_query_there_and_forged_or
     assert_ne!(secret.to_be_bytes()[0], 0, "the key carries A's tag");
 
     // A forward whose MAC is not the master key's: A answers nothing and cancels nothing.
-    let mut forged = TcpStream::connect(("127.0.0.1", env.port())).await.unwrap();
-    forged
-        .write_all(&forwarded_cancel(pid, secret, &[0x5a; 32]))
-        .await
-        .unwrap();
-    let mut answer = Vec::new();
-    tokio::time::timeout(Duration::from_secs(5), forged.read_to_end(&mut answer))
-        .await
-        .expect("A closes a forged forward")
-        .unwrap();
+    let a_addr = SocketAddr::from(([127, 0, 0, 1], env.port()));
+    let answer = send_forward(a_addr, &forwarded_cancel(pid, secret, &[0x5a; 32])).await;
     assert!(
         answer.is_empty(),
         "no answer to a forged forward: {answer:?}"
@@ -99,17 +104,8 @@ async fn a_cancel_sent_to_another_instance_cancels_the_query_there_and_forged_or
 
     // A genuine forward sent to the wrong instance (B): B looks the key up itself, answers
     // "unknown" and does not forward it again.
-    let mut misdirected = TcpStream::connect(b.local_addr()).await.unwrap();
     let mac = forward_mac(&env.key, pid, secret);
-    misdirected
-        .write_all(&forwarded_cancel(pid, secret, &mac))
-        .await
-        .unwrap();
-    let mut answer = Vec::new();
-    tokio::time::timeout(Duration::from_secs(5), misdirected.read_to_end(&mut answer))
-        .await
-        .expect("B answers a forward")
-        .unwrap();
+    let answer = send_forward(b.local_addr(), &forwarded_cancel(pid, secret, &mac)).await;
     assert_eq!(answer, b"U", "B holds no such key and forwards nothing");
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert!(
