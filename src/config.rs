@@ -21,6 +21,7 @@ pub use admin::AdminConfig;
 pub use proxy::{LogFormat, Networks, ProxyConfig};
 
 use crate::crypto::SecretsConfig;
+use crate::instance::InstanceConfig;
 use crate::metrics::MetricsConfig;
 use crate::pool::{BackendTls, PlanConfig, PoolConfig, ServerConfig};
 use crate::provision::{self, ProvisionConfig};
@@ -61,6 +62,9 @@ pub struct Config {
     pub stats: StatsConfig,
     #[serde(default)]
     pub metrics: MetricsConfig,
+    /// This process among the instances sharing the registry.
+    #[serde(default)]
+    pub instance: InstanceConfig,
 }
 
 /// Settings the command line gives over the file (`quickstart --listen`, `--tls`, and the
@@ -252,6 +256,7 @@ impl Config {
         self.provision.validate()?;
         self.admin.validate()?;
         self.tls.validate()?;
+        self.instance.validate()?;
         if self.servers.is_empty() {
             return bad(
                 "server",

@@ -5,7 +5,8 @@
 //!
 //! Follow one connection: `server` (listener, startup, client task) → `auth` (SCRAM) →
 //! `registry` (tenant record, cached) → `pool` (tenant pool, backend connection) → `session`
-//! (settings, relay, release). `stats` keeps each tenant's usage counters, `provision`
+//! (settings, relay, release). `instance` registers this process among the instances sharing
+//! the registry and forwards cancel requests between them. `stats` keeps each tenant's usage counters, `provision`
 //! manages tenants, `crypto` keeps secrets (`rekey` rotates their master key), `config` gathers the configuration, `protocol` owns
 //! the bytes, `localpg` starts private PostgreSQL servers for the quickstart, tests and
 //! benchmarks.
@@ -19,6 +20,7 @@ pub mod error;
 #[cfg(any(test, fuzzing))]
 pub mod fuzz;
 pub mod handover;
+pub mod instance;
 pub mod localpg;
 pub mod metrics;
 pub mod pool;

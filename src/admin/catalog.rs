@@ -1,5 +1,6 @@
 //! The console's virtual tables, built on demand from live state (pools, budgets, connected
-//! clients, the config) and from the registry (tenants, activity, migrations, plans). SHOW commands
+//! clients, the config) and from the registry (tenants, activity, migrations, plans, the live
+//! instances). SHOW commands
 //! and SELECTs read the same tables. Nothing here changes state, and no secret (backend
 //! password, admin password, password in a URL) is ever put in a row.
 
@@ -87,6 +88,18 @@ pub(super) fn columns(name: &str) -> Result<Vec<Column>, AdminError> {
         "config" => vec![c("key", Text), c("value", Text)],
         "domains" => vec![c("domain", Text), c("tenant", Text)],
         "plans" => super::plans::columns(),
+        "instances" => vec![
+            c("id", Text),
+            c("tag", Int8),
+            c("address", Text),
+            c("started_at", Timestamptz),
+            c("last_heartbeat", Timestamptz),
+            c("clients", Int8),
+            c("backends", Int8),
+            c("budget_share", Int8),
+            c("version", Text),
+            c("local", Bool),
+        ],
         "help" => vec![c("command", Text), c("description", Text)],
         "version" => vec![c("version", Text)],
         other => return Err(AdminError::NoSuchTable(other.to_owned())),
@@ -118,6 +131,7 @@ pub(super) async fn load(
             .map(|(d, t)| vec![Value::text(d), Value::text(t)])
             .collect(),
         "plans" => super::plans::rows(ctx).await?,
+        "instances" => instances(ctx).await?,
         "help" => help(),
         "version" => vec![vec![Value::text(version_string())]],
         other => return Err(AdminError::NoSuchTable(other.to_owned())),
@@ -228,6 +242,34 @@ async fn servers(ctx: &AdminContext) -> Vec<Vec<Value>> {
             ]
         })
         .collect()
+}
+
+/// The live instances sharing the registry, as of their last heartbeat. `budget_share` is
+/// each instance's own configured budget (its `[[server]]` budgets summed) until budgets are
+/// shared across instances.
+async fn instances(ctx: &AdminContext) -> Result<Vec<Vec<Value>>, AdminError> {
+    let ttl = ctx.config.get().instance.ttl();
+    Ok(ctx
+        .registry
+        .live_instances(ttl)
+        .await?
+        .into_iter()
+        .map(|i| {
+            let local = i.id == ctx.instance_id;
+            vec![
+                Value::text(i.id),
+                Value::Int(i64::from(i.tag)),
+                Value::opt_text(i.address),
+                Value::Time(i.started_at),
+                Value::Time(i.heartbeat_at),
+                Value::Int(i.clients),
+                Value::Int(i.backends),
+                i.budget.map_or(Value::Null, Value::Int),
+                Value::text(i.version),
+                Value::Bool(local),
+            ]
+        })
+        .collect())
 }
 
 async fn activity(ctx: &AdminContext, tenant: Option<&str>) -> Result<Vec<Vec<Value>>, AdminError> {
@@ -385,102 +427,108 @@ fn mask_url(url: &str) -> String {
     parts.join(" ")
 }
 
+/// SHOW HELP's rows: (command, description).
+const HELP: &[(&str, &str)] = &[
+    ("SHOW HELP", "this list"),
+    ("SHOW TENANTS | SHOW TENANT slug", "tenants in the registry"),
+    (
+        "SHOW POOLS [slug]",
+        "live tenant pools: clients, active, waiting, backends",
+    ),
+    ("SHOW CLIENTS [slug]", "connected clients"),
+    (
+        "SHOW SERVERS",
+        "backend servers: budget, used, idle, waiting",
+    ),
+    ("SHOW STATS [slug]", "per-tenant usage counters since start"),
+    ("SHOW CONFIG", "the running configuration (secrets masked)"),
+    ("SHOW VERSION", "tenantgate's version"),
+    ("SHOW ACTIVITY [slug]", "the activity log, newest first"),
+    ("SHOW MIGRATIONS [slug]", "applied tenant migrations"),
+    (
+        "SHOW DOMAINS [slug]",
+        "custom domains: a TLS server name that routes to a tenant",
+    ),
+    (
+        "SHOW PLANS",
+        "plans: the values a tenant on each gets before its own overrides, and its tenants",
+    ),
+    (
+        "SHOW INSTANCES",
+        "the tenantgate instances sharing the registry: address, heartbeat, clients, backends",
+    ),
+    (
+        "SELECT ... FROM tenants|pools|clients|servers|stats|activity|migrations|config|domains|plans|instances",
+        "read the same tables with WHERE, ORDER BY, LIMIT, count(*)",
+    ),
+    (
+        "CREATE TENANT slug [WITH (name = '...', plan = '...', server = '...')]",
+        "provision: role, database, migrations; retries a failed tenant",
+    ),
+    (
+        "REGISTER TENANT slug DATABASE 'db' ROLE 'role' PASSWORD 'pw' [SERVER 'name']",
+        "adopt an existing database",
+    ),
+    (
+        "CREATE USER name FOR TENANT slug [PASSWORD 'pw' | 'SCRAM-SHA-256$...'] [AUTH scram|cert|cert+scram]",
+        "add a tenant user (a SCRAM verifier, made here or given as is; AUTH cert: a client certificate with CN = name)",
+    ),
+    (
+        "ALTER USER name FOR TENANT slug [PASSWORD 'pw'] [AUTH scram|cert|cert+scram]",
+        "change a user's password or auth method",
+    ),
+    (
+        "CREATE|ALTER ADMIN USER name [PASSWORD 'pw'] [AUTH scram|cert|cert+scram]",
+        "add or change an admin user",
+    ),
+    (
+        "ALTER TENANT slug SET PLAN 'name'",
+        "move a tenant to another plan: its new clients get a pool built to it",
+    ),
+    (
+        "ALTER TENANT slug SET (pool_size = 8, mode = 'transaction', ...) | RESET (key, ...) | RESET ALL",
+        "set or drop the tenant's own values of single plan settings",
+    ),
+    (
+        "ALTER TENANT slug ADD DOMAIN 'name' | DROP DOMAIN 'name'",
+        "route TLS clients connecting to that server name to the tenant",
+    ),
+    ("DROP USER name FOR TENANT slug", "remove a tenant user"),
+    (
+        "SUSPEND TENANT slug [FORCE]",
+        "refuse new connections (57P03); disconnect clients after the grace period, or at once",
+    ),
+    ("RESUME TENANT slug", "accept connections again"),
+    (
+        "DROP TENANT slug [KEEP DATABASE]",
+        "disconnect, drop database and role (or keep them), mark deleted",
+    ),
+    ("MIGRATE TENANT slug", "apply pending tenant migrations"),
+    (
+        "MIGRATE ALL TENANTS [CONCURRENCY n]",
+        "migrate every tenant, progress as NOTICEs, one row per tenant",
+    ),
+    ("KILL slug", "disconnect every client of a tenant now"),
+    (
+        "PAUSE [slug]",
+        "hold new transactions (all tenants or one); returns when running ones finished",
+    ),
+    ("RESUME [slug]", "undo PAUSE"),
+    (
+        "RELOAD",
+        "re-read the config file, TLS files and master key file: [pool], plans, [provision], [tls] and some [proxy] keys apply now",
+    ),
+    (
+        "ROTATE MASTER KEY",
+        "new master key first in the key file, every stored secret re-encrypted under it",
+    ),
+    (
+        "RETIRE OLD MASTER KEYS",
+        "once every secret is under the current key: drop the old keys from the key file",
+    ),
+];
+
 fn help() -> Vec<Vec<Value>> {
-    const HELP: &[(&str, &str)] = &[
-        ("SHOW HELP", "this list"),
-        ("SHOW TENANTS | SHOW TENANT slug", "tenants in the registry"),
-        (
-            "SHOW POOLS [slug]",
-            "live tenant pools: clients, active, waiting, backends",
-        ),
-        ("SHOW CLIENTS [slug]", "connected clients"),
-        (
-            "SHOW SERVERS",
-            "backend servers: budget, used, idle, waiting",
-        ),
-        ("SHOW STATS [slug]", "per-tenant usage counters since start"),
-        ("SHOW CONFIG", "the running configuration (secrets masked)"),
-        ("SHOW VERSION", "tenantgate's version"),
-        ("SHOW ACTIVITY [slug]", "the activity log, newest first"),
-        ("SHOW MIGRATIONS [slug]", "applied tenant migrations"),
-        (
-            "SHOW DOMAINS [slug]",
-            "custom domains: a TLS server name that routes to a tenant",
-        ),
-        (
-            "SHOW PLANS",
-            "plans: the values a tenant on each gets before its own overrides, and its tenants",
-        ),
-        (
-            "SELECT ... FROM tenants|pools|clients|servers|stats|activity|migrations|config|domains|plans",
-            "read the same tables with WHERE, ORDER BY, LIMIT, count(*)",
-        ),
-        (
-            "CREATE TENANT slug [WITH (name = '...', plan = '...', server = '...')]",
-            "provision: role, database, migrations; retries a failed tenant",
-        ),
-        (
-            "REGISTER TENANT slug DATABASE 'db' ROLE 'role' PASSWORD 'pw' [SERVER 'name']",
-            "adopt an existing database",
-        ),
-        (
-            "CREATE USER name FOR TENANT slug [PASSWORD 'pw' | 'SCRAM-SHA-256$...'] [AUTH scram|cert|cert+scram]",
-            "add a tenant user (a SCRAM verifier, made here or given as is; AUTH cert: a client certificate with CN = name)",
-        ),
-        (
-            "ALTER USER name FOR TENANT slug [PASSWORD 'pw'] [AUTH scram|cert|cert+scram]",
-            "change a user's password or auth method",
-        ),
-        (
-            "CREATE|ALTER ADMIN USER name [PASSWORD 'pw'] [AUTH scram|cert|cert+scram]",
-            "add or change an admin user",
-        ),
-        (
-            "ALTER TENANT slug SET PLAN 'name'",
-            "move a tenant to another plan: its new clients get a pool built to it",
-        ),
-        (
-            "ALTER TENANT slug SET (pool_size = 8, mode = 'transaction', ...) | RESET (key, ...) | RESET ALL",
-            "set or drop the tenant's own values of single plan settings",
-        ),
-        (
-            "ALTER TENANT slug ADD DOMAIN 'name' | DROP DOMAIN 'name'",
-            "route TLS clients connecting to that server name to the tenant",
-        ),
-        ("DROP USER name FOR TENANT slug", "remove a tenant user"),
-        (
-            "SUSPEND TENANT slug [FORCE]",
-            "refuse new connections (57P03); disconnect clients after the grace period, or at once",
-        ),
-        ("RESUME TENANT slug", "accept connections again"),
-        (
-            "DROP TENANT slug [KEEP DATABASE]",
-            "disconnect, drop database and role (or keep them), mark deleted",
-        ),
-        ("MIGRATE TENANT slug", "apply pending tenant migrations"),
-        (
-            "MIGRATE ALL TENANTS [CONCURRENCY n]",
-            "migrate every tenant, progress as NOTICEs, one row per tenant",
-        ),
-        ("KILL slug", "disconnect every client of a tenant now"),
-        (
-            "PAUSE [slug]",
-            "hold new transactions (all tenants or one); returns when running ones finished",
-        ),
-        ("RESUME [slug]", "undo PAUSE"),
-        (
-            "RELOAD",
-            "re-read the config file, TLS files and master key file: [pool], plans, [provision], [tls] and some [proxy] keys apply now",
-        ),
-        (
-            "ROTATE MASTER KEY",
-            "new master key first in the key file, every stored secret re-encrypted under it",
-        ),
-        (
-            "RETIRE OLD MASTER KEYS",
-            "once every secret is under the current key: drop the old keys from the key file",
-        ),
-    ];
     HELP.iter()
         .map(|(command, description)| vec![Value::text(*command), Value::text(*description)])
         .collect()

@@ -47,6 +47,7 @@ pub(super) enum ShowWhat {
     Migrations,
     Domains,
     Plans,
+    Instances,
 }
 
 /// One admin statement.
@@ -435,6 +436,7 @@ fn parse_show(c: &mut Cursor<'_>) -> Result<Command, AdminError> {
         "MIGRATIONS" => ShowWhat::Migrations,
         "DOMAINS" => ShowWhat::Domains,
         "PLANS" => ShowWhat::Plans,
+        "INSTANCES" => ShowWhat::Instances,
         other => {
             return Err(AdminError::Unsupported(format!("SHOW {other}")));
         }
@@ -1012,6 +1014,13 @@ mod tests {
             one("SHOW PLANS"),
             Command::Show {
                 what: ShowWhat::Plans,
+                tenant: None
+            }
+        );
+        assert_eq!(
+            one("show instances"),
+            Command::Show {
+                what: ShowWhat::Instances,
                 tenant: None
             }
         );

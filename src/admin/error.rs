@@ -13,8 +13,8 @@ use crate::rekey::RekeyError;
 
 /// What the console supports, listed in the hint of an unsupported command.
 pub(super) const SUPPORTED: &str = "supported: SHOW HELP|TENANTS|TENANT slug|POOLS|CLIENTS|SERVERS|STATS|CONFIG|\
-VERSION|ACTIVITY [slug]|MIGRATIONS [slug]; SELECT ... FROM tenants|pools|clients|servers|stats|\
-activity|migrations|config|domains|plans; CREATE TENANT; REGISTER TENANT; CREATE|ALTER|DROP USER ... FOR \
+VERSION|ACTIVITY [slug]|MIGRATIONS [slug]|INSTANCES; SELECT ... FROM tenants|pools|clients|servers|stats|\
+activity|migrations|config|domains|plans|instances; CREATE TENANT; REGISTER TENANT; CREATE|ALTER|DROP USER ... FOR \
 TENANT [PASSWORD '...'] [AUTH scram|cert|cert+scram]; CREATE|ALTER ADMIN USER; ALTER TENANT slug \
 ADD|DROP DOMAIN 'name'; ALTER TENANT slug SET PLAN 'name' | SET (key = value, ...) | RESET (key, ...) | \
 RESET ALL; SHOW PLANS; SHOW DOMAINS [slug]; SUSPEND|RESUME|DROP TENANT; MIGRATE TENANT slug; \

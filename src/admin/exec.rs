@@ -80,6 +80,7 @@ fn show_table(what: ShowWhat) -> &'static str {
         ShowWhat::Migrations => "migrations",
         ShowWhat::Domains => "domains",
         ShowWhat::Plans => "plans",
+        ShowWhat::Instances => "instances",
     }
 }
 

@@ -91,6 +91,8 @@ pub struct AdminContext {
     pub stats: Stats,
     /// Client TLS, which RELOAD replaces.
     pub tls: SharedTls,
+    /// This instance's id in the registry's `instances` (SHOW INSTANCES marks its row).
+    pub instance_id: String,
 }
 
 /// RELOAD outside a console session (SIGHUP): applies the config file and TLS files as the

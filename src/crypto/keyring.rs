@@ -269,6 +269,20 @@ impl KeyRing {
         utf8(key.open(nonce, sealed, aad).ok_or(CryptoError::Decrypt)?)
     }
 
+    /// The MAC of `message` for `purpose` under the current key (`super::mac`).
+    pub fn sign(&self, purpose: &str, message: &[u8]) -> [u8; super::mac::MAC_BYTES] {
+        super::mac::sign(&self.current().bytes, purpose, message)
+    }
+
+    /// Whether `tag` is the MAC of `message` for `purpose` under any key of the ring, so a
+    /// peer that has rotated to a newer key (or not yet) is still believed while both rings
+    /// hold the key it signed with.
+    pub fn verify(&self, purpose: &str, message: &[u8], tag: &[u8]) -> bool {
+        self.keys
+            .iter()
+            .any(|k| super::mac::verify(&k.bytes, purpose, message, tag))
+    }
+
     /// Whether `stored` is bound (format v3) and under the current key: nothing left to
     /// re-encrypt.
     pub fn is_current(&self, stored: &[u8]) -> bool {

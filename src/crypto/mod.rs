@@ -4,16 +4,19 @@
 //! `Display` never show the value.
 //!
 //! Moving parts: `keyring` (keys, key ids, the stored formats v1 and v2), `keyfile` (key
-//! sources and the atomic key-file write). Rotation itself (new key into the file, registry
+//! sources and the atomic key-file write), `mac` (MACs between instances under a subkey derived
+//! from the master key). Rotation itself (new key into the file, registry
 //! re-encrypted) is `crate::rekey`. This module must not log secrets or keys, and nothing
 //! outside it sees key bytes except the key file.
 
 mod keyfile;
 mod keyring;
+mod mac;
 
 use keyfile::FileStamp;
 pub use keyfile::KeySource;
 pub use keyring::{Binding, KeyId, KeyRing, is_bound, key_id_of};
+pub use mac::MAC_BYTES;
 
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, PoisonError, RwLock};
@@ -252,6 +255,17 @@ impl MasterKey {
             }
             other => other,
         }
+    }
+
+    /// The MAC of `message` for `purpose`, under a subkey of the current master key: how
+    /// instances sharing the key authenticate what they send each other.
+    pub fn sign(&self, purpose: &str, message: &[u8]) -> [u8; MAC_BYTES] {
+        self.ring().sign(purpose, message)
+    }
+
+    /// Whether `tag` is `message`'s MAC for `purpose` under any key in the ring.
+    pub fn verify(&self, purpose: &str, message: &[u8], tag: &[u8]) -> bool {
+        self.ring().verify(purpose, message, tag)
     }
 
     fn may_reread(&self) -> bool {

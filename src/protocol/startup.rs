@@ -1,4 +1,6 @@
-//! The first packet of a connection: SSLRequest, GSSENCRequest, CancelRequest or StartupMessage.
+//! The first packet of a connection: SSLRequest, GSSENCRequest, CancelRequest or StartupMessage,
+//! or, between tenantgate instances only, a forwarded CancelRequest (`crate::instance` owns
+//! what it means; here it is only bytes).
 //!
 //! Startup packets have no tag: a 4-byte length that counts itself, then a 4-byte code. The length
 //! is bounded before anything is allocated. Parsing is a pure function over bytes so it can be
@@ -13,6 +15,15 @@ use super::SqlState;
 pub const SSL_REQUEST_CODE: i32 = 80_877_103;
 pub const GSSENC_REQUEST_CODE: i32 = 80_877_104;
 pub const CANCEL_REQUEST_CODE: i32 = 80_877_102;
+/// A CancelRequest one tenantgate instance forwards to the instance that issued the key:
+/// "TG" "FC" as a request code. PostgreSQL uses 1234.5678 to 1234.5680 for its requests and
+/// 3.x for startup; it answers this one "unsupported frontend protocol", so the code can never
+/// be taken for a PostgreSQL request. Body: pid, secret, then a MAC of [`FORWARD_MAC_BYTES`].
+pub const FORWARDED_CANCEL_CODE: i32 = 0x5447_4643;
+/// Bytes of the MAC that ends a forwarded CancelRequest (HMAC-SHA-256).
+pub const FORWARD_MAC_BYTES: usize = 32;
+/// Bytes of a whole forwarded CancelRequest: length, code, pid, secret, MAC.
+pub const FORWARDED_CANCEL_BYTES: usize = 16 + FORWARD_MAC_BYTES;
 /// Protocol 3.0 as a StartupMessage version number.
 pub const PROTOCOL_3_0: i32 = 196_608;
 
@@ -21,8 +32,35 @@ pub const PROTOCOL_3_0: i32 = 196_608;
 pub enum FirstPacket {
     SslRequest,
     GssEncRequest,
-    Cancel { pid: i32, secret: i32 },
+    Cancel {
+        pid: i32,
+        secret: i32,
+    },
+    /// A CancelRequest forwarded by another tenantgate instance, with its MAC (unchecked).
+    ForwardedCancel {
+        pid: i32,
+        secret: i32,
+        mac: [u8; FORWARD_MAC_BYTES],
+    },
     Startup(StartupMessage),
+}
+
+/// The bytes of a forwarded CancelRequest.
+pub fn forwarded_cancel(
+    pid: i32,
+    secret: i32,
+    mac: &[u8; FORWARD_MAC_BYTES],
+) -> [u8; FORWARDED_CANCEL_BYTES] {
+    let mut out = [0u8; FORWARDED_CANCEL_BYTES];
+    let len = i32::try_from(FORWARDED_CANCEL_BYTES).unwrap_or(i32::MAX);
+    let parts = [len, FORWARDED_CANCEL_CODE, pid, secret];
+    for (chunk, part) in out.chunks_exact_mut(4).zip(parts) {
+        chunk.copy_from_slice(&part.to_be_bytes());
+    }
+    if let Some(tail) = out.get_mut(16..) {
+        tail.copy_from_slice(mac);
+    }
+    out
 }
 
 /// A protocol 3.x StartupMessage.
@@ -120,6 +158,19 @@ pub fn parse_first_packet(body: &[u8]) -> Result<FirstPacket, StartupError> {
             let (secret, _) = split_i32(rest).ok_or(StartupError::Malformed("short cancel"))?;
             Ok(FirstPacket::Cancel { pid, secret })
         }
+        FORWARDED_CANCEL_CODE => {
+            let short = || StartupError::Malformed("short forwarded cancel");
+            let (pid, rest) = split_i32(rest).ok_or_else(short)?;
+            let (secret, rest) = split_i32(rest).ok_or_else(short)?;
+            let (mac, _) = rest
+                .split_first_chunk::<FORWARD_MAC_BYTES>()
+                .ok_or_else(short)?;
+            Ok(FirstPacket::ForwardedCancel {
+                pid,
+                secret,
+                mac: *mac,
+            })
+        }
         version => {
             let (major, minor) = (version >> 16, version & 0xffff);
             if major != 3 {
@@ -206,6 +257,22 @@ mod tests {
             parse_first_packet(&cancel).unwrap(),
             FirstPacket::Cancel { pid: 7, secret: 9 }
         );
+    }
+
+    #[test]
+    fn a_forwarded_cancel_reads_back_as_written() {
+        let mac = [0xab; FORWARD_MAC_BYTES];
+        let bytes = forwarded_cancel(42, -7, &mac);
+        assert_eq!(bytes[..4], [0, 0, 0, 48]);
+        assert_eq!(
+            parse_first_packet(&bytes[4..]).unwrap(),
+            FirstPacket::ForwardedCancel {
+                pid: 42,
+                secret: -7,
+                mac
+            }
+        );
+        assert!(parse_first_packet(&bytes[4..47]).is_err());
     }
 
     #[test]

@@ -38,6 +38,11 @@ const MIGRATIONS: &[(i32, &str, &str)] = &[
         "registered",
         include_str!("../../migrations/registry/0006_registered.sql"),
     ),
+    (
+        7,
+        "instances",
+        include_str!("../../migrations/registry/0007_instances.sql"),
+    ),
 ];
 
 /// Arbitrary advisory lock key for registry migrations ("tgregmig").

@@ -4,8 +4,9 @@
 //! Moving parts: [`Registry`] (the handle, here, over `connections`: a small bb8 pool of
 //! tokio-postgres connections that replaces the ones the registry closed), its queries grouped
 //! by what they touch (`tenants`, `credentials` for tenant and admin users' logins, `domains`,
-//! `tenant_migrations`, `secrets` for key rotation, `usage`, `activity`, and `listing` for the
-//! admin console), `migrate` (our own schema, applied at start-up), `directory` (the moka cache
+//! `tenant_migrations`, `secrets` for key rotation, `usage`, `activity`, `instances` for the
+//! tenantgate instances sharing the registry, and `listing` for the admin console), `migrate`
+//! (our own schema, applied at start-up), `directory` (the moka cache
 //! in front of it, and the background LISTEN loop that invalidates it when the registry
 //! changes), `config` ([`RegistryConfig`]) and `error` ([`RegistryError`]). It also stores the
 //! usage each instance flushes (`tenant_usage`, [`UsageDelta`]).
@@ -18,6 +19,7 @@ mod credentials;
 mod directory;
 mod domains;
 mod error;
+mod instances;
 mod listing;
 pub mod migrate;
 mod secrets;
@@ -35,6 +37,7 @@ pub use credentials::{AuthMethod, UserLogin};
 pub use directory::{CHANGES_CHANNEL, TenantDirectory, spawn_change_listener};
 pub use domains::{DomainError, normalize_domain};
 pub use error::RegistryError;
+pub use instances::{InstanceReport, InstanceRow};
 pub use listing::{ACTIVITY_LIMIT, ActivityEntry, MigrationEntry, TenantListing};
 pub use secrets::StoredSecret;
 pub use tenant_migrations::AppliedMigration;

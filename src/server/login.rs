@@ -303,6 +303,18 @@ pub(super) async fn login<S: AsyncRead + AsyncWrite + Unpin>(
             cancel(state, conn.peer.map(|p| p.ip()), pid, secret).await;
             return Ok(Login::Cancel);
         }
+        // Another instance's, for a key of ours (crate::instance): never forwarded again.
+        FirstPacket::ForwardedCancel { pid, secret, mac } => {
+            match state.instances.accept_forward(pid, secret, &mac).await {
+                Some(outcome) => crate::instance::answer_forward(stream, outcome).await,
+                None => {
+                    if let Some(source) = conn.peer.map(|p| p.ip()) {
+                        state.throttle.unknown_cancel_key(source).await;
+                    }
+                }
+            }
+            return Ok(Login::Cancel);
+        }
         FirstPacket::SslRequest | FirstPacket::GssEncRequest => {
             return Err(LoginError::EncryptionRequestOverTls);
         }
@@ -446,9 +458,10 @@ async fn authenticate_admin<S: AsyncRead + AsyncWrite + Unpin>(
     }
 }
 
-/// Forwards a CancelRequest unless its source is locked out for guessing keys (to an older
-/// process handing its clients over when no client here holds the key), and counts a key
-/// nobody holds against the source.
+/// Forwards a CancelRequest unless its source is locked out for guessing keys: to our
+/// backend if this process issued the key, else to an older process handing its clients over
+/// (an upgrade), else to the instance that issued it (`crate::instance`). A key nobody holds
+/// counts against the source.
 async fn cancel(state: &State, source: Option<IpAddr>, pid: i32, secret: i32) {
     if let Some(source) = source {
         if !state.throttle.cancel_allowed(source).await {
@@ -460,13 +473,19 @@ async fn cancel(state: &State, source: Option<IpAddr>, pid: i32, secret: i32) {
         .cancels
         .cancel(pid, secret, Duration::from_secs(5))
         .await;
-    if outcome == CancelOutcome::UnknownKey {
+    if outcome == CancelOutcome::UnknownKey
+        && state.handover.forward_cancel(pid, secret).await == Some(true)
+    {
         // During an upgrade the key may be a client's still on the older process.
-        if let Some(true) = state.handover.forward_cancel(pid, secret).await {
-            outcome = CancelOutcome::Delivered;
-        }
+        outcome = CancelOutcome::Delivered;
     }
-    if let (CancelOutcome::UnknownKey, Some(source)) = (outcome, source) {
+    let unknown = outcome == CancelOutcome::UnknownKey
+        && state
+            .instances
+            .forward_cancel(pid, secret)
+            .await
+            .unknown_key();
+    if let (true, Some(source)) = (unknown, source) {
         state.throttle.unknown_cancel_key(source).await;
     }
 }

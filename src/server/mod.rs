@@ -6,7 +6,7 @@
 //! protocol header of a trusted load balancer), `client` (one client's path:
 //! startup → auth → tenant → pool → session). Background loops started here: the accept loop,
 //! the registry change listener, the usage flusher (`stats`, when configured), the metrics
-//! endpoint (`metrics`, when configured). This module holds no business rules.
+//! endpoint (`metrics`, when configured), the instance heartbeat (`instance`). This module holds no business rules.
 //! It builds everything from the whole config, so its `[proxy]` section is `config`'s
 //! ([`ProxyConfig`](crate::config::ProxyConfig)), which keeps the arrow pointing one way.
 
@@ -39,6 +39,7 @@ use crate::clients::ClientRoster;
 use crate::config::{Config, LiveConfig};
 use crate::crypto::MasterKey;
 use crate::handover::{Arrival, Handover, HandoverError};
+use crate::instance::{InstanceSetup, Instances, Load};
 use crate::metrics::{MetricsServer, Sources};
 use crate::pool::PoolMap;
 use crate::registry::{Registry, TenantDirectory, spawn_change_listener};
@@ -53,6 +54,8 @@ pub struct State {
     pub directory: TenantDirectory,
     pub pools: PoolMap,
     pub cancels: CancelMap,
+    /// This instance among those sharing the registry: cancel forwarding.
+    pub instances: Instances,
     pub clients: ClientRoster,
     pub admin: Arc<AdminContext>,
     /// Per-tenant usage counters (SHOW STATS, billing); outlive the tenants' pools.
@@ -122,6 +125,50 @@ async fn open_registry(config: &Config, key: &MasterKey) -> anyhow::Result<(Regi
     Ok((registry, mock_key))
 }
 
+/// Registers this instance in the registry and starts its heartbeat. Its load is read from
+/// the roster (clients) and the server budgets (backends open); its budget is the sum of the
+/// `[[server]]` budgets.
+async fn start_instance(
+    config: &Config,
+    listen: SocketAddr,
+    registry: &Registry,
+    key: &MasterKey,
+    cancels: &CancelMap,
+    (clients, pools): (&ClientRoster, &PoolMap),
+) -> Instances {
+    let (clients, pools) = (clients.clone(), pools.clone());
+    let count = |n: usize| i64::try_from(n).unwrap_or(i64::MAX);
+    let load = move || {
+        let (admin, tenant) = clients.counts();
+        let backends: u64 = pools
+            .servers()
+            .iter()
+            .filter_map(|s| pools.budget(&s.name))
+            .map(|b| u64::from(b.in_use()))
+            .sum();
+        Load {
+            clients: count(admin.saturating_add(tenant)),
+            backends: i64::try_from(backends).unwrap_or(i64::MAX),
+        }
+    };
+    let budget = config
+        .servers
+        .iter()
+        .map(|s| i64::from(s.max_connections))
+        .sum();
+    Instances::start(InstanceSetup {
+        config: config.instance.clone(),
+        listen,
+        budget: Some(budget),
+        registry: registry.clone(),
+        key: key.clone(),
+        cancels: cancels.clone(),
+        load: Box::new(load),
+        timeout: Duration::from_millis(config.registry.timeout_ms),
+    })
+    .await
+}
+
 /// The client listener, bound with `SO_REUSEPORT` when `reuse_port`: a second tenantgate (a new binary or
 /// config) can start on the same address while this one runs, and the kernel spreads new
 /// connections over both until one stops listening. That is how an upgrade avoids refusing
@@ -148,6 +195,39 @@ fn bind_handover(
         let shown = path.map(|p| p.display().to_string()).unwrap_or_default();
         format!("binding proxy.handover_socket {shown}")
     })
+}
+
+/// Starts what serves clients: the registry change listener, the accept loop and the intake
+/// of clients handed over by an older process. Returns the tracker of the client tasks.
+fn spawn_serving(
+    state: &Arc<State>,
+    listener: TcpListener,
+    arrivals: Option<UnboundedReceiver<Arrival>>,
+    stop_accepting: &CancellationToken,
+    stop_sessions: &CancellationToken,
+) -> TaskTracker {
+    let tasks = TaskTracker::new();
+    spawn_change_listener(
+        state.config.get().registry.url.clone(),
+        state.directory.clone(),
+        stop_sessions.clone(),
+    );
+    tokio::spawn(listener::run(
+        listener,
+        Arc::clone(state),
+        stop_accepting.clone(),
+        stop_sessions.clone(),
+        tasks.clone(),
+    ));
+    if let Some(arrivals) = arrivals {
+        tokio::spawn(handover::resume_arrivals(
+            arrivals,
+            Arc::clone(state),
+            stop_sessions.clone(),
+            tasks.clone(),
+        ));
+    }
+    tasks
 }
 
 /// The HTTP endpoint for monitoring, if configured. It reads the proxy's own handles and
@@ -212,6 +292,16 @@ impl Proxy {
         );
         let live = LiveConfig::new(config.clone());
         let clients = ClientRoster::default();
+        let cancels = CancelMap::default();
+        let instances = start_instance(
+            &config,
+            local_addr,
+            &registry,
+            &key,
+            &cancels,
+            (&clients, &pools),
+        )
+        .await;
         let admin = Arc::new(AdminContext {
             config: live.clone(),
             registry,
@@ -221,6 +311,7 @@ impl Proxy {
             key,
             stats: usage.clone(),
             tls: tls.clone(),
+            instance_id: instances.id().to_owned(),
         });
         let state = Arc::new(State {
             client_slots: Arc::new(Semaphore::new(
@@ -233,7 +324,8 @@ impl Proxy {
             config: live,
             directory,
             pools,
-            cancels: CancelMap::default(),
+            cancels,
+            instances,
             clients,
             admin,
             stats: usage,
@@ -244,27 +336,7 @@ impl Proxy {
             next_client_id: AtomicU64::new(1),
         });
 
-        let tasks = TaskTracker::new();
-        spawn_change_listener(
-            state.config.get().registry.url.clone(),
-            state.directory.clone(),
-            stop_sessions.clone(),
-        );
-        tokio::spawn(listener::run(
-            listener,
-            Arc::clone(&state),
-            stop_accepting.clone(),
-            stop_sessions.clone(),
-            tasks.clone(),
-        ));
-        if let Some(arrivals) = arrivals {
-            tokio::spawn(handover::resume_arrivals(
-                arrivals,
-                Arc::clone(&state),
-                stop_sessions.clone(),
-                tasks.clone(),
-            ));
-        }
+        let tasks = spawn_serving(&state, listener, arrivals, &stop_accepting, &stop_sessions);
         tracing::info!(%local_addr, "tenantgate is accepting connections");
         let metrics = start_metrics(&config, &state, &stop_accepting).await?;
         Ok(Proxy {
@@ -341,5 +413,7 @@ impl Proxy {
             );
             drop(tokio::time::timeout(bound, flusher).await);
         }
+        // Last: cancels for the sessions above could still come through other instances.
+        self.state.instances.stop().await;
     }
 }

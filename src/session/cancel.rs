@@ -8,10 +8,18 @@
 //! a backend that has since moved to another client. The lock is taken at session start and
 //! end and per cancel, never on the relay path. A cancel for a backend connection that speaks
 //! TLS goes over TLS (SSLRequest first, as libpq does), so the key is never sent in the clear.
+//!
+//! The secret's top byte is this instance's tag ([`CancelMap::set_instance_tag`], assigned
+//! among the instances sharing the registry by `crate::instance`), the other 24 bits random:
+//! any instance can tell from a key which instance issued it and forward the cancel there
+//! (`crate::instance`). Tag 0 means an instance without one (the registry was unreachable when
+//! it issued the key): such keys are only ever cancelled where they were issued. The lookup
+//! here is by the whole key, whatever the tag now, so a key issued before the tag changed still
+//! works on this instance. This module must not forward to other instances itself.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
@@ -106,9 +114,33 @@ type Keys = HashMap<(i32, i32), Arc<Slot>>;
 #[derive(Debug, Clone, Default)]
 pub struct CancelMap {
     inner: Arc<Mutex<Keys>>,
+    /// The top byte of every secret issued from now on.
+    tag: Arc<AtomicU8>,
+}
+
+/// The instance tag a cancel key's secret carries (its top byte).
+pub fn tag_of(secret: i32) -> u8 {
+    secret.to_be_bytes()[0]
+}
+
+/// A secret with `tag` in its top byte and `random`'s low 24 bits.
+fn tagged(tag: u8, random: i32) -> i32 {
+    let [_, b1, b2, b3] = random.to_be_bytes();
+    i32::from_be_bytes([tag, b1, b2, b3])
 }
 
 impl CancelMap {
+    /// Makes `tag` the top byte of the keys issued from now on (keys issued already keep
+    /// theirs, and stay valid here).
+    pub fn set_instance_tag(&self, tag: u8) {
+        self.tag.store(tag, Ordering::Relaxed);
+    }
+
+    /// The tag of the keys issued now (0: none).
+    pub fn instance_tag(&self) -> u8 {
+        self.tag.load(Ordering::Relaxed)
+    }
+
     /// Issues a key for a client now served by `target`. The key goes away with the guard.
     pub fn register(&self, target: CancelTarget) -> CancelGuard {
         self.register_with(target.backend_pid, Some(target))
@@ -137,9 +169,10 @@ impl CancelMap {
     }
 
     fn register_with(&self, pid: i32, target: Option<CancelTarget>) -> CancelGuard {
+        let tag = self.instance_tag();
         let mut map = self.inner.lock().unwrap_or_else(PoisonError::into_inner);
         loop {
-            let secret: i32 = rand::random();
+            let secret = tagged(tag, rand::random());
             let key = (pid, secret);
             if let std::collections::hash_map::Entry::Vacant(entry) = map.entry(key) {
                 let slot = Arc::new(Slot::default());
@@ -326,5 +359,21 @@ mod tests {
         drop(guard);
         assert!(map.slot(pid, secret).is_none());
         assert!(map.is_empty());
+    }
+
+    #[test]
+    fn keys_carry_the_instance_tag_in_the_secret_top_byte() {
+        let map = CancelMap::default();
+        let untagged = map.register_detached();
+        assert_eq!(tag_of(untagged.key().1), 0);
+        map.set_instance_tag(0xc3);
+        for _ in 0..50 {
+            let guard = map.register_detached();
+            assert_eq!(tag_of(guard.key().1), 0xc3);
+        }
+        // A key issued before the tag changed still finds its slot.
+        let (pid, secret) = untagged.key();
+        assert!(map.slot(pid, secret).is_some());
+        assert_eq!(tagged(7, -1), 0x07ff_ffff);
     }
 }

@@ -14,6 +14,7 @@ mod faults;
 mod handover;
 mod hardening;
 mod hostile;
+mod instances;
 mod integrity;
 mod key_rotation;
 mod logs;
