@@ -31,6 +31,7 @@ pub mod registry;
 pub mod rekey;
 pub mod server;
 pub mod session;
+pub mod signals;
 pub mod stats;
 pub mod tls;
 

@@ -22,10 +22,10 @@ use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::time::Duration;
 
+use crate::signals::{ProcessSignal, Signals};
 use anyhow::{Context as _, bail};
 use futures_util::FutureExt as _;
 use postgres_protocol::escape::escape_identifier;
-use tokio::signal::unix::{Signal, SignalKind, signal};
 use tokio_postgres::NoTls;
 
 use crate::config::{Config, Overrides, TlsOverride};
@@ -123,7 +123,7 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
         .context("starting PostgreSQL")?;
     let mut pg = match started {
         Ok(pg) => pg,
-        Err(e) if signals.stop_requested().await => {
+        Err(e) if stop_requested(&mut signals).await => {
             tracing::info!(error = %e, "stopped while PostgreSQL was starting");
             return Ok(());
         }
@@ -143,53 +143,31 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The signals the quickstart obeys, registered before anything starts: without a handler,
-/// a Ctrl-C during start-up (or before the wait for it began) ended tenantgate at once and
-/// left its PostgreSQL shutting down, and a quickstart run right after failed on
-/// `postmaster.pid` (defect 7).
-struct Signals {
-    interrupt: Signal,
-    terminate: Signal,
-    hangup: Signal,
+/// After a start-up step failed: whether Ctrl-C or SIGTERM arrived, and so caused it. A
+/// terminal's Ctrl-C reaches PostgreSQL too, and its reset connections may be seen before the
+/// signal is, hence the short wait. (Signals are installed before anything starts: without a
+/// handler, a Ctrl-C during start-up ended tenantgate at once and left its PostgreSQL shutting
+/// down, and a quickstart run right after failed on `postmaster.pid`, defect 7.)
+async fn stop_requested(signals: &mut Signals) -> bool {
+    tokio::time::timeout(STOP_SIGNAL_GRACE, signals.stop())
+        .await
+        .is_ok()
 }
 
-impl Signals {
-    fn install() -> anyhow::Result<Signals> {
-        Ok(Signals {
-            interrupt: signal(SignalKind::interrupt()).context("handling SIGINT")?,
-            terminate: signal(SignalKind::terminate()).context("handling SIGTERM")?,
-            hangup: signal(SignalKind::hangup()).context("handling SIGHUP")?,
-        })
-    }
-
-    /// Resolves at Ctrl-C (SIGINT) or SIGTERM.
-    async fn stop(&mut self) {
-        tokio::select! {
-            _ = self.interrupt.recv() => {}
-            _ = self.terminate.recv() => {}
-        }
-    }
-
-    /// After a start-up step failed: whether Ctrl-C or SIGTERM arrived, and so caused it. A
-    /// terminal's Ctrl-C reaches PostgreSQL too, and its reset connections may be seen
-    /// before the signal is, hence the short wait.
-    async fn stop_requested(&mut self) -> bool {
-        tokio::time::timeout(STOP_SIGNAL_GRACE, self.stop())
-            .await
-            .is_ok()
-    }
-
-    /// Waits for Ctrl-C or SIGTERM and says which: true for Ctrl-C (SIGINT). SIGHUP meanwhile
-    /// reloads the config and TLS files, as `tenantgate serve` does.
-    async fn serve_until_stop(&mut self, proxy: &Proxy) -> bool {
-        loop {
-            tokio::select! {
-                _ = self.interrupt.recv() => return true,
-                _ = self.terminate.recv() => return false,
-                _ = self.hangup.recv() => match proxy.reload("signal:SIGHUP").await {
-                    Ok(summary) => tracing::info!("SIGHUP: {summary}"),
-                    Err(e) => tracing::error!("SIGHUP: {e}"),
-                },
+/// Waits for Ctrl-C or SIGTERM and says which: true for Ctrl-C (SIGINT). SIGHUP meanwhile
+/// reloads the config and TLS files, as `tenantgate serve` does; the quickstart hands no
+/// clients over, so SIGUSR2 is only logged.
+async fn serve_until_stop(signals: &mut Signals, proxy: &Proxy) -> bool {
+    loop {
+        match signals.next().await {
+            ProcessSignal::Interrupt => return true,
+            ProcessSignal::Terminate => return false,
+            ProcessSignal::Hangup => match proxy.reload("signal:SIGHUP").await {
+                Ok(summary) => tracing::info!("SIGHUP: {summary}"),
+                Err(e) => tracing::error!("SIGHUP: {e}"),
+            },
+            ProcessSignal::HandOver => {
+                tracing::warn!("SIGUSR2: the quickstart does not hand clients over; ignored");
             }
         }
     }
@@ -208,13 +186,13 @@ async fn serve(
     } = tokio::select! {
         ready = set_up(dir, &config, pg) => match ready {
             Ok(ready) => ready,
-            Err(e) if signals.stop_requested().await => {
+            Err(e) if stop_requested(signals).await => {
                 tracing::info!(error = %e, "stopped before the proxy was ready");
                 return Ok(());
             }
             Err(e) => return Err(e),
         },
-        () = signals.stop() => {
+        _ = signals.stop() => {
             tracing::info!("stopped before the proxy was ready");
             return Ok(());
         }
@@ -270,7 +248,7 @@ async fn serve(
     // As `tenantgate serve`: SIGTERM drains within the grace, Ctrl-C closes sessions at once
     // (a terminal's Ctrl-C has reached the private PostgreSQL too, so there is nothing to
     // finish there). Either way PostgreSQL is stopped after the proxy, by the caller.
-    let grace = if signals.serve_until_stop(&proxy).await {
+    let grace = if serve_until_stop(signals, &proxy).await {
         Duration::ZERO
     } else {
         Duration::from_secs(config.proxy.shutdown_grace_seconds)

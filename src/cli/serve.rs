@@ -10,27 +10,16 @@
 
 use std::time::Duration;
 
-use anyhow::Context as _;
 use tenantgate::clients::ClientRoster;
 use tenantgate::config::Config;
 use tenantgate::server::Proxy;
-use tokio::signal::unix::{Signal, SignalKind, signal};
+use tenantgate::signals::{ProcessSignal, Signals};
 
 use super::systemd::Notifier;
 
 /// How often a SIGINT during a drain closes the sessions that logged in since the last
 /// sweep (a login in progress when the signal came joins the roster later).
 const SWEEP_INTERVAL: Duration = Duration::from_millis(100);
-
-/// The signals `serve` obeys, registered before the proxy starts: a signal during start-up
-/// stops it instead of killing the process half-started.
-struct Signals {
-    interrupt: Signal,
-    terminate: Signal,
-    hangup: Signal,
-    /// SIGUSR2: hand clients over to a newer process.
-    user2: Signal,
-}
 
 /// How the process was asked to stop.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -43,44 +32,25 @@ enum Stop {
     HandedOver,
 }
 
-impl Signals {
-    fn install() -> anyhow::Result<Signals> {
-        Ok(Signals {
-            interrupt: signal(SignalKind::interrupt()).context("handling SIGINT")?,
-            terminate: signal(SignalKind::terminate()).context("handling SIGTERM")?,
-            hangup: signal(SignalKind::hangup()).context("handling SIGHUP")?,
-            user2: signal(SignalKind::user_defined2()).context("handling SIGUSR2")?,
-        })
-    }
-
-    /// Resolves at SIGINT or SIGTERM.
-    async fn stop(&mut self) -> Stop {
-        tokio::select! {
-            _ = self.interrupt.recv() => Stop::Now,
-            _ = self.terminate.recv() => Stop::Drain,
-        }
-    }
-
-    /// Serves until SIGINT, SIGTERM or a SIGUSR2 handover that a newer process took; SIGHUP
-    /// meanwhile does what the admin console's RELOAD does, the outcome in the log.
-    async fn serve_until_stop(&mut self, proxy: &Proxy, notifier: &Notifier) -> Stop {
-        loop {
-            tokio::select! {
-                _ = self.interrupt.recv() => return Stop::Now,
-                _ = self.terminate.recv() => return Stop::Drain,
-                _ = self.hangup.recv() => {
-                    notifier.reloading();
-                    match proxy.reload("signal:SIGHUP").await {
-                        Ok(summary) => tracing::info!("SIGHUP: {summary}"),
-                        Err(e) => tracing::error!("SIGHUP: {e}"),
-                    }
-                    notifier.ready(&ready_status(proxy));
+/// Serves until SIGINT, SIGTERM or a SIGUSR2 handover that a newer process took; SIGHUP
+/// meanwhile does what the admin console's RELOAD does, the outcome in the log.
+async fn serve_until_stop(signals: &mut Signals, proxy: &Proxy, notifier: &Notifier) -> Stop {
+    loop {
+        match signals.next().await {
+            ProcessSignal::Interrupt => return Stop::Now,
+            ProcessSignal::Terminate => return Stop::Drain,
+            ProcessSignal::Hangup => {
+                notifier.reloading();
+                match proxy.reload("signal:SIGHUP").await {
+                    Ok(summary) => tracing::info!("SIGHUP: {summary}"),
+                    Err(e) => tracing::error!("SIGHUP: {e}"),
                 }
-                _ = self.user2.recv() => match proxy.hand_over().await {
-                    Ok(()) => return Stop::HandedOver,
-                    Err(e) => tracing::error!("SIGUSR2: {e}; still serving"),
-                },
+                notifier.ready(&ready_status(proxy));
             }
+            ProcessSignal::HandOver => match proxy.hand_over().await {
+                Ok(()) => return Stop::HandedOver,
+                Err(e) => tracing::error!("SIGUSR2: {e}; still serving"),
+            },
         }
     }
 }
@@ -97,7 +67,7 @@ pub(super) async fn run(config: Config) -> anyhow::Result<()> {
         }
     };
     notifier.ready(&ready_status(&proxy));
-    match signals.serve_until_stop(&proxy, &notifier).await {
+    match serve_until_stop(&mut signals, &proxy, &notifier).await {
         Stop::Now => {
             notifier.stopping("stopping: closing every session");
             tracing::info!("SIGINT: stopping now, closing every session");
@@ -110,7 +80,7 @@ pub(super) async fn run(config: Config) -> anyhow::Result<()> {
                 "SIGTERM: draining, no new clients; sessions still open after the grace \
                  are closed (SIGINT closes them now)"
             );
-            drain(proxy, grace, &mut signals.interrupt).await;
+            drain(proxy, grace, &mut signals).await;
         }
         Stop::HandedOver => {
             notifier.stopping("handing clients over to a newer process");
@@ -119,7 +89,7 @@ pub(super) async fn run(config: Config) -> anyhow::Result<()> {
                 "SIGUSR2: a newer tenantgate takes the clients that can move; the others \
                  finish here within the grace (SIGINT closes them now)"
             );
-            drain(proxy, grace, &mut signals.interrupt).await;
+            drain(proxy, grace, &mut signals).await;
         }
     }
     tracing::info!("stopped");
@@ -132,13 +102,13 @@ fn ready_status(proxy: &Proxy) -> String {
 
 /// `Proxy::shutdown(grace)`, cut short by SIGINT: from then on every session on the roster
 /// is stopped (57P01), as KILL does, so the drain ends as soon as their tasks do.
-async fn drain(proxy: Proxy, grace: Duration, interrupt: &mut Signal) {
+async fn drain(proxy: Proxy, grace: Duration, signals: &mut Signals) {
     let roster: ClientRoster = proxy.state().clients.clone();
     let shutdown = proxy.shutdown(grace);
     tokio::pin!(shutdown);
     tokio::select! {
         () = &mut shutdown => return,
-        _ = interrupt.recv() => {
+        () = signals.interrupted() => {
             tracing::info!("SIGINT while draining: closing every session now");
         }
     }
