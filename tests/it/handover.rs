@@ -104,8 +104,8 @@ async fn sigusr2_hands_clients_to_the_new_process_under_pgbench_without_a_failur
     let plus_one = moved.prepare("SELECT $1::int + 1").await.unwrap();
     let stays = old.connect(s.slug.as_str(), "app", "secret").await.unwrap();
 
-    // pgbench for 10 s across the upgrade: 16 clients that stay connected, 2 that connect
-    // per transaction.
+    // pgbench for 20 s, upgraded mid-run: 20 clients that stay connected, 2 that connect per
+    // transaction.
     let uri = format!(
         "postgresql://app:secret@127.0.0.1:{port}/{}?sslmode=disable",
         t.slug
@@ -115,9 +115,9 @@ async fn sigusr2_hands_clients_to_the_new_process_under_pgbench_without_a_failur
         all.push(uri.clone());
         tokio::task::spawn_blocking(move || pgbench(&all))
     };
-    let steady = run(&["-S", "-n", "-c", "16", "-j", "2", "-T", "10"]);
-    let per_connection = run(&["-S", "-n", "-C", "-c", "2", "-T", "10"]);
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    let steady = run(&["-S", "-n", "-c", "20", "-j", "2", "-T", "20"]);
+    let per_connection = run(&["-S", "-n", "-C", "-c", "2", "-T", "20"]);
+    tokio::time::sleep(Duration::from_secs(8)).await;
 
     let new = serve_on(&env, port, &socket);
     log_says(&new, "tenantgate is accepting connections").await;
@@ -171,7 +171,7 @@ async fn sigusr2_hands_clients_to_the_new_process_under_pgbench_without_a_failur
     let row = moved.query_one(&plus_one, &[&1i32]).await.unwrap();
     assert_eq!(row.get::<_, i32>(0), 2);
     assert!(!moved_connection.is_finished());
-    // Every pgbench client that stayed connected, and the moved one, came over.
+    // All 20 pgbench clients that stayed connected, and the moved one, came over.
     let received: u64 = new
         .log_text()
         .lines()
@@ -185,7 +185,7 @@ async fn sigusr2_hands_clients_to_the_new_process_under_pgbench_without_a_failur
                 .ok()
         })
         .sum();
-    assert!(received >= 17, "received {received}:\n{}", new.log_text());
+    assert!(received >= 21, "received {received}:\n{}", new.log_text());
     drop(new);
     assert!(!socket.exists() || std::fs::remove_file(&socket).is_ok());
 }
