@@ -32,23 +32,30 @@ async fn login(
     common::login_over(env, stream, slug, "app", password).await
 }
 
-/// Issue 15: a spray from one address alternating between instances A and B is refused with
-/// 53300 on both after `LOCKOUT_AFTER` failures in total (each instance saw only half), even
-/// with the right password; another address logs in on both.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_spray_split_over_instances_is_locked_out_on_all() {
+/// Two instances on one registry, locking out after `LOCKOUT_AFTER` failures for 60 s,
+/// sharing every `share_ms` (0: not at all); and their ports.
+async fn two_instances(share_ms: u64) -> (TestEnv, Proxy, [u16; 2]) {
     let env = TestEnv::start_with(|c| {
         c.proxy.auth_failures_before_delay = 3;
         c.proxy.auth_failures_before_lockout = LOCKOUT_AFTER;
         c.proxy.auth_lockout_seconds = 60;
         c.proxy.auth_max_delay_ms = 100;
-        c.proxy.auth_failure_share_ms = SHARE_MS;
+        c.proxy.auth_failure_share_ms = share_ms;
     })
     .await;
     let b = Proxy::start(env.config.clone())
         .await
         .expect("start a second instance");
     let ports = [env.port(), b.local_addr().port()];
+    (env, b, ports)
+}
+
+/// Issue 15: a spray from one address alternating between instances A and B is refused with
+/// 53300 on both after `LOCKOUT_AFTER` failures in total (each instance saw only half), even
+/// with the right password; another address logs in on both.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_spray_split_over_instances_is_locked_out_on_all() {
+    let (env, b, ports) = two_instances(SHARE_MS).await;
     let tenant = env.tenant_with_user("spray").await;
     let slug = tenant.slug.as_str();
     let attacker = Ipv4Addr::new(127, 0, 0, 41);
@@ -91,17 +98,7 @@ async fn a_spray_split_over_instances_is_locked_out_on_all() {
 /// control of the test above).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn without_sharing_each_instance_counts_alone() {
-    let env = TestEnv::start_with(|c| {
-        c.proxy.auth_failures_before_delay = 3;
-        c.proxy.auth_failures_before_lockout = LOCKOUT_AFTER;
-        c.proxy.auth_max_delay_ms = 100;
-        c.proxy.auth_failure_share_ms = 0;
-    })
-    .await;
-    let b = Proxy::start(env.config.clone())
-        .await
-        .expect("start a second instance");
-    let ports = [env.port(), b.local_addr().port()];
+    let (env, b, ports) = two_instances(0).await;
     let tenant = env.tenant_with_user("alone").await;
     let attacker = Ipv4Addr::new(127, 0, 0, 43);
     for i in 0..LOCKOUT_AFTER {
