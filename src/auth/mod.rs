@@ -16,6 +16,7 @@
 
 pub mod method;
 pub mod scram;
+pub mod shared_throttle;
 pub mod throttle;
 pub mod verifier;
 

@@ -40,6 +40,8 @@ use std::time::Duration;
 use moka::future::Cache;
 use tokio::time::Instant;
 
+use super::shared_throttle::Outbox;
+
 /// Most counters kept; past it the least useful are evicted (about 100 bytes each).
 const MAX_COUNTERS: u64 = 100_000;
 /// Counters with no attempt for this long are forgotten (or twice the lock-out, if longer).
@@ -71,8 +73,9 @@ pub enum Target<'a> {
     Admin,
 }
 
+/// A counter's identity; shared with other instances by `shared_throttle`.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
-enum Key {
+pub(crate) enum Key {
     Source(IpAddr),
     SourceTarget(IpAddr, Arc<str>),
     Target(Arc<str>),
@@ -124,13 +127,18 @@ pub struct LoginThrottle {
     counters: Cache<Key, Shared>,
     /// Lock-outs started since start-up (logins and cancel keys), for `/metrics`.
     lockouts: std::sync::atomic::AtomicU64,
+    /// Where failures, resets and lock-outs wait to be told to the other instances; `None`
+    /// when this instance counts alone.
+    outbox: Option<Arc<Outbox>>,
 }
 
 /// A login attempt that the throttle let through: report how it ended. Once `arm`ed (the
 /// exchange is running), dropping it unreported counts a failure.
 #[must_use = "report the attempt's outcome: succeeded, failed or refund"]
 pub struct Attempt {
+    /// The (source, target) counter first, then the wide ones.
     counters: Vec<(Key, Shared)>,
+    outbox: Option<Arc<Outbox>>,
     /// How long to wait before running the exchange.
     pub delay: Duration,
     armed: bool,
@@ -146,6 +154,11 @@ impl Attempt {
     fn count_failure(&mut self) {
         for (_, shared) in &self.counters {
             lock(shared).count_failure();
+        }
+        if let (Some(outbox), Some((Key::SourceTarget(source, name), _))) =
+            (&self.outbox, self.counters.first())
+        {
+            outbox.failure(*source, name);
         }
     }
 }
@@ -169,7 +182,15 @@ impl LoginThrottle {
                 .time_to_idle(quiet)
                 .build(),
             lockouts: std::sync::atomic::AtomicU64::new(0),
+            outbox: None,
         }
+    }
+
+    /// This throttle also tells `outbox` what it counts, for the other instances.
+    #[must_use]
+    pub fn sharing_through(mut self, outbox: Arc<Outbox>) -> LoginThrottle {
+        self.outbox = Some(outbox);
+        self
     }
 
     pub fn settings(&self) -> ThrottleSettings {
@@ -202,14 +223,14 @@ impl LoginThrottle {
             base.1.saturating_mul(self.settings.wide_factor),
         );
         let mut plan = vec![
-            (&narrow.1, base, "source and target"),
-            (&by_source.1, wide, "source"),
+            (&narrow, base, "source and target"),
+            (&by_source, wide, "source"),
         ];
-        if let Some((_, shared)) = &by_target {
-            plan.push((shared, wide, "target"));
+        if let Some(counter) = &by_target {
+            plan.push((counter, wide, "target"));
         }
         // First pass: any lock-out refuses, and this attempt would start one past the limit.
-        for &(shared, (_, lockout_after), scope) in &plan {
+        for &((key, shared), (_, lockout_after), scope) in &plan {
             let mut c = lock(shared);
             c.expire(now, self.window);
             if let Some(until) = c.locked_until {
@@ -227,6 +248,7 @@ impl LoginThrottle {
             if c.failures >= lockout_after {
                 c.locked_until = Some(now + self.settings.lockout);
                 self.lockout_started();
+                self.share_lockout(key, now + self.settings.lockout);
                 return Err(Throttled {
                     scope,
                     retry_after: self.settings.lockout,
@@ -235,7 +257,7 @@ impl LoginThrottle {
         }
         // Second pass: the longest delay any counter asks for this attempt.
         let mut delay = Duration::ZERO;
-        for &(shared, (delay_after, _), _) in &plan {
+        for &((_, shared), (delay_after, _), _) in &plan {
             let attempt = lock(shared).failures.saturating_add(1);
             delay = delay.max(self.delay_for(attempt, delay_after));
         }
@@ -243,6 +265,7 @@ impl LoginThrottle {
         counters.extend(by_target);
         Ok(Attempt {
             counters,
+            outbox: self.outbox.clone(),
             delay,
             armed: false,
         })
@@ -277,6 +300,12 @@ impl LoginThrottle {
         }
     }
 
+    fn share_lockout(&self, key: &Key, until: Instant) {
+        if let Some(outbox) = &self.outbox {
+            outbox.lockout(key.clone(), until);
+        }
+    }
+
     fn lockout_started(&self) {
         self.lockouts
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -290,13 +319,25 @@ impl LoginThrottle {
     /// A CancelRequest from `source` named a key nobody holds.
     pub async fn unknown_cancel_key(&self, source: IpAddr) {
         let (_, shared) = self.counter(Key::UnknownCancelKeys(source)).await;
-        let mut c = lock(&shared);
-        c.count_failure();
-        if c.failures >= self.settings.failures_before_lockout {
-            if c.locked_until.is_none_or(|until| until <= Instant::now()) {
-                self.lockout_started();
+        let until = {
+            let mut c = lock(&shared);
+            c.count_failure();
+            if c.failures < self.settings.failures_before_lockout {
+                None
+            } else {
+                if c.locked_until.is_none_or(|until| until <= Instant::now()) {
+                    self.lockout_started();
+                }
+                let until = Instant::now() + self.settings.lockout;
+                c.locked_until = Some(until);
+                Some(until)
             }
-            c.locked_until = Some(Instant::now() + self.settings.lockout);
+        };
+        if let Some(outbox) = &self.outbox {
+            outbox.unknown_cancel_key(source);
+        }
+        if let Some(until) = until {
+            self.share_lockout(&Key::UnknownCancelKeys(source), until);
         }
     }
 
@@ -317,6 +358,9 @@ impl LoginThrottle {
         attempt.armed = false;
         if let Some((narrow, _)) = attempt.counters.first() {
             self.counters.invalidate(narrow).await;
+            if let (Some(outbox), Key::SourceTarget(source, name)) = (&self.outbox, narrow) {
+                outbox.success(*source, name);
+            }
         }
     }
 
@@ -330,6 +374,73 @@ impl LoginThrottle {
     pub fn failed(mut attempt: Attempt) {
         attempt.armed = false;
         attempt.count_failure();
+    }
+}
+
+/// What other instances counted, added to this one's counters (see `shared_throttle`). They
+/// only count: the lock-out they may bring is decided by the next `begin`, as for local
+/// failures, or arrives as a lock-out of its own.
+impl LoginThrottle {
+    /// `failures` failed logins of `source` against `target` (the name as `begin` keys it);
+    /// `reset` first when a login of theirs succeeded, after which `since_reset` of those
+    /// failures happened.
+    pub(crate) async fn add_remote_failures(
+        &self,
+        source: IpAddr,
+        target: &str,
+        failures: u32,
+        (reset, since_reset): (bool, u32),
+    ) {
+        let name: Arc<str> = Arc::from(truncate(target, MAX_TARGET_BYTES));
+        let narrow = Key::SourceTarget(source, Arc::clone(&name));
+        if reset {
+            self.counters.invalidate(&narrow).await;
+        }
+        let mut keys = vec![(narrow, since_reset), (Key::Source(source), failures)];
+        if !name.starts_with('\0') {
+            keys.push((Key::Target(name), failures));
+        }
+        let now = Instant::now();
+        for (key, n) in keys {
+            if n == 0 {
+                continue;
+            }
+            let (_, shared) = self.counter(key).await;
+            let mut c = lock(&shared);
+            c.expire(now, self.window);
+            c.failures = c.failures.saturating_add(n);
+            c.since.get_or_insert(now);
+        }
+    }
+
+    /// `n` CancelRequests of `source` with keys nobody held.
+    pub(crate) async fn add_remote_cancel_keys(&self, source: IpAddr, n: u32) {
+        let (_, shared) = self.counter(Key::UnknownCancelKeys(source)).await;
+        let mut c = lock(&shared);
+        let now = Instant::now();
+        c.expire(now, self.window);
+        c.failures = c.failures.saturating_add(n);
+        c.since.get_or_insert(now);
+        if c.failures >= self.settings.failures_before_lockout {
+            let until = now + self.settings.lockout;
+            c.locked_until = Some(c.locked_until.map_or(until, |t| t.max(until)));
+        }
+    }
+
+    /// Another instance locked `key` out for `remaining` more (at most our own lock-out).
+    pub(crate) async fn add_remote_lockout(&self, key: Key, remaining: Duration) {
+        let key = match key {
+            Key::SourceTarget(source, name) => {
+                Key::SourceTarget(source, Arc::from(truncate(&name, MAX_TARGET_BYTES)))
+            }
+            Key::Target(name) => Key::Target(Arc::from(truncate(&name, MAX_TARGET_BYTES))),
+            other => other,
+        };
+        let (_, shared) = self.counter(key).await;
+        let mut c = lock(&shared);
+        let until = Instant::now() + remaining.min(self.settings.lockout);
+        c.locked_until = Some(c.locked_until.map_or(until, |t| t.max(until)));
+        c.since.get_or_insert_with(Instant::now);
     }
 }
 

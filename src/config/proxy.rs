@@ -105,6 +105,13 @@ pub struct ProxyConfig {
     /// or a tenant. Default 5. Restart to change.
     #[serde(default = "default_auth_failure_limit_factor")]
     pub auth_failure_limit_factor: u32,
+    /// Milliseconds between two flushes of this instance's failed logins, successes and
+    /// lock-outs to the other instances sharing the registry (NOTIFY on `tenantgate_auth`),
+    /// which add them to their own counters: a spray split over instances counts as one.
+    /// Each instance still decides from memory alone. 0: count per instance only. Default
+    /// 250. Restart to change.
+    #[serde(default = "default_auth_failure_share_ms")]
+    pub auth_failure_share_ms: u64,
     /// Load balancers that send a PROXY protocol header (v1 or v2) before the client's first
     /// byte: addresses or CIDR ranges. A connection from one of them must start with the
     /// header, and the client address it names is the client's for everything (throttle,
@@ -220,6 +227,9 @@ fn default_auth_max_delay_ms() -> u64 {
 fn default_auth_failure_limit_factor() -> u32 {
     5
 }
+fn default_auth_failure_share_ms() -> u64 {
+    250
+}
 
 fn default_listen() -> SocketAddr {
     SocketAddr::from(([127, 0, 0, 1], 6432))
@@ -268,6 +278,7 @@ impl Default for ProxyConfig {
             auth_lockout_seconds: default_auth_lockout_seconds(),
             auth_max_delay_ms: default_auth_max_delay_ms(),
             auth_failure_limit_factor: default_auth_failure_limit_factor(),
+            auth_failure_share_ms: default_auth_failure_share_ms(),
             proxy_protocol_from: Networks::default(),
         }
     }

@@ -6,7 +6,8 @@
 //! protocol header of a trusted load balancer), `client` (one client's path:
 //! startup → auth → tenant → pool → session). Background loops started here: the accept loop,
 //! the registry change listener, the usage flusher (`stats`, when configured), the metrics
-//! endpoint (`metrics`, when configured), the instance heartbeat (`instance`). This module holds no business rules.
+//! endpoint (`metrics`, when configured), the instance heartbeat (`instance`), the failed-login sharing
+//! (`auth::shared_throttle`). This module holds no business rules.
 //! It builds everything from the whole config, so its `[proxy]` section is `config`'s
 //! ([`ProxyConfig`](crate::config::ProxyConfig)), which keeps the arrow pointing one way.
 
@@ -34,6 +35,7 @@ pub use login::LoginError;
 pub use proxy_header::ProxyHeaderError;
 
 use crate::admin::AdminContext;
+use crate::auth::shared_throttle::{self, Outbox, Sharing};
 use crate::auth::throttle::LoginThrottle;
 use crate::clients::ClientRoster;
 use crate::config::{Config, LiveConfig};
@@ -167,6 +169,29 @@ async fn start_instance(
         timeout: Duration::from_millis(config.registry.timeout_ms),
     })
     .await
+}
+
+/// The failed-login throttle and, unless `auth_failure_share_ms` is 0, the task that shares
+/// its counts with the other instances through the registry (`auth::shared_throttle`).
+fn start_throttle(config: &Config, instance: &str, stop: &CancellationToken) -> Arc<LoginThrottle> {
+    let throttle = LoginThrottle::new(config.proxy.throttle_settings());
+    if config.proxy.auth_failure_share_ms == 0 {
+        return Arc::new(throttle);
+    }
+    let outbox = Arc::new(Outbox::default());
+    let throttle = Arc::new(throttle.sharing_through(Arc::clone(&outbox)));
+    shared_throttle::spawn(
+        Sharing {
+            url: config.registry.url.clone(),
+            instance: instance.to_owned(),
+            throttle: Arc::clone(&throttle),
+            outbox,
+            every: Duration::from_millis(config.proxy.auth_failure_share_ms),
+            timeout: Duration::from_millis(config.registry.timeout_ms),
+        },
+        stop.clone(),
+    );
+    throttle
 }
 
 /// The client listener, bound with `SO_REUSEPORT` when `reuse_port`: a second tenantgate (a new binary or
@@ -313,6 +338,7 @@ impl Proxy {
             tls: tls.clone(),
             instance_id: instances.id().to_owned(),
         });
+        let throttle = start_throttle(&config, instances.id(), &stop_sessions);
         let state = Arc::new(State {
             client_slots: Arc::new(Semaphore::new(
                 usize::try_from(config.proxy.max_client_connections).unwrap_or(usize::MAX),
@@ -330,7 +356,7 @@ impl Proxy {
             admin,
             stats: usage,
             tls,
-            throttle: Arc::new(LoginThrottle::new(config.proxy.throttle_settings())),
+            throttle,
             handover,
             mock_key,
             next_client_id: AtomicU64::new(1),
