@@ -433,14 +433,17 @@ const HELP: &[(&str, &str)] = &[
     ("SHOW TENANTS | SHOW TENANT slug", "tenants in the registry"),
     (
         "SHOW POOLS [slug]",
-        "live tenant pools: clients, active, waiting, backends",
+        "this instance's live tenant pools: clients, active, waiting, backends",
     ),
-    ("SHOW CLIENTS [slug]", "connected clients"),
+    ("SHOW CLIENTS [slug]", "clients connected to this instance"),
     (
         "SHOW SERVERS",
-        "backend servers: budget, used, idle, waiting",
+        "backend servers: this instance's budget, used, idle, waiting",
     ),
-    ("SHOW STATS [slug]", "per-tenant usage counters since start"),
+    (
+        "SHOW STATS [slug]",
+        "this instance's per-tenant usage counters since start (tenant_usage sums every instance's)",
+    ),
     ("SHOW CONFIG", "the running configuration (secrets masked)"),
     ("SHOW VERSION", "tenantgate's version"),
     ("SHOW ACTIVITY [slug]", "the activity log, newest first"),
@@ -496,27 +499,30 @@ const HELP: &[(&str, &str)] = &[
     ("DROP USER name FOR TENANT slug", "remove a tenant user"),
     (
         "SUSPEND TENANT slug [FORCE]",
-        "refuse new connections (57P03); disconnect clients after the grace period, or at once",
+        "refuse new connections (57P03); disconnect clients after the grace period, or at once (every instance)",
     ),
     ("RESUME TENANT slug", "accept connections again"),
     (
         "DROP TENANT slug [KEEP DATABASE]",
-        "disconnect, drop database and role (or keep them), mark deleted",
+        "disconnect (on every instance), drop database and role (or keep them), mark deleted",
     ),
     ("MIGRATE TENANT slug", "apply pending tenant migrations"),
     (
         "MIGRATE ALL TENANTS [CONCURRENCY n]",
         "migrate every tenant, progress as NOTICEs, one row per tenant",
     ),
-    ("KILL slug", "disconnect every client of a tenant now"),
+    (
+        "KILL slug",
+        "disconnect every client of a tenant now, on every instance",
+    ),
     (
         "PAUSE [slug]",
-        "hold new transactions (all tenants or one); returns when running ones finished",
+        "hold new transactions (all tenants or one) on every instance; returns when running ones finished",
     ),
-    ("RESUME [slug]", "undo PAUSE"),
+    ("RESUME [slug]", "undo PAUSE on every instance"),
     (
         "RELOAD",
-        "re-read the config file, TLS files and master key file: [pool], plans, [provision], [tls] and some [proxy] keys apply now",
+        "every instance re-reads its config file, TLS files and master key file: [pool], plans, [provision], [tls] and some [proxy] keys apply now",
     ),
     (
         "ROTATE MASTER KEY",

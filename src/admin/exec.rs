@@ -1,6 +1,6 @@
 //! What each admin command does, at the top: the dispatch from a parsed [`Command`] to the
 //! file that runs it (SHOW and SELECT read a virtual table here; `lifecycle`, `users`, `plans`,
-//! `reload`, `keys` and `pause` run the rest), the result columns a command announces before it runs, and
+//! `reload`, `keys` and `pause` run the rest; `broadcast` sends RELOAD on to the other instances), the result columns a command announces before it runs, and
 //! what those files share: [`Outcome`], [`Progress`] (NOTICE text while a command runs),
 //! [`known_slug`] and [`log`] (the activity log). This module does not speak the wire protocol
 //! and must not grow a command's body: that goes beside its kind.
@@ -10,7 +10,7 @@ use super::catalog;
 use super::command::{Arg, Command, ShowWhat};
 use super::error::AdminError;
 use super::table::{Column, Table};
-use super::{keys, lifecycle, pause, plans, reload, select, users};
+use super::{broadcast, keys, lifecycle, pause, plans, reload, select, users};
 use crate::registry::TenantSlug;
 
 /// What a command produced.
@@ -135,9 +135,11 @@ pub(super) async fn execute(
         Command::MigrateTenant { .. } | Command::MigrateAll { .. } => {
             lifecycle::migrate_command(ctx, actor, command, params, progress).await
         }
-        Command::Reload => Ok(Outcome::Rows(
-            reload::reload_config(ctx, actor, progress).await?,
-        )),
+        Command::Reload => {
+            let table = reload::reload_config(ctx, actor, progress).await?;
+            broadcast::everywhere(ctx, actor, broadcast::Order::Reload, progress).await;
+            Ok(Outcome::Rows(table))
+        }
         Command::RotateMasterKey => keys::rotate_master_key(ctx, actor, progress).await,
         Command::RetireMasterKeys => keys::retire_master_keys(ctx, actor, progress).await,
         Command::Pause { slug } => {
@@ -152,7 +154,7 @@ pub(super) async fn execute(
                 Some(text) => Some(known_slug(ctx, &text).await?),
                 None => None,
             };
-            pause::resume(ctx, actor, slug.as_ref()).await
+            pause::resume(ctx, actor, slug.as_ref(), progress).await
         }
     }
 }

@@ -1,10 +1,11 @@
 //! A tenant's lifecycle from the console: CREATE and REGISTER TENANT, SUSPEND, RESUME, KILL,
 //! DROP TENANT, and MIGRATE TENANT / MIGRATE ALL TENANTS (one row per tenant). The work is
 //! `provision`'s; this module checks the arguments, passes the servers' budgets, tells live
-//! sessions what changed (directory invalidation, kills) and records the action. It must not
-//! run provisioning SQL itself.
+//! sessions what changed (directory invalidation, kills, on this instance and through
+//! `broadcast` on every other) and records the action. It must not run provisioning SQL itself.
 
 use super::AdminContext;
+use super::broadcast::{self, Order};
 use super::command::{Arg, Command};
 use super::error::AdminError;
 use super::exec::{Outcome, Progress, known_slug, log};
@@ -118,6 +119,7 @@ pub(super) async fn tenant_command(
             if *force {
                 let n = ctx.clients.kill_tenant(&slug);
                 progress.say(format!("disconnected {n} client(s) of tenant {slug}"));
+                disconnect_elsewhere(ctx, actor, &slug, progress).await;
             } else {
                 progress.say(format!(
                     "new connections to tenant {slug} are refused; connected clients are \
@@ -146,6 +148,7 @@ pub(super) async fn tenant_command(
             let n = ctx.clients.kill_tenant(&slug);
             log(ctx, Some(&slug), actor, "admin.kill", Some(&n.to_string())).await;
             progress.say(format!("disconnected {n} client(s) of tenant {slug}"));
+            disconnect_elsewhere(ctx, actor, &slug, progress).await;
             Ok(Outcome::Done("KILL"))
         }
         Command::DropTenant { slug, on_drop } => {
@@ -162,6 +165,7 @@ pub(super) async fn tenant_command(
             .await;
             ctx.directory.invalidate(&slug).await;
             let n = ctx.clients.kill_tenant(&slug);
+            disconnect_elsewhere(ctx, actor, &slug, progress).await;
             let dropped = result?;
             let detail = (!dropped).then_some("database kept");
             log(ctx, Some(&slug), actor, "admin.drop_tenant", detail).await;
@@ -172,6 +176,19 @@ pub(super) async fn tenant_command(
         }
         _ => Err(AdminError::Unsupported("this command".to_owned())),
     }
+}
+
+/// Has every other instance disconnect the tenant's clients (and re-read its record).
+async fn disconnect_elsewhere(
+    ctx: &AdminContext,
+    actor: &str,
+    slug: &crate::registry::TenantSlug,
+    progress: &Progress,
+) {
+    let order = Order::Disconnect {
+        tenant: slug.as_str().to_owned(),
+    };
+    broadcast::everywhere(ctx, actor, order, progress).await;
 }
 
 /// MIGRATE TENANT and MIGRATE ALL TENANTS: one row per tenant, progress as NOTICEs.

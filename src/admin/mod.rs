@@ -8,7 +8,8 @@
 //! `lifecycle` (create, register, suspend, resume, kill, drop and migrate tenants), `users`
 //! (users, auth methods, domains), `plans` (ALTER TENANT ... SET PLAN / SET / RESET, SHOW
 //! PLANS), `reload` (RELOAD and the config diff), `keys` (master key
-//! rotation), `pause` (PAUSE/RESUME), `handler` (pgwire's query handlers), `table` (typed
+//! rotation), `pause` (PAUSE/RESUME), `broadcast` (those
+//! commands on every other instance, by NOTIFY through the registry), `handler` (pgwire's query handlers), `table` (typed
 //! values), `usage` (SHOW STATS), `error` (SQLSTATEs).
 //! The server module authenticates the admin and hands the socket to [`serve`], which drives
 //! pgwire's per-message processing. This module must not reach into a session's internals;
@@ -16,6 +17,7 @@
 //! [`AdminConfig`], lives in `config`: the console reads the whole config (SHOW CONFIG,
 //! RELOAD), so the arrow points from here to `config` and not back.
 
+mod broadcast;
 mod catalog;
 mod command;
 mod error;
@@ -43,6 +45,7 @@ use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt as _};
 use tokio_util::codec::Framed;
 use tokio_util::sync::CancellationToken;
 
+pub use broadcast::spawn_runner;
 pub use error::AdminError;
 
 use crate::clients::ClientRoster;

@@ -1,7 +1,9 @@
 //! The tenant directory: moka caches in front of the registry for tenant records, user logins
 //! (auth method and verifier) and custom domains, a short negative cache for unknown slugs, and
 //! the background loop that LISTENs for registry changes and invalidates what changed (the
-//! whole, small, domain cache on any change: a NOTIFY names the tenant, not the domain).
+//! whole, small, domain cache on any change: a NOTIFY names the tenant, not the domain). The
+//! same connection LISTENs for the admin commands instances send each other (`peers`) and hands
+//! them on, unread, to whoever subscribed ([`TenantDirectory::subscribe_peers`]).
 //!
 //! Background loops: `spawn_change_listener` (one task; reconnects with a back-off while the
 //! registry is away, and after each reconnect drops the whole cache and has the sessions of every
@@ -18,6 +20,7 @@ use moka::future::Cache;
 use tokio_postgres::{AsyncMessage, NoTls};
 use tokio_util::sync::CancellationToken;
 
+use super::peers::{ANSWERS_CHANNEL, COMMANDS_CHANNEL, PeerMessage};
 use super::{Registry, RegistryConfig, RegistryError, TenantRecord, TenantSlug, UserLogin};
 
 /// The channel the registry triggers notify on; the payload is the slug.
@@ -45,6 +48,8 @@ pub struct TenantDirectory {
     /// session's tenant is among them (its login looked it up), so after changes were missed
     /// each can be announced. One slug per tenant that had a login, never a made-up one.
     served: Arc<std::sync::Mutex<HashSet<TenantSlug>>>,
+    /// Commands and answers other instances sent through the registry.
+    peers: tokio::sync::broadcast::Sender<PeerMessage>,
 }
 
 impl TenantDirectory {
@@ -83,6 +88,7 @@ impl TenantDirectory {
                 .build(),
             changes: tokio::sync::broadcast::channel(1024).0,
             served: Arc::default(),
+            peers: tokio::sync::broadcast::channel(256).0,
         }
     }
 
@@ -94,6 +100,12 @@ impl TenantDirectory {
     /// `Lagged` and should re-check its tenant.
     pub fn subscribe(&self) -> tokio::sync::broadcast::Receiver<TenantSlug> {
         self.changes.subscribe()
+    }
+
+    /// Admin commands and answers as instances NOTIFY them (this instance's own included).
+    /// Those sent while the listener was disconnected are lost.
+    pub fn subscribe_peers(&self) -> tokio::sync::broadcast::Receiver<PeerMessage> {
+        self.peers.subscribe()
     }
 
     pub fn registry(&self) -> &Registry {
@@ -353,7 +365,10 @@ async fn listen_once(
         while let Some(message) = messages.next().await {
             match message {
                 Ok(AsyncMessage::Notification(n)) => {
-                    if tx.send(n.payload().to_owned()).is_err() {
+                    if tx
+                        .send((n.channel().to_owned(), n.payload().to_owned()))
+                        .is_err()
+                    {
                         break;
                     }
                 }
@@ -364,14 +379,19 @@ async fn listen_once(
         Ok(())
     });
     client
-        .batch_execute(&format!("LISTEN {CHANGES_CHANNEL}"))
+        .batch_execute(&format!(
+            "LISTEN {CHANGES_CHANNEL}; LISTEN {COMMANDS_CHANNEL}; LISTEN {ANSWERS_CHANNEL}"
+        ))
         .await?;
     *backoff = FIRST_RETRY;
     // We may have missed changes while disconnected.
     directory.forget_missed_changes();
     tracing::debug!("listening for registry changes");
-    while let Some(payload) = rx.recv().await {
-        if let Some(slug) = TenantSlug::parse(&payload) {
+    while let Some((channel, payload)) = rx.recv().await {
+        if let Some(message) = PeerMessage::on(&channel, &payload) {
+            // Nobody subscribed is fine.
+            drop(directory.peers.send(message));
+        } else if let Some(slug) = TenantSlug::parse(&payload) {
             tracing::debug!(tenant = %slug, "registry changed; cache entry dropped");
             directory.invalidate(&slug).await;
         }

@@ -5,7 +5,8 @@
 //! tokio-postgres connections that replaces the ones the registry closed), its queries grouped
 //! by what they touch (`tenants`, `credentials` for tenant and admin users' logins, `domains`,
 //! `tenant_migrations`, `secrets` for key rotation, `usage`, `activity`, `instances` for the
-//! tenantgate instances sharing the registry, and `listing` for the admin console), `migrate`
+//! tenantgate instances sharing the registry, `peers` for the admin commands they send each
+//! other by NOTIFY, and `listing` for the admin console), `migrate`
 //! (our own schema, applied at start-up), `directory` (the moka cache
 //! in front of it, and the background LISTEN loop that invalidates it when the registry
 //! changes), `config` ([`RegistryConfig`]) and `error` ([`RegistryError`]). It also stores the
@@ -22,6 +23,7 @@ mod error;
 mod instances;
 mod listing;
 pub mod migrate;
+mod peers;
 mod secrets;
 mod tenant_migrations;
 mod tenants;
@@ -39,6 +41,7 @@ pub use domains::{DomainError, normalize_domain};
 pub use error::RegistryError;
 pub use instances::{InstanceReport, InstanceRow};
 pub use listing::{ACTIVITY_LIMIT, ActivityEntry, MigrationEntry, TenantListing};
+pub use peers::{ANSWERS_CHANNEL, COMMANDS_CHANNEL, PeerMessage};
 pub use secrets::StoredSecret;
 pub use tenant_migrations::AppliedMigration;
 pub use tenants::NewTenant;

@@ -232,6 +232,8 @@ fn spawn_serving(
     stop_sessions: &CancellationToken,
 ) -> TaskTracker {
     let tasks = TaskTracker::new();
+    // Subscribed before the listener runs, so no order is heard before it.
+    crate::admin::spawn_runner(Arc::clone(&state.admin), stop_sessions.clone());
     spawn_change_listener(
         state.config.get().registry.url.clone(),
         state.directory.clone(),

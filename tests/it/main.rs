@@ -6,6 +6,7 @@
 mod common;
 
 mod admin;
+mod admin_everywhere;
 mod backend_auth;
 mod backend_tls;
 mod budget;
