@@ -26,6 +26,7 @@ mod registry_outage;
 mod routing;
 mod scale;
 mod session;
+mod shared_budget;
 mod signals;
 mod stats;
 mod tls;
