@@ -245,8 +245,7 @@ async fn servers(ctx: &AdminContext) -> Vec<Vec<Value>> {
 }
 
 /// The live instances sharing the registry, as of their last heartbeat. `budget_share` is
-/// each instance's own configured budget (its `[[server]]` budgets summed) until budgets are
-/// shared across instances.
+/// each instance's share of the servers' budgets, summed over the servers (`instance::budget`).
 async fn instances(ctx: &AdminContext) -> Result<Vec<Vec<Value>>, AdminError> {
     let ttl = ctx.config.get().instance.ttl();
     Ok(ctx

@@ -1,7 +1,9 @@
 //! The heartbeat loop: every `[instance] heartbeat_seconds` it refreshes this instance's
 //! registry row and counters (registering it first if it has no row: at start when the
-//! registry was down, or after another instance deleted it as stale), then re-reads the other
-//! live instances into the peer table that cancel forwarding reads. Registry failures are
+//! registry was down, or after another instance deleted it as stale), re-reads the other
+//! live instances into the peer table that cancel forwarding reads, and renews this
+//! instance's leases on the servers' budgets (`budget`; a lease about to lapse unrenewed
+//! is given up after every beat). Registry failures are
 //! logged and retried at the next beat; they never stop the proxy. A beat that has not
 //! succeeded for a whole TTL drops the tag (keys issued from then on carry 0), since another
 //! instance may hold it by then. This file must not forward anything.
@@ -27,7 +29,9 @@ pub(super) async fn run(instances: Instances) {
             () = instances.inner.stop.cancelled() => return,
             _ = tick.tick() => {}
         }
-        match tokio::time::timeout(instances.beat_bound(), instances.try_beat()).await {
+        let beat = tokio::time::timeout(instances.beat_bound(), instances.try_beat()).await;
+        instances.enforce_lapse().await;
+        match beat {
             Ok(Ok(())) => {
                 if failing {
                     tracing::info!("instance heartbeat written again");
@@ -84,7 +88,9 @@ impl Instances {
         if !self.inner.registered.load(Ordering::Relaxed) {
             self.register(load).await?;
         }
-        self.refresh_peers().await
+        self.refresh_peers().await?;
+        self.renew_shares().await;
+        Ok(())
     }
 
     /// Our row is gone or may be: stop issuing our tag (another instance may hold it now)

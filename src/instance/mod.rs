@@ -25,12 +25,19 @@
 //! it lacks triggers at most one refresh a second. Unknown keys, tags of no live instance and
 //! bad MACs are dropped silently, as PostgreSQL drops a wrong key.
 //!
+//! Shared budget. Each server's `max_connections` is the budget of all instances together;
+//! each holds a lease on a share of it, renewed by the heartbeat (`budget`, which says how
+//! shares move and what happens when an instance dies or loses the registry).
+//!
 //! Moving parts: [`InstanceConfig`] (`[instance]`), [`Instances`] (the handle: start, forward,
 //! accept, stop), `heartbeat` (the one background loop here: registration, beats, the peer
-//! table), `forward` (the bytes between instances). This module must not hold cancel keys
-//! (`session::cancel` does) or talk to backends; it reaches the registry only from the
-//! heartbeat loop and, rarely, on a peer-table miss.
+//! table, budget leases), `budget` (the shares of the servers' budgets), `forward` (the bytes
+//! between instances). This module must not hold cancel keys (`session::cancel` does) or talk
+//! to backends (it only sets the pool budgets' permits and asks the pool map to close idle
+//! connections); it reaches the registry only from the heartbeat loop and, rarely, on a
+//! peer-table miss.
 
+mod budget;
 mod forward;
 mod heartbeat;
 
@@ -44,10 +51,12 @@ use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
 
 use crate::crypto::MasterKey;
+use crate::pool::PoolMap;
 use crate::registry::{InstanceReport, Registry};
 use crate::session::CancelMap;
 use crate::session::cancel::tag_of;
 
+pub use budget::{decide_share, fair_targets};
 pub use forward::{Forwarded, answer_forward, forward_mac};
 
 /// A tag missing from the peer table makes the table be re-read at most this often.
@@ -67,7 +76,8 @@ pub struct InstanceConfig {
     /// Seconds between heartbeats (registry row refreshed, peer table re-read). Default 5.
     #[serde(default = "default_heartbeat_seconds")]
     pub heartbeat_seconds: u64,
-    /// Seconds after its last heartbeat an instance counts as gone. Default 3 heartbeats.
+    /// Seconds after its last heartbeat an instance counts as gone, and its lease on a share of
+    /// the servers' budgets lapses. Default 3 heartbeats.
     #[serde(default)]
     pub heartbeat_ttl_seconds: Option<u64>,
 }
@@ -140,8 +150,8 @@ pub struct InstanceSetup {
     pub config: InstanceConfig,
     /// The address the client listener is bound to.
     pub listen: SocketAddr,
-    /// The backend connections this instance may open in all (SHOW INSTANCES budget_share).
-    pub budget: Option<i64>,
+    /// The pools, whose server budgets this instance's shares are applied to.
+    pub pools: PoolMap,
     pub registry: Registry,
     pub key: MasterKey,
     /// Where the tag goes, and where forwarded cancels are looked up.
@@ -160,7 +170,9 @@ pub struct Instances {
 struct Inner {
     id: String,
     address: Option<String>,
-    budget: Option<i64>,
+    pools: PoolMap,
+    /// This instance's leases on the servers' budgets (`budget`).
+    leases: budget::Leases,
     config: InstanceConfig,
     registry: Registry,
     key: MasterKey,
@@ -197,8 +209,9 @@ fn advertised(config: &InstanceConfig, listen: SocketAddr) -> Option<String> {
 }
 
 impl Instances {
-    /// Registers this instance (one try, bounded by `setup.timeout`: a registry that does not
-    /// answer delays nothing but the tag) and starts the heartbeat loop.
+    /// Registers this instance and takes its shares of the servers' budgets (one try, bounded
+    /// by `setup.timeout`: a registry that does not answer delays the tag and the shares; no
+    /// backend connection opens until a share is granted), then starts the heartbeat loop.
     pub async fn start(setup: InstanceSetup) -> Instances {
         let address = advertised(&setup.config, setup.listen);
         if address.is_none() {
@@ -212,7 +225,8 @@ impl Instances {
             inner: Arc::new(Inner {
                 id: format!("{:016x}", rand::random::<u64>()),
                 address,
-                budget: setup.budget,
+                pools: setup.pools,
+                leases: budget::Leases::default(),
                 config: setup.config,
                 registry: setup.registry,
                 key: setup.key,
@@ -227,6 +241,7 @@ impl Instances {
                 beats: Mutex::new(None),
             }),
         };
+        instances.drop_shares();
         instances.beat().await;
         let task = tokio::spawn(heartbeat::run(instances.clone()));
         *instances
@@ -259,7 +274,7 @@ impl Instances {
             address: self.inner.address.as_deref(),
             clients: load.clients,
             backends: load.backends,
-            budget: self.inner.budget,
+            budget: Some(self.share_total()),
         }
     }
 
@@ -336,8 +351,9 @@ impl Instances {
             .cloned()
     }
 
-    /// Stops the heartbeat and deletes this instance's row (clean shutdown). Call once the
-    /// sessions are gone: until then their cancels may still come through other instances.
+    /// Stops the heartbeat, gives back its budget shares (closing idle connections first) and
+    /// deletes this instance's row (clean shutdown). Call once the sessions are gone: until
+    /// then their cancels may still come through other instances.
     pub async fn stop(&self) {
         self.inner.stop.cancel();
         let task = self
@@ -348,6 +364,15 @@ impl Instances {
             .take();
         if let Some(task) = task {
             drop(tokio::time::timeout(self.inner.timeout, task).await);
+        }
+        match tokio::time::timeout(self.inner.timeout * 2, self.release_shares()).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e, "giving back this instance's budget shares failed; they lapse after heartbeat_ttl_seconds");
+            }
+            Err(_) => tracing::warn!(
+                "giving back this instance's budget shares timed out; they lapse after heartbeat_ttl_seconds"
+            ),
         }
         let removed = tokio::time::timeout(
             self.inner.timeout,

@@ -246,12 +246,13 @@ impl BackendManager {
             if let Some(permit) = self.budget.try_acquire() {
                 return Ok(permit);
             }
+            let _waiting = self.budget.waiting();
             // Armed before looking, so a connection going idle meanwhile wakes this wait.
             let went_idle = self.budget.idle_connection();
             tokio::pin!(went_idle);
             went_idle.as_mut().enable();
             if let (Some(idle), Some(pools)) = (self.idle.upgrade(), self.pools.upgrade()) {
-                reclaim_idle(&idle, &pools, &self.target.server, &self.slug).await;
+                reclaim_idle(&idle, &pools, &self.target.server, Some(&self.slug)).await;
             }
             let left = deadline.saturating_duration_since(tokio::time::Instant::now());
             // A permit given back, or a connection gone idle that may be closed to make room;
@@ -267,7 +268,7 @@ impl BackendManager {
             if tokio::time::Instant::now() >= deadline {
                 return Err(BackendError::BudgetExhausted {
                     server: self.budget.server().to_owned(),
-                    max: self.budget.max_connections(),
+                    max: self.budget.share(),
                 });
             }
         }
@@ -275,17 +276,18 @@ impl BackendManager {
 }
 
 /// Closes one idle connection of the least recently used pool on `server` other than
-/// `except`'s. Best effort: returns whether one was closed.
+/// `except`'s (any pool's when `None`). Best effort: returns whether one was closed.
 ///
 /// The idle set is asked first. Only when it offers nothing is the whole pool map scanned
 /// (pools found with idle connections go back into the set): a connection can go idle with no
 /// lease returned, when bb8 finishes a connect after its waiter left (the short `get` below).
-async fn reclaim_idle(
+pub(super) async fn reclaim_idle(
     idle: &IdleSet,
     pools: &PoolCache,
     server: &str,
-    except: &TenantSlug,
+    except: Option<&TenantSlug>,
 ) -> bool {
+    let other = |slug: &TenantSlug| except.is_none_or(|except| slug != except);
     let mut candidates: Vec<(u64, Arc<TenantPool>)> = Vec::new();
     idle.lock()
         .unwrap_or_else(PoisonError::into_inner)
@@ -300,7 +302,7 @@ async fn reclaim_idle(
                 return false;
             }
             pool.in_idle_set.store(true, Ordering::SeqCst);
-            if *slug != *except && pool.target.server == server {
+            if other(slug) && pool.target.server == server {
                 candidates.push((pool.last_used_ms.load(Ordering::Relaxed), pool));
             }
             true
@@ -310,7 +312,7 @@ async fn reclaim_idle(
     }
     let found: Vec<(Arc<TenantSlug>, Arc<TenantPool>)> = pools
         .iter()
-        .filter(|(slug, p)| **slug != *except && p.target.server == server && p.state().1 > 0)
+        .filter(|(slug, p)| other(slug) && p.target.server == server && p.state().1 > 0)
         .collect();
     let candidates = {
         let mut set = idle.lock().unwrap_or_else(PoisonError::into_inner);

@@ -455,6 +455,32 @@ impl PoolMap {
         self.budgets.get(server)
     }
 
+    /// What this instance wants of `server`'s budget (its demand, for the shared budget):
+    /// connections busy with a client now plus the most connects waiting for room at once
+    /// since the last call. Idle connections do not count: they may be closed to give room.
+    /// Walks the pools (once per heartbeat, never per checkout).
+    pub fn server_demand(&self, server: &str) -> u32 {
+        let Some(budget) = self.budgets.get(server) else {
+            return 0;
+        };
+        let idle: u32 = self
+            .pools
+            .iter()
+            .filter(|(_, pool)| pool.target.server == server)
+            .map(|(_, pool)| pool.state().1)
+            .fold(0, u32::saturating_add);
+        budget
+            .in_use()
+            .saturating_sub(idle)
+            .saturating_add(budget.take_peak_waiting())
+    }
+
+    /// Closes one idle connection on `server`, of the least recently used pool that has one
+    /// (to shrink this instance's share of its budget). Whether one was closed.
+    pub async fn close_idle(&self, server: &str) -> bool {
+        super::manager::reclaim_idle(&self.idle, &self.pools, server, None).await
+    }
+
     /// The pool of one tenant, if it exists.
     pub async fn get(&self, slug: &TenantSlug) -> Option<Arc<TenantPool>> {
         self.pools.get(slug).await

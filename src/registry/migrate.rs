@@ -43,6 +43,11 @@ const MIGRATIONS: &[(i32, &str, &str)] = &[
         "instances",
         include_str!("../../migrations/registry/0007_instances.sql"),
     ),
+    (
+        8,
+        "budget_shares",
+        include_str!("../../migrations/registry/0008_budget_shares.sql"),
+    ),
 ];
 
 /// Arbitrary advisory lock key for registry migrations ("tgregmig").

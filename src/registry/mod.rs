@@ -5,8 +5,9 @@
 //! tokio-postgres connections that replaces the ones the registry closed), its queries grouped
 //! by what they touch (`tenants`, `credentials` for tenant and admin users' logins, `domains`,
 //! `tenant_migrations`, `secrets` for key rotation, `usage`, `activity`, `instances` for the
-//! tenantgate instances sharing the registry, `peers` for the admin commands they send each
-//! other by NOTIFY, and `listing` for the admin console), `migrate`
+//! tenantgate instances sharing the registry, `budget_shares` for their leases on the servers'
+//! budgets, `peers` for the admin commands they send each other by NOTIFY, and `listing` for
+//! the admin console), `migrate`
 //! (our own schema, applied at start-up), `directory` (the moka cache
 //! in front of it, and the background LISTEN loop that invalidates it when the registry
 //! changes), `config` ([`RegistryConfig`]) and `error` ([`RegistryError`]). It also stores the
@@ -14,6 +15,7 @@
 //! It must not forward client traffic.
 
 mod activity;
+mod budget_shares;
 mod config;
 mod connections;
 mod credentials;
@@ -33,6 +35,7 @@ mod usage;
 use std::str::FromStr;
 use std::time::Duration;
 
+pub use budget_shares::{ShareRecord, ShareRow};
 pub use config::RegistryConfig;
 use connections::{RegistryConn, RegistryPool};
 pub use credentials::{AuthMethod, UserLogin};

@@ -128,8 +128,8 @@ async fn open_registry(config: &Config, key: &MasterKey) -> anyhow::Result<(Regi
 }
 
 /// Registers this instance in the registry and starts its heartbeat. Its load is read from
-/// the roster (clients) and the server budgets (backends open); its budget is the sum of the
-/// `[[server]]` budgets.
+/// the roster (clients) and the server budgets (backends open); its shares of the servers'
+/// budgets are applied to the pool map's budgets.
 async fn start_instance(
     config: &Config,
     listen: SocketAddr,
@@ -138,6 +138,7 @@ async fn start_instance(
     cancels: &CancelMap,
     (clients, pools): (&ClientRoster, &PoolMap),
 ) -> Instances {
+    let shared = pools.clone();
     let (clients, pools) = (clients.clone(), pools.clone());
     let count = |n: usize| i64::try_from(n).unwrap_or(i64::MAX);
     let load = move || {
@@ -153,15 +154,10 @@ async fn start_instance(
             backends: i64::try_from(backends).unwrap_or(i64::MAX),
         }
     };
-    let budget = config
-        .servers
-        .iter()
-        .map(|s| i64::from(s.max_connections))
-        .sum();
     Instances::start(InstanceSetup {
         config: config.instance.clone(),
         listen,
-        budget: Some(budget),
+        pools: shared,
         registry: registry.clone(),
         key: key.clone(),
         cancels: cancels.clone(),

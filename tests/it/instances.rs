@@ -160,7 +160,11 @@ async fn show_instances_lists_the_live_instances_everywhere_and_forgets_stopped_
             row[3] <= row[4],
             "started no later than the last heartbeat: {row:?}"
         );
-        assert_eq!(row[7], "80", "budget_share: the [[server]] budget: {row:?}");
+        let share: i64 = row[7].parse().unwrap();
+        assert!(
+            (0..=80).contains(&share),
+            "budget_share: a share of the [[server]] budget of 80: {row:?}"
+        );
         assert_eq!(row[8], env!("CARGO_PKG_VERSION"));
         assert_eq!(
             row[9] == "t",

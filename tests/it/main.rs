@@ -27,6 +27,7 @@ mod registry_outage;
 mod routing;
 mod scale;
 mod session;
+mod shared_budget;
 mod shared_throttle;
 mod signals;
 mod stats;
