@@ -13,6 +13,7 @@
 //! a command's registry part (the issuing instance did that once).
 
 use std::collections::{HashSet, VecDeque};
+use std::fmt::Write as _;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
@@ -171,19 +172,20 @@ impl Sent {
             done.len()
         );
         if !done.is_empty() {
-            text.push_str(&format!(": {}", done.join(", ")));
+            let _ = write!(text, ": {}", done.join(", "));
         }
         if !failed.is_empty() {
-            text.push_str(&format!("; failed on {}", failed.join(", ")));
+            let _ = write!(text, "; failed on {}", failed.join(", "));
         }
         if !pending.is_empty() {
             let mut silent: Vec<String> = pending.into_iter().collect();
             silent.sort();
-            text.push_str(&format!(
+            let _ = write!(
+                text,
                 "; no answer within {} s from {}",
                 ANSWER_WAIT.as_secs(),
                 silent.join(", ")
-            ));
+            );
         }
         progress.say(text);
         done.len()
