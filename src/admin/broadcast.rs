@@ -220,7 +220,7 @@ pub fn spawn_runner(
             };
             let payload = match message {
                 Ok(PeerMessage::Command(payload)) => payload,
-                Ok(PeerMessage::Answer(_)) => continue,
+                Ok(PeerMessage::Answer(_) | PeerMessage::Budget(_)) => continue,
                 Err(RecvError::Lagged(n)) => {
                     tracing::warn!(missed = n, "admin orders from other instances were missed");
                     continue;

@@ -16,8 +16,17 @@
 //! raised by a little headroom (a quarter of an equal part), and spreads what no one wants
 //! evenly, so idle budget is usable at once wherever the next client lands. An instance that
 //! wants it always gets at least an equal part (`budget / live instances`), and spare moves to
-//! the hungriest within about two beats: the holders shrink at their beat, the hungry one
-//! grows at its next. A grant is capped by what the other leases leave free.
+//! the hungriest without waiting for beats: a grant is capped by what the other leases leave
+//! free, and an instance whose grant was capped calls the others (NOTIFY on the registry's
+//! `tenantgate_budget`); they renew their lease for that server at once, shrinking to their
+//! own fair part, and one that gave some back calls in turn, so the capped one renews and takes
+//! it. The rebalancing loop ([`rebalance`]) answers those calls at most every
+//! [`REBALANCE_TICK`], and also renews as soon as connects wait for room here while this
+//! instance holds less than the budget and either its last grant was capped or its demand grew
+//! since. So a new instance beside one holding the whole budget (an upgrade, a scale-out) gets
+//! its part in a few registry round trips plus the time to close idle connections, not two
+//! heartbeats; the heartbeat only renews (and catches calls missed while the listener was
+//! down).
 //!
 //! Lapse. A lease is live while renewed within `[instance] heartbeat_ttl_seconds`; any instance
 //! deletes lapsed ones. A killed instance's connections are gone at once (PostgreSQL sees its
@@ -39,15 +48,22 @@
 //! heartbeat loop calls it, and it changes only the budgets' permits and closes idle
 //! connections through the pool map.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::PoisonError;
 use std::time::{Duration, Instant};
 
+use tokio::sync::broadcast::Receiver;
+use tokio::sync::broadcast::error::RecvError;
+use tokio::time::MissedTickBehavior;
+
 use super::Instances;
-use crate::registry::{ShareRecord, ShareRow};
+use crate::registry::{BUDGET_CHANNEL, PeerMessage, ShareRecord, ShareRow};
 
 /// How often a shrink waiting for busy connections to come back looks again.
 const SHRINK_TICK: Duration = Duration::from_millis(20);
+
+/// How often the rebalancing loop renews the leases that calls or local demand made due.
+const REBALANCE_TICK: Duration = Duration::from_millis(100);
 
 /// What this instance knows of its lease on one server.
 #[derive(Debug, Clone, Copy)]
@@ -56,6 +72,10 @@ pub(super) struct LeaseState {
     renewed: Instant,
     /// No other instance held a live lease on the server at that renewal.
     alone: bool,
+    /// That renewal granted less than this instance's fair part: others held the rest.
+    capped: bool,
+    /// The demand it recorded.
+    demand: u32,
 }
 
 /// Per server, this instance's lease as of its last renewal.
@@ -105,6 +125,14 @@ pub fn decide_share(
     demand: u32,
     held: u32,
 ) -> (u32, u32) {
+    let (target, taken) = fair_part(budget, rows, me, demand);
+    let usable = target.min(budget.saturating_sub(taken));
+    (usable, usable.max(held))
+}
+
+/// This instance's fair part of a server's budget (see [`decide_share`]), and the shares the
+/// other live leases hold.
+fn fair_part(budget: u32, rows: &[ShareRow], me: &str, demand: u32) -> (u32, u32) {
     let others: Vec<&ShareRow> = rows.iter().filter(|r| r.instance_id != me).collect();
     let live = u32::try_from(others.len())
         .unwrap_or(u32::MAX)
@@ -116,8 +144,7 @@ pub fn decide_share(
     demands.push(with_headroom(budget, live, demand));
     let target = fair_targets(budget, &demands).last().copied().unwrap_or(0);
     let taken = others.iter().map(|r| r.share).fold(0, u32::saturating_add);
-    let usable = target.min(budget.saturating_sub(taken));
-    (usable, usable.max(held))
+    (target, taken)
 }
 
 impl Instances {
@@ -140,6 +167,10 @@ impl Instances {
         }
     }
 
+    /// Renews this instance's lease on `server` (the heartbeat's and the rebalancing's one way
+    /// to change a share): grows at once to what the registry granted, or shrinks and records
+    /// the smaller share. Calls the others when the grant was capped by what they hold, or
+    /// when it gave some back.
     async fn renew_share(
         &self,
         server: &str,
@@ -149,10 +180,11 @@ impl Instances {
         let Some(budget) = pools.budget(server) else {
             return Ok(());
         };
+        let _renewing = self.inner.renewing.lock().await;
         let demand = pools.server_demand(server);
         let held = budget.share();
         let me = self.id();
-        let mut usable = held;
+        let (mut usable, mut capped) = (held, false);
         let sent = Instant::now();
         let (rows, _) = self
             .inner
@@ -160,6 +192,7 @@ impl Instances {
             .renew_share(server, me, self.inner.config.ttl(), |rows| {
                 let (use_now, record) = decide_share(max, rows, me, demand, held);
                 usable = use_now;
+                capped = use_now < fair_part(max, rows, me, demand).0;
                 ShareRecord {
                     share: record,
                     demand,
@@ -175,15 +208,19 @@ impl Instances {
                 LeaseState {
                     renewed: sent,
                     alone: rows.iter().all(|r| r.instance_id == me),
+                    capped,
+                    demand,
                 },
             );
+        let mut call = capped;
         if usable > held {
             budget.grow_to(usable);
-            tracing::debug!(server, share = usable, demand, "budget share grown");
+            tracing::debug!(server, share = usable, demand, capped, "budget share grown");
         } else if usable < held {
             let reached = self.shrink(server, usable, self.shrink_bound()).await;
             if reached < held {
                 self.inner.registry.lower_share(server, me, reached).await?;
+                call = true;
             }
             tracing::debug!(
                 server,
@@ -193,7 +230,18 @@ impl Instances {
                 "budget share shrunk"
             );
         }
+        if call {
+            self.call_others(server).await;
+        }
         Ok(())
+    }
+
+    /// Has the other instances renew their lease on `server` now (see the module doc).
+    async fn call_others(&self, server: &str) {
+        let payload = format!("{} {server}", self.id());
+        if let Err(e) = self.inner.registry.notify(BUDGET_CHANNEL, &payload).await {
+            tracing::debug!(server, error = %e, "calling the other instances about a budget share failed; they look at their next heartbeat");
+        }
     }
 
     /// Time one shrink may take within a beat.
@@ -268,6 +316,9 @@ impl Instances {
         if all_closed {
             self.inner.registry.remove_shares(self.id()).await?;
         }
+        for server in self.inner.pools.servers() {
+            self.call_others(&server.name).await;
+        }
         Ok(())
     }
 
@@ -280,6 +331,77 @@ impl Instances {
             .filter_map(|s| pools.budget(&s.name))
             .map(|b| i64::from(b.share()))
             .sum()
+    }
+}
+
+/// The rebalancing loop (see the module doc): every [`REBALANCE_TICK`], renews the leases of
+/// the servers another instance called about since the last tick, and of those where connects
+/// wait for room while this instance might get more. Runs until [`Instances::stop`].
+pub(super) async fn rebalance(instances: Instances, mut calls: Receiver<PeerMessage>) {
+    let mut tick = tokio::time::interval(REBALANCE_TICK);
+    tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    let mut due: HashSet<String> = HashSet::new();
+    let mut listening = true;
+    loop {
+        tokio::select! {
+            () = instances.inner.stop.cancelled() => return,
+            call = calls.recv(), if listening => match call {
+                Ok(PeerMessage::Budget(payload)) => {
+                    if let Some((from, server)) = payload.split_once(' ') {
+                        if from != instances.id() {
+                            due.insert(server.to_owned());
+                        }
+                    }
+                }
+                Ok(_) => {}
+                Err(RecvError::Lagged(_)) => {
+                    due.extend(instances.inner.pools.servers().iter().map(|s| s.name.clone()));
+                }
+                // The directory is gone (shutting down): the heartbeat still renews.
+                Err(RecvError::Closed) => listening = false,
+            },
+            _ = tick.tick() => {
+                due.extend(instances.hungry_servers());
+                for server in std::mem::take(&mut due) {
+                    let Some(max) = instances.inner.pools.servers().iter().find(|s| s.name == server).map(|s| s.max_connections) else {
+                        continue;
+                    };
+                    if let Err(e) = instances.renew_share(&server, max).await {
+                        tracing::debug!(server, error = %e, "renewing a budget share between heartbeats failed; the heartbeat retries");
+                    }
+                }
+            }
+        }
+    }
+}
+
+impl Instances {
+    /// Servers where connects wait for room now, this instance holds less than the budget,
+    /// and its last grant was capped by the others or its demand grew since.
+    fn hungry_servers(&self) -> Vec<String> {
+        let pools = &self.inner.pools;
+        let leases = self
+            .inner
+            .leases
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        pools
+            .servers()
+            .iter()
+            .filter(|server| {
+                let Some(budget) = pools.budget(&server.name) else {
+                    return false;
+                };
+                let waiting = budget.waiting_now();
+                if waiting == 0 || budget.share() >= budget.max_connections() {
+                    return false;
+                }
+                leases.get(&server.name).is_some_and(|lease| {
+                    lease.capped || budget.in_use().saturating_add(waiting) > lease.demand
+                })
+            })
+            .map(|server| server.name.clone())
+            .collect()
     }
 }
 

@@ -52,7 +52,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::crypto::MasterKey;
 use crate::pool::PoolMap;
-use crate::registry::{InstanceReport, Registry};
+use crate::registry::{InstanceReport, PeerMessage, Registry};
 use crate::session::CancelMap;
 use crate::session::cancel::tag_of;
 
@@ -159,6 +159,9 @@ pub struct InstanceSetup {
     pub load: LoadFn,
     /// Bound on each registry call and each forward.
     pub timeout: Duration,
+    /// What the other instances NOTIFY (`TenantDirectory::subscribe_peers`): their calls to
+    /// renew a budget lease now.
+    pub peer_messages: tokio::sync::broadcast::Receiver<PeerMessage>,
 }
 
 /// This instance among its peers. Cheap to clone.
@@ -173,6 +176,9 @@ struct Inner {
     pools: PoolMap,
     /// This instance's leases on the servers' budgets (`budget`).
     leases: budget::Leases,
+    /// Held while a lease is renewed, so the heartbeat and the rebalancing never decide
+    /// from the same permits at once.
+    renewing: tokio::sync::Mutex<()>,
     config: InstanceConfig,
     registry: Registry,
     key: MasterKey,
@@ -187,7 +193,8 @@ struct Inner {
     /// The tag we last registered with, asked for again if the row is lost.
     last_tag: Mutex<Option<u8>>,
     stop: CancellationToken,
-    beats: Mutex<Option<tokio::task::JoinHandle<()>>>,
+    /// The heartbeat and the rebalancing loops.
+    beats: Mutex<Vec<tokio::task::JoinHandle<()>>>,
 }
 
 impl std::fmt::Debug for Instances {
@@ -227,6 +234,7 @@ impl Instances {
                 address,
                 pools: setup.pools,
                 leases: budget::Leases::default(),
+                renewing: tokio::sync::Mutex::new(()),
                 config: setup.config,
                 registry: setup.registry,
                 key: setup.key,
@@ -238,17 +246,20 @@ impl Instances {
                 registered: AtomicBool::new(false),
                 last_tag: Mutex::new(None),
                 stop: CancellationToken::new(),
-                beats: Mutex::new(None),
+                beats: Mutex::new(Vec::new()),
             }),
         };
         instances.drop_shares();
         instances.beat().await;
-        let task = tokio::spawn(heartbeat::run(instances.clone()));
+        let tasks = vec![
+            tokio::spawn(heartbeat::run(instances.clone())),
+            tokio::spawn(budget::rebalance(instances.clone(), setup.peer_messages)),
+        ];
         *instances
             .inner
             .beats
             .lock()
-            .unwrap_or_else(PoisonError::into_inner) = Some(task);
+            .unwrap_or_else(PoisonError::into_inner) = tasks;
         instances
     }
 
@@ -356,13 +367,14 @@ impl Instances {
     /// then their cancels may still come through other instances.
     pub async fn stop(&self) {
         self.inner.stop.cancel();
-        let task = self
-            .inner
-            .beats
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .take();
-        if let Some(task) = task {
+        let tasks = std::mem::take(
+            &mut *self
+                .inner
+                .beats
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner),
+        );
+        for task in tasks {
             drop(tokio::time::timeout(self.inner.timeout, task).await);
         }
         match tokio::time::timeout(self.inner.timeout * 2, self.release_shares()).await {

@@ -87,6 +87,11 @@ impl ServerBudget {
         reached
     }
 
+    /// Connects waiting for a permit now.
+    pub fn waiting_now(&self) -> u32 {
+        self.waiting.load(Ordering::Acquire)
+    }
+
     /// Connects waiting for a permit: the most at once since the last call (then now).
     pub fn take_peak_waiting(&self) -> u32 {
         let now = self.waiting.load(Ordering::Acquire);

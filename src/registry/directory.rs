@@ -2,7 +2,8 @@
 //! (auth method and verifier) and custom domains, a short negative cache for unknown slugs, and
 //! the background loop that LISTENs for registry changes and invalidates what changed (the
 //! whole, small, domain cache on any change: a NOTIFY names the tenant, not the domain). The
-//! same connection LISTENs for the admin commands instances send each other (`peers`) and hands
+//! same connection LISTENs for the messages instances send each other (`peers`: admin commands,
+//! budget calls) and hands
 //! them on, unread, to whoever subscribed ([`TenantDirectory::subscribe_peers`]).
 //!
 //! Background loops: `spawn_change_listener` (one task; reconnects with a back-off while the
@@ -20,7 +21,7 @@ use moka::future::Cache;
 use tokio_postgres::{AsyncMessage, NoTls};
 use tokio_util::sync::CancellationToken;
 
-use super::peers::{ANSWERS_CHANNEL, COMMANDS_CHANNEL, PeerMessage};
+use super::peers::{ANSWERS_CHANNEL, BUDGET_CHANNEL, COMMANDS_CHANNEL, PeerMessage};
 use super::{Registry, RegistryConfig, RegistryError, TenantRecord, TenantSlug, UserLogin};
 
 /// The channel the registry triggers notify on; the payload is the slug.
@@ -380,7 +381,8 @@ async fn listen_once(
     });
     client
         .batch_execute(&format!(
-            "LISTEN {CHANGES_CHANNEL}; LISTEN {COMMANDS_CHANNEL}; LISTEN {ANSWERS_CHANNEL}"
+            "LISTEN {CHANGES_CHANNEL}; LISTEN {COMMANDS_CHANNEL}; LISTEN {ANSWERS_CHANNEL}; \
+             LISTEN {BUDGET_CHANNEL}"
         ))
         .await?;
     *backoff = FIRST_RETRY;

@@ -44,7 +44,7 @@ pub use domains::{DomainError, normalize_domain};
 pub use error::RegistryError;
 pub use instances::{InstanceReport, InstanceRow};
 pub use listing::{ACTIVITY_LIMIT, ActivityEntry, MigrationEntry, TenantListing};
-pub use peers::{ANSWERS_CHANNEL, COMMANDS_CHANNEL, PeerMessage};
+pub use peers::{ANSWERS_CHANNEL, BUDGET_CHANNEL, COMMANDS_CHANNEL, PeerMessage};
 pub use secrets::StoredSecret;
 pub use tenant_migrations::AppliedMigration;
 pub use tenants::NewTenant;

@@ -1,6 +1,6 @@
 //! Messages between tenantgate instances through the registry's NOTIFY: admin commands that act
-//! on live state (`COMMANDS_CHANNEL`) and the answers of the instances that ran them
-//! (`ANSWERS_CHANNEL`). This module only carries text: what a message means, and running it,
+//! on live state (`COMMANDS_CHANNEL`), the answers of the instances that ran them
+//! (`ANSWERS_CHANNEL`), and calls to look at a server's budget shares again (`BUDGET_CHANNEL`). This module only carries text: what a message means, and running it,
 //! is the admin console's. It must not execute anything. Whoever can NOTIFY in the registry
 //! database can send commands here: registry access is control of every instance.
 
@@ -12,6 +12,11 @@ pub const COMMANDS_CHANNEL: &str = "tenantgate_commands";
 /// The channel instances answer a command on (the payload names the command's id).
 pub const ANSWERS_CHANNEL: &str = "tenantgate_command_answers";
 
+/// The channel an instance calls the others on to renew their lease on a server's budget now,
+/// not at their next heartbeat: it wants more than they leave, or it gave some back. The
+/// payload is `instance_id server`.
+pub const BUDGET_CHANNEL: &str = "tenantgate_budget";
+
 /// A notification from another instance (or this one: a listener hears its own).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum PeerMessage {
@@ -19,6 +24,8 @@ pub enum PeerMessage {
     Command(String),
     /// A payload sent on [`ANSWERS_CHANNEL`].
     Answer(String),
+    /// A payload sent on [`BUDGET_CHANNEL`].
+    Budget(String),
 }
 
 impl PeerMessage {
@@ -27,6 +34,7 @@ impl PeerMessage {
         match channel {
             COMMANDS_CHANNEL => Some(PeerMessage::Command(payload.to_owned())),
             ANSWERS_CHANNEL => Some(PeerMessage::Answer(payload.to_owned())),
+            BUDGET_CHANNEL => Some(PeerMessage::Budget(payload.to_owned())),
             _ => None,
         }
     }

@@ -136,7 +136,7 @@ async fn start_instance(
     registry: &Registry,
     key: &MasterKey,
     cancels: &CancelMap,
-    (clients, pools): (&ClientRoster, &PoolMap),
+    (clients, pools, directory): (&ClientRoster, &PoolMap, &TenantDirectory),
 ) -> Instances {
     let shared = pools.clone();
     let (clients, pools) = (clients.clone(), pools.clone());
@@ -163,6 +163,7 @@ async fn start_instance(
         cancels: cancels.clone(),
         load: Box::new(load),
         timeout: Duration::from_millis(config.registry.timeout_ms),
+        peer_messages: directory.subscribe_peers(),
     })
     .await
 }
@@ -322,7 +323,7 @@ impl Proxy {
             &registry,
             &key,
             &cancels,
-            (&clients, &pools),
+            (&clients, &pools, &directory),
         )
         .await;
         let admin = Arc::new(AdminContext {

@@ -289,3 +289,75 @@ async fn three_instances_share_one_budget_and_the_survivors_take_a_killed_ones_s
     );
     b.shutdown(Duration::from_secs(1)).await;
 }
+
+/// A second instance started beside one that holds the whole budget (an upgrade, a scale-out)
+/// gets its part between heartbeats: the newcomer's capped grant calls the holder by NOTIFY,
+/// the holder closes idle connections down to its fair part and calls back. With 30 s
+/// heartbeats, only that can serve the newcomer's client within seconds; the server never
+/// sees more than the budget meanwhile.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_instance_gets_its_part_of_a_held_budget_without_waiting_for_heartbeats() {
+    const SMALL: i64 = 6;
+    let env = TestEnv::start_with(|c| {
+        c.instance.heartbeat_seconds = 30;
+        c.pool.mode = PoolMode::Transaction;
+        c.pool.pool_size = 10;
+        c.pool.checkout_timeout_ms = 20_000;
+        c.servers[0].max_connections = u32::try_from(SMALL).unwrap();
+    })
+    .await;
+    let t = env.tenant_with_user("sbnew").await;
+    let databases = vec![t.database.clone()];
+    let admin = admin_client("postgres").await;
+
+    // The first instance, alone, holds the whole budget and opens all of it: six clients in
+    // transactions at once, then idle.
+    let mut holders = Vec::new();
+    for _ in 0..SMALL {
+        holders.push(env.connect(t.slug.as_str(), "app", "secret").await.unwrap());
+    }
+    let busy = holders
+        .iter()
+        .map(|c| c.simple_query("SELECT pg_sleep(0.3)"));
+    for result in futures_util::future::join_all(busy).await {
+        result.unwrap();
+    }
+    assert_eq!(backends(&admin, &databases).await, SMALL, "A opened the whole budget");
+
+    let b = Proxy::start(env.config.clone()).await.expect("instance B");
+    let started = tokio::time::Instant::now();
+    let mut config = tokio_postgres::Config::new();
+    config
+        .host("127.0.0.1")
+        .port(b.local_addr().port())
+        .user("app")
+        .password("secret")
+        .dbname(t.slug.as_str());
+    let (client, connection) = config.connect(NoTls).await.unwrap();
+    tokio::spawn(connection);
+    let sampling = tokio::spawn({
+        let databases = databases.clone();
+        async move {
+            let mut most = 0;
+            for _ in 0..40 {
+                most = most.max(backends(&admin, &databases).await);
+                tokio::time::sleep(Duration::from_millis(25)).await;
+            }
+            most
+        }
+    });
+    client.simple_query("SELECT 1").await.expect("B's client");
+    let took = started.elapsed();
+    assert!(
+        took < Duration::from_secs(5),
+        "B served its first client after {took:?}: its share came with the heartbeats (30 s), \
+         not with the call"
+    );
+    let most = sampling.await.unwrap();
+    assert!(most <= SMALL, "at most {SMALL} backends meanwhile, saw {most}");
+    // A's clients go on with what A kept.
+    for holder in &holders {
+        holder.simple_query("SELECT 1").await.unwrap();
+    }
+    b.shutdown(Duration::from_secs(1)).await;
+}
