@@ -101,6 +101,7 @@ REPEATS=${REPEATS:-3}
 POOL_SIZE=${POOL_SIZE:-20}
 BUDGET=${BUDGET:-100}
 SCRAM_ITERATIONS=${SCRAM_ITERATIONS:-16}
+BACKEND_SCRAM_ITERATIONS=${BACKEND_SCRAM_ITERATIONS:-$SCRAM_ITERATIONS}
 IDLE=${IDLE:-1}
 IDLE_CLIENTS=${IDLE_CLIENTS:-10000}
 MANY=${MANY:-1}
@@ -174,6 +175,9 @@ fi
 # ---------------------------------------------------------------------------------------------
 # Set-up shared by sections 2 and 3: one PostgreSQL, tenantgate, PgBouncer.
 start_quickstart() {
+    # Not truncated by the redirection below: that happens in the background job, maybe after
+    # the first grep, which would then find the previous run's ready line.
+    rm -f "$WORK/qs.out"
     "$BIN" quickstart --dir "$WORK/tg" --listen "127.0.0.1:$TG_PORT" > "$WORK/qs.out" 2> "$WORK/qs.err" &
     QS_PID=$!
     for _ in $(seq 1 300); do
@@ -192,6 +196,10 @@ if [ "$MANY" = 1 ] || [ "$SINGLE" = 1 ]; then
     kill -TERM "$QS_PID"; wait "$QS_PID" || true
     sed -i "s/^pool_size = .*/pool_size = $POOL_SIZE\nmode = \"transaction\"\ncheckout_timeout_ms = 10000/" "$WORK/tg/tenantgate.toml"
     sed -i "s/^shutdown_grace_seconds = .*/&\nmax_client_connections = $((WORKERS * TENANTS + 1000))/" "$WORK/tg/tenantgate.toml"
+    # A tenant pool nobody is connected to is dropped, with its backends, 2 s after its last
+    # use (default 1800 s; a pool with clients connected is never dropped), so that between
+    # runs tenantgate gives its backends back (see quiesce).
+    sed -i "s/^pool_size = .*/&\npool_idle_timeout_seconds = 2/" "$WORK/tg/tenantgate.toml"
     # [[server]] is the file's last table.
     echo "max_connections = $BUDGET" >> "$WORK/tg/tenantgate.toml"
     start_quickstart
@@ -210,11 +218,26 @@ if [ "$MANY" = 1 ] || [ "$SINGLE" = 1 ]; then
     if [ "$MANY" = 1 ]; then
         for i in $(seq 1 "$TENANTS"); do TENANT_SLUGS+=("t$i"); done
     fi
+    # The many tenants' databases and backend roles, made here rather than by CREATE TENANT so
+    # that the roles' verifiers have BACKEND_SCRAM_ITERATIONS iterations: tenantgate logs in to
+    # PostgreSQL as them (its client-side PBKDF2 per backend connect costs that many rounds),
+    # PgBouncer as bench (SCRAM pass-through: no PBKDF2 in PgBouncer at all).
+    if [ "${#TENANT_SLUGS[@]}" -gt 0 ]; then
+        say "set-up: ${#TENANT_SLUGS[@]} databases and roles in PostgreSQL"
+        BACKEND_PASSWORD=tenant-password
+        backend_verifier=$("$EXAMPLES/scram_verifier" "$BACKEND_PASSWORD" "$BACKEND_SCRAM_ITERATIONS")
+        for slug in "${TENANT_SLUGS[@]}"; do
+            echo "CREATE ROLE tenant_$slug LOGIN PASSWORD '$backend_verifier';"
+            echo "CREATE DATABASE tenant_$slug OWNER tenant_$slug;"
+        done > "$WORK/databases.sql"
+        "$PSQL" "$PG_URI" -X -q -v ON_ERROR_STOP=1 -f "$WORK/databases.sql" > "$WORK/databases.out" 2>&1 \
+            || { cat "$WORK/databases.out" >&2; exit 1; }
+    fi
     say "set-up: $((${#TENANT_SLUGS[@]} + 1)) tenants and their user bench (admin console)"
     {
         echo "CREATE USER bench FOR TENANT acme PASSWORD '$VERIFIER';"
         for slug in "${TENANT_SLUGS[@]}"; do
-            echo "CREATE TENANT $slug;"
+            echo "REGISTER TENANT $slug DATABASE 'tenant_$slug' ROLE 'tenant_$slug' PASSWORD '$BACKEND_PASSWORD';"
             echo "CREATE USER bench FOR TENANT $slug PASSWORD '$VERIFIER';"
         done
     } > "$WORK/tenants.sql"
@@ -256,6 +279,7 @@ pool_mode = transaction
 default_pool_size = $POOL_SIZE
 max_user_connections = $BUDGET
 max_client_conn = $((WORKERS * TENANTS + 1000))
+admin_users = bench
 log_connections = 0
 log_disconnections = 0
 logfile = $WORK/pgb/pgbouncer.log
@@ -281,6 +305,25 @@ INI
         say "no PgBouncer at $PGBOUNCER (set PGBOUNCER=path): its columns stay empty"
     fi
 fi
+
+# quiesce: before each run, the proxy that is not measured gives its backends back, so the one
+# that is has PostgreSQL's max_connections as its headroom (each proxy's budget alone fits in
+# it, both together do not): PgBouncer closes its idle servers on RECONNECT (admin console),
+# tenantgate drops a pool 2 s after its last client left (pool_idle_timeout_seconds above; SHOW
+# POOLS makes it look). Waits until no backend is left in a tenant database (at most 20 s).
+quiesce() {
+    local n=""
+    for _ in $(seq 1 100); do
+        n=$("$PSQL" "$PG_URI" -X -qAt -c "SELECT count(*) FROM pg_stat_activity WHERE datname LIKE 'tenant\_%'")
+        [ "$n" = 0 ] && return 0
+        if [ -n "$PGB_PID" ]; then
+            "$PSQL" "postgresql://bench:$BENCH_PASSWORD@127.0.0.1:$PGB_PORT/pgbouncer" -X -q -c RECONNECT > /dev/null 2>&1 || true
+        fi
+        "$PSQL" "$ADMIN_URI" -X -q -c "SHOW POOLS" > /dev/null 2>&1 || true
+        sleep 0.2
+    done
+    say "warning: $n backends still open in tenant databases before the next run"
+}
 
 ratio() { awk -v a="$1" -v b="$2" 'BEGIN { if (a+0 > 0 && b+0 > 0) printf "%.2f", a / b; else printf "-" }'; }
 
@@ -326,6 +369,7 @@ if [ "$MANY" = 1 ]; then
     many_run() {
         local label=$1 pid=$2 dist=$3; shift 3
         local out line
+        quiesce
         out=$("$EXAMPLES/long_lived" --workers "$WORKERS" --duration "$MANY_DURATION" \
             --warmup "$WARMUP" --distribution "$dist" --connect-concurrency "$CONNECT_CONCURRENCY" \
             --accounts $((TENANT_SCALE * 100000)) --pid "$pid" \
@@ -381,6 +425,7 @@ cpu_ticks() {
 run() {
     local label=$1 uri=$2 pid=$3; shift 3
     local out before after
+    quiesce
     before=$(cpu_ticks "$pid")
     if ! out=$(timeout $((DURATION + 60)) "$PGBENCH" -n -T "$DURATION" "$@" "$uri" 2>&1); then
         echo "$label pgbench $*: $(grep -m1 -iE 'error|fatal' <<<"$out" || tail -1 <<<"$out")" >> "$WORK/errors.txt"
