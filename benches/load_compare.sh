@@ -11,19 +11,30 @@
 #   TENANTGATE_BIN=/tmp/tenantgate-before bash benches/load_compare.sh   # another build
 #
 # Set-up. `tenantgate quickstart` starts a private PostgreSQL (max_connections 200) and
-# tenantgate on it; its config is switched to transaction pooling, POOL_SIZE per tenant and a
-# `[[server]] max_connections` of BUDGET, and it is started again. Through its admin console:
-# a user `bench` for the demo tenant `acme` and, for section 2, TENANTS tenants t1..tN, each
-# provisioned with its own database (tenant_t1, ...) and the same user. Every client of every
-# target logs in as `bench` with SCRAM-SHA-256 and one verifier of SCRAM_ITERATIONS iterations
-# (examples/scram_verifier.rs), so a login costs the proxy and PostgreSQL what it costs them and
-# the client's PBKDF2 stays small: tenantgate has it in its registry, PgBouncer in its auth_file,
+# tenantgate on it; its config is switched to transaction pooling, POOL_SIZE per tenant, a
+# `[[server]] max_connections` of BUDGET and pool_idle_timeout_seconds 2 (see "Between runs"),
+# and it is started again. For section 2, TENANTS databases tenant_t1..tenant_tN, each owned by
+# a role of the same name whose SCRAM verifier has BACKEND_SCRAM_ITERATIONS iterations, are
+# made in PostgreSQL and adopted with the admin console's REGISTER TENANT as tenants t1..tN.
+# Every client of every target logs in as `bench` with SCRAM-SHA-256 and one verifier of
+# SCRAM_ITERATIONS iterations (examples/scram_verifier.rs), so a login costs the proxy and
+# PostgreSQL what it costs them and the client's PBKDF2 stays small: tenantgate has it in its
+# registry (CREATE USER bench FOR TENANT ..., for acme and t1..tN), PgBouncer in its auth_file,
 # PostgreSQL as role `bench` (a member of each tenant's role, so it reads the tenants' tables:
-# direct runs, and PgBouncer's SCRAM pass-through to the server). `pgbench -i` through
+# direct runs, and PgBouncer's SCRAM pass-through, with which PgBouncer logs in to PostgreSQL
+# as bench without any PBKDF2 of its own; tenantgate logs in as the tenant's role and runs the
+# PBKDF2 of BACKEND_SCRAM_ITERATIONS rounds per backend connection). `pgbench -i` through
 # tenantgate fills acme (scale SCALE) and each tN (scale TENANT_SCALE). PgBouncer serves the
 # same databases under the same names (acme, t1..tN) from the same PostgreSQL, with
 # default_pool_size POOL_SIZE and max_user_connections BUDGET (every pool is user bench's, so
 # that caps the total as tenantgate's budget does).
+#
+# Between runs. Each proxy's budget fits in PostgreSQL's max_connections, both together do not:
+# before every run, the proxy that is not measured gives its backends back. PgBouncer closes
+# its idle servers on RECONNECT (admin console, admin_users = bench); tenantgate drops a pool
+# and its backends 2 s after its last client left (a pool with clients connected is never
+# dropped). The script waits until no backend is left in a tenant database (`quiesce`), so every
+# run, of either proxy or direct, starts with cold pools.
 #
 # Sections (each prints its table as it ends; progress goes to stderr):
 #   1. idle clients (IDLE=1): benches/idle_clients.sh's example with N = IDLE_CLIENTS plain
@@ -53,6 +64,8 @@
 #   BUDGET=100           backend connections in all (tenantgate [[server]] max_connections,
 #                        PgBouncer max_user_connections)
 #   SCRAM_ITERATIONS=16  iterations of user bench's SCRAM-SHA-256 verifier
+#   BACKEND_SCRAM_ITERATIONS=$SCRAM_ITERATIONS   iterations of the section 2 tenant roles'
+#                        verifiers (4096 is PostgreSQL's own default)
 #   IDLE=1               section 1 on (0: off); IDLE_CLIENTS=10000 idle clients per proxy
 #   MANY=1               section 2 on (0: off)
 #   TENANTS=50           tenants in section 2, each its own database
@@ -167,8 +180,9 @@ if [ "$IDLE" = 1 ]; then
         --pool-size "$POOL_SIZE" --scram-iterations "$SCRAM_ITERATIONS" --dir "$WORK/idle" 2>&1) \
         || { echo "$idle_out"; echo "idle clients: failed" >&2; exit 1; }
     echo "== 1. idle clients: RSS growth per idle plaintext client (SCRAM $SCRAM_ITERATIONS iterations, transaction mode, pool $POOL_SIZE)"
-    # The example's table (after its progress lines) and its error lines.
-    sed -n '/^$/,$p' <<<"$idle_out" | sed '/^$/d'
+    # The example's settings line, notes, table and error lines (its progress lines repeat the
+    # table's rows).
+    grep -v -E '^(tenantgate|pgbouncer) (plain|tls) N=|^$' <<<"$idle_out" || true
     echo
 fi
 
