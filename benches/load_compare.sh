@@ -5,7 +5,7 @@
 # connections in all. A benchmark, not a test: numbers on a shared 2-core machine move; compare
 # ratios from one run.
 #
-#   bash benches/load_compare.sh                       # everything, about 20 minutes
+#   bash benches/load_compare.sh                       # everything: 13 minutes on 2 cores
 #   IDLE=0 MANY=0 bash benches/load_compare.sh         # only the pgbench table (section 3)
 #   DURATION=10 CLIENTS="10 50" MODES=simple REPEATS=5 bash benches/load_compare.sh
 #   TENANTGATE_BIN=/tmp/tenantgate-before bash benches/load_compare.sh   # another build
