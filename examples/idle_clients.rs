@@ -28,6 +28,8 @@
 
 #![allow(clippy::print_stdout, reason = "the report is the output")]
 
+mod support;
+
 use std::fmt;
 use std::io::Write as _;
 use std::net::{Ipv4Addr, SocketAddr};
@@ -39,11 +41,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
-use base64::Engine as _;
-use base64::engine::general_purpose::STANDARD as B64;
 use clap::{Parser, ValueEnum};
-use hmac::{Hmac, KeyInit as _, Mac as _};
-use sha2::{Digest as _, Sha256};
 use tenantgate::crypto::{Binding, MasterKey, Secret};
 use tenantgate::localpg::{LocalPg, LocalPgOptions, free_port};
 use tokio::net::{TcpSocket, TcpStream};
@@ -265,38 +263,6 @@ fn running_as_root() -> bool {
     })
 }
 
-fn hmac_sha256(key: &[u8], data: &[&[u8]]) -> [u8; 32] {
-    let mut mac = Hmac::<Sha256>::new_from_slice(key).unwrap_or_else(|_| unreachable!());
-    for part in data {
-        mac.update(part);
-    }
-    mac.finalize().into_bytes().into()
-}
-
-/// `SCRAM-SHA-256$<iterations>:<salt>$<StoredKey>:<ServerKey>` for an ASCII password, as
-/// PostgreSQL stores it (postgres-protocol's `password::scram_sha_256` always uses 4096).
-fn scram_verifier(password: &str, iterations: u32) -> String {
-    let salt = *b"tenantgate-idle!";
-    // PBKDF2-HMAC-SHA-256, one block.
-    let mut u = hmac_sha256(password.as_bytes(), &[&salt, &1u32.to_be_bytes()]);
-    let mut salted = u;
-    for _ in 1..iterations {
-        u = hmac_sha256(password.as_bytes(), &[&u]);
-        for (s, x) in salted.iter_mut().zip(u) {
-            *s ^= x;
-        }
-    }
-    let client_key = hmac_sha256(&salted, &[b"Client Key"]);
-    let stored_key: [u8; 32] = Sha256::digest(client_key).into();
-    let server_key = hmac_sha256(&salted, &[b"Server Key"]);
-    format!(
-        "SCRAM-SHA-256${iterations}:{}${}:{}",
-        B64.encode(salt),
-        B64.encode(stored_key),
-        B64.encode(server_key)
-    )
-}
-
 async fn connect_admin(conn: &str) -> anyhow::Result<tokio_postgres::Client> {
     let (client, connection) = conn
         .parse::<tokio_postgres::Config>()?
@@ -343,7 +309,7 @@ impl Bench {
         // string the proxies hold: PgBouncer logs in to PostgreSQL with the keys of the client's
         // SCRAM exchange (auth_file holds no password), which works only when both verifiers
         // are the same; tenantgate logs in with the password.
-        let verifier = scram_verifier(PASSWORD, args.scram_iterations);
+        let verifier = support::scram_verifier(PASSWORD, args.scram_iterations);
         admin
             .batch_execute(&format!("CREATE ROLE {USER} LOGIN PASSWORD '{verifier}'"))
             .await?;
