@@ -138,6 +138,10 @@ pub enum BackendError {
     Timeout(Duration),
     #[error("server {server} is at its connection budget of {max}")]
     BudgetExhausted { server: String, max: u32 },
+    /// A connect found no room in the budget and no checkout waiting for it any more (they
+    /// were served by connections that came back): given up, told to nobody.
+    #[error("no room in the server's budget and no client waiting for this connection")]
+    NotWanted,
     #[error(transparent)]
     Tls(#[from] BackendTlsError),
 }
@@ -167,7 +171,9 @@ impl ClientFacing for BackendError {
             BackendError::Refused(e) if e.code == SqlState::TOO_MANY_CONNECTIONS.code() => {
                 SqlState::TOO_MANY_CONNECTIONS
             }
-            BackendError::BudgetExhausted { .. } => SqlState::TOO_MANY_CONNECTIONS,
+            BackendError::BudgetExhausted { .. } | BackendError::NotWanted => {
+                SqlState::TOO_MANY_CONNECTIONS
+            }
             BackendError::Refused(_)
             | BackendError::ConnectTimeout { .. }
             | BackendError::Connect { .. }
@@ -207,6 +213,10 @@ impl ClientFacing for BackendError {
             BackendError::BudgetExhausted { server, max } => format!(
                 "all {max} connections tenantgate may open to server \"{server}\" are busy; try again"
             ),
+            BackendError::NotWanted => {
+                "all connections tenantgate may open to the tenant's server are busy; try again"
+                    .to_owned()
+            }
             // Written for the operator the client will ask: the server's config name and the
             // reason, never its address or certificate contents.
             BackendError::Tls(e) => {
@@ -217,7 +227,7 @@ impl ClientFacing for BackendError {
 
     fn kind(&self) -> ErrorKind {
         match self {
-            BackendError::BudgetExhausted { .. } => ErrorKind::Limit,
+            BackendError::BudgetExhausted { .. } | BackendError::NotWanted => ErrorKind::Limit,
             BackendError::ConnectTimeout { .. }
             | BackendError::Connect { .. }
             | BackendError::Io(_)

@@ -30,6 +30,13 @@ pub struct PoolConfig {
         alias = "query_wait_timeout_ms"
     )]
     pub checkout_timeout_ms: u64,
+    /// When the server's budget is spent, how long a client whose pool has other backends
+    /// (all busy) waits for one of them to come back before another tenant's idle backend is
+    /// closed to open one more for it, in milliseconds. Default 25. A backend coming back
+    /// within it serves the client with no connect and no churn of another tenant's pool;
+    /// 0 closes another tenant's backend at once (PgBouncer's behaviour).
+    #[serde(default = "default_reclaim_grace_ms")]
+    pub reclaim_grace_ms: u64,
     /// Timeout for opening and authenticating one backend connection, in milliseconds.
     /// Default 5000.
     #[serde(default = "default_connect_timeout_ms")]
@@ -109,6 +116,9 @@ fn default_pool_size() -> u32 {
 fn default_checkout_timeout_ms() -> u64 {
     30_000
 }
+fn default_reclaim_grace_ms() -> u64 {
+    25
+}
 fn default_connect_timeout_ms() -> u64 {
     5000
 }
@@ -135,6 +145,7 @@ impl Default for PoolConfig {
             pool_size: default_pool_size(),
             min_idle: 0,
             checkout_timeout_ms: default_checkout_timeout_ms(),
+            reclaim_grace_ms: default_reclaim_grace_ms(),
             connect_timeout_ms: default_connect_timeout_ms(),
             reset_timeout_ms: default_reset_timeout_ms(),
             server_idle_timeout_seconds: default_server_idle_timeout(),

@@ -10,13 +10,22 @@
 //! `ServerBudget::connection_went_idle`), not on a timer, so room made by a lease returned
 //! elsewhere is taken at once (issue 12); a slow tick covers the rare idle connection no lease
 //! reports.
+//!
+//! Closing another tenant's idle connection is churn: that tenant will likely open one again
+//! soon. So a connect closes one only for a checkout that is still waiting ([`Demand`]: never
+//! more connects making room than checkouts waiting; a checkout served meanwhile by a
+//! connection coming back leaves its connect waiting for a free permit only), and, when its pool
+//! has other connections, only after `[pool] reclaim_grace_ms`, within which one of them
+//! coming back serves the checkout instead (issue 12: on a spent budget, a pool growing for
+//! every short burst closed other tenants' connections at 0.7 connects per transaction).
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::atomic::{AtomicU8, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError, Weak};
 use std::time::Duration;
 
 use moka::future::Cache;
+use tokio::sync::Notify;
 
 use super::backend::Settings;
 use super::{BackendConn, BackendError, BackendTarget, ServerBudget, TenantPool};
@@ -99,6 +108,86 @@ pub struct BackendManager {
     /// replaces a dropped connection at once, and the replacement must not run beside the
     /// old backend while it exits.
     pub(super) slots: Arc<tokio::sync::Semaphore>,
+    /// Shared with the pool: its checkouts waiting, which bound the connects that may close
+    /// another pool's idle connection.
+    pub(super) demand: Arc<Demand>,
+    /// `[pool] reclaim_grace_ms`.
+    pub(super) reclaim_grace: Duration,
+    /// The pool's size: `slots` in all.
+    pub(super) pool_size: u32,
+}
+
+/// One pool's checkouts waiting for a connection (`wanted`), and its connects allowed to close
+/// another pool's idle connection for them (`reclaiming`), never more than `wanted`.
+#[derive(Debug, Default)]
+pub(crate) struct Demand {
+    wanted: AtomicUsize,
+    reclaiming: AtomicUsize,
+    /// Connects of the pool under way (each holds a slot, as open connections do).
+    connecting: AtomicUsize,
+    /// Woken whenever `wanted` or `reclaiming` changes.
+    changed: Notify,
+}
+
+impl Demand {
+    /// A checkout waits for a connection until the guard drops.
+    pub(super) fn want(&self) -> Wanting<'_> {
+        self.wanted.fetch_add(1, Ordering::SeqCst);
+        self.changed.notify_waiters();
+        Wanting(self)
+    }
+
+    fn wanted(&self) -> usize {
+        self.wanted.load(Ordering::SeqCst)
+    }
+
+    /// The turn to close another pool's idle connection: one connect of the pool at a time
+    /// (as PgBouncer opens one server connection at a time per pool), and only while a
+    /// checkout waits.
+    fn reclaim_turn(&self) -> Option<ReclaimTurn<'_>> {
+        if self.wanted() == 0 {
+            return None;
+        }
+        self.reclaiming
+            .compare_exchange(0, 1, Ordering::SeqCst, Ordering::SeqCst)
+            .ok()
+            .map(|_| ReclaimTurn(self))
+    }
+
+    /// A connect is under way until the guard drops.
+    fn connecting(&self) -> Connecting<'_> {
+        self.connecting.fetch_add(1, Ordering::SeqCst);
+        Connecting(self)
+    }
+}
+
+/// A checkout waiting for a connection (see [`Demand::want`]).
+pub(super) struct Wanting<'a>(&'a Demand);
+
+impl Drop for Wanting<'_> {
+    fn drop(&mut self) {
+        self.0.wanted.fetch_sub(1, Ordering::SeqCst);
+        self.0.changed.notify_waiters();
+    }
+}
+
+/// A connect under way (see [`Demand::connecting`]).
+struct Connecting<'a>(&'a Demand);
+
+impl Drop for Connecting<'_> {
+    fn drop(&mut self) {
+        self.0.connecting.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+/// A connect's turn to close another pool's idle connection, held until it has connected.
+struct ReclaimTurn<'a>(&'a Demand);
+
+impl Drop for ReclaimTurn<'_> {
+    fn drop(&mut self) {
+        self.0.reclaiming.fetch_sub(1, Ordering::SeqCst);
+        self.0.changed.notify_waiters();
+    }
 }
 
 /// How often a connect waiting for room in a spent budget looks for idle connections when
@@ -237,33 +326,83 @@ impl Drop for IdleMark {
 }
 
 impl BackendManager {
-    /// A permit of the server's budget: free ones first; when none is free, close an idle
-    /// connection of the least recently used other pool on the server and wait in line,
-    /// until `budget_wait` has passed.
-    async fn budget_permit(&self) -> Result<tokio::sync::OwnedSemaphorePermit, BackendError> {
-        let deadline = tokio::time::Instant::now() + self.budget_wait;
+    /// A permit of the server's budget: a free one when there is one; when none is, and a
+    /// checkout of this pool still waits with no other connect making room for it (after
+    /// `reclaim_grace` when the pool has other connections, one of which may come back
+    /// first), close an idle connection of the least recently used other pool on the server
+    /// and wait in line, until `budget_wait` has passed. Returns the reclaim turn too: held
+    /// until the connection is open, so no second connect makes room for the same checkout.
+    async fn budget_permit(
+        &self,
+    ) -> Result<(tokio::sync::OwnedSemaphorePermit, Option<ReclaimTurn<'_>>), BackendError> {
+        let started = tokio::time::Instant::now();
+        let deadline = started + self.budget_wait;
+        let grace_end = started + self.reclaim_grace;
+        let mut turn: Option<ReclaimTurn<'_>> = None;
+        let mut closed_at: Option<tokio::time::Instant> = None;
         loop {
             if let Some(permit) = self.budget.try_acquire() {
-                return Ok(permit);
+                return Ok((permit, turn));
             }
-            let _waiting = self.budget.waiting();
-            // Armed before looking, so a connection going idle meanwhile wakes this wait.
+            if self.demand.wanted() == 0 {
+                // Its checkout was served by a connection that came back (or it was started
+                // by no checkout: a reclaim or the sweeper taking an idle connection that was
+                // gone): nobody needs it, and waiting on would only hold a slot.
+                return Err(BackendError::NotWanted);
+            }
+            // Armed before looking, so a change meanwhile wakes this wait.
+            let changed = self.demand.changed.notified();
             let went_idle = self.budget.idle_connection();
-            tokio::pin!(went_idle);
+            tokio::pin!(changed, went_idle);
+            changed.as_mut().enable();
             went_idle.as_mut().enable();
-            if let (Some(idle), Some(pools)) = (self.idle.upgrade(), self.pools.upgrade()) {
-                reclaim_idle(&idle, &pools, &self.target.server, Some(&self.slug)).await;
+            let now = tokio::time::Instant::now();
+            // Open connections of the pool: one may come back within the grace.
+            let open = self.open_connections();
+            let in_grace = open > 0 && now < grace_end;
+            if turn.is_none() && !in_grace {
+                turn = self.demand.reclaim_turn();
+                if turn.is_some() {
+                    tracing::debug!(
+                        open,
+                        waited_ms = (now - started).as_millis(),
+                        "a checkout still waits: making room in the spent budget"
+                    );
+                }
             }
-            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
-            // A permit given back, or a connection gone idle that may be closed to make room;
-            // the slow tick only covers one that went idle without a lease going back (bb8
-            // finishing a connect after its waiter left).
+            // Demand the shared budget hears of: only a checkout still waiting.
+            let _waiting = (self.demand.wanted() > 0).then(|| self.budget.waiting());
+            // One connection closed per turn: its permit comes back once the server has
+            // closed it, and closing one more at every wake-up meanwhile (each connection
+            // going idle anywhere wakes this) churned several tenants' backends per connect.
+            // Another only if that permit has not come within a tick (taken by a connect
+            // ahead in line).
+            let may_close = turn.is_some()
+                && closed_at.is_none_or(|at| now.saturating_duration_since(at) >= RECLAIM_TICK);
+            if may_close {
+                if let (Some(idle), Some(pools)) = (self.idle.upgrade(), self.pools.upgrade()) {
+                    if reclaim_idle(&idle, &pools, &self.target.server, Some(&self.slug)).await {
+                        closed_at = Some(tokio::time::Instant::now());
+                    }
+                }
+            }
+            let now = tokio::time::Instant::now();
+            let left = deadline.saturating_duration_since(now);
+            let mut wait = left.min(RECLAIM_TICK);
+            if turn.is_none() && in_grace {
+                wait = wait.min(grace_end.saturating_duration_since(now));
+            }
+            // A permit given back; with a turn, a connection gone idle that may be closed to
+            // make room (the slow tick covers one that went idle without a lease going back:
+            // bb8 finishing a connect after its waiter left); without one, the checkouts
+            // waiting or the turns taken changed, or the grace ended.
             let permit = tokio::select! {
-                permit = self.budget.acquire(left.min(RECLAIM_TICK)) => permit,
-                () = &mut went_idle => None,
+                permit = self.budget.acquire(wait) => permit,
+                () = &mut went_idle, if turn.is_some() && closed_at.is_none() => None,
+                () = &mut changed, if turn.is_none() => None,
             };
             if let Some(permit) = permit {
-                return Ok(permit);
+                return Ok((permit, turn));
             }
             if tokio::time::Instant::now() >= deadline {
                 return Err(BackendError::BudgetExhausted {
@@ -272,6 +411,14 @@ impl BackendManager {
                 });
             }
         }
+    }
+
+    /// The pool's open connections: the slots held, less those of connects under way.
+    fn open_connections(&self) -> usize {
+        usize::try_from(self.pool_size)
+            .unwrap_or(usize::MAX)
+            .saturating_sub(self.slots.available_permits())
+            .saturating_sub(self.demand.connecting.load(Ordering::SeqCst))
     }
 }
 
@@ -369,7 +516,8 @@ impl bb8::ManageConnection for BackendManager {
             .ok()
             .and_then(Result::ok)
             .ok_or(BackendError::Timeout(self.budget_wait))?;
-            let permit = self.budget_permit().await?;
+            let _connecting = self.demand.connecting();
+            let (permit, reclaim_turn) = self.budget_permit().await?;
             let startup = self.startup.for_new_connection();
             let with_settings = !startup.is_empty();
             let connected =
@@ -386,6 +534,7 @@ impl bb8::ManageConnection for BackendManager {
             };
             conn.budget_permit = Some(permit);
             conn.pool_slot = Some(slot);
+            drop(reclaim_turn);
             Ok(conn)
         }
         .await
@@ -418,6 +567,9 @@ pub(super) struct ConnectErrors(pub(super) tokio::sync::broadcast::Sender<Arc<Ba
 
 impl bb8::ErrorSink<BackendError> for ConnectErrors {
     fn sink(&self, error: BackendError) {
+        if matches!(error, BackendError::NotWanted) {
+            return;
+        }
         tracing::warn!(error = %error, "backend connection failed");
         // No receiver means nobody is waiting: nothing to tell.
         drop(self.0.send(Arc::new(error)));

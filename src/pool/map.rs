@@ -12,7 +12,7 @@ use moka::future::Cache;
 use moka::policy::EvictionPolicy;
 
 use super::lease::WaitTimer;
-use super::manager::{ConnectErrors, IdleMark, IdleSet, PoolCache, Standing};
+use super::manager::{ConnectErrors, Demand, IdleMark, IdleSet, PoolCache, Standing};
 use super::tenant_pool::{PoolSource, alive_connection};
 use super::{
     BackendError, BackendManager, BackendTarget, BackendTls, BackendTlsError, BackendTlsSetupError,
@@ -304,6 +304,7 @@ impl PoolMap {
         let stats = self.stats.for_tenant(&tenant.slug);
         let startup = Arc::new(StartupSettings::default());
         let standing = Arc::new(Standing::default());
+        let demand = Arc::new(Demand::default());
         let manager = BackendManager {
             startup: Arc::clone(&startup),
             standing: Arc::clone(&standing),
@@ -315,6 +316,9 @@ impl PoolMap {
             connect_timeout: Duration::from_millis(settings.config.connect_timeout_ms),
             budget: Arc::clone(&budget),
             budget_wait: Duration::from_millis(limits.checkout_timeout_ms),
+            reclaim_grace: Duration::from_millis(settings.config.reclaim_grace_ms),
+            pool_size: limits.pool_size,
+            demand: Arc::clone(&demand),
             slots: Arc::new(tokio::sync::Semaphore::new(
                 usize::try_from(limits.pool_size).unwrap_or(usize::MAX),
             )),
@@ -348,6 +352,7 @@ impl PoolMap {
             )),
             limits,
             connect_errors,
+            demand,
             last_used_ms: std::sync::atomic::AtomicU64::new(self.now_ms()),
             last_routed_ms: std::sync::atomic::AtomicU64::new(self.now_ms()),
             reset_timeout: Duration::from_millis(settings.config.reset_timeout_ms),

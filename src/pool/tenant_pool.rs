@@ -7,7 +7,7 @@ use std::sync::atomic::Ordering;
 use std::sync::{Arc, PoisonError};
 use std::time::Duration;
 
-use super::manager::{ConnectErrors, Standing};
+use super::manager::{ConnectErrors, Demand, Standing};
 use super::{
     BackendConn, BackendError, BackendManager, BackendTarget, PoolError, ServerBudget, Settings,
     StartupSettings, TenantLimits,
@@ -75,6 +75,9 @@ pub struct TenantPool {
     /// clients that were waiting, and in transaction pooling that starves them.
     pub(super) queue: Arc<tokio::sync::Semaphore>,
     pub(super) connect_errors: ConnectErrors,
+    /// Its checkouts waiting for a connection, which bound the connects that may close
+    /// another pool's idle connection (shared with its connection factory).
+    pub(super) demand: Arc<Demand>,
     /// Milliseconds since the pool map started, at the last checkout: reclaim takes idle
     /// connections from the least recently used pools first.
     pub(super) last_used_ms: std::sync::atomic::AtomicU64,
@@ -342,16 +345,32 @@ pub(super) async fn alive_connection(
     })
 }
 
+/// How often a checkout waiting in bb8 asks again: a connect that gave up because nobody
+/// wanted it any more (`BackendError::NotWanted`) may have kept bb8 from starting one for a
+/// checkout that came meanwhile, and bb8 tells nobody when a connect fails.
+const ASK_AGAIN: Duration = Duration::from_millis(100);
+
 /// One connection from bb8: an idle one, or a new one. A failed connect fails at once with
 /// the backend's reason (bb8 alone would let the caller wait out the checkout timeout).
 async fn pooled_connection(pool: &TenantPool, slug: &TenantSlug) -> Result<Pooled, PoolError> {
     // Subscribe before asking, so a failure of the connect our request starts is seen.
     let mut errors = pool.connect_errors.0.subscribe();
-    let checkout = tokio::select! {
-        biased;
-        checkout = pool.pool.get_owned() => checkout,
-        Ok(source) = errors.recv() => {
-            return Err(PoolError::Backend { slug: slug.clone(), source });
+    let _wanting = pool.demand.want();
+    let deadline =
+        tokio::time::Instant::now() + Duration::from_millis(pool.limits.checkout_timeout_ms);
+    let checkout = loop {
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        let asked = tokio::select! {
+            biased;
+            asked = tokio::time::timeout(left.min(ASK_AGAIN), pool.pool.get_owned()) => asked,
+            Ok(source) = errors.recv() => {
+                return Err(PoolError::Backend { slug: slug.clone(), source });
+            }
+        };
+        match asked {
+            Ok(checkout) => break checkout,
+            Err(_) if left > ASK_AGAIN => {}
+            Err(_) => break Err(bb8::RunError::TimedOut),
         }
     };
     checkout.map_err(|e| match e {

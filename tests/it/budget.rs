@@ -201,3 +201,74 @@ async fn a_pool_evicted_while_in_use_closes_its_backends_when_its_last_client_le
         budget.in_use()
     );
 }
+
+/// The pids of the backends open on `database`.
+async fn backend_pids(admin: &tokio_postgres::Client, database: &str) -> Vec<i32> {
+    let mut pids: Vec<i32> = admin
+        .query(
+            "SELECT pid FROM pg_stat_activity WHERE datname = $1",
+            &[&database],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|row| row.get(0))
+        .collect();
+    pids.sort_unstable();
+    pids
+}
+
+/// Budget pressure without churn (issue 12). Budget 2: tenant A's one backend sits idle, tenant
+/// B's one backend serves short transactions. B's second client, arriving while B's backend
+/// is busy, waits for it to come back (within `reclaim_grace_ms`) instead of closing A's idle
+/// backend to open a second one for B: A keeps the same backend through ten such bursts. With
+/// the grace at 0 (the control), the same bursts close A's backend.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_busy_tenant_waits_for_its_own_backend_before_closing_another_tenants() {
+    for (grace_ms, churns) in [(5_000, false), (0, true)] {
+        let env = TestEnv::start_with(|c| {
+            c.pool.mode = tenantgate::pool::PoolMode::Transaction;
+            c.pool.pool_size = 2;
+            c.pool.reclaim_grace_ms = grace_ms;
+            c.servers[0].max_connections = 2;
+        })
+        .await;
+        let a = env.tenant_with_user("grace-a").await;
+        let b = env.tenant_with_user("grace-b").await;
+        let admin = common::admin_client("postgres").await;
+        let a_client = env.connect(a.slug.as_str(), "app", "secret").await.unwrap();
+        a_client.simple_query("SELECT 1").await.unwrap();
+        let b1 = env.connect(b.slug.as_str(), "app", "secret").await.unwrap();
+        let b2 = env.connect(b.slug.as_str(), "app", "secret").await.unwrap();
+        b1.simple_query("SELECT 1").await.unwrap();
+        let a_backend = backend_pids(&admin, &a.database).await;
+        assert_eq!(a_backend.len(), 1, "A holds one backend");
+        for _ in 0..10 {
+            // b2 asks while b1's transaction holds B's backend.
+            let (first, second) = tokio::join!(b1.simple_query("SELECT pg_sleep(0.1)"), async {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                b2.simple_query("SELECT 1").await
+            });
+            first.unwrap();
+            second.unwrap();
+        }
+        let after = backend_pids(&admin, &a.database).await;
+        if churns {
+            assert_ne!(
+                after, a_backend,
+                "control: with no grace, B's bursts close A's idle backend"
+            );
+        } else {
+            assert_eq!(
+                after, a_backend,
+                "A's idle backend was closed for B, whose own backend came back within the grace"
+            );
+            assert_eq!(
+                backend_pids(&admin, &b.database).await.len(),
+                1,
+                "B never opened a second backend"
+            );
+        }
+        drop((a_client, b1, b2));
+    }
+}

@@ -322,7 +322,11 @@ async fn a_new_instance_gets_its_part_of_a_held_budget_without_waiting_for_heart
     for result in futures_util::future::join_all(busy).await {
         result.unwrap();
     }
-    assert_eq!(backends(&admin, &databases).await, SMALL, "A opened the whole budget");
+    assert_eq!(
+        backends(&admin, &databases).await,
+        SMALL,
+        "A opened the whole budget"
+    );
 
     let b = Proxy::start(env.config.clone()).await.expect("instance B");
     let started = tokio::time::Instant::now();
@@ -354,7 +358,10 @@ async fn a_new_instance_gets_its_part_of_a_held_budget_without_waiting_for_heart
          not with the call"
     );
     let most = sampling.await.unwrap();
-    assert!(most <= SMALL, "at most {SMALL} backends meanwhile, saw {most}");
+    assert!(
+        most <= SMALL,
+        "at most {SMALL} backends meanwhile, saw {most}"
+    );
     // A's clients go on with what A kept.
     for holder in &holders {
         holder.simple_query("SELECT 1").await.unwrap();
