@@ -132,9 +132,21 @@ pub(crate) struct Demand {
 impl Demand {
     /// A checkout waits for a connection until the guard drops.
     pub(super) fn want(&self) -> Wanting<'_> {
-        self.wanted.fetch_add(1, Ordering::SeqCst);
-        self.changed.notify_waiters();
+        if self.wanted.fetch_add(1, Ordering::SeqCst) == 0 {
+            self.tell_connects();
+        }
         Wanting(self)
+    }
+
+    /// Wakes the connects waiting on `changed` (only when `wanted` goes from 0 or to 0, or a
+    /// turn is given back: what they act on). None can be unless one is under way: a connect
+    /// counts itself in `connecting` before it reads `wanted`, so one that starts after this
+    /// look sees the new count (every access is SeqCst). Checkouts served by an idle
+    /// connection, the common case, take no lock here.
+    fn tell_connects(&self) {
+        if self.connecting.load(Ordering::SeqCst) > 0 {
+            self.changed.notify_waiters();
+        }
     }
 
     fn wanted(&self) -> usize {
@@ -166,8 +178,9 @@ pub(super) struct Wanting<'a>(&'a Demand);
 
 impl Drop for Wanting<'_> {
     fn drop(&mut self) {
-        self.0.wanted.fetch_sub(1, Ordering::SeqCst);
-        self.0.changed.notify_waiters();
+        if self.0.wanted.fetch_sub(1, Ordering::SeqCst) == 1 {
+            self.0.tell_connects();
+        }
     }
 }
 
@@ -337,72 +350,88 @@ impl BackendManager {
     ) -> Result<(tokio::sync::OwnedSemaphorePermit, Option<ReclaimTurn<'_>>), BackendError> {
         let started = tokio::time::Instant::now();
         let deadline = started + self.budget_wait;
-        let grace_end = started + self.reclaim_grace;
+        // Never so long that a short checkout timeout (a plan's) leaves no time to make room.
+        let grace_end = started + self.reclaim_grace.min(self.budget_wait / 2);
         let mut turn: Option<ReclaimTurn<'_>> = None;
+        // When this connect last closed another pool's connection, or last looked for one.
         let mut closed_at: Option<tokio::time::Instant> = None;
+        let mut looked_at: Option<tokio::time::Instant> = None;
+        let mut woke_for_idle = false;
         loop {
+            // Armed before anything is read, so no change after the reads is missed.
+            let changed = self.demand.changed.notified();
+            tokio::pin!(changed);
+            changed.as_mut().enable();
             if let Some(permit) = self.budget.try_acquire() {
                 return Ok((permit, turn));
             }
             if self.demand.wanted() == 0 {
                 // Its checkout was served by a connection that came back (or it was started
                 // by no checkout: a reclaim or the sweeper taking an idle connection that was
-                // gone): nobody needs it, and waiting on would only hold a slot.
+                // gone): nobody needs it, and waiting on would only hold a slot and take a
+                // permit from another pool's client.
                 return Err(BackendError::NotWanted);
             }
-            // Armed before looking, so a change meanwhile wakes this wait.
-            let changed = self.demand.changed.notified();
-            let went_idle = self.budget.idle_connection();
-            tokio::pin!(changed, went_idle);
-            changed.as_mut().enable();
-            went_idle.as_mut().enable();
             let now = tokio::time::Instant::now();
             // Open connections of the pool: one may come back within the grace.
-            let open = self.open_connections();
-            let in_grace = open > 0 && now < grace_end;
+            let in_grace = now < grace_end && self.open_connections() > 0;
             if turn.is_none() && !in_grace {
                 turn = self.demand.reclaim_turn();
                 if turn.is_some() {
                     tracing::debug!(
-                        open,
                         waited_ms = (now - started).as_millis(),
                         "a checkout still waits: making room in the spent budget"
                     );
                 }
             }
-            // Demand the shared budget hears of: only a checkout still waiting.
-            let _waiting = (self.demand.wanted() > 0).then(|| self.budget.waiting());
-            // One connection closed per turn: its permit comes back once the server has
-            // closed it, and closing one more at every wake-up meanwhile (each connection
-            // going idle anywhere wakes this) churned several tenants' backends per connect.
-            // Another only if that permit has not come within a tick (taken by a connect
-            // ahead in line).
-            let may_close = turn.is_some()
-                && closed_at.is_none_or(|at| now.saturating_duration_since(at) >= RECLAIM_TICK);
-            if may_close {
+            // A turn closes one connection, then waits for its permit to come back (once the
+            // server has closed it): closing one more at every wake-up meanwhile churned
+            // several tenants' backends per connect. Another only if that permit has not come
+            // within a tick (a connect ahead in line took it). Finding none, it looks again
+            // when a connection goes idle on the server, or after a tick.
+            let listen_for_idle = turn.is_some() && closed_at.is_none();
+            let went_idle = self.budget.idle_connection();
+            tokio::pin!(went_idle);
+            if listen_for_idle {
+                went_idle.as_mut().enable();
+            }
+            let due = turn.is_some()
+                && match (closed_at, looked_at) {
+                    (Some(at), _) => now.saturating_duration_since(at) >= RECLAIM_TICK,
+                    (None, None) => true,
+                    (None, Some(at)) => {
+                        woke_for_idle || now.saturating_duration_since(at) >= RECLAIM_TICK
+                    }
+                };
+            if due {
+                looked_at = Some(now);
                 if let (Some(idle), Some(pools)) = (self.idle.upgrade(), self.pools.upgrade()) {
                     if reclaim_idle(&idle, &pools, &self.target.server, Some(&self.slug)).await {
                         closed_at = Some(tokio::time::Instant::now());
                     }
                 }
             }
+            // Demand the shared budget hears of: a checkout that waits past the grace.
+            let _waiting = (!in_grace).then(|| self.budget.waiting());
             let now = tokio::time::Instant::now();
             let left = deadline.saturating_duration_since(now);
             let mut wait = left.min(RECLAIM_TICK);
-            if turn.is_none() && in_grace {
+            if in_grace {
                 wait = wait.min(grace_end.saturating_duration_since(now));
             }
-            // A permit given back; with a turn, a connection gone idle that may be closed to
-            // make room (the slow tick covers one that went idle without a lease going back:
-            // bb8 finishing a connect after its waiter left); without one, the checkouts
-            // waiting or the turns taken changed, or the grace ended.
-            let permit = tokio::select! {
-                permit = self.budget.acquire(wait) => permit,
-                () = &mut went_idle, if turn.is_some() && closed_at.is_none() => None,
-                () = &mut changed, if turn.is_none() => None,
-            };
-            if let Some(permit) = permit {
-                return Ok((permit, turn));
+            // A permit given back; a connection gone idle that may be closed to make room
+            // (the slow tick covers one that went idle without a lease going back: bb8
+            // finishing a connect after its waiter left); the checkouts waiting or the turns
+            // taken changed; or the grace ended.
+            woke_for_idle = false;
+            tokio::select! {
+                permit = self.budget.acquire(wait) => {
+                    if let Some(permit) = permit {
+                        return Ok((permit, turn));
+                    }
+                }
+                () = &mut went_idle, if listen_for_idle => woke_for_idle = true,
+                () = &mut changed => {}
             }
             if tokio::time::Instant::now() >= deadline {
                 return Err(BackendError::BudgetExhausted {
@@ -538,7 +567,12 @@ impl bb8::ManageConnection for BackendManager {
             Ok(conn)
         }
         .await
-        .inspect_err(|_: &BackendError| self.stats.backend_connect_failed())?;
+        .inspect_err(|e: &BackendError| {
+            // Giving up a connect nobody waits for is no failure.
+            if !matches!(e, BackendError::NotWanted) {
+                self.stats.backend_connect_failed();
+            }
+        })?;
         self.stats.backend_connected();
         tracing::debug!(backend_pid = conn.pid, target = ?self.target, "backend connected");
         if self.standing.is_retired() {

@@ -356,21 +356,35 @@ async fn pooled_connection(pool: &TenantPool, slug: &TenantSlug) -> Result<Poole
     // Subscribe before asking, so a failure of the connect our request starts is seen.
     let mut errors = pool.connect_errors.0.subscribe();
     let _wanting = pool.demand.want();
-    let deadline =
-        tokio::time::Instant::now() + Duration::from_millis(pool.limits.checkout_timeout_ms);
-    let checkout = loop {
-        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
-        let asked = tokio::select! {
-            biased;
-            asked = tokio::time::timeout(left.min(ASK_AGAIN), pool.pool.get_owned()) => asked,
-            Ok(source) = errors.recv() => {
-                return Err(PoolError::Backend { slug: slug.clone(), source });
+    let asking = pool.pool.get_owned();
+    tokio::pin!(asking);
+    // An idle connection comes at the first poll: no timer, no clock read.
+    let now = tokio::select! {
+        biased;
+        checkout = &mut asking => Some(checkout),
+        () = std::future::ready(()) => None,
+    };
+    let checkout = if let Some(checkout) = now {
+        checkout
+    } else {
+        let deadline =
+            tokio::time::Instant::now() + Duration::from_millis(pool.limits.checkout_timeout_ms);
+        loop {
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            tokio::select! {
+                biased;
+                checkout = &mut asking => break checkout,
+                Ok(source) = errors.recv() => {
+                    return Err(PoolError::Backend { slug: slug.clone(), source });
+                }
+                () = tokio::time::sleep(left.min(ASK_AGAIN)) => {
+                    if left <= ASK_AGAIN {
+                        break Err(bb8::RunError::TimedOut);
+                    }
+                    // Asking again: bb8 starts a connect if none is under way for us.
+                    asking.set(pool.pool.get_owned());
+                }
             }
-        };
-        match asked {
-            Ok(checkout) => break checkout,
-            Err(_) if left > ASK_AGAIN => {}
-            Err(_) => break Err(bb8::RunError::TimedOut),
         }
     };
     checkout.map_err(|e| match e {
