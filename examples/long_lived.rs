@@ -409,7 +409,9 @@ impl Stats {
         Ok(self
             .client
             .query_one(
-                "SELECT count(*) FROM pg_stat_activity WHERE datname = ANY($1)",
+                // Client backends only: autovacuum workers have a datname too.
+                "SELECT count(*) FROM pg_stat_activity \
+                 WHERE datname = ANY($1) AND backend_type = 'client backend'",
                 &[&self.databases],
             )
             .await?

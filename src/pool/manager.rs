@@ -505,9 +505,17 @@ pub(super) async fn reclaim_idle(
     close_one_idle(candidates, server).await
 }
 
-/// Closes one idle connection of the first of `candidates` (by last use) that has one.
-async fn close_one_idle(mut candidates: Vec<(u64, Arc<TenantPool>)>, server: &str) -> bool {
-    candidates.sort_by_key(|(used, _)| *used);
+/// Closes one idle connection of the first of `candidates` that has one: the pools with the
+/// most idle connections first (a spare one there is missed least: taking the only connection
+/// of a pool makes its next client connect again, which in a skewed load churned one cold
+/// tenant after another), then the least recently used.
+async fn close_one_idle(candidates: Vec<(u64, Arc<TenantPool>)>, server: &str) -> bool {
+    let mut candidates: Vec<(u32, u64, Arc<TenantPool>)> = candidates
+        .into_iter()
+        .map(|(used, pool)| (pool.state().1, used, pool))
+        .collect();
+    candidates.sort_by_key(|(idle, used, _)| (std::cmp::Reverse(*idle), *used));
+    let candidates = candidates.into_iter().map(|(_, used, pool)| (used, pool));
     for (_, pool) in candidates {
         // An idle connection comes back at once; a pool that has none left by now would try
         // to open one, which the short timeout abandons.
