@@ -29,6 +29,8 @@ struct Snapshot {
     tenants: Vec<(String, Counters)>,
     logins: Vec<(&'static str, u64)>,
     admin_commands: (u64, u64),
+    /// (handed over, handovers failed, taken over).
+    handovers: (u64, u64, u64),
     lockouts: u64,
     checkout_wait: Option<WaitSnapshot>,
     /// Per server: (budget, connections open, idle).
@@ -77,6 +79,7 @@ async fn snapshot(sources: &Sources) -> Snapshot {
         .map(|o| (o.as_str(), process.logins(*o)))
         .collect();
     snap.admin_commands = process.admin_commands();
+    snap.handovers = process.handovers();
     snap.lockouts = sources.throttle.lockouts();
     snap.checkout_wait = Some(process.checkout_wait.snapshot());
     snap.tenants = bounded_tenants(sources.stats.snapshot(), sources.tenant_series);
@@ -209,6 +212,19 @@ fn encode_logins(encoder: &mut DescriptorEncoder<'_>, s: &Snapshot) -> Result<()
     )?;
     for (outcome, n) in [("ok", s.admin_commands.0), ("error", s.admin_commands.1)] {
         admin
+            .encode_family(&[("outcome", outcome)])?
+            .encode_counter::<NoLabelSet, u64, f64>(&n, None)?;
+    }
+    let mut handovers = family(
+        encoder,
+        "tenantgate_handover_clients",
+        "Clients moved by SIGUSR2 upgrades: sent to a newer process, failed (told 57P01), \
+         received from an older one",
+        MetricType::Counter,
+    )?;
+    let (sent, failed, received) = s.handovers;
+    for (outcome, n) in [("sent", sent), ("failed", failed), ("received", received)] {
+        handovers
             .encode_family(&[("outcome", outcome)])?
             .encode_counter::<NoLabelSet, u64, f64>(&n, None)?;
     }

@@ -57,8 +57,12 @@ pub(super) async fn depart(
             .collect(),
     };
     match departures.send(client, socket).await {
-        Ok(()) => CloseReason::HandedOver,
+        Ok(()) => {
+            state.stats.process().handed_over(true);
+            CloseReason::HandedOver
+        }
         Err((e, socket)) => {
+            state.stats.process().handed_over(false);
             tracing::warn!(error = %e, "handing a client over failed; closing it");
             tell_restarting(socket).await;
             CloseReason::Error(SqlState::ADMIN_SHUTDOWN)
@@ -137,6 +141,7 @@ async fn resume(
         Err(e) => return fail(&mut stream, &e).await,
     };
     tracing::debug!("resuming a client handed over by an older process");
+    state.stats.process().taken_over();
     let statements = client
         .statements
         .into_iter()

@@ -127,6 +127,11 @@ pub struct ProcessCounters {
     logins: [AtomicU64; LoginOutcome::ALL.len()],
     admin_commands_ok: AtomicU64,
     admin_commands_failed: AtomicU64,
+    /// Clients handed to a newer process, clients whose handover failed, and clients taken
+    /// over from an older one (SIGUSR2 upgrades).
+    handed_over: AtomicU64,
+    handover_failed: AtomicU64,
+    taken_over: AtomicU64,
     pub checkout_wait: WaitHistogram,
 }
 
@@ -151,6 +156,30 @@ impl ProcessCounters {
             &self.admin_commands_failed
         };
         counter.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// A client left for a newer process (`Ok`), or its handover failed (`Err`).
+    pub fn handed_over(&self, ok: bool) {
+        let counter = if ok {
+            &self.handed_over
+        } else {
+            &self.handover_failed
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// A client came from an older process.
+    pub fn taken_over(&self) {
+        self.taken_over.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// (clients handed over, handovers that failed, clients taken over).
+    pub fn handovers(&self) -> (u64, u64, u64) {
+        (
+            self.handed_over.load(Ordering::Relaxed),
+            self.handover_failed.load(Ordering::Relaxed),
+            self.taken_over.load(Ordering::Relaxed),
+        )
     }
 
     /// (commands that ran, commands answered with an error).

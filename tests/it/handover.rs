@@ -260,6 +260,9 @@ async fn a_client_with_half_a_message_sent_moves_only_once_the_message_is_whole(
         let answer = client.until_ready().await.unwrap();
         assert!(answer.iter().any(|(tag, _)| *tag == b'D'), "{answer:?}");
     }
+    // What /metrics reports as tenantgate_handover_clients_total{outcome}.
+    assert_eq!(old.state().stats.process().handovers(), (2, 0, 0));
+    assert_eq!(new.state().stats.process().handovers(), (0, 0, 2));
     tokio::time::timeout(
         Duration::from_secs(10),
         old.shutdown(Duration::from_secs(30)),
