@@ -18,6 +18,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::BytesMut;
+use futures_util::future::Either;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::time::Instant;
@@ -109,23 +110,74 @@ pub(super) enum Peer {
     Balancer(SocketAddr),
 }
 
-/// Serves one client connection to its end.
+/// Serves one client connection to its end: the login phase in a box of its own, freed before
+/// the session starts, so a connected client's task holds only its session (issue 12: the
+/// login's state, a few KiB, would otherwise be kept for the client's whole life).
 pub(super) async fn serve_client(
     state: &State,
     client_id: u64,
-    mut stream: TcpStream,
+    stream: TcpStream,
     from: Peer,
     shutdown: &CancellationToken,
 ) -> CloseReason {
-    let peer = match client_address(state, &mut stream, from).await {
+    let logged_in = Box::pin(log_in_client(state, client_id, stream, from, shutdown)).await;
+    session_phase(state, logged_in).await
+}
+
+/// The session of a logged-in client, made without an await so that the login's outcome is
+/// not kept beside the session for the client's whole life.
+fn session_phase<'a>(
+    state: &'a State,
+    logged_in: LoginEnd<'a>,
+) -> impl Future<Output = CloseReason> + 'a {
+    match logged_in {
+        LoginEnd::Done(reason) => Either::Left(std::future::ready(reason)),
+        LoginEnd::Plain(ready) => Either::Right(Either::Left(serve_session(state, ready))),
+        LoginEnd::Tls(ready) => {
+            Either::Right(Either::Right(Box::pin(serve_session(state, *ready))))
+        }
+    }
+}
+
+/// How the login phase of a connection ended.
+#[allow(
+    clippy::large_enum_variant,
+    reason = "made once per connection and taken apart at once (`session_phase`)"
+)]
+enum LoginEnd<'a> {
+    /// The connection is done (an error was sent, a cancel request or an admin console
+    /// session was handled).
+    Done(CloseReason),
+    /// A plaintext tenant client, ready for its session.
+    Plain(Ready<'a, TcpStream>),
+    /// A TLS tenant client (boxed: its stream is large, and only TLS clients pay for it).
+    Tls(Box<Ready<'a, tokio_rustls::server::TlsStream<TcpStream>>>),
+}
+
+/// A tenant's client with its session started, and who it is for a handover.
+pub(super) struct Ready<'a, S> {
+    pub stream: S,
+    pub session: Session<'a>,
+    pub who: Option<Who>,
+}
+
+/// From accept to a ready session: PROXY header, encryption, login, session start.
+async fn log_in_client<'a>(
+    state: &'a State,
+    client_id: u64,
+    mut stream: TcpStream,
+    from: Peer,
+    shutdown: &'a CancellationToken,
+) -> LoginEnd<'a> {
+    let peer = match Box::pin(client_address(state, &mut stream, from)).await {
         Ok(address) => Some(address),
-        Err(reason) => return reason,
+        Err(reason) => return LoginEnd::Done(reason),
     };
     // Held from here to the end of authentication: stalled or slow logins take slots, not
     // the whole process. Waiting briefly smooths a burst; past that the client is told.
     let slot_wait = Duration::from_millis(state.config.get().proxy.login_slot_wait_ms);
     let source = peer.map(|p| p.ip());
-    let login_slot = match LoginSlot::take(&state.login_slots, source, slot_wait).await {
+    let login_slot = match Box::pin(LoginSlot::take(&state.login_slots, source, slot_wait)).await {
         Ok(slot) => slot,
         Err(full) => {
             let err = LoginError::from(full);
@@ -133,7 +185,7 @@ pub(super) async fn serve_client(
             let reason = format!("{} {err}", err.sqlstate().code());
             audit_line(peer, &LoginAttempt::default(), "refused", &reason);
             state.stats.process().login(LoginOutcome::TooManyLogins);
-            return fail(&mut stream, &err).await;
+            return LoginEnd::Done(Box::pin(fail(&mut stream, &err)).await);
         }
     };
     let login_timeout = Duration::from_millis(state.config.get().proxy.login_timeout_ms);
@@ -149,12 +201,12 @@ pub(super) async fn serve_client(
         Ok(Ok(opening)) => opening,
         Ok(Err(e)) => {
             state.stats.process().login(LoginOutcome::Refused);
-            return fail(&mut stream, &e).await;
+            return LoginEnd::Done(Box::pin(fail(&mut stream, &e)).await);
         }
         Err(_) => {
             state.stats.process().login(LoginOutcome::Timeout);
-            fail(&mut stream, &LoginError::Timeout(login_timeout)).await;
-            return CloseReason::LoginTimeout;
+            Box::pin(fail(&mut stream, &LoginError::Timeout(login_timeout))).await;
+            return LoginEnd::Done(CloseReason::LoginTimeout);
         }
     };
     let direct = match opening {
@@ -174,30 +226,31 @@ pub(super) async fn serve_client(
                 (deadline, login_slot),
                 shutdown,
             )
-            .await;
+            .await
+            .map_or_else(LoginEnd::Done, LoginEnd::Plain);
         }
     };
     // encryption() picks TLS only when there is an acceptor.
     let Some(acceptor) = tls_setup.acceptor() else {
-        return CloseReason::TlsHandshakeFailed;
+        return LoginEnd::Done(CloseReason::TlsHandshakeFailed);
     };
     let mut tls = match tokio::time::timeout_at(deadline, acceptor.accept(stream)).await {
         Ok(Ok(tls)) => tls,
         Ok(Err(e)) => {
             tracing::info!(error = %e, direct, "TLS handshake failed");
             state.stats.process().login(LoginOutcome::Refused);
-            return CloseReason::TlsHandshakeFailed;
+            return LoginEnd::Done(CloseReason::TlsHandshakeFailed);
         }
         Err(_) => {
             state.stats.process().login(LoginOutcome::Timeout);
-            return CloseReason::LoginTimeout;
+            return LoginEnd::Done(CloseReason::LoginTimeout);
         }
     };
     // PostgreSQL 17 insists on ALPN for direct TLS, so that a TLS connection meant for another
     // protocol cannot be replayed at a PostgreSQL server.
     if direct && tls.get_ref().1.alpn_protocol() != Some(ALPN_POSTGRESQL) {
         state.stats.process().login(LoginOutcome::Refused);
-        return fail(&mut tls, &LoginError::DirectTlsWithoutAlpn).await;
+        return LoginEnd::Done(Box::pin(fail(&mut tls, &LoginError::DirectTlsWithoutAlpn)).await);
     }
     let info = tls_setup.info(&tls);
     tracing::debug!(direct, sni = info.server_name.as_deref(), "TLS established");
@@ -217,6 +270,7 @@ pub(super) async fn serve_client(
         shutdown,
     ))
     .await
+    .map_or_else(LoginEnd::Done, |ready| LoginEnd::Tls(Box::new(ready)))
 }
 
 /// A client's stream after the encryption decision, and whether its socket can go to another
@@ -271,11 +325,11 @@ async fn client_address(
                 _ => LoginOutcome::Refused,
             };
             state.stats.process().login(outcome);
-            return Err(fail(stream, &LoginError::from(e)).await);
+            return Err(Box::pin(fail(stream, &LoginError::from(e))).await);
         }
         Err(_) => {
             state.stats.process().login(LoginOutcome::Timeout);
-            fail(stream, &LoginError::Timeout(login_timeout)).await;
+            Box::pin(fail(stream, &LoginError::Timeout(login_timeout))).await;
             return Err(CloseReason::LoginTimeout);
         }
     };
@@ -283,15 +337,16 @@ async fn client_address(
     Ok(client)
 }
 
-/// Login, then the tenant's session (or the admin console) over the chosen stream.
-async fn serve_login<S: ClientStream>(
-    state: &State,
+/// Login, then the tenant's session started (or the admin console served) over the chosen
+/// stream.
+async fn serve_login<'a, S: ClientStream>(
+    state: &'a State,
     client_id: u64,
     conn: Conn<S>,
     first: Option<FirstPacket>,
     deadline_and_slot: (Instant, LoginSlot),
-    shutdown: &CancellationToken,
-) -> CloseReason {
+    shutdown: &'a CancellationToken,
+) -> Result<Ready<'a, S>, CloseReason> {
     // Boxed, like every phase a connected client is done with: its state is freed when it
     // ends, so an idle session's task holds only the stream and the session (issue 12).
     let logged_in = Box::pin(log_in(
@@ -305,16 +360,20 @@ async fn serve_login<S: ClientStream>(
     .await;
     let (mut stream, admission) = match logged_in {
         LoggedIn::Tenant(stream, admission) => (stream, admission),
-        LoggedIn::Ended(reason) => return reason,
+        LoggedIn::Ended(reason) => return Err(reason),
     };
     let services = services(state, shutdown, S::TRANSFERABLE);
     // What a newer process would need to know of the client besides its session.
     let who = services.handover.map(|_| Who::of(&admission));
     let session = match Box::pin(session::start(&mut stream, services, admission)).await {
         Ok(session) => session,
-        Err(e) => return fail_setup(&mut stream, &e).await,
+        Err(e) => return Err(Box::pin(fail_setup(&mut stream, &e)).await),
     };
-    serve_session(state, stream, session, who).await
+    Ok(Ready {
+        stream,
+        session,
+        who,
+    })
 }
 
 /// What sessions use of the proxy; the handover token only for a client that can be handed
@@ -340,29 +399,36 @@ pub(super) fn services<'a>(
 }
 
 /// Runs a ready session to its end, and hands the client over when it ends that way.
-pub(super) async fn serve_session<S: ClientStream>(
-    state: &State,
-    mut stream: S,
-    mut session: Session<'_>,
-    who: Option<Who>,
-) -> CloseReason {
-    match session.run(&mut stream).await {
-        Ok(SessionEnd::Relay(end)) => CloseReason::Session(end),
-        Ok(SessionEnd::Shutdown) => CloseReason::Shutdown,
-        Ok(SessionEnd::TenantNotActive(_)) => CloseReason::Error(SqlState::CANNOT_CONNECT_NOW),
-        Ok(SessionEnd::BackendLost) => CloseReason::Error(SqlState::CONNECTION_FAILURE),
-        Ok(SessionEnd::HandedOver) => {
-            let carried = session.carried();
-            // Off this process's roster, counters and cancel map before the newer one has it.
-            drop(session);
-            match (stream.into_socket(), who) {
-                (Some(socket), Some(who)) => {
-                    super::handover::depart(state, socket, who, carried).await
+///
+/// Not an `async fn`: one keeps its arguments twice in its future (as passed, and as the
+/// locals it moves them to), and this future is every connected client's (issue 12).
+#[allow(
+    clippy::manual_async_fn,
+    reason = "an `async fn` would keep its arguments twice (see above)"
+)]
+pub(super) fn serve_session<'a, S: ClientStream>(
+    state: &'a State,
+    mut ready: Ready<'a, S>,
+) -> impl Future<Output = CloseReason> + 'a {
+    async move {
+        match ready.session.run(&mut ready.stream).await {
+            Ok(SessionEnd::Relay(end)) => CloseReason::Session(end),
+            Ok(SessionEnd::Shutdown) => CloseReason::Shutdown,
+            Ok(SessionEnd::TenantNotActive(_)) => CloseReason::Error(SqlState::CANNOT_CONNECT_NOW),
+            Ok(SessionEnd::BackendLost) => CloseReason::Error(SqlState::CONNECTION_FAILURE),
+            Ok(SessionEnd::HandedOver) => {
+                let carried = ready.session.carried();
+                // Off this process's roster, counters and cancel map before the newer one has it.
+                drop(ready.session);
+                match (ready.stream.into_socket(), ready.who) {
+                    (Some(socket), Some(who)) => {
+                        Box::pin(super::handover::depart(state, socket, who, carried)).await
+                    }
+                    _ => CloseReason::Shutdown,
                 }
-                _ => CloseReason::Shutdown,
             }
+            Err(e) => Box::pin(fail_session(&mut ready.stream, &e)).await,
         }
-        Err(e) => fail_session(&mut stream, &e).await,
     }
 }
 

@@ -19,7 +19,7 @@ use tokio_util::task::TaskTracker;
 use tracing::Instrument as _;
 
 use super::State;
-use super::client::{CloseReason, Who, fail, fail_setup, serve_session, services};
+use super::client::{CloseReason, Ready, Who, fail, fail_setup, serve_session, services};
 use super::login::LoginError;
 use crate::handover::{Arrival, CarriedClient, CarriedStatement};
 use crate::protocol::{SqlState, messages};
@@ -171,7 +171,15 @@ async fn resume(
         Err(e) => return fail_setup(&mut stream, &e).await,
     };
     let who = state.handover.is_configured().then_some(who);
-    let reason = serve_session(state, stream, session, who).await;
+    let reason = serve_session(
+        state,
+        Ready {
+            stream,
+            session,
+            who,
+        },
+    )
+    .await;
     drop(permit);
     reason
 }

@@ -321,7 +321,18 @@ impl Session<'_> {
     {
         let ctx = &self.ctx;
         let outcome = match self.backend.take() {
-            Some(lease) => session_mode(client, *lease, &mut self.buffers, &self.cancel, ctx).await,
+            // Boxed: a session-pooling client's relay state is larger than a transaction
+            // client's idle state, which would otherwise be sized for it (issue 12).
+            Some(lease) => {
+                Box::pin(session_mode(
+                    client,
+                    *lease,
+                    &mut self.buffers,
+                    &self.cancel,
+                    ctx,
+                ))
+                .await
+            }
             None => {
                 transaction_mode(
                     client,
