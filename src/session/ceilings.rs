@@ -15,6 +15,7 @@
 use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
 use std::time::Duration;
 
+use futures_util::future::Either;
 use tokio::time::Instant;
 
 /// The limits, from the tenant's plan (and overrides). `None`: no ceiling.
@@ -153,18 +154,26 @@ impl<'a> Watchdog<'a> {
     }
 
     /// Resolves when the current phase has lasted past its ceiling (never without one).
-    pub async fn next(&self) -> Reached {
+    ///
+    /// Without ceilings (the default) the future is empty: it is part of every idle client's
+    /// state (issue 12). With them its timer is boxed, once per call.
+    pub fn next(&self) -> impl Future<Output = Reached> + '_ {
         // No phase outlasts this unnoticed by more than itself; none at all: never wake.
-        let Some(step) = [
+        let step = [
             self.ceilings.statement,
             self.ceilings.idle_in_transaction,
             self.ceilings.client_idle,
         ]
         .into_iter()
         .flatten()
-        .min() else {
-            return std::future::pending().await;
-        };
+        .min();
+        match step {
+            None => Either::Left(std::future::pending()),
+            Some(step) => Either::Right(Box::pin(self.watch(step))),
+        }
+    }
+
+    async fn watch(&self, step: Duration) -> Reached {
         loop {
             let (phase, since_micros) = self.clock.now();
             let since = self.clock.instant(since_micros);

@@ -87,7 +87,8 @@ impl<'a> Watch<'a> {
     async fn must_go(&mut self) -> TenantState {
         loop {
             if let Some((state, deadline)) = self.leaving {
-                tokio::time::sleep_until(deadline).await;
+                // Boxed: rare, and this future is part of every idle client's state.
+                Box::pin(tokio::time::sleep_until(deadline)).await;
                 return state;
             }
             if !self.unchecked {
