@@ -488,7 +488,7 @@ mod tests {
             assert!(fail(&b, x).await);
         }
         let ok = a.begin(A, x).await.unwrap();
-        a.succeeded(ok).await;
+        a.succeeded(ok);
         relay(&outbox, &b).await;
         // b's 3 failures are forgotten for (A, x): 3 more go, the 4th after them locks.
         for _ in 0..3 {

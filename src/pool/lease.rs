@@ -4,6 +4,7 @@
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
+use std::time::Duration;
 
 use super::manager::IdleMark;
 use super::{BackendConn, BackendManager, TenantPool};
@@ -67,16 +68,28 @@ impl Drop for Lease {
     }
 }
 
-/// Adds the time since `started` to the tenant's wait time when dropped: also when the
-/// checkout fails or its client goes away while waiting.
+/// Adds the time a checkout waited to the tenant's wait time when dropped: also when the
+/// checkout fails or its client goes away while waiting. It starts when the checkout first has
+/// to wait (no turn free, no idle connection): one served at once reads no clock and counts
+/// as a wait of zero.
 pub(super) struct WaitTimer<'a> {
     pub(super) stats: &'a TenantStats,
-    pub(super) started: tokio::time::Instant,
+    pub(super) started: Option<tokio::time::Instant>,
+}
+
+impl WaitTimer<'_> {
+    pub(super) fn start(&mut self) {
+        self.started.get_or_insert_with(tokio::time::Instant::now);
+    }
 }
 
 impl Drop for WaitTimer<'_> {
     fn drop(&mut self) {
-        self.stats.add_wait(self.started.elapsed());
+        // A checkout served at once counts too, as a wait of zero.
+        self.stats.add_wait(
+            self.started
+                .map_or(Duration::ZERO, |started| started.elapsed()),
+        );
     }
 }
 

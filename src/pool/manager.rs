@@ -311,7 +311,6 @@ pub(super) struct IdleMark {
     /// The pool's server budget: told when the connection went back, for connects waiting
     /// for room.
     pub(super) budget: Arc<ServerBudget>,
-    pub(super) slug: TenantSlug,
     pub(super) pool: Weak<TenantPool>,
     /// The connection went back without its reset: the pool's sweeper looks at it.
     pub(super) unreset: bool,
@@ -331,7 +330,7 @@ impl Drop for IdleMark {
                     .lock()
                     .unwrap_or_else(PoisonError::into_inner)
                     .entry(key)
-                    .or_insert_with(|| (self.slug.clone(), Weak::clone(&self.pool)));
+                    .or_insert_with(|| (pool.slug.clone(), Weak::clone(&self.pool)));
             }
         }
         self.budget.connection_went_idle();

@@ -341,6 +341,7 @@ impl PoolMap {
             .build_unchecked(manager);
         self.built.fetch_add(1, Ordering::Relaxed);
         Ok(TenantPool {
+            slug: tenant.slug.clone(),
             source,
             revision: std::sync::atomic::AtomicI64::new(tenant.revision),
             password_enc: std::sync::RwLock::new(tenant.backend_password_enc.clone()),
@@ -420,22 +421,19 @@ impl PoolMap {
         pool: &Arc<TenantPool>,
         tenant: &TenantRecord,
     ) -> Result<Lease, PoolError> {
-        let _timer = WaitTimer {
+        let mut timer = WaitTimer {
             stats: &pool.stats,
-            started: tokio::time::Instant::now(),
+            started: None,
         };
-        let waited = Duration::from_millis(pool.limits.checkout_timeout_ms);
-        let timed_out = || PoolError::CheckoutTimeout {
-            slug: tenant.slug.clone(),
-            waited,
+        // A free turn (the common case) is taken without a timer or a clock read.
+        let turn = if let Ok(turn) = Arc::clone(&pool.queue).try_acquire_owned() {
+            turn
+        } else {
+            timer.start();
+            Box::pin(wait_for_turn(pool, &tenant.slug)).await?
         };
-        pool.waiting.fetch_add(1, Ordering::Relaxed);
-        let turn = tokio::time::timeout(waited, Arc::clone(&pool.queue).acquire_owned()).await;
-        pool.waiting.fetch_sub(1, Ordering::Relaxed);
-        // The semaphore is never closed.
-        let turn = turn.map_err(|_| timed_out())?.map_err(|_| timed_out())?;
         pool.last_used_ms.store(self.now_ms(), Ordering::Relaxed);
-        let conn = alive_connection(pool, &tenant.slug, pool.reset_timeout).await?;
+        let conn = alive_connection(pool, &tenant.slug, pool.reset_timeout, &mut timer).await?;
         pool.remember_params(&conn);
         Ok(Lease {
             conn,
@@ -443,7 +441,6 @@ impl PoolMap {
             idle_mark: IdleMark {
                 set: Arc::clone(&self.idle),
                 budget: Arc::clone(&pool.budget),
-                slug: tenant.slug.clone(),
                 pool: Arc::downgrade(pool),
                 unreset: false,
             },
@@ -579,6 +576,25 @@ impl PoolMap {
             generation,
         });
     }
+}
+
+/// A turn in `pool`'s queue for a checkout that found none free: clients are served in the
+/// order they came, until the pool's checkout timeout.
+async fn wait_for_turn(
+    pool: &TenantPool,
+    slug: &TenantSlug,
+) -> Result<tokio::sync::OwnedSemaphorePermit, PoolError> {
+    let waited = Duration::from_millis(pool.limits.checkout_timeout_ms);
+    pool.waiting.fetch_add(1, Ordering::Relaxed);
+    let turn = tokio::time::timeout(waited, Arc::clone(&pool.queue).acquire_owned()).await;
+    pool.waiting.fetch_sub(1, Ordering::Relaxed);
+    // The semaphore is never closed.
+    turn.ok()
+        .and_then(Result::ok)
+        .ok_or_else(|| PoolError::CheckoutTimeout {
+            slug: slug.clone(),
+            waited,
+        })
 }
 
 /// How often a client attached to its pool has its checkout looked up in the pool map anyway

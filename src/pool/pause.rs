@@ -5,6 +5,7 @@
 
 use std::collections::HashSet;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use tokio::sync::watch;
 
@@ -35,12 +36,17 @@ pub enum ResumeError {
 #[derive(Debug, Clone)]
 pub struct PauseGate {
     state: Arc<watch::Sender<Paused>>,
+    /// Whether anything is paused: set with `state`, under its lock. A checkout reads only
+    /// this while nothing is (the common case), not the shared lock every client's checkout
+    /// would take.
+    any: Arc<AtomicBool>,
 }
 
 impl Default for PauseGate {
     fn default() -> Self {
         PauseGate {
             state: Arc::new(watch::Sender::new(Paused::default())),
+            any: Arc::new(AtomicBool::new(false)),
         }
     }
 }
@@ -48,38 +54,46 @@ impl Default for PauseGate {
 impl PauseGate {
     /// Pauses one tenant, or every tenant with `None`.
     pub fn pause(&self, slug: Option<&TenantSlug>) {
-        self.state.send_modify(|p| match slug {
-            Some(slug) => {
-                p.tenants.insert(slug.clone());
+        self.state.send_modify(|p| {
+            match slug {
+                Some(slug) => {
+                    p.tenants.insert(slug.clone());
+                }
+                None => p.all = true,
             }
-            None => p.all = true,
+            self.any.store(true, Ordering::SeqCst);
         });
     }
 
     /// Resumes one tenant, or everything with `None`.
     pub fn resume(&self, slug: Option<&TenantSlug>) -> Result<(), ResumeError> {
         let mut outcome = Ok(());
-        self.state.send_if_modified(|p| match slug {
-            None if p.all || !p.tenants.is_empty() => {
-                *p = Paused::default();
-                true
-            }
-            Some(_) if p.all => {
-                outcome = Err(ResumeError::AllPaused);
-                false
-            }
-            Some(slug) if p.tenants.remove(slug) => true,
-            None | Some(_) => {
-                outcome = Err(ResumeError::NotPaused);
-                false
-            }
+        self.state.send_if_modified(|p| {
+            let changed = match slug {
+                None if p.all || !p.tenants.is_empty() => {
+                    *p = Paused::default();
+                    true
+                }
+                Some(_) if p.all => {
+                    outcome = Err(ResumeError::AllPaused);
+                    false
+                }
+                Some(slug) if p.tenants.remove(slug) => true,
+                None | Some(_) => {
+                    outcome = Err(ResumeError::NotPaused);
+                    false
+                }
+            };
+            self.any
+                .store(p.all || !p.tenants.is_empty(), Ordering::SeqCst);
+            changed
         });
         outcome
     }
 
     /// Whether checkouts for `slug` are held now.
     pub fn is_paused(&self, slug: &TenantSlug) -> bool {
-        self.state.borrow().covers(slug)
+        self.any.load(Ordering::SeqCst) && self.state.borrow().covers(slug)
     }
 
     /// Returns when `slug` is not paused (at once if it is not).

@@ -7,6 +7,7 @@ use std::sync::atomic::Ordering;
 use std::sync::{Arc, PoisonError};
 use std::time::Duration;
 
+use super::lease::WaitTimer;
 use super::manager::{ConnectErrors, Demand, Standing};
 use super::{
     BackendConn, BackendError, BackendManager, BackendTarget, PoolError, ServerBudget, Settings,
@@ -57,6 +58,8 @@ pub type Params = Arc<Vec<(String, String)>>;
 
 /// One tenant's pool and the target it connects to.
 pub struct TenantPool {
+    /// The tenant it serves.
+    pub(super) slug: TenantSlug,
     pub(super) source: PoolSource,
     /// The newest revision of the tenant's registry row known to lead to this pool (its
     /// target, plan and overrides): the one it was built from or a later one that changed
@@ -323,11 +326,12 @@ pub(super) async fn alive_connection(
     pool: &TenantPool,
     slug: &TenantSlug,
     reset_timeout: Duration,
+    timer: &mut WaitTimer<'_>,
 ) -> Result<Pooled, PoolError> {
     // Each dead connection found leaves the pool, so this ends; the bound only guards
     // against a server that closes every new connection at once.
     for _ in 0..=pool.limits.pool_size.saturating_add(1) {
-        let mut conn = pooled_connection(pool, slug).await?;
+        let mut conn = pooled_connection(pool, slug, timer).await?;
         if let Err(e) = conn.finish_reset(reset_timeout).await {
             tracing::debug!(tenant = %slug, backend_pid = conn.pid, error = %e, "the reset sent at release failed; closing the connection");
             continue;
@@ -352,13 +356,16 @@ const ASK_AGAIN: Duration = Duration::from_millis(100);
 
 /// One connection from bb8: an idle one, or a new one. A failed connect fails at once with
 /// the backend's reason (bb8 alone would let the caller wait out the checkout timeout).
-async fn pooled_connection(pool: &TenantPool, slug: &TenantSlug) -> Result<Pooled, PoolError> {
-    // Subscribe before asking, so a failure of the connect our request starts is seen.
-    let mut errors = pool.connect_errors.0.subscribe();
+/// `timer` starts when the connection does not come at once.
+async fn pooled_connection(
+    pool: &TenantPool,
+    slug: &TenantSlug,
+    timer: &mut WaitTimer<'_>,
+) -> Result<Pooled, PoolError> {
     let _wanting = pool.demand.want();
     let asking = pool.pool.get_owned();
     tokio::pin!(asking);
-    // An idle connection comes at the first poll: no timer, no clock read.
+    // An idle connection comes at the first poll: no timer, no clock read, no subscription.
     let now = tokio::select! {
         biased;
         checkout = &mut asking => Some(checkout),
@@ -367,6 +374,10 @@ async fn pooled_connection(pool: &TenantPool, slug: &TenantSlug) -> Result<Poole
     let checkout = if let Some(checkout) = now {
         checkout
     } else {
+        timer.start();
+        // Subscribed after the first poll: a connect it started that failed before this line
+        // is missed, and asked again within `ASK_AGAIN` (whose failure is then seen).
+        let mut errors = pool.connect_errors.0.subscribe();
         let deadline =
             tokio::time::Instant::now() + Duration::from_millis(pool.limits.checkout_timeout_ms);
         loop {

@@ -127,15 +127,38 @@ pub async fn read_first_packet<S: AsyncRead + Unpin>(
     stream: &mut S,
     max_bytes: usize,
 ) -> Result<FirstPacket, StartupError> {
-    let mut len_bytes = [0u8; 4];
-    stream.read_exact(&mut len_bytes).await.map_err(eof_or_io)?;
-    let len = i32::from_be_bytes(len_bytes);
-    let total = usize::try_from(len)
-        .ok()
-        .filter(|l| (8..=max_bytes).contains(l))
-        .ok_or(StartupError::BadLength(i64::from(len)))?;
+    // Every first packet is at least 8 bytes (length and code), and an SSLRequest is exactly
+    // that: usually one read for it, never a byte past it (what follows belongs to the TLS
+    // handshake, CVE-2021-23222). The length is judged as soon as it is here.
+    let mut head = [0u8; 8];
+    let mut got = 0;
+    let mut total = None;
+    while got < head.len() {
+        let Some(free) = head.get_mut(got..) else {
+            break;
+        };
+        let n = stream.read(free).await.map_err(StartupError::Io)?;
+        if n == 0 {
+            return Err(StartupError::Eof);
+        }
+        got += n;
+        if total.is_none() && got >= 4 {
+            let len = i32::from_be_bytes([head[0], head[1], head[2], head[3]]);
+            total = Some(
+                usize::try_from(len)
+                    .ok()
+                    .filter(|l| (8..=max_bytes).contains(l))
+                    .ok_or(StartupError::BadLength(i64::from(len)))?,
+            );
+        }
+    }
+    let total = total.ok_or(StartupError::Eof)?;
     let mut body = vec![0u8; total - 4];
-    stream.read_exact(&mut body).await.map_err(eof_or_io)?;
+    let (body_code, rest) = body.split_at_mut(4);
+    body_code.copy_from_slice(&head[4..]);
+    if !rest.is_empty() {
+        stream.read_exact(rest).await.map_err(eof_or_io)?;
+    }
     parse_first_packet(&body)
 }
 
@@ -219,6 +242,8 @@ fn split_cstr(bytes: &[u8]) -> Result<(&str, &[u8]), StartupError> {
 
 #[cfg(test)]
 mod tests {
+    use tokio::io::AsyncWriteExt as _;
+
     use super::*;
 
     fn startup_body(params: &[(&str, &str)]) -> Vec<u8> {
@@ -317,5 +342,51 @@ mod tests {
         let err = read_first_packet(&mut input, 10_000).await.unwrap_err();
         assert!(matches!(err, StartupError::BadLength(_)));
         assert_eq!(err.sqlstate(), SqlState::PROTOCOL_VIOLATION);
+    }
+
+    #[tokio::test]
+    async fn a_bad_length_is_refused_without_waiting_for_more_bytes() {
+        // Four bytes of a length below 8, and a client that sends nothing more.
+        let (mut client, mut server) = tokio::io::duplex(64);
+        client.write_all(&[0, 0, 0, 4]).await.unwrap();
+        let read = tokio::time::timeout(
+            std::time::Duration::from_secs(5),
+            read_first_packet(&mut server, 10_000),
+        )
+        .await
+        .expect("refused at once, not after the client's next bytes");
+        assert!(matches!(read, Err(StartupError::BadLength(4))));
+        drop(client);
+    }
+
+    #[tokio::test]
+    async fn nothing_past_an_ssl_request_is_read() {
+        // An SSLRequest and, at once, bytes that belong to the TLS handshake: they stay unread.
+        let mut input: &[u8] = &[0, 0, 0, 8, 0x04, 0xd2, 0x16, 0x2f, 0x16, 0x03, 0x01];
+        let packet = read_first_packet(&mut input, 10_000).await.unwrap();
+        assert!(matches!(packet, FirstPacket::SslRequest));
+        assert_eq!(input, &[0x16, 0x03, 0x01]);
+    }
+
+    #[tokio::test]
+    async fn a_startup_packet_sent_a_byte_at_a_time_is_read_whole() {
+        let mut packet = vec![0, 0, 0, 0, 0, 3, 0, 0];
+        packet.extend_from_slice(b"user\0alice\0database\0acme\0\0");
+        let len = u32::try_from(packet.len()).unwrap().to_be_bytes();
+        packet[..4].copy_from_slice(&len);
+        let (mut client, mut server) = tokio::io::duplex(1);
+        let sender = tokio::spawn(async move {
+            for b in packet {
+                client.write_all(&[b]).await.unwrap();
+            }
+            client
+        });
+        let read = read_first_packet(&mut server, 10_000).await.unwrap();
+        let FirstPacket::Startup(startup) = read else {
+            panic!("a startup packet: {read:?}");
+        };
+        assert_eq!(startup.get("user"), Some("alice"));
+        assert_eq!(startup.get("database"), Some("acme"));
+        drop(sender.await.unwrap());
     }
 }

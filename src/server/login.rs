@@ -450,7 +450,7 @@ async fn authenticate_admin<S: AsyncRead + AsyncWrite + Unpin>(
     let is_admin = !(credential.is_mock || method == AuthMethod::Cert && proof.client_cn.is_none());
     let attempt = arm(attempt);
     let result = authenticate_by_method(stream, user, method, credential, mock(), proof).await;
-    end_attempt(state, attempt, &result).await;
+    end_attempt(state, attempt, &result);
     match result {
         // The exchange ran in full either way; only then is a non-admin told why.
         Err(AuthError::Failed { .. }) if !is_admin => Err(LoginError::NotAdmin(user.to_owned())),
@@ -555,7 +555,7 @@ async fn authenticate<S: AsyncRead + AsyncWrite + Unpin>(
     };
     let attempt = arm(attempt);
     let result = authenticate_by_method(stream, user, method, credential, mock(), proof).await;
-    end_attempt(state, attempt, &result).await;
+    end_attempt(state, attempt, &result);
     result?;
     record.ok_or_else(|| {
         LoginError::Auth(AuthError::Failed {
@@ -602,7 +602,7 @@ fn arm(attempt: Option<auth::throttle::Attempt>) -> Option<auth::throttle::Attem
 }
 
 /// Tells the throttle how the exchange ended.
-async fn end_attempt(
+fn end_attempt(
     state: &State,
     attempt: Option<auth::throttle::Attempt>,
     result: &Result<(), AuthError>,
@@ -611,7 +611,7 @@ async fn end_attempt(
         return;
     };
     match result {
-        Ok(()) => state.throttle.succeeded(attempt).await,
+        Ok(()) => state.throttle.succeeded(attempt),
         // Nothing was tried: psql, for one, hangs up to prompt for a password. A client that
         // leaves after reading the salt is `Abandoned`, a failure.
         Err(AuthError::ClientLeft) => LoginThrottle::refund(attempt),
