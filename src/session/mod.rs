@@ -19,7 +19,6 @@
 
 pub mod cancel;
 pub mod ceilings;
-mod quiet;
 pub mod relay;
 mod relay_buffer;
 pub mod settings;
@@ -47,7 +46,6 @@ use crate::stats::TenantStats;
 pub use cancel::{CancelGuard, CancelMap, CancelOutcome, CancelTarget};
 pub use ceilings::Ceilings;
 use ceilings::{PhaseClock, Reached, Watchdog};
-use quiet::Quiet;
 pub use relay::{RelayBuffers, RelayEnd, RelayError, TxTracker};
 pub use start::{Admission, Carried, Services, Session, resume, start};
 pub use statements::StatementLimits;
@@ -436,15 +434,15 @@ where
     let mut tracker = TxTracker::default();
     let backend = lease.conn();
     let watch = Watch::new(ctx);
-    let ends = session_ends(&watch, &ctx.shutdown);
-    tokio::pin!(ends);
-    let mut ends = Quiet::new(ends);
+    let must_go = watch.must_go();
+    tokio::pin!(must_go);
     let clock = PhaseClock::watching(!ctx.ceilings.is_empty());
     let watchdog = Watchdog::new(ctx.ceilings, &clock);
     let outcome = loop {
         break tokio::select! {
             end = relay::relay(client, &mut backend.stream, buffers, &mut tracker, None, &ctx.stats, &clock) => end.map(SessionEnd::Relay).map_err(SessionError::from),
-            end = &mut ends => Ok(end),
+            () = ctx.shutdown.cancelled() => Ok(SessionEnd::Shutdown),
+            state = &mut must_go => Ok(SessionEnd::TenantNotActive(state)),
             reached = watchdog.next() => match Box::pin(ceiling_reached(reached, cancel, ctx)).await {
                 Some(err) => Err(err),
                 None => continue,
@@ -506,11 +504,10 @@ where
     let watchdog = Watchdog::new(ctx.ceilings, &clock);
     // What ends the session whatever it is doing: made once, polled by the selects between
     // and during transactions (no waiter registered and dropped per transaction).
-    // Polled only when they have news: each `select!` polls all its branches at every wake-up.
-    let ends = session_ends(&watch, &ctx.shutdown);
+    let must_go = watch.must_go();
+    let shutdown = ctx.shutdown.cancelled();
     let handover = handover_requested(ctx.handover);
-    tokio::pin!(ends, handover);
-    let (mut ends, mut handover) = (Quiet::new(ends), Quiet::new(handover));
+    tokio::pin!(must_go, shutdown, handover);
     loop {
         // Between transactions: idle (a pinned client's idle time is counted by its relay).
         clock.observe(ceilings::Phase::Idle);
@@ -524,7 +521,8 @@ where
             waited = buffers.wait_for_client(client, &ctx.stats) => waited?,
             // Once it resolved, `handing_over` holds and it is not polled again.
             () = &mut handover, if !handing_over => continue,
-            end = &mut ends => return Ok(end),
+            () = &mut shutdown => return Ok(SessionEnd::Shutdown),
+            state = &mut must_go => return Ok(SessionEnd::TenantNotActive(state)),
             reached = watchdog.next() => match Box::pin(ceiling_reached(reached, cancel, ctx)).await {
                 Some(err) => return Err(err),
                 None => continue,
@@ -544,22 +542,13 @@ where
             cancel,
             ctx,
             &mut tx,
-            (&watch, Pin::new(&mut ends)),
+            (&watch, must_go.as_mut(), shutdown.as_mut()),
             (&clock, &watchdog),
         ))
         .await?;
         if let Some(end) = served {
             return Ok(end);
         }
-    }
-}
-
-/// What ends a session whatever it is doing: shutdown (or KILL), or its tenant leaving
-/// `active`. Made once per session and polled, through a [`Quiet`], by each of its selects.
-async fn session_ends(watch: &Watch<'_>, shutdown: &CancellationToken) -> SessionEnd {
-    tokio::select! {
-        () = shutdown.cancelled() => SessionEnd::Shutdown,
-        state = watch.must_go() => SessionEnd::TenantNotActive(state),
     }
 }
 
@@ -579,19 +568,20 @@ async fn handover_requested(handover: Option<&CancellationToken>) {
     clippy::too_many_arguments,
     reason = "the transaction loop's state, lent for one turn"
 )]
-async fn serve_transaction<C, E>(
+async fn serve_transaction<C, M, S>(
     client: &mut C,
     settings: &[(String, String)],
     buffers: &mut RelayBuffers,
     cancel: &CancelGuard,
     ctx: &SessionContext<'_>,
     tx: &mut TxState<'_>,
-    (watch, mut ends): (&Watch<'_>, Pin<&mut E>),
+    (watch, mut must_go, mut shutdown): (&Watch<'_>, Pin<&mut M>, Pin<&mut S>),
     (clock, watchdog): (&PhaseClock, &Watchdog<'_>),
 ) -> Result<Option<SessionEnd>, SessionError>
 where
     C: AsyncRead + AsyncWrite + Unpin,
-    E: Future<Output = SessionEnd>,
+    M: Future<Output = TenantState>,
+    S: Future<Output = ()>,
 {
     let TxState {
         tracker,
@@ -624,7 +614,8 @@ where
         };
         let outcome = tokio::select! {
             end = relay::relay(client, &mut backend.stream, buffers, tracker, Some(statements), &ctx.stats, clock) => end.map(SessionEnd::Relay).map_err(SessionError::from),
-            end = ends.as_mut() => Ok(end),
+            () = shutdown.as_mut() => Ok(SessionEnd::Shutdown),
+            state = must_go.as_mut() => Ok(SessionEnd::TenantNotActive(state)),
             reached = watchdog.next() => match Box::pin(ceiling_reached(reached, cancel, ctx)).await {
                 Some(err) => Err(err),
                 None => continue,
