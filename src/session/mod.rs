@@ -25,7 +25,9 @@ pub mod settings;
 mod start;
 pub mod statements;
 
-use std::sync::Arc;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::{Arc, PoisonError};
 use std::time::Duration;
 
 use bytes::BytesMut;
@@ -49,65 +51,75 @@ pub use start::{Admission, Carried, Services, Session, resume, start};
 pub use statements::StatementLimits;
 use statements::{ClientStatements, Responses, StatementContext};
 
-/// Watches the registry for this client's tenant leaving `active`.
+/// Watches the registry for this client's tenant leaving `active`. Its `must_go` future is
+/// made once per session and polled by every `select!` of it, so a transaction registers no
+/// waiter on the registry's change channel (shared by every client): the state it learns is
+/// kept here, read between transactions without a borrow of that future.
 struct Watch<'a> {
-    changes: tokio::sync::broadcast::Receiver<TenantSlug>,
+    /// Subscribed when the session starts; taken by the first `must_go`.
+    changes: std::sync::Mutex<Option<tokio::sync::broadcast::Receiver<TenantSlug>>>,
     ctx: &'a SessionContext<'a>,
-    /// A change was seen and not yet checked (kept across cancellation of `must_go`).
-    unchecked: bool,
-    /// The state the tenant left `active` for, and when the client must be gone.
-    leaving: Option<(TenantState, tokio::time::Instant)>,
-    /// The tenant's record as last read after a change (None: the login's is current).
-    latest: Option<std::sync::Arc<TenantRecord>>,
+    /// The state the tenant left `active` for, and when the client must be gone (set once).
+    leaving: std::sync::OnceLock<(TenantState, tokio::time::Instant)>,
+    /// The tenant's record as last read after a change (None: the login's is current). The
+    /// session's own lock: nobody else takes it.
+    latest: std::sync::Mutex<Option<Arc<TenantRecord>>>,
 }
 
 impl<'a> Watch<'a> {
     fn new(ctx: &'a SessionContext<'a>) -> Watch<'a> {
         Watch {
-            changes: ctx.directory.subscribe(),
+            changes: std::sync::Mutex::new(Some(ctx.directory.subscribe())),
             ctx,
-            unchecked: false,
-            leaving: None,
-            latest: None,
+            leaving: std::sync::OnceLock::new(),
+            latest: std::sync::Mutex::new(None),
         }
     }
 
     /// The tenant's record as the registry says now, as far as its changes were seen.
-    fn tenant(&self) -> &TenantRecord {
-        self.latest.as_deref().unwrap_or(&self.ctx.tenant)
+    fn tenant(&self) -> Arc<TenantRecord> {
+        self.latest
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+            .unwrap_or_else(|| Arc::clone(&self.ctx.tenant))
     }
 
     /// Known to have left `active`.
     fn left_active(&self) -> Option<TenantState> {
-        self.leaving.map(|(state, _)| state)
+        self.leaving.get().map(|(state, _)| *state)
     }
 
     /// Resolves when the client must go: the tenant left `active` and the grace period
-    /// passed. Cancel-safe: progress is kept in `self`.
-    async fn must_go(&mut self) -> TenantState {
+    /// passed. Make it once per session and poll it from every `select!` (it is not
+    /// cancel-safe: a change being checked when it is dropped is checked again only by a
+    /// later one).
+    async fn must_go(&self) -> TenantState {
+        let taken = self
+            .changes
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take();
+        let mut changes = taken.unwrap_or_else(|| self.ctx.directory.subscribe());
         loop {
-            if let Some((state, deadline)) = self.leaving {
+            if let Some(&(state, deadline)) = self.leaving.get() {
                 // Boxed: rare, and this future is part of every idle client's state.
                 Box::pin(tokio::time::sleep_until(deadline)).await;
                 return state;
             }
-            if !self.unchecked {
-                match self.changes.recv().await {
-                    Ok(slug) if slug == self.ctx.tenant.slug => self.unchecked = true,
-                    Ok(_) => continue,
-                    Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {
-                        self.unchecked = true;
-                    }
-                    Err(tokio::sync::broadcast::error::RecvError::Closed) => {
-                        std::future::pending::<()>().await;
-                    }
+            match changes.recv().await {
+                Ok(slug) if slug == self.ctx.tenant.slug => {}
+                Ok(_) => continue,
+                Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
+                Err(tokio::sync::broadcast::error::RecvError::Closed) => {
+                    std::future::pending::<()>().await;
                 }
             }
             let state = match Box::pin(self.ctx.directory.tenant(&self.ctx.tenant.slug)).await {
                 Ok(Some(record)) => {
                     // Reads can cross: an older row than the one held changes nothing.
                     if record.revision >= self.tenant().revision {
-                        self.latest = Some(record);
+                        *self.latest.lock().unwrap_or_else(PoisonError::into_inner) = Some(record);
                     }
                     self.tenant().state
                 }
@@ -115,10 +127,12 @@ impl<'a> Watch<'a> {
                 // The registry is away: keep serving; the next change checks again.
                 Err(_) => TenantState::Active,
             };
-            self.unchecked = false;
             if state != TenantState::Active {
                 tracing::info!(tenant = %self.ctx.tenant.slug, %state, "tenant left active; closing its clients after the grace period");
-                self.leaving = Some((state, tokio::time::Instant::now() + self.ctx.suspend_grace));
+                // Set once: after this the loop only waits out the grace period.
+                let _ = self
+                    .leaving
+                    .set((state, tokio::time::Instant::now() + self.ctx.suspend_grace));
             }
         }
     }
@@ -419,14 +433,16 @@ where
 {
     let mut tracker = TxTracker::default();
     let backend = lease.conn();
-    let mut watch = Watch::new(ctx);
+    let watch = Watch::new(ctx);
+    let must_go = watch.must_go();
+    tokio::pin!(must_go);
     let clock = PhaseClock::watching(!ctx.ceilings.is_empty());
     let watchdog = Watchdog::new(ctx.ceilings, &clock);
     let outcome = loop {
         break tokio::select! {
             end = relay::relay(client, &mut backend.stream, buffers, &mut tracker, None, &ctx.stats, &clock) => end.map(SessionEnd::Relay).map_err(SessionError::from),
             () = ctx.shutdown.cancelled() => Ok(SessionEnd::Shutdown),
-            state = watch.must_go() => Ok(SessionEnd::TenantNotActive(state)),
+            state = &mut must_go => Ok(SessionEnd::TenantNotActive(state)),
             reached = watchdog.next() => match Box::pin(ceiling_reached(reached, cancel, ctx)).await {
                 Some(err) => Err(err),
                 None => continue,
@@ -483,9 +499,15 @@ where
         responses: Responses::default(),
     };
     tx.client_statements.limits = ctx.statement_limits;
-    let mut watch = Watch::new(ctx);
+    let watch = Watch::new(ctx);
     let clock = PhaseClock::watching(!ctx.ceilings.is_empty());
     let watchdog = Watchdog::new(ctx.ceilings, &clock);
+    // What ends the session whatever it is doing: made once, polled by the selects between
+    // and during transactions (no waiter registered and dropped per transaction).
+    let must_go = watch.must_go();
+    let shutdown = ctx.shutdown.cancelled();
+    let handover = handover_requested(ctx.handover);
+    tokio::pin!(must_go, shutdown, handover);
     loop {
         // Between transactions: idle (a pinned client's idle time is counted by its relay).
         clock.observe(ceilings::Phase::Idle);
@@ -497,9 +519,10 @@ where
         }
         let waited = tokio::select! {
             waited = buffers.wait_for_client(client, &ctx.stats) => waited?,
-            () = handover_requested(ctx.handover), if !handing_over => continue,
-            () = ctx.shutdown.cancelled() => return Ok(SessionEnd::Shutdown),
-            state = watch.must_go() => return Ok(SessionEnd::TenantNotActive(state)),
+            // Once it resolved, `handing_over` holds and it is not polled again.
+            () = &mut handover, if !handing_over => continue,
+            () = &mut shutdown => return Ok(SessionEnd::Shutdown),
+            state = &mut must_go => return Ok(SessionEnd::TenantNotActive(state)),
             reached = watchdog.next() => match Box::pin(ceiling_reached(reached, cancel, ctx)).await {
                 Some(err) => return Err(err),
                 None => continue,
@@ -519,7 +542,7 @@ where
             cancel,
             ctx,
             &mut tx,
-            &mut watch,
+            (&watch, must_go.as_mut(), shutdown.as_mut()),
             (&clock, &watchdog),
         ))
         .await?;
@@ -545,18 +568,20 @@ async fn handover_requested(handover: Option<&CancellationToken>) {
     clippy::too_many_arguments,
     reason = "the transaction loop's state, lent for one turn"
 )]
-async fn serve_transaction<C>(
+async fn serve_transaction<C, M, S>(
     client: &mut C,
     settings: &[(String, String)],
     buffers: &mut RelayBuffers,
     cancel: &CancelGuard,
     ctx: &SessionContext<'_>,
     tx: &mut TxState<'_>,
-    watch: &mut Watch<'_>,
+    (watch, mut must_go, mut shutdown): (&Watch<'_>, Pin<&mut M>, Pin<&mut S>),
     (clock, watchdog): (&PhaseClock, &Watchdog<'_>),
 ) -> Result<Option<SessionEnd>, SessionError>
 where
     C: AsyncRead + AsyncWrite + Unpin,
+    M: Future<Output = TenantState>,
+    S: Future<Output = ()>,
 {
     let TxState {
         tracker,
@@ -567,7 +592,7 @@ where
     } = tx;
     // The tenant as the registry says now (a long-lived client must follow a moved
     // database or a rotated password), not as it was at login.
-    let tenant = watch.tenant();
+    let tenant = &*watch.tenant();
     // Declared before the lease: it drops after the lease went back (or closed), so a cancel
     // is never sent to a backend serving another client.
     let _underway = cancel.underway();
@@ -589,8 +614,8 @@ where
         };
         let outcome = tokio::select! {
             end = relay::relay(client, &mut backend.stream, buffers, tracker, Some(statements), &ctx.stats, clock) => end.map(SessionEnd::Relay).map_err(SessionError::from),
-            () = ctx.shutdown.cancelled() => Ok(SessionEnd::Shutdown),
-            state = watch.must_go() => Ok(SessionEnd::TenantNotActive(state)),
+            () = shutdown.as_mut() => Ok(SessionEnd::Shutdown),
+            state = must_go.as_mut() => Ok(SessionEnd::TenantNotActive(state)),
             reached = watchdog.next() => match Box::pin(ceiling_reached(reached, cancel, ctx)).await {
                 Some(err) => Err(err),
                 None => continue,
