@@ -19,6 +19,7 @@
 
 pub mod cancel;
 pub mod ceilings;
+mod quiet;
 pub mod relay;
 mod relay_buffer;
 pub mod settings;
@@ -46,6 +47,7 @@ use crate::stats::TenantStats;
 pub use cancel::{CancelGuard, CancelMap, CancelOutcome, CancelTarget};
 pub use ceilings::Ceilings;
 use ceilings::{PhaseClock, Reached, Watchdog};
+use quiet::Quiet;
 pub use relay::{RelayBuffers, RelayEnd, RelayError, TxTracker};
 pub use start::{Admission, Carried, Services, Session, resume, start};
 pub use statements::StatementLimits;
@@ -434,15 +436,15 @@ where
     let mut tracker = TxTracker::default();
     let backend = lease.conn();
     let watch = Watch::new(ctx);
-    let must_go = watch.must_go();
-    tokio::pin!(must_go);
+    let ends = session_ends(&watch, &ctx.shutdown);
+    tokio::pin!(ends);
+    let mut ends = Quiet::new(ends);
     let clock = PhaseClock::watching(!ctx.ceilings.is_empty());
     let watchdog = Watchdog::new(ctx.ceilings, &clock);
     let outcome = loop {
         break tokio::select! {
             end = relay::relay(client, &mut backend.stream, buffers, &mut tracker, None, &ctx.stats, &clock) => end.map(SessionEnd::Relay).map_err(SessionError::from),
-            () = ctx.shutdown.cancelled() => Ok(SessionEnd::Shutdown),
-            state = &mut must_go => Ok(SessionEnd::TenantNotActive(state)),
+            end = &mut ends => Ok(end),
             reached = watchdog.next() => match Box::pin(ceiling_reached(reached, cancel, ctx)).await {
                 Some(err) => Err(err),
                 None => continue,
@@ -504,10 +506,11 @@ where
     let watchdog = Watchdog::new(ctx.ceilings, &clock);
     // What ends the session whatever it is doing: made once, polled by the selects between
     // and during transactions (no waiter registered and dropped per transaction).
-    let must_go = watch.must_go();
-    let shutdown = ctx.shutdown.cancelled();
+    // Polled only when they have news: each `select!` polls all its branches at every wake-up.
+    let ends = session_ends(&watch, &ctx.shutdown);
     let handover = handover_requested(ctx.handover);
-    tokio::pin!(must_go, shutdown, handover);
+    tokio::pin!(ends, handover);
+    let (mut ends, mut handover) = (Quiet::new(ends), Quiet::new(handover));
     loop {
         // Between transactions: idle (a pinned client's idle time is counted by its relay).
         clock.observe(ceilings::Phase::Idle);
@@ -521,8 +524,7 @@ where
             waited = buffers.wait_for_client(client, &ctx.stats) => waited?,
             // Once it resolved, `handing_over` holds and it is not polled again.
             () = &mut handover, if !handing_over => continue,
-            () = &mut shutdown => return Ok(SessionEnd::Shutdown),
-            state = &mut must_go => return Ok(SessionEnd::TenantNotActive(state)),
+            end = &mut ends => return Ok(end),
             reached = watchdog.next() => match Box::pin(ceiling_reached(reached, cancel, ctx)).await {
                 Some(err) => return Err(err),
                 None => continue,
@@ -542,13 +544,22 @@ where
             cancel,
             ctx,
             &mut tx,
-            (&watch, must_go.as_mut(), shutdown.as_mut()),
+            (&watch, Pin::new(&mut ends)),
             (&clock, &watchdog),
         ))
         .await?;
         if let Some(end) = served {
             return Ok(end);
         }
+    }
+}
+
+/// What ends a session whatever it is doing: shutdown (or KILL), or its tenant leaving
+/// `active`. Made once per session and polled, through a [`Quiet`], by each of its selects.
+async fn session_ends(watch: &Watch<'_>, shutdown: &CancellationToken) -> SessionEnd {
+    tokio::select! {
+        () = shutdown.cancelled() => SessionEnd::Shutdown,
+        state = watch.must_go() => SessionEnd::TenantNotActive(state),
     }
 }
 
@@ -568,20 +579,19 @@ async fn handover_requested(handover: Option<&CancellationToken>) {
     clippy::too_many_arguments,
     reason = "the transaction loop's state, lent for one turn"
 )]
-async fn serve_transaction<C, M, S>(
+async fn serve_transaction<C, E>(
     client: &mut C,
     settings: &[(String, String)],
     buffers: &mut RelayBuffers,
     cancel: &CancelGuard,
     ctx: &SessionContext<'_>,
     tx: &mut TxState<'_>,
-    (watch, mut must_go, mut shutdown): (&Watch<'_>, Pin<&mut M>, Pin<&mut S>),
+    (watch, mut ends): (&Watch<'_>, Pin<&mut E>),
     (clock, watchdog): (&PhaseClock, &Watchdog<'_>),
 ) -> Result<Option<SessionEnd>, SessionError>
 where
     C: AsyncRead + AsyncWrite + Unpin,
-    M: Future<Output = TenantState>,
-    S: Future<Output = ()>,
+    E: Future<Output = SessionEnd>,
 {
     let TxState {
         tracker,
@@ -614,8 +624,7 @@ where
         };
         let outcome = tokio::select! {
             end = relay::relay(client, &mut backend.stream, buffers, tracker, Some(statements), &ctx.stats, clock) => end.map(SessionEnd::Relay).map_err(SessionError::from),
-            () = shutdown.as_mut() => Ok(SessionEnd::Shutdown),
-            state = must_go.as_mut() => Ok(SessionEnd::TenantNotActive(state)),
+            end = ends.as_mut() => Ok(end),
             reached = watchdog.next() => match Box::pin(ceiling_reached(reached, cancel, ctx)).await {
                 Some(err) => Err(err),
                 None => continue,
