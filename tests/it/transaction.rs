@@ -318,8 +318,19 @@ async fn a_cancel_never_hits_the_next_client_on_the_same_backend() {
         let stop = stop.clone();
         let canceled = a_canceled.clone();
         tokio::spawn(async move {
+            // Mostly 2 ms queries, so A's transactions end (and B's begin) while cancels for A
+            // are on their way. Every fourth is 50 ms, so some cancels surely land inside one
+            // of A's queries: a cancel reaches the server only a fork of the postmaster after
+            // it was sent, which can outlast a 2 ms query on a loaded machine.
+            let mut round = 0u32;
             while !stop.load(Ordering::Relaxed) {
-                if let Err(e) = a.batch_execute("SELECT pg_sleep(0.002)").await {
+                round += 1;
+                let sql = if round % 4 == 0 {
+                    "SELECT pg_sleep(0.05)"
+                } else {
+                    "SELECT pg_sleep(0.002)"
+                };
+                if let Err(e) = a.batch_execute(sql).await {
                     assert_eq!(e.code(), Some(&SqlState::QUERY_CANCELED), "{e}");
                     canceled.fetch_add(1, Ordering::Relaxed);
                 }
