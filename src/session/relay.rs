@@ -208,6 +208,12 @@ trait Inspector {
     fn front_flush_needed(&self) -> bool {
         true
     }
+    /// Whether a splice may be made in the buffer when it fits (`Half::splice_in_place`), so
+    /// the bytes before it, the splice and the bytes after it go in one write. Not where a
+    /// splice may ask to stop right after it is written (`stop_now`).
+    fn splices_in_place(&self) -> bool {
+        false
+    }
 }
 
 /// One direction's buffer: bytes `[written, scanned)` are ready to go, `[scanned, filled)` are
@@ -483,20 +489,63 @@ impl Half {
                 return Ok(false);
             }
         }
-        let fresh = self
-            .buf
-            .bytes()
-            .get(self.scanned..self.filled)
-            .unwrap_or_default();
-        let splice_out = &mut self.splice_out;
-        let scanned = self
-            .scanner
-            .scan(fresh, |head| inspector.frame(head, splice_out))
-            .map_err(HalfError::Frame)?;
-        self.scanned += scanned.forward;
-        self.stopped = scanned.stopped;
-        self.splice = scanned.splice;
-        Ok(scanned.forward > 0 || scanned.stopped || scanned.splice.is_some())
+        let mut progressed = false;
+        loop {
+            let fresh = self
+                .buf
+                .bytes()
+                .get(self.scanned..self.filled)
+                .unwrap_or_default();
+            let splice_out = &mut self.splice_out;
+            let scanned = self
+                .scanner
+                .scan(fresh, |head| inspector.frame(head, splice_out))
+                .map_err(HalfError::Frame)?;
+            self.scanned += scanned.forward;
+            self.stopped = scanned.stopped;
+            self.splice = scanned.splice;
+            progressed |= scanned.forward > 0 || scanned.stopped || scanned.splice.is_some();
+            if !inspector.splices_in_place() || !self.splice_in_place() {
+                return Ok(progressed);
+            }
+        }
+    }
+
+    /// Makes the pending splice in the buffer, when it fits:
+    /// the consumed bytes are in the buffer, the splice fits in the room left, and the bytes
+    /// after it are few enough to move cheaply. The splice's bytes become ready to write with
+    /// what is before them, and the scanner goes on with the rest of the frame. Returns
+    /// whether it did; otherwise `poll_splice` writes the splice on its own.
+    fn splice_in_place(&mut self) -> bool {
+        /// Past this many bytes after the splice, a write of its own is cheaper than moving them.
+        const MOVE_AT_MOST: usize = 4096;
+        let Some(splice) = self.splice else {
+            return false;
+        };
+        let at = self.scanned;
+        let tail_from = at + splice.consume;
+        let insert = self.splice_out.len();
+        let filled = self.filled;
+        if self.stopped
+            || splice.discard > 0
+            || tail_from > filled
+            || filled - tail_from > MOVE_AT_MOST
+            || filled - splice.consume + insert > self.buf.bytes().len()
+        {
+            return false;
+        }
+        let buf = self.buf.bytes_mut();
+        buf.copy_within(tail_from..filled, at + insert);
+        let Some(room) = buf.get_mut(at..at + insert) else {
+            return false;
+        };
+        room.copy_from_slice(&self.splice_out);
+        self.filled = filled - splice.consume + insert;
+        self.scanned = at + insert;
+        self.scanner.resume_after_splice(splice.rest);
+        self.splice = None;
+        self.splice_out.clear();
+        true
     }
 }
 
@@ -681,6 +730,10 @@ impl Inspector for ClientSide<'_, '_> {
             self.tally.queries += 1;
         }
         decided
+    }
+
+    fn splices_in_place(&self) -> bool {
+        true
     }
 
     fn front_flush_needed(&self) -> bool {
@@ -1056,10 +1109,60 @@ mod reset_ahead_tests {
     use crate::pool::BackendStatements;
     use crate::session::statements::{ClientStatements, RESET_AHEAD, Responses};
 
+    /// A backend socket that counts the writes made to it.
+    struct CountingWriter {
+        inner: tokio::io::DuplexStream,
+        writes: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    }
+
+    impl AsyncRead for CountingWriter {
+        fn poll_read(
+            mut self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+            buf: &mut ReadBuf<'_>,
+        ) -> Poll<std::io::Result<()>> {
+            Pin::new(&mut self.inner).poll_read(cx, buf)
+        }
+    }
+
+    impl AsyncWrite for CountingWriter {
+        fn poll_write(
+            mut self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+            buf: &[u8],
+        ) -> Poll<std::io::Result<usize>> {
+            self.writes
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            Pin::new(&mut self.inner).poll_write(cx, buf)
+        }
+
+        fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+            Pin::new(&mut self.inner).poll_flush(cx)
+        }
+
+        fn poll_shutdown(
+            mut self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+        ) -> Poll<std::io::Result<()>> {
+            Pin::new(&mut self.inner).poll_shutdown(cx)
+        }
+    }
+
     /// What the backend receives first when a reset goes ahead of the client's `first`.
     async fn first_write_to_backend(first: Vec<u8>) -> Vec<u8> {
+        first_writes_to_backend(first, false).await.0
+    }
+
+    /// What the backend receives when a reset goes ahead of the client's `first`: one read's
+    /// worth, or (`until_sync`) everything up to a Sync; and how many writes carried it.
+    async fn first_writes_to_backend(first: Vec<u8>, until_sync: bool) -> (Vec<u8>, usize) {
         let (mut client_far, mut client_near) = duplex(64 * 1024);
-        let (mut backend_near, mut backend_far) = duplex(64 * 1024);
+        let (backend_near, mut backend_far) = duplex(64 * 1024);
+        let writes = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let mut backend_near = CountingWriter {
+            inner: backend_near,
+            writes: std::sync::Arc::clone(&writes),
+        };
         client_far.write_all(&first).await.unwrap();
         let task = tokio::spawn(async move {
             let stats = TenantStats::default();
@@ -1093,17 +1196,97 @@ mod reset_ahead_tests {
                 .await,
             );
         });
-        let mut got = vec![0u8; 4096];
-        let n = tokio::time::timeout(
-            std::time::Duration::from_secs(5),
-            backend_far.read(&mut got),
-        )
-        .await
-        .unwrap()
-        .unwrap();
+        let mut got = vec![0u8; 64 * 1024];
+        let mut n = 0;
+        while n == 0 || (until_sync && !got[..n].ends_with(b"S\0\0\0\x04")) {
+            n += tokio::time::timeout(
+                std::time::Duration::from_secs(5),
+                backend_far.read(&mut got[n..]),
+            )
+            .await
+            .unwrap()
+            .unwrap();
+        }
         got.truncate(n);
         task.abort();
-        got
+        (got, writes.load(std::sync::atomic::Ordering::Relaxed))
+    }
+
+    /// Splits a run of whole messages into (tag, body) pairs.
+    fn messages(mut bytes: &[u8]) -> Vec<(u8, Vec<u8>)> {
+        let mut out = Vec::new();
+        while let [tag, l0, l1, l2, l3, rest @ ..] = bytes {
+            let len = usize::try_from(u32::from_be_bytes([*l0, *l1, *l2, *l3])).unwrap() - 4;
+            out.push((*tag, rest[..len].to_vec()));
+            bytes = &rest[len..];
+        }
+        assert!(bytes.is_empty(), "a message cut short: {bytes:?}");
+        out
+    }
+
+    /// A named Parse, a Bind of it with a `param_bytes` parameter, Execute and Sync; and what
+    /// the backend must get for them behind the reset: the same with the statement's shared
+    /// `tg_` name.
+    fn named_batch(param_bytes: usize) -> Vec<u8> {
+        let mut batch = frame(b'P', b"P_0\0SELECT $1::text\0\0\0");
+        let mut bind = b"\0P_0\0\0\0\0\x01".to_vec();
+        bind.extend_from_slice(&u32::try_from(param_bytes).unwrap().to_be_bytes());
+        bind.extend(std::iter::repeat_n(b'x', param_bytes));
+        bind.extend_from_slice(b"\0\0");
+        batch.extend(frame(b'B', &bind));
+        batch.extend(frame(b'E', b"\0\0\0\0\0"));
+        batch.extend(frame(b'S', b""));
+        batch
+    }
+
+    /// Checks that `got` is the reset (its Flush dropped unless `flush_kept`) and then `batch`
+    /// with the statement renamed, message for message.
+    fn assert_renamed_behind_reset(got: &[u8], batch: &[u8], flush_kept: bool) {
+        let reset = if flush_kept {
+            RESET_AHEAD
+        } else {
+            &RESET_AHEAD[..RESET_AHEAD.len() - 5]
+        };
+        assert!(got.starts_with(reset), "{got:?}");
+        let sent = messages(&got[reset.len()..]);
+        let original = messages(batch);
+        assert_eq!(
+            sent.iter().map(|m| m.0).collect::<Vec<_>>(),
+            original.iter().map(|m| m.0).collect::<Vec<_>>()
+        );
+        let name_end = sent[0].1.iter().position(|b| *b == 0).unwrap();
+        let name = &sent[0].1[..name_end];
+        assert!(
+            name.starts_with(b"tg_"),
+            "{:?}",
+            String::from_utf8_lossy(name)
+        );
+        assert_eq!(sent[0].1[name_end + 1..], original[0].1[4..]);
+        // Bind: unnamed portal, then the shared name, then the client's bytes unchanged.
+        assert_eq!(sent[1].1[1..=name.len()], *name);
+        assert_eq!(sent[1].1[name.len() + 2..], original[1].1[5..]);
+        assert_eq!(sent[2..], original[2..]);
+    }
+
+    #[tokio::test]
+    async fn statements_renamed_behind_a_reset_go_in_one_write() {
+        // Two splices (the Parse's name, the Bind's) between the reset and the Sync: the
+        // backend gets all of it in one write, not one per splice.
+        let batch = named_batch(8);
+        let (got, writes) = first_writes_to_backend(batch.clone(), true).await;
+        assert_renamed_behind_reset(&got, &batch, false);
+        assert_eq!(writes, 1);
+    }
+
+    #[tokio::test]
+    async fn a_splice_before_many_bytes_is_written_on_its_own_and_the_stream_is_the_same() {
+        // 6,000 bytes after the Parse's splice are more than are moved to make room: that
+        // splice goes in a write of its own, and the backend gets the same bytes.
+        let batch = named_batch(6000);
+        let (got, writes) = first_writes_to_backend(batch.clone(), true).await;
+        // The Flush goes too: whether the batch ends with a Sync was not known at the write.
+        assert_renamed_behind_reset(&got, &batch, true);
+        assert!(writes > 1, "{writes}");
     }
 
     #[tokio::test]
