@@ -1268,6 +1268,94 @@ mod reset_ahead_tests {
         assert_eq!(sent[2..], original[2..]);
     }
 
+    /// What the backend receives for `batch` (no reset ahead, statements rewritten), when the
+    /// client's bytes arrive in the pieces `cuts` makes, each read on its own.
+    async fn backend_bytes_for(batch: &[u8], cuts: &[usize]) -> Vec<u8> {
+        let (mut client_far, mut client_near) = duplex(64 * 1024);
+        let (mut backend_near, mut backend_far) = duplex(64 * 1024);
+        let task = tokio::spawn(async move {
+            let stats = TenantStats::default();
+            let mut bufs = RelayBuffers::new(1 << 20);
+            let mut tracker = TxTracker::default();
+            let mut client = ClientStatements::default();
+            let mut backend = BackendStatements::default();
+            let mut responses = Responses::default();
+            let ctx = StatementContext {
+                client: &mut client,
+                backend: &mut backend,
+                responses: &mut responses,
+            };
+            drop(
+                relay(
+                    &mut client_near,
+                    &mut backend_near,
+                    &mut bufs,
+                    &mut tracker,
+                    Some(ctx),
+                    &stats,
+                    &PhaseClock::default(),
+                )
+                .await,
+            );
+        });
+        let mut from = 0;
+        for &cut in cuts.iter().chain(std::iter::once(&batch.len())) {
+            let cut = cut.clamp(from, batch.len());
+            client_far.write_all(&batch[from..cut]).await.unwrap();
+            from = cut;
+            // Let the relay read this piece before the next one arrives.
+            for _ in 0..4 {
+                tokio::task::yield_now().await;
+            }
+        }
+        let mut got = vec![0u8; 64 * 1024];
+        let mut n = 0;
+        while !got[..n].ends_with(b"S\0\0\0\x04") {
+            n += tokio::time::timeout(
+                std::time::Duration::from_secs(5),
+                backend_far.read(&mut got[n..]),
+            )
+            .await
+            .unwrap()
+            .unwrap();
+        }
+        got.truncate(n);
+        task.abort();
+        got
+    }
+
+    #[tokio::test]
+    async fn splices_give_the_backend_the_same_bytes_however_the_client_cuts_its_messages() {
+        // Parse and Bind renamed (two splices), with the client's bytes cut anywhere: inside
+        // a header, inside the names a splice replaces, right after them. Made in the buffer
+        // or written on their own, the backend must get the same stream.
+        let mut batch = named_batch(8);
+        batch.splice(
+            batch.len() - 5..batch.len() - 5,
+            named_batch(300)[..].iter().copied(),
+        );
+        let whole = backend_bytes_for(&batch, &[]).await;
+        // Whole messages, each statement under its shared name (the second Parse of P_0 also
+        // closes the first on the backend).
+        let sent = messages(&whole);
+        assert!(sent.len() >= 8, "{sent:?}");
+        assert!(sent.iter().filter(|m| m.1.starts_with(b"tg_")).count() >= 2);
+        let mut seed = 0x9e37_79b9_u32;
+        for round in 0..300 {
+            let mut cuts = Vec::new();
+            let mut at = 0;
+            while at < batch.len() {
+                seed ^= seed << 13;
+                seed ^= seed >> 17;
+                seed ^= seed << 5;
+                at += 1 + usize::try_from(seed).unwrap() % if round % 2 == 0 { 12 } else { 120 };
+                cuts.push(at);
+            }
+            let got = backend_bytes_for(&batch, &cuts).await;
+            assert_eq!(got, whole, "cut at {cuts:?}");
+        }
+    }
+
     #[tokio::test]
     async fn statements_renamed_behind_a_reset_go_in_one_write() {
         // Two splices (the Parse's name, the Bind's) between the reset and the Sync: the
