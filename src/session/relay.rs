@@ -535,11 +535,11 @@ impl Half {
             return false;
         }
         let buf = self.buf.bytes_mut();
+        // In range by the checks above (the room ends before the moved bytes' new end).
         buf.copy_within(tail_from..filled, at + insert);
-        let Some(room) = buf.get_mut(at..at + insert) else {
-            return false;
-        };
-        room.copy_from_slice(&self.splice_out);
+        if let Some(room) = buf.get_mut(at..at + insert) {
+            room.copy_from_slice(&self.splice_out);
+        }
         self.filled = filled - splice.consume + insert;
         self.scanned = at + insert;
         self.scanner.resume_after_splice(splice.rest);
@@ -1354,6 +1354,70 @@ mod reset_ahead_tests {
             let got = backend_bytes_for(&batch, &cuts).await;
             assert_eq!(got, whole, "cut at {cuts:?}");
         }
+    }
+
+    #[tokio::test]
+    async fn a_deallocate_cut_in_two_is_answered_here_like_a_whole_one() {
+        async fn read_some(from: &mut tokio::io::DuplexStream) -> Vec<u8> {
+            let mut got = vec![0u8; 4096];
+            let n = tokio::time::timeout(std::time::Duration::from_secs(5), from.read(&mut got))
+                .await
+                .unwrap()
+                .unwrap();
+            got.truncate(n);
+            got
+        }
+        let (mut client_far, mut client_near) = duplex(64 * 1024);
+        let (mut backend_near, mut backend_far) = duplex(64 * 1024);
+        let task = tokio::spawn(async move {
+            let stats = TenantStats::default();
+            let mut bufs = RelayBuffers::new(1 << 20);
+            let mut tracker = TxTracker::default();
+            let mut client = ClientStatements::default();
+            let mut backend = BackendStatements::default();
+            let mut responses = Responses::default();
+            let ctx = StatementContext {
+                client: &mut client,
+                backend: &mut backend,
+                responses: &mut responses,
+            };
+            drop(
+                relay(
+                    &mut client_near,
+                    &mut backend_near,
+                    &mut bufs,
+                    &mut tracker,
+                    Some(ctx),
+                    &stats,
+                    &PhaseClock::default(),
+                )
+                .await,
+            );
+        });
+        // The client prepares s0; the backend gets it renamed and answers.
+        let mut parse = frame(b'P', b"s0\0SELECT 1\0\0\0");
+        parse.extend(frame(b'S', b""));
+        client_far.write_all(&parse).await.unwrap();
+        let sent = messages(&read_some(&mut backend_far).await);
+        assert!(sent[0].1.starts_with(b"tg_"));
+        let mut answer = frame(b'1', b"");
+        answer.extend(frame(b'Z', b"I"));
+        backend_far.write_all(&answer).await.unwrap();
+        assert_eq!(read_some(&mut client_far).await, answer);
+        // DEALLOCATE s0, its bytes cut inside the word: answered here, never forwarded.
+        let dealloc = frame(b'Q', b"DEALLOCATE s0\0");
+        client_far.write_all(&dealloc[..9]).await.unwrap();
+        for _ in 0..8 {
+            tokio::task::yield_now().await;
+        }
+        client_far.write_all(&dealloc[9..]).await.unwrap();
+        let mut expected = frame(b'C', b"DEALLOCATE\0");
+        expected.extend(frame(b'Z', b"I"));
+        assert_eq!(read_some(&mut client_far).await, expected);
+        let next = frame(b'Q', b"SELECT 2\0");
+        client_far.write_all(&next).await.unwrap();
+        assert_eq!(read_some(&mut backend_far).await, next);
+        task.abort();
     }
 
     #[tokio::test]

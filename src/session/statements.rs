@@ -396,9 +396,28 @@ fn parse_deallocate(body: &[u8]) -> Option<Deallocate> {
     Some(Deallocate::Name(name))
 }
 
+/// Whether a query whose text is not all here yet may be one [`parse_deallocate`] answers:
+/// its first word so far is `DEALLOCATE`, or the start of it, or nothing yet.
+fn may_be_deallocate(partial: &[u8]) -> bool {
+    const WORD: &[u8] = b"deallocate";
+    let text = partial.trim_ascii_start();
+    let n = text.len().min(WORD.len());
+    text.get(..n)
+        .zip(WORD.get(..n))
+        .is_some_and(|(have, word)| have.eq_ignore_ascii_case(word))
+}
+
 /// Query: a DEALLOCATE of the client's own protocol statements is answered here (the backend
 /// knows them under other names and shares them with other clients); anything else goes on.
+/// A query that may be one and is not all here yet is waited for (it fits in the relay
+/// buffer), so how the client's bytes were cut never decides where it goes.
 fn on_query(ctx: &mut StatementContext<'_>, head: &FrameHead<'_>) -> Scan {
+    if head.body.len() < head.body_len
+        && HEADER_BYTES + head.body_len <= super::relay_buffer::RELAY_BUFFER_BYTES
+        && may_be_deallocate(head.body)
+    {
+        return Scan::Hold;
+    }
     if head.body.len() == head.body_len {
         let handled = match parse_deallocate(head.body) {
             Some(Deallocate::All) => {
@@ -1085,6 +1104,44 @@ mod tests {
         assert_eq!(p("DEALLOCATE ALL"), Some(Deallocate::All));
         assert_eq!(p("DEALLOCATE a b"), None);
         assert_eq!(p("SELECT 1"), None);
+    }
+
+    #[test]
+    fn a_deallocate_not_all_here_is_waited_for_and_other_queries_are_not() {
+        let mut client = ClientStatements::default();
+        let mut backend = BackendStatements::default();
+        let mut responses = Responses::default();
+        let mut ctx = StatementContext {
+            client: &mut client,
+            backend: &mut backend,
+            responses: &mut responses,
+        };
+        let text = b" DEALLOCATE s0\0";
+        for cut in 0..text.len() {
+            let partial = FrameHead {
+                tag: b'Q',
+                body_len: text.len(),
+                status: 0,
+                body: &text[..cut],
+            };
+            assert_eq!(on_query(&mut ctx, &partial), Scan::Hold, "cut at {cut}");
+        }
+        let select = b"SELECT 1\0";
+        let partial = FrameHead {
+            tag: b'Q',
+            body_len: select.len(),
+            status: 0,
+            body: &select[..3],
+        };
+        assert_eq!(on_query(&mut ctx, &partial), Scan::Continue);
+        // Too large to ever be all in the buffer: it goes on (the backend answers it).
+        let partial = FrameHead {
+            tag: b'Q',
+            body_len: 20_000,
+            status: 0,
+            body: b"DEALLOCATE ",
+        };
+        assert_eq!(on_query(&mut ctx, &partial), Scan::Continue);
     }
 
     #[test]
