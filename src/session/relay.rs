@@ -1268,12 +1268,13 @@ mod reset_ahead_tests {
         assert_eq!(sent[2..], original[2..]);
     }
 
-    /// What the backend receives for `batch` (no reset ahead, statements rewritten), when the
-    /// client's bytes arrive in the pieces `cuts` makes, each read on its own.
-    async fn backend_bytes_for(batch: &[u8], cuts: &[usize]) -> Vec<u8> {
-        let (mut client_far, mut client_near) = duplex(64 * 1024);
-        let (mut backend_near, mut backend_far) = duplex(64 * 1024);
-        let task = tokio::spawn(async move {
+    /// A transaction-pooling relay (statements rewritten, no reset ahead) between the two
+    /// near ends, for as long as the test lets it run.
+    fn spawn_statement_relay(
+        mut client_near: tokio::io::DuplexStream,
+        mut backend_near: tokio::io::DuplexStream,
+    ) -> tokio::task::JoinHandle<()> {
+        tokio::spawn(async move {
             let stats = TenantStats::default();
             let mut bufs = RelayBuffers::new(1 << 20);
             let mut tracker = TxTracker::default();
@@ -1297,7 +1298,15 @@ mod reset_ahead_tests {
                 )
                 .await,
             );
-        });
+        })
+    }
+
+    /// What the backend receives for `batch` (no reset ahead, statements rewritten), when the
+    /// client's bytes arrive in the pieces `cuts` makes, each read on its own.
+    async fn backend_bytes_for(batch: &[u8], cuts: &[usize]) -> Vec<u8> {
+        let (mut client_far, client_near) = duplex(64 * 1024);
+        let (backend_near, mut backend_far) = duplex(64 * 1024);
+        let task = spawn_statement_relay(client_near, backend_near);
         let mut from = 0;
         for &cut in cuts.iter().chain(std::iter::once(&batch.len())) {
             let cut = cut.clamp(from, batch.len());
@@ -1367,33 +1376,9 @@ mod reset_ahead_tests {
             got.truncate(n);
             got
         }
-        let (mut client_far, mut client_near) = duplex(64 * 1024);
-        let (mut backend_near, mut backend_far) = duplex(64 * 1024);
-        let task = tokio::spawn(async move {
-            let stats = TenantStats::default();
-            let mut bufs = RelayBuffers::new(1 << 20);
-            let mut tracker = TxTracker::default();
-            let mut client = ClientStatements::default();
-            let mut backend = BackendStatements::default();
-            let mut responses = Responses::default();
-            let ctx = StatementContext {
-                client: &mut client,
-                backend: &mut backend,
-                responses: &mut responses,
-            };
-            drop(
-                relay(
-                    &mut client_near,
-                    &mut backend_near,
-                    &mut bufs,
-                    &mut tracker,
-                    Some(ctx),
-                    &stats,
-                    &PhaseClock::default(),
-                )
-                .await,
-            );
-        });
+        let (mut client_far, client_near) = duplex(64 * 1024);
+        let (backend_near, mut backend_far) = duplex(64 * 1024);
+        let task = spawn_statement_relay(client_near, backend_near);
         // The client prepares s0; the backend gets it renamed and answers.
         let mut parse = frame(b'P', b"s0\0SELECT 1\0\0\0");
         parse.extend(frame(b'S', b""));
