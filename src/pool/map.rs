@@ -389,12 +389,12 @@ impl PoolMap {
         attached: &Arc<TenantPool>,
         tenant: &TenantRecord,
     ) -> Result<Lease, PoolError> {
-        self.pause.wait(&tenant.slug).await;
-        if self.still_routes_to(attached, tenant) {
-            return self.checkout_from(attached, tenant).await;
+        // Paused or routed anew: boxed, so that the waiting and routing are not in the future
+        // of every transaction's checkout (issue 12).
+        if self.pause.is_paused(&tenant.slug) || !self.still_routes_to(attached, tenant) {
+            return Box::pin(self.checkout(tenant)).await;
         }
-        let pool = self.pool_for(tenant).await?;
-        self.checkout_from(&pool, tenant).await
+        self.checkout_from(attached, tenant).await
     }
 
     /// Whether `pool` is where `tenant`'s checkouts go, without a map lookup; false also

@@ -7,6 +7,8 @@ use std::sync::atomic::Ordering;
 use std::sync::{Arc, PoisonError};
 use std::time::Duration;
 
+use futures_util::FutureExt as _;
+
 use super::lease::WaitTimer;
 use super::manager::{ConnectErrors, Demand, Standing};
 use super::{
@@ -332,7 +334,13 @@ pub(super) async fn alive_connection(
     // against a server that closes every new connection at once.
     for _ in 0..=pool.limits.pool_size.saturating_add(1) {
         let mut conn = pooled_connection(pool, slug, timer).await?;
-        if let Err(e) = conn.finish_reset(reset_timeout).await {
+        // Boxed, and only when a reset is owed: most checkouts read none (issue 12).
+        let reset = if conn.reset_pending {
+            Box::pin(conn.finish_reset(reset_timeout)).await
+        } else {
+            Ok(())
+        };
+        if let Err(e) = reset {
             tracing::debug!(tenant = %slug, backend_pid = conn.pid, error = %e, "the reset sent at release failed; closing the connection");
             continue;
         }
@@ -357,48 +365,65 @@ const ASK_AGAIN: Duration = Duration::from_millis(100);
 /// One connection from bb8: an idle one, or a new one. A failed connect fails at once with
 /// the backend's reason (bb8 alone would let the caller wait out the checkout timeout).
 /// `timer` starts when the connection does not come at once.
+///
+/// An idle connection comes at the first poll: no timer, no clock read, no subscription, and
+/// nothing of the waiting below in this future, which every transaction's checkout carries
+/// (issue 12: bb8's request alone is most of a kilobyte, copied into each enclosing future).
 async fn pooled_connection(
     pool: &TenantPool,
     slug: &TenantSlug,
     timer: &mut WaitTimer<'_>,
 ) -> Result<Pooled, PoolError> {
     let _wanting = pool.demand.want();
+    match pool.pool.get_owned().now_or_never() {
+        Some(checkout) => checkout.map_err(|e| checkout_error(e, pool, slug)),
+        // The request dropped unanswered leaves any connect it started under way, for the
+        // request made next (or for the idle list).
+        None => Box::pin(wait_for_connection(pool, slug, timer)).await,
+    }
+}
+
+/// The rest of [`pooled_connection`] when no idle connection was there: asks bb8 until a
+/// connection comes, a connect fails or the checkout timeout passes.
+async fn wait_for_connection(
+    pool: &TenantPool,
+    slug: &TenantSlug,
+    timer: &mut WaitTimer<'_>,
+) -> Result<Pooled, PoolError> {
+    timer.start();
+    // Subscribed before asking again: a connect the first request started that fails from
+    // here on is seen; one that failed before is missed, and asked again within `ASK_AGAIN`
+    // (whose failure is then seen).
+    let mut errors = pool.connect_errors.0.subscribe();
     let asking = pool.pool.get_owned();
     tokio::pin!(asking);
-    // An idle connection comes at the first poll: no timer, no clock read, no subscription.
-    let now = tokio::select! {
-        biased;
-        checkout = &mut asking => Some(checkout),
-        () = std::future::ready(()) => None,
-    };
-    let checkout = if let Some(checkout) = now {
-        checkout
-    } else {
-        timer.start();
-        // Subscribed after the first poll: a connect it started that failed before this line
-        // is missed, and asked again within `ASK_AGAIN` (whose failure is then seen).
-        let mut errors = pool.connect_errors.0.subscribe();
-        let deadline =
-            tokio::time::Instant::now() + Duration::from_millis(pool.limits.checkout_timeout_ms);
-        loop {
-            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
-            tokio::select! {
-                biased;
-                checkout = &mut asking => break checkout,
-                Ok(source) = errors.recv() => {
-                    return Err(PoolError::Backend { slug: slug.clone(), source });
+    let deadline =
+        tokio::time::Instant::now() + Duration::from_millis(pool.limits.checkout_timeout_ms);
+    loop {
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        tokio::select! {
+            biased;
+            checkout = &mut asking => return checkout.map_err(|e| checkout_error(e, pool, slug)),
+            Ok(source) = errors.recv() => {
+                return Err(PoolError::Backend { slug: slug.clone(), source });
+            }
+            () = tokio::time::sleep(left.min(ASK_AGAIN)) => {
+                if left <= ASK_AGAIN {
+                    return Err(checkout_error(bb8::RunError::TimedOut, pool, slug));
                 }
-                () = tokio::time::sleep(left.min(ASK_AGAIN)) => {
-                    if left <= ASK_AGAIN {
-                        break Err(bb8::RunError::TimedOut);
-                    }
-                    // Asking again: bb8 starts a connect if none is under way for us.
-                    asking.set(pool.pool.get_owned());
-                }
+                // Asking again: bb8 starts a connect if none is under way for us.
+                asking.set(pool.pool.get_owned());
             }
         }
-    };
-    checkout.map_err(|e| match e {
+    }
+}
+
+fn checkout_error(
+    e: bb8::RunError<BackendError>,
+    pool: &TenantPool,
+    slug: &TenantSlug,
+) -> PoolError {
+    match e {
         bb8::RunError::TimedOut => PoolError::CheckoutTimeout {
             slug: slug.clone(),
             waited: Duration::from_millis(pool.limits.checkout_timeout_ms),
@@ -407,5 +432,5 @@ async fn pooled_connection(
             slug: slug.clone(),
             source: Arc::new(source),
         },
-    })
+    }
 }

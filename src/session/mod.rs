@@ -739,7 +739,8 @@ async fn checkout(
     loop {
         let mut lease = match attached {
             Some(pool) => ctx.pools.checkout_attached(pool, tenant).await?,
-            None => ctx.pools.checkout(tenant).await?,
+            // Once per session-pooling client: boxed, out of every transaction's checkout.
+            None => Box::pin(ctx.pools.checkout(tenant)).await?,
         };
         let startup = &lease.conn().startup_settings;
         if startup.as_slice() == settings {
@@ -901,7 +902,8 @@ async fn prepare_ahead(
             setup_done(backend, ctx.client_id, settings, true);
             Ok(())
         }
-        Some(_) => prepare(backend, ctx.client_id, settings, ctx.reset_timeout).await,
+        // Rare (a round trip): boxed, out of every transaction's future.
+        Some(_) => Box::pin(prepare(backend, ctx.client_id, settings, ctx.reset_timeout)).await,
     }
 }
 
