@@ -31,9 +31,13 @@ pub struct ClientEntry {
 }
 
 /// Every connected client, by id.
+///
+/// Entries are boxed: the map's table has room for up to twice as many entries as it holds,
+/// and a slot of a boxed entry is 16 bytes where an unboxed one is 184 (issue 12: at 10,000
+/// idle clients this saves about 80 bytes per client).
 #[derive(Debug, Clone, Default)]
 pub struct ClientRoster {
-    clients: Arc<Mutex<HashMap<u64, ClientEntry>>>,
+    clients: Arc<Mutex<HashMap<u64, Box<ClientEntry>>>>,
 }
 
 /// Keeps a client on the roster while it lives.
@@ -50,14 +54,14 @@ impl Drop for RosterGuard {
 }
 
 impl ClientRoster {
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<u64, ClientEntry>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Box<ClientEntry>>> {
         self.clients.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
     /// Adds a client; it is removed when the guard drops.
     pub fn join(&self, entry: ClientEntry) -> RosterGuard {
         let id = entry.id;
-        self.lock().insert(id, entry);
+        self.lock().insert(id, Box::new(entry));
         RosterGuard {
             roster: self.clone(),
             id,
@@ -66,7 +70,7 @@ impl ClientRoster {
 
     /// Every client, by id.
     pub fn list(&self) -> Vec<ClientEntry> {
-        let mut all: Vec<ClientEntry> = self.lock().values().cloned().collect();
+        let mut all: Vec<ClientEntry> = self.lock().values().map(|c| (**c).clone()).collect();
         all.sort_by_key(|c| c.id);
         all
     }

@@ -395,6 +395,14 @@ async fn wait_for_connection(
     // here on is seen; one that failed before is missed, and asked again within `ASK_AGAIN`
     // (whose failure is then seen).
     let mut errors = pool.connect_errors.0.subscribe();
+    // The first request's connect may have failed already: asking again would start another
+    // for nobody.
+    if let Ok(source) = errors.try_recv() {
+        return Err(PoolError::Backend {
+            slug: slug.clone(),
+            source,
+        });
+    }
     let asking = pool.pool.get_owned();
     tokio::pin!(asking);
     let deadline =

@@ -36,6 +36,8 @@ pub fn client_settings(
             settings.push((name.clone(), value.clone()));
         }
     }
+    // Kept for the client's whole life: no spare capacity (issue 12, idle memory).
+    settings.shrink_to_fit();
     Ok(settings)
 }
 

@@ -214,6 +214,7 @@ async fn open(services: Services<'_>, admission: Admission) -> Result<Opened<'_>
             .any(|(name, _)| name.eq_ignore_ascii_case("statement_timeout"))
         {
             settings.insert(0, ("statement_timeout".to_owned(), format!("{ms}ms")));
+            settings.shrink_to_fit();
         }
     }
     // Counted from here until the session is dropped, however it ends.
