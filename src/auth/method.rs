@@ -12,6 +12,7 @@
 //! This module must not query the registry or look at TLS state: the caller hands it the
 //! user's method, verifier and the certificate's CN that rustls verified.
 
+use bytes::BytesMut;
 use tokio::io::{AsyncRead, AsyncWrite};
 
 use super::{AuthError, Credential, ScramSecret, accept_without_password, authenticate};
@@ -33,7 +34,8 @@ pub struct Proof<'a> {
 }
 
 /// Logs `user` in by `method`: `credential` is the user's (or a mock) SCRAM secret, `mock` the
-/// secret an unknown user would get. On success AuthenticationOk has been sent.
+/// secret an unknown user would get. On success it returns the last messages of the exchange
+/// (AuthenticationOk last), unsent: the caller sends them before anything else.
 pub async fn authenticate_by_method<S: AsyncRead + AsyncWrite + Unpin>(
     stream: &mut S,
     user: &str,
@@ -41,7 +43,7 @@ pub async fn authenticate_by_method<S: AsyncRead + AsyncWrite + Unpin>(
     credential: Credential,
     mock: ScramSecret,
     proof: Proof<'_>,
-) -> Result<(), AuthError> {
+) -> Result<BytesMut, AuthError> {
     let cb = proof.channel_binding;
     if !method.needs_certificate() {
         return authenticate(stream, user, credential, cb).await;
@@ -58,7 +60,7 @@ pub async fn authenticate_by_method<S: AsyncRead + AsyncWrite + Unpin>(
             if method.needs_password() {
                 authenticate(stream, user, credential, cb).await
             } else {
-                accept_without_password(stream).await
+                Ok(accept_without_password())
             }
         }
         Some(cn) => Err(AuthError::CertificateMismatch {

@@ -358,14 +358,14 @@ async fn serve_login<'a, S: ClientStream>(
         shutdown,
     ))
     .await;
-    let (mut stream, admission) = match logged_in {
-        LoggedIn::Tenant(stream, admission) => (stream, admission),
+    let (mut stream, admission, owed) = match logged_in {
+        LoggedIn::Tenant(stream, admission, owed) => (stream, admission, owed),
         LoggedIn::Ended(reason) => return Err(reason),
     };
     let services = services(state, shutdown, S::TRANSFERABLE);
     // What a newer process would need to know of the client besides its session.
     let who = services.handover.map(|_| Who::of(&admission));
-    let session = match Box::pin(session::start(&mut stream, services, admission)).await {
+    let session = match Box::pin(session::start(&mut stream, services, admission, owed)).await {
         Ok(session) => session,
         Err(e) => return Err(Box::pin(fail_setup(&mut stream, &e)).await),
     };
@@ -454,7 +454,8 @@ impl Who {
 /// How a login ended: a tenant's client to set up a session for, or done (an error was sent,
 /// a cancel request was handled, an admin console session ran).
 enum LoggedIn<S> {
-    Tenant(S, Admission),
+    /// With the exchange's last messages, unsent (`Login::Tenant`).
+    Tenant(S, Admission, BytesMut),
     Ended(CloseReason),
 }
 
@@ -494,16 +495,23 @@ where
         }
         Err(e) => return LoggedIn::Ended(fail(&mut conn.stream, &e).await),
     };
-    let (record, user, settings) = match login {
+    let (record, user, settings, owed) = match login {
         Login::Cancel => return LoggedIn::Ended(CloseReason::CancelRequest),
-        Login::Admin { user } => {
+        Login::Admin { user, owed } => {
+            // The console's first message follows in a write of its own (rare: no need to
+            // save the write).
+            if let Err(e) = write_owed(&mut conn.stream, &owed).await {
+                tracing::debug!(error = %e, "admin client left after authentication");
+                return LoggedIn::Ended(CloseReason::Session(RelayEnd::ClientClosed));
+            }
             return LoggedIn::Ended(serve_admin(state, client_id, conn, &user, shutdown).await);
         }
         Login::Tenant {
             record,
             user,
             settings,
-        } => (record, user, settings),
+            owed,
+        } => (record, user, settings, owed),
     };
     tracing::Span::current().record("tenant", record.slug.as_str());
     let admission = Admission {
@@ -518,7 +526,12 @@ where
             .map(|t| t.cipher.clone())
             .unwrap_or_default(),
     };
-    LoggedIn::Tenant(conn.stream, admission)
+    LoggedIn::Tenant(conn.stream, admission, owed)
+}
+
+async fn write_owed<S: AsyncWrite + Unpin>(stream: &mut S, owed: &[u8]) -> std::io::Result<()> {
+    stream.write_all(owed).await?;
+    stream.flush().await
 }
 
 /// Decides on the raw socket whether the client speaks TLS: a direct TLS ClientHello, or

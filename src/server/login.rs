@@ -264,9 +264,16 @@ pub(super) enum Login {
         record: Arc<TenantRecord>,
         user: String,
         settings: Vec<(String, String)>,
+        /// The exchange's last messages, AuthenticationOk last, not sent yet: they go in the
+        /// same write as the greeting (`auth::authenticate`).
+        owed: BytesMut,
     },
     /// An authenticated admin user, for the admin console.
-    Admin { user: String },
+    Admin {
+        user: String,
+        /// As for `Tenant`: sent before the console's first message.
+        owed: BytesMut,
+    },
 }
 
 /// A client socket after the encryption decision, with what the login path needs to know.
@@ -353,20 +360,24 @@ pub(super) async fn login<S: AsyncRead + AsyncWrite + Unpin>(
     let Some(sni_tenant) = sni_tenant else {
         if database == state.config.get().admin.database {
             who.admin = true;
-            authenticate_admin(state, stream, user, proof, (source, slot)).await?;
+            let owed = authenticate_admin(state, stream, user, proof, (source, slot)).await?;
             return Ok(Login::Admin {
                 user: user.to_owned(),
+                owed,
             });
         }
-        let record = authenticate(state, stream, database, user, proof, (source, slot)).await?;
-        return tenant_login(record, user, settings);
+        let (record, owed) =
+            authenticate(state, stream, database, user, proof, (source, slot)).await?;
+        return tenant_login(stream, record, user, settings, owed).await;
     };
     who.tenant.clone_from(&sni_tenant);
     proof.scope = &sni_tenant;
-    let record = authenticate(state, stream, &sni_tenant, user, proof, (source, slot)).await?;
+    let (record, owed) =
+        authenticate(state, stream, &sni_tenant, user, proof, (source, slot)).await?;
     if database != sni_tenant {
         if let Some(other) = TenantSlug::parse(database) {
             if state.directory.tenant(&other).await?.is_some() {
+                send_owed(stream, &owed).await?;
                 return Err(LoginError::SniMismatch {
                     server_name: server_name.unwrap_or_default().to_owned(),
                     tenant: sni_tenant,
@@ -375,7 +386,7 @@ pub(super) async fn login<S: AsyncRead + AsyncWrite + Unpin>(
             }
         }
     }
-    tenant_login(record, user, settings)
+    tenant_login(stream, record, user, settings, owed).await
 }
 
 /// The tenant a TLS server name designates: a custom domain of a tenant (`tenant_domains`)
@@ -401,12 +412,15 @@ async fn tenant_for_server_name(
     Ok(by_base_domain)
 }
 
-fn tenant_login(
+async fn tenant_login<S: AsyncWrite + Unpin>(
+    stream: &mut S,
     record: Arc<TenantRecord>,
     user: &str,
     settings: Vec<(String, String)>,
+    owed: BytesMut,
 ) -> Result<Login, LoginError> {
     if record.state != TenantState::Active {
+        send_owed(stream, &owed).await?;
         return Err(LoginError::TenantNotActive {
             slug: record.slug.clone(),
             state: record.state,
@@ -416,7 +430,17 @@ fn tenant_login(
         record,
         user: user.to_owned(),
         settings,
+        owed,
     })
+}
+
+/// Sends the exchange's last messages ahead of an error found after authentication: the
+/// client hears it was authenticated, then why it may not go on, as from PostgreSQL.
+async fn send_owed<S: AsyncWrite + Unpin>(stream: &mut S, owed: &[u8]) -> Result<(), LoginError> {
+    stream
+        .write_all(owed)
+        .await
+        .map_err(|e| LoginError::Startup(StartupError::Io(e)))
 }
 
 /// SCRAM against an admin user's verifier (or a mock one). Tenant users are not admin
@@ -427,7 +451,7 @@ async fn authenticate_admin<S: AsyncRead + AsyncWrite + Unpin>(
     user: &str,
     proof: Proof<'_>,
     (source, slot): (Option<IpAddr>, &mut LoginSlot),
-) -> Result<(), LoginError> {
+) -> Result<BytesMut, LoginError> {
     let attempt = begin_attempt(state, source, Target::Admin, slot).await?;
     let login = if user.len() <= MAX_NAME_BYTES {
         state.directory.registry().admin_login(user).await?
@@ -522,7 +546,7 @@ async fn authenticate<S: AsyncRead + AsyncWrite + Unpin>(
     user: &str,
     proof: Proof<'_>,
     (source, slot): (Option<IpAddr>, &mut LoginSlot),
-) -> Result<Arc<TenantRecord>, LoginError> {
+) -> Result<(Arc<TenantRecord>, BytesMut), LoginError> {
     let attempt = begin_attempt(state, source, Target::Tenant(database), slot).await?;
     let slug = TenantSlug::parse(database);
     let record = match &slug {
@@ -556,12 +580,13 @@ async fn authenticate<S: AsyncRead + AsyncWrite + Unpin>(
     let attempt = arm(attempt);
     let result = authenticate_by_method(stream, user, method, credential, mock(), proof).await;
     end_attempt(state, attempt, &result);
-    result?;
-    record.ok_or_else(|| {
+    let owed = result?;
+    let record = record.ok_or_else(|| {
         LoginError::Auth(AuthError::Failed {
             user: user.to_owned(),
         })
-    })
+    })?;
+    Ok((record, owed))
 }
 
 /// Asks the failed-login throttle whether this attempt may go on, and waits out its delay
@@ -602,16 +627,16 @@ fn arm(attempt: Option<auth::throttle::Attempt>) -> Option<auth::throttle::Attem
 }
 
 /// Tells the throttle how the exchange ended.
-fn end_attempt(
+fn end_attempt<T>(
     state: &State,
     attempt: Option<auth::throttle::Attempt>,
-    result: &Result<(), AuthError>,
+    result: &Result<T, AuthError>,
 ) {
     let Some(attempt) = attempt else {
         return;
     };
     match result {
-        Ok(()) => state.throttle.succeeded(attempt),
+        Ok(_) => state.throttle.succeeded(attempt),
         // Nothing was tried: psql, for one, hangs up to prompt for a password. A client that
         // leaves after reading the salt is `Abandoned`, a failure.
         Err(AuthError::ClientLeft) => LoginThrottle::refund(attempt),

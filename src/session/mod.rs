@@ -957,16 +957,19 @@ fn with_settings(
 }
 
 /// Sends the client what PostgreSQL sends after AuthenticationOk: every ParameterStatus,
-/// BackendKeyData and ReadyForQuery.
+/// BackendKeyData and ReadyForQuery, after `owed` (the end of the authentication exchange,
+/// emptied here), in one write.
 async fn greet<C>(
     client: &mut C,
+    owed: &mut BytesMut,
     params: &[(String, String)],
     (pid, secret): (i32, i32),
 ) -> Result<(), SetupError>
 where
     C: AsyncWrite + Unpin,
 {
-    let mut out = BytesMut::with_capacity(512);
+    let mut out = std::mem::take(owed);
+    out.reserve(512);
     for (name, value) in params {
         messages::parameter_status(&mut out, name, value);
     }

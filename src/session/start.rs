@@ -15,8 +15,8 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::Bytes;
-use tokio::io::{AsyncRead, AsyncWrite};
+use bytes::{Bytes, BytesMut};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio_util::sync::CancellationToken;
 
 use super::cancel::{CancelGuard, CancelMap};
@@ -79,11 +79,33 @@ pub struct Session<'a> {
     pub(super) _counted: ClientGuard,
 }
 
-/// Sets up the session of a client that logged in, and greets it.
+/// Sets up the session of a client that logged in, and greets it. `owed` is what the login
+/// left unsent (the end of the authentication exchange, AuthenticationOk last): it goes in
+/// the same write as the greeting, or ahead of the error when the session cannot start.
 pub async fn start<'a, C>(
     client: &mut C,
     services: Services<'a>,
     admission: Admission,
+    owed: BytesMut,
+) -> Result<Session<'a>, SetupError>
+where
+    C: AsyncRead + AsyncWrite + Unpin,
+{
+    let mut owed = owed;
+    let started = greeted_session(client, services, admission, &mut owed).await;
+    if started.is_err() && !owed.is_empty() {
+        // Not greeted: the client hears it was authenticated, then the error (the caller's).
+        drop(client.write_all(&owed).await);
+    }
+    started
+}
+
+/// [`start`]'s work: `owed` is emptied once it went out with the greeting.
+async fn greeted_session<'a, C>(
+    client: &mut C,
+    services: Services<'a>,
+    admission: Admission,
+    owed: &mut BytesMut,
 ) -> Result<Session<'a>, SetupError>
 where
     C: AsyncRead + AsyncWrite + Unpin,
@@ -94,13 +116,13 @@ where
         PoolMode::Session => {
             let mut lease = ready_backend(ctx, &opened.settings).await?;
             let cancel = ctx.cancels.register(cancel_target(lease.conn()));
-            greet(client, &lease.conn().params, cancel.key()).await?;
+            greet(client, owed, &lease.conn().params, cancel.key()).await?;
             (cancel, Some(Box::new(lease)))
         }
         PoolMode::Transaction => {
             let cancel = ctx.cancels.register_detached();
             let params = greeting_params(ctx, &opened.settings).await?;
-            greet(client, &params, cancel.key()).await?;
+            greet(client, owed, &params, cancel.key()).await?;
             (cancel, None)
         }
     };

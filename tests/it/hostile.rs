@@ -692,3 +692,94 @@ async fn a_plans_idle_ceilings_close_idle_clients_and_their_transactions() {
         busy.batch_execute("SELECT 1").await.unwrap();
     }
 }
+
+/// Logs in with SCRAM (password `secret`) and returns every message after the client's last
+/// SASL message, up to ReadyForQuery, an ErrorResponse or the end of the connection, with the
+/// server's signature checked against SASLFinal.
+async fn after_the_exchange(port: u16, database: &str) -> Vec<(u8, Vec<u8>)> {
+    let mut stream = up_to_sasl_request_at(port, database, "app").await;
+    let mut scram = ScramSha256::new(b"secret", ChannelBinding::unsupported());
+    let mut out = BytesMut::new();
+    frontend::sasl_initial_response("SCRAM-SHA-256", scram.message(), &mut out).unwrap();
+    stream.write_all(&out).await.unwrap();
+    let (tag, body) = read_message(&mut stream).await;
+    assert_eq!((tag, body.get(..4)), (b'R', Some(&[0, 0, 0, 11][..])));
+    scram.update(&body[4..]).unwrap();
+    out.clear();
+    frontend::sasl_response(scram.message(), &mut out).unwrap();
+    stream.write_all(&out).await.unwrap();
+    let mut heard = Vec::new();
+    loop {
+        let (tag, body) = read_message(&mut stream).await;
+        if tag == b'R' && body.get(..4) == Some(&[0, 0, 0, 12][..]) {
+            scram
+                .finish(&body[4..])
+                .expect("the server's SCRAM signature");
+        }
+        let last = matches!(tag, b'Z' | b'E');
+        heard.push((tag, body));
+        if last {
+            return heard;
+        }
+    }
+}
+
+/// Promise attacked: the end of the SCRAM exchange is held back to go out with the greeting
+/// (one write fewer per login), never lost or reordered. A client hears, as from PostgreSQL,
+/// SASLFinal, AuthenticationOk, then the greeting; and when it may not go on after it
+/// authenticated (its tenant suspended), SASLFinal, AuthenticationOk, then the error.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn authentication_ok_comes_before_the_greeting_or_the_error_that_follows_it() {
+    let env = TestEnv::start().await;
+    let t = env.tenant_with_user("authok").await;
+    let slug = t.slug.as_str();
+    let kinds = |heard: &[(u8, Vec<u8>)]| -> Vec<String> {
+        heard
+            .iter()
+            .map(|(tag, body)| match tag {
+                b'R' => format!("R{}", body.get(3).copied().unwrap_or(255)),
+                other => char::from(*other).to_string(),
+            })
+            .collect()
+    };
+    for round in 0..2 {
+        let heard = after_the_exchange(env.port(), slug).await;
+        let kinds = kinds(&heard);
+        assert_eq!(
+            kinds[..2],
+            ["R12", "R0"],
+            "round {round}: SASLFinal then AuthenticationOk first: {kinds:?}"
+        );
+        assert!(
+            kinds[2..].iter().any(|k| k == "S") && kinds[kinds.len() - 2..] == ["K", "Z"],
+            "round {round}: then the greeting: {kinds:?}"
+        );
+    }
+    tenantgate::provision::set_state(
+        &env.registry,
+        slug,
+        tenantgate::registry::TenantState::Suspended,
+    )
+    .await
+    .unwrap();
+    let refused = common::eventually(Duration::from_secs(10), || async {
+        after_the_exchange(env.port(), slug)
+            .await
+            .last()
+            .is_some_and(|(tag, _)| *tag == b'E')
+    })
+    .await;
+    assert!(refused, "a suspended tenant's client was let in");
+    let heard = after_the_exchange(env.port(), slug).await;
+    assert_eq!(
+        kinds(&heard),
+        ["R12", "R0", "E"],
+        "authenticated, then told why it may not go on"
+    );
+    let (_, body) = &heard[2];
+    assert!(
+        String::from_utf8_lossy(body).contains("57P03"),
+        "{}",
+        String::from_utf8_lossy(body)
+    );
+}
